@@ -1,0 +1,197 @@
+"""ModelSpec / LayerSpec: the one frozen description of a (possibly pruned) model's shapes.
+
+A dense HF model is the special case where every layer is alike. Pruned models vary per layer:
+depth surgery removes or replaces layers (an ``mlp`` block is a SwiGLU FFN with its own pre-norm and
+residual), width surgery changes head counts, FFN widths and the residual width itself (SliceGPT),
+in which case the residual path of a block carries a shortcut matrix mapping width in -> width out.
+
+A layer reads the residual stream at width ``d_in``; its attention writes at ``d_mid`` (the residual
+is carried d_in -> d_mid by the attention shortcut when the widths differ or a rotation changes
+basis); its MLP reads ``d_mid`` and writes ``d_out`` (MLP shortcut d_mid -> d_out).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+BLOCK_KINDS = ("decoder", "mlp")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _err(where: str, msg: str, fix: str) -> ValueError:
+    return ValueError(f"{where}: {msg}. Fix: {fix}")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    d_in: int  # residual width entering the layer
+    d_mid: int  # residual width between attention and MLP
+    d_out: int  # residual width leaving the layer
+    n_heads: int = 0  # query heads (0 when has_attn is False)
+    n_kv_heads: int = 0  # key/value heads; n_heads % n_kv_heads == 0
+    head_dim: int = 0
+    d_ffn: int = 0  # SwiGLU intermediate width (0 when has_mlp is False)
+    has_attn: bool = True
+    has_mlp: bool = True
+    attn_shortcut: bool = False  # residual path d_in -> d_mid goes through a (d_mid, d_in) matrix
+    mlp_shortcut: bool = False  # residual path d_mid -> d_out goes through a (d_out, d_mid) matrix
+    kind: str = "decoder"  # "decoder" | "mlp" (a replacement block: pre-norm + SwiGLU + residual)
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head: query head h belongs to KV head h // group_size."""
+        return self.n_heads // self.n_kv_heads if self.n_kv_heads else 0
+
+    def validate(self, where: str = "layer") -> None:
+        for f in ("d_in", "d_mid", "d_out"):
+            if getattr(self, f) <= 0:
+                raise _err(where, f"{f}={getattr(self, f)} must be positive", f"set {f} to the residual width")
+        if self.kind not in BLOCK_KINDS:
+            raise _err(where, f"kind={self.kind!r} is unknown", f"use one of {BLOCK_KINDS}")
+        if self.kind == "mlp" and self.has_attn:
+            raise _err(where, "an 'mlp' block has no attention", "set has_attn=false or kind='decoder'")
+        if not (self.has_attn or self.has_mlp):
+            raise _err(where, "layer has neither attention nor MLP", "drop the layer from the spec instead")
+        if self.has_attn:
+            if min(self.n_heads, self.n_kv_heads, self.head_dim) <= 0:
+                raise _err(where, "attention needs n_heads, n_kv_heads, head_dim > 0",
+                           "set them or has_attn=false")
+            if self.n_heads % self.n_kv_heads:
+                raise _err(where, f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}",
+                           "keep whole KV groups (all query heads of a KV head together)")
+            if self.head_dim % 2:
+                raise _err(where, f"head_dim={self.head_dim} is odd", "rotary embeddings need an even head_dim")
+        elif self.d_in != self.d_mid and not self.attn_shortcut:
+            raise _err(where, "no attention but d_in != d_mid", "set d_mid = d_in")
+        if self.has_mlp and self.d_ffn <= 0:
+            raise _err(where, f"d_ffn={self.d_ffn} must be positive", "set d_ffn or has_mlp=false")
+        if not self.has_mlp and self.d_mid != self.d_out and not self.mlp_shortcut:
+            raise _err(where, "no MLP but d_mid != d_out", "set d_out = d_mid")
+        if self.d_in != self.d_mid and not self.attn_shortcut:
+            raise _err(where, f"d_in={self.d_in} != d_mid={self.d_mid} without an attention shortcut",
+                       "set attn_shortcut=true (and provide the shortcut matrix) or equal widths")
+        if self.d_mid != self.d_out and not self.mlp_shortcut:
+            raise _err(where, f"d_mid={self.d_mid} != d_out={self.d_out} without an MLP shortcut",
+                       "set mlp_shortcut=true (and provide the shortcut matrix) or equal widths")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    vocab_size: int
+    d_model: int  # embedding width (= layers[0].d_in)
+    layers: tuple[LayerSpec, ...]
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 scaling
+    rope_high_freq_factor: float = 4.0  # llama3 scaling
+    rope_original_max_pos: int = 8192  # llama3 scaling
+    max_position: int = 8192
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rotary
+    sliding_window: int | None = None  # Mistral; None = full causal attention
+    arch: str = "llama"  # source architecture family, used by export
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_final(self) -> int:
+        return self.layers[-1].d_out if self.layers else self.d_model
+
+    @property
+    def uniform(self) -> bool:
+        """True when every layer is the same plain decoder layer (exportable as a vanilla HF model)."""
+        if not self.layers:
+            return False
+        first = self.layers[0]
+        return all(l == first for l in self.layers) and first.kind == "decoder" and first.has_attn \
+            and first.has_mlp and not first.attn_shortcut and not first.mlp_shortcut \
+            and first.d_in == first.d_mid == first.d_out == self.d_model
+
+    def validate(self) -> ModelSpec:
+        if self.vocab_size <= 0 or self.d_model <= 0:
+            raise _err("model", "vocab_size and d_model must be positive", "check the source config")
+        if self.rope_type not in ROPE_TYPES:
+            raise _err("model", f"rope_type={self.rope_type!r} is unsupported", f"use one of {ROPE_TYPES}")
+        if not self.layers:
+            raise _err("model", "no layers", "keep at least one layer")
+        prev = self.d_model
+        for i, l in enumerate(self.layers):
+            if not isinstance(l, LayerSpec):
+                raise TypeError(f"layers[{i}] is {type(l).__name__}, expected LayerSpec")
+            l.validate(f"layers[{i}]")
+            if l.d_in != prev:
+                raise _err(f"layers[{i}]", f"d_in={l.d_in} but the previous width is {prev}",
+                           "make each layer's d_in equal the previous layer's d_out (d_model for layer 0)")
+            prev = l.d_out
+        if self.tie_embeddings and self.d_final != self.d_model:
+            raise _err("model", "tied head but final width differs from the embedding width",
+                       "set tie_embeddings=false and store lm_head.weight")
+        return self
+
+    # ---- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [asdict(l) for l in self.layers]
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        if not isinstance(d, dict):
+            raise TypeError(f"model spec must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise _err("model spec", f"unknown field(s) {sorted(unknown)}", f"remove them; known: {sorted(known)}")
+        if "layers" not in d or "vocab_size" not in d or "d_model" not in d:
+            raise _err("model spec", "missing vocab_size, d_model or layers", "write a complete spec")
+        lknown = {f.name for f in fields(LayerSpec)}
+        layers = []
+        for i, ld in enumerate(d["layers"]):
+            bad = set(ld) - lknown
+            if bad:
+                raise _err(f"layers[{i}]", f"unknown field(s) {sorted(bad)}", f"known: {sorted(lknown)}")
+            try:
+                layers.append(LayerSpec(**ld))
+            except TypeError as e:
+                raise _err(f"layers[{i}]", str(e), "give d_in, d_mid and d_out") from None
+        kw = dict(d)
+        kw["layers"] = tuple(layers)
+        kw["eos_token_ids"] = tuple(kw.get("eos_token_ids") or ())
+        return cls(**kw).validate()
+
+    @classmethod
+    def from_json(cls, s: str) -> ModelSpec:
+        return cls.from_dict(json.loads(s))
+
+    def with_layers(self, layers: list[LayerSpec] | tuple[LayerSpec, ...], **kw: Any) -> ModelSpec:
+        return replace(self, layers=tuple(layers), **kw).validate()
+
+
+def dense_layer(d: int, n_heads: int, n_kv_heads: int, head_dim: int, d_ffn: int) -> LayerSpec:
+    return LayerSpec(d_in=d, d_mid=d, d_out=d, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     head_dim=head_dim, d_ffn=d_ffn)
+
+
+__all__ = ["LayerSpec", "ModelSpec", "dense_layer", "BLOCK_KINDS", "ROPE_TYPES", "field"]
