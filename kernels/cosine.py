@@ -1,0 +1,172 @@
+"""Token-wise cosine similarity between hidden states, summed over tokens.
+
+ShortGPT Block Influence (k = 1: cos(h_i, h_{i+1})) and LLM-Streamline windows (cos(h_j, h_{j+k})
+for k = 1..W) both reduce to: for one base activation and K others at the same tokens, the sum over
+valid tokens of cos(base[t], others[k, t]). Dividing by the valid-token count is the caller's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._dispatch import interpreting, launchable, use_triton
+from ._inputs import (
+    check_acc,
+    check_kernel_dtype,
+    compute_dtype,
+    flatten_tokens,
+    new_acc,
+    unit_stride,
+)
+
+__all__ = ["COS_EPS", "cosine_pairs_ref", "cosine_window_sum", "cosine_window_sum_ref"]
+
+# Floor on the product of the two norms: cos = <a, b> / max(||a|| ||b||, COS_EPS). A zero vector
+# (or a padded token) thus has cosine 0 with everything instead of nan.
+COS_EPS = 1e-12
+
+
+@triton.jit
+def _cosine_window_kernel(
+    base_ptr,  # *T [N, D] base activations; row stride stride_bn, unit channel stride
+    others_ptr,  # *T [K, N, D] compared activations; strides stride_ok, stride_on, 1
+    mask_ptr,  # *i8 [N] nonzero = valid token; read only when HAS_MASK
+    part_ptr,  # *f32 [n_token_blocks, K] out: per-token-block sums of cosines
+    N,
+    D,
+    K,
+    stride_bn,
+    stride_ok,
+    stride_on,
+    eps,
+    HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """part[pn, k] = sum_{t in block pn, valid} <b_t, o_kt> / max(||b_t|| ||o_kt||, eps).
+
+    Program (pn, pk) takes BLOCK_N tokens and BLOCK_K of the others and streams the channels in
+    BLOCK_D chunks: each base chunk is loaded once and used against all BLOCK_K others. All
+    arithmetic in fp32 (tiles are cast right after loading).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    valid = offs_n < N
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + offs_n, mask=valid, other=0) != 0)
+    in_k = offs_k < K
+    rows_n = offs_n.to(tl.int64)
+
+    dots = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    sq_o = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    sq_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        in_d = offs_d < D
+        b = tl.load(base_ptr + rows_n[:, None] * stride_bn + offs_d[None, :],
+                    mask=valid[:, None] & in_d[None, :], other=0.0).to(tl.float32)  # [BN, BD]
+        o_ptrs = (others_ptr + offs_k.to(tl.int64)[:, None, None] * stride_ok
+                  + rows_n[None, :, None] * stride_on + offs_d[None, None, :])
+        o_mask = in_k[:, None, None] & valid[None, :, None] & in_d[None, None, :]
+        o = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)  # [BK, BN, BD]
+        dots += tl.sum(o * b[None, :, :], axis=2)
+        sq_o += tl.sum(o * o, axis=2)
+        sq_b += tl.sum(b * b, axis=1)
+    # sqrt each norm before multiplying: ||a||^2 ||b||^2 overflows fp32 for massive activations.
+    cos = dots / tl.maximum(tl.sqrt(sq_b)[None, :] * tl.sqrt(sq_o), eps)
+    cos = tl.where(valid[None, :], cos, 0.0)
+    tl.store(part_ptr + pid_n * K + offs_k, tl.sum(cos, axis=1), mask=in_k)
+
+
+def _cosine_blocks(n: int, d: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_D, BLOCK_K, num_warps).
+
+    GPU: up to 8 others per program, 16 tokens, and channel chunks sized so the [BK, BN, BD] fp32
+    tile stays at 8K elements (64 registers a thread at 4 warps); a memory-bound reduction, not yet
+    tuned on a GPU (none was available when written). Interpreter: whole problem per program where
+    it fits (fewer, larger numpy ops run fastest).
+    """
+    block_k = min(8, triton.next_power_of_2(max(k, 1)))
+    if interpreting():
+        block_n = min(64, triton.next_power_of_2(max(n, 1)))
+        block_d = min(128, triton.next_power_of_2(max(d, 1)))
+        return block_n, block_d, block_k, 4
+    block_n = 16
+    block_d = max(16, min(128, triton.next_power_of_2(d), 8192 // (block_k * block_n)))
+    return block_n, block_d, block_k, 4
+
+
+def _flatten_others(base: Tensor, others: Tensor) -> Tensor:
+    if others.dim() != base.dim() + 1 or others.shape[1:] != base.shape:
+        raise ValueError(
+            f"others must be [K, *base.shape] = [K, {', '.join(map(str, base.shape))}] "
+            f"(stack the compared activations along a new first dim); got {list(others.shape)}"
+        )
+    if others.device != base.device:
+        raise ValueError(f"others is on {others.device} but base is on {base.device}")
+    return unit_stride(others.reshape(others.shape[0], -1, others.shape[-1]))
+
+
+def cosine_window_sum(
+    base: Tensor, others: Tensor, mask: Tensor | None = None, acc: Tensor | None = None
+) -> Tensor:
+    """acc[k] += sum over valid t of cos(base[t], others[k, t]), cos = <a, b> / max(||a|| ||b||, 1e-12).
+
+    base: [N, d] or [B, T, d]; others: [K, *base.shape]; fp32/fp16/bf16. mask: token-shaped,
+    bool or 0/1; None = all valid. acc: [K] fp32, added into in place and returned (None: zeros).
+    """
+    if not use_triton(base):
+        return cosine_window_sum_ref(base, others, mask, acc)
+    o3 = _flatten_others(base, others)
+    b2, m = flatten_tokens(base, mask, "base")
+    check_kernel_dtype(b2, "base")
+    check_kernel_dtype(o3, "others")
+    n, d = b2.shape
+    k = o3.shape[0]
+    if acc is None:
+        acc = new_acc((k,), base.device, torch.float32)
+    check_acc(acc, (k,), base.device, "acc", triton_path=True)
+    if n == 0 or k == 0:
+        return acc
+    block_n, block_d, block_k, warps = _cosine_blocks(n, d, k)
+    token_blocks = triton.cdiv(n, block_n)
+    part = torch.empty((token_blocks, k), device=base.device, dtype=torch.float32)
+    launchable(_cosine_window_kernel)[(token_blocks, triton.cdiv(k, block_k))](
+        b2, o3, m.view(torch.int8) if m is not None else b2, part,
+        n, d, k, b2.stride(0), o3.stride(0), o3.stride(1), COS_EPS,
+        HAS_MASK=m is not None, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k,
+        num_warps=warps,
+    )
+    return acc.add_(part.sum(0))  # fixed-order sum of the partials: deterministic, no atomics
+
+
+def cosine_pairs_ref(a: Tensor, b: Tensor, eps: float = COS_EPS) -> Tensor:
+    """Token-wise cosine cos(a[..., t, :], b[..., t, :]) over the last dim (broadcasting), in fp32
+    (fp64 if either input is fp64): <a, b> / max(||a|| ||b||, eps)."""
+    dt = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    a, b = a.to(dt), b.to(dt)
+    denom = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+    return (a * b).sum(-1) / denom.clamp_min(eps)
+
+
+def cosine_window_sum_ref(
+    base: Tensor, others: Tensor, mask: Tensor | None = None, acc: Tensor | None = None
+) -> Tensor:
+    """Torch reference of :func:`cosine_window_sum`, in the accumulator's dtype (fp32 when None;
+    fp64 for fp64 input)."""
+    o3 = _flatten_others(base, others)
+    b2, m = flatten_tokens(base, mask, "base")
+    k = o3.shape[0]
+    dt = compute_dtype(b2, acc)
+    if acc is None:
+        acc = new_acc((k,), base.device, dt)
+    check_acc(acc, (k,), base.device, "acc", triton_path=False)
+    if m is not None:  # indexing drops padding (and any nan it holds)
+        b2, o3 = b2[m], o3[:, m]
+    return acc.add_(cosine_pairs_ref(b2.to(dt)[None], o3.to(dt)).sum(-1).to(dt))
