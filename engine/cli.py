@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"layerfold {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"layerfold {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,81 @@
+"""cosine_window_sum (Triton, interpreted) against its reference in fp64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_checks import DTYPES, MASKS, assert_close, make_mask, make_x, poison_padding
+
+from kernels import COS_EPS, cosine_pairs_ref, cosine_window_sum, cosine_window_sum_ref
+
+
+def _ref64(base: torch.Tensor, others: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    acc = torch.zeros(others.shape[0], dtype=torch.float64)
+    return cosine_window_sum_ref(base.double(), others.double(), mask, acc)
+
+
+def _others(base: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    # Correlated with base, as consecutive hidden states are, so cosines are far from 0.
+    noise = make_x((k, *base.shape), torch.float32, seed=seed, offset=0.0)
+    return (base.float()[None] + 0.7 * noise).to(base.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("n", [1, 33, 130])
+@pytest.mark.parametrize(("d", "k"), [(7, 1), (100, 3), (130, 9)])
+def test_cosine_matches_ref(d: int, k: int, n: int, mask_kind: str, dtype: torch.dtype) -> None:
+    base = make_x((n, d), dtype, seed=d + n)
+    others = _others(base, k, seed=k + n)
+    mask = make_mask(mask_kind, n, seed=n)
+    got = cosine_window_sum(poison_padding(base, mask), poison_padding(others, mask), mask)
+    assert got.dtype == torch.float32 and got.shape == (k,)
+    assert_close(got, _ref64(base, others, mask), dtype, f"d={d} k={k} n={n} mask={mask_kind}")
+
+
+def test_cosine_streaming_equals_one_shot() -> None:
+    d, k, sizes = 48, 4, [3, 70, 1, 33]
+    bases = [make_x((n, d), torch.bfloat16, seed=i) for i, n in enumerate(sizes)]
+    others = [_others(b, k, seed=10 + i) for i, b in enumerate(bases)]
+    masks = [make_mask("random", n, seed=i) for i, n in enumerate(sizes)]
+    acc = None
+    for b, o, m in zip(bases, others, masks):
+        acc = cosine_window_sum(b, o, m, acc)
+    base, oth, mask = torch.cat(bases), torch.cat(others, dim=1), torch.cat(masks)
+    assert_close(acc, cosine_window_sum(base, oth, mask), torch.bfloat16, "streamed vs one shot")
+    assert_close(acc, _ref64(base, oth, mask), torch.bfloat16, "streamed vs ref")
+
+
+def test_cosine_known_values_and_eps() -> None:
+    base = make_x((20, 16), torch.float32, seed=1)
+    others = torch.stack([base, -base, 3.0 * base, torch.zeros_like(base)])
+    got = cosine_window_sum(base, others)
+    assert_close(got, torch.tensor([20.0, -20.0, 20.0, 0.0], dtype=torch.float64), torch.float32, "known")
+    # A zero vector has cosine 0 (eps floor on the product of norms), not nan.
+    z = cosine_pairs_ref(torch.zeros(3, 5), torch.ones(3, 5))
+    assert torch.equal(z, torch.zeros(3)) and COS_EPS == 1e-12
+
+
+def test_cosine_3d_input_and_acc_in_place() -> None:
+    b, t, d, k = 2, 9, 24, 3
+    base = make_x((b, t, d), torch.float16, seed=2)
+    others = _others(base, k, seed=3)
+    mask = make_mask("random", b * t, seed=2).reshape(b, t)
+    acc = torch.full((k,), 2.0)
+    out = cosine_window_sum(base, others, mask, acc)
+    assert out is acc
+    want = _ref64(base.reshape(-1, d), others.reshape(k, -1, d), mask.reshape(-1)) + 2.0
+    assert_close(out, want, torch.float16, "3-D input")
+
+
+def test_cosine_non_contiguous() -> None:
+    big = make_x((3, 40, 64), torch.float32, seed=4)
+    base, others = big[0, :, ::2], big[1:, :, 1::2]  # channel-strided: copied
+    assert_close(cosine_window_sum(base, others), _ref64(base, others, None), torch.float32, "strided")
+    base, others = big[0, :, :20], big[1:, :, 20:40]  # row-strided: read in place
+    assert_close(cosine_window_sum(base, others), _ref64(base, others, None), torch.float32, "rows")
+
+
+def test_cosine_rejects_mismatched_others() -> None:
+    with pytest.raises(ValueError, match="others must be"):
+        cosine_window_sum(torch.zeros(4, 8), torch.zeros(2, 5, 8))

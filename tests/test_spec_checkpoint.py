@@ -1,0 +1,165 @@
+"""ModelSpec validation/serialisation and the checkpoint format: round trip, errors, atomicity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+from engine.checkpoint import CheckpointError, load_checkpoint, open_weights, save_checkpoint
+from engine.loading import load_spec_state, source_kind
+from engine.spec import LayerSpec, ModelSpec
+from tests.test_model import hetero_spec
+
+
+def test_spec_json_round_trip():
+    s = hetero_spec()
+    assert ModelSpec.from_json(s.to_json()) == s
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(n_heads=5), "n_heads"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(d_ffn=0), "d_ffn"),
+    (dict(d_mid=40), "d_mid"),
+    (dict(kind="mlp"), "attention"),
+    (dict(kind="weird"), "kind"),
+])
+def test_layer_validation_names_the_field(change, field):
+    base = dict(d_in=48, d_mid=48, d_out=48, n_heads=6, n_kv_heads=2, head_dim=8, d_ffn=80)
+    base.update(change)
+    with pytest.raises(ValueError, match=field) as e:
+        LayerSpec(**base).validate()
+    assert "Fix:" in str(e.value)
+
+
+def test_model_validation_width_chain():
+    s = hetero_spec().to_dict()
+    s["layers"][2]["d_in"] = 44
+    with pytest.raises(ValueError, match=r"layers\[2\].*d_in"):
+        ModelSpec.from_dict(s)
+    s = hetero_spec().to_dict()
+    s["bogus"] = 1
+    with pytest.raises(ValueError, match="bogus"):
+        ModelSpec.from_dict(s)
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    m = engine.build_model(hetero_spec())
+    out = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict(), provenance={"source": "test"})
+    return m, out
+
+
+def test_round_trip_bit_exact(tiny):
+    m, out = tiny
+    cfg, state = load_checkpoint(out)
+    assert cfg["spec"] == m.spec and cfg["provenance"]["source"] == "test"
+    for k, v in m.state_dict().items():
+        assert torch.equal(state[k], v), k
+    m2, tok = engine.load(out, tokenizer=False)
+    assert tok is None
+    ids = torch.randint(0, 61, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(m(ids), m2(ids))
+
+
+def test_weights_are_memory_mapped(tiny):
+    _, out = tiny
+    state = open_weights(out / "model.safetensors")
+    t = state["embed.weight"]
+    # an mmap'd tensor's storage is the whole file, not a private copy of the tensor
+    assert t.untyped_storage().nbytes() == (out / "model.safetensors").stat().st_size
+
+
+def test_bf16_round_trip(tmp_path):
+    m = engine.build_model(hetero_spec()).to(torch.bfloat16)
+    out = save_checkpoint(tmp_path / "bf", m.spec, m.state_dict())
+    _, state = load_checkpoint(out)
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    assert state["embed.weight"].dtype == torch.bfloat16
+
+
+def test_missing_unexpected_misshaped(tiny, tmp_path):
+    m, out = tiny
+    sd = dict(m.state_dict())
+    sd.pop("layers.1.attn_shortcut.weight")
+    bad = save_checkpoint(tmp_path / "missing", m.spec, sd)
+    with pytest.raises(CheckpointError, match="layers.1.attn_shortcut.weight"):
+        engine.load(bad, tokenizer=False)
+    sd = dict(m.state_dict(), **{"layers.0.extra.weight": torch.zeros(2)})
+    bad = save_checkpoint(tmp_path / "extra", m.spec, sd)
+    with pytest.raises(CheckpointError, match="layers.0.extra.weight"):
+        engine.load(bad, tokenizer=False)
+    sd = dict(m.state_dict(), **{"layers.3.attn.q.weight": torch.zeros(3, 3)})
+    bad = save_checkpoint(tmp_path / "shape", m.spec, sd)
+    with pytest.raises(CheckpointError, match=r"layers.3.attn.q.weight.*shape"):
+        engine.load(bad, tokenizer=False)
+
+
+def test_truncated_and_corrupt_files(tiny):
+    _, out = tiny
+    w = out / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        engine.load(out, tokenizer=False)
+    w.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        engine.load(out, tokenizer=False)
+    w.write_bytes(data)
+    (out / "config.json").write_text('{"format": "layerfold", "spec": ')
+    with pytest.raises(CheckpointError, match="corrupt JSON"):
+        engine.load(out, tokenizer=False)
+
+
+def test_atomic_and_never_over_source(tiny, tmp_path):
+    m, out = tiny
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_checkpoint(out, m.spec, m.state_dict())
+    with pytest.raises(CheckpointError, match="source"):
+        save_checkpoint(out, m.spec, m.state_dict(), sources=[out], overwrite=True)
+    with pytest.raises(CheckpointError, match="source"):
+        save_checkpoint(out / "inner", m.spec, m.state_dict(), sources=[out])
+
+    class Boom(dict):
+        def items(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(tmp_path / "crash", m.spec, Boom())
+    assert not (tmp_path / "crash").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".crash")]
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_source_kinds_and_errors(tmp_path, tiny):
+    _, out = tiny
+    assert source_kind(out) == "checkpoint"
+    assert source_kind("smollm2-135m") == "alias"
+    with pytest.raises(FileNotFoundError, match="not an alias"):
+        source_kind(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        source_kind(tmp_path / "empty")
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3"):
+        load_spec_state(hf)
+
+
+def test_hf_dir_import(tmp_path):
+    from tests.hf_tiny import tiny_hf
+
+    hf = tiny_hf("qwen2")
+    hf.save_pretrained(tmp_path / "q2", safe_serialization=True)
+    m, _ = engine.load(tmp_path / "q2", tokenizer=False)
+    ids = torch.randint(0, 97, (1, 10))
+    with torch.no_grad():
+        assert (m(ids) - hf(ids).logits).abs().max() < 1e-4
+    assert Path(tmp_path / "q2" / "config.json").exists()
