@@ -134,7 +134,7 @@ class Stats:
     def _need(self, d: dict[str, Tensor], key: str, what: str, fix: str) -> Tensor:
         if key not in d:
             have = ", ".join(sorted(d)[:4]) or "none"
-            raise KeyError(f"no {what} statistic {key!r} (have: {have}{', ...' if len(d) > 4 else ''}). "
+            raise ValueError(f"no {what} statistic {key!r} (have: {have}{', ...' if len(d) > 4 else ''}). "
                            f"Fix: calibrate with {fix}, or check the layer index")
         return d[key]
 
