@@ -1,13 +1,15 @@
 """Where a kernel runs: the Triton kernel (CUDA, or the CPU interpreter) or the torch reference.
 
 Rule (DESIGN.md, Kernels contract): the Triton kernel runs when the input is on CUDA or when
-``TRITON_INTERPRET=1`` is set in the environment; otherwise (plain CPU) the ``*_ref`` runs.
+``TRITON_INTERPRET=1`` is set in the environment; otherwise (plain CPU) the ``*_ref`` runs. The
+variable is read at call time.
 
-``triton.jit`` decides *at decoration time* whether a function becomes a compiled ``JITFunction``
-or an ``InterpretedFunction`` (triton 3.x reads ``TRITON_INTERPRET`` when the decorator runs, i.e.
-when a ``kernels`` module is imported). So that the environment variable can be set after
-``kernels`` was imported (by a test fixture, say), :func:`launchable` re-decorates a kernel for the
-mode the environment asks for at call time and caches the result.
+Triton itself fixes interpreter mode when it is imported: ``triton.jit`` turns a function into an
+``InterpretedFunction`` or a compiled ``JITFunction`` as the decorator runs, and triton.language's
+own helpers (``tl.zeros``, ``tl.sum``, ``tl.sigmoid``...) are decorated when ``triton`` is first
+imported. So ``TRITON_INTERPRET=1`` must be in the environment before anything imports triton
+(``import torch`` alone does not); setting it later cannot work, and :func:`launchable` says so
+instead of failing deep inside the interpreter.
 """
 
 from __future__ import annotations
@@ -16,16 +18,13 @@ import os
 from typing import Any
 
 import torch
-import triton
 from torch import Tensor
 
-__all__ = ["interpreting", "launchable", "use_triton"]
-
-_LAUNCHABLE_CACHE: dict[tuple[int, bool], Any] = {}
+__all__ = ["interpreted", "interpreting", "launchable", "num_sms", "use_triton"]
 
 
 def interpreting() -> bool:
-    """True when the Triton CPU interpreter is asked for (read at call time, not import time)."""
+    """True when the environment asks for the Triton CPU interpreter (read now)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -34,24 +33,21 @@ def use_triton(t: Tensor) -> bool:
     return t.is_cuda or interpreting()
 
 
-def _is_interpreted(kernel: Any) -> bool:
+def interpreted(kernel: Any) -> bool:
+    """Whether a ``@triton.jit`` kernel was decorated in interpreter mode."""
     return type(kernel).__name__ == "InterpretedFunction"
 
 
 def launchable(kernel: Any) -> Any:
-    """Return ``kernel`` as a compiled or interpreted Triton function, whichever the environment
-    asks for now (see the module docstring for why this cannot be left to import time)."""
-    want_interp = interpreting()
-    if _is_interpreted(kernel) == want_interp:
-        return kernel
-    key = (id(kernel.fn), want_interp)
-    fn = _LAUNCHABLE_CACHE.get(key)
-    if fn is None:
-        # triton.jit reads TRITON_INTERPRET right now, so this yields the wanted flavour.
-        fn = triton.jit(kernel.fn)
-        assert _is_interpreted(fn) == want_interp, "triton.jit ignored TRITON_INTERPRET"
-        _LAUNCHABLE_CACHE[key] = fn
-    return fn
+    """``kernel``, after checking it can run in the mode the environment asks for now."""
+    if interpreting() and not interpreted(kernel):
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 is set, but triton was imported before it was, so the kernels were "
+            "built for a GPU and cannot run in the CPU interpreter. Set TRITON_INTERPRET=1 before "
+            "anything imports triton (in the shell, or at the top of the repository's conftest.py), "
+            "or unset it to run the torch references on CPU."
+        )
+    return kernel
 
 
 def num_sms(device: torch.device) -> int:

@@ -7,6 +7,8 @@ valid tokens of cos(base[t], others[k, t]). Dividing by the valid-token count is
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -110,7 +112,8 @@ def _flatten_others(base: Tensor, others: Tensor) -> Tensor:
         )
     if others.device != base.device:
         raise ValueError(f"others is on {others.device} but base is on {base.device}")
-    return unit_stride(others.reshape(others.shape[0], -1, others.shape[-1]))
+    n_tokens = math.prod(base.shape[:-1])
+    return unit_stride(others.reshape(others.shape[0], n_tokens, others.shape[-1]))
 
 
 def cosine_window_sum(

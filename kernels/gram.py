@@ -133,7 +133,7 @@ def gram_accumulate(
     if acc is None:
         acc = (new_acc((d, d), x.device, torch.float32), new_acc((d,), x.device, torch.float32),
                new_acc((d,), x.device, torch.float32))
-    for t, shape, name in zip(acc, ((d, d), (d,), (d,)), ("acc[0] (G)", "acc[1] (s)", "acc[2] (ss)")):
+    for t, shape, name in zip(acc, ((d, d), (d,), (d,)), ("acc[0] (G)", "acc[1] (s)", "acc[2] (ss)"), strict=True):
         check_acc(t, shape, x.device, name, triton_path=True)
     if n == 0 or d == 0:
         return acc
@@ -171,7 +171,7 @@ def gram_accumulate_ref(
     dt = compute_dtype(x2, acc[0] if acc is not None else None)
     if acc is None:
         acc = (new_acc((d, d), x.device, dt), new_acc((d,), x.device, dt), new_acc((d,), x.device, dt))
-    for t, shape, name in zip(acc, ((d, d), (d,), (d,)), ("acc[0] (G)", "acc[1] (s)", "acc[2] (ss)")):
+    for t, shape, name in zip(acc, ((d, d), (d,), (d,)), ("acc[0] (G)", "acc[1] (s)", "acc[2] (ss)"), strict=True):
         check_acc(t, shape, x.device, name, triton_path=False)
     xs = (x2 if m is None else x2[m]).to(dt)  # indexing drops padding (and any nan it holds)
     acc[0].add_(xs.T @ xs)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import pytest  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402  (importing torch does not import triton)
+
+if not torch.cuda.is_available():  # on a GPU the compiled kernels run; on CPU the interpreter runs them
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

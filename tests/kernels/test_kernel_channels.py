@@ -37,10 +37,10 @@ def test_channel_stats_streaming_equals_one_shot() -> None:
     us = [make_x((n, c), torch.bfloat16, seed=20 + i) for i, n in enumerate(sizes)]
     ms = [make_mask("random", n, seed=i) for i, n in enumerate(sizes)]
     acc = None
-    for g, u, m in zip(gs, us, ms):
+    for g, u, m in zip(gs, us, ms, strict=True):
         acc = swiglu_channel_stats(g, u, m, acc)
     one = swiglu_channel_stats(torch.cat(gs), torch.cat(us), torch.cat(ms))
-    for a, o, name in zip(acc, one, ("abs_sum", "sq_sum")):
+    for a, o, name in zip(acc, one, ("abs_sum", "sq_sum"), strict=True):
         assert_close(a, o, torch.bfloat16, f"{name} streamed vs one shot")
 
 

@@ -39,7 +39,7 @@ def test_cosine_streaming_equals_one_shot() -> None:
     others = [_others(b, k, seed=10 + i) for i, b in enumerate(bases)]
     masks = [make_mask("random", n, seed=i) for i, n in enumerate(sizes)]
     acc = None
-    for b, o, m in zip(bases, others, masks):
+    for b, o, m in zip(bases, others, masks, strict=True):
         acc = cosine_window_sum(b, o, m, acc)
     base, oth, mask = torch.cat(bases), torch.cat(others, dim=1), torch.cat(masks)
     assert_close(acc, cosine_window_sum(base, oth, mask), torch.bfloat16, "streamed vs one shot")

@@ -15,7 +15,7 @@ def _ref64(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ..
 
 
 def _check(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...], dtype: torch.dtype, tag: str) -> None:
-    for g, w, name in zip(got, want, ("G", "s", "ss")):
+    for g, w, name in zip(got, want, ("G", "s", "ss"), strict=True):
         assert g.dtype == torch.float32
         assert_close(g, w, dtype, f"{name} {tag}")
 
@@ -42,7 +42,7 @@ def test_gram_streaming_equals_one_shot() -> None:
     xs = [make_x((n, d), torch.float16, seed=i) for i, n in enumerate(sizes)]
     ms = [make_mask("random", n, seed=i) for i, n in enumerate(sizes)]
     acc = None
-    for x, m in zip(xs, ms):
+    for x, m in zip(xs, ms, strict=True):
         acc = gram_accumulate(x, m, acc)
     one = gram_accumulate(torch.cat(xs), torch.cat(ms))
     _check(acc, one, torch.float16, "streamed vs one shot")
@@ -55,7 +55,7 @@ def test_gram_acc_in_place_and_3d_input() -> None:
     mask = make_mask("random", b * t, seed=3).reshape(b, t)
     acc = (torch.ones(d, d), torch.ones(d), torch.ones(d))
     out = gram_accumulate(x, mask, acc)
-    assert all(o is a for o, a in zip(out, acc))
+    assert all(o is a for o, a in zip(out, acc, strict=True))
     want = _ref64(x.reshape(-1, d), mask.reshape(-1))
     _check(out, tuple(w + 1 for w in want), torch.float32, "3-D input into ones")
 

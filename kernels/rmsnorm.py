@@ -1,0 +1,75 @@
+"""RMSNorm over the last dimension (the runtime's pre-attention, pre-MLP, final and q/k norms).
+
+    y[n, :] = x[n, :] / sqrt(mean_j x[n, j]^2 + eps) * w[:]
+
+computed in fp32 whatever the input dtype and rounded once to the input dtype (the same math as
+``engine.model.RMSNorm``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._dispatch import interpreting, launchable, use_triton
+
+__all__ = ["rmsnorm", "rmsnorm_ref"]
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    x_ptr,  # *T [N, D] input rows; row stride stride_x, unit column stride
+    w_ptr,  # *T [D] scale
+    y_ptr,  # *T [N, D] output rows, contiguous
+    D,
+    stride_x,
+    eps,
+    BLOCK_D: tl.constexpr,  # >= D, power of two: one program holds a whole row
+):
+    """y[n] = x[n] * rsqrt(mean(x[n]^2) + eps) * w, one program per row, fp32 math."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < D
+    x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    tl.store(y_ptr + row * D + cols, (x * inv * w).to(y_ptr.dtype.element_ty), mask=inside)
+
+
+def _rmsnorm_warps(block_d: int) -> int:
+    """Warps per row: 4 up to 2048 channels and 8 above; the layer-norm tutorial's rule of thumb
+    (one warp per ~512 fp32 values); not tuned here (no GPU when written)."""
+    if interpreting():
+        return 1
+    return 4 if block_d <= 2048 else 8
+
+
+def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of ``x`` (..., D) with ``weight`` (D,); returns a new tensor of x's shape and dtype."""
+    if not use_triton(x):
+        return rmsnorm_ref(x, weight, eps)
+    d = x.shape[-1]
+    if weight.shape != (d,):
+        raise ValueError(f"rmsnorm: weight has shape {tuple(weight.shape)} but x has {d} channels. "
+                         "Fix: pass the norm weight of this layer")
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((x2.shape[0], d), device=x.device, dtype=x.dtype)
+    if x2.shape[0] == 0:
+        return y.view(x.shape)
+    block = triton.next_power_of_2(d)
+    launchable(_rmsnorm_kernel)[(x2.shape[0],)](
+        x2, weight.contiguous(), y, d, x2.stride(0), float(eps), BLOCK_D=block, num_warps=_rmsnorm_warps(block))
+    return y.view(x.shape)
+
+
+def rmsnorm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Torch reference (and the CPU path): one fused ``F.rms_norm`` call, fp32 accumulation inside,
+    bit-identical to ``engine.model.RMSNorm`` for fp32 and bf16."""
+    if x.dtype == torch.float64:
+        xf = x
+        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)

@@ -1,0 +1,99 @@
+"""Dispatch rule, interpreter activation and input validation shared by every launcher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_checks import make_x
+
+import kernels
+from kernels import _dispatch, channels, cka, cosine, gram
+
+# (module, launcher, ref name, kernel, call with small valid inputs)
+CASES = [
+    (gram, "gram_accumulate", "gram_accumulate_ref", gram._gram_kernel,
+     lambda f: f(make_x((9, 5), torch.float32, 0))),
+    (cosine, "cosine_window_sum", "cosine_window_sum_ref", cosine._cosine_window_kernel,
+     lambda f: f(make_x((9, 5), torch.float32, 0), make_x((2, 9, 5), torch.float32, 1))),
+    (channels, "channel_stats", "channel_stats_ref", channels._channel_stats_kernel,
+     lambda f: f(make_x((9, 5), torch.float32, 0))),
+    (channels, "swiglu_channel_stats", "swiglu_channel_stats_ref", channels._channel_stats_kernel,
+     lambda f: f(make_x((9, 5), torch.float32, 0), make_x((9, 5), torch.float32, 1))),
+    (cka, "ucentered_gram", "ucentered_gram_ref", cka._ucentered_gram_kernel,
+     lambda f: f(make_x((9, 5), torch.float32, 0))),
+    (cka, "hsic_accumulate", "hsic_accumulate_ref", cka._hsic_kernel,
+     lambda f: f(torch.randn(2, 6, 6))),
+    (cka, "hsic_row_accumulate", "hsic_row_accumulate_ref", cka._hsic_row_kernel,
+     lambda f: f(torch.randn(6, 6), torch.randn(2, 6, 6))),
+]
+IDS = [c[1] for c in CASES]
+
+
+def _refuse(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the torch reference ran instead of the Triton kernel")
+
+
+@pytest.mark.parametrize(("module", "launcher", "ref", "kernel", "call"), CASES, ids=IDS)
+def test_interpreter_runs_the_triton_kernel(module, launcher, ref, kernel, call, monkeypatch) -> None:
+    assert _dispatch.use_triton(torch.zeros(1))
+    assert type(_dispatch.launchable(kernel)).__name__ == "InterpretedFunction"
+    monkeypatch.setattr(module, ref, _refuse)
+    call(getattr(module, launcher))
+
+
+@pytest.mark.parametrize(("module", "launcher", "ref", "kernel", "call"), CASES, ids=IDS)
+def test_plain_cpu_runs_the_reference(module, launcher, ref, kernel, call, monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not _dispatch.use_triton(torch.zeros(1))
+    ran = []
+    real = getattr(module, ref)
+    monkeypatch.setattr(module, ref, lambda *a, **k: ran.append(1) or real(*a, **k))
+    call(getattr(module, launcher))
+    assert ran == [1]
+
+
+def test_late_interpreter_request_names_the_fix() -> None:
+    compiled = object()  # stands in for a kernel decorated before TRITON_INTERPRET was set
+    with pytest.raises(RuntimeError, match="before anything imports triton"):
+        _dispatch.launchable(compiled)
+
+
+def test_mode_follows_the_environment_at_call_time(monkeypatch) -> None:
+    x = make_x((20, 6), torch.float32, 0)
+    interp = kernels.gram_accumulate(x)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    ref = kernels.gram_accumulate(x)
+    torch.testing.assert_close(interp, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulator_checks() -> None:
+    x = make_x((8, 4), torch.float32, 0)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.channel_stats(x, acc=(torch.zeros(4, dtype=torch.float64), torch.zeros(4)))
+    with pytest.raises(ValueError, match="shape"):
+        kernels.channel_stats(x, acc=(torch.zeros(5), torch.zeros(5)))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.cosine_window_sum(x, torch.stack([x, x]), acc=torch.zeros(4)[::2])
+
+
+def test_input_checks() -> None:
+    with pytest.raises(TypeError, match="bfloat16"):
+        kernels.gram_accumulate(torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[N, d\] or \[B, T, d\]"):
+        kernels.gram_accumulate(torch.zeros(3))
+    with pytest.raises(ValueError, match="mask must have the token shape"):
+        kernels.gram_accumulate(torch.zeros(4, 3), torch.ones(5, dtype=torch.bool))
+
+
+def test_empty_inputs_leave_acc_unchanged() -> None:
+    g, s, ss = kernels.gram_accumulate(torch.zeros(0, 5))
+    assert g.shape == (5, 5) and not g.any() and not s.any() and not ss.any()
+    assert kernels.cosine_window_sum(torch.zeros(3, 4), torch.zeros(0, 3, 4)).shape == (0,)
+
+
+def test_fp64_reference_path_keeps_fp64(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")
+    x = torch.randn(10, 4, dtype=torch.float64)
+    assert kernels.gram_accumulate(x)[0].dtype == torch.float64
+    assert kernels.ucentered_gram(x).dtype == torch.float64
+    assert kernels.channel_stats(x.float())[0].dtype == torch.float32

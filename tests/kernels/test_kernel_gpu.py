@@ -1,0 +1,74 @@
+"""Compiled kernels on a CUDA device against the fp64 references (skipped without CUDA).
+
+Sizes are realistic (SmolLM2-135M widths); fp32 tolerances are tight enough that a tf32 tl.dot
+(10-bit mantissa, ~1e-3 relative error) would fail them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_checks import DTYPES, assert_close, make_mask, make_x, zeros64
+
+import kernels
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CUDA = torch.device("cuda")
+
+
+def _cuda(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(CUDA)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "d"), [(1, 7), (4099, 576), (777, 1000)])
+def test_gpu_gram(n: int, d: int, dtype: torch.dtype) -> None:
+    x, mask = make_x((n, d), dtype, seed=n), make_mask("random", n, seed=n)
+    got = kernels.gram_accumulate(_cuda(x), _cuda(mask))
+    want = kernels.gram_accumulate_ref(x.double(), mask, zeros64((d, d), (d,), (d,)))
+    for g, w, name in zip(got, want, ("G", "s", "ss"), strict=True):
+        assert_close(g, w, dtype, f"gpu {name} n={n} d={d}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "d", "k"), [(33, 7, 1), (2051, 576, 8), (300, 1000, 13)])
+def test_gpu_cosine(n: int, d: int, k: int, dtype: torch.dtype) -> None:
+    base = make_x((n, d), dtype, seed=n)
+    others = (base.float()[None] + make_x((k, n, d), torch.float32, seed=k, offset=0)).to(dtype)
+    mask = make_mask("random", n, seed=n)
+    got = kernels.cosine_window_sum(_cuda(base), _cuda(others), _cuda(mask))
+    want = kernels.cosine_window_sum_ref(base.double(), others.double(), mask,
+                                         torch.zeros(k, dtype=torch.float64))
+    assert_close(got, want, dtype, f"gpu cosine n={n} d={d} k={k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "c"), [(5, 7), (4097, 1536)])
+def test_gpu_channels(n: int, c: int, dtype: torch.dtype) -> None:
+    g, u = make_x((n, c), dtype, seed=1, offset=-0.3), make_x((n, c), dtype, seed=2)
+    mask = make_mask("random", n, seed=n)
+    got = kernels.swiglu_channel_stats(_cuda(g), _cuda(u), _cuda(mask))
+    want = kernels.swiglu_channel_stats_ref(g.double(), u.double(), mask, zeros64((c,), (c,)))
+    for a, w, name in zip(got, want, ("abs_sum", "sq_sum"), strict=True):
+        assert_close(a, w, dtype, f"gpu swiglu {name}")
+    got = kernels.channel_stats(_cuda(g), _cuda(mask))
+    want = kernels.channel_stats_ref(g.double(), mask, zeros64((c,), (c,)))
+    for a, w, name in zip(got, want, ("abs_sum", "sq_sum"), strict=True):
+        assert_close(a, w, dtype, f"gpu channels {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "d", "n_layers"), [(4, 7, 1), (515, 576, 31)])
+def test_gpu_cka(m: int, d: int, n_layers: int, dtype: torch.dtype) -> None:
+    xs = [make_x((m, d), dtype, seed=i) for i in range(n_layers)]
+    grams = torch.stack([kernels.ucentered_gram(_cuda(x)) for x in xs])
+    grams_ref = torch.stack([kernels.ucentered_gram_ref(x.double()) for x in xs])
+    assert_close(grams, grams_ref, dtype, "gpu ucentered_gram")
+    hsic = kernels.hsic_accumulate(grams)
+    assert_close(hsic, kernels.hsic_accumulate_ref(grams_ref), dtype, "gpu hsic")
+    row = kernels.hsic_row_accumulate(grams[-1], grams[:-1])
+    assert_close(row, kernels.hsic_row_accumulate_ref(grams_ref[-1], grams_ref[:-1]), dtype, "gpu row")
