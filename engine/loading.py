@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ def _cached_gguf(path: Path, quiet: bool = False) -> Path:
     if is_checkpoint(out):
         return out
     if not quiet:
-        print(f"[layerfold] converting {path.name} once (cached in {out})", flush=True)
+        print(f"[layerfold] converting {path.name} once (cached in {out})", file=sys.stderr, flush=True)
     spec, state, tok = read_gguf(path)
     save_checkpoint(out, spec, state, tokenizer=tok, overwrite=True,
                     provenance={"source": str(path), "source_format": "gguf", "dequantized_to": "float32"})
