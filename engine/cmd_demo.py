@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.json
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     summary: dict[str, Any] = {"model": args.model}
-    eval_kw: dict[str, Any] = dict(max_tokens=8192, mc_items=100) if args.quick else {}
+    eval_kw: dict[str, Any] = dict(max_tokens=2048, mc_items=40) if args.quick else {}
 
     t = _stage("1. convert (cached after the first run)", f"layerfold convert {args.model} --out DIR", quiet)
     model, tok = load(args.model, quiet=quiet)
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if "eval" not in skip:
         from .evaluate import evaluate
 
-        _stage("4. evaluate", f"layerfold eval {args.model} --data pydoc --task ppl,mc", quiet)
+        _stage("4. evaluate (held-out Python documentation text)",
+               f"layerfold eval {args.model} --data pydoc --task ppl,mc", quiet)
         dense_eval = evaluate(model, tok, progress=not quiet, **eval_kw)
         summary["dense"].update(ppl=dense_eval["ppl"]["ppl"], acc=dense_eval["mc"]["acc"])
         if not quiet:
@@ -90,26 +91,42 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else cache_dir() / f"demo-{args.method}-{args.target}"
     if "prune" not in skip:
-        from .prune import prune
+        from .evaluate import evaluate
+        from .prune import prune, where_layers_went
 
-        _stage("5. calibrate + prune + evaluate",
-               f"layerfold prune {args.model} --method {args.method} --target {args.target} --out {out}", quiet)
-        report = prune(args.model, args.method, args.target, out, overwrite=True, progress=not quiet,
-                       quick=args.quick, dense_eval=dense_eval, verbose=not quiet)
-        summary["pruned"] = {k: report["pruned"].get(k) for k in ("layers", "params", "ppl", "acc")}
-        summary["pruned"]["out"] = str(out)
+        _stage("5. calibrate + prune", f"layerfold prune {args.model} --method {args.method} "
+               f"--target {args.target} --out {out}", quiet)
+        kw: dict[str, Any] = dict(samples=16, seq_len=128) if args.quick else {}
+        report = prune(args.model, args.method, args.target, out, overwrite=True, progress=not quiet, eval=False,
+                       **kw)
+        pruned, _ = load(out, quiet=True, tokenizer=False)
+        summary["pruned"] = {"out": str(out), "layers": pruned.spec.n_layers, "params": pruned.num_params(),
+                             "method": report["method"], "seconds": round(report["times"]["total"], 1)}
+        if not quiet:
+            for line in where_layers_went(report):
+                print("   " + line)
+        if dense_eval is not None:
+            _stage("6. evaluate the pruned model", f"layerfold eval {out}", quiet)
+            pe = evaluate(pruned, tok, progress=not quiet, **eval_kw)
+            summary["pruned"].update(ppl=pe["ppl"]["ppl"], acc=pe["mc"]["acc"])
+            if not quiet:
+                dn = summary["dense"]
+                rows = [["dense", dn["layers"], dn["params"] / 1e6, dn["ppl"], dn["acc"]],
+                        [report["method"], pruned.spec.n_layers, pruned.num_params() / 1e6,
+                         pe["ppl"]["ppl"], pe["mc"]["acc"]]]
+                print(table(rows, ["model", "layers", "params (M)", "val ppl", "val acc"]))
+        del pruned
 
     if "bench" not in skip and out.exists():
-        from .benchmark import bench_models
+        from .benchmark import bench_models, format_table
 
-        _stage("6. benchmark dense vs pruned", f"layerfold bench {args.model} {out} --dtype bfloat16", quiet)
-        b = bench_models([args.model, str(out)], dtype=torch.bfloat16, batch_sizes=(1,), new_tokens=64,
-                         repeats=3, progress=not quiet)
-        summary["bench"] = b
+        _stage("7. benchmark dense vs pruned (bf16 decode, batch 1)",
+               f"layerfold bench {args.model} {out} --dtype bfloat16", quiet)
+        b = bench_models([args.model, str(out)], dtype=torch.bfloat16, batch_sizes=(1,),
+                         new_tokens=32 if args.quick else 128, repeats=3, progress=not quiet)
+        summary["bench"] = b["rows"]
         if not quiet:
-            rows = [[r["model"], r["params"] / 1e6, r["decode_tok_s"], r.get("speedup", 1.0), r["prefill_tok_s"],
-                     r["ttft_ms"]] for r in b["rows"]]
-            print(table(rows, ["model", "params (M)", "decode tok/s", "speedup", "prefill tok/s", "TTFT ms"]))
+            print(format_table(b))
 
     if quiet:
         emit(args, summary)
