@@ -107,7 +107,7 @@ def _ref_forward(sd: dict, spec: ModelSpec, ids: torch.Tensor) -> torch.Tensor:
             ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]  # (T, half)
             cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
 
-            def rot(z):
+            def rot(z, half=half, cos=cos, sin=sin):
                 a, b = z[..., :half], z[..., half:]
                 return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
 
@@ -123,7 +123,8 @@ def _ref_forward(sd: dict, spec: ModelSpec, ids: torch.Tensor) -> torch.Tensor:
             h = res + a
         if l.has_mlp:
             x = _rms(h, sd[p + "mlp_norm.weight"], spec.norm_eps)
-            m = (F.silu(x @ sd[p + "mlp.gate.weight"].T) * (x @ sd[p + "mlp.up.weight"].T)) @ sd[p + "mlp.down.weight"].T
+            act = F.silu(x @ sd[p + "mlp.gate.weight"].T) * (x @ sd[p + "mlp.up.weight"].T)
+            m = act @ sd[p + "mlp.down.weight"].T
             res = h @ sd[p + "mlp_shortcut.weight"].T if l.mlp_shortcut else h
             h = res + m
     head = sd["embed.weight"] if spec.tie_embeddings else sd["lm_head.weight"]
