@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -64,7 +64,7 @@ class Stats:
     gram_sum: dict[str, Tensor] = field(default_factory=dict)
     gram_sq: dict[str, Tensor] = field(default_factory=dict)
     chan: dict[str, Tensor] = field(default_factory=dict)
-    counts: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -183,7 +183,7 @@ class Stats:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
             if buf is not t:
                 t.copy_(buf.cpu())
-        self.counts.update({k: int(v) for k, v in zip(COUNT_KEYS, counts.tolist())})
+        self.counts.update({k: int(v) for k, v in zip(COUNT_KEYS, counts.tolist(), strict=True)})
         return self
 
     # ---- files -------------------------------------------------------------------------------------
@@ -200,10 +200,9 @@ class Stats:
         out = Path(path)
         if out.exists():
             if not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG).is_file()):
-                raise FileExistsError(f"{out}: exists and is not a statistics directory. "
-                                      "Fix: choose another --out path")
-            if not overwrite:
-                raise FileExistsError(f"{out}: already exists. Fix: choose another --out or pass --overwrite")
+                raise ValueError(f"{out}: exists and is not a statistics directory. Fix: choose another --out path")
+            if any(out.iterdir()) and not overwrite:
+                raise ValueError(f"{out}: already exists. Fix: choose another --out or pass --overwrite")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1e3)}"
         tmp.mkdir()
@@ -212,6 +211,8 @@ class Stats:
             cfg = {"format": STATS_FORMAT, "version": STATS_VERSION, "n_layers": self.n_layers,
                    "window": self.window, "counts": self.counts, "meta": self.meta, "derived": self.summary()}
             (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+            if out.exists() and not any(out.iterdir()):
+                out.rmdir()
             if out.exists():
                 old = out.parent / f".{out.name}.old-{os.getpid()}"
                 out.rename(old)
@@ -244,7 +245,7 @@ class Stats:
             raise FileNotFoundError(f"{p / TENSORS}: missing. Fix: the directory is incomplete; calibrate again")
         try:
             ts = load_file(str(p / TENSORS))
-        except (SafetensorsError, OSError) as e:
+        except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"{p / TENSORS}: corrupt or truncated ({e}). Fix: calibrate again") from None
         L, W = int(cfg["n_layers"]), int(cfg["window"])
         for name, shape in (("cos_sum", (L, W)), ("cos_count", (L, W))):
@@ -259,7 +260,7 @@ class Stats:
         return cls._from_tensors(L, W, ts, counts, cfg.get("meta", {}))
 
     @classmethod
-    def _from_tensors(cls, L: int, W: int, ts: dict[str, Tensor], counts: dict[str, float],
+    def _from_tensors(cls, L: int, W: int, ts: dict[str, Tensor], counts: dict[str, int],
                       meta: dict[str, Any]) -> Stats:
         def group(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix) + 1:]: v for k, v in ts.items() if k.startswith(prefix + ".")}
