@@ -1,0 +1,130 @@
+"""Throughput of `layerfold serve` with 1, 4 and 16 concurrent clients, on loopback only.
+
+    python bench/bench_server.py [MODEL] [--dtype bf16] [--clients 1,4,16] [--requests 2] [--max-tokens 64]
+                                 [--timeout 600] [--threads N] [--json]
+
+Starts the server in-process on a free 127.0.0.1 port (the same app `layerfold serve` runs), then for
+each concurrency level C runs C client threads with the official `openai` client, each sending
+``--requests`` streamed chat completions in a row (greedy, at most ``--max-tokens`` each; a reply
+may end earlier at EOS, and the token counts come from the server's usage report). Reports
+aggregate completion tokens/s, requests/s, time to first token and per-request latency (median and
+p95), and the largest batch the scheduler formed. Bounded: every request has a timeout, and the
+whole run a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QUESTIONS = ["What is the capital of France?", "Explain what a hash table is.", "Write a short poem about rain.",
+             "How do I reverse a list in Python?", "Why is the sky blue?", "Give three tips for better sleep.",
+             "What does HTTP stand for?", "Summarise the plot of Hamlet."]
+
+
+def start_server(model: Any, tok: Any, max_batch: int) -> tuple[str, Any, Any]:
+    import uvicorn
+
+    from engine.server import create_app
+
+    app = create_app(model, tok, model_name="bench", max_batch=max_batch, max_len=512)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", srv, app.state.scheduler
+
+
+def one_client(base: str, idx: int, requests: int, max_tokens: int, timeout: float) -> list[dict[str, float]]:
+    import openai
+
+    c = openai.OpenAI(base_url=base, api_key="unused", timeout=timeout, max_retries=0)
+    out = []
+    for r in range(requests):
+        q = QUESTIONS[(idx + r) % len(QUESTIONS)]
+        t0 = time.perf_counter()
+        first, n = None, 0
+        for ch in c.chat.completions.create(model="bench", messages=[{"role": "user", "content": q}],
+                                            max_tokens=max_tokens, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}):
+            if ch.choices and ch.choices[0].delta.content and first is None:
+                first = time.perf_counter()
+            if ch.usage is not None:
+                n = ch.usage.completion_tokens
+        t1 = time.perf_counter()
+        out.append({"latency_s": t1 - t0, "ttft_s": (first or t1) - t0, "tokens": n})
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another (default 2)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--timeout", type=float, default=600, help="deadline for the whole run, seconds")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from engine.loading import load
+
+    levels = [int(x) for x in args.clients.split(",")]
+    model, tok = load(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, quiet=True)
+    base, srv, sched = start_server(model, tok, max_batch=max(levels))
+    one_client(base, 0, 1, 4, args.timeout)  # warm-up
+    deadline = time.time() + args.timeout
+    results = []
+    for c in levels:
+        sched.max_rows_in_step = 0
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(c) as ex:
+            futs = [ex.submit(one_client, base, i, args.requests, args.max_tokens, max(1.0, deadline - time.time()))
+                    for i in range(c)]
+            runs = [r for f in futs for r in f.result(timeout=max(1.0, deadline - time.time()))]
+        wall = time.perf_counter() - t0
+        lat = sorted(r["latency_s"] for r in runs)
+        toks = sum(r["tokens"] for r in runs)
+        results.append({"clients": c, "requests": len(runs), "completion_tokens": toks, "wall_s": wall,
+                        "tokens_per_s": toks / wall, "requests_per_s": len(runs) / wall,
+                        "ttft_median_s": statistics.median(r["ttft_s"] for r in runs),
+                        "latency_median_s": statistics.median(lat),
+                        "latency_p95_s": lat[max(0, math.ceil(0.95 * len(lat)) - 1)],
+                        "max_batch_formed": sched.max_rows_in_step})
+    srv.should_exit = True
+    out = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "max_tokens": args.max_tokens,
+           "results": results}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{args.model} {args.dtype}, {out['threads']} threads, {args.requests} streamed chat requests per client, "
+          f"max_tokens {args.max_tokens}, greedy")
+    print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'tok/s':>8} {'req/s':>6} {'TTFT p50':>9} "
+          f"{'lat p50':>8} {'lat p95':>8} {'batch':>5}")
+    for r in results:
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['completion_tokens']:>7} {r['tokens_per_s']:>8.1f} "
+              f"{r['requests_per_s']:>6.2f} {r['ttft_median_s']:>8.2f}s {r['latency_median_s']:>7.2f}s "
+              f"{r['latency_p95_s']:>7.2f}s {r['max_batch_formed']:>5}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""`layerfold serve MODEL`: an OpenAI-compatible HTTP server with continuous batching."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cli_util import add_common, torch_dtype
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve MODEL with FastAPI + uvicorn: POST /v1/completions and "
+                       "/v1/chat/completions (stream: true gives server-sent events), GET /v1/models and /health. "
+                       "Concurrent requests share decode steps (continuous batching): up to --max-batch requests "
+                       "generate together, up to --max-queue more wait for a free slot.")
+    add_common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients pass and /v1/models lists (default: MODEL's directory name or alias)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (cache rows; default 16)")
+    p.add_argument("--max-len", type=int, default=1024,
+                   help="context per request, prompt + completion tokens (cache slots per row; default 1024)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted, in tokens (default max-len - 1); longer ones answer 400")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default max-len - 1); larger answers 400")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests allowed to wait for a free slot (default 64); more answer 429")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CPU: faster decoding after about a minute of compiling "
+                   "at start-up)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default info)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .loading import load
+    from .server import serve
+
+    for name in ("max_batch", "max_len", "max_queue", "port"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive. Fix: pass a "
+                             "positive number")
+    model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype))
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer. Fix: serve a model directory that includes one")
+    name = args.model_name or Path(str(args.model).rstrip("/")).name
+    print(f"[layerfold] serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
+          f"context {args.max_len})", file=sys.stderr, flush=True)
+    serve(model, tok, host=args.host, port=args.port, model_name=name, log_level=args.log_level,
+          max_batch=args.max_batch, max_len=min(args.max_len, model.spec.max_position),
+          max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
+          compile=args.compile)
+    return 0

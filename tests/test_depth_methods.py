@@ -1,0 +1,209 @@
+"""Depth methods on a tiny random model: every method hits its target; the pipeline saves what it pruned."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import engine
+from engine.checkpoint import save_checkpoint
+from engine.methods import PruneContext, Target, get_method
+from engine.methods.merge_search import MergeSimilarity, groups_of
+from engine.methods.slm import slide
+from engine.model import build_model, init_weights
+from engine.spec import ModelSpec, dense_layer
+
+L = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: one thread (two OpenMP threads on a busy 2-core machine wait on each other ~20x longer)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed: int = 0) -> engine.Model:
+    spec = ModelSpec(vocab_size=61, d_model=48, layers=(dense_layer(48, 4, 2, 12, 72),) * L, tie_embeddings=True,
+                     arch="llama")
+    m = build_model(spec)
+    init_weights(m, std=0.08, seed=seed)
+    return m.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m = tiny()
+    calib = torch.randint(0, 61, (6, 24), generator=torch.Generator().manual_seed(1))
+    from engine.calibrate import calibrate
+
+    stats = calibrate(m, calib, window=L, cka=False, channels=False)
+    return m, calib, stats
+
+
+def ctx(setup, target: str, **options) -> PruneContext:
+    m, calib, stats = setup
+    return PruneContext(model=m, tokenizer=None, source="tiny", target=Target.parse(target), stats=stats,
+                        calib=calib, options=options, progress=False)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("shortgpt", {}),
+    ("laco", {}),
+    ("slm", {"similarity": "cka"}),
+    ("slm", {"similarity": "final-cosine"}),
+    ("streamline", {"replacement": "mlp", "epochs": 1, "train_batch": 3}),
+    ("streamline", {"replacement": "decoder", "epochs": 1, "train_batch": 3, "pair_cache": "none"}),
+])
+@pytest.mark.parametrize("target", ["3"])
+def test_every_method_hits_its_target(setup, method: str, options: dict, target: str) -> None:
+    m = setup[0]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    res = get_method(method).fn(ctx(setup, target, sim_seq_len=24, **options))
+    k = Target.parse(target).layers_to_remove(m)
+    added = 1 if method == "streamline" else 0  # streamline removes a window of k and adds one block back
+    assert res.model.spec.n_layers == L - k + added, res.info.get("note")
+    assert len(res.layer_map) == L - k + added
+    assert sorted(i for g in res.layer_map for i in g) == [i for i in range(L) if i in {j for g in res.layer_map
+                                                                                          for j in g}]
+    json.dumps(res.plan)  # JSON-serialisable
+    for c in res.changed_layers:
+        assert len(res.layer_map[c]) > 1
+    if method == "streamline":
+        assert res.info["training"]["steps"] > 0 and res.info["training"]["final_loss"] < 10
+    with torch.no_grad():
+        assert torch.isfinite(res.model(setup[1][:1])).all()
+    for name, v in m.state_dict().items():
+        assert torch.equal(v, before[name]), f"{method} changed the dense model's {name}"
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "slm"])
+def test_fraction_target(setup, method: str) -> None:
+    res = get_method(method).fn(ctx(setup, "25%", sim_seq_len=24))
+    assert res.model.spec.n_layers == L - 2
+
+
+def test_params_target_counts_the_replacement(setup) -> None:
+    m = setup[0]
+    res = get_method("streamline").fn(ctx(setup, "params:0.3", no_train=True))
+    removed = 1 - res.model.num_params() / m.num_params()
+    assert removed >= 0.3 - 1e-9
+
+
+def test_shortgpt_drops_lowest_bi(setup) -> None:
+    res = get_method("shortgpt").fn(ctx(setup, "2"))
+    bi = setup[2].bi
+    dropped = res.info["dropped"]
+    assert sorted(dropped) == sorted(torch.argsort(bi)[:2].tolist())
+
+
+def test_slm_slide_follows_the_rule() -> None:
+    """A fake similarity: merging [a..b] is accepted when the group stays within a 'block' of equal labels."""
+    labels = [0, 1, 1, 1, 2, 2, 3, 4]
+
+    def sim(groups):
+        return min(1.0 if len({labels[i] for i in g}) == 1 else 0.0 for g in groups)
+
+    assert slide(8, sim, 0.5) == [(4, 5), (1, 3)]
+    assert slide(8, sim, 0.5, budget=2) == [(4, 5), (2, 3)]
+    assert groups_of(8, [(4, 5), (1, 3)]) == [[0], [1, 2, 3], [4, 5], [6], [7]]
+
+
+def test_similarity_of_the_dense_partition_is_one(setup) -> None:
+    m, calib, _ = setup
+    s = MergeSimilarity(m, calib[:3])
+    sc = s.scores([[i] for i in range(L)])
+    assert abs(sc["cka"] - 1) < 1e-6 and abs(sc["final-cosine"] - 1) < 1e-6
+    sc2 = s.scores(groups_of(L, [(2, 4)]))
+    assert sc2["final-cosine"] < 1 and s.evaluations == 2
+
+
+def greedy(model: engine.Model, ids: torch.Tensor, n: int) -> list[int]:
+    out = ids.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(out, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], 1)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("method, options", [("slm", {}), ("streamline", {"epochs": 1})])
+def test_pruned_model_saves_reloads_and_generates(setup, tmp_path, method: str, options: dict) -> None:
+    res = get_method(method).fn(ctx(setup, "3", sim_seq_len=24, **options))
+    out = save_checkpoint(tmp_path / "pruned", res.model.spec, res.model.state_dict(),
+                          provenance={"layer_map": res.layer_map, "changed_layers": res.changed_layers})
+    again, _ = engine.load(out, tokenizer=False)
+    assert again.spec == res.model.spec
+    prompt = setup[1][:1, :5]
+    assert greedy(again, prompt, 6) == greedy(res.model, prompt, 6)
+
+
+def test_prune_pipeline_writes_report_and_provenance(setup, tmp_path, monkeypatch) -> None:
+    """engine.prune.prune end to end with the tiny model (load, data and evaluation stubbed)."""
+    import engine.data
+    import engine.evaluate
+    import engine.prune as P
+
+    m, calib, stats = setup
+    src = save_checkpoint(tmp_path / "dense", m.spec, m.state_dict())
+    monkeypatch.setattr(P, "load", lambda *a, **k: (engine.load(src, tokenizer=False)[0], None))
+    monkeypatch.setattr(engine.data, "calib_batches", lambda *a, **k: calib)
+    monkeypatch.setattr(engine.evaluate, "evaluate",
+                        lambda model, tok, **k: {"ppl": {"ppl": 10.0 + model.spec.n_layers},
+                                                 "mc": {"acc": 0.5, "acc_norm": 0.4}})
+    with pytest.raises(ValueError, match="refusing to write over"):
+        P.prune(src, "shortgpt", "2", src / "inner", overwrite=True, progress=False)
+    rep = P.prune(src, "shortgpt", "2", tmp_path / "out", progress=False)
+    assert rep["removed_layers"] == 2 and rep["pruned"]["ppl"] == 16.0 and rep["dense"]["layers"] == L
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    prov = cfg["provenance"]
+    assert prov["method"] == "shortgpt" and prov["layer_map"] == rep["layer_map"] and prov["teacher"] == str(src)
+    assert prov["calibration"]["samples"] == calib.shape[0]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["times"]["total"] > 0
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"kind": "depth", "n_layers": L, "drop": [7], "merge": [{"first": 1, "last": 2}]}))
+    rep2 = P.prune(src, None, None, tmp_path / "out2", plan=plan, eval=False, progress=False)
+    assert rep2["layer_map"] == [[0], [1, 2], [3], [4], [5], [6]] and rep2["changed_layers"] == [1]
+    plan.write_text(json.dumps({"kind": "depth", "n_layers": L, "drop": [8]}))
+    with pytest.raises(ValueError, match="out of range"):
+        P.prune(src, None, None, tmp_path / "out3", plan=plan, eval=False, progress=False)
+
+
+def test_cli_parses_method_options() -> None:
+    from engine.cli import build_parser
+
+    a = build_parser().parse_args(["prune", "m", "--method", "slm", "--target", "8", "--out", "o",
+                                   "--similarity", "final-cosine", "--replacement", "decoder"])
+    opts = {d: getattr(a, d) for d in a._method_dests if getattr(a, d) is not None}
+    assert opts["similarity"] == "final-cosine" and opts["replacement"] == "decoder"
+    assert "threshold" in a._method_dests and "epochs" in a._method_dests
+
+
+def test_streamline_needs_a_wide_enough_window(setup) -> None:
+    fake = SimpleNamespace(window=2, cos_window=torch.zeros(L, 2), bi=torch.zeros(L))
+    c = ctx(setup, "3")
+    c.stats = fake
+    with pytest.raises(ValueError, match="--window 3"):
+        get_method("streamline").fn(c)
+
+
+def test_prune_passes_heal_through(setup) -> None:
+    """--heal reaches engine.heal.heal_pruned with the plan's layer_map / changed_layers (tiny budget)."""
+    pytest.importorskip("engine.heal")
+    from engine.heal import HealConfig, HealData
+    from engine.prune import heal_result
+
+    m, calib, _ = setup
+    res = get_method("slm").fn(ctx(setup, "3", sim_seq_len=24))
+    before = {k: v.clone() for k, v in res.model.state_dict().items()}
+    data = HealData(train=torch.randint(0, 61, (4096,)), val=torch.randint(0, 61, (512,)))
+    info = heal_result(res, m, None, data="pydoc", device="cpu", progress=False,
+                       options={"data": data, "tokens": 512, "budget_minutes": None, "stages": ["global"],
+                                "config": HealConfig(seq_len=32, micro_batch=2, eval_every=2, val_tokens=256)})
+    assert info["tokens"] > 0 and info["trained_layers"] == res.changed_layers
+    assert any(not torch.equal(v, before[k]) for k, v in res.model.state_dict().items())

@@ -1,0 +1,86 @@
+"""`layerfold export --format hf`: a depth-pruned tiny model loads in plain transformers with the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.checkpoint import save_checkpoint
+from engine.cmd_export import export_hf
+from engine.model import build_model, init_weights
+from engine.plan import DepthPlan, Merge, Replace
+from engine.spec import ModelSpec, dense_layer
+from engine.surgery import apply_depth_plan
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: one thread (two OpenMP threads on a busy 2-core machine wait on each other ~20x longer)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(tie: bool, seed: int = 0, n_layers: int = 5):
+    spec = ModelSpec(vocab_size=89, d_model=48, layers=(dense_layer(48, 4, 2, 12, 72),) * n_layers,
+                     tie_embeddings=tie, norm_eps=1e-6, rope_theta=10000.0, max_position=128, arch="llama",
+                     bos_token_id=1, eos_token_ids=(2,))
+    m = build_model(spec)
+    init_weights(m, std=0.1, seed=seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_depth_pruned_llama_loads_in_transformers(tmp_path, tie: bool) -> None:
+    from transformers import AutoModelForCausalLM
+
+    m = tiny(tie)
+    pruned = apply_depth_plan(m, DepthPlan(n_layers=5, drop=(3,), merge=(Merge(0, 1),)))
+    ckpt = save_checkpoint(tmp_path / "pruned", pruned.spec, pruned.state_dict(),
+                           provenance={"method": "test", "layer_map": [[0, 1], [2], [4]]})
+    info = export_hf(ckpt, tmp_path / "hf")
+    assert info["layers"] == 3 and not info["tokenizer"]
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3 and cfg["model_type"] == "llama"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 89, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = pruned(ids)
+        got = hf(ids).logits
+    diff = (got - want).abs()
+    assert float(diff.max()) < 1e-4, f"max |HF - layerfold| = {float(diff.max()):.3g}"
+
+
+def test_streamline_mlp_block_cannot_export_and_says_what_to_do(tmp_path) -> None:
+    m = tiny(True)
+    pruned = apply_depth_plan(m, DepthPlan(n_layers=5, replace=(Replace(1, 3, "mlp"),)))
+    ckpt = save_checkpoint(tmp_path / "pruned", pruned.spec, pruned.state_dict())
+    with pytest.raises(ValueError) as e:
+        export_hf(ckpt, tmp_path / "hf")
+    msg = str(e.value)
+    assert "MLP replacement block" in msg and "--replacement decoder" in msg and "Fix:" in msg
+    assert not (tmp_path / "hf").exists()
+    dec = apply_depth_plan(m, DepthPlan(n_layers=5, replace=(Replace(1, 3, "decoder"),)))
+    ckpt2 = save_checkpoint(tmp_path / "dec", dec.spec, dec.state_dict())
+    assert export_hf(ckpt2, tmp_path / "hf2")["layers"] == 3
+
+
+def test_export_refuses_source_and_existing_out(tmp_path) -> None:
+    m = tiny(True)
+    ckpt = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict())
+    with pytest.raises(ValueError, match="refusing to write over"):
+        export_hf(ckpt, ckpt)
+    export_hf(ckpt, tmp_path / "hf")
+    with pytest.raises(ValueError, match="already exists"):
+        export_hf(ckpt, tmp_path / "hf")
+    from engine.cli import main
+
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "hf"), "--overwrite", "--json"]) == 0
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "hf")]) == 2

@@ -1,0 +1,172 @@
+"""Healing: layer-wise stage lowers its loss (teacher streamed from a checkpoint), resume is exact, best is kept."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine import ModelSpec, build_model, save_checkpoint
+from engine.heal import (
+    STATE_DIR,
+    HealConfig,
+    HealData,
+    heal_pruned,
+    heal_targets,
+    load_curve,
+    relative_mse,
+    save_healed,
+    val_perplexity,
+)
+from engine.model import init_weights
+from engine.spec import dense_layer
+
+V = 53
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: on a shared 2-core machine thread hand-offs cost more than the work (100x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def teacher_model(n_layers: int = 6) -> torch.nn.Module:
+    spec = ModelSpec(vocab_size=V, d_model=24, layers=tuple(dense_layer(24, 4, 2, 6, 40) for _ in range(n_layers)),
+                     tie_embeddings=True)
+    m = build_model(spec)
+    init_weights(m, std=0.15, seed=0)
+    return m.eval()
+
+
+def drop_layer(t: torch.nn.Module, drop: int) -> torch.nn.Module:
+    """The teacher without layer ``drop`` (a copy): layer_map [[0], .., [drop-1], [drop+1], ..]."""
+    state = {}
+    for k, v in t.state_dict().items():
+        if k.startswith("layers."):
+            _, i, rest = k.split(".", 2)
+            i = int(i)
+            if i == drop:
+                continue
+            k = f"layers.{i - (i > drop)}.{rest}"
+        state[k] = v.clone()
+    return build_model(t.spec.with_layers(t.spec.layers[:-1]), state)
+
+
+def data(seed: int = 0) -> HealData:
+    """Token streams with structure (a noisy cycle) so that the teacher's predictions are not uniform."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.arange(6000) * 7 % V
+    noise = torch.randint(0, V, (6000,), generator=g)
+    keep = torch.rand(6000, generator=g) < 0.7
+    s = torch.where(keep, base, noise)
+    return HealData(train=s[:5000], val=s[5000:])
+
+
+CFG = dict(seq_len=32, micro_batch=4, eval_every=4, val_tokens=256, warmup_steps=2)
+MAP = [[0], [1], [3], [4], [5]]  # layer 2 removed: student layer 2 (teacher 3) follows the gap
+
+
+def test_heal_targets():
+    assert heal_targets(MAP, [], 6) == [2]
+    assert heal_targets([[0], [1, 2, 3], [4], [5]], [1], 6) == [1]
+    assert heal_targets([[0], [1], [2]], [], 5) == [2]  # trailing layers removed: the last layer
+    assert heal_targets([[1], [2]], [], 3) == [0]
+
+
+def test_relative_mse_is_scale_free_per_token():
+    y = torch.tensor([[[1.0, 0.0], [1000.0, 0.0]]])
+    t = torch.tensor([[[1.1, 0.0], [1100.0, 0.0]]])
+    assert relative_mse(y, t).item() == pytest.approx((0.1 / 1.1) ** 2, rel=1e-5)
+
+
+def test_layer_stage_reduces_loss_with_teacher_streamed_from_checkpoint(tmp_path):
+    t = teacher_model()
+    src = save_checkpoint(tmp_path / "teacher", t.spec, t.state_dict())
+    s = drop_layer(t, 2)
+    untouched = {k: v.clone() for k, v in s.state_dict().items() if not k.startswith("layers.2.")}
+    rep = heal_pruned(s, str(src), MAP, [], data=data(), budget_minutes=None, tokens=6000, stages=("layer",),
+                      progress=False, config=HealConfig(**CFG, lr_layer=3e-3))
+    assert rep.status == "done" and rep.trained_layers == [2]
+    (lay,) = rep.layer_stage
+    assert lay["stands_for"] == [3, 3] and lay["target"] == "teacher h_4"
+    assert lay["probe_loss_after"] < 0.7 * lay["probe_loss_before"], lay
+    assert all(torch.equal(untouched[k], v) for k, v in s.state_dict().items() if k in untouched)
+    assert "one block at a time" in rep.memory["layer"]["teacher_held"]
+    assert rep.best_val_ppl <= rep.start_val_ppl
+
+
+def _run(out_dir, stop_after=None, **kw):
+    t = teacher_model()
+    s = drop_layer(t, 2)
+    cfg = HealConfig(**CFG, lr_layer=2e-3, lr_global=2e-3, stop_after_steps=stop_after)
+    rep = heal_pruned(s, t, MAP, [], data=data(), budget_minutes=None, tokens=5120, out_dir=out_dir,
+                      progress=False, config=cfg, **kw)
+    return s, rep
+
+
+def test_resume_continues_to_the_identical_result(tmp_path):
+    ref, rep_ref = _run(None)
+    assert rep_ref.status == "done"
+    _, paused = _run(tmp_path, stop_after=3)  # inside the layer stage
+    assert paused.status == "paused" and (tmp_path / STATE_DIR / "latest.json").is_file()
+    _, paused2 = _run(tmp_path, stop_after=9)  # resumed, then paused again inside the global stage
+    assert paused2.status == "paused" and paused2.resumed and paused2.steps == 12
+    got, rep = _run(tmp_path)
+    assert rep.status == "done" and rep.resumed
+    assert rep.curve == rep_ref.curve and rep.tokens == rep_ref.tokens
+    for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_resume_refuses_another_run(tmp_path):
+    _run(tmp_path, stop_after=2)
+    t = teacher_model()
+    with pytest.raises(ValueError, match="different run"):
+        heal_pruned(drop_layer(t, 2), t, MAP, [], data=data(), budget_minutes=None, tokens=5120, out_dir=tmp_path,
+                    progress=False, config=HealConfig(**{**CFG, "seq_len": 16}))
+
+
+def test_best_state_is_kept(tmp_path):
+    t = teacher_model()
+    s = drop_layer(t, 2)
+    cfg = HealConfig(**{**CFG, "eval_every": 2}, lr_global=0.3, grad_clip=100.0)  # diverges after a few steps
+    rep = heal_pruned(s, t, MAP, [], data=data(), budget_minutes=None, tokens=4096, stages=("global",),
+                      progress=False, config=cfg)
+    ppls = [p for _, p in rep.curve]
+    assert ppls[-1] > min(ppls), "the test needs a run that gets worse"
+    assert rep.best_val_ppl == min(ppls)
+    val = data().val[: 256].view(-1, 32)
+    assert val_perplexity(s, val, 4) == pytest.approx(rep.best_val_ppl, rel=1e-6)
+    out = save_healed(tmp_path / "healed", s, rep, provenance={"layer_map": MAP})
+    assert load_curve(out) == [(int(a), float(b)) for a, b in rep.curve]
+    assert math.isfinite(rep.memory["global"]["peak_rss_mib"]) and rep.memory["global"]["params_trained"] > 0
+
+
+def test_cli_heal_writes_a_checkpoint_and_guards_its_directory(tmp_path, capsys):
+    from engine.cli import main
+    from engine.loading import load, load_tokenizer, resolve
+
+    tok = load_tokenizer(resolve("smollm2-135m", quiet=True))
+    spec = ModelSpec(vocab_size=len(tok), d_model=16, layers=tuple(dense_layer(16, 2, 1, 8, 24) for _ in range(3)),
+                     tie_embeddings=True)
+    t = build_model(spec)
+    init_weights(t, std=0.1, seed=0)
+    teacher = save_checkpoint(tmp_path / "teacher", spec, t.state_dict(), tokenizer=tok)
+    s = drop_layer(t, 1)
+    pruned = save_checkpoint(tmp_path / "pruned", s.spec, s.state_dict(), tokenizer=tok,
+                             provenance={"layer_map": [[0], [2]], "changed_layers": [], "teacher": str(teacher)})
+    out = tmp_path / "healed"
+    args = ["heal", str(pruned), "--out", str(out), "--tokens", "1024", "--seq-len", "64", "--micro-batch", "2",
+            "--val-tokens", "256", "--eval-every", "2"]
+    assert main(args) == 0
+    healed, _ = load(out, quiet=True)
+    assert healed.provenance["healed"]["tokens"] == 1024 and healed.provenance["layer_map"] == [[0], [2]]
+    assert len(load_curve(out)) >= 3 and (out / STATE_DIR / "latest.json").is_file()
+    capsys.readouterr()
+    assert main(args) == 2  # a finished run's directory: needs --resume (or another --out)
+    assert "--resume" in capsys.readouterr().err

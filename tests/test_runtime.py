@@ -1,0 +1,192 @@
+"""Runtime (fused weights, static KV cache, per-row lengths) against the Model forward, in fp32."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LayerSpec, ModelSpec, build_model
+from engine.model import Model
+from engine.runtime import Runtime, decode_weight_bytes
+
+TOL = 2e-4  # fp32 logits of a tiny random model: fused GEMMs and SDPA vs the eager forward
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny matrices: a second OpenMP thread only adds synchronisation (and stalls on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def hetero_spec(**kw: object) -> ModelSpec:
+    """Different heads / KV heads / head dims / FFN widths per layer, a replacement MLP block, a
+    SliceGPT-style width change with shortcut matrices, and an attention-only layer."""
+    L = LayerSpec
+    layers = (
+        L(d_in=64, d_mid=64, d_out=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ffn=96),
+        L(d_in=64, d_mid=48, d_out=48, n_heads=3, n_kv_heads=1, head_dim=16, d_ffn=80, attn_shortcut=True),
+        L(d_in=48, d_mid=48, d_out=48, d_ffn=70, has_attn=False, kind="mlp"),
+        L(d_in=48, d_mid=48, d_out=48, n_heads=6, n_kv_heads=3, head_dim=10, has_mlp=False),
+        L(d_in=48, d_mid=48, d_out=40, n_heads=2, n_kv_heads=2, head_dim=8, d_ffn=50, mlp_shortcut=True),
+    )
+    base = dict(vocab_size=300, d_model=64, layers=layers, max_position=256)
+    base.update(kw)
+    return ModelSpec(**base).validate()  # type: ignore[arg-type]
+
+
+def tiny(spec: ModelSpec, seed: int = 0) -> Model:
+    torch.manual_seed(seed)
+    m = build_model(spec).eval()
+    with torch.no_grad():  # non-trivial norm weights and biases
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def greedy_with_runtime(rt: Runtime, prompts: list[list[int]], steps: int,
+                        rows: list[int] | None = None) -> tuple[list[list[int]], torch.Tensor]:
+    logits = rt.prefill(prompts, rows)
+    seqs = [list(p) for p in prompts]
+    for _ in range(steps):
+        nxt = logits.argmax(-1).tolist()
+        for s, t in zip(seqs, nxt, strict=True):
+            s.append(t)
+        if rows is None:
+            logits = rt.decode(nxt)
+        else:  # feed every row 0..max(rows); the others are inactive
+            toks = [0] * (max(rows) + 1)
+            for r, t in zip(rows, nxt, strict=True):
+                toks[r] = t
+            full = rt.decode(toks, active=[r in rows for r in range(len(toks))])
+            logits = full[rows]
+    return seqs, logits
+
+
+def check_against_forward(m: Model, prompts: list[list[int]], seqs: list[list[int]], last: torch.Tensor) -> None:
+    with torch.no_grad():
+        for i, s in enumerate(seqs):
+            full = m(torch.tensor([s]))[0]  # (T, V)
+            want = full[len(prompts[i]) - 1:-1].argmax(-1).tolist()
+            assert s[len(prompts[i]):] == want, f"prompt {i}: runtime {s[len(prompts[i]):]} vs forward {want}"
+            err = (full[-1] - last[i]).abs().max().item()
+            assert err < TOL, f"prompt {i}: last-step logits differ by {err:.3g}"
+
+
+SPECS = {
+    "hetero": hetero_spec(),
+    "qk_norm+bias": hetero_spec(qk_norm=True, qkv_bias=True, arch="qwen3"),
+    "sliding+llama3rope": hetero_spec(sliding_window=5, rope_type="llama3", rope_factor=8.0,
+                                      rope_original_max_pos=64, arch="mistral"),
+}
+
+
+@pytest.mark.parametrize("name,kernels", [(n, "torch") for n in SPECS] + [
+    ("qk_norm+bias", "triton"), ("sliding+llama3rope", "triton")])  # Triton: every kernel, interpreted
+def test_runtime_matches_forward(name: str, kernels: str) -> None:
+    m = tiny(SPECS[name])
+    rt = Runtime(m, max_batch=3, max_len=48, kernels=kernels)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    seqs, last = greedy_with_runtime(rt, prompts, steps=6 if kernels == "torch" else 3)  # interpreter: slow
+    check_against_forward(m, prompts, seqs, last)
+    assert rt.lengths == [len(s) for s in seqs]
+
+
+def test_rows_are_independent() -> None:
+    """Batched (different lengths, scattered rows, idle rows in between) equals one row at a time."""
+    m = tiny(hetero_spec(), seed=1)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
+    rt = Runtime(m, max_batch=6, max_len=32)
+    batched, last_b = greedy_with_runtime(rt, prompts, steps=5, rows=[4, 0, 2])
+    for i, p in enumerate(prompts):
+        single, last_s = greedy_with_runtime(Runtime(m, max_batch=1, max_len=32), [p], steps=5)
+        assert single[0] == batched[i]
+        assert (last_s[0] - last_b[i]).abs().max().item() < TOL
+    check_against_forward(m, prompts, batched, last_b)
+
+
+def test_bf16_runtime_close_to_forward() -> None:
+    m = tiny(hetero_spec(), seed=2).to(torch.bfloat16)
+    rt = Runtime(m, max_batch=1, max_len=32)
+    logits = rt.prefill([[3, 4, 5, 6]])
+    logits = rt.decode([7])
+    with torch.no_grad():
+        want = m(torch.tensor([[3, 4, 5, 6, 7]]))[0, -1].float()
+    assert (logits[0] - want).abs().max().item() < 0.05 * want.abs().max().item()
+
+
+def test_limits_raise_with_fix() -> None:
+    m = tiny(hetero_spec())
+    rt = Runtime(m, max_batch=2, max_len=8)
+    with pytest.raises(ValueError, match="Fix:"):
+        rt.prefill([list(range(1, 9))])  # 8 tokens leave no slot to generate into
+    with pytest.raises(ValueError, match="Fix:"):
+        rt.prefill([[1], [2]], rows=[0, 0])
+    rt.prefill([list(range(1, 8))])
+    rt.decode([1])
+    with pytest.raises(ValueError, match="full"):
+        rt.decode([1])
+    with pytest.raises(ValueError, match="Fix:"):
+        rt.decode([1, 2, 3])
+    with pytest.raises(ValueError, match="Fix:"):
+        Runtime(m, kernels="cuda-magic")
+
+
+def test_weight_bytes_is_what_a_step_reads() -> None:
+    tied = hetero_spec(tie_embeddings=False)
+    m = tiny(tied)
+    n = m.num_params() - tied.vocab_size * tied.d_model  # the embedding table is read a row at a time
+    assert decode_weight_bytes(tied, torch.float32) == 4 * n
+    dense = ModelSpec(vocab_size=100, d_model=32, tie_embeddings=True,
+                      layers=tuple(LayerSpec(32, 32, 32, 4, 2, 8, 64) for _ in range(3)))
+    assert decode_weight_bytes(dense, torch.bfloat16) == 2 * tiny(dense).num_params()
+    assert Runtime(tiny(dense), max_batch=2, max_len=16).cache_bytes() == 3 * 2 * 2 * 2 * 16 * 8 * 4
+
+
+def test_bench_models_api_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The benchmark end to end on tiny checkpoints: the API the demo calls, and the CLI's JSON and PNG."""
+    from engine import save_checkpoint
+    from engine.benchmark import bench_models
+    from engine.cli import main
+
+    dense = ModelSpec(vocab_size=200, d_model=32, tie_embeddings=True, max_position=64, bos_token_id=1,
+                      layers=tuple(LayerSpec(32, 32, 32, 4, 2, 8, 64) for _ in range(4)))
+    m = tiny(dense)
+    srcs = []
+    for name, keep in (("dense", 4), ("pruned", 3)):
+        spec = dense.with_layers(dense.layers[:keep])
+        state = {k: v for k, v in m.state_dict().items() if not k.startswith("layers.") or int(k.split(".")[1]) < keep}
+        save_checkpoint(tmp_path / name, spec, state)
+        srcs.append(str(tmp_path / name))
+    res = bench_models(srcs, baseline="hf", batch_sizes=(1, 2), new_tokens=3, prompt_len=4, repeats=1,
+                       dtype=torch.float32)
+    rows = {(r["model"], r["engine"], r["batch"]): r for r in res["rows"]}
+    assert len(rows) == 8 and res["bandwidth"]["bandwidth_gbs"] > 0
+    for r in rows.values():
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["ttft_ms"] > 0 and r["pct_of_bound"] > 0
+    assert rows[(srcs[1], "layerfold", 1)]["predicted_speedup"] == pytest.approx(m.num_params() / tiny(
+        dense.with_layers(dense.layers[:3])).num_params())
+    assert "vs_hf" in rows[(srcs[0], "layerfold", 2)]
+    png = tmp_path / "bench.png"
+    assert main(["bench", srcs[1], "--batch-sizes", "1", "--new-tokens", "2", "--prompt-len", "3", "--repeats", "1",
+                 "--dtype", "fp32", "--json", "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"][0]["engine"] == "layerfold" and png.stat().st_size > 1000
+    assert main(["bench", srcs[1], "--batch-sizes", "0"]) == 2
+
+
+@pytest.mark.gpu
+def test_cuda_graph_triton_path_matches_forward() -> None:
+    m = tiny(SPECS["qk_norm+bias"]).cuda()
+    rt = Runtime(m, max_batch=3, max_len=48)
+    assert rt.backend == "triton" and rt._graphs is not None
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    seqs, last = greedy_with_runtime(rt, prompts, steps=6)
+    check_against_forward(m, prompts, seqs, last.cuda())
