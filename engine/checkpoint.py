@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +169,7 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
         raise CheckpointError(f"{out}: already exists. Fix: choose a new --out or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1e3)}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         cfg = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": _dtype_name(tensors),
@@ -183,6 +181,21 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
             tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+    return out
+
+
+@contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success it is renamed into place as ``out``
+    (replacing an existing ``out`` only after the new one is complete); on any error it is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1e3)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -193,7 +206,6 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import atomic_dir
 from .cli_util import add_common, emit
 
 FORMATS = ("hf",)
@@ -47,11 +45,8 @@ def export_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, ove
         first = next(iter(tensors.values()))
         hf_cfg["torch_dtype"] = str(first.dtype).removeprefix("torch.")
     prov = cfg.get("provenance", {}) if isinstance(cfg, dict) else {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1e3)}"
-    tmp.mkdir()
     tokenizer = False
-    try:
+    with atomic_dir(out) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
@@ -62,16 +57,6 @@ def export_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, ove
             load_tokenizer(src_path).save_pretrained(str(tmp))
             tokenizer = True
         (tmp / "layerfold_provenance.json").write_text(json.dumps(prov, indent=2, default=str))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "format": "hf", "architecture": hf_cfg["architectures"][0],
             "layers": spec.n_layers, "params": sum(int(v.numel()) for v in tensors.values()),
             "dtype": hf_cfg["torch_dtype"], "tokenizer": tokenizer}

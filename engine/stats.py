@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from .checkpoint import atomic_dir
 
 STATS_FORMAT = "layerfold-stats"
 STATS_VERSION = 1
@@ -203,26 +202,11 @@ class Stats:
                 raise ValueError(f"{out}: exists and is not a statistics directory. Fix: choose another --out path")
             if any(out.iterdir()) and not overwrite:
                 raise ValueError(f"{out}: already exists. Fix: choose another --out or pass --overwrite")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1e3)}"
-        tmp.mkdir()
-        try:
+        with atomic_dir(out) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, str(tmp / TENSORS))
             cfg = {"format": STATS_FORMAT, "version": STATS_VERSION, "n_layers": self.n_layers,
                    "window": self.window, "counts": self.counts, "meta": self.meta, "derived": self.summary()}
             (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
-            if out.exists() and not any(out.iterdir()):
-                out.rmdir()
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     @classmethod
