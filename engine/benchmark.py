@@ -206,13 +206,14 @@ def _random_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> 
 def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None = None,
                  batch_sizes: Sequence[int] = (1,), new_tokens: int = 128, prompt_len: int = 128,
                  repeats: int = 3, dtype: torch.dtype | None = torch.bfloat16, device: str | torch.device = "cpu",
-                 random_llama7b: bool = False, compile: bool = False, progress: bool = False,
+                 random_llama7b: bool = False, compile: bool | None = None, progress: bool = False,
                  seed: int = 0) -> dict[str, Any]:
     """Benchmark ``models`` (sources or built Models) and optionally the HF baseline; returns a dict
     with ``rows`` (one per model x engine x batch: prefill_tok_s, ttft_ms, decode_tok_s, their ranges,
     peak_mem_bytes, bound_tok_s, pct_of_bound, speedup vs the first model, vs_hf), ``bandwidth``,
     ``setup_s`` (load, runtime build and compile seconds, apart from the timings) and ``notes``. The
-    first model is the reference for ``speedup``; ``compile`` torch.compiles the runtime's decode step."""
+    first model is the reference for ``speedup``. compile: torch.compile the runtime's decode step
+    (None: on CPU, where it pays, off on CUDA, where the decode step is a CUDA graph)."""
     from .loading import load
 
     device = torch.device(device)
@@ -224,6 +225,8 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
     if random_llama7b and device.type != "cuda":
         raise ValueError("the random Llama-7B model needs a GPU (14 GB of bf16 weights). Fix: pass --device cuda "
                          "on a machine with one")
+    if compile is None:
+        compile = device.type == "cpu"
     notes: list[str] = []
     setup: dict[str, float] = {}
     built: list[tuple[str, Model]] = []
@@ -306,9 +309,9 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
     except OSError:
         load_avg = float("nan")
     return {"device": str(device), "dtype": str(built[0][1].dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "load_avg_1min": load_avg, "new_tokens": new_tokens,
-            "prompt_len": prompt_len, "repeats": repeats, "bandwidth": bw, "setup_s": setup, "notes": notes,
-            "rows": rows}
+            "threads": torch.get_num_threads(), "compiled": compile, "load_avg_1min": load_avg,
+            "new_tokens": new_tokens, "prompt_len": prompt_len, "repeats": repeats, "bandwidth": bw,
+            "setup_s": setup, "notes": notes, "rows": rows}
 
 
 def _row(u: dict[str, Any], new_tokens: int, prompt_len: int, bw_gbs: float) -> dict[str, Any]:
@@ -342,7 +345,8 @@ def format_table(res: dict[str, Any]) -> str:
                      f"{r['vs_hf']:.2f}x" if "vs_hf" in r else "-",
                      f"{r['speedup']:.2f}x (pred {r['predicted_speedup']:.2f}x)" if "speedup" in r else "-"])
     bw = res["bandwidth"]
-    head = (f"{res['device']} {res['dtype']}, {res['threads']} threads, load {res['load_avg_1min']:.1f}; prompt "
+    head = (f"{res['device']} {res['dtype']}, {res['threads']} threads, load {res['load_avg_1min']:.1f}, runtime "
+            f"{'compiled' if res.get('compiled') else 'eager'}; prompt "
             f"{res['prompt_len']} + {res['new_tokens']} new tokens, median [range] of {res['repeats']} interleaved "
             f"repeats; bandwidth {bw['bandwidth_gbs']:.1f} GB/s (GEMV {bw['gemv_gbs']:.1f}, read {bw['read_gbs']:.1f})")
     lines = [head, table(rows, ["model", "engine", "batch", "params M", "prefill tok/s", "TTFT ms",

@@ -27,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's default, one per core)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the runtime's decode step (compile time is reported apart)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the runtime's decode step (default: on for CPU, where it pays; the compile "
+                   "time, about a minute or two per model, is reported apart). --no-compile measures eager")
     p.add_argument("--random-llama7b", action="store_true",
                    help="also bench a random-weight model with Llama-2-7B's shapes (GPU only)")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")

@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                            ("seed", int, "data order seed")):
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
                        help=f"{hlp} (default {getattr(d, name)})")
+    p.add_argument("--autocast", action="store_true", help="bf16 autocast in training (about 2x on CPUs with "
+                   "AVX512-BF16/AMX and on GPUs; validation stays in the model's dtype)")
     p.add_argument("--layer-input", choices=("student", "teacher"), default=d.layer_input,
                    help="layer stage input: the student's own hidden state (default) or the teacher's")
 
@@ -76,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = HealConfig(seq_len=args.seq_len, micro_batch=args.micro_batch, accum=args.accum, lr_global=args.lr_global,
                      lr_layer=args.lr_layer, layer_frac=args.layer_frac, hidden_weight=args.hidden_weight,
                      eval_every=args.eval_every, val_tokens=args.val_tokens, seed=args.seed, clock=args.clock,
-                     layer_input=args.layer_input)
+                     layer_input=args.layer_input, autocast=args.autocast)
     rep = heal_pruned(student, engine.resolve(teacher, quiet=True), prov["layer_map"],
                       prov.get("changed_layers", []), tok, data=args.data, budget_minutes=minutes, tokens=args.tokens,
                       stages=stages, train_all=args.train_all, out_dir=out, resume=args.resume,

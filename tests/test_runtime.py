@@ -166,7 +166,7 @@ def test_bench_models_api_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
         save_checkpoint(tmp_path / name, spec, state)
         srcs.append(str(tmp_path / name))
     res = bench_models(srcs, baseline="hf", batch_sizes=(1, 2), new_tokens=3, prompt_len=4, repeats=1,
-                       dtype=torch.float32)
+                       dtype=torch.float32, compile=False)  # compiling is covered by the slow test
     rows = {(r["model"], r["engine"], r["batch"]): r for r in res["rows"]}
     assert len(rows) == 8 and res["bandwidth"]["bandwidth_gbs"] > 0
     for r in rows.values():
@@ -176,7 +176,7 @@ def test_bench_models_api_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "vs_hf" in rows[(srcs[0], "layerfold", 2)]
     png = tmp_path / "bench.png"
     assert main(["bench", srcs[1], "--batch-sizes", "1", "--new-tokens", "2", "--prompt-len", "3", "--repeats", "1",
-                 "--dtype", "fp32", "--json", "--plot", str(png)]) == 0
+                 "--dtype", "fp32", "--no-compile", "--json", "--plot", str(png)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["rows"][0]["engine"] == "layerfold" and png.stat().st_size > 1000
     assert main(["bench", srcs[1], "--batch-sizes", "0"]) == 2
@@ -190,3 +190,15 @@ def test_cuda_graph_triton_path_matches_forward() -> None:
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
     seqs, last = greedy_with_runtime(rt, prompts, steps=6)
     check_against_forward(m, prompts, seqs, last.cuda())
+
+
+@pytest.mark.slow
+def test_compiled_runtime_matches_forward() -> None:
+    """torch.compile + inductor freezing (1-2 minutes of compiling): the caches must stay mutable inputs."""
+    m = tiny(SPECS["sliding+llama3rope"])
+    rt = Runtime(m, max_batch=3, max_len=48, compile=True)
+    assert rt.compile_s > 0
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    for batch in (prompts, prompts[:1]):  # the batch-of-one graph and the batched one
+        seqs, last = greedy_with_runtime(rt, batch, steps=8)
+        check_against_forward(m, batch, seqs, last)
