@@ -26,6 +26,11 @@ one layer's weights on the device at a time, calibration hidden states on the ho
 runs the rotated MLP (down not yet rotated) on the sliced mid point. Both signals are exactly what
 the final sliced model computes (the rotations of o and down are linear and applied afterwards).
 
+``basis``: "point" is SliceGPT (a PCA per point, two shortcut matrices per layer). "layer" keeps the
+input point's basis (and width) at the mid point, so the attention shortcut is the identity and is
+dropped: one shortcut per layer. "global" uses one basis everywhere (PCA of the dense model's Grams at
+all points, each scaled to unit trace): with equal widths no shortcut is left inside the stack.
+
 ``keep_ends`` leaves points 0 and 2L in the dense basis at full width: the embeddings, final norm and
 head stay as they are, so a tied head stays tied (on SmolLM2-135M the tied 49152 x 576 embedding is 21%
 of the model: untying it to rotate the head would cost more parameters than 25% slicing saves).
@@ -45,6 +50,7 @@ from .model import MLP, Attention, Model, RMSNorm, attention_mask, build_model, 
 from .spec import ModelSpec
 
 PCA_TOKENS = ("all", "skip-first", "token-norm")
+BASES = ("point", "layer", "global")  # a PCA basis per residual point (SliceGPT), per layer, or one for all
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class SlicePlan:
     keep_ends: bool = True  # embeddings / head / final norm untouched (tied head stays tied)
     norm_scale: bool = True  # fold sqrt(d/w) into the linears reading a sliced RMSNorm
     damp: float = 0.01  # Gram damping, relative to its mean diagonal
+    basis: str = "point"  # see BASES and the module docstring
     layer_fractions: tuple[float, ...] = ()  # the per-layer sliced fractions asked for (before rounding)
     round_to: int = 1
 
@@ -81,7 +88,7 @@ def round_width(kept: float, multiple: int, d: int) -> int:
 
 
 def plan_widths(spec: ModelSpec, fractions: list[float], *, multiple: int = 8, keep_ends: bool = True,
-                exact_mean: bool = False) -> tuple[int, ...]:
+                exact_mean: bool = False, basis: str = "point") -> tuple[int, ...]:
     """Per-point widths from per-layer sliced fractions: layer i's fraction sets its mid and output
     points (and point 0 follows layer 0). ``exact_mean`` rounds by largest remainder so the total
     kept width is the nearest multiple of the requested total (dynamic slicing: mean fraction = target
@@ -105,11 +112,11 @@ def plan_widths(spec: ModelSpec, fractions: list[float], *, multiple: int = 8, k
     else:
         layer_w = [round_width(k, multiple, dims[2 * i + 2]) for i, k in enumerate(kept)]
     widths = [layer_w[0]] + [w for w in layer_w for _ in range(2)]
-    for i, l in enumerate(spec.layers):
-        if not l.has_attn and not l.attn_shortcut:  # an MLP-only block's mid point is its input point
-            widths[2 * i + 1] = widths[2 * i]
     if keep_ends:
         widths[0], widths[-1] = dims[0], dims[-1]
+    for i, l in enumerate(spec.layers):  # the mid point keeps the input's basis: give it the input's width
+        if (basis != "point" or not l.has_attn) and not l.attn_shortcut:
+            widths[2 * i + 1] = widths[2 * i]
     return tuple(widths)
 
 
@@ -207,6 +214,9 @@ def slice_model(model: Model, calib: Tensor, plan: SlicePlan, *, device: str | t
                          f"{dims[:3]}... Fix: build the plan with plan_widths() for this model")
     if plan.pca_tokens not in PCA_TOKENS:
         raise ValueError(f"pca_tokens={plan.pca_tokens!r}. Fix: use one of {PCA_TOKENS}")
+    if plan.basis not in BASES or (plan.basis == "global" and len(set(dims)) > 1):
+        raise ValueError(f"basis={plan.basis!r} (residual widths {sorted(set(dims))}). Fix: use one of {BASES}; "
+                         "'global' needs one residual width throughout")
     if plan.keep_ends and (w[0] != dims[0] or w[-1] != dims[-1]):
         raise ValueError("keep_ends needs full width at the embeddings and the final point. Fix: set "
                          "widths[0] and widths[-1] to the model's widths or keep_ends=False")
@@ -218,24 +228,25 @@ def slice_model(model: Model, calib: Tensor, plan: SlicePlan, *, device: str | t
     run = _Runner(spec, dev)
     batches = list(calib.split(batch_size))
     out: dict[str, Tensor] = {}
-    energy: list[float] = []
+    energy: list[float | None] = []
 
     def basis(acc, p: int, fixed: Tensor | None = None) -> Tensor:
-        """Q at point p: ``fixed`` (dense basis, or a basis reused as is) or the PCA of ``acc``."""
+        """Q at point p: ``fixed`` (the dense basis, a reused or the global basis) or the PCA of ``acc``."""
         if fixed is not None:
-            energy.append(1.0)  # nothing dropped here beyond what the previous point dropped
+            energy.append(1.0 if w[p] == dims[p] else None)  # None: not measured for a reused basis
             return fixed
         vals, vecs = pca(acc[0], plan.damp)
         energy.append(_energy(vals, w[p]))
         return vecs
 
+    Qg = _global_basis(model, batches, plan, dev) if plan.basis == "global" else None
     # point 0: the embeddings
     emb = sd["embed.weight"]
     acc = None
-    if not plan.keep_ends:
+    if not plan.keep_ends and Qg is None:
         for ids in batches:
             acc = _gram_acc(emb[ids].to(dev), plan.pca_tokens, acc)
-    Q = basis(acc, 0, torch.eye(dims[0], dtype=torch.float64, device=dev) if plan.keep_ends else None)
+    Q = basis(acc, 0, torch.eye(dims[0], dtype=torch.float64, device=dev) if plan.keep_ends else Qg)
     Qs = Q[:, :w[0]]
     out["embed.weight"] = emb if plan.keep_ends else emb.to(dev).double() @ Qs
     X = [(emb[ids].to(dev).double() @ Qs).float().cpu() for ids in batches]
@@ -244,7 +255,7 @@ def slice_model(model: Model, calib: Tensor, plan: SlicePlan, *, device: str | t
     it = bar(range(L), desc="slice", total=L, enabled=progress)
     for i in it:
         lw = {k: v.to(dev).double() for k, v in _sub(sd, f"layers.{i}.").items()}
-        X, Q, new, ls_new = _slice_layer(i, spec, lw, X, Q, plan, run, basis, last=i == L - 1)
+        X, Q, new, ls_new = _slice_layer(i, spec, lw, X, Q, plan, run, basis, Qg, last=i == L - 1)
         out.update({f"layers.{i}.{k}": v for k, v in new.items()})
         layers.append(ls_new)
 
@@ -261,7 +272,8 @@ def slice_model(model: Model, calib: Tensor, plan: SlicePlan, *, device: str | t
     new_spec = spec.with_layers(layers, d_model=w[0], tie_embeddings=spec.tie_embeddings and plan.keep_ends)
     state = {k: v.to(device=model.device, dtype=model.dtype).contiguous() for k, v in out.items()}
     sliced = build_model(new_spec, state, device=model.device, dtype=model.dtype).eval()
-    info = {"energy_kept": [round(e, 6) for e in energy], "slice_seconds": round(time.perf_counter() - t0, 2),
+    info = {"energy_kept": [None if e is None else round(e, 6) for e in energy], "basis": plan.basis,
+            "slice_seconds": round(time.perf_counter() - t0, 2),
             "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
                             "tokens": int(calib.numel())},
             "dropped_identity_shortcuts": sum((not l.attn_shortcut) + (not l.mlp_shortcut) for l in layers),
@@ -270,7 +282,8 @@ def slice_model(model: Model, calib: Tensor, plan: SlicePlan, *, device: str | t
 
 
 def _slice_layer(i: int, spec: ModelSpec, lw: dict[str, Tensor], X: list[Tensor], Q_in: Tensor, plan: SlicePlan,
-                 run: _Runner, basis: Any, last: bool) -> tuple[list[Tensor], Tensor, dict[str, Tensor], Any]:
+                 run: _Runner, basis: Any, Qg: Tensor | None,
+                 last: bool) -> tuple[list[Tensor], Tensor, dict[str, Tensor], Any]:
     """Rotate and slice layer i given its rotated, sliced inputs X (host batches) and the input basis."""
     ls, dims, w = spec.layers[i], point_dims(spec), plan.widths
     a, b, c = 2 * i, 2 * i + 1, 2 * i + 2
@@ -295,9 +308,10 @@ def _slice_layer(i: int, spec: ModelSpec, lw: dict[str, Tensor], X: list[Tensor]
         norm_a = RMSNorm(w[a], spec.norm_eps).to(dev)
     R1f = R1.float()
 
-    # pass 1: the mid point in the dense basis. Without attention it equals the input point: keep the input's
-    # basis there, so that (at equal widths) the attention shortcut is the identity and is dropped
-    reuse = attn is None and not ls.attn_shortcut and w[b] == w[a]
+    # pass 1: the mid point in the dense basis. Without attention it equals the input point, and bases
+    # "layer"/"global" ask for it: keep the input's basis there, so that (at equal widths) the attention
+    # shortcut is the identity and is dropped
+    reuse = (attn is None or plan.basis != "point") and not ls.attn_shortcut and w[b] == w[a]
     mids, acc = [], None
     for x in X:
         xd = x.to(dev)
@@ -335,10 +349,10 @@ def _slice_layer(i: int, spec: ModelSpec, lw: dict[str, Tensor], X: list[Tensor]
         o = md @ R2f.T
         if mlp is not None:
             o = o + mlp(norm_b(md))
-        if not keep_dense:
+        if not keep_dense and Qg is None:
             acc = _gram_acc(o, plan.pca_tokens, acc)
         outs.append(o.cpu())
-    Q_out = basis(acc, c, torch.eye(dims[c], dtype=torch.float64, device=dev) if keep_dense else None)
+    Q_out = basis(acc, c, torch.eye(dims[c], dtype=torch.float64, device=dev) if keep_dense else Qg)
     Qc = Q_out[:, :w[c]]
     new["mlp_shortcut.weight"] = Qc.T @ R2
     if mlp is not None:
@@ -356,11 +370,30 @@ def _slice_layer(i: int, spec: ModelSpec, lw: dict[str, Tensor], X: list[Tensor]
     return X_next, Q_out, new, ls_new
 
 
+def _global_basis(model: Model, batches: list[Tensor], plan: SlicePlan, dev: torch.device) -> Tensor:
+    """One basis for every point: PCA of the sum of the dense model's Grams at all points, each scaled to
+    unit trace so that no layer (nor the massive late-layer activations) dominates."""
+    L = model.spec.n_layers
+    accs: list[Any] = [None] * (2 * L + 1)
+    for ids in batches:
+        h, ropes, mask = model.prepare(ids.to(model.device))
+        pts = [h]
+        for i in range(L):
+            taps: dict[str, Tensor] = {}
+            h = model.run_layer(i, h, ropes, mask, taps=taps)
+            pts += [taps["mlp_in"], h]
+        for p, x in enumerate(pts):
+            if not plan.keep_ends or 0 < p < 2 * L:
+                accs[p] = _gram_acc(x.to(dev), plan.pca_tokens, accs[p])
+    g = sum(a[0].double() / a[0].diagonal().sum() for a in accs if a is not None)
+    return pca(g, plan.damp)[1]
+
+
 def _is_identity(S: Tensor, tol: float = 1e-6) -> bool:
     """A square shortcut equal to the identity is dropped: the residual then passes through as is."""
     return S.shape[0] == S.shape[1] and bool((S - torch.eye(S.shape[0], dtype=S.dtype, device=S.device))
                                              .abs().max() <= tol)
 
 
-__all__ = ["PCA_TOKENS", "SlicePlan", "count_params", "pca", "plan_widths", "point_dims", "round_width",
+__all__ = ["BASES", "PCA_TOKENS", "SlicePlan", "count_params", "pca", "plan_widths", "point_dims", "round_width",
            "slice_model", "sliced_spec"]

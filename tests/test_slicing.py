@@ -62,6 +62,25 @@ def test_rotation_without_slicing_is_exact(arch: str, keep_ends: bool) -> None:
     assert info["params"]["total"] == s.num_params()
 
 
+@pytest.mark.parametrize("basis", ["layer", "global"])
+@pytest.mark.parametrize("keep_ends", [False, True])
+def test_shared_bases_rotate_exactly_and_drop_shortcuts(basis: str, keep_ends: bool) -> None:
+    m, x = tiny(n_layers=4), ids()
+    s, _ = slice_model(m, x, SlicePlan(widths=tuple(point_dims(m.spec)), keep_ends=keep_ends, basis=basis))
+    with torch.no_grad():
+        assert rel(s(x), m(x)) <= 1e-4
+    assert not any(l.attn_shortcut for l in s.spec.layers)
+    mlp_sc = [l.mlp_shortcut for l in s.spec.layers]
+    if basis == "layer":
+        assert all(mlp_sc)
+    else:  # only the entry into / exit from the dense basis at kept ends needs a matrix
+        assert mlp_sc == ([True, False, False, True] if keep_ends else [False] * 4)
+    sl, _ = slice_model(m, x, make_plan(m.spec, 0.25, basis=basis, keep_ends=keep_ends))
+    assert not any(l.attn_shortcut for l in sl.spec.layers)
+    with torch.no_grad():
+        assert torch.isfinite(sl(x)).all()
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_slicing_to_full_width_is_exact(dynamic: bool) -> None:
     m = tiny()

@@ -92,10 +92,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for target in args.targets:
         variants: list[tuple[str, float | None]] = [("constant", None)] + [("dynamic", sb) for sb in args.bases
                                                                            if sb <= target]
-        for kind, sb in variants:
-            plan = make_plan(dense.spec, target, lr=lr if kind == "dynamic" else None, base=sb,
-                             round_to=args.round_to, keep_ends=not args.slice_ends, pca_tokens=args.pca_tokens)
-            rows.append(one(args, dense, tok, calib, plan, kind, target, sb, dense_dec, prompt, dense_params))
+        for basis in args.basis:
+            for kind, sb in variants:
+                plan = make_plan(dense.spec, target, lr=lr if kind == "dynamic" else None, base=sb,
+                                 round_to=args.round_to, keep_ends=not args.slice_ends, pca_tokens=args.pca_tokens,
+                                 basis=basis)
+                rows.append(one(args, dense, tok, calib, plan, kind, target, sb, dense_dec, prompt, dense_params))
     return rows
 
 
@@ -104,7 +106,8 @@ def one(args: argparse.Namespace, dense: Model, tok: Any, calib: torch.Tensor, p
         dense_params: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     sliced, info = slice_model(dense, calib, plan, batch_size=8)
-    row: dict[str, Any] = {"model": kind, "target": target, "sb": sb, "slice_seconds": time.perf_counter() - t0,
+    row: dict[str, Any] = {"model": kind, "basis": plan.basis, "target": target, "sb": sb,
+                           "slice_seconds": time.perf_counter() - t0,
                            "params": info["params"]["total"], "params_kept": info["params"]["total"] / dense_params,
                            "shortcut_params": info["params"]["shortcuts"], "widths": list(plan.widths[1::2])}
     row.update(evaluate_model(sliced, tok, args))
@@ -125,15 +128,18 @@ def log(args: argparse.Namespace, obj: dict[str, Any]) -> None:
 
 
 def markdown(rows: list[dict[str, Any]], dtypes: list[str]) -> str:
-    head = ["slicing", "target", "SB", "params kept", "val ppl", "val acc"]
+    head = ["slicing", "basis", "target", "SB", "params kept", "val ppl", "val acc"]
     head += [h for dt in dtypes for h in (f"ms/tok {dt}", f"vs dense {dt}")]
     out = []
     for r in rows:
         name = "dense" if r["model"] == "dense" else ("constant (SliceGPT)" if r["model"] == "constant" else "dynamic")
-        cells = [name, f"{r['target']:.0%}" if r["target"] else "-", "-" if r["sb"] is None else r["sb"],
+        cells = [name, r.get("basis", "-"), f"{r['target']:.0%}" if r["target"] else "-",
+                 "-" if r["sb"] is None else r["sb"],
                  f"{r['params'] / 1e6:.1f}M ({r['params_kept']:.1%})", round(r["ppl"], 2), round(r["acc"], 3)]
         for dt in dtypes:
-            ms = r.get(f"ms_{dt}") or r.get(f"dense_ms_{dt}")
+            ms = r.get(f"ms_{dt}")
+            if r["model"] == "dense":  # the dense model was timed beside every sliced one: their median
+                ms = statistics.median([x[f"dense_ms_{dt}"] for x in rows if f"dense_ms_{dt}" in x] or [0]) or None
             cells += [round(ms, 1) if ms else "-", f"{r[f'speedup_{dt}']:.2f}x" if f"speedup_{dt}" in r else "-"]
         out.append(cells)
     return table(out, head)
@@ -182,7 +188,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default="pydoc")
     p.add_argument("--targets", type=float, nargs="+", default=[0.15, 0.25, 0.35])
-    p.add_argument("--bases", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="slicing bases SB (dynamic)")
+    p.add_argument("--bases", type=float, nargs="*", default=[0.05, 0.1, 0.2],
+                   help="slicing bases SB of the dynamic models (none: constant slicing only)")
+    p.add_argument("--basis", nargs="+", default=["point"], choices=("point", "layer", "global"),
+                   help="PCA bases to compare: per point (SliceGPT), per layer, one global")
     p.add_argument("--samples", type=int, default=64, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
     p.add_argument("--round-to", type=int, default=8)
@@ -194,6 +203,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="append every result as a JSON line to this file")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSONL",
+                   help="only print the table of earlier runs' --json files")
     p.add_argument("--bench-widths", action="store_true", help="only the rounding-multiple GEMV benchmark")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default min(2, available))")
     p.add_argument("--bench-tokens", type=int, default=1, help="rows per product in --bench-widths (1 = decode)")
@@ -205,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
     if args.bench_widths:
         bench_widths(args)
+        return 0
+    if args.table:
+        rows = [json.loads(line) for f in args.table for line in open(f)]
+        rows = [r for r in rows if "model" in r]
+        rows = [r for i, r in enumerate(rows) if r["model"] != "dense" or i == 0]  # one dense row
+        rows.sort(key=lambda r: (r["target"], r.get("basis", "point") != "point", r["model"], r["sb"] or 0))
+        print(markdown(rows, args.dtypes))
         return 0
     rows = run(args)
     print()

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..slicing import PCA_TOKENS, SlicePlan, count_params, plan_widths, slice_model, sliced_spec
+from ..slicing import BASES, PCA_TOKENS, SlicePlan, count_params, plan_widths, slice_model, sliced_spec
 from ..spec import ModelSpec
 from .base import Method, PruneContext, PruneResult, Target, register
 
@@ -102,21 +102,25 @@ def _options(ctx: PruneContext) -> dict[str, Any]:
     pca_tokens = o.get("pca_tokens") or DEFAULT_PCA_TOKENS
     if pca_tokens not in PCA_TOKENS:
         raise ValueError(f"--pca-tokens {pca_tokens!r}. Fix: use one of {', '.join(PCA_TOKENS)}")
-    return {"round_to": int(o.get("round_to") or 8), "pca_tokens": pca_tokens,
+    basis = o.get("basis") or "point"
+    if basis not in BASES:
+        raise ValueError(f"--basis {basis!r}. Fix: use one of {', '.join(BASES)}")
+    return {"round_to": int(o.get("round_to") or 8), "pca_tokens": pca_tokens, "basis": basis,
             "keep_ends": not o.get("slice_ends", False), "base": o.get("slicing_base")}
 
 
 def make_plan(spec: ModelSpec, fraction: float, *, lr: Sequence[float] | None = None, base: float | None = None,
-              round_to: int = 8, keep_ends: bool = True, pca_tokens: str = DEFAULT_PCA_TOKENS) -> SlicePlan:
+              round_to: int = 8, keep_ends: bool = True, pca_tokens: str = DEFAULT_PCA_TOKENS,
+              basis: str = "point") -> SlicePlan:
     """Constant slicing when ``lr`` is None, else dynamic slicing with slicing base ``base``."""
     if lr is None:
         fr = [fraction] * spec.n_layers
     else:
         b = DEFAULT_BASE if base is None else float(base)
         fr = dynamic_fractions(lr, fraction, min(b, fraction) if base is None else b)
-    widths = plan_widths(spec, fr, multiple=round_to, keep_ends=keep_ends, exact_mean=lr is not None)
+    widths = plan_widths(spec, fr, multiple=round_to, keep_ends=keep_ends, exact_mean=lr is not None, basis=basis)
     return SlicePlan(widths=widths, pca_tokens=pca_tokens, keep_ends=keep_ends, layer_fractions=tuple(fr),
-                     round_to=round_to)
+                     round_to=round_to, basis=basis)
 
 
 def _run(ctx: PruneContext, dynamic: bool) -> PruneResult:
@@ -124,7 +128,7 @@ def _run(ctx: PruneContext, dynamic: bool) -> PruneResult:
     spec = ctx.model.spec
     lr = layer_redundancy(ctx) if dynamic else None
     build = lambda f: make_plan(spec, f, lr=lr, base=o["base"], round_to=o["round_to"], keep_ends=o["keep_ends"],
-                                pca_tokens=o["pca_tokens"])
+                                pca_tokens=o["pca_tokens"], basis=o["basis"])
     plan = build(resolve_fraction(spec, ctx.target, build))
     model, info = slice_model(ctx.model, ctx.calib, plan, device=ctx.device, progress=ctx.progress)
     L = spec.n_layers
@@ -168,6 +172,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     _add(p, "--round-to", type=int, default=8, metavar="M", help="round kept widths to a multiple of M (default 8)")
     _add(p, "--pca-tokens", choices=PCA_TOKENS, default=DEFAULT_PCA_TOKENS,
          help="tokens in the PCA Grams: all, skip-first (drop position 0: massive activations), token-norm")
+    _add(p, "--basis", choices=BASES, default="point",
+         help="PCA basis per residual point (SliceGPT, 2 shortcut matrices a layer), per layer (1), or one global "
+              "basis (none inside the stack at constant width)")
     _add(p, "--slice-ends", action="store_true",
          help="also rotate/slice the embeddings and head (unties a tied head: more parameters on small models)")
 
