@@ -31,8 +31,7 @@ from typing import Any
 from ..plan import plan_from_groups
 from ..surgery import apply_depth_plan
 from .base import Method, PruneContext, PruneResult, register
-from .merge_search import SimView, next_threshold, shared_similarity
-from .slm import SIM_SAMPLES, SIM_SEQ_LEN
+from .merge_search import SimView, merge_setup, next_threshold
 
 MERGE_C = 4
 INTERVAL_I = 2
@@ -87,18 +86,13 @@ def search(n_layers: int, sim: SimView, k: int, c: int, interval: int, iters: in
 
 def run(ctx: PruneContext) -> PruneResult:
     t0 = time.time()
-    model, opts = ctx.model, ctx.options
-    L = model.spec.n_layers
-    k = ctx.target.layers_to_remove(model)
-    n = int(opts.get("sim_samples") or SIM_SAMPLES)
-    T = int(opts.get("sim_seq_len") or SIM_SEQ_LEN)
-    measure = opts.get("similarity") or "final-cosine"
-    how = opts.get("merge_how") or "consolidate"
+    opts = ctx.options
+    L, k, sim, o = merge_setup(ctx, "final-cosine")
+    measure, how = o["similarity"], o["how"]
     c = int(opts.get("laco_merge") or MERGE_C)
     interval = int(opts.get("laco_interval") or INTERVAL_I)
     if c < 2 or interval < 1:
         raise ValueError(f"laco: C={c}, I={interval}. Fix: --laco-merge >= 2 and --laco-interval >= 1")
-    sim = shared_similarity(model, ctx.calib[:n, :T], how).view(measure)
     fixed = opts.get("threshold")
     if fixed is not None:
         gs = collapse(L, sim, float(fixed), k, c, interval)
@@ -109,11 +103,11 @@ def run(ctx: PruneContext) -> PruneResult:
         found = search(L, sim, k, c, interval)
     groups = found["groups"]
     notes = {"similarity": measure, "threshold": found["threshold"], "C": c, "I": interval, "target_removed": k,
-             "sim_samples": [n, T]}
+             "sim_samples": o["sim_samples"]}
     if "note" in found:
         notes["note"] = found["note"]
     plan = plan_from_groups(L, groups, how=how, method="laco", notes=notes)
-    new = apply_depth_plan(model, plan)
+    new = apply_depth_plan(ctx.model, plan)
     info = {**notes, "threshold_curve": found["curve"], "evaluations": len(sim.log), "candidates": sim.log,
             "final_sim": sim(groups), "seconds": time.time() - t0}
     return PruneResult(new, plan.to_dict(), plan.layer_map(), plan.changed_layers(), info)

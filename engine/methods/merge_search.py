@@ -146,6 +146,24 @@ def shared_similarity(model: Model, ids: Tensor, how: str = "consolidate") -> Me
     return _SHARED[0]
 
 
+SIM_SAMPLES = 8  # the SLM paper calibrates its similarity with 10 samples x 128 tokens
+SIM_SEQ_LEN = 128
+
+
+def merge_setup(ctx: Any, default_measure: str) -> tuple[int, int, SimView, dict[str, Any]]:
+    """What every merge search (SLM, LaCo) starts from: the layer count, the layers to remove, the
+    similarity view over the first ``--sim-samples`` x ``--sim-seq-len`` calibration tokens, and the
+    options it read (similarity, merge rule, sample shape)."""
+    model, opts = ctx.model, ctx.options
+    n = int(opts.get("sim_samples") or SIM_SAMPLES)
+    T = int(opts.get("sim_seq_len") or SIM_SEQ_LEN)
+    measure = opts.get("similarity") or default_measure
+    how = opts.get("merge_how") or "consolidate"
+    sim = shared_similarity(model, ctx.calib[:n, :T], how).view(measure)
+    return model.spec.n_layers, ctx.target.layers_to_remove(model), sim, {"similarity": measure, "how": how,
+                                                                           "sim_samples": [n, T]}
+
+
 def next_threshold(seen: list[float], lo: float, hi: float) -> float | None:
     """The next threshold to try between two already tried, ``lo`` < T < ``hi``, or None.
 

@@ -28,10 +28,7 @@ from typing import Any
 from ..plan import plan_from_groups
 from ..surgery import apply_depth_plan
 from .base import Method, PruneContext, PruneResult, register
-from .merge_search import SIMILARITIES, SimView, groups_of, next_threshold, shared_similarity
-
-SIM_SAMPLES = 8  # the seed paper calibrates with 10 samples x 128 tokens
-SIM_SEQ_LEN = 128
+from .merge_search import SIM_SAMPLES, SIM_SEQ_LEN, SIMILARITIES, SimView, groups_of, merge_setup, next_threshold
 
 
 def slide(n_layers: int, sim: SimView, threshold: float, budget: int | None = None
@@ -107,14 +104,9 @@ def search(n_layers: int, sim: SimView, k: int, exact: str = "cap", iters: int =
 
 def run(ctx: PruneContext) -> PruneResult:
     t0 = time.time()
-    model, opts = ctx.model, ctx.options
-    L = model.spec.n_layers
-    k = ctx.target.layers_to_remove(model)
-    n = int(opts.get("sim_samples") or SIM_SAMPLES)
-    T = int(opts.get("sim_seq_len") or SIM_SEQ_LEN)
-    measure = opts.get("similarity") or "cka"
-    how = opts.get("merge_how") or "consolidate"
-    sim = shared_similarity(model, ctx.calib[:n, :T], how).view(measure)
+    opts = ctx.options
+    L, k, sim, o = merge_setup(ctx, "cka")
+    measure, how = o["similarity"], o["how"]
     fixed = opts.get("threshold")
     if fixed is not None:
         ms = slide(L, sim, float(fixed))
@@ -125,8 +117,8 @@ def run(ctx: PruneContext) -> PruneResult:
     plan = plan_from_groups(L, groups, how=how, method="slm", notes={
         "similarity": measure, "threshold": found["threshold"], "target_removed": k,
         "count_reached_by": found["how"], **({"note": found["note"]} if "note" in found else {}),
-        "sim_samples": [n, T]})
-    new = apply_depth_plan(model, plan)
+        "sim_samples": o["sim_samples"]})
+    new = apply_depth_plan(ctx.model, plan)
     info = {"similarity": measure, "threshold": found["threshold"], "count_reached_by": found["how"],
             "threshold_curve": found["curve"], "evaluations": len(sim.log), "candidates": sim.log,
             "final_sim": sim(groups), "seconds": time.time() - t0}
