@@ -22,14 +22,7 @@ from engine.methods.come import (
 from engine.model import init_weights
 from engine.spec import dense_layer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: on a shared 2-core machine thread hand-offs cost more than the work (100x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -19,13 +19,7 @@ from engine.spec import ModelSpec, dense_layer
 L = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread (two OpenMP threads on a busy 2-core machine wait on each other ~20x longer)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed: int = 0) -> engine.Model:

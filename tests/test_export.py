@@ -14,14 +14,7 @@ from engine.plan import DepthPlan, Merge, Replace
 from engine.spec import ModelSpec, dense_layer
 from engine.surgery import apply_depth_plan
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread (two OpenMP threads on a busy 2-core machine wait on each other ~20x longer)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tie: bool, seed: int = 0, n_layers: int = 5):

@@ -15,13 +15,7 @@ from engine.surgery import apply_depth_plan, layer_state, merge_layer_states, me
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread (two OpenMP threads on a busy 2-core machine wait on each other ~20x longer)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(n_layers: int = 6, tie: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32):
