@@ -153,18 +153,24 @@ def bench_widths(args: argparse.Namespace) -> None:
     """GEMVs (``--bench-tokens`` 1: decode) or GEMMs (prefill) of one sliced SmolLM2 layer for every kept
     width in WIDTHS: q|k|v, o, gate|up, down and both shortcuts. Widths are visited round-robin and each
     keeps its best time over ``--repeats`` rounds, so load from other processes on a shared machine hits
-    every width alike. Reports ns per multiply-add by the largest power of two dividing the width."""
+    every width alike. Reports ns per multiply-add by the largest power of two dividing the width. The
+    products run as the runtime runs them: on oneDNN-packed weights where the runtime packs them."""
+    from engine.runtime_net import can_pack, pack, packed_linear
+
     torch.manual_seed(0)
     d, ffn, qkv = 576, 1536, 960
     res: dict[str, dict[int, float]] = {}
     for dt in args.dtypes:
         dtype = DTYPES[dt]
+        packed = can_pack(torch.device("cpu"), dtype)
+        lin = packed_linear if packed else torch.nn.functional.linear
         cases = {}
         for w in WIDTHS:
             mats = [torch.randn(r, c, dtype=dtype) for r, c in ((qkv, w), (w, d), (w, w), (2 * ffn, w), (w, ffn),
                                                                   (w, w))]
             xs = [torch.randn(args.bench_tokens, m.shape[1], dtype=dtype) for m in mats]
-            cases[w] = (mats, xs, args.bench_tokens * sum(m.numel() for m in mats))
+            macs = args.bench_tokens * sum(m.numel() for m in mats)
+            cases[w] = ([pack(m) for m in mats] if packed else mats, xs, macs)
         best = dict.fromkeys(WIDTHS, float("inf"))
         iters = 10 if args.bench_tokens == 1 else 1
         for _ in range(args.repeats):
@@ -172,7 +178,7 @@ def bench_widths(args: argparse.Namespace) -> None:
                 t0 = time.perf_counter()
                 for _ in range(iters):
                     for m, x in zip(mats, xs, strict=True):
-                        torch.nn.functional.linear(x, m)
+                        lin(x, m)
                 best[w] = min(best[w], (time.perf_counter() - t0) / iters)
         res[dt] = {w: best[w] / cases[w][2] * 1e9 for w in WIDTHS}  # ns per MAC
     rows = []
