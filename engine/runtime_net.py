@@ -6,7 +6,11 @@ caches stay mutable inputs. Its ``forward`` is one decode step; ``prefill`` runs
 bookkeeping (which row is how long, limits, CUDA graphs) lives in ``engine.runtime.Runtime``.
 
 Per layer the decode step is four GEMVs (q|k|v fused, o, gate|up fused, down) plus RMSNorm, rotary,
-cache write, attention and SwiGLU. Grouped-query attention never repeats K/V: q is viewed as
+cache write, attention and SwiGLU. A sliced layer's shortcut matrix S (the residual's change of basis)
+rides along in its branch's output GEMV: ``[y | h] @ [W | S]^T`` is one product over one concatenated
+weight, so a sliced model has no extra GEMV, no extra add and no per-layer special case.
+
+Grouped-query attention never repeats K/V: q is viewed as
 (B, n_kv, group, hd), so each KV head serves its query heads as a "query length" of ``group``.
 """
 
@@ -92,21 +96,27 @@ class _Layer(nn.Module):
         self.n_heads, self.n_kv, self.hd = ls.n_heads, ls.n_kv_heads, ls.head_dim
         vec = lambda mod: None if mod is None else cast(mod.weight)
         w = lambda mod: None if mod is None else mat(mod.weight)
+        sc = lambda mod, shortcut: mat(mod.weight if shortcut is None else torch.cat([mod.weight, shortcut.weight], 1))
+        self.fused_attn_sc = a is not None and blk.attn_shortcut is not None  # wo is [o | S]: input [y | h]
+        self.fused_mlp_sc = m is not None and blk.mlp_shortcut is not None  # wd is [down | S]: input [act | h]
         bufs: dict[str, Tensor | None] = {
-            "attn_norm": vec(blk.attn_norm), "attn_sc": w(blk.attn_shortcut), "mlp_norm": vec(blk.mlp_norm),
-            "mlp_sc": w(blk.mlp_shortcut), "wqkv": None, "bqkv": None, "q_norm": None, "k_norm": None, "wo": None,
+            "attn_norm": vec(blk.attn_norm), "mlp_norm": vec(blk.mlp_norm),
+            "attn_sc": None if a is not None else w(blk.attn_shortcut),  # only where no GEMV can carry it
+            "mlp_sc": None if m is not None else w(blk.mlp_shortcut),
+            "wqkv": None, "bqkv": None, "q_norm": None, "k_norm": None, "wo": None,
             "wgu": None, "wd": None, "k": None, "v": None}
         if a is not None:
             bufs["wqkv"] = mat(torch.cat([a.q.weight, a.k.weight, a.v.weight]))  # (q + 2 kv, d_in)
             bufs["bqkv"] = None if a.q.bias is None else cast(torch.cat([a.q.bias, a.k.bias, a.v.bias]))
-            bufs["q_norm"], bufs["k_norm"], bufs["wo"] = vec(a.q_norm), vec(a.k_norm), w(a.o)
+            bufs["q_norm"], bufs["k_norm"] = vec(a.q_norm), vec(a.k_norm)
+            bufs["wo"] = sc(a.o, blk.attn_shortcut)  # (d_mid, q [+ d_in])
             assert cache_shape is not None
             shape = (cache_shape[0], self.n_kv, cache_shape[1], self.hd)  # (max_batch, n_kv, max_len, hd)
             bufs["k"] = torch.zeros(shape, device=device, dtype=dtype)
             bufs["v"] = torch.zeros(shape, device=device, dtype=dtype)
         if m is not None:
             bufs["wgu"] = mat(torch.cat([m.gate.weight, m.up.weight]))  # (2 d_ffn, d_mid)
-            bufs["wd"] = w(m.down)
+            bufs["wd"] = sc(m.down, blk.mlp_shortcut)  # (d_out, d_ffn [+ d_mid])
         for name, t in bufs.items():
             self.register_buffer(name, t)
 
@@ -168,8 +178,7 @@ class DecodeNet(nn.Module):
                     y = self.attn(qg, l.k, l.v, pos + 1, window=self.window)
                 else:
                     y = F.scaled_dot_product_attention(qg, l.k[:n, :, :L], l.v[:n, :, :L], attn_mask=mask)
-                res = h if l.attn_sc is None else self.lin(h, l.attn_sc)
-                h = self.lin_add(y.reshape(n, l.n_heads * l.hd), l.wo, res)
+                h = self._out(y.reshape(n, l.n_heads * l.hd), l.wo, h, l.fused_attn_sc)
             elif l.attn_sc is not None:
                 h = self.lin(h, l.attn_sc)
             h = self._mlp(l, h)
@@ -199,7 +208,7 @@ class DecodeNet(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                    enable_gqa=l.n_kv != l.n_heads)
                 y = y.transpose(1, 2).reshape(n, T, l.n_heads * l.hd)
-                h = self.lin_add(y, l.wo, h if l.attn_sc is None else self.lin(h, l.attn_sc))
+                h = self._out(y, l.wo, h, l.fused_attn_sc)
             elif l.attn_sc is not None:
                 h = self.lin(h, l.attn_sc)
             h = self._mlp(l, h)
@@ -219,8 +228,13 @@ class DecodeNet(nn.Module):
         k = self.norm(qkv[:, l.n_heads * l.hd:nqk * l.hd].view(N, l.n_kv, l.hd), l.k_norm, self.eps)
         return self.rope(q, cos, sin), self.rope(k, cos, sin), v
 
+    def _out(self, y: Tensor, w: Tensor, h: Tensor, fused_shortcut: bool) -> Tensor:
+        """A branch's output projection plus the residual: h + y @ W^T, or with a shortcut matrix folded
+        into the weight, [y | h] @ [W | S]^T (one GEMV, no add)."""
+        return self.lin(torch.cat([y, h], -1), w) if fused_shortcut else self.lin_add(y, w, h)
+
     def _mlp(self, l: _Layer, h: Tensor) -> Tensor:
         if l.wgu is not None:
             a = self.act(self.lin(self.norm(h, l.mlp_norm, self.eps), l.wgu))
-            return self.lin_add(a, l.wd, h if l.mlp_sc is None else self.lin(h, l.mlp_sc))
+            return self._out(a, l.wd, h, l.fused_mlp_sc)
         return h if l.mlp_sc is None else self.lin(h, l.mlp_sc)
