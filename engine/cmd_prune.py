@@ -111,7 +111,12 @@ def summary(report: dict[str, Any]) -> str:
             continue
         ratio = f"{b / a:.3f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
         rows.append([label, _num(a), _num(b), ratio])
-    lines = [f"{report['method']}: removed {report['removed_layers']} of {d['layers']} layers -> {report['out']}",
+    info = report.get("info") or {}
+    if report["removed_layers"] == 0 and info.get("mean_sliced_fraction") is not None:  # width methods
+        what = f"sliced {info['mean_sliced_fraction']:.1%} of the residual width on average"
+    else:
+        what = f"removed {report['removed_layers']} of {d['layers']} layers"
+    lines = [f"{report['method']}: {what} -> {report['out']}",
              table(rows, ["", "dense", "pruned", "pruned/dense"])]
     where = where_layers_went(report)
     if where:
