@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .memstat import proc_status_bytes, reset_rss_peak
 from .model import Model
 from .runtime import Runtime, decode_weight_bytes
 from .spec import LayerSpec, ModelSpec
@@ -82,29 +83,15 @@ class _Peak:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-            self.base = _status("VmRSS")
+            reset_rss_peak()
+            self.base = proc_status_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
-            self.peak = max(0, _status("VmHWM") - self.base)
-
-
-def _status(key: str) -> int:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+            self.peak = max(0, proc_status_bytes("VmHWM") - self.base)
 
 
 # ---- engines --------------------------------------------------------------------------------------

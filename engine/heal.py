@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -155,10 +154,6 @@ def heal_targets(layer_map: Sequence[Sequence[int]], changed: Sequence[int], n_t
     if prev_end < n_teacher - 1:
         out.add(len(layer_map) - 1)
     return sorted(out)
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class _Teacher:

@@ -32,7 +32,6 @@ from .checkpoint import write_json_atomic
 from .heal import (
     HealConfig,
     HealReport,
-    _rss_mib,
     _shared_prefix,
     _Teacher,
     heal_targets,
@@ -40,6 +39,7 @@ from .heal import (
     relative_mse,
     val_perplexity,
 )
+from .memstat import peak_rss_mib, reset_rss_peak
 from .model import Model
 
 FINGERPRINT_CFG = ("seq_len", "micro_batch", "accum", "lr_layer", "lr_global", "min_lr_frac", "warmup_steps",
@@ -178,6 +178,8 @@ class HealRun:
         st = self.st
         self._tick()
         st.update(pstep=0, ptok=0, pwall=0.0, pcpu=0.0, pstarted=True, first_loss=None, last_loss=None)
+        if st["phase"] == 0 or self.phases[st["phase"] - 1][0] != kind:  # each stage reports its own peak
+            reset_rss_peak()
         st["pbudget"] = self._phase_budget()
         if kind == "global":
             if not st["curve"] or st["curve"][-1][0] != st["tokens"]:
@@ -202,13 +204,13 @@ class HealRun:
             m["params_trained"] = max(m["params_trained"], n_params)
             blk = max(sum(self.t.state[n].numel() for n in self.t.keys[i]) for i in range(self.Lt))
             m["teacher_held"] = f"embeddings + one block at a time (<= {blk:,} block parameters)"
-            m["peak_rss_mib"] = round(_rss_mib(), 1)
+            m["peak_rss_mib"] = round(peak_rss_mib(), 1)
             if self.st["phase"] + 1 >= len(self.phases) or self.phases[self.st["phase"] + 1][0] != "layer":
                 self._evaluate()
         else:
             if st["curve"][-1][0] != st["tokens"]:
                 self._evaluate()
-            mem["global"] = {"params_trained": n_params, "peak_rss_mib": round(_rss_mib(), 1),
+            mem["global"] = {"params_trained": n_params, "peak_rss_mib": round(peak_rss_mib(), 1),
                              "teacher_held": f"whole model ({sum(v.numel() for v in self.t.state.values()):,} "
                                              f"parameters, {self.t.dtype}, mmap'd on cpu)"}
         if torch.cuda.is_available() and self.s.device.type == "cuda":
