@@ -39,14 +39,16 @@ class Runtime:
     kernels: "torch" | "triton"; default Triton on CUDA, torch elsewhere. cuda_graphs: replay the
     decode step as a CUDA graph (Triton path; default on CUDA). compile: torch.compile the decode
     step with inductor freezing (CPU: 1-2 minutes of compiling at construction, see ``compile_s``;
-    then ~1.3x faster decoding on this project's 2-core CPU). pack_weights: oneDNN-packed weights for
-    the eager CPU path (default when available).
+    then 2-3x faster decoding than eager on this project's 2-core CPU). autotune: with compile
+    on CPU, let inductor pick per matrix between its C++ GEMM template and oneDNN for the batch-1 step
+    (default on; off compiles faster). pack_weights: oneDNN-packed weights for the eager CPU path
+    (default when available).
     """
 
     def __init__(self, model: Model, *, max_batch: int = 1, max_len: int | None = None,
                  dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                  kernels: str | None = None, cuda_graphs: bool | None = None, compile: bool = False,
-                 pack_weights: bool | None = None):
+                 pack_weights: bool | None = None, autotune: bool = True):
         spec = model.spec
         self.spec = spec
         self.device = torch.device(device) if device is not None else model.device
@@ -78,10 +80,20 @@ class Runtime:
         if compile:  # freezing: weights become constants that inductor pre-packs; caches stay inputs
             compiled = torch.compile(self.net, dynamic=True)
 
+            plain = {"freezing": True}
+            single = dict(plain)
+            if self.device.type == "cpu" and autotune:
+                # batch 1 (its own graph: torch specialises sizes 0/1) lets inductor pick per matrix between
+                # its C++ GEMM template (AVX-512 micro-kernels over frozen weights) and oneDNN: on this
+                # project's 2-core EPYC the bf16 step went from 18.8 to 10.6 ms/token (SmolLM2-135M, 2
+                # threads), for ~1 min more compiling. The batch >= 2 graph has a symbolic batch size, for
+                # which the template was slower than oneDNN at batch 16: it keeps oneDNN
+                single.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+
             def step(tok: Tensor, pos: Tensor, L: int | None) -> Tensor:
-                # inductor reads the flag whenever a graph is (re)compiled; passing it through
+                # inductor reads the flags whenever a graph is (re)compiled; passing them through
                 # torch.compile(options=...) did not freeze anything with torch 2.13
-                with torch._inductor.config.patch(freezing=True):
+                with torch._inductor.config.patch(**(single if tok.shape[0] == 1 else plain)):
                     return compiled(tok, pos, L)
 
             self._step = step  # type: ignore[assignment]
