@@ -97,22 +97,20 @@ class DepthPlan:
                            "put every layer in at most one of drop / merge / replace")
             owner[i] = what
 
+        def span(kind: str, g: Merge | Replace, field: str, value: str, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                raise _bad(f"{kind} {g.first}-{g.last}: {field}={value!r} is unknown", f"use one of {allowed}")
+            if g.last < g.first:
+                raise _bad(f"{kind} first={g.first} > last={g.last}", "write the lower index as first")
+            for i in g.layers:
+                claim(i, f"{kind} {g.first}-{g.last}")
+
         for i in self.drop:
             claim(_int(i, "drop entry"), "drop")
         for g in self.merge:
-            if g.how not in MERGE_HOW:
-                raise _bad(f"merge {g.first}-{g.last}: how={g.how!r} is unknown", f"use one of {MERGE_HOW}")
-            if g.last < g.first:
-                raise _bad(f"merge first={g.first} > last={g.last}", "write the lower index as first")
-            for i in g.layers:
-                claim(i, f"merge {g.first}-{g.last}")
+            span("merge", g, "how", g.how, MERGE_HOW)
         for r in self.replace:
-            if r.block not in BLOCKS:
-                raise _bad(f"replace {r.first}-{r.last}: block={r.block!r} is unknown", f"use one of {BLOCKS}")
-            if r.last < r.first:
-                raise _bad(f"replace first={r.first} > last={r.last}", "write the lower index as first")
-            for i in r.layers:
-                claim(i, f"replace {r.first}-{r.last}")
+            span("replace", r, "block", r.block, BLOCKS)
             if not 0 <= r.init_layer < L:
                 raise _bad(f"replace {r.first}-{r.last}: init layer {r.init_layer} is out of range",
                            f"use a source layer 0..{L - 1}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,7 @@ from engine.runtime import Runtime, decode_weight_bytes
 TOL = 2e-4  # fp32 logits of a tiny random model: fused GEMMs and SDPA vs the eager forward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: a second OpenMP thread only adds synchronisation (and stalls on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hetero_spec(**kw: object) -> ModelSpec:
