@@ -53,10 +53,11 @@ def _mean_time(fn: Callable[[], Any], device: torch.device, min_s: float = 0.5) 
             return el / n
 
 
-def measure_bandwidth(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+def measure_bandwidth(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                      min_s: float = 0.5) -> dict[str, float]:
     """Achievable read bandwidth in GB/s: a GEMV over a 256 MiB (CPU) / 2 GiB (GPU) matrix of
-    ``dtype`` and a max-reduction over the same bytes (both far beyond any cache); the bound uses the
-    faster of the two."""
+    ``dtype`` and a max-reduction over the same bytes (both far beyond any cache), each timed over at
+    least ``min_s`` seconds; the bound uses the faster of the two."""
     device = torch.device(device)
     nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
     cols = 8192
@@ -64,9 +65,9 @@ def measure_bandwidth(device: torch.device | str = "cpu", dtype: torch.dtype = t
     w = torch.full((rows, cols), 0.01, device=device, dtype=dtype)  # written, so every page is real memory
     x = torch.randn(1, cols, device=device, dtype=dtype)
     size = w.numel() * w.element_size()
-    gemv = size / _mean_time(lambda: F.linear(x, w), device) / 1e9
+    gemv = size / _mean_time(lambda: F.linear(x, w), device, min_s) / 1e9
     flat = w.view(-1).view(torch.float32)  # a max over 4-byte words: the cheapest compute per byte read
-    read = size / _mean_time(lambda: flat.amax(), device) / 1e9
+    read = size / _mean_time(lambda: flat.amax(), device, min_s) / 1e9
     return {"gemv_gbs": gemv, "read_gbs": read, "bandwidth_gbs": max(gemv, read)}
 
 
@@ -267,15 +268,18 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
     total = repeats * len(units)
     done = 0
     for r in range(repeats + 1):  # round 0 warms every unit up (and measures its memory)
-        if r:
-            bw_runs.append(measure_bandwidth(device, built[0][1].dtype))
         for u in units:
             run = _run_layerfold if u["engine"] == "layerfold" else _run_hf
+            bw_now = None
+            if r and u["engine"] == "layerfold":  # the bound's bandwidth, probed right before this run
+                bw_runs.append(measure_bandwidth(device, u["dtype"], min_s=0.25))
+                bw_now = bw_runs[-1]["bandwidth_gbs"]
             with _Peak(device) as pk:
                 res = run(u["obj"], u["prompts"], new_tokens)
             if r == 0:
                 u["peak"] = pk.peak + u["setup_mem"]
                 continue
+            res["bandwidth_gbs"] = bw_now
             u["runs"].append(res)
             done += 1
             if progress:
@@ -290,11 +294,11 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
                     and x["batch"] == row["batch"]), None)
         hf = next((x for x in rows if x["model"] == row["model"] and x["engine"] == "hf"
                    and x["batch"] == row["batch"]), None)
-        if ref is not None:
-            row["speedup"] = row["decode_tok_s"] / ref["decode_tok_s"]
+        if ref is not None:  # ratios of runs from the same round (the same machine state), then their median
+            row["speedup"], row["speedup_range"] = _paired(row, ref)
             row["predicted_speedup"] = ref["params"] / row["params"]
         if hf is not None and row["engine"] == "layerfold":
-            row["vs_hf"] = row["decode_tok_s"] / hf["decode_tok_s"]
+            row["vs_hf"], row["vs_hf_range"] = _paired(row, hf)
     try:
         load_avg = os.getloadavg()[0]
     except OSError:
@@ -303,6 +307,12 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
             "threads": torch.get_num_threads(), "compiled": compile, "load_avg_1min": load_avg,
             "new_tokens": new_tokens, "prompt_len": prompt_len, "repeats": repeats, "bandwidth": bw,
             "setup_s": setup, "notes": notes, "rows": rows}
+
+
+def _paired(row: dict[str, Any], ref: dict[str, Any]) -> tuple[float, list[float]]:
+    """Median and range over repeats of row's decode rate over ref's in the same round."""
+    ratios = [a / b for a, b in zip(row["decode_runs"], ref["decode_runs"], strict=True)]
+    return statistics.median(ratios), [min(ratios), max(ratios)]
 
 
 def _row(u: dict[str, Any], new_tokens: int, prompt_len: int, bw_gbs: float) -> dict[str, Any]:
@@ -315,13 +325,21 @@ def _row(u: dict[str, Any], new_tokens: int, prompt_len: int, bw_gbs: float) -> 
     ctx = prompt_len + new_tokens / 2  # the mean context a decode step reads from the KV cache
     esize = torch.empty((), dtype=u["dtype"]).element_size()
     kv = b * ctx * sum(2 * l.kv_dim for l in spec.layers if l.has_attn) * esize
-    bound = b * bw_gbs * 1e9 / (wbytes + kv)  # tokens/s if a step cost only its memory reads
+    step_bytes = wbytes + kv
+    bound = b * bw_gbs * 1e9 / step_bytes  # tokens/s if a step cost only its memory reads
     med = statistics.median(decode)
+    # % of the bound run by run, each against the bandwidth probed just before it: the machine's
+    # bandwidth drifts (28-53 GB/s between runs on this project's VM), a run and its probe share a state
+    pct = [100.0 * rate * step_bytes / (b * x["bandwidth_gbs"] * 1e9)
+           for rate, x in zip(decode, u["runs"], strict=True) if x.get("bandwidth_gbs")]
+    if not pct:
+        pct = [100.0 * med / bound]
     return {"model": u["model"], "engine": u["engine"], "batch": b, "params": u["params"], "weight_bytes": wbytes,
             "prefill_tok_s": statistics.median(prefill), "prefill_range": [min(prefill), max(prefill)],
             "ttft_ms": statistics.median(ttft), "ttft_range": [min(ttft), max(ttft)],
-            "decode_tok_s": med, "decode_range": [min(decode), max(decode)],
-            "peak_mem_bytes": u.get("peak", 0), "bound_tok_s": bound, "pct_of_bound": 100.0 * med / bound}
+            "decode_tok_s": med, "decode_range": [min(decode), max(decode)], "decode_runs": decode,
+            "peak_mem_bytes": u.get("peak", 0), "bound_tok_s": bound, "pct_of_bound": statistics.median(pct),
+            "pct_of_bound_range": [min(pct), max(pct)]}
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -332,21 +350,33 @@ def format_table(res: dict[str, Any]) -> str:
         lo, hi = r["decode_range"]
         rows.append([r["model"], r["engine"], r["batch"], f"{r['params'] / 1e6:.1f}", f"{r['prefill_tok_s']:.0f}",
                      f"{r['ttft_ms']:.1f}", f"{r['decode_tok_s']:.1f} [{lo:.1f}-{hi:.1f}]",
-                     f"{r['pct_of_bound']:.0f}%", human_bytes(r["peak_mem_bytes"]),
-                     f"{r['vs_hf']:.2f}x" if "vs_hf" in r else "-",
-                     f"{r['speedup']:.2f}x (pred {r['predicted_speedup']:.2f}x)" if "speedup" in r else "-"])
+                     _with_range(r, "pct_of_bound", "{:.0f}", "%"), human_bytes(r["peak_mem_bytes"]),
+                     _with_range(r, "vs_hf", "{:.2f}", "x"),
+                     _with_range(r, "speedup", "{:.2f}", "x") + f" (pred {r['predicted_speedup']:.2f}x)"
+                     if "speedup" in r else "-"])
     bw = res["bandwidth"]
     head = (f"{res['device']} {res['dtype']}, {res['threads']} threads, load {res['load_avg_1min']:.1f}, runtime "
             f"{'compiled' if res.get('compiled') else 'eager'}; prompt "
             f"{res['prompt_len']} + {res['new_tokens']} new tokens, median [range] of {res['repeats']} interleaved "
-            f"repeats; bandwidth {bw['bandwidth_gbs']:.1f} GB/s (GEMV {bw['gemv_gbs']:.1f}, read {bw['read_gbs']:.1f})")
+            f"repeats; bandwidth {bw['bandwidth_gbs']:.1f} GB/s (median of probes before each run; GEMV "
+            f"{bw['gemv_gbs']:.1f}, read {bw['read_gbs']:.1f})")
     lines = [head, table(rows, ["model", "engine", "batch", "params M", "prefill tok/s", "TTFT ms",
                                 "decode tok/s", "% bound", "peak mem", "vs HF", "speedup"])]
     lines += [f"note: {n}" for n in res["notes"]]
+    lines.append("% bound: each run's decode rate over weight + KV bytes per step at the bandwidth probed just before "
+                 "it; vs HF and speedup: ratios of runs in the same round (median [range] over rounds)")
     lines.append("peak mem: memory growth for building the engine (its own weight copies and KV cache) plus one "
                  "generation (RSS on CPU, allocator peak on CUDA)")
     lines.append("setup: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["setup_s"].items()))
     return "\n".join(lines)
+
+
+def _with_range(r: dict[str, Any], key: str, fmt: str, unit: str) -> str:
+    if key not in r:
+        return "-"
+    lo, hi = r.get(f"{key}_range", (r[key], r[key]))
+    text = fmt.format(r[key]) + unit
+    return text if fmt.format(lo) == fmt.format(hi) else f"{text} [{fmt.format(lo)}-{fmt.format(hi)}]"
 
 
 def plot(res: dict[str, Any], path: str | Path) -> None:

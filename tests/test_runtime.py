@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine import LayerSpec, ModelSpec, build_model
 from engine.model import Model
 from engine.runtime import Runtime, decode_weight_bytes
+from engine.runtime_net import attend_reduce
 
 TOL = 2e-4  # fp32 logits of a tiny random model: fused GEMMs and SDPA vs the eager forward
 
@@ -158,12 +161,19 @@ def test_bench_models_api_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
         state = {k: v for k, v in m.state_dict().items() if not k.startswith("layers.") or int(k.split(".")[1]) < keep}
         save_checkpoint(tmp_path / name, spec, state)
         srcs.append(str(tmp_path / name))
-    res = bench_models(srcs, baseline="hf", batch_sizes=(1, 2), new_tokens=3, prompt_len=4, repeats=1,
+    res = bench_models(srcs, baseline="hf", batch_sizes=(1, 2), new_tokens=3, prompt_len=4, repeats=3,
                        dtype=torch.float32, compile=False)  # compiling is covered by the slow test
     rows = {(r["model"], r["engine"], r["batch"]): r for r in res["rows"]}
     assert len(rows) == 8 and res["bandwidth"]["bandwidth_gbs"] > 0
     for r in rows.values():
         assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["ttft_ms"] > 0 and r["pct_of_bound"] > 0
+        assert len(r["decode_runs"]) == 3 and r["decode_tok_s"] == statistics.median(r["decode_runs"])
+    for b in (1, 2):  # ratios are paired by round, not ratios of medians
+        d, p, h = (rows[(s, e, b)] for s, e in ((srcs[0], "layerfold"), (srcs[1], "layerfold"), (srcs[1], "hf")))
+        paired = lambda a, b: statistics.median(x / y for x, y in zip(a["decode_runs"], b["decode_runs"], strict=True))
+        assert p["speedup"] == pytest.approx(paired(p, d)) and p["vs_hf"] == pytest.approx(paired(p, h))
+        lo, hi = p["pct_of_bound_range"]
+        assert lo <= p["pct_of_bound"] <= hi and p["speedup_range"][0] <= p["speedup"] <= p["speedup_range"][1]
     assert rows[(srcs[1], "layerfold", 1)]["predicted_speedup"] == pytest.approx(m.num_params() / tiny(
         dense.with_layers(dense.layers[:3])).num_params())
     assert "vs_hf" in rows[(srcs[0], "layerfold", 2)]
@@ -183,6 +193,40 @@ def test_cuda_graph_triton_path_matches_forward() -> None:
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
     seqs, last = greedy_with_runtime(rt, prompts, steps=6)
     check_against_forward(m, prompts, seqs, last.cuda())
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attend_reduce_equals_sdpa(window: int | None) -> None:
+    """The compiled CPU path's decode attention (products and sums) against SDPA, grouped heads and a
+    per-row mask (rows at different lengths, optionally a sliding window)."""
+    torch.manual_seed(0)
+    n, kv, g, hd, L = 3, 2, 3, 16, 9
+    q, k, v = torch.randn(n, kv, g, hd), torch.randn(n, kv, L, hd), torch.randn(n, kv, L, hd)
+    pos = torch.tensor([8, 2, 5])
+    j = torch.arange(L)[None, :]
+    valid = j <= pos[:, None]
+    if window is not None:
+        valid = valid & (j > pos[:, None] - window)
+    mask = valid[:, None, None, :]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(attend_reduce(q, k, v, mask), want, atol=1e-5)
+    assert torch.allclose(attend_reduce(q[:1], k[:1], v[:1], None),
+                          F.scaled_dot_product_attention(q[:1], k[:1], v[:1]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_compiled_runtimes_share_a_process() -> None:
+    """Two compiled runtimes in one process (dense and pruned in one bench, say) each run their own
+    graphs: after warm-up dynamo checks only the guards that tell its graphs apart, so this checks that
+    those include which runtime, batch of one or more, and for a sliding-window model the masked graph."""
+    ms = [tiny(SPECS["sliding+llama3rope"]), tiny(SPECS["qk_norm+bias"], seed=3)]
+    rts = [Runtime(m, max_batch=3, max_len=48, compile=True, autotune=False) for m in ms]
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    for _ in range(2):
+        for m, rt in zip(ms, rts, strict=True):
+            for batch in (prompts, prompts[:1], prompts[1:2]):
+                seqs, last = greedy_with_runtime(rt, batch, steps=8)
+                check_against_forward(m, batch, seqs, last)
 
 
 @pytest.mark.slow
