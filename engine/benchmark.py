@@ -199,13 +199,14 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
                  batch_sizes: Sequence[int] = (1,), new_tokens: int = 128, prompt_len: int = 128,
                  repeats: int = 3, dtype: torch.dtype | None = torch.bfloat16, device: str | torch.device = "cpu",
                  random_llama7b: bool = False, compile: bool | None = None, progress: bool = False,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, static_batches: Sequence[int] = ()) -> dict[str, Any]:
     """Benchmark ``models`` (sources or built Models) and optionally the HF baseline; returns a dict
     with ``rows`` (one per model x engine x batch: prefill_tok_s, ttft_ms, decode_tok_s, their ranges,
     peak_mem_bytes, bound_tok_s, pct_of_bound, speedup vs the first model, vs_hf), ``bandwidth``,
     ``setup_s`` (load, runtime build and compile seconds, apart from the timings) and ``notes``. The
     first model is the reference for ``speedup``. compile: torch.compile the runtime's decode step
-    (None: on CPU, where it pays, off on CUDA, where the decode step is a CUDA graph)."""
+    (None: on CPU, where it pays, off on CUDA, where the decode step is a CUDA graph). static_batches: batch
+    sizes that get their own autotuned graph in the compiled runtime (see ``Runtime``)."""
     from .loading import load
 
     device = torch.device(device)
@@ -219,6 +220,9 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
                          "on a machine with one")
     if compile is None:
         compile = device.type == "cpu"
+    if static_batches and not compile:
+        raise ValueError("static batch graphs belong to the compiled runtime. Fix: drop --static-batches or "
+                         "compile (--compile)")
     notes: list[str] = []
     setup: dict[str, float] = {}
     built: list[tuple[str, Model]] = []
@@ -245,7 +249,8 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
         prompts = torch.randint(3, m.spec.vocab_size, (bmax, prompt_len), generator=gen).tolist()
         t = time.perf_counter()
         with _Peak(device) as pk:
-            rt = Runtime(m, max_batch=bmax, max_len=max_len, compile=compile)
+            rt = Runtime(m, max_batch=bmax, max_len=max_len, compile=compile,
+                         static_batches=[b for b in static_batches if 2 <= b <= bmax])
         setup[f"runtime {name}"] = time.perf_counter() - t
         if compile:
             setup[f"compile {name}"] = rt.compile_s
@@ -306,6 +311,7 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
     return {"device": str(device), "dtype": str(built[0][1].dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(), "compiled": compile, "load_avg_1min": load_avg,
             "new_tokens": new_tokens, "prompt_len": prompt_len, "repeats": repeats, "bandwidth": bw,
+            "static_batches": sorted(set(static_batches)),
             "setup_s": setup, "notes": notes, "rows": rows}
 
 
@@ -355,8 +361,10 @@ def format_table(res: dict[str, Any]) -> str:
                      _with_range(r, "speedup", "{:.2f}", "x") + f" (pred {r['predicted_speedup']:.2f}x)"
                      if "speedup" in r else "-"])
     bw = res["bandwidth"]
+    static = res.get("static_batches")
     head = (f"{res['device']} {res['dtype']}, {res['threads']} threads, load {res['load_avg_1min']:.1f}, runtime "
-            f"{'compiled' if res.get('compiled') else 'eager'}; prompt "
+            f"{'compiled' if res.get('compiled') else 'eager'}"
+            f"{' (own graphs at batch ' + ','.join(map(str, static)) + ')' if static else ''}; prompt "
             f"{res['prompt_len']} + {res['new_tokens']} new tokens, median [range] of {res['repeats']} interleaved "
             f"repeats; bandwidth {bw['bandwidth_gbs']:.1f} GB/s (median of probes before each run; GEMV "
             f"{bw['gemv_gbs']:.1f}, read {bw['read_gbs']:.1f})")

@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the runtime's decode step (default: on for CPU, where it pays; the compile "
                    "time, about a minute or two per model, is reported apart). --no-compile measures eager")
+    p.add_argument("--static-batches", default="", metavar="N,N",
+                   help="compiled runtime: batch sizes that get their own autotuned graph, e.g. 4,16 (about a "
+                   "minute more of compiling each per model; default none: batch 1 has its own, the others "
+                   "share one)")
     p.add_argument("--random-llama7b", action="store_true",
                    help="also bench a random-weight model with Llama-2-7B's shapes (GPU only)")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
@@ -37,14 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_batch_sizes(text: str) -> list[int]:
+def parse_sizes(text: str, flag: str = "--batch-sizes", empty: bool = False) -> list[int]:
+    """A comma-separated list of positive integers (``empty``: may be empty)."""
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
+        ok = (bool(sizes) or empty) and all(x >= 1 for x in sizes)
     except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"--batch-sizes {text!r} is not a comma-separated list of positive integers. Fix: e.g. "
-                         "--batch-sizes 1,4,16")
+        ok = False
+    if not ok:
+        raise ValueError(f"{flag} {text!r} is not a comma-separated list of positive integers. Fix: e.g. "
+                         f"{flag} 1,4,16")
     return sizes
 
 
@@ -60,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.models and not args.random_llama7b:
         raise ValueError("no model to benchmark. Fix: name one or more models (e.g. smollm2-135m)")
     res = bench_models(args.models, baseline=None if args.baseline == "none" else args.baseline,
-                       batch_sizes=parse_batch_sizes(args.batch_sizes), new_tokens=args.new_tokens,
+                       batch_sizes=parse_sizes(args.batch_sizes), new_tokens=args.new_tokens,
                        prompt_len=args.prompt_len, repeats=args.repeats, dtype=torch_dtype(args.dtype),
                        device=args.device, random_llama7b=args.random_llama7b, compile=args.compile,
+                       static_batches=parse_sizes(args.static_batches, "--static-batches", empty=True),
                        progress=not args.json)
     if args.plot:
         plot(res, args.plot)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .cli_util import add_common, torch_dtype
+from .cmd_bench import parse_sizes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CPU: faster decoding after about a minute of compiling "
                    "at start-up)")
+    p.add_argument("--static-batches", default="", metavar="N,N",
+                   help="with --compile: batch sizes that get their own autotuned graph, e.g. 4,16 (about a "
+                   "minute more of compiling each; default none)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run)
@@ -54,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
     serve(model, tok, host=args.host, port=args.port, model_name=name, log_level=args.log_level,
           max_batch=args.max_batch, max_len=min(args.max_len, model.spec.max_position),
           max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
-          compile=args.compile)
+          compile=args.compile, static_batches=parse_sizes(args.static_batches, "--static-batches", empty=True))
     return 0

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,11 +64,13 @@ class Request:
 
 
 class Scheduler:
-    """Owns ``Runtime(model, max_batch, max_len, compile)`` on a background thread (``start``/``stop``)."""
+    """Owns ``Runtime(model, max_batch, max_len, compile, static_batches)`` on a background thread
+    (``start``/``stop``)."""
 
     def __init__(self, model: Model, tokenizer: Any, *, max_batch: int = 16, max_len: int = 1024,
-                 max_queue: int = 64, compile: bool = False):
-        self.runtime = Runtime(model, max_batch=max_batch, max_len=max_len, compile=compile)
+                 max_queue: int = 64, compile: bool = False, static_batches: Sequence[int] = ()):
+        self.runtime = Runtime(model, max_batch=max_batch, max_len=max_len, compile=compile,
+                               static_batches=static_batches)
         self.tokenizer = tokenizer
         self.eos = eos_ids(model, tokenizer)
         self.max_queue = max_queue

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -84,14 +84,16 @@ class ChatBody(_Common):
 # ---- the app ---------------------------------------------------------------------------------------
 def create_app(model: Model, tokenizer: Any, *, model_name: str = "layerfold", max_batch: int = 16,
                max_len: int = 1024, max_prompt_tokens: int | None = None, max_tokens_limit: int | None = None,
-               max_queue: int = 64, compile: bool = False) -> FastAPI:
+               max_queue: int = 64, compile: bool = False, static_batches: Sequence[int] = ()) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the scheduler thread (``app.state.scheduler``).
 
     max_len: cache slots per request (prompt + completion). max_prompt_tokens (default max_len - 1)
     and max_tokens_limit (default max_len - 1) bound a request; max_queue bounds requests waiting
-    for a free slot. compile: torch.compile the decode step (CPU; about a minute at start-up).
+    for a free slot. compile: torch.compile the decode step (CPU; about a minute at start-up);
+    static_batches: batch sizes with their own autotuned graph (see ``Runtime``).
     """
-    sched = Scheduler(model, tokenizer, max_batch=max_batch, max_len=max_len, max_queue=max_queue, compile=compile)
+    sched = Scheduler(model, tokenizer, max_batch=max_batch, max_len=max_len, max_queue=max_queue, compile=compile,
+                      static_batches=static_batches)
     lim_prompt = min(max_prompt_tokens or max_len - 1, max_len - 1)
     lim_tokens = min(max_tokens_limit or max_len - 1, max_len - 1)
 

@@ -195,6 +195,26 @@ def test_cuda_graph_triton_path_matches_forward() -> None:
     check_against_forward(m, prompts, seqs, last.cuda())
 
 
+def test_idle_rows_pad_a_static_batch() -> None:
+    """decode of n rows padded to a larger static batch (idle rows n..b-1, as a compiled runtime with
+    static_batches does) returns the same tokens and logits, and leaves the idle rows' lengths alone."""
+    m = tiny(hetero_spec(), seed=4)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [40, 41, 42, 43]]
+    plain = Runtime(m, max_batch=4, max_len=32)
+    padded = Runtime(m, max_batch=4, max_len=32)
+    padded.static_batches = [4]  # what compile=True, static_batches=(4,) sets (the graphs aside)
+    assert padded._graph_batch(3) == 4 and padded._graph_batch(1) == 1
+    want, last_w = greedy_with_runtime(plain, prompts, steps=5)
+    got, last_g = greedy_with_runtime(padded, prompts, steps=5)
+    assert got == want and last_g.shape == last_w.shape
+    assert (last_g - last_w).abs().max().item() < TOL
+    assert padded.lengths == plain.lengths and padded.lengths[3] == 0
+    with pytest.raises(ValueError, match="static_batches"):
+        Runtime(m, max_batch=4, max_len=32, static_batches=(2,))  # not compiled
+    with pytest.raises(ValueError, match="static_batches"):
+        Runtime(m, max_batch=4, max_len=32, compile=True, static_batches=(8,))  # above max_batch
+
+
 @pytest.mark.parametrize("window", [None, 3])
 def test_attend_reduce_equals_sdpa(window: int | None) -> None:
     """The compiled CPU path's decode attention (products and sums) against SDPA, grouped heads and a
@@ -227,6 +247,17 @@ def test_two_compiled_runtimes_share_a_process() -> None:
             for batch in (prompts, prompts[:1], prompts[1:2]):
                 seqs, last = greedy_with_runtime(rt, batch, steps=8)
                 check_against_forward(m, batch, seqs, last)
+
+
+@pytest.mark.slow
+def test_compiled_static_batch_matches_forward() -> None:
+    """A static batch graph (batch 3 here) serves 3 rows, and 2 rows padded with an idle one."""
+    m = tiny(SPECS["hetero"], seed=5)
+    rt = Runtime(m, max_batch=3, max_len=48, compile=True, autotune=False, static_batches=(3,))
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    for batch in (prompts, prompts[:2]):
+        seqs, last = greedy_with_runtime(rt, batch, steps=8)
+        check_against_forward(m, batch, seqs, last)
 
 
 @pytest.mark.slow
