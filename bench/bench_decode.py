@@ -116,9 +116,10 @@ def main() -> int:
     print(f"{args.model} {args.dtype}, batch {B}, {torch.get_num_threads()} threads: {wbytes / 1e6:.0f} MB of "
           f"weights a step, bound {bound:.1f} tok/s at {bw:.1f} GB/s"
           + (f"; compile {compile_s:.0f} s" if compile_s else ""))
+    width = max(map(len, out["results"]))
     for k, v in out["results"].items():
         pct = f"  ({100 * v['median'] / bound:.0f}% of bound)" if k.startswith("decode") else ""
-        print(f"  {k:40s} {v['median']:8.1f}  [{v['min']:.1f}-{v['max']:.1f}]{pct}")
+        print(f"  {k:{width}s} {v['median']:8.1f}  [{v['min']:.1f}-{v['max']:.1f}]{pct}")
     return 0
 
 

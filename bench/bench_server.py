@@ -1,7 +1,7 @@
 """Throughput of `layerfold serve` with 1, 4 and 16 concurrent clients, on loopback only.
 
     python bench/bench_server.py [MODEL] [--dtype bf16] [--clients 1,4,16] [--requests 2] [--max-tokens 64]
-                                 [--timeout 600] [--threads N] [--compile] [--json]
+                                 [--timeout 600] [--threads N] [--compile [--static-batches 4,16]] [--json]
 
 Starts the server in-process on a free 127.0.0.1 port (the same app `layerfold serve` runs), then for
 each concurrency level C runs C client threads with the official `openai` client, each sending
@@ -35,12 +35,14 @@ QUESTIONS = ["What is the capital of France?", "Explain what a hash table is.", 
              "What does HTTP stand for?", "Summarise the plot of Hamlet."]
 
 
-def start_server(model: Any, tok: Any, max_batch: int, compile: bool) -> tuple[str, Any, Any]:
+def start_server(model: Any, tok: Any, max_batch: int, compile: bool,
+                 static_batches: list[int] | None = None) -> tuple[str, Any, Any]:
     import uvicorn
 
     from engine.server import create_app
 
-    app = create_app(model, tok, model_name="bench", max_batch=max_batch, max_len=512, compile=compile)
+    app = create_app(model, tok, model_name="bench", max_batch=max_batch, max_len=512, compile=compile,
+                     static_batches=static_batches or ())
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -80,6 +82,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=600, help="deadline for the whole run, seconds")
     ap.add_argument("--compile", action="store_true", help="serve with the torch.compile'd decode step")
+    ap.add_argument("--static-batches", default="", help="with --compile: batch sizes with a graph of their own, "
+                    "e.g. 4,16 (see Runtime)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -91,7 +95,8 @@ def main() -> int:
     levels = [int(x) for x in args.clients.split(",")]
     model, tok = load(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, quiet=True)
     t0 = time.perf_counter()
-    base, srv, sched = start_server(model, tok, max_batch=max(levels), compile=args.compile)
+    static = [int(x) for x in args.static_batches.split(",") if x.strip()]
+    base, srv, sched = start_server(model, tok, max_batch=max(levels), compile=args.compile, static_batches=static)
     startup = time.perf_counter() - t0
     one_client(base, 0, 1, 4, args.timeout)  # warm-up
     deadline = time.time() + args.timeout
@@ -114,11 +119,12 @@ def main() -> int:
                         "max_batch_formed": sched.max_rows_in_step})
     srv.should_exit = True
     out = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "max_tokens": args.max_tokens,
-           "compiled": args.compile, "startup_s": startup, "results": results}
+           "compiled": args.compile, "static_batches": static, "startup_s": startup, "results": results}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{args.model} {args.dtype}, {out['threads']} threads, {'compiled' if args.compile else 'eager'} runtime "
+    print(f"{args.model} {args.dtype}, {out['threads']} threads, {'compiled' if args.compile else 'eager'} runtime"
+          f"{' (own graphs at batch ' + args.static_batches + ')' if static else ''} "
           f"(start-up {startup:.0f} s), {args.requests} streamed chat requests per client, max_tokens "
           f"{args.max_tokens}, greedy")
     print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'tok/s':>8} {'req/s':>6} {'TTFT p50':>9} "
