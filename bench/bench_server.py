@@ -1,9 +1,12 @@
 """Throughput of `layerfold serve` with 1, 4 and 16 concurrent clients, on loopback only.
 
     python bench/bench_server.py [MODEL] [--dtype bf16] [--clients 1,4,16] [--requests 2] [--max-tokens 64]
-                                 [--timeout 600] [--threads N] [--compile [--static-batches 4,16]] [--json]
+                                 [--timeout 600] [--threads N] [--compile [--static-batches 4,16]]
+                                 [--process] [--json]
 
-Starts the server in-process on a free 127.0.0.1 port (the same app `layerfold serve` runs), then for
+Starts the server in-process on a free 127.0.0.1 port (the same app `layerfold serve` runs; with
+--process, `layerfold serve` itself in a child process, so that the clients' Python does not share
+the server's interpreter lock, as in a real deployment), then for
 each concurrency level C runs C client threads with the official `openai` client, each sending
 ``--requests`` streamed chat completions in a row (greedy, at most ``--max-tokens`` each; a reply
 may end earlier at EOS, and the token counts come from the server's usage report). Reports
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import socket
 import statistics
 import sys
@@ -52,6 +56,46 @@ def start_server(model: Any, tok: Any, max_batch: int, compile: bool,
     return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", srv, app.state.scheduler
 
 
+def start_process(args: argparse.Namespace, max_batch: int, timeout: float) -> tuple[str, Any]:
+    """`layerfold serve` in a child process on a free loopback port; returns (base URL, process) once
+    /health answers."""
+    import subprocess
+    import urllib.request
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "engine", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
+           "--model-name", "bench", "--max-batch", str(max_batch), "--max-len", "512", "--dtype", args.dtype,
+           "--log-level", "warning"]
+    cmd += ["--compile"] if args.compile else []
+    cmd += ["--static-batches", args.static_batches] if args.static_batches else []
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode} before answering: {' '.join(cmd)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if json.load(r).get("status") == "ok":
+                    return f"http://127.0.0.1:{port}/v1", proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"the server did not answer /health within {timeout:.0f} s")
+
+
+def max_rows(base: str, sched: Any) -> int:
+    """The largest decode batch the scheduler formed so far (in-process, or from the server's /health)."""
+    if sched is not None:
+        return int(sched.max_rows_in_step)
+    import urllib.request
+
+    with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=10) as r:
+        return int(json.load(r)["max_rows_in_step"])
+
+
 def one_client(base: str, idx: int, requests: int, max_tokens: int, timeout: float) -> list[dict[str, float]]:
     import openai
 
@@ -84,6 +128,8 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="serve with the torch.compile'd decode step")
     ap.add_argument("--static-batches", default="", help="with --compile: batch sizes with a graph of their own, "
                     "e.g. 4,16 (see Runtime)")
+    ap.add_argument("--process", action="store_true",
+                    help="run `layerfold serve` in a child process (default: in this process, on a thread)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -93,16 +139,21 @@ def main() -> int:
     from engine.loading import load
 
     levels = [int(x) for x in args.clients.split(",")]
-    model, tok = load(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, quiet=True)
     t0 = time.perf_counter()
     static = [int(x) for x in args.static_batches.split(",") if x.strip()]
-    base, srv, sched = start_server(model, tok, max_batch=max(levels), compile=args.compile, static_batches=static)
+    if args.process:
+        (base, proc), srv, sched = start_process(args, max(levels), args.timeout), None, None
+    else:
+        model, tok = load(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, quiet=True)
+        base, srv, sched = start_server(model, tok, max_batch=max(levels), compile=args.compile,
+                                        static_batches=static)
     startup = time.perf_counter() - t0
     one_client(base, 0, 1, 4, args.timeout)  # warm-up
     deadline = time.time() + args.timeout
     results = []
     for c in levels:
-        sched.max_rows_in_step = 0
+        if sched is not None:
+            sched.max_rows_in_step = 0  # per level (the child process's count only grows; levels ascend)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(c) as ex:
             futs = [ex.submit(one_client, base, i, args.requests, args.max_tokens, max(1.0, deadline - time.time()))
@@ -116,14 +167,20 @@ def main() -> int:
                         "ttft_median_s": statistics.median(r["ttft_s"] for r in runs),
                         "latency_median_s": statistics.median(lat),
                         "latency_p95_s": lat[max(0, math.ceil(0.95 * len(lat)) - 1)],
-                        "max_batch_formed": sched.max_rows_in_step})
-    srv.should_exit = True
+                        "max_batch_formed": max_rows(base, sched)})
+    if args.process:
+        proc.terminate()
+        proc.wait(timeout=30)
+    else:
+        srv.should_exit = True
     out = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "max_tokens": args.max_tokens,
-           "compiled": args.compile, "static_batches": static, "startup_s": startup, "results": results}
+           "compiled": args.compile, "static_batches": static, "server_process": args.process, "startup_s": startup,
+           "results": results}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     print(f"{args.model} {args.dtype}, {out['threads']} threads, {'compiled' if args.compile else 'eager'} runtime"
+          f"{' in a child process' if args.process else ''}"
           f"{' (own graphs at batch ' + args.static_batches + ')' if static else ''} "
           f"(start-up {startup:.0f} s), {args.requests} streamed chat requests per client, max_tokens "
           f"{args.max_tokens}, greedy")

@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
         from .benchmark import bench_models, format_table
 
         _stage("7. benchmark dense vs pruned (bf16 decode, batch 1)",
-               f"layerfold bench {args.model} {out} --dtype bfloat16", quiet)
+               f"layerfold bench {args.model} {out} --dtype bfloat16 --batch-sizes 1"
+               + (" --new-tokens 32" if args.quick else ""), quiet)
         b = bench_models([args.model, str(out)], dtype=torch.bfloat16, batch_sizes=(1,),
                          new_tokens=32 if args.quick else 128, repeats=3, progress=not quiet)
         summary["bench"] = b["rows"]

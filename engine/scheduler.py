@@ -114,7 +114,7 @@ class Scheduler:
 
     def stats(self) -> dict[str, int]:
         return {"active": sum(s is not None for s in self.slots), "queued": len(self.pending),
-                "slots": len(self.slots), "steps": self.steps}
+                "slots": len(self.slots), "steps": self.steps, "max_rows_in_step": self.max_rows_in_step}
 
     # ---- the scheduler thread -------------------------------------------------------------------
     def _loop(self) -> None:
