@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_sizes(text: str, flag: str = "--batch-sizes", empty: bool = False) -> list[int]:
+def parse_sizes(text: str, flag: str = "--batch-sizes", empty: bool = False, example: str = "1,4,16") -> list[int]:
     """A comma-separated list of positive integers (``empty``: may be empty)."""
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
@@ -50,7 +50,7 @@ def parse_sizes(text: str, flag: str = "--batch-sizes", empty: bool = False) -> 
         ok = False
     if not ok:
         raise ValueError(f"{flag} {text!r} is not a comma-separated list of positive integers. Fix: e.g. "
-                         f"{flag} 1,4,16")
+                         f"{flag} {example}")
     return sizes
 
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                        batch_sizes=parse_sizes(args.batch_sizes), new_tokens=args.new_tokens,
                        prompt_len=args.prompt_len, repeats=args.repeats, dtype=torch_dtype(args.dtype),
                        device=args.device, random_llama7b=args.random_llama7b, compile=args.compile,
-                       static_batches=parse_sizes(args.static_batches, "--static-batches", empty=True),
+                       static_batches=parse_sizes(args.static_batches, "--static-batches", empty=True, example="4,16"),
                        progress=not args.json)
     if args.plot:
         plot(res, args.plot)

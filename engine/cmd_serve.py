@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive. Fix: pass a "
                              "positive number")
+    static = parse_sizes(args.static_batches, "--static-batches", empty=True, example="4,16")
+    if static and not args.compile:
+        raise ValueError("--static-batches gives batch sizes graphs of their own in the compiled runtime. Fix: add "
+                         "--compile, or drop --static-batches")
     model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype))
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer. Fix: serve a model directory that includes one")
@@ -58,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
     serve(model, tok, host=args.host, port=args.port, model_name=name, log_level=args.log_level,
           max_batch=args.max_batch, max_len=min(args.max_len, model.spec.max_position),
           max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
-          compile=args.compile, static_batches=parse_sizes(args.static_batches, "--static-batches", empty=True))
+          compile=args.compile, static_batches=static)
     return 0
