@@ -136,11 +136,12 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from engine.cli_util import parse_sizes
     from engine.loading import load
 
-    levels = [int(x) for x in args.clients.split(",")]
+    levels = parse_sizes(args.clients, "--clients")
     t0 = time.perf_counter()
-    static = [int(x) for x in args.static_batches.split(",") if x.strip()]
+    static = parse_sizes(args.static_batches, "--static-batches", empty=True, example="4,16")
     if args.process:
         (base, proc), srv, sched = start_process(args, max(levels), args.timeout), None, None
     else:

@@ -71,3 +71,16 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def parse_sizes(text: str, flag: str = "--batch-sizes", empty: bool = False, example: str = "1,4,16") -> list[int]:
+    """A comma-separated list of positive integers (``empty``: may be empty)."""
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+        ok = (bool(sizes) or empty) and all(x >= 1 for x in sizes)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{flag} {text!r} is not a comma-separated list of positive integers. Fix: e.g. "
+                         f"{flag} {example}")
+    return sizes

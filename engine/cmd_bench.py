@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_util import emit, torch_dtype
+from .cli_util import emit, parse_sizes, torch_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,19 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     p.add_argument("--plot", metavar="PNG", default=None, help="write a bar chart of the results to this PNG file")
     p.set_defaults(func=run)
-
-
-def parse_sizes(text: str, flag: str = "--batch-sizes", empty: bool = False, example: str = "1,4,16") -> list[int]:
-    """A comma-separated list of positive integers (``empty``: may be empty)."""
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-        ok = (bool(sizes) or empty) and all(x >= 1 for x in sizes)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{flag} {text!r} is not a comma-separated list of positive integers. Fix: e.g. "
-                         f"{flag} {example}")
-    return sizes
 
 
 def run(args: argparse.Namespace) -> int:

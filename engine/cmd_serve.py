@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_util import add_common, torch_dtype
-from .cmd_bench import parse_sizes
+from .cli_util import add_common, parse_sizes, torch_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:
