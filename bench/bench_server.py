@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import socket
 import statistics
 import sys
@@ -70,8 +69,8 @@ def start_process(args: argparse.Namespace, max_batch: int, timeout: float) -> t
            "--log-level", "warning"]
     cmd += ["--compile"] if args.compile else []
     cmd += ["--static-batches", args.static_batches] if args.static_batches else []
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env)
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -90,10 +89,14 @@ def max_rows(base: str, sched: Any) -> int:
     """The largest decode batch the scheduler formed so far (in-process, or from the server's /health)."""
     if sched is not None:
         return int(sched.max_rows_in_step)
+    return int(health(base)["max_rows_in_step"])
+
+
+def health(base: str) -> dict[str, Any]:
     import urllib.request
 
     with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=10) as r:
-        return int(json.load(r)["max_rows_in_step"])
+        return json.load(r)
 
 
 def one_client(base: str, idx: int, requests: int, max_tokens: int, timeout: float) -> list[dict[str, float]]:
@@ -130,14 +133,14 @@ def main() -> int:
                     "e.g. 4,16 (see Runtime)")
     ap.add_argument("--process", action="store_true",
                     help="run `layerfold serve` in a child process (default: in this process, on a thread)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads of the server (default: `layerfold serve`'s, one fewer than the cores)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     from engine.cli_util import parse_sizes
     from engine.loading import load
+    from engine.server import serving_threads
 
     levels = parse_sizes(args.clients, "--clients")
     t0 = time.perf_counter()
@@ -145,6 +148,7 @@ def main() -> int:
     if args.process:
         (base, proc), srv, sched = start_process(args, max(levels), args.timeout), None, None
     else:
+        torch.set_num_threads(serving_threads(args.threads))  # as `layerfold serve` does
         model, tok = load(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, quiet=True)
         base, srv, sched = start_server(model, tok, max_batch=max(levels), compile=args.compile,
                                         static_batches=static)
@@ -169,18 +173,20 @@ def main() -> int:
                         "latency_median_s": statistics.median(lat),
                         "latency_p95_s": lat[max(0, math.ceil(0.95 * len(lat)) - 1)],
                         "max_batch_formed": max_rows(base, sched)})
+    threads = health(base)["threads"]
     if args.process:
         proc.terminate()
         proc.wait(timeout=30)
     else:
         srv.should_exit = True
-    out = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "max_tokens": args.max_tokens,
+    out = {"model": args.model, "dtype": args.dtype, "threads": threads, "max_tokens": args.max_tokens,
            "compiled": args.compile, "static_batches": static, "server_process": args.process, "startup_s": startup,
            "results": results}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{args.model} {args.dtype}, {out['threads']} threads, {'compiled' if args.compile else 'eager'} runtime"
+    n = out["threads"]
+    print(f"{args.model} {args.dtype}, {n} thread{'s' * (n > 1)}, {'compiled' if args.compile else 'eager'} runtime"
           f"{' in a child process' if args.process else ''}"
           f"{' (own graphs at batch ' + args.static_batches + ')' if static else ''} "
           f"(start-up {startup:.0f} s), {args.requests} streamed chat requests per client, max_tokens "

@@ -35,14 +35,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--static-batches", default="", metavar="N,N",
                    help="with --compile: batch sizes that get their own autotuned graph, e.g. 4,16 (about a "
                    "minute more of compiling each; default none)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for prefill and decode (default: one fewer than the cores, at least 1, "
+                   "leaving a core to the HTTP side; OMP_NUM_THREADS, when set, is kept). All cores pay off when many "
+                   "clients share large batches (README, serving)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from .loading import load
-    from .server import serve
+    from .server import serve, serving_threads
 
     for name in ("max_batch", "max_len", "max_queue", "port"):
         if getattr(args, name) < 1:
@@ -52,12 +58,14 @@ def run(args: argparse.Namespace) -> int:
     if static and not args.compile:
         raise ValueError("--static-batches gives batch sizes graphs of their own in the compiled runtime. Fix: add "
                          "--compile, or drop --static-batches")
+    threads = serving_threads(args.threads, args.device)
+    torch.set_num_threads(threads)  # before anything compiles: inductor's CPU kernels keep their thread count
     model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype))
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer. Fix: serve a model directory that includes one")
     name = args.model_name or Path(str(args.model).rstrip("/")).name
     print(f"[layerfold] serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
-          f"context {args.max_len})", file=sys.stderr, flush=True)
+          f"context {args.max_len}, {threads} CPU thread{'s' * (threads > 1)})", file=sys.stderr, flush=True)
     serve(model, tok, host=args.host, port=args.port, model_name=name, log_level=args.log_level,
           max_batch=args.max_batch, max_len=min(args.max_len, model.spec.max_position),
           max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,

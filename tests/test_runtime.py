@@ -186,6 +186,7 @@ def test_bench_models_api_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["bench", srcs[1], "--no-compile", "--static-batches", "4"]) == 2  # static graphs need compile
     assert main(["serve", srcs[1], "--static-batches", "x"]) == 2  # both refused before anything loads
     assert main(["serve", srcs[1], "--static-batches", "4"]) == 2
+    assert main(["serve", srcs[1], "--threads", "0"]) == 2
     assert "--static-batches" in capsys.readouterr().err
 
 

@@ -21,7 +21,7 @@ from engine import LayerSpec, ModelSpec, build_model
 from engine.generate import generate
 from engine.loading import load_tokenizer, resolve
 from engine.model import Model
-from engine.server import create_app
+from engine.server import create_app, serving_threads
 
 NAME = "tiny-test"
 
@@ -186,3 +186,17 @@ def test_client_disconnect_frees_the_slot(server: tuple[str, Any]) -> None:
         assert time.time() < deadline, "the disconnected request kept its slot"
         time.sleep(0.05)
     assert sched.steps - steps0 < 899  # stopped early: cancelled, not finished
+
+
+def test_serving_threads_leave_a_core_to_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, want in ((8, 7), (2, 1), (1, 1)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda c=cores: c)
+        assert serving_threads(None) == want
+    assert serving_threads(None, "cuda:0") == 1  # the GPU computes: torch's default is kept
+    assert serving_threads(3) == 3
+    with pytest.raises(ValueError, match="--threads 0"):
+        serving_threads(0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert serving_threads(None) == 4  # the user's explicit choice is kept
