@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -318,4 +319,6 @@ def serve(model: Model, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 
     import uvicorn
 
     app = create_app(model, tokenizer, model_name=model_name, **limits)
+    if limits.get("compile"):
+        print(f"[layerfold] compiled in {app.state.scheduler.runtime.compile_s:.0f} s", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
