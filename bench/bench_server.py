@@ -39,13 +39,13 @@ QUESTIONS = ["What is the capital of France?", "Explain what a hash table is.", 
 
 
 def start_server(model: Any, tok: Any, max_batch: int, compile: bool,
-                 static_batches: list[int] | None = None) -> tuple[str, Any, Any]:
+                 static_batches: list[int] | None = None, prefill_threads: int | None = None) -> tuple[str, Any, Any]:
     import uvicorn
 
     from engine.server import create_app
 
     app = create_app(model, tok, model_name="bench", max_batch=max_batch, max_len=512, compile=compile,
-                     static_batches=static_batches or ())
+                     static_batches=static_batches or (), prefill_threads=prefill_threads)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -148,10 +148,11 @@ def main() -> int:
     if args.process:
         (base, proc), srv, sched = start_process(args, max(levels), args.timeout), None, None
     else:
-        torch.set_num_threads(serving_threads(args.threads))  # as `layerfold serve` does
+        threads, prefill_threads = serving_threads(args.threads)  # as `layerfold serve` does
+        torch.set_num_threads(threads)
         model, tok = load(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, quiet=True)
         base, srv, sched = start_server(model, tok, max_batch=max(levels), compile=args.compile,
-                                        static_batches=static)
+                                        static_batches=static, prefill_threads=prefill_threads)
     startup = time.perf_counter() - t0
     one_client(base, 0, 1, 4, args.timeout)  # warm-up
     deadline = time.time() + args.timeout

@@ -36,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --compile: batch sizes that get their own autotuned graph, e.g. 4,16 (about a "
                    "minute more of compiling each; default none)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for prefill and decode (default: one fewer than the cores, at least 1, "
-                   "leaving a core to the HTTP side; OMP_NUM_THREADS, when set, is kept). All cores pay off when many "
+                   help="torch CPU threads for decode steps and prefills (default: decode on one fewer than the "
+                   "cores, at least 1, leaving a core to the HTTP side, and prefill on all; OMP_NUM_THREADS, when "
+                   "set, is kept). All cores pay off when many "
                    "clients share large batches (README, serving)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if static and not args.compile:
         raise ValueError("--static-batches gives batch sizes graphs of their own in the compiled runtime. Fix: add "
                          "--compile, or drop --static-batches")
-    threads = serving_threads(args.threads, args.device)
+    threads, prefill_threads = serving_threads(args.threads, args.device)
     torch.set_num_threads(threads)  # before anything compiles: inductor's CPU kernels keep their thread count
     model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype))
     if tok is None:
@@ -72,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
     serve(model, tok, host=args.host, port=args.port, model_name=name, log_level=args.log_level,
           max_batch=args.max_batch, max_len=min(args.max_len, model.spec.max_position),
           max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
-          compile=args.compile, static_batches=static)
+          compile=args.compile, static_batches=static, prefill_threads=prefill_threads)
     return 0

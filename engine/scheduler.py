@@ -65,12 +65,16 @@ class Request:
 
 class Scheduler:
     """Owns ``Runtime(model, max_batch, max_len, compile, static_batches)`` on a background thread
-    (``start``/``stop``)."""
+    (``start``/``stop``). prefill_threads: torch CPU threads for the prefills (default: the current
+    count, as the decode steps): a prefill is a few large matrix products, which a core shared with the
+    HTTP side slows much less than it does the many small parallel regions of a decode step."""
 
     def __init__(self, model: Model, tokenizer: Any, *, max_batch: int = 16, max_len: int = 1024,
-                 max_queue: int = 64, compile: bool = False, static_batches: Sequence[int] = ()):
+                 max_queue: int = 64, compile: bool = False, static_batches: Sequence[int] = (),
+                 prefill_threads: int | None = None):
         self.runtime = Runtime(model, max_batch=max_batch, max_len=max_len, compile=compile,
                                static_batches=static_batches)
+        self.prefill_threads = prefill_threads
         self.tokenizer = tokenizer
         self.eos = eos_ids(model, tokenizer)
         self.max_queue = max_queue
@@ -159,7 +163,13 @@ class Scheduler:
             r.stream = TextStream(self.tokenizer, r.stop)
             r.gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
             self.slots[slot] = r
-        logits = self.runtime.prefill([r.prompt_ids for _, r in batch], rows=[s for s, _ in batch])
+        threads = torch.get_num_threads()
+        if self.prefill_threads:
+            torch.set_num_threads(self.prefill_threads)
+        try:
+            logits = self.runtime.prefill([r.prompt_ids for _, r in batch], rows=[s for s, _ in batch])
+        finally:
+            torch.set_num_threads(threads)
         nxt = sample_next(logits, [r.temperature for _, r in batch], [r.top_p for _, r in batch],
                           [r.gen for _, r in batch])
         for (slot, r), t in zip(batch, nxt, strict=True):

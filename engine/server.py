@@ -33,22 +33,23 @@ from .scheduler import Request as GenRequest
 __all__ = ["ApiError", "create_app", "serve", "serving_threads"]
 
 
-def serving_threads(requested: int | None, device: str = "cpu") -> int:
-    """Torch CPU threads for a server's prefill and decode steps: ``requested`` when given, else one
-    fewer than torch's default on CPU (at least 1), so that the HTTP side (event loop, server-sent
-    events) has a core of its own. torch's CPU threads spin between the many small parallel regions
-    of a decode step; a request's streaming that preempts one of them stalls the whole step (on this
-    project's 2-core CPU: one client, 1 thread 58 tok/s against 2 threads 38 tok/s, see README).
-    ``OMP_NUM_THREADS`` set in the environment is taken as the user's choice and kept."""
+def serving_threads(requested: int | None, device: str = "cpu") -> tuple[int, int]:
+    """Torch CPU threads for a server's (decode steps, prefills): ``requested`` for both when given.
+    Else, on CPU, the decode steps get one fewer than torch's default (at least 1), so that the HTTP
+    side (event loop, server-sent events) has a core of its own: torch's threads spin between the many
+    small parallel regions of a decode step, and a request's streaming that preempts one of them
+    stalls the whole step (on this project's 2-core CPU one client got 70 tok/s with 1 thread against
+    41 with 2, see README). Prefills, a few large matrix products, keep every core.
+    ``OMP_NUM_THREADS`` set in the environment is taken as the user's choice and kept for both."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads {requested} must be >= 1. Fix: pass a positive thread count, or leave it "
                              "out for one fewer than the cores")
-        return requested
+        return requested, requested
     n = torch.get_num_threads()
     if not str(device).startswith("cpu") or os.environ.get("OMP_NUM_THREADS"):
-        return n
-    return max(1, n - 1)
+        return n, n
+    return max(1, n - 1), n
 
 
 class ApiError(Exception):
@@ -105,16 +106,18 @@ class ChatBody(_Common):
 # ---- the app ---------------------------------------------------------------------------------------
 def create_app(model: Model, tokenizer: Any, *, model_name: str = "layerfold", max_batch: int = 16,
                max_len: int = 1024, max_prompt_tokens: int | None = None, max_tokens_limit: int | None = None,
-               max_queue: int = 64, compile: bool = False, static_batches: Sequence[int] = ()) -> FastAPI:
+               max_queue: int = 64, compile: bool = False, static_batches: Sequence[int] = (),
+               prefill_threads: int | None = None) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the scheduler thread (``app.state.scheduler``).
 
     max_len: cache slots per request (prompt + completion). max_prompt_tokens (default max_len - 1)
     and max_tokens_limit (default max_len - 1) bound a request; max_queue bounds requests waiting
     for a free slot. compile: torch.compile the decode step (CPU; about a minute at start-up);
-    static_batches: batch sizes with their own autotuned graph (see ``Runtime``).
+    static_batches: batch sizes with their own autotuned graph (see ``Runtime``). prefill_threads:
+    torch CPU threads for prefills (default: the current count; see ``Scheduler``).
     """
     sched = Scheduler(model, tokenizer, max_batch=max_batch, max_len=max_len, max_queue=max_queue, compile=compile,
-                      static_batches=static_batches)
+                      static_batches=static_batches, prefill_threads=prefill_threads)
     lim_prompt = min(max_prompt_tokens or max_len - 1, max_len - 1)
     lim_tokens = min(max_tokens_limit or max_len - 1, max_len - 1)
 

@@ -192,11 +192,42 @@ def test_serving_threads_leave_a_core_to_http(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     for cores, want in ((8, 7), (2, 1), (1, 1)):
         monkeypatch.setattr(torch, "get_num_threads", lambda c=cores: c)
-        assert serving_threads(None) == want
-    assert serving_threads(None, "cuda:0") == 1  # the GPU computes: torch's default is kept
-    assert serving_threads(3) == 3
+        assert serving_threads(None) == (want, cores)  # prefills keep every core
+    assert serving_threads(None, "cuda:0") == (1, 1)  # the GPU computes: torch's default is kept
+    assert serving_threads(3) == (3, 3)
     with pytest.raises(ValueError, match="--threads 0"):
         serving_threads(0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    assert serving_threads(None) == 4  # the user's explicit choice is kept
+    assert serving_threads(None) == (4, 4)  # the user's explicit choice is kept
+
+
+def test_prefill_threads_apply_to_prefills_only(model: Model, tok: Any) -> None:
+    from engine.scheduler import Request as GenRequest
+    from engine.scheduler import Scheduler
+
+    sched = Scheduler(model, tok, max_batch=2, max_len=64, prefill_threads=2)
+    seen: dict[str, list[int]] = {"prefill": [], "decode": []}
+    for name in seen:
+        f = getattr(sched.runtime, name)
+
+        def spy(*a: Any, _f: Any = f, _name: str = name, **k: Any) -> Any:
+            seen[_name].append(torch.get_num_threads())
+            return _f(*a, **k)
+        setattr(sched.runtime, name, spy)
+    done = threading.Event()
+    events: list[Any] = []
+
+    def emit(ev: Any) -> None:
+        events.append(ev)
+        if ev.kind != "delta":
+            done.set()
+    sched.start()
+    try:
+        sched.submit(GenRequest(tok.encode("Hello there"), 4, emit))
+        assert done.wait(30), "no answer in 30 s"
+    finally:
+        sched.stop()
+    assert events[-1].kind == "done" and events[-1].completion_tokens >= 1
+    assert seen["prefill"] == [2]  # the prefill ran on its own thread count ...
+    assert seen["decode"] and set(seen["decode"]) == {1}  # ... and the decode steps on the server's (one_thread)
