@@ -38,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for decode steps and prefills (default: decode on one fewer than the "
                    "cores, at least 1, leaving a core to the HTTP side, and prefill on all; OMP_NUM_THREADS, when "
-                   "set, is kept). All cores pay off when many "
-                   "clients share large batches (README, serving)")
+                   "set, is kept). Decoding on every core may pay when many clients "
+                   "share large batches (README, serving)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run)
