@@ -74,7 +74,8 @@ class Scheduler:
                  prefill_threads: int | None = None):
         self.runtime = Runtime(model, max_batch=max_batch, max_len=max_len, compile=compile,
                                static_batches=static_batches)
-        self.prefill_threads = prefill_threads
+        self.threads = torch.get_num_threads()  # the decode steps' (compiled graphs keep the count they got)
+        self.prefill_threads = prefill_threads or self.threads
         self.tokenizer = tokenizer
         self.eos = eos_ids(model, tokenizer)
         self.max_queue = max_queue
@@ -118,7 +119,8 @@ class Scheduler:
 
     def stats(self) -> dict[str, int]:
         return {"active": sum(s is not None for s in self.slots), "queued": len(self.pending),
-                "slots": len(self.slots), "steps": self.steps, "max_rows_in_step": self.max_rows_in_step}
+                "slots": len(self.slots), "steps": self.steps, "max_rows_in_step": self.max_rows_in_step,
+                "threads": self.threads, "prefill_threads": self.prefill_threads}
 
     # ---- the scheduler thread -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -163,13 +165,14 @@ class Scheduler:
             r.stream = TextStream(self.tokenizer, r.stop)
             r.gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
             self.slots[slot] = r
-        threads = torch.get_num_threads()
-        if self.prefill_threads:
+        switch = self.prefill_threads != self.threads
+        if switch:
             torch.set_num_threads(self.prefill_threads)
         try:
             logits = self.runtime.prefill([r.prompt_ids for _, r in batch], rows=[s for s, _ in batch])
         finally:
-            torch.set_num_threads(threads)
+            if switch:
+                torch.set_num_threads(self.threads)
         nxt = sample_next(logits, [r.temperature for _, r in batch], [r.top_p for _, r in batch],
                           [r.gen for _, r in batch])
         for (slot, r), t in zip(batch, nxt, strict=True):

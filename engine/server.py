@@ -157,7 +157,7 @@ def create_app(model: Model, tokenizer: Any, *, model_name: str = "layerfold", m
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "threads": torch.get_num_threads(), **sched.stats()}
+        return {"status": "ok", "model": model_name, **sched.stats()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
