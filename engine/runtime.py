@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .model import Model
+from .native import NativeDecode, native_unavailable
 from .runtime_net import BACKENDS, DecodeNet, can_pack, decode_weight_bytes
 
 __all__ = ["Runtime", "decode_weight_bytes"]
@@ -46,13 +47,18 @@ class Runtime:
     decoded 1.2x faster than through the shared graph for batches of 2 and more on this project's CPU);
     a call with n rows runs the smallest such graph with room for n when that adds at most n // 2 + 1
     idle rows, else the shared graph. pack_weights: oneDNN-packed weights for the
-    eager CPU path (default when available).
+    eager CPU path (default when available). native: run one-row decode steps (batch 1) with the
+    native CPU step of ``engine.native`` (bf16 on x86 CPUs with AVX-512 BF16: 1.16x the compiled torch
+    step, paired, with no compiling; it keeps its own packed copy of the weights); default: wherever it
+    can run (``native_why`` says why not), True: required, False: off. With it, compile skips the
+    batch-1 graph.
     """
 
     def __init__(self, model: Model, *, max_batch: int = 1, max_len: int | None = None,
                  dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                  kernels: str | None = None, cuda_graphs: bool | None = None, compile: bool = False,
-                 pack_weights: bool | None = None, autotune: bool = True, static_batches: Sequence[int] = ()):
+                 pack_weights: bool | None = None, autotune: bool = True, static_batches: Sequence[int] = (),
+                 native: bool | None = None):
         spec = model.spec
         self.spec = spec
         self.device = torch.device(device) if device is not None else model.device
@@ -72,6 +78,12 @@ class Runtime:
         self.net = DecodeNet(model, max_batch=self.max_batch, max_len=self.max_len, device=self.device,
                              dtype=self.dtype, backend=self.backend, packed=self.packed, compiled=compile)
         self.lengths: list[int] = [0] * self.max_batch
+        off = "native=False"
+        self.native_why = off if native is False else native_unavailable(self.net, self.device, self.dtype)
+        if native and self.native_why:
+            raise ValueError(f"native=True, but the native CPU decode step cannot run here: {self.native_why}. Fix: "
+                             "drop native=True (the torch path runs instead)")
+        self.native = NativeDecode(model, self.net) if not self.native_why else None
         graphable = self.device.type == "cuda" and self.backend == "triton"
         use_graphs = graphable if cuda_graphs is None else cuda_graphs
         if use_graphs and not graphable:
@@ -136,6 +148,8 @@ class Runtime:
         sizes = {1, *self.static_batches}
         shared = [n for n in range(2, self.max_batch + 1) if self._graph_batch(n) not in sizes]
         sizes.update(shared[:1])
+        if self.native is not None:  # batch 1 runs natively
+            sizes.discard(1)
         lengths = [1, 2]
         w = self.spec.sliding_window
         if w is not None and w + 1 < self.max_len:  # the masked (beyond the window) graph too
@@ -212,6 +226,10 @@ class Runtime:
                 raise ValueError(f"row {b} is full ({self.max_len} slots). Fix: stop generating at the cache "
                                  "length or build the Runtime with a larger max_len")
             pos.append(min(p, self.max_len - 1))
+        if n == 1 and self.native is not None:
+            logits = self.native(int(tokens[0]), pos[0])
+            self.lengths[0] += int(act[0])
+            return logits
         tok = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
         nb = self._graph_batch(n)
         if nb > n:  # idle rows n..nb-1 fill a static graph: each writes its next free slot, which its own

@@ -30,7 +30,7 @@ from kernels.swiglu import swiglu, swiglu_ref
 from .model import Block, Model, rope_inv_freq
 from .spec import ModelSpec
 
-__all__ = ["BACKENDS", "DecodeNet", "attend_reduce", "can_pack", "decode_weight_bytes"]
+__all__ = ["BACKENDS", "DecodeNet", "attend_reduce", "can_pack", "decode_weight_bytes", "fused_weights"]
 
 BACKENDS = {  # name -> (rmsnorm, rotary, swiglu, attention-decode)
     "torch": (rmsnorm_ref, rotary_ref, swiglu_ref, attn_decode_ref),
@@ -102,6 +102,22 @@ def attend_reduce(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tenso
     return (s.softmax(-1)[..., None] * v.float()[:, :, None, :, :]).sum(-2).to(q.dtype)
 
 
+def fused_weights(blk: Block) -> dict[str, Tensor | None]:
+    """A block's matrices as the decode step multiplies them (plain tensors, the block's dtype): q|k|v
+    stacked, gate|up stacked, output projections with their shortcut matrix appended ([W | S]), and a
+    shortcut alone where the layer has no branch to carry it."""
+    a, m = blk.attn, blk.mlp
+    cat = lambda mod, shortcut: mod.weight if shortcut is None else torch.cat([mod.weight, shortcut.weight], 1)
+    return {
+        "wqkv": None if a is None else torch.cat([a.q.weight, a.k.weight, a.v.weight]),  # (q + 2 kv, d_in)
+        "wo": None if a is None else cat(a.o, blk.attn_shortcut),  # (d_mid, q [+ d_in])
+        "attn_sc": None if a is not None or blk.attn_shortcut is None else blk.attn_shortcut.weight,
+        "wgu": None if m is None else torch.cat([m.gate.weight, m.up.weight]),  # (2 d_ffn, d_mid)
+        "wd": None if m is None else cat(m.down, blk.mlp_shortcut),  # (d_out, d_ffn [+ d_mid])
+        "mlp_sc": None if m is not None or blk.mlp_shortcut is None else blk.mlp_shortcut.weight,
+    }
+
+
 class _Layer(nn.Module):
     """One layer's fused weights and KV cache as buffers (None where the layer has no such part)."""
 
@@ -111,28 +127,18 @@ class _Layer(nn.Module):
         a, m, ls = blk.attn, blk.mlp, blk.spec
         self.n_heads, self.n_kv, self.hd = ls.n_heads, ls.n_kv_heads, ls.head_dim
         vec = lambda mod: None if mod is None else cast(mod.weight)
-        w = lambda mod: None if mod is None else mat(mod.weight)
-        sc = lambda mod, shortcut: mat(mod.weight if shortcut is None else torch.cat([mod.weight, shortcut.weight], 1))
         self.fused_attn_sc = a is not None and blk.attn_shortcut is not None  # wo is [o | S]: input [y | h]
         self.fused_mlp_sc = m is not None and blk.mlp_shortcut is not None  # wd is [down | S]: input [act | h]
-        bufs: dict[str, Tensor | None] = {
-            "attn_norm": vec(blk.attn_norm), "mlp_norm": vec(blk.mlp_norm),
-            "attn_sc": None if a is not None else w(blk.attn_shortcut),  # only where no GEMV can carry it
-            "mlp_sc": None if m is not None else w(blk.mlp_shortcut),
-            "wqkv": None, "bqkv": None, "q_norm": None, "k_norm": None, "wo": None,
-            "wgu": None, "wd": None, "k": None, "v": None}
+        bufs: dict[str, Tensor | None] = {name: mat(w) for name, w in fused_weights(blk).items()}
+        bufs.update({"attn_norm": vec(blk.attn_norm), "mlp_norm": vec(blk.mlp_norm), "bqkv": None,
+                     "q_norm": None, "k_norm": None, "k": None, "v": None})
         if a is not None:
-            bufs["wqkv"] = mat(torch.cat([a.q.weight, a.k.weight, a.v.weight]))  # (q + 2 kv, d_in)
             bufs["bqkv"] = None if a.q.bias is None else cast(torch.cat([a.q.bias, a.k.bias, a.v.bias]))
             bufs["q_norm"], bufs["k_norm"] = vec(a.q_norm), vec(a.k_norm)
-            bufs["wo"] = sc(a.o, blk.attn_shortcut)  # (d_mid, q [+ d_in])
             assert cache_shape is not None
             shape = (cache_shape[0], self.n_kv, cache_shape[1], self.hd)  # (max_batch, n_kv, max_len, hd)
             bufs["k"] = torch.zeros(shape, device=device, dtype=dtype)
             bufs["v"] = torch.zeros(shape, device=device, dtype=dtype)
-        if m is not None:
-            bufs["wgu"] = mat(torch.cat([m.gate.weight, m.up.weight]))  # (2 d_ffn, d_mid)
-            bufs["wd"] = sc(m.down, blk.mlp_shortcut)  # (d_out, d_ffn [+ d_mid])
         for name, t in bufs.items():
             self.register_buffer(name, t)
 
@@ -144,7 +150,7 @@ class DecodeNet(nn.Module):
                  backend: str, packed: bool, compiled: bool = False):
         super().__init__()
         spec = model.spec
-        self.eps, self.window = spec.norm_eps, spec.sliding_window
+        self.eps, self.window, self.max_len = spec.norm_eps, spec.sliding_window, max_len
         self.norm, self.rope, self.act, self.attn = BACKENDS[backend]
         self.lin: Callable[..., Tensor] = packed_linear if packed else F.linear
         self.lin_add: Callable[[Tensor, Tensor, Tensor], Tensor] = packed_linear_add if packed else linear_add

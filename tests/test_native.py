@@ -1,0 +1,101 @@
+"""The native batch-1 CPU decode step (engine/native.py, kernels/cpu_decode.cpp) against the torch step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.native import _library, native_unavailable, pack
+from engine.runtime import Runtime
+from tests.test_runtime import SPECS, tiny
+
+pytestmark = pytest.mark.skipif(_library()[0] is None, reason=f"native step unavailable: {_library()[1]}")
+
+PROMPT = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # longer than the sliding window (5) of one spec
+
+
+def test_pack_layout_round_trips() -> None:
+    w = torch.randn(100, 37).to(torch.bfloat16)  # rows not a multiple of 48, odd K
+    p = pack(w)
+    assert p.shape == (3, 37, 48) and p.dtype == torch.bfloat16
+    assert torch.equal(p.transpose(1, 2).reshape(-1, 37)[:100], w)
+    assert not p.transpose(1, 2).reshape(-1, 37)[100:].any()  # zero rows pad the last block
+
+
+def _teacher_forced(rt: Runtime, steps: list[int]) -> list[torch.Tensor]:
+    rt.reset()
+    out = [rt.prefill([PROMPT])[0]]
+    for t in steps:
+        out.append(rt.decode([t])[0])
+    return out
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_native_step_matches_torch_step(name: str) -> None:
+    """Every layer kind (GQA, per-layer head sizes incl. 10 and 8, a replacement MLP block, shortcut
+    matrices, an attention-only layer, qk-norm + qkv bias, a sliding window): teacher-forced decode
+    steps of the native and torch runtimes in bf16, both against the fp32 forward. The native step
+    must be as close to fp32 as the torch bf16 step, and leave the same KV cache behind."""
+    m32 = tiny(SPECS[name], seed=3)
+    m = tiny(SPECS[name], seed=3).to(torch.bfloat16)
+    steps = [21, 5, 17, 40, 2, 33, 8, 12]
+    nat = Runtime(m, max_batch=1, max_len=48, native=True)
+    ref = Runtime(m, max_batch=1, max_len=48, native=False)
+    assert nat.native is not None and ref.native is None
+    got, want = _teacher_forced(nat, steps), _teacher_forced(ref, steps)
+    with torch.no_grad():
+        exact = m32(torch.tensor([PROMPT + steps]))[0, len(PROMPT) - 1:]  # (1 + steps, V)
+    rel = lambda a, i: (a[i] - exact[i]).abs().max().item() / exact[i].abs().max().item()
+    err_native = [rel(got, i) for i in range(1, len(got))]  # the decode steps (0 is the shared prefill)
+    err_torch = [rel(want, i) for i in range(1, len(got))]  # ~0.01 on these models
+    assert all(a < 1.5 * b + 0.004 for a, b in zip(err_native, err_torch, strict=True)), (err_native, err_torch)
+    assert sum(err_native) < 1.2 * sum(err_torch), (err_native, err_torch)
+    L = len(PROMPT) + len(steps)
+    for a, b in zip(nat.net.layers, ref.net.layers, strict=True):
+        if a.k is not None:
+            for x, y in ((a.k, b.k), (a.v, b.v)):
+                x, y = x[0, :, :L].float(), y[0, :, :L].float()
+                assert (x - y).abs().max().item() <= 0.02 * y.abs().max().item() + 1e-3
+    assert nat.lengths == ref.lengths == [L]
+
+
+def test_threads_split_rows_not_sums() -> None:
+    """Each output row is one thread's dot product, so 1 and 2 threads give the same bits."""
+    m = tiny(SPECS["hetero"], seed=4).to(torch.bfloat16)
+    rt = Runtime(m, max_batch=1, max_len=48, native=True)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _teacher_forced(rt, [7, 8, 9])
+        torch.set_num_threads(2)
+        two = _teacher_forced(rt, [7, 8, 9])
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_batches_after_native_steps_read_its_cache() -> None:
+    """A row decoded natively, then batched with another on the torch path: the same logits as a
+    runtime that never used the native step."""
+    m = tiny(SPECS["qk_norm+bias"], seed=5).to(torch.bfloat16)
+
+    def run(native: bool) -> torch.Tensor:
+        rt = Runtime(m, max_batch=2, max_len=48, native=native)
+        rt.prefill([PROMPT])
+        for t in (30, 31, 32):
+            rt.decode([t])  # one row: native when on
+        rt.prefill([[50, 51, 52]], rows=[1])
+        return rt.decode([33, 53])  # two rows: the torch step reads row 0's cache
+
+    assert (run(True) - run(False)).abs().max().item() < 0.05 * run(False).abs().max().item()
+
+
+def test_refusals_name_cause_and_fix() -> None:
+    m = tiny(SPECS["hetero"])
+    assert "bf16" in native_unavailable(Runtime(m, max_batch=1, max_len=16, native=False).net, torch.device("cpu"),
+                                        torch.float32)
+    with pytest.raises(ValueError, match="bf16.*Fix:"):
+        Runtime(m, max_batch=1, max_len=16, native=True)  # fp32 model
+    rt = Runtime(m.to(torch.bfloat16), max_batch=1, max_len=16, native=True)
+    with pytest.raises(ValueError, match="out of range.*Fix:"):
+        rt.native(10**6, 0)  # type: ignore[misc]
