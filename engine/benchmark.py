@@ -2,11 +2,11 @@
 
 For every (model, engine, batch size) the benchmark times a prefill of ``prompt_len`` random tokens
 per sequence, the first token (TTFT), and ``new_tokens - 1`` greedy decode steps, repeating all units
-round-robin (interleaved, so drifting machine load hits every unit alike) and reporting the median
-and the range. The memory-bandwidth bound is weight (+ KV) bytes read per decode step over a
-bandwidth measured in the same run: the faster of a large GEMV (the operation decode is made of)
-and a large max-reduction (a plain streaming read), each on a buffer far larger than the last-level
-cache.
+round-robin (interleaved, so drifting machine load hits every unit alike; the units a ratio compares
+run back to back) and reporting the median and the range. The memory-bandwidth bound is weight (+ KV)
+bytes read per decode step over a bandwidth measured in the same run: the faster of a large GEMV
+(the operation decode is made of) and a large max-reduction (a plain streaming read), each on a
+buffer far larger than the last-level cache.
 """
 
 from __future__ import annotations
@@ -199,14 +199,15 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
                  batch_sizes: Sequence[int] = (1,), new_tokens: int = 128, prompt_len: int = 128,
                  repeats: int = 3, dtype: torch.dtype | None = torch.bfloat16, device: str | torch.device = "cpu",
                  random_llama7b: bool = False, compile: bool | None = None, progress: bool = False,
-                 seed: int = 0, static_batches: Sequence[int] = ()) -> dict[str, Any]:
+                 seed: int = 0, static_batches: Sequence[int] = (), native: bool | None = None) -> dict[str, Any]:
     """Benchmark ``models`` (sources or built Models) and optionally the HF baseline; returns a dict
     with ``rows`` (one per model x engine x batch: prefill_tok_s, ttft_ms, decode_tok_s, their ranges,
     peak_mem_bytes, bound_tok_s, pct_of_bound, speedup vs the first model, vs_hf), ``bandwidth``,
     ``setup_s`` (load, runtime build and compile seconds, apart from the timings) and ``notes``. The
     first model is the reference for ``speedup``. compile: torch.compile the runtime's decode step
     (None: on CPU, where it pays, off on CUDA, where the decode step is a CUDA graph). static_batches: batch
-    sizes that get their own autotuned graph in the compiled runtime (see ``Runtime``)."""
+    sizes that get their own autotuned graph in the compiled runtime (see ``Runtime``). native: the
+    runtime's native CPU step for batch 1 (None: where it can run; see ``Runtime``)."""
     from .loading import load
 
     device = torch.device(device)
@@ -249,9 +250,12 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
         prompts = torch.randint(3, m.spec.vocab_size, (bmax, prompt_len), generator=gen).tolist()
         t = time.perf_counter()
         with _Peak(device) as pk:
-            rt = Runtime(m, max_batch=bmax, max_len=max_len, compile=compile,
+            rt = Runtime(m, max_batch=bmax, max_len=max_len, compile=compile, native=native,
                          static_batches=[b for b in static_batches if 2 <= b <= bmax])
         setup[f"runtime {name}"] = time.perf_counter() - t
+        if 1 in batch_sizes:
+            notes.append(f"{name}: batch 1 decodes with " + ("the native CPU step (engine/native.py)" if rt.native
+                         else f"the torch step (native CPU step off: {rt.native_why})"))
         if compile:
             setup[f"compile {name}"] = rt.compile_s
         engines: list[tuple[str, Any, int]] = [("layerfold", rt, pk.peak)]
@@ -272,8 +276,12 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
     bw_runs: list[dict[str, float]] = []
     total = repeats * len(units)
     done = 0
+    # within a round, the units a ratio compares run back to back: every model's layerfold run at one batch
+    # size, then HF's, then the next size (the pruned-vs-dense pair of a round a second apart, not half a
+    # minute: this VM's bandwidth moves by 1.5x within a minute)
+    order = sorted(units, key=lambda u: (u["batch"], u["engine"] != "layerfold"))  # stable: models keep their order
     for r in range(repeats + 1):  # round 0 warms every unit up (and measures its memory)
-        for u in units:
+        for u in order:
             run = _run_layerfold if u["engine"] == "layerfold" else _run_hf
             bw_now = None
             if r and u["engine"] == "layerfold":  # the bound's bandwidth, probed right before this run

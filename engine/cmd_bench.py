@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compiled runtime: batch sizes that get their own autotuned graph, e.g. 4,16 (about a "
                    "minute more of compiling each per model; default none: batch 1 has its own, the others "
                    "share one)")
+    p.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch-1 decode steps on the native CPU step (engine/native.py; default: where it can run, "
+                   "bf16 on x86 CPUs with AVX-512 BF16). --no-native measures the torch step at batch 1")
     p.add_argument("--random-llama7b", action="store_true",
                    help="also bench a random-weight model with Llama-2-7B's shapes (GPU only)")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                        prompt_len=args.prompt_len, repeats=args.repeats, dtype=torch_dtype(args.dtype),
                        device=args.device, random_llama7b=args.random_llama7b, compile=args.compile,
                        static_batches=parse_sizes(args.static_batches, "--static-batches", empty=True, example="4,16"),
-                       progress=not args.json)
+                       native=args.native, progress=not args.json)
     if args.plot:
         plot(res, args.plot)
         res["plot"] = args.plot
