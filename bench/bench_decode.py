@@ -2,6 +2,7 @@
 
     python bench/bench_decode.py [MODEL] [--dtype bf16] [--tokens 64] [--repeats 5] [--compile]
                                  [--batch N [--static]] [--json]
+    python bench/bench_decode.py --compile --repeats 8 --tokens 127   # native vs compiled batch-1 step
 
 Measures, interleaved over repeats (median and range):
   * read bandwidth: a GEMV over a 256 MiB matrix and a plain reduction (GB/s),
@@ -9,7 +10,8 @@ Measures, interleaved over repeats (median and range):
   * the Runtime's decode step at batch N (default 1): eager over plain weights, eager over packed
     weights (the CPU default) and, with --compile, torch.compile + freezing (compile time reported
     apart); with --static and N > 1 also the compiled step with a graph of its own for batch N
-    (``Runtime(static_batches=(N,))``) next to the graph batches of 2 and more share,
+    (``Runtime(static_batches=(N,))``) next to the graph batches of 2 and more share; at batch 1 also
+    the native CPU step (``engine.native``) where it can run,
 and prints each as tokens/s and as a percentage of the bandwidth bound (weight bytes / bandwidth).
 """
 
@@ -72,22 +74,26 @@ def main() -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model, _ = load(args.model, dtype=dtype, tokenizer=False, quiet=True)
     ws = matrices(model)
-    wbytes = Runtime(model, max_len=8).weight_bytes()
+    wbytes = Runtime(model, max_len=8, native=False).weight_bytes()
     mbytes = sum(w.numel() * w.element_size() for w in ws)
     B = args.batch
     if B < 1 or (args.static and (B < 2 or not args.compile)):
         ap.error("--batch must be >= 1; --static needs --compile and --batch >= 2")
     engines: dict[str, Runtime] = {"eager, plain weights": Runtime(model, max_batch=B, max_len=256,
-                                                                   pack_weights=False)}
+                                                                   pack_weights=False, native=False)}
     if can_pack(torch.device("cpu"), dtype):
-        engines["eager, packed weights"] = Runtime(model, max_batch=B, max_len=256, pack_weights=True)
+        engines["eager, packed weights"] = Runtime(model, max_batch=B, max_len=256, pack_weights=True, native=False)
+    if B == 1:
+        rt = Runtime(model, max_batch=1, max_len=256)
+        if rt.native is not None:
+            engines["native CPU step"] = rt
     compile_s = None
     if args.compile:
-        rt = Runtime(model, max_batch=B, max_len=256, compile=True)
+        rt = Runtime(model, max_batch=B, max_len=256, compile=True, native=False)
         engines["torch.compile + freezing" + (", shared graph" if B > 1 else "")] = rt
         compile_s = rt.compile_s
     if args.static:
-        rt = Runtime(model, max_batch=B, max_len=256, compile=True, static_batches=(B,))
+        rt = Runtime(model, max_batch=B, max_len=256, compile=True, static_batches=(B,), native=False)
         engines[f"torch.compile + freezing, own graph for {B}"] = rt
         compile_s = (compile_s or 0) + rt.compile_s
     res: dict[str, list[float]] = {"bandwidth GB/s": [], "GEMV chain plain GB/s": [], "GEMV chain packed GB/s": []}

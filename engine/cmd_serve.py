@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[layerfold] serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
           f"context {args.max_len}, {threads} CPU thread{'s' * (threads > 1)})", file=sys.stderr, flush=True)
     if args.compile:
-        print("[layerfold] compiling the decode step first (2-3 min on a 2-core CPU, about 1 more per static "
+        print("[layerfold] compiling the decode step first (1-3 min on a 2-core CPU, about 1 more per static "
               "batch); the port opens when it is done", file=sys.stderr, flush=True)
     serve(model, tok, host=args.host, port=args.port, model_name=name, log_level=args.log_level,
           max_batch=args.max_batch, max_len=min(args.max_len, model.spec.max_position),

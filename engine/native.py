@@ -102,14 +102,17 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     out = cache_dir() / "native" / f"cpu_decode-{key}.so"
     if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            part = Path(tmp) / out.name
-            r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(part)], capture_output=True, text=True,
-                               timeout=300)
-            if r.returncode != 0:
-                return None, f"compiling {SOURCE.name} failed: {r.stderr.strip()[-400:]}"
-            os.replace(part, out)  # atomic: a concurrent build or a crash never leaves half a library
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                part = Path(tmp) / out.name
+                r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(part)], capture_output=True, text=True,
+                                   timeout=300)
+                if r.returncode != 0:
+                    return None, f"compiling {SOURCE.name} failed: {r.stderr.strip()[-400:]}"
+                os.replace(part, out)  # atomic: a concurrent build or a crash never leaves half a library
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"building {out} failed ({e}). Fix: point LAYERFOLD_CACHE at a writable directory"
     try:
         lib = ctypes.CDLL(str(out))
     except OSError as e:
