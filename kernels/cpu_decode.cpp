@@ -312,6 +312,12 @@ extern "C" int lf_cpu_decode(const LfModel* m, int64_t tok, int32_t pos, float* 
         float* scores = m->scores + static_cast<size_t>(t) * m->max_len;
         bf16* h = m->h0;
         bf16* hn = m->h1;
+        auto next = [&]() { bf16* s = h; h = hn; hn = s; };  // the output just written becomes the stream
+        auto shortcut_only = [&](const LfMat& sc, int d) {  // h @ S^T where no branch carries the shortcut
+            to_f32(h, d, xn);
+            gemv(sc, xn, STORE_BF16, nullptr, nullptr, hn, nullptr);
+            next();
+        };
 #pragma omp single
         std::memcpy(h, m->embed + tok * m->d_embed, sizeof(bf16) * m->d_embed);
         for (int li = 0; li < m->n_layers; ++li) {
@@ -328,11 +334,9 @@ extern "C" int lf_cpu_decode(const LfModel* m, int64_t tok, int32_t pos, float* 
                         to_f32(h, l.d_in, m->y + q_dim);
                 }
                 gemv(l.wo, m->y, l.fused_attn_sc ? STORE_BF16 : RESID_BF16, nullptr, h, hn, nullptr);
-                bf16* s = h; h = hn; hn = s;
+                next();
             } else if (l.attn_sc.w) {
-                to_f32(h, l.d_in, xn);
-                gemv(l.attn_sc, xn, STORE_BF16, nullptr, nullptr, hn, nullptr);
-                bf16* s = h; h = hn; hn = s;
+                shortcut_only(l.attn_sc, l.d_in);
             }
             if (l.has_mlp) {
                 rmsnorm(h, l.mlp_norm, l.d_mid, m->eps, xn);
@@ -342,11 +346,9 @@ extern "C" int lf_cpu_decode(const LfModel* m, int64_t tok, int32_t pos, float* 
                 }
                 gemv_swiglu(l.wgu, xn, m->act);
                 gemv(l.wd, m->act, l.fused_mlp_sc ? STORE_BF16 : RESID_BF16, nullptr, h, hn, nullptr);
-                bf16* s = h; h = hn; hn = s;
+                next();
             } else if (l.mlp_sc.w) {
-                to_f32(h, l.d_mid, xn);
-                gemv(l.mlp_sc, xn, STORE_BF16, nullptr, nullptr, hn, nullptr);
-                bf16* s = h; h = hn; hn = s;
+                shortcut_only(l.mlp_sc, l.d_mid);
             }
         }
         rmsnorm(h, m->final_norm, m->d_final, m->eps, xn);
