@@ -2,7 +2,7 @@
 // parallel region: every GEMV, the attention and the small ops of all layers run between barriers of
 // the same thread team, so a step pays one fork/join instead of one per kernel, and the rows of each
 // matrix are handed out dynamically (a thread that falls behind takes fewer blocks) instead of in
-// fixed halves. Built and loaded by kernels/cpu_decode.py (plain C ABI, no Python or torch headers).
+// fixed halves. Built and loaded by engine/native.py (plain C ABI, no Python or torch headers).
 //
 // Packed matrix (N, K) of bf16: rows in blocks of 48 (zero rows pad the last one), laid out
 // [N/48][K][48], so a block is one sequential stream the hardware prefetcher follows and each k adds
@@ -45,7 +45,7 @@ inline __m512 load16(const bf16* p) {  // 16 bf16 -> 16 fp32
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-inline __m512 exp16(__m512 x) {  // e^x, ~1 ulp over the softmax's range (x <= 0)
+inline __m512 exp16(__m512 x) {  // e^x (Cephes-style polynomial): ~1 ulp; below -87 clamps, above 88.7 gives inf
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
