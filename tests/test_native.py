@@ -99,3 +99,24 @@ def test_refusals_name_cause_and_fix() -> None:
     rt = Runtime(m.to(torch.bfloat16), max_batch=1, max_len=16, native=True)
     with pytest.raises(ValueError, match="out of range.*Fix:"):
         rt.native(10**6, 0)  # type: ignore[misc]
+
+
+@pytest.mark.slow
+def test_compiled_bf16_runtime_runs_one_row_natively() -> None:
+    """A compiled bf16 runtime compiles graphs for 2+ rows only: one row decodes natively, and the
+    compiled graph then reads the cache rows the native step wrote (greedy tokens as the eager torch
+    runtime's, logits within bf16 noise)."""
+    m = tiny(SPECS["sliding+llama3rope"], seed=6).to(torch.bfloat16)
+    comp = Runtime(m, max_batch=3, max_len=48, compile=True, autotune=False)
+    ref = Runtime(m, max_batch=3, max_len=48, native=False)
+    assert comp.native is not None
+    for rt in (comp, ref):
+        rt.reset()
+        rt.prefill([PROMPT])
+    for t in (30, 31, 32, 33):  # row 0 alone: native vs eager torch
+        a, b = comp.decode([t]), ref.decode([t])
+        assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
+    for rt in (comp, ref):
+        rt.prefill([[40, 41], [42, 43, 44]], rows=[1, 2])
+    a, b = comp.decode([34, 45, 46]), ref.decode([34, 45, 46])  # three rows: the compiled shared graph
+    assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
