@@ -14,7 +14,8 @@ grouped-query attention), rotary tables are looked up. On CUDA the Triton kernel
 RMSNorm, rotary, SwiGLU and attention, the step has static shapes (lengths live in a tensor) and is
 replayed as a CUDA graph: no allocation at all. On CPU the kernels' torch references run over
 oneDNN-packed weights, or the whole step is compiled (``compile=True``: torch.compile with inductor
-freezing, which fuses the small ops and packs the weights itself).
+freezing, which fuses the small ops and packs the weights itself). One-row steps in bf16 on x86 CPUs
+with AVX-512 BF16 run on the native step of ``engine.native`` instead (one OpenMP region a step).
 """
 
 from __future__ import annotations
