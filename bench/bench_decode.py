@@ -10,8 +10,8 @@ Measures, interleaved over repeats (median and range):
   * the Runtime's decode step at batch N (default 1): eager over plain weights, eager over packed
     weights (the CPU default) and, with --compile, torch.compile + freezing (compile time reported
     apart); with --static and N > 1 also the compiled step with a graph of its own for batch N
-    (``Runtime(static_batches=(N,))``) next to the graph batches of 2 and more share; at batch 1 also
-    the native CPU step (``engine.native``) where it can run,
+    (``Runtime(static_batches=(N,))``) next to the graph batches of 2 and more share; up to batch 4
+    also the native CPU step (``engine.native``) where it can run,
 and prints each as tokens/s and as a percentage of the bandwidth bound (weight bytes / bandwidth).
 """
 
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.benchmark import measure_bandwidth  # noqa: E402
 from engine.loading import load  # noqa: E402
+from engine.native import NativeDecode  # noqa: E402
 from engine.runtime import Runtime  # noqa: E402
 from engine.runtime_net import can_pack, pack, packed_linear  # noqa: E402
 
@@ -83,8 +84,8 @@ def main() -> int:
                                                                    pack_weights=False, native=False)}
     if can_pack(torch.device("cpu"), dtype):
         engines["eager, packed weights"] = Runtime(model, max_batch=B, max_len=256, pack_weights=True, native=False)
-    if B == 1:
-        rt = Runtime(model, max_batch=1, max_len=256)
+    if B <= NativeDecode.MAX_ROWS:
+        rt = Runtime(model, max_batch=B, max_len=256)
         if rt.native is not None:
             engines["native CPU step"] = rt
     compile_s = None

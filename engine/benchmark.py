@@ -253,9 +253,11 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
             rt = Runtime(m, max_batch=bmax, max_len=max_len, compile=compile, native=native,
                          static_batches=[b for b in static_batches if 2 <= b <= bmax])
         setup[f"runtime {name}"] = time.perf_counter() - t
-        if 1 in batch_sizes:
-            notes.append(f"{name}: batch 1 decodes with " + ("the native CPU step (engine/native.py)" if rt.native
-                         else f"the torch step (native CPU step off: {rt.native_why})"))
+        if rt.native is not None:
+            notes.append(f"{name}: batches of up to {rt.native.max_rows} decode on the native CPU step "
+                         "(engine/native.py)")
+        elif min(batch_sizes) <= 4:
+            notes.append(f"{name}: every batch decodes on the torch step (native CPU step off: {rt.native_why})")
         if compile:
             setup[f"compile {name}"] = rt.compile_s
         engines: list[tuple[str, Any, int]] = [("layerfold", rt, pk.peak)]

@@ -35,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "minute more of compiling each per model; default none: batch 1 has its own, the others "
                    "share one)")
     p.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
-                   help="batch-1 decode steps on the native CPU step (engine/native.py; default: where it can run, "
-                   "bf16 on x86 CPUs with AVX-512 BF16). --no-native measures the torch step at batch 1")
+                   help="decode steps of up to 4 rows on the native CPU step (engine/native.py; default: where it can "
+                   "run, bf16 on x86 CPUs with AVX-512 BF16). --no-native measures the torch step at every batch")
     p.add_argument("--random-llama7b", action="store_true",
                    help="also bench a random-weight model with Llama-2-7B's shapes (GPU only)")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")

@@ -1,4 +1,4 @@
-"""Native batch-1 CPU decode step (kernels/cpu_decode.cpp): a whole decode step in one OpenMP region.
+"""Native CPU decode step for 1-4 rows (kernels/cpu_decode.cpp): a whole decode step in one OpenMP region.
 
 On CPU, a compiled torch decode step of a small model spends a fifth of its time outside its matrix
 products: one parallel region (fork, join) per kernel, ~200 a step, with the second thread idle while
@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +64,11 @@ class _Model(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int32), ("vocab", ctypes.c_int32), ("d_embed", ctypes.c_int32),
                 ("d_final", ctypes.c_int32), ("max_len", ctypes.c_int32), ("window", ctypes.c_int32),
                 ("eps", ctypes.c_float), ("layers", ctypes.POINTER(_Layer)), ("embed", ctypes.c_void_p),
-                ("final_norm", ctypes.c_void_p), ("head", _Mat),
-                ("h0", ctypes.c_void_p), ("h1", ctypes.c_void_p), ("xn", ctypes.c_void_p),
-                ("xn_stride", ctypes.c_int32), ("qkv", ctypes.c_void_p), ("y", ctypes.c_void_p),
-                ("act", ctypes.c_void_p), ("scores", ctypes.c_void_p)]
+                ("final_norm", ctypes.c_void_p), ("head", _Mat), ("max_rows", ctypes.c_int32),
+                ("h0", ctypes.c_void_p), ("h1", ctypes.c_void_p), ("hs", ctypes.c_int32),
+                ("xn", ctypes.c_void_p), ("xs", ctypes.c_int32), ("qkv", ctypes.c_void_p), ("qs", ctypes.c_int32),
+                ("y", ctypes.c_void_p), ("ys", ctypes.c_int32), ("act", ctypes.c_void_p), ("as_", ctypes.c_int32),
+                ("scores", ctypes.c_void_p)]
 
 
 # ---- availability and build ------------------------------------------------------------------------
@@ -118,8 +120,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     except OSError as e:
         return None, f"loading {out} failed ({e}). Fix: delete it to rebuild"
     lib.lf_cpu_decode.restype = ctypes.c_int
-    lib.lf_cpu_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p,
-                                  ctypes.c_int32]
+    lib.lf_cpu_decode.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_int64),
+                                  ctypes.POINTER(ctypes.c_int32), ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
     return lib, ""
 
 
@@ -151,9 +153,12 @@ def pack(w: Tensor) -> Tensor:
 class NativeDecode:
     """The native step of ``model`` over ``net``'s caches, rotary tables and norms (``net``: the
     runtime's DecodeNet), with every matrix packed anew from the model's weights (one more copy of
-    them, in bf16). Call it with a token and a cache slot of row 0."""
+    them, in bf16). Call it with the tokens and cache slots of rows 0..n-1, n <= ``max_rows`` (at most
+    4: each weight is loaded once for all rows)."""
 
-    def __init__(self, model: Any, net: Any):
+    MAX_ROWS = 4
+
+    def __init__(self, model: Any, net: Any, max_rows: int = 1):
         from .runtime_net import fused_weights
 
         lib, why = _library()
@@ -173,17 +178,22 @@ class NativeDecode:
         q_dim = max((l.n_heads * l.hd for l in net.layers if l.wqkv is not None), default=0)
         ffn = max((c.wgu.n for c in layers), default=0)
         nthreads = max(os.cpu_count() or 1, torch.get_num_threads())
+        rows = max(1, min(int(max_rows), self.MAX_ROWS))
         m = _Model(n_layers=len(layers), vocab=spec.vocab_size, d_embed=net.embed.shape[1], d_final=head.k,
                    max_len=max_len, window=spec.sliding_window or 0, eps=spec.norm_eps, layers=layers,
                    embed=self._ptr(net.embed), final_norm=self._ptr(net.final_norm), head=head)
         widest = max(widest, head.k)
-        m.h0, m.h1 = self._buf(widest), self._buf(widest)
-        m.xn, m.xn_stride = self._buf(nthreads * widest, torch.float32), widest
-        m.qkv = self._buf(max((c.wqkv.n for c in layers), default=1))
-        m.y = self._buf(widest + q_dim, torch.float32)
-        m.act = self._buf(widest + ffn, torch.float32)
+        m.max_rows = rows
+        m.hs = m.xs = widest
+        m.qs = max((c.wqkv.n for c in layers), default=1)
+        m.ys, m.as_ = widest + q_dim, widest + ffn
+        m.h0, m.h1 = self._buf(rows * m.hs), self._buf(rows * m.hs)
+        m.xn = self._buf(nthreads * rows * m.xs, torch.float32)
+        m.qkv = self._buf(rows * m.qs)
+        m.y = self._buf(rows * m.ys, torch.float32)
+        m.act = self._buf(rows * m.as_, torch.float32)
         m.scores = self._buf(nthreads * max_len, torch.float32)
-        self.max_threads, self.vocab, self.max_len = nthreads, spec.vocab_size, max_len
+        self.max_threads, self.vocab, self.max_len, self.max_rows = nthreads, spec.vocab_size, max_len, rows
         self.layers, self.model = layers, m
 
     def _ptr(self, t: Tensor | None) -> int | None:
@@ -230,11 +240,15 @@ class NativeDecode:
         if not c.has_attn and not c.attn_sc.w:
             c.d_in = c.d_mid
 
-    def __call__(self, tok: int, pos: int) -> Tensor:
-        """Logits (1, V) fp32 of token ``tok`` written at slot ``pos`` of cache row 0."""
-        out = torch.empty(1, self.vocab, dtype=torch.float32)
+    def __call__(self, tokens: Sequence[int], pos: Sequence[int]) -> Tensor:
+        """Logits (n, V) fp32: row b reads tokens[b] and writes it at slot pos[b] of cache row b."""
+        n = len(tokens)
+        out = torch.empty(n, self.vocab, dtype=torch.float32)
         nt = min(torch.get_num_threads(), self.max_threads)
-        if self.lib.lf_cpu_decode(ctypes.byref(self.model), tok, pos, out.data_ptr(), nt) != 0:
-            raise ValueError(f"token {tok} or cache slot {pos} is out of range (vocabulary {self.vocab}, "
-                             f"{self.max_len} slots). Fix: pass a token id of the model and a slot below max_len")
+        toks = (ctypes.c_int64 * n)(*tokens)
+        slots = (ctypes.c_int32 * n)(*pos)
+        if len(pos) != n or self.lib.lf_cpu_decode(ctypes.byref(self.model), toks, slots, n, out.data_ptr(), nt):
+            raise ValueError(f"native step: {n} rows (at most {self.max_rows}), tokens {list(tokens)} (vocabulary "
+                             f"{self.vocab}) or cache slots {list(pos)} ({self.max_len}) out of range. Fix: pass "
+                             "token ids of the model, slots below max_len and at most max_rows rows")
         return out

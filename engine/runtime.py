@@ -14,8 +14,9 @@ grouped-query attention), rotary tables are looked up. On CUDA the Triton kernel
 RMSNorm, rotary, SwiGLU and attention, the step has static shapes (lengths live in a tensor) and is
 replayed as a CUDA graph: no allocation at all. On CPU the kernels' torch references run over
 oneDNN-packed weights, or the whole step is compiled (``compile=True``: torch.compile with inductor
-freezing, which fuses the small ops and packs the weights itself). One-row steps in bf16 on x86 CPUs
-with AVX-512 BF16 run on the native step of ``engine.native`` instead (one OpenMP region a step).
+freezing, which fuses the small ops and packs the weights itself). Steps of up to 4 rows in bf16 on
+x86 CPUs with AVX-512 BF16 run on the native step of ``engine.native`` instead (one OpenMP region a
+step).
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ class Runtime:
     decoded 1.2x faster than through the shared graph for batches of 2 and more on this project's CPU);
     a call with n rows runs the smallest such graph with room for n when that adds at most n // 2 + 1
     idle rows, else the shared graph. pack_weights: oneDNN-packed weights for the
-    eager CPU path (default when available). native: run one-row decode steps (batch 1) with the
-    native CPU step of ``engine.native`` (bf16 on x86 CPUs with AVX-512 BF16: 1.16x the compiled torch
-    step, paired, with no compiling; it keeps its own packed copy of the weights); default: wherever it
-    can run (``native_why`` says why not), True: required, False: off. With it, compile skips the
-    batch-1 graph.
+    eager CPU path (default when available). native: run decode steps of up to 4 rows (at most
+    max_batch) on the native CPU step of ``engine.native`` (bf16 on x86 CPUs with AVX-512 BF16; at
+    batch 1 1.16x and at batch 4 1.31x the compiled torch step, paired, with no compiling; it keeps its
+    own packed copy of the weights); default: wherever it can run (``native_why`` says why not), True:
+    required, False: off. With it, compile builds graphs only for the sizes above its rows.
     """
 
     def __init__(self, model: Model, *, max_batch: int = 1, max_len: int | None = None,
@@ -84,7 +85,7 @@ class Runtime:
         if native and self.native_why:
             raise ValueError(f"native=True, but the native CPU decode step cannot run here: {self.native_why}. Fix: "
                              "drop native=True (the torch path runs instead)")
-        self.native = NativeDecode(model, self.net) if not self.native_why else None
+        self.native = NativeDecode(model, self.net, max_rows=self.max_batch) if not self.native_why else None
         graphable = self.device.type == "cuda" and self.backend == "triton"
         use_graphs = graphable if cuda_graphs is None else cuda_graphs
         if use_graphs and not graphable:
@@ -146,11 +147,10 @@ class Runtime:
         """Compile now (batch 1, the static batches and the shared graph for the other sizes, where decode
         uses it) so that no request pays for it; time it."""
         t = time.perf_counter()
-        sizes = {1, *self.static_batches}
-        shared = [n for n in range(2, self.max_batch + 1) if self._graph_batch(n) not in sizes]
+        lo = 1 if self.native is None else self.native.max_rows + 1  # the native step covers 1..max_rows rows
+        sizes = {n for n in (1, *self.static_batches) if n >= lo}
+        shared = [n for n in range(max(2, lo), self.max_batch + 1) if self._graph_batch(n) not in sizes]
         sizes.update(shared[:1])
-        if self.native is not None:  # batch 1 runs natively
-            sizes.discard(1)
         lengths = [1, 2]
         w = self.spec.sliding_window
         if w is not None and w + 1 < self.max_len:  # the masked (beyond the window) graph too
@@ -227,9 +227,10 @@ class Runtime:
                 raise ValueError(f"row {b} is full ({self.max_len} slots). Fix: stop generating at the cache "
                                  "length or build the Runtime with a larger max_len")
             pos.append(min(p, self.max_len - 1))
-        if n == 1 and self.native is not None:
-            logits = self.native(int(tokens[0]), pos[0])
-            self.lengths[0] += int(act[0])
+        if self.native is not None and n <= self.native.max_rows:
+            logits = self.native([int(t) for t in tokens], pos)
+            for b in range(n):
+                self.lengths[b] += int(act[b])
             return logits
         tok = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
         nb = self._graph_batch(n)

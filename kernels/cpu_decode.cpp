@@ -1,4 +1,4 @@
-// One batch-1 decode step of a layerfold DecodeNet on x86 CPUs with AVX-512 BF16, in one OpenMP
+// One decode step of 1-4 rows of a layerfold DecodeNet on x86 CPUs with AVX-512 BF16, in one OpenMP
 // parallel region: every GEMV, the attention and the small ops of all layers run between barriers of
 // the same thread team, so a step pays one fork/join instead of one per kernel, and the rows of each
 // matrix are handed out dynamically (a thread that falls behind takes fewer blocks) instead of in
@@ -8,7 +8,8 @@
 // [N/48][K][48], so a block is one sequential stream the hardware prefetcher follows and each k adds
 // x[k] times 48 weights to three fp32 accumulators. Each thread takes long contiguous runs of blocks
 // (guided schedule): interleaving single blocks between threads cost ~20% of the bandwidth, and this
-// layout read ~10% faster than 16-row blocks with _mm512_dpbf16_ps (paired, 2-core EPYC).
+// layout read ~10% faster than 16-row blocks with _mm512_dpbf16_ps (paired, 2-core EPYC). With
+// several rows each loaded weight vector is multiplied into every row's accumulators.
 // Rounding points follow the compiled torch step: bf16 activations between ops, fp32 inside them.
 
 #include <immintrin.h>
@@ -78,7 +79,7 @@ struct LfLayer {
     const bf16* q_norm;                  // (hd) or null
     const bf16* k_norm;
     int32_t n_heads, n_kv, hd;
-    bf16* k_cache;                       // row 0 of the (max_batch, n_kv, max_len, hd) cache
+    bf16* k_cache;                       // the (max_batch, n_kv, max_len, hd) cache (row r at r * n_kv * max_len * hd)
     bf16* v_cache;
     const bf16* cos;                     // (max_len, hd)
     const bf16* sin;
@@ -87,7 +88,7 @@ struct LfLayer {
     LfMat attn_sc;                       // w == null unless the layer has a shortcut but no attention
     // MLP (has_mlp)
     const bf16* mlp_norm;
-    LfMat wgu;                           // n = d_ffn; each block is 16 gate rows then the 16 matching up rows
+    LfMat wgu;                           // n = d_ffn; each block is 48 gate rows then the 48 matching up rows
     LfMat wd;                            // (d_out, d_ffn [+ d_mid])
     int32_t fused_mlp_sc;
     LfMat mlp_sc;
@@ -100,14 +101,19 @@ struct LfModel {
     const bf16* embed;       // (vocab, d_embed), plain
     const bf16* final_norm;
     LfMat head;              // (vocab, d_final)
-    // scratch, zero-initialised by the caller; sizes from engine/native.py
+    int32_t max_rows;        // sequences a step may decode together (1..4)
+    // scratch, zero-initialised by the caller, max_rows rows of the given stride each; see engine/native.py
     bf16* h0;                // the residual stream (two buffers: a GEMV reads one and writes the other)
     bf16* h1;
-    float* xn;               // a GEMV's input, per thread: xn_stride each
-    int32_t xn_stride;
+    int32_t hs;
+    float* xn;               // a GEMV's input, per thread: max_rows * xs each
+    int32_t xs;
     bf16* qkv;
+    int32_t qs;
     float* y;                // attention output [y | h]
+    int32_t ys;
     float* act;              // SwiGLU output [a | h]
+    int32_t as;
     float* scores;           // per thread: max_len each
 };
 
@@ -141,27 +147,62 @@ inline void block_dot(const bf16* wb, const float* x, int K, float* out) {
     _mm512_storeu_ps(out + 32, _mm512_add_ps(a2, b2));
 }
 
+// the same for M rows of x (row stride xs) at once: each weight is loaded once for all rows
+template <int M>
+inline void block_dot_rows(const bf16* wb, const float* x, size_t xs, int K, float* out) {
+    __m512 acc[M][3];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = acc[m][2] = _mm512_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+        const bf16* w = wb + static_cast<size_t>(k) * R;
+        const __m512 w0 = load16(w), w1 = load16(w + 16), w2 = load16(w + 32);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+            const __m512 xm = _mm512_set1_ps(x[m * xs + k]);
+            acc[m][0] = _mm512_fmadd_ps(xm, w0, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(xm, w1, acc[m][1]);
+            acc[m][2] = _mm512_fmadd_ps(xm, w2, acc[m][2]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+        for (int c = 0; c < 3; ++c) _mm512_storeu_ps(out + m * R + 16 * c, acc[m][c]);
+}
+
+// out[m * 48 + j]: block row j against row m of x, for nrows rows
+inline void dot_rows(int nrows, const bf16* wb, const float* x, size_t xs, int K, float* out) {
+    switch (nrows) {
+        case 1: block_dot(wb, x, K, out); break;
+        case 2: block_dot_rows<2>(wb, x, xs, K, out); break;
+        case 3: block_dot_rows<3>(wb, x, xs, K, out); break;
+        default: block_dot_rows<4>(wb, x, xs, K, out); break;
+    }
+}
+
 enum Epi { STORE_BF16, RESID_BF16, STORE_F32 };
 
-// y = W x (+ bias) (+ res) over blocks handed out dynamically; ends with the team's barrier
-inline void gemv(const LfMat& m, const float* x, Epi epi, const bf16* bias, const bf16* res, bf16* out_bf,
-                 float* out_f) {
+// y = W x (+ bias) (+ res) for every row over blocks handed out dynamically; ends with the team's barrier.
+// x, res and out_bf rows are xst, rs and os apart; out_f rows (the logits) m.n apart
+inline void gemv(const LfMat& m, int nrows, const float* x, size_t xst, Epi epi, const bf16* bias,
+                 const bf16* res, size_t rs, bf16* out_bf, size_t os, float* out_f) {
     const int nb = (m.n + R - 1) / R;
     const size_t bstride = static_cast<size_t>(R) * m.k;
 #pragma omp for schedule(guided)
     for (int b = 0; b < nb; ++b) {
-        float acc[R];
-        block_dot(m.w + b * bstride, x, m.k, acc);
+        alignas(64) float acc[4 * R];
+        dot_rows(nrows, m.w + b * bstride, x, xst, m.k, acc);
         const int r0 = b * R, r1 = r0 + R < m.n ? r0 + R : m.n;
-        for (int r = r0; r < r1; ++r) {
-            float v = acc[r - r0];
-            if (epi == STORE_F32) {
-                out_f[r] = v;
-            } else {
-                v = rbf(v);  // the matrix product's bf16 output, as torch rounds it before bias or residual
-                if (bias) v = rbf(v + bf2f(bias[r]));
-                if (epi == RESID_BF16) v = v + bf2f(res[r]);
-                out_bf[r] = f2bf(v);
+        for (int row = 0; row < nrows; ++row) {
+            for (int r = r0; r < r1; ++r) {
+                float v = acc[row * R + r - r0];
+                if (epi == STORE_F32) {
+                    out_f[static_cast<size_t>(row) * m.n + r] = v;
+                } else {
+                    v = rbf(v);  // the matrix product's bf16 output, as torch rounds it before bias or residual
+                    if (bias) v = rbf(v + bf2f(bias[r]));
+                    if (epi == RESID_BF16) v = v + bf2f(res[row * rs + r]);
+                    out_bf[row * os + r] = f2bf(v);
+                }
             }
         }
     }
@@ -171,22 +212,25 @@ inline __m512 rbf16v(__m512 x) {  // round 16 floats through bf16 (nearest even)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
 }
 
-// a = silu(g) * u with g, u from the interleaved gate|up blocks
-inline void gemv_swiglu(const LfMat& m, const float* x, float* act) {
+// a = silu(g) * u with g, u from the interleaved gate|up blocks, for every row (act rows as apart)
+inline void gemv_swiglu(const LfMat& m, int nrows, const float* x, size_t xst, float* act, size_t as) {
     const int nb = (m.n + R - 1) / R;
     const size_t bstride = static_cast<size_t>(R) * m.k;
 #pragma omp for schedule(guided)
     for (int b = 0; b < nb; ++b) {
-        alignas(64) float g[R], u[R];
-        block_dot(m.w + 2 * b * bstride, x, m.k, g);
-        block_dot(m.w + (2 * b + 1) * bstride, x, m.k, u);
-        for (int c = 0; c < R; c += 16) {
-            const __m512 gv = rbf16v(_mm512_load_ps(g + c)), uv = rbf16v(_mm512_load_ps(u + c));
-            const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(
-            _mm512_setzero_ps(), gv))));
-            const __m512 a = rbf16v(_mm512_mul_ps(rbf16v(silu), uv));
-            const int rows = m.n - b * R - c < 16 ? m.n - b * R - c : 16;
-            if (rows > 0) _mm512_mask_storeu_ps(act + b * R + c, static_cast<__mmask16>((1u << rows) - 1u), a);
+        alignas(64) float g[4 * R], u[4 * R];
+        dot_rows(nrows, m.w + 2 * b * bstride, x, xst, m.k, g);
+        dot_rows(nrows, m.w + (2 * b + 1) * bstride, x, xst, m.k, u);
+        for (int row = 0; row < nrows; ++row) {
+            for (int c = 0; c < R; c += 16) {
+                const __m512 gv = rbf16v(_mm512_load_ps(g + row * R + c)), uv = rbf16v(_mm512_load_ps(u + row * R + c));
+                const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(
+                    _mm512_setzero_ps(), gv))));
+                const __m512 a = rbf16v(_mm512_mul_ps(rbf16v(silu), uv));
+                const int rows = m.n - b * R - c < 16 ? m.n - b * R - c : 16;
+                if (rows > 0)
+                    _mm512_mask_storeu_ps(act + row * as + b * R + c, static_cast<__mmask16>((1u << rows) - 1u), a);
+            }
         }
     }
 }
@@ -232,7 +276,7 @@ inline __m512 load16m(const bf16* p, __mmask16 mk) {  // masked: lanes outside m
 // attention of query head hq at slot pos over the cache prefix [start, pos) and its own new k, v; the
 // first query head of each KV group also writes the new k, v into the cache (no other head reads them
 // from there in this step). Any head size up to 512: the last 16 lanes are masked.
-void attend_head(const LfLayer& l, const bf16* qkv, int hq, int pos, int start, int max_len, float eps,
+void attend_head(const LfLayer& l, int row, const bf16* qkv, int hq, int pos, int start, int max_len, float eps,
                  float* scores, float* y) {
     const int hd = l.hd, group = l.n_heads / l.n_kv, g = hq / group, nv = (hd + 15) / 16;
     const __mmask16 last = static_cast<__mmask16>(hd % 16 ? (1u << (hd % 16)) - 1u : 0xffffu);
@@ -244,8 +288,9 @@ void attend_head(const LfLayer& l, const bf16* qkv, int hq, int pos, int start, 
     head_rope(qkv + (l.n_heads + g) * hd, l.k_norm, cos, sin, hd, eps, k);
     const bf16* vnew = qkv + (l.n_heads + l.n_kv + g) * hd;
     for (int i = 0; i < hd; ++i) v[i] = bf2f(vnew[i]);
-    bf16* kc = l.k_cache + static_cast<size_t>(g) * max_len * hd;
-    bf16* vc = l.v_cache + static_cast<size_t>(g) * max_len * hd;
+    const size_t row_off = (static_cast<size_t>(row) * l.n_kv + g) * max_len * hd;
+    bf16* kc = l.k_cache + row_off;
+    bf16* vc = l.v_cache + row_off;
     if (hq % group == 0) {
         for (int i = 0; i < hd; ++i) {
             kc[static_cast<size_t>(pos) * hd + i] = f2bf(k[i]);
@@ -302,57 +347,73 @@ void attend_head(const LfLayer& l, const bf16* qkv, int hq, int pos, int start, 
 
 }  // namespace
 
-extern "C" int lf_cpu_decode(const LfModel* m, int64_t tok, int32_t pos, float* logits, int32_t nthreads) {
-    if (tok < 0 || tok >= m->vocab || pos < 0 || pos >= m->max_len) return 1;
-    const int start = (m->window > 0 && pos - m->window + 1 > 0) ? pos - m->window + 1 : 0;
+// one step for rows 0..nrows-1: row m reads toks[m], writes it at slot pos[m] of cache row m and gets
+// fp32 logits at logits + m * vocab. Returns 0, or 1 when an argument is out of range
+extern "C" int lf_cpu_decode(const LfModel* m, const int64_t* toks, const int32_t* pos, int32_t nrows,
+                             float* logits, int32_t nthreads) {
+    if (nrows < 1 || nrows > m->max_rows || nrows > 4) return 1;
+    int start[4];
+    for (int r = 0; r < nrows; ++r) {
+        if (toks[r] < 0 || toks[r] >= m->vocab || pos[r] < 0 || pos[r] >= m->max_len) return 1;
+        start[r] = (m->window > 0 && pos[r] - m->window + 1 > 0) ? pos[r] - m->window + 1 : 0;
+    }
+    const size_t hs = m->hs, xs = m->xs, qs = m->qs, ys = m->ys, as = m->as;
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num();
-        float* xn = m->xn + static_cast<size_t>(t) * m->xn_stride;
+        float* xn = m->xn + static_cast<size_t>(t) * m->max_rows * xs;
         float* scores = m->scores + static_cast<size_t>(t) * m->max_len;
         bf16* h = m->h0;
         bf16* hn = m->h1;
         auto next = [&]() { bf16* s = h; h = hn; hn = s; };  // the output just written becomes the stream
+        auto norm = [&](const bf16* w, int d) {  // every row, into this thread's xn
+            for (int r = 0; r < nrows; ++r) rmsnorm(h + r * hs, w, d, m->eps, xn + r * xs);
+        };
         auto shortcut_only = [&](const LfMat& sc, int d) {  // h @ S^T where no branch carries the shortcut
-            to_f32(h, d, xn);
-            gemv(sc, xn, STORE_BF16, nullptr, nullptr, hn, nullptr);
+            for (int r = 0; r < nrows; ++r) to_f32(h + r * hs, d, xn + r * xs);
+            gemv(sc, nrows, xn, xs, STORE_BF16, nullptr, nullptr, 0, hn, hs, nullptr);
             next();
         };
 #pragma omp single
-        std::memcpy(h, m->embed + tok * m->d_embed, sizeof(bf16) * m->d_embed);
+        for (int r = 0; r < nrows; ++r)
+            std::memcpy(h + r * hs, m->embed + toks[r] * m->d_embed, sizeof(bf16) * m->d_embed);
         for (int li = 0; li < m->n_layers; ++li) {
             const LfLayer& l = m->layers[li];
             if (l.has_attn) {
-                rmsnorm(h, l.attn_norm, l.d_in, m->eps, xn);
-                gemv(l.wqkv, xn, STORE_BF16, l.bqkv, nullptr, m->qkv, nullptr);
-                const int q_dim = l.n_heads * l.hd;
+                norm(l.attn_norm, l.d_in);
+                gemv(l.wqkv, nrows, xn, xs, STORE_BF16, l.bqkv, nullptr, 0, m->qkv, qs, nullptr);
+                const int q_dim = l.n_heads * l.hd, units = l.n_heads + 1;
 #pragma omp for schedule(dynamic, 1)
-                for (int u = 0; u <= l.n_heads; ++u) {
-                    if (u < l.n_heads)
-                        attend_head(l, m->qkv, u, pos, start, m->max_len, m->eps, scores, m->y);
+                for (int u = 0; u < nrows * units; ++u) {
+                    const int r = u / units, hq = u % units;
+                    if (hq < l.n_heads)
+                        attend_head(l, r, m->qkv + r * qs, hq, pos[r], start[r], m->max_len, m->eps, scores,
+                                    m->y + r * ys);
                     else if (l.fused_attn_sc)  // the shortcut's input rides behind y
-                        to_f32(h, l.d_in, m->y + q_dim);
+                        to_f32(h + r * hs, l.d_in, m->y + r * ys + q_dim);
                 }
-                gemv(l.wo, m->y, l.fused_attn_sc ? STORE_BF16 : RESID_BF16, nullptr, h, hn, nullptr);
+                gemv(l.wo, nrows, m->y, ys, l.fused_attn_sc ? STORE_BF16 : RESID_BF16, nullptr, h, hs, hn, hs,
+                     nullptr);
                 next();
             } else if (l.attn_sc.w) {
                 shortcut_only(l.attn_sc, l.d_in);
             }
             if (l.has_mlp) {
-                rmsnorm(h, l.mlp_norm, l.d_mid, m->eps, xn);
+                norm(l.mlp_norm, l.d_mid);
                 if (l.fused_mlp_sc) {
 #pragma omp single nowait
-                    to_f32(h, l.d_mid, m->act + l.wgu.n);
+                    for (int r = 0; r < nrows; ++r) to_f32(h + r * hs, l.d_mid, m->act + r * as + l.wgu.n);
                 }
-                gemv_swiglu(l.wgu, xn, m->act);
-                gemv(l.wd, m->act, l.fused_mlp_sc ? STORE_BF16 : RESID_BF16, nullptr, h, hn, nullptr);
+                gemv_swiglu(l.wgu, nrows, xn, xs, m->act, as);
+                gemv(l.wd, nrows, m->act, as, l.fused_mlp_sc ? STORE_BF16 : RESID_BF16, nullptr, h, hs, hn, hs,
+                     nullptr);
                 next();
             } else if (l.mlp_sc.w) {
                 shortcut_only(l.mlp_sc, l.d_mid);
             }
         }
-        rmsnorm(h, m->final_norm, m->d_final, m->eps, xn);
-        gemv(m->head, xn, STORE_F32, nullptr, nullptr, nullptr, logits);
+        norm(m->final_norm, m->d_final);
+        gemv(m->head, nrows, xn, xs, STORE_F32, nullptr, nullptr, 0, nullptr, 0, logits);
     }
     return 0;
 }

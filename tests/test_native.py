@@ -74,18 +74,39 @@ def test_threads_split_rows_not_sums() -> None:
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
 
 
+def test_rows_of_different_lengths_match_the_torch_step() -> None:
+    """Up to 4 rows decode in one native step (each weight read once for all): rows of different
+    lengths, an inactive row and a 3-row step after a 4-row one, against the torch step's logits."""
+    m = tiny(SPECS["sliding+llama3rope"], seed=7).to(torch.bfloat16)
+    prompts = [PROMPT, [20, 21], [30, 31, 32, 33, 34, 35], [40, 41, 42]]
+
+    def run(native: bool) -> list[torch.Tensor]:
+        rt = Runtime(m, max_batch=4, max_len=48, native=native)
+        assert (rt.native is not None) == native and (not native or rt.native.max_rows == 4)
+        rt.prefill(prompts)
+        out = [rt.decode([5, 6, 7, 8]), rt.decode([9, 10, 11, 12], active=[True, False, True, True]),
+               rt.decode([13, 14, 15])]
+        assert rt.lengths == [len(p) + n for p, n in zip(prompts, (3, 2, 3, 2), strict=True)]
+        return out
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.75
+
+
 def test_batches_after_native_steps_read_its_cache() -> None:
-    """A row decoded natively, then batched with another on the torch path: the same logits as a
-    runtime that never used the native step."""
+    """Rows decoded natively, then batched with more rows than the native step takes (the torch path):
+    the same logits as a runtime that never used the native step."""
     m = tiny(SPECS["qk_norm+bias"], seed=5).to(torch.bfloat16)
 
     def run(native: bool) -> torch.Tensor:
-        rt = Runtime(m, max_batch=2, max_len=48, native=native)
-        rt.prefill([PROMPT])
+        rt = Runtime(m, max_batch=5, max_len=48, native=native)
+        rt.prefill([PROMPT, [60, 61]])
         for t in (30, 31, 32):
-            rt.decode([t])  # one row: native when on
-        rt.prefill([[50, 51, 52]], rows=[1])
-        return rt.decode([33, 53])  # two rows: the torch step reads row 0's cache
+            rt.decode([t, t + 1])  # two rows: native when on
+        rt.prefill([[50, 51, 52], [53], [54, 55]], rows=[2, 3, 4])
+        return rt.decode([33, 34, 56, 57, 58])  # five rows: the torch step reads rows 0 and 1 of the cache
 
     assert (run(True) - run(False)).abs().max().item() < 0.05 * run(False).abs().max().item()
 
@@ -98,25 +119,27 @@ def test_refusals_name_cause_and_fix() -> None:
         Runtime(m, max_batch=1, max_len=16, native=True)  # fp32 model
     rt = Runtime(m.to(torch.bfloat16), max_batch=1, max_len=16, native=True)
     with pytest.raises(ValueError, match="out of range.*Fix:"):
-        rt.native(10**6, 0)  # type: ignore[misc]
+        rt.native([10**6], [0])
+    with pytest.raises(ValueError, match="rows.*Fix:"):
+        rt.native([1, 2], [0, 0])  # a one-row runtime
 
 
 @pytest.mark.slow
-def test_compiled_bf16_runtime_runs_one_row_natively() -> None:
-    """A compiled bf16 runtime compiles graphs for 2+ rows only: one row decodes natively, and the
-    compiled graph then reads the cache rows the native step wrote (greedy tokens as the eager torch
-    runtime's, logits within bf16 noise)."""
+def test_compiled_bf16_runtime_runs_few_rows_natively() -> None:
+    """A compiled bf16 runtime compiles graphs only for more rows than the native step takes: up to 4
+    rows decode natively, and the compiled graph then reads the cache rows the native step wrote
+    (logits within bf16 noise of the eager torch runtime's)."""
     m = tiny(SPECS["sliding+llama3rope"], seed=6).to(torch.bfloat16)
-    comp = Runtime(m, max_batch=3, max_len=48, compile=True, autotune=False)
-    ref = Runtime(m, max_batch=3, max_len=48, native=False)
-    assert comp.native is not None
+    comp = Runtime(m, max_batch=5, max_len=48, compile=True, autotune=False)
+    ref = Runtime(m, max_batch=5, max_len=48, native=False)
+    assert comp.native is not None and comp.native.max_rows == 4 and comp.compile_s > 0
     for rt in (comp, ref):
         rt.reset()
-        rt.prefill([PROMPT])
-    for t in (30, 31, 32, 33):  # row 0 alone: native vs eager torch
-        a, b = comp.decode([t]), ref.decode([t])
+        rt.prefill([PROMPT, [20, 21, 22]])
+    for t in (30, 31, 32, 33):  # two rows: native vs eager torch
+        a, b = comp.decode([t, t + 10]), ref.decode([t, t + 10])
         assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
     for rt in (comp, ref):
-        rt.prefill([[40, 41], [42, 43, 44]], rows=[1, 2])
-    a, b = comp.decode([34, 45, 46]), ref.decode([34, 45, 46])  # three rows: the compiled shared graph
+        rt.prefill([[40, 41], [42, 43, 44], [45]], rows=[2, 3, 4])
+    a, b = comp.decode([34, 44, 46, 47, 48]), ref.decode([34, 44, 46, 47, 48])  # five rows: the compiled graph
     assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
