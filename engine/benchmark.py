@@ -254,8 +254,8 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
                          static_batches=[b for b in static_batches if 2 <= b <= bmax])
         setup[f"runtime {name}"] = time.perf_counter() - t
         if rt.native is not None:
-            notes.append(f"{name}: batches of up to {rt.native.max_rows} decode on the native CPU step "
-                         "(engine/native.py)")
+            rows = "batch 1 decodes" if rt.native.max_rows == 1 else f"batches of 1-{rt.native.max_rows} decode"
+            notes.append(f"{name}: {rows} on the native CPU step (engine/native.py)")
         elif min(batch_sizes) <= 4:
             notes.append(f"{name}: every batch decodes on the torch step (native CPU step off: {rt.native_why})")
         if compile:
