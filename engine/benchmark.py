@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .memstat import proc_status_bytes, reset_rss_peak
 from .model import Model
+from .native import NativeDecode
 from .runtime import Runtime, decode_weight_bytes
 from .spec import LayerSpec, ModelSpec
 
@@ -207,7 +208,7 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
     first model is the reference for ``speedup``. compile: torch.compile the runtime's decode step
     (None: on CPU, where it pays, off on CUDA, where the decode step is a CUDA graph). static_batches: batch
     sizes that get their own autotuned graph in the compiled runtime (see ``Runtime``). native: the
-    runtime's native CPU step for batch 1 (None: where it can run; see ``Runtime``)."""
+    runtime's native CPU step for batches of up to 4 (None: where it can run; see ``Runtime``)."""
     from .loading import load
 
     device = torch.device(device)
@@ -256,7 +257,7 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
         if rt.native is not None:
             rows = "batch 1 decodes" if rt.native.max_rows == 1 else f"batches of 1-{rt.native.max_rows} decode"
             notes.append(f"{name}: {rows} on the native CPU step (engine/native.py)")
-        elif min(batch_sizes) <= 4:
+        elif min(batch_sizes) <= NativeDecode.MAX_ROWS:
             notes.append(f"{name}: every batch decodes on the torch step (native CPU step off: {rt.native_why})")
         if compile:
             setup[f"compile {name}"] = rt.compile_s

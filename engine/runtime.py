@@ -145,7 +145,7 @@ class Runtime:
 
     def _warm_up(self) -> None:
         """Compile now (batch 1, the static batches and the shared graph for the other sizes, where decode
-        uses it) so that no request pays for it; time it."""
+        uses it and the native step does not cover them) so that no request pays for it; time it."""
         t = time.perf_counter()
         lo = 1 if self.native is None else self.native.max_rows + 1  # the native step covers 1..max_rows rows
         sizes = {n for n in (1, *self.static_batches) if n >= lo}
