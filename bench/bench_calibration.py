@@ -1,7 +1,7 @@
 """Calibration benchmarks: peak memory against the naive approach, and the cost of the statistics.
 
 (a) memory: for n and 4n calibration sequences, each configuration in its own subprocess:
-    - layerfold: ``engine.calibrate`` (layer by layer, weights mmap'd, one micro-batch at a time);
+    - layerfold: ``layerfold.calibration.calibrate`` (layer by layer, weights mmap'd, one micro-batch at a time);
     - naive: HF transformers ``output_hidden_states=True`` over the whole set, every hidden state kept,
       window cosines and CKA computed afterwards.
     Reported: peak RSS over the process's resident size before the run (VmHWM after resetting it via
@@ -54,8 +54,8 @@ def _reset_peak() -> bool:
 
 
 def _data(model: str, samples: int, seq_len: int) -> tuple[Path, torch.Tensor]:
-    from engine.data import calib_batches
-    from engine.loading import load_tokenizer, resolve
+    from layerfold.core.data import calib_batches
+    from layerfold.core.loading import load_tokenizer, resolve
 
     path = resolve(model, quiet=True)
     return path, calib_batches(load_tokenizer(path), "pydoc", n_samples=samples, seq_len=seq_len)
@@ -65,9 +65,9 @@ def _naive(path: Path, ids: torch.Tensor, micro_batch: int) -> None:
     """What a user does without layerfold: all hidden states of the set, then the statistics."""
     import transformers
 
-    from engine import load_spec_state
-    from engine.arch import hf_config_from_spec, state_to_hf
-    from kernels import cka_from_hsic, hsic_accumulate_ref, ucentered_gram_ref
+    from layerfold import load_spec_state
+    from layerfold.core.arch import hf_config_from_spec, state_to_hf
+    from layerfold.kernels import cka_from_hsic, hsic_accumulate_ref, ucentered_gram_ref
 
     spec, state, _ = load_spec_state(path, quiet=True)
     cfg = transformers.AutoConfig.for_model(**hf_config_from_spec(spec))
@@ -94,7 +94,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     path, ids = _data(args.model, args.samples, args.seq_len)
     import transformers  # noqa: F401  (both sides pay the import before the baseline)
 
-    from engine.calibrate import calibrate  # imported before the baseline is taken
+    from layerfold.calibration.calibrate import calibrate  # imported before the baseline is taken
 
     base, base_anon = _status("VmRSS"), _status("RssAnon")
     if not _reset_peak():
@@ -140,7 +140,7 @@ def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def timing(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.calibrate import calibrate
+    from layerfold.calibration.calibrate import calibrate
 
     torch.set_num_threads(args.threads)
     path, ids = _data(args.model, args.samples, args.seq_len)
@@ -191,7 +191,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    from engine.cli_util import human_bytes, table
+    from layerfold.cli.util import human_bytes, table
 
     if "memory" in out:
         rows = [[r["mode"], r["samples"], r["tokens"], human_bytes(r["peak_delta"]), human_bytes(r["peak_anon_delta"]),

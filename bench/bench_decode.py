@@ -11,7 +11,7 @@ Measures, interleaved over repeats (median and range):
     weights (the CPU default) and, with --compile, torch.compile + freezing (compile time reported
     apart); with --static and N > 1 also the compiled step with a graph of its own for batch N
     (``Runtime(static_batches=(N,))``) next to the graph batches of 2 and more share; up to batch 4
-    also the native CPU step (``engine.native``) where it can run,
+    also the native CPU step (``layerfold.inference.native``) where it can run,
 and prints each as tokens/s and as a percentage of the bandwidth bound (weight bytes / bandwidth).
 """
 
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.benchmark import measure_bandwidth  # noqa: E402
-from engine.loading import load  # noqa: E402
-from engine.native import NativeDecode  # noqa: E402
-from engine.runtime import Runtime  # noqa: E402
-from engine.runtime_net import can_pack, pack, packed_linear  # noqa: E402
+from layerfold.core.loading import load  # noqa: E402
+from layerfold.evaluation.benchmark import measure_bandwidth  # noqa: E402
+from layerfold.inference.decode_net import can_pack, pack, packed_linear  # noqa: E402
+from layerfold.inference.native import NativeDecode  # noqa: E402
+from layerfold.inference.runtime import Runtime  # noqa: E402
 
 
 def matrices(model: torch.nn.Module) -> list[torch.Tensor]:

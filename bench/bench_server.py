@@ -42,7 +42,7 @@ def start_server(model: Any, tok: Any, max_batch: int, compile: bool,
                  static_batches: list[int] | None = None, prefill_threads: int | None = None) -> tuple[str, Any, Any]:
     import uvicorn
 
-    from engine.server import create_app
+    from layerfold.serving.server import create_app
 
     app = create_app(model, tok, model_name="bench", max_batch=max_batch, max_len=512, compile=compile,
                      static_batches=static_batches or (), prefill_threads=prefill_threads)
@@ -138,9 +138,9 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from engine.cli_util import parse_sizes
-    from engine.loading import load
-    from engine.server import serving_threads
+    from layerfold.cli.util import parse_sizes
+    from layerfold.core.loading import load
+    from layerfold.serving.server import serving_threads
 
     levels = parse_sizes(args.clients, "--clients")
     t0 = time.perf_counter()

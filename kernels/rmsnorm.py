@@ -3,7 +3,7 @@
     y[n, :] = x[n, :] / sqrt(mean_j x[n, j]^2 + eps) * w[:]
 
 computed in fp32 whatever the input dtype and rounded once to the input dtype (the same math as
-``engine.model.RMSNorm``).
+``layerfold.core.model.RMSNorm``).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def rmsnorm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Torch reference (and the CPU path): one fused ``F.rms_norm`` call, fp32 accumulation inside,
-    bit-identical to ``engine.model.RMSNorm`` for fp32 and bf16."""
+    bit-identical to ``layerfold.core.model.RMSNorm`` for fp32 and bf16."""
     if x.dtype == torch.float64:
         xf = x
         return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)

@@ -91,7 +91,7 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def rotary_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Torch reference (and the CPU path): x (N, H, hd), cos/sin (N, hd), computed in x's dtype
-    exactly as ``engine.model.apply_rope`` does (the Triton kernel rounds once, from fp32)."""
+    exactly as ``layerfold.core.model.apply_rope`` does (the Triton kernel rounds once, from fp32)."""
     h = x.shape[-1] // 2
     c, s = cos[:, None, :], sin[:, None, :]
     rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)

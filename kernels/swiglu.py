@@ -66,6 +66,6 @@ def swiglu(gu: Tensor) -> Tensor:
 
 
 def swiglu_ref(gu: Tensor) -> Tensor:
-    """Torch reference (and the CPU path), in gu's dtype as ``engine.model.MLP`` computes it."""
+    """Torch reference (and the CPU path), in gu's dtype as ``layerfold.core.model.MLP`` computes it."""
     f = gu.shape[-1] // 2
     return F.silu(gu[..., :f]) * gu[..., f:]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-import engine
-from engine.arch import spec_from_hf_config, state_from_hf
+import layerfold
+from layerfold.core.arch import spec_from_hf_config, state_from_hf
 
 
 def tiny_hf(family: str, *, seed: int = 0, tie: bool = False, **over):
@@ -40,7 +40,7 @@ def tiny_hf(family: str, *, seed: int = 0, tie: bool = False, **over):
     return hf
 
 
-def to_layerfold(hf) -> engine.Model:
+def to_layerfold(hf) -> layerfold.Model:
     spec = spec_from_hf_config(hf.config)
     state = state_from_hf({k: v.clone() for k, v in hf.state_dict().items()}, spec)
-    return engine.build_model(spec, state).eval()
+    return layerfold.build_model(spec, state).eval()

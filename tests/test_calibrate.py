@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import LayerSpec, ModelSpec, build_model, save_checkpoint
-from engine.calibrate import calibrate
-from engine.stats import Stats
+from layerfold import LayerSpec, ModelSpec, build_model, save_checkpoint
+from layerfold.calibration.calibrate import calibrate
+from layerfold.calibration.stats import Stats
 
 # relative tolerances; "fp16_ring": cos(h_i, h_i+k), k >= 2, read from unit directions stored in fp16
 TOL = {"cos": 2e-5, "cka": 1e-4, "gram": 1e-4, "chan": 1e-4, "fp16_ring": 2e-4}
@@ -232,7 +232,7 @@ def test_position_skip_for_cka_and_plots(tmp_path, torch_ref):
     ref = reference(model, ids, None, 2, 6, cka_skip=1)
     assert_close(st.cka, ref["cka"], TOL["cka"], "cka without position 0")
     assert st.counts["cka_tokens"] == 4 * 6 and st.meta["options"]["skip_in"] == ["channels", "cka", "grams"]
-    from engine.plots import plot_all
+    from layerfold.calibration.plots import plot_all
 
     paths = plot_all(st, tmp_path, title="tiny")
     assert sorted(p.name for p in paths) == ["bi.png", "cka.png", "cos_window.png"]

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from engine import ModelSpec, build_model
-from engine.methods import PruneContext, Target, get_method
-from engine.methods.come import (
+from layerfold import ModelSpec, build_model
+from layerfold.core.model import init_weights
+from layerfold.core.spec import dense_layer
+from layerfold.methods import PruneContext, Target, get_method
+from layerfold.methods.come import (
     MergeStep,
     apply_come,
     attn_group_sensitivity,
@@ -19,8 +21,6 @@ from engine.methods.come import (
     query_heads,
     split_counts,
 )
-from engine.model import init_weights
-from engine.spec import dense_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

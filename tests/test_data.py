@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import data as D
-from engine.loading import load_tokenizer, resolve
+from layerfold.core import data as D
+from layerfold.core.loading import load_tokenizer, resolve
 
 
 @pytest.fixture(scope="session")

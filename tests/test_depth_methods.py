@@ -8,13 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import engine
-from engine.checkpoint import save_checkpoint
-from engine.methods import PruneContext, Target, get_method
-from engine.methods.merge_search import MergeSimilarity, groups_of
-from engine.methods.slm import slide
-from engine.model import build_model, init_weights
-from engine.spec import ModelSpec, dense_layer
+import layerfold
+from layerfold.core.checkpoint import save_checkpoint
+from layerfold.core.model import build_model, init_weights
+from layerfold.core.spec import ModelSpec, dense_layer
+from layerfold.methods import PruneContext, Target, get_method
+from layerfold.methods.merge_search import MergeSimilarity, groups_of
+from layerfold.methods.slm import slide
 
 L = 8
 
@@ -22,7 +22,7 @@ L = 8
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(seed: int = 0) -> engine.Model:
+def tiny(seed: int = 0) -> layerfold.Model:
     spec = ModelSpec(vocab_size=61, d_model=48, layers=(dense_layer(48, 4, 2, 12, 72),) * L, tie_embeddings=True,
                      arch="llama")
     m = build_model(spec)
@@ -34,7 +34,7 @@ def tiny(seed: int = 0) -> engine.Model:
 def setup():
     m = tiny()
     calib = torch.randint(0, 61, (6, 24), generator=torch.Generator().manual_seed(1))
-    from engine.calibrate import calibrate
+    from layerfold.calibration.calibrate import calibrate
 
     stats = calibrate(m, calib, window=L, cka=False, channels=False)
     return m, calib, stats
@@ -117,7 +117,7 @@ def test_similarity_of_the_dense_partition_is_one(setup) -> None:
     assert sc2["final-cosine"] < 1 and s.evaluations == 2
 
 
-def greedy(model: engine.Model, ids: torch.Tensor, n: int) -> list[int]:
+def greedy(model: layerfold.Model, ids: torch.Tensor, n: int) -> list[int]:
     out = ids.clone()
     with torch.no_grad():
         for _ in range(n):
@@ -131,23 +131,23 @@ def test_pruned_model_saves_reloads_and_generates(setup, tmp_path, method: str, 
     res = get_method(method).fn(ctx(setup, "3", sim_seq_len=24, **options))
     out = save_checkpoint(tmp_path / "pruned", res.model.spec, res.model.state_dict(),
                           provenance={"layer_map": res.layer_map, "changed_layers": res.changed_layers})
-    again, _ = engine.load(out, tokenizer=False)
+    again, _ = layerfold.load(out, tokenizer=False)
     assert again.spec == res.model.spec
     prompt = setup[1][:1, :5]
     assert greedy(again, prompt, 6) == greedy(res.model, prompt, 6)
 
 
 def test_prune_pipeline_writes_report_and_provenance(setup, tmp_path, monkeypatch) -> None:
-    """engine.prune.prune end to end with the tiny model (load, data and evaluation stubbed)."""
-    import engine.data
-    import engine.evaluate
-    import engine.prune as P
+    """layerfold.pipeline.prune end to end with the tiny model (load, data and evaluation stubbed)."""
+    from layerfold import pipeline as P
+    from layerfold.core import data as data
+    from layerfold.evaluation import evaluate as evaluate
 
     m, calib, stats = setup
     src = save_checkpoint(tmp_path / "dense", m.spec, m.state_dict())
-    monkeypatch.setattr(P, "load", lambda *a, **k: (engine.load(src, tokenizer=False)[0], None))
-    monkeypatch.setattr(engine.data, "calib_batches", lambda *a, **k: calib)
-    monkeypatch.setattr(engine.evaluate, "evaluate",
+    monkeypatch.setattr(P, "load", lambda *a, **k: (layerfold.load(src, tokenizer=False)[0], None))
+    monkeypatch.setattr(data, "calib_batches", lambda *a, **k: calib)
+    monkeypatch.setattr(evaluate, "evaluate",
                         lambda model, tok, **k: {"ppl": {"ppl": 10.0 + model.spec.n_layers},
                                                  "mc": {"acc": 0.5, "acc_norm": 0.4}})
     with pytest.raises(ValueError, match="refusing to write over"):
@@ -169,7 +169,7 @@ def test_prune_pipeline_writes_report_and_provenance(setup, tmp_path, monkeypatc
 
 
 def test_cli_parses_method_options() -> None:
-    from engine.cli import build_parser
+    from layerfold.cli.main import build_parser
 
     a = build_parser().parse_args(["prune", "m", "--method", "slm", "--target", "8", "--out", "o",
                                    "--similarity", "final-cosine", "--replacement", "decoder"])
@@ -187,10 +187,9 @@ def test_streamline_needs_a_wide_enough_window(setup) -> None:
 
 
 def test_prune_passes_heal_through(setup) -> None:
-    """--heal reaches engine.heal.heal_pruned with the plan's layer_map / changed_layers (tiny budget)."""
-    pytest.importorskip("engine.heal")
-    from engine.heal import HealConfig, HealData
-    from engine.prune import heal_result
+    """--heal reaches layerfold.healing.heal.heal_pruned with the plan's layer_map / changed_layers (tiny budget)."""
+    from layerfold.healing.heal import HealConfig, HealData
+    from layerfold.pipeline import heal_result
 
     m, calib, _ = setup
     res = get_method("slm").fn(ctx(setup, "3", sim_seq_len=24))

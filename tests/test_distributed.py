@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine import LayerSpec, ModelSpec, build_model, save_checkpoint
-from engine.calibrate import calibrate
-from engine.stats import Stats
+from layerfold import LayerSpec, ModelSpec, build_model, save_checkpoint
+from layerfold.calibration.calibrate import calibrate
+from layerfold.calibration.stats import Stats
 
 OPTS = dict(window=3, cka_tokens=6, cka_samples=5, grams=True, micro_batch=2, ring_dtype=torch.float32)
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from engine import build_model
-from engine import evaluate as E
-from engine.data import MCItem
-from engine.loading import load_tokenizer, resolve
-from engine.spec import ModelSpec, dense_layer
+from layerfold import build_model
+from layerfold.core.data import MCItem
+from layerfold.core.loading import load_tokenizer, resolve
+from layerfold.core.spec import ModelSpec, dense_layer
+from layerfold.evaluation import evaluate as E
 
 
 @pytest.fixture(scope="session")
@@ -159,8 +159,8 @@ def test_evaluate_reads_a_user_mc_file(tmp_path, tok):
 
 
 def test_cli_eval_json(monkeypatch, capsys, tok):
-    import engine.cmd_eval as cmd
-    from engine.cli import main
+    from layerfold.cli import eval as cmd
+    from layerfold.cli.main import main
 
     monkeypatch.setattr(cmd, "load", lambda src, **kw: (tiny_model(vocab=len(tok), seed=4), tok))
     assert main(["eval", "any", "--json", "--seq-len", "32", "--max-tokens", "64", "--mc-items", "4"]) == 0

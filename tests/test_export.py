@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from engine.checkpoint import save_checkpoint
-from engine.cmd_export import export_hf
-from engine.model import build_model, init_weights
-from engine.plan import DepthPlan, Merge, Replace
-from engine.spec import ModelSpec, dense_layer
-from engine.surgery import apply_depth_plan
+from layerfold.cli.export import export_hf
+from layerfold.core.checkpoint import save_checkpoint
+from layerfold.core.model import build_model, init_weights
+from layerfold.core.spec import ModelSpec, dense_layer
+from layerfold.surgery.depth import apply_depth_plan
+from layerfold.surgery.plan import DepthPlan, Merge, Replace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,7 +73,7 @@ def test_export_refuses_source_and_existing_out(tmp_path) -> None:
     export_hf(ckpt, tmp_path / "hf")
     with pytest.raises(ValueError, match="already exists"):
         export_hf(ckpt, tmp_path / "hf")
-    from engine.cli import main
+    from layerfold.cli.main import main
 
     assert main(["export", str(ckpt), "--out", str(tmp_path / "hf"), "--overwrite", "--json"]) == 0
     assert main(["export", str(ckpt), "--out", str(tmp_path / "hf")]) == 2

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from engine import LayerSpec, ModelSpec, build_model, save_checkpoint
-from engine.cli import main
-from engine.generate import TextStream, encode_prompt, generate, sample_next, stream_generate
-from engine.loading import load_tokenizer, resolve
-from engine.model import Model
+from layerfold import LayerSpec, ModelSpec, build_model, save_checkpoint
+from layerfold.cli.main import main
+from layerfold.core.loading import load_tokenizer, resolve
+from layerfold.core.model import Model
+from layerfold.inference.generate import TextStream, encode_prompt, generate, sample_next, stream_generate
 
 PROMPTS = ["Hi", "Write a haiku about the sea and the wind over it.", "What is 2+2?"]
 

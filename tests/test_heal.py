@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from engine import ModelSpec, build_model, save_checkpoint
-from engine.heal import (
+from layerfold import ModelSpec, build_model, save_checkpoint
+from layerfold.core.model import init_weights
+from layerfold.core.spec import dense_layer
+from layerfold.healing.heal import (
     STATE_DIR,
     HealConfig,
     HealData,
@@ -19,8 +21,6 @@ from engine.heal import (
     save_healed,
     val_perplexity,
 )
-from engine.model import init_weights
-from engine.spec import dense_layer
 
 V = 53
 
@@ -142,8 +142,8 @@ def test_best_state_is_kept(tmp_path):
 
 
 def test_cli_heal_writes_a_checkpoint_and_guards_its_directory(tmp_path, capsys):
-    from engine.cli import main
-    from engine.loading import load, load_tokenizer, resolve
+    from layerfold.cli.main import main
+    from layerfold.core.loading import load, load_tokenizer, resolve
 
     tok = load_tokenizer(resolve("smollm2-135m", quiet=True))
     spec = ModelSpec(vocab_size=len(tok), d_model=16, layers=tuple(dense_layer(16, 2, 1, 8, 24) for _ in range(3)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.memstat import peak_rss_mib, proc_status_bytes, reset_rss_peak
+from layerfold.core.memstat import peak_rss_mib, proc_status_bytes, reset_rss_peak
 
 
 def test_peak_grows_with_an_allocation_and_resets_after_it_is_freed() -> None:

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine
-from engine.model import KVCache
-from engine.spec import LayerSpec, ModelSpec
+import layerfold
+from layerfold.core.model import KVCache
+from layerfold.core.spec import LayerSpec, ModelSpec
 from tests.hf_tiny import tiny_hf, to_layerfold
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
@@ -62,10 +62,10 @@ def test_padding_mask_left_padded_equals_unpadded():
 def test_parity_smollm2_135m():
     from transformers import AutoModelForCausalLM
 
-    from engine.loading import resolve_alias
+    from layerfold.core.loading import resolve_alias
 
     path = resolve_alias("smollm2-135m")
-    model, tok = engine.load("smollm2-135m")
+    model, tok = layerfold.load("smollm2-135m")
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     ids = tok("def add(a, b):\n    return a + b  # The quick brown fox", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -133,8 +133,8 @@ def _ref_forward(sd: dict, spec: ModelSpec, ids: torch.Tensor) -> torch.Tensor:
 
 def test_heterogeneous_spec_matches_reference():
     spec = hetero_spec()
-    m = engine.build_model(spec)
-    engine.model.init_weights(m, std=0.2, seed=0)
+    m = layerfold.build_model(spec)
+    layerfold.core.model.init_weights(m, std=0.2, seed=0)
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "norm" in n:

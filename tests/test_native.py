@@ -1,12 +1,12 @@
-"""The native batch-1 CPU decode step (engine/native.py, kernels/cpu_decode.cpp) against the torch step."""
+"""The native batch-1 CPU decode step (layerfold.inference.native, kernels/cpu_decode.cpp) against the torch step."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.native import _library, native_unavailable, pack
-from engine.runtime import Runtime
+from layerfold.inference.native import _library, native_unavailable, pack
+from layerfold.inference.runtime import Runtime
 from tests.test_runtime import SPECS, tiny
 
 pytestmark = pytest.mark.skipif(_library()[0] is None, reason=f"native step unavailable: {_library()[1]}")

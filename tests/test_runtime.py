@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import LayerSpec, ModelSpec, build_model
-from engine.model import Model
-from engine.runtime import Runtime, decode_weight_bytes
-from engine.runtime_net import attend_reduce
+from layerfold import LayerSpec, ModelSpec, build_model
+from layerfold.core.model import Model
+from layerfold.inference.decode_net import attend_reduce
+from layerfold.inference.runtime import Runtime, decode_weight_bytes
 
 TOL = 2e-4  # fp32 logits of a tiny random model: fused GEMMs and SDPA vs the eager forward
 
@@ -148,9 +148,9 @@ def test_weight_bytes_is_what_a_step_reads() -> None:
 
 def test_bench_models_api_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The benchmark end to end on tiny checkpoints: the API the demo calls, and the CLI's JSON and PNG."""
-    from engine import save_checkpoint
-    from engine.benchmark import bench_models
-    from engine.cli import main
+    from layerfold import save_checkpoint
+    from layerfold.cli.main import main
+    from layerfold.evaluation.benchmark import bench_models
 
     dense = ModelSpec(vocab_size=200, d_model=32, tie_embeddings=True, max_position=64, bos_token_id=1,
                       layers=tuple(LayerSpec(32, 32, 32, 4, 2, 8, 64) for _ in range(4)))

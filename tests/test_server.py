@@ -17,11 +17,11 @@ import pytest
 import torch
 import uvicorn
 
-from engine import LayerSpec, ModelSpec, build_model
-from engine.generate import generate
-from engine.loading import load_tokenizer, resolve
-from engine.model import Model
-from engine.server import create_app, serving_threads
+from layerfold import LayerSpec, ModelSpec, build_model
+from layerfold.core.loading import load_tokenizer, resolve
+from layerfold.core.model import Model
+from layerfold.inference.generate import generate
+from layerfold.serving.server import create_app, serving_threads
 
 NAME = "tiny-test"
 
@@ -203,8 +203,8 @@ def test_serving_threads_leave_a_core_to_http(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_prefill_threads_apply_to_prefills_only(model: Model, tok: Any) -> None:
-    from engine.scheduler import Request as GenRequest
-    from engine.scheduler import Scheduler
+    from layerfold.serving.scheduler import Request as GenRequest
+    from layerfold.serving.scheduler import Scheduler
 
     sched = Scheduler(model, tok, max_batch=2, max_len=64, prefill_threads=2)
     seen: dict[str, list[int]] = {"prefill": [], "decode": []}

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.checkpoint import save_checkpoint
-from engine.loading import load
-from engine.methods import get_method
-from engine.methods.base import PruneContext, Target
-from engine.methods.slicing import add_args, dynamic_fractions, make_plan
-from engine.model import KVCache, Model, build_model
-from engine.slicing import SlicePlan, count_params, plan_widths, point_dims, slice_model, sliced_spec
-from engine.spec import ModelSpec, dense_layer
+from layerfold.core.checkpoint import save_checkpoint
+from layerfold.core.loading import load
+from layerfold.core.model import KVCache, Model, build_model
+from layerfold.core.spec import ModelSpec, dense_layer
+from layerfold.methods import get_method
+from layerfold.methods.base import PruneContext, Target
+from layerfold.methods.slicing import add_args, dynamic_fractions, make_plan
+from layerfold.surgery.slicing import SlicePlan, count_params, plan_widths, point_dims, slice_model, sliced_spec
 
 V, D = 61, 40
 
@@ -243,7 +243,7 @@ def test_params_target_counts_shortcuts() -> None:
     m = tiny(n_layers=4)
     spec = m.spec
     build = lambda f: make_plan(spec, f, round_to=1)
-    from engine.methods.slicing import resolve_fraction
+    from layerfold.methods.slicing import resolve_fraction
 
     f = resolve_fraction(spec, Target.parse("params:0.1"), build)
     removed = 1 - count_params(sliced_spec(spec, build(f)))["total"] / count_params(spec)["total"]
@@ -263,7 +263,7 @@ def test_rotation_is_exact_on_smollm2() -> None:
 @pytest.mark.parametrize("arch", ["llama", "streamline"])
 def test_runtime_decodes_a_sliced_model_like_the_model(arch: str) -> None:
     """The lean runtime takes shortcut matrices and per-layer widths with no special path."""
-    from engine.runtime import Runtime
+    from layerfold.inference.runtime import Runtime
 
     m, x = tiny(arch), ids()
     s, _ = slice_model(m, x, make_plan(m.spec, 0.3, lr=[0.2, 0.9, 0.6], base=0.1, round_to=8))

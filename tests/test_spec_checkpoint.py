@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
-from engine.checkpoint import CheckpointError, load_checkpoint, open_weights, save_checkpoint
-from engine.loading import load_spec_state, source_kind
-from engine.spec import LayerSpec, ModelSpec
+import layerfold
+from layerfold.core.checkpoint import CheckpointError, load_checkpoint, open_weights, save_checkpoint
+from layerfold.core.loading import load_spec_state, source_kind
+from layerfold.core.spec import LayerSpec, ModelSpec
 from tests.test_model import hetero_spec
 
 
@@ -49,7 +49,7 @@ def test_model_validation_width_chain():
 
 @pytest.fixture()
 def tiny(tmp_path):
-    m = engine.build_model(hetero_spec())
+    m = layerfold.build_model(hetero_spec())
     out = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict(), provenance={"source": "test"})
     return m, out
 
@@ -60,7 +60,7 @@ def test_round_trip_bit_exact(tiny):
     assert cfg["spec"] == m.spec and cfg["provenance"]["source"] == "test"
     for k, v in m.state_dict().items():
         assert torch.equal(state[k], v), k
-    m2, tok = engine.load(out, tokenizer=False)
+    m2, tok = layerfold.load(out, tokenizer=False)
     assert tok is None
     ids = torch.randint(0, 61, (1, 7))
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_weights_are_memory_mapped(tiny):
 
 
 def test_bf16_round_trip(tmp_path):
-    m = engine.build_model(hetero_spec()).to(torch.bfloat16)
+    m = layerfold.build_model(hetero_spec()).to(torch.bfloat16)
     out = save_checkpoint(tmp_path / "bf", m.spec, m.state_dict())
     _, state = load_checkpoint(out)
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
@@ -89,15 +89,15 @@ def test_missing_unexpected_misshaped(tiny, tmp_path):
     sd.pop("layers.1.attn_shortcut.weight")
     bad = save_checkpoint(tmp_path / "missing", m.spec, sd)
     with pytest.raises(CheckpointError, match="layers.1.attn_shortcut.weight"):
-        engine.load(bad, tokenizer=False)
+        layerfold.load(bad, tokenizer=False)
     sd = dict(m.state_dict(), **{"layers.0.extra.weight": torch.zeros(2)})
     bad = save_checkpoint(tmp_path / "extra", m.spec, sd)
     with pytest.raises(CheckpointError, match="layers.0.extra.weight"):
-        engine.load(bad, tokenizer=False)
+        layerfold.load(bad, tokenizer=False)
     sd = dict(m.state_dict(), **{"layers.3.attn.q.weight": torch.zeros(3, 3)})
     bad = save_checkpoint(tmp_path / "shape", m.spec, sd)
     with pytest.raises(CheckpointError, match=r"layers.3.attn.q.weight.*shape"):
-        engine.load(bad, tokenizer=False)
+        layerfold.load(bad, tokenizer=False)
 
 
 def test_truncated_and_corrupt_files(tiny):
@@ -106,14 +106,14 @@ def test_truncated_and_corrupt_files(tiny):
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
-        engine.load(out, tokenizer=False)
+        layerfold.load(out, tokenizer=False)
     w.write_bytes(b"\x00\x01garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
-        engine.load(out, tokenizer=False)
+        layerfold.load(out, tokenizer=False)
     w.write_bytes(data)
     (out / "config.json").write_text('{"format": "layerfold", "spec": ')
     with pytest.raises(CheckpointError, match="corrupt JSON"):
-        engine.load(out, tokenizer=False)
+        layerfold.load(out, tokenizer=False)
 
 
 def test_atomic_and_never_over_source(tiny, tmp_path):
@@ -158,7 +158,7 @@ def test_hf_dir_import(tmp_path):
 
     hf = tiny_hf("qwen2")
     hf.save_pretrained(tmp_path / "q2", safe_serialization=True)
-    m, _ = engine.load(tmp_path / "q2", tokenizer=False)
+    m, _ = layerfold.load(tmp_path / "q2", tokenizer=False)
     ids = torch.randint(0, 97, (1, 10))
     with torch.no_grad():
         assert (m(ids) - hf(ids).logits).abs().max() < 1e-4

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from engine.model import build_model, init_weights
-from engine.plan import DepthPlan, Merge, Replace, plan_from_groups
-from engine.spec import ModelSpec, dense_layer
-from engine.surgery import apply_depth_plan, layer_state, merge_layer_states, merge_tensors
+from layerfold.core.model import build_model, init_weights
+from layerfold.core.spec import ModelSpec, dense_layer
+from layerfold.surgery.depth import apply_depth_plan, layer_state, merge_layer_states, merge_tensors
+from layerfold.surgery.plan import DepthPlan, Merge, Replace, plan_from_groups
 
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 

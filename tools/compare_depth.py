@@ -5,7 +5,7 @@
 
 Calibrates once (window = the largest target, so Streamline can read cos(h_j, h_{j+n})), evaluates the
 dense model once, then runs every method at every target on the same calibration ids and evaluates each
-pruned model on the same ``val`` data (engine.evaluate.evaluate). Results go to a JSON file after every
+pruned model on the same ``val`` data (layerfold.evaluation.evaluate.evaluate). Results go to a JSON file after every
 run (``--resume`` skips runs already there), and a markdown table is printed at the end.
 
 For the merge methods (LaCo, SLM) it also records the evidence needed to explain their results: which
@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.checkpoint import write_json_atomic  # noqa: E402
-from engine.methods import Target  # noqa: E402
-from engine.methods.merge_search import final_cosine, linear_cka  # noqa: E402
-from engine.model import Model  # noqa: E402
-from engine.prune import run_eval, run_method  # noqa: E402
+from layerfold.core.checkpoint import write_json_atomic  # noqa: E402
+from layerfold.core.model import Model  # noqa: E402
+from layerfold.methods import Target  # noqa: E402
+from layerfold.methods.merge_search import final_cosine, linear_cka  # noqa: E402
+from layerfold.pipeline import run_eval, run_method  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "shortgpt": ("shortgpt", {}),
@@ -68,7 +68,7 @@ def output_similarity(model: Model, ref: torch.Tensor, ids: torch.Tensor) -> dic
 def merge_evidence(dense: Model, plan: dict[str, Any]) -> list[dict[str, Any]]:
     """Per merged group: relative Frobenius norm ||merged|| / mean ||source layers|| per weight, and
     ||merged - mean of sources|| / ||mean||, for the weights the merge formula touches."""
-    from engine.surgery import layer_state, merge_layer_states
+    from layerfold.surgery.depth import layer_state, merge_layer_states
 
     out = []
     for g in plan.get("merge", []):
@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from engine.calibrate import calibrate
-    from engine.data import calib_batches
-    from engine.loading import load
-    from engine.stats import Stats
+    from layerfold.calibration.calibrate import calibrate
+    from layerfold.calibration.stats import Stats
+    from layerfold.core.data import calib_batches
+    from layerfold.core.loading import load
 
     targets = [int(x) for x in args.targets.split(",")]
     names = [x.strip() for x in args.methods.split(",") if x.strip()]

@@ -9,8 +9,8 @@ each without and with healing; val perplexity and MC accuracy, healing budget (t
 Every piece is saved as it finishes (WORK/<method> pruned checkpoint, WORK/<method>-healed healed
 checkpoint, WORK/results.json evaluations) and reused by a re-run, so the tool can be stopped and
 restarted; a healing run stopped midway resumes from its heal_state. Pruning uses the depth pipeline
-(engine.prune.prune, its default calibration: 64 x 256 tokens of pydoc calib); evaluation is
-engine.evaluate on the pydoc val split (perplexity over 512-token windows, ``--mc-items`` 4-way items).
+(layerfold.prune.prune, its default calibration: 64 x 256 tokens of pydoc calib); evaluation is
+layerfold.evaluate on the pydoc val split (perplexity over 512-token windows, ``--mc-items`` 4-way items).
 Healing budget: ``--minutes`` per model on ``--clock`` cpu (process CPU time / threads: the wall time of
 this machine unshared; the machine is shared with other jobs, so wall time is longer and is reported too).
 """
@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import engine  # noqa: E402
-from engine.checkpoint import is_checkpoint, write_json_atomic  # noqa: E402
-from engine.heal import HealConfig, heal_pruned, save_healed  # noqa: E402
+import layerfold  # noqa: E402
+from layerfold.core.checkpoint import is_checkpoint, write_json_atomic  # noqa: E402
+from layerfold.healing.heal import HealConfig, heal_pruned, save_healed  # noqa: E402
 
 METHODS = ("shortgpt", "slm", "streamline", "come")
 SOURCE = "smollm2-135m"
@@ -42,9 +42,9 @@ def log(msg: str) -> None:
 
 
 def evaluate(path: str | Path, args: argparse.Namespace) -> dict[str, Any]:
-    from engine.evaluate import evaluate as ev
+    from layerfold.evaluation.evaluate import evaluate as ev
 
-    model, tok = engine.load(path, quiet=True)
+    model, tok = layerfold.load(path, quiet=True)
     t0, c0 = time.time(), time.process_time()
     r = ev(model, tok, data=args.data, tasks=("ppl", "mc"), seq_len=512, mc_items=args.mc_items, batch_size=8)
     return {"ppl": r["ppl"]["ppl"], "ppl_tokens": r["ppl"]["tokens"], "acc": r["mc"]["acc"],
@@ -57,7 +57,7 @@ def prune(method: str, work: Path, args: argparse.Namespace) -> Path:
     out = work / method
     if is_checkpoint(out):
         return out
-    from engine.prune import prune as run_prune
+    from layerfold.pipeline import prune as run_prune
 
     log(f"pruning {method}")
     t0 = time.time()
@@ -70,13 +70,13 @@ def heal(method: str, pruned: Path, work: Path, args: argparse.Namespace) -> Pat
     out = work / f"{method}-healed"
     if is_checkpoint(out):
         return out
-    student, tok = engine.load(pruned, quiet=True)
+    student, tok = layerfold.load(pruned, quiet=True)
     prov = student.provenance
     cfg = HealConfig(clock=args.clock, autocast=args.autocast, lr_global=args.lr_global, lr_layer=args.lr_layer,
                      layer_frac=args.layer_frac, eval_every=args.eval_every, val_tokens=args.val_tokens,
                      hidden_weight=args.hidden_weight)
     log(f"healing {method}: {args.minutes} min ({args.clock} clock), layers {prov['changed_layers']} changed")
-    rep = heal_pruned(student, engine.resolve(SOURCE, quiet=True), prov["layer_map"], prov["changed_layers"], tok,
+    rep = heal_pruned(student, layerfold.resolve(SOURCE, quiet=True), prov["layer_map"], prov["changed_layers"], tok,
                       data=args.data, budget_minutes=args.minutes, stages=("layer", "global"),
                       train_all=args.train_all, out_dir=out, resume=True, progress=True, config=cfg)
     if rep.status != "done":
@@ -84,7 +84,7 @@ def heal(method: str, pruned: Path, work: Path, args: argparse.Namespace) -> Pat
         return None
     base = json.loads((pruned / "report.json").read_text()) if (pruned / "report.json").is_file() else {}
     save_healed(out, student, rep, provenance={**prov, "healed_from": str(pruned)}, base_report=base,
-                tokenizer=tok, sources=[str(pruned), str(engine.resolve(SOURCE, quiet=True))])
+                tokenizer=tok, sources=[str(pruned), str(layerfold.resolve(SOURCE, quiet=True))])
     log(f"healed {method}: val ppl {rep.start_val_ppl:.2f} -> {rep.best_val_ppl:.2f} ({rep.tokens} tokens, "
         f"{rep.wall_minutes:.1f} wall min, {rep.cpu_minutes:.1f} CPU min)")
     return out
@@ -154,13 +154,13 @@ def main() -> int:
                                 "threads": torch.get_num_threads()}
     if "eval" in steps and "dense" not in res:
         log("evaluating dense")
-        res["dense"] = evaluate(engine.resolve(SOURCE, quiet=True), args)
+        res["dense"] = evaluate(layerfold.resolve(SOURCE, quiet=True), args)
         save()
     if "eval" in steps and "dense_track" not in res:  # the perplexity healing tracks, for the curves' reference
-        from engine.data import token_stream
-        from engine.heal import val_perplexity
+        from layerfold.core.data import token_stream
+        from layerfold.healing.heal import val_perplexity
 
-        model, tok = engine.load(SOURCE, quiet=True)
+        model, tok = layerfold.load(SOURCE, quiet=True)
         c = HealConfig(val_tokens=args.val_tokens)
         val = token_stream(tok, args.data, "val")[: c.val_tokens // c.seq_len * c.seq_len].view(-1, c.seq_len)
         res["dense_track"] = {"ppl": val_perplexity(model, val, c.micro_batch), "tokens": val.numel()}

@@ -5,9 +5,9 @@
     python tools/compare_slicing.py --bench-widths        # which rounding multiple is fastest here
 
 Per target: one constant-slicing model and one dynamic-slicing model per slicing base SB. Each is
-evaluated on the ``val`` split (engine.evaluate: perplexity and multiple-choice accuracy) and timed
+evaluated on the ``val`` split (layerfold.evaluation.evaluate: perplexity and multiple-choice accuracy) and timed
 against the dense model in the same run: greedy decode of ``--new-tokens`` tokens at batch 1 through
-engine.runtime.Runtime (static KV cache), dense and sliced interleaved repeat by repeat so that load on
+layerfold.inference.runtime.Runtime (static KV cache), dense and sliced interleaved repeat by repeat so that load on
 a shared machine hits both alike; the median ms/token is reported. Results are appended to ``--json``
 as they come (a long run can be read while it goes).
 """
@@ -26,16 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import load  # noqa: E402
-from engine.cli_util import DTYPES, table  # noqa: E402
-from engine.methods.slicing import make_plan  # noqa: E402
-from engine.model import Model  # noqa: E402
-from engine.slicing import SlicePlan, count_params, slice_model  # noqa: E402
+from layerfold import load  # noqa: E402
+from layerfold.cli.util import DTYPES, table  # noqa: E402
+from layerfold.core.model import Model  # noqa: E402
+from layerfold.methods.slicing import make_plan  # noqa: E402
+from layerfold.surgery.slicing import SlicePlan, count_params, slice_model  # noqa: E402
 
 
 def decoder(model: Model, dtype: torch.dtype, max_len: int) -> Any:
     """A callable greedy(prompt, n) -> seconds per new token (decode steps only, prefill excluded)."""
-    from engine.runtime import Runtime
+    from layerfold.inference.runtime import Runtime
 
     rt = Runtime(model, max_batch=1, max_len=max_len, dtype=dtype)
 
@@ -62,7 +62,7 @@ def time_pair(dense: Any, sliced: Any, prompt: list[int], n: int, repeats: int) 
 
 
 def evaluate_model(model: Model, tok: Any, args: argparse.Namespace) -> dict[str, float]:
-    from engine.evaluate import evaluate
+    from layerfold.evaluation.evaluate import evaluate
 
     r = evaluate(model, tok, data=args.data, tasks=("ppl", "mc"), seq_len=args.eval_seq_len,
                  mc_items=args.mc_items, batch_size=4)
@@ -70,8 +70,8 @@ def evaluate_model(model: Model, tok: Any, args: argparse.Namespace) -> dict[str
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from engine.calibrate import calibrate
-    from engine.data import calib_batches
+    from layerfold.calibration.calibrate import calibrate
+    from layerfold.core.data import calib_batches
 
     torch.manual_seed(0)
     dense, tok = load(args.model)
@@ -155,7 +155,7 @@ def bench_widths(args: argparse.Namespace) -> None:
     keeps its best time over ``--repeats`` rounds, so load from other processes on a shared machine hits
     every width alike. Reports ns per multiply-add by the largest power of two dividing the width. The
     products run as the runtime runs them: on oneDNN-packed weights where the runtime packs them."""
-    from engine.runtime_net import can_pack, pack, packed_linear
+    from layerfold.inference.decode_net import can_pack, pack, packed_linear
 
     torch.manual_seed(0)
     d, ffn, qkv = 576, 1536, 960

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.heal import load_curve  # noqa: E402
+from layerfold.healing.heal import load_curve  # noqa: E402
 
 
 def collect(paths: list[str]) -> tuple[dict[str, list[tuple[int, float]]], float | None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import METHODS, Method, PruneContext, PruneResult, Target, register
+from layerfold.methods.base import METHODS, Method, PruneContext, PruneResult, Target, register
 
 # module name -> the methods it registers; imported lazily so a broken optional method cannot break the rest
 MODULES = ("shortgpt", "laco", "slm", "streamline", "slicing", "come")
@@ -13,9 +13,9 @@ MODULES = ("shortgpt", "laco", "slm", "streamline", "slicing", "come")
 def all_methods() -> dict[str, Method]:
     for mod in MODULES:
         try:
-            importlib.import_module(f"engine.methods.{mod}")
+            importlib.import_module(f"layerfold.methods.{mod}")
         except ModuleNotFoundError as e:
-            if e.name != f"engine.methods.{mod}":
+            if e.name != f"layerfold.methods.{mod}":
                 raise
     return METHODS
 

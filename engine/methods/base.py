@@ -2,7 +2,7 @@
 
 A method is a function ``fn(ctx: PruneContext) -> PruneResult``. Inside, a method keeps STYLE 6:
 a score is a function of statistics, a plan is a JSON-serialisable dataclass, surgery is a pure
-``apply(model, plan) -> new model`` (engine/surgery.py).
+``apply(model, plan) -> new model`` (layerfold.surgery.depth).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..model import Model
+from layerfold.core.model import Model
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class PruneContext:
     tokenizer: Any
     source: str  # where the dense model came from (teacher for healing)
     target: Target
-    stats: Any | None  # engine.stats.Stats from the calibration pass (None when the method needs none)
+    stats: Any | None  # layerfold.calibration.stats.Stats from the calibration pass (None when the method needs none)
     calib: torch.Tensor  # (n, T) calibration token ids used for the stats, reusable for training
     device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)  # method-specific options from the CLI

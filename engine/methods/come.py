@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..model import Model, build_model
-from .base import Method, PruneContext, PruneResult, register
+from layerfold.core.model import Model, build_model
+from layerfold.methods.base import Method, PruneContext, PruneResult, register
 
 NORMS = ("mean", "fold")
 
@@ -215,7 +215,7 @@ def _usable(stats: Any, L: int) -> bool:
 
 
 def run(ctx: PruneContext) -> PruneResult:
-    from ..calibrate import calibrate
+    from layerfold.calibration.calibrate import calibrate
 
     t0 = time.time()
     opts = ctx.options

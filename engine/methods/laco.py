@@ -28,10 +28,10 @@ import math
 import time
 from typing import Any
 
-from ..plan import plan_from_groups
-from ..surgery import apply_depth_plan
-from .base import Method, PruneContext, PruneResult, register
-from .merge_search import SimView, merge_setup, next_threshold
+from layerfold.methods.base import Method, PruneContext, PruneResult, register
+from layerfold.methods.merge_search import SimView, merge_setup, next_threshold
+from layerfold.surgery.depth import apply_depth_plan
+from layerfold.surgery.plan import plan_from_groups
 
 MERGE_C = 4
 INTERVAL_I = 2

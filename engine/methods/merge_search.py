@@ -1,7 +1,7 @@
 """What LaCo and SLM search with: the similarity of a candidate merged model's output to the dense model's.
 
 A candidate is a partition of the source layers into consecutive groups (``[[0], [1], [2, 3, 4], [5]]``);
-each group of more than one layer becomes one merged layer (engine.surgery.merge_layer_states). The
+each group of more than one layer becomes one merged layer (layerfold.surgery.depth.merge_layer_states). The
 representation compared is ``norm(h_L)``: the last layer's output after the final RMSNorm, i.e. what the
 LM head reads and what HF's ``hidden_states[-1]`` (used by the public LaCo/SLM code) holds. The final
 norm matters on SmolLM2: raw h_L carries a massive activation at sequence position 0 that would
@@ -27,10 +27,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels.cka import cka_from_hsic, hsic_accumulate, hsic_accumulate_ref, ucentered_gram, ucentered_gram_ref
-
-from ..model import Block, Model
-from ..surgery import merged_block
+from layerfold.core.model import Block, Model
+from layerfold.kernels.cka import (
+    cka_from_hsic,
+    hsic_accumulate,
+    hsic_accumulate_ref,
+    ucentered_gram,
+    ucentered_gram_ref,
+)
+from layerfold.surgery.depth import merged_block
 
 SIMILARITIES = ("cka", "final-cosine")
 Groups = tuple[tuple[int, ...], ...]

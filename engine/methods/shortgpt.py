@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from ..plan import DepthPlan
-from ..surgery import apply_depth_plan
-from .base import Method, PruneContext, PruneResult, register
+from layerfold.methods.base import Method, PruneContext, PruneResult, register
+from layerfold.surgery.depth import apply_depth_plan
+from layerfold.surgery.plan import DepthPlan
 
 
 def lowest_bi(bi: torch.Tensor, k: int) -> list[int]:

@@ -7,7 +7,7 @@ Should some FS_i exceed ``MAX_FRACTION`` (0.95) we clip it there and raise the s
 FS_i = SB + k LR'_i (bisection) until the mean is SP again (an error when no slope can reach it).
 Layer i's fraction sets its mid and output widths (its input is the previous layer's output); widths
 are rounded to a multiple (default 8) by largest remainder, so the mean kept width is the target's up
-to one multiple over all layers. Apply: engine/slicing.py, layer by layer on the sliced prefix.
+to one multiple over all layers. Apply: layerfold.surgery.slicing, layer by layer on the sliced prefix.
 
 Defaults, measured on SmolLM2-135M at 25% constant slicing (32 x 256 calibration tokens; val ppl of
 the dense model 16.74 on that test): PCA over all tokens 29.7, position 0 excluded ("skip-first") 30.7,
@@ -25,9 +25,17 @@ from typing import Any
 
 import torch
 
-from ..slicing import BASES, PCA_TOKENS, SlicePlan, count_params, plan_widths, slice_model, sliced_spec
-from ..spec import ModelSpec
-from .base import Method, PruneContext, PruneResult, Target, register
+from layerfold.core.spec import ModelSpec
+from layerfold.methods.base import Method, PruneContext, PruneResult, Target, register
+from layerfold.surgery.slicing import (
+    BASES,
+    PCA_TOKENS,
+    SlicePlan,
+    count_params,
+    plan_widths,
+    slice_model,
+    sliced_spec,
+)
 
 MAX_FRACTION = 0.95
 DEFAULT_BASE = 0.1
@@ -70,7 +78,7 @@ def layer_redundancy(ctx: PruneContext) -> list[float]:
     """cos(h_i, h_{i+1}) per layer from the pipeline's statistics, or a small calibration pass."""
     stats = ctx.stats
     if stats is None:
-        from ..calibrate import calibrate
+        from layerfold.calibration.calibrate import calibrate
 
         stats = calibrate(ctx.model, ctx.calib, window=1, cka=False, channels=False, device=ctx.device,
                           progress=ctx.progress)

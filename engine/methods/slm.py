@@ -25,10 +25,18 @@ import math
 import time
 from typing import Any
 
-from ..plan import plan_from_groups
-from ..surgery import apply_depth_plan
-from .base import Method, PruneContext, PruneResult, register
-from .merge_search import SIM_SAMPLES, SIM_SEQ_LEN, SIMILARITIES, SimView, groups_of, merge_setup, next_threshold
+from layerfold.methods.base import Method, PruneContext, PruneResult, register
+from layerfold.methods.merge_search import (
+    SIM_SAMPLES,
+    SIM_SEQ_LEN,
+    SIMILARITIES,
+    SimView,
+    groups_of,
+    merge_setup,
+    next_threshold,
+)
+from layerfold.surgery.depth import apply_depth_plan
+from layerfold.surgery.plan import plan_from_groups
 
 
 def slide(n_layers: int, sim: SimView, threshold: float, budget: int | None = None

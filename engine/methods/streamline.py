@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..model import Model
-from ..plan import DepthPlan, Replace
-from ..surgery import apply_depth_plan
-from .base import Method, PruneContext, PruneResult, register
+from layerfold.core.model import Model
+from layerfold.methods.base import Method, PruneContext, PruneResult, register
+from layerfold.surgery.depth import apply_depth_plan
+from layerfold.surgery.plan import DepthPlan, Replace
 
 LR, LR_END, WD, CLIP = 1e-3, 5e-5, 1e-3, 1.0  # see the module docstring for the lr
 EPOCHS = 5  # passes over the calibration set (64 x 256 tokens: 320 steps of 256 tokens)
@@ -163,7 +163,7 @@ def train_replacement(dense: Model, pruned: Model, index: int, j: int, n: int, i
 
     An MLP block trains on shuffled chunks of ``token_batch`` tokens, a decoder block on ``train_batch``
     whole sequences; the learning rate follows a cosine from ``lr`` to ``lr_end`` over all steps."""
-    from ..cli_util import progress as bar
+    from layerfold.cli.util import progress as bar
 
     torch.manual_seed(seed)
     block = pruned.layers[index]

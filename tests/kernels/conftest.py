@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import _dispatch, gram  # noqa: E402
+from layerfold.kernels import _dispatch, gram  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from kernels.attn_decode import attn_decode, attn_decode_ref
-from kernels.rmsnorm import rmsnorm, rmsnorm_ref
-from kernels.rotary import rotary, rotary_ref
-from kernels.swiglu import swiglu, swiglu_ref
+from layerfold.kernels.attn_decode import attn_decode, attn_decode_ref
+from layerfold.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+from layerfold.kernels.rotary import rotary, rotary_ref
+from layerfold.kernels.swiglu import swiglu, swiglu_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Outputs are rounded once to the input dtype (half an ulp: 2^-24, 2^-11, 2^-8 relative); the fp32

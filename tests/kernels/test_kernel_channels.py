@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_checks import DTYPES, MASKS, assert_close, make_mask, make_x, poison_padding, zeros64
 
-from kernels import channel_stats, channel_stats_ref, swiglu_channel_stats, swiglu_channel_stats_ref
+from layerfold.kernels import channel_stats, channel_stats_ref, swiglu_channel_stats, swiglu_channel_stats_ref
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_checks import DTYPES, MASKS, assert_close, make_mask, make_x, poison_padding
 
-from kernels import (
+from layerfold.kernels import (
     cka_from_hsic,
     hsic_accumulate,
     hsic_accumulate_ref,

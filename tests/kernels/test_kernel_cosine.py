@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_checks import DTYPES, MASKS, assert_close, make_mask, make_x, poison_padding
 
-from kernels import COS_EPS, cosine_pairs_ref, cosine_window_sum, cosine_window_sum_ref
+from layerfold.kernels import COS_EPS, cosine_pairs_ref, cosine_window_sum, cosine_window_sum_ref
 
 
 def _ref64(base: torch.Tensor, others: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

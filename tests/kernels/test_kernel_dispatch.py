@@ -6,8 +6,8 @@ import pytest
 import torch
 from kernel_checks import make_x
 
-import kernels
-from kernels import _dispatch, channels, cka, cosine, gram
+from layerfold import kernels
+from layerfold.kernels import _dispatch, channels, cka, cosine, gram
 
 # (module, launcher, ref name, kernel, call with small valid inputs)
 CASES = [

@@ -10,7 +10,7 @@ import pytest
 import torch
 from kernel_checks import DTYPES, assert_close, make_mask, make_x, zeros64
 
-import kernels
+from layerfold import kernels
 
 pytestmark = [
     pytest.mark.gpu,

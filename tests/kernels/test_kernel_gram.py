@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_checks import DTYPES, MASKS, assert_close, make_mask, make_x, poison_padding, zeros64
 
-from kernels import gram_accumulate, gram_accumulate_ref
+from layerfold.kernels import gram_accumulate, gram_accumulate_ref
 
 
 def _ref64(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:

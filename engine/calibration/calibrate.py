@@ -1,0 +1,434 @@
+"""Streaming calibration: the whole set goes through the model one layer at a time, all statistics in one pass.
+
+Order (GPTQ / SliceGPT): embeddings of every sample go into a hidden-state buffer (host memory, or a
+disk ``np.memmap`` with ``offload="disk"``); then for each layer only that layer's weights are put on
+the compute device (read lazily from the mmap'd checkpoint, or from an in-memory model's state), every
+micro-batch of the buffer runs through it, the kernels in ``kernels/`` fold its activations into
+running sums, and the layer output is written back over its input in the same buffer slice. The device
+holds one layer's weights, one micro-batch and the current layer's accumulators.
+
+Host (or disk) memory besides the weights, for n samples of T tokens, width d, window W, L layers:
+
+- hidden states: n T d x (compute dtype bytes), one buffer overwritten in place (micro-batches of a
+  layer are independent, so each output goes over its own input once that is no longer needed);
+- window ring: the last W hidden states as unit-normalised directions, W n T d x 2 bytes (fp16).
+  cos(h_i, h_{i+1}) uses the layer's exact input; k >= 2 reads the ring (per-token error ~1e-4,
+  ~1e-6 on a mean over thousands of tokens);
+- CKA store: per CKA minibatch (one sequence, up to ``cka_tokens`` tokens evenly spread over it) the
+  U-centred Grams of h_0..h_L, n_cka (L+1) m^2 x 4 bytes; each new layer's Gram is multiplied with
+  the stored ones (one HSIC row) as it arrives.
+(SmolLM2-135M, 64 x 256 tokens, W = 8, m = 128: 38 MB + 151 MB + 130 MB; ``stats.meta["buffer_bytes"]``.)
+
+Massive activations: Llama-family models (SmolLM2 from about layer 12) carry a residual at sequence
+position 0 orders of magnitude larger than elsewhere, which dominates raw-unit sums. The first
+``skip_positions`` positions of every sequence (counted over valid tokens) are left out of the
+statistics named in ``skip_in``: by default the Grams and channel magnitudes; window cosines and CKA
+use every valid token unless "cos" / "cka" is added.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from layerfold import kernels as K
+from layerfold.calibration.stats import Stats
+from layerfold.cli.util import progress as progress_bar
+from layerfold.core.checkpoint import check_state_dict
+from layerfold.core.model import Block, Model, attention_mask, rope_cos_sin, rope_inv_freq
+
+SKIP_TARGETS = ("cos", "cka", "grams", "channels")
+
+
+class _LayerSource:
+    """One Block at a time on the device, from a state dict: an mmap'd checkpoint or a model's own tensors."""
+
+    def __init__(self, source: str | Path | Model, device: torch.device, dtype: torch.dtype | None):
+        if isinstance(source, Model):
+            self.spec, self.state, self.where = source.spec, source.state_dict(), "in-memory model"
+        else:
+            from layerfold.core.loading import load_spec_state
+
+            self.spec, self.state, _ = load_spec_state(source, quiet=True)
+            self.where = str(source)
+        self.device = device
+        self.dtype = dtype or self.state["embed.weight"].dtype
+        self.keys = {i: [k for k in self.state if k.startswith(f"layers.{i}.")] for i in range(self.spec.n_layers)}
+        self._inv_freq: dict[int, Tensor] = {}
+
+    def embed(self, ids: Tensor) -> Tensor:
+        w = self.state["embed.weight"]
+        return F.embedding(ids.to(w.device), w).to("cpu", self.dtype)
+
+    def block(self, i: int) -> Block:
+        """Layer i built on the meta device (nothing allocated), filled from the state and moved to the device."""
+        pre = f"layers.{i}."
+        sub = {k[len(pre):]: self.state[k] for k in self.keys[i]}
+        with torch.device("meta"):
+            block = Block(self.spec.layers[i], self.spec)
+        expected = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+        check_state_dict(expected, sub, where=f"{self.where} layer {i}")
+        block.load_state_dict(sub, assign=True)
+        return block.to(device=self.device, dtype=self.dtype).eval()
+
+    def rope(self, i: int, positions: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Rotary cos/sin for layer i (what Model.rope gives for its head_dim)."""
+        ls = self.spec.layers[i]
+        if not ls.has_attn:
+            return None, None
+        if ls.head_dim not in self._inv_freq:
+            self._inv_freq[ls.head_dim] = rope_inv_freq(self.spec, ls.head_dim)
+        return rope_cos_sin(self._inv_freq[ls.head_dim], positions, self.dtype)
+
+
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, tmp: Path | None, name: str, pin: bool,
+            zero: bool = False) -> Tensor:
+    """Host memory (pinned for CUDA copies), or a disk memmap file under ``tmp`` (any torch dtype, via raw
+    bytes; zero-filled). Uninitialised unless ``zero``: the hidden states and CKA store are written before
+    they are read; the ring is read whole (unused slots ignored), so garbage there could hold inf/nan."""
+    if tmp is None:
+        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, pin_memory=pin)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    arr = np.memmap(tmp / f"{name}.bin", dtype=np.uint8, mode="w+", shape=(max(nbytes, 1),))
+    return torch.from_numpy(arr)[:nbytes].view(dtype).view(shape)
+
+
+def _even(idx: Tensor, m: int) -> Tensor:
+    """m entries of idx spread evenly (floor of a linspace with step >= 1: distinct, first and last kept)."""
+    if idx.numel() <= m:
+        return idx
+    return idx[torch.linspace(0, idx.numel() - 1, m, dtype=torch.float64).floor().long()]
+
+
+def _check_args(batches: Tensor, mask: Tensor | None, window: int, cka_tokens: int, micro_batch: int,
+                offload: str, skip_positions: int, skip_in: Sequence[str], vocab: int) -> None:
+    if not isinstance(batches, Tensor) or batches.dim() != 2 or batches.dtype not in (torch.int64, torch.int32):
+        raise ValueError("batches must be an integer tensor (n_samples, seq_len). Fix: pass token ids such as "
+                         "layerfold.core.data.calib_batches(...) returns")
+    if batches.numel() and (int(batches.min()) < 0 or int(batches.max()) >= vocab):
+        raise ValueError(f"token ids must lie in [0, {vocab}) for this model; got {int(batches.min())}.."
+                         f"{int(batches.max())}. Fix: tokenize with the model's own tokenizer")
+    if mask is not None and tuple(mask.shape) != tuple(batches.shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, batches {tuple(batches.shape)}. Fix: give one "
+                         "bool per token (True = valid)")
+    for name, v, lo in (("window", window, 0), ("cka_tokens", cka_tokens, K.cka.MIN_TOKENS),
+                        ("micro_batch", micro_batch, 1), ("skip_positions", skip_positions, 0)):
+        if v < lo:
+            raise ValueError(f"{name}={v} must be >= {lo}. Fix: pass a larger {name}")
+    if offload not in ("host", "disk"):
+        raise ValueError(f"offload={offload!r} is unknown. Fix: use 'host' or 'disk'")
+    bad = set(skip_in) - set(SKIP_TARGETS)
+    if bad:
+        raise ValueError(f"skip_in names unknown statistics {sorted(bad)}. Fix: choose from {SKIP_TARGETS}")
+
+
+def _shard(batches: Tensor, mask: Tensor | None, dist: bool) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """(local ids, local valid mask, their global indices, world size, rank): rank r takes samples r, r + world..."""
+    n = batches.shape[0]
+    valid = torch.ones_like(batches, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    if not dist:
+        return batches, valid, torch.arange(n), 1, 0
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        raise ValueError("dist=True but torch.distributed is not initialised. Fix: launch with torchrun "
+                         "(python -m layerfold calibrate under torchrun does it) or call init_process_group first")
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    idx = torch.arange(rank, n, world)
+    return batches[idx], valid[idx], idx, world, rank
+
+
+def _unit(x: Tensor) -> Tensor:
+    xf = x.float()
+    return xf / torch.linalg.vector_norm(xf, dim=-1, keepdim=True).clamp_min(K.COS_EPS)
+
+
+def _cos_sums(out: Tensor, u_out: Tensor | None, u_ring: Tensor | None, h: Tensor | None, ring: Tensor | None,
+              mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Sums over a micro-batch's tokens of cos(h_i, h_{i+1}) ([1], h exact) and of cos(ring slot s, h_{i+1}) ([S]).
+
+    Triton path (CUDA, interpreter): the cosine kernel. Plain CPU: the ring already holds unit vectors, so
+    each cosine is one dot product with the unit output (u_ring: the same in the ring's dtype), per token
+    in fp16 with fp32 accumulation inside the reduction. The torch reference would re-normalise every
+    stored direction in fp32, and fp16 -> fp32 conversion is slow on CPUs (SmolLM2, 2048 tokens x 8
+    states, 1 thread: reference ~25 ms, this 3 ms, against ~250 ms for the layer itself; measured).
+    """
+    if K.use_triton(out):
+        return (K.cosine_window_sum(out, h[None], mask) if h is not None else None,
+                K.cosine_window_sum(out, ring, mask) if ring is not None else None)
+    w = None if mask is None else mask.to(torch.float32)
+    tok_sum = lambda c: c.sum((-1, -2)) if w is None else (c * w).sum((-1, -2))
+    k1 = ring_sums = None
+    if h is not None:
+        hf = h.float()
+        k1 = tok_sum(torch.linalg.vecdot(u_out, hf) / torch.linalg.vector_norm(hf, dim=-1).clamp_min(K.COS_EPS))
+        k1 = k1[None]
+    if ring is not None:
+        ring_sums = tok_sum(torch.linalg.vecdot(ring, u_ring).float())
+    return k1, ring_sums
+
+
+def _chan_sums_cpu(a: Tensor, mask: Tensor | None, acc: tuple[Tensor, Tensor]) -> None:
+    """CPU path of the channel statistics: ``a`` is |activations| (fp32, ours to overwrite); masked token
+    sums as one GEMV with the 0/1 mask, squares in place (SmolLM2 FFN, 2048 tokens, 1 thread: the
+    reference's copies take ~11 ms, this ~5 ms; measured)."""
+    a = a.reshape(-1, a.shape[-1])
+    w = None if mask is None else mask.reshape(-1).to(a.dtype)
+    acc[0].add_(a.sum(0) if w is None else w @ a)
+    a.square_()
+    acc[1].add_(a.sum(0) if w is None else w @ a)
+
+
+class _LayerAcc:
+    """Device accumulators of one layer; ``finish`` adds them into the host Stats."""
+
+    def __init__(self, spec: Any, i: int, window: int, grams: bool, channels: bool, dev: torch.device):
+        ls = spec.layers[i]
+        z = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=dev)
+        self.cos = torch.zeros(max(window, 1), dtype=torch.float64, device=dev)  # [k-1]: (h_{i+1-k}, h_{i+1})
+        self.ks: list[int] = []
+        self.rows: dict[int, Tensor] = {}  # CKA point p -> HSIC row p, columns 0..p
+        self.grams: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self.chan: dict[str, tuple[Tensor, Tensor]] = {}
+        if grams:
+            self.grams[f"attn_in.{i}"] = (z(ls.d_in, ls.d_in), z(ls.d_in), z(ls.d_in))
+            self.grams[f"mlp_in.{i}"] = (z(ls.d_mid, ls.d_mid), z(ls.d_mid), z(ls.d_mid))
+            if i == spec.n_layers - 1:
+                self.grams["final"] = (z(ls.d_out, ls.d_out), z(ls.d_out), z(ls.d_out))
+        if channels and ls.has_mlp:
+            self.chan["ffn"] = (z(ls.d_ffn), z(ls.d_ffn))
+        if channels and ls.has_attn:
+            self.chan["o"] = (z(ls.q_dim), z(ls.q_dim))
+        self.i, self.dev = i, dev
+
+    def update(self, out: Tensor, taps: dict[str, Tensor], gm: Tensor | None, cm: Tensor | None) -> None:
+        """Grams at the norm inputs (mask gm) and channel magnitudes (mask cm) of one micro-batch."""
+        for key, x in ((f"attn_in.{self.i}", taps["attn_in"]), (f"mlp_in.{self.i}", taps["mlp_in"]),
+                       ("final", out)):
+            if key in self.grams:
+                K.gram_accumulate(x, gm, self.grams[key])
+        cpu = not K.use_triton(out)
+        if "ffn" in self.chan:
+            g, u = taps["gate"], taps["up"]
+            if cpu:
+                _chan_sums_cpu(F.silu(g.float()).mul_(u.float()).abs_(), cm, self.chan["ffn"])
+            else:
+                K.swiglu_channel_stats(g, u, cm, self.chan["ffn"])
+        if "o" in self.chan:
+            if cpu:
+                _chan_sums_cpu(taps["o_in"].float().abs(), cm, self.chan["o"])
+            else:
+                K.channel_stats(taps["o_in"], cm, self.chan["o"])
+
+    def cka_points(self, store: Tensor, slots: list[int], p: int, x: Tensor) -> None:
+        """Point p (h_p) of S CKA minibatches of m tokens each, x (S, m, d): their U-centred Grams go into
+        the store and their HSIC rows against h_0..h_p are accumulated. Triton path: the kernels, one
+        minibatch at a time. CPU: the same arithmetic batched over the S minibatches (per-minibatch calls
+        are dozens of small ops each, which a busy multi-threaded CPU runs slowly)."""
+        m = x.shape[1]
+        if K.use_triton(x):
+            for j, row in enumerate(slots):
+                g = K.ucentered_gram(x[j])
+                store[row, p, :m, :m] = g.to("cpu")
+                r = K.hsic_row_accumulate(g, store[row, :p + 1, :m, :m].to(self.dev))
+                self.rows[p] = r.double() if p not in self.rows else self.rows[p].add_(r)
+            return
+        xs = x.float()
+        k = xs @ xs.transpose(1, 2)  # (S, m, m); U-centring as in kernels/cka.py
+        k.diagonal(dim1=1, dim2=2).zero_()
+        r = k.sum(2)
+        k -= (r[:, :, None] + r[:, None, :]) / (m - 2)
+        k += (r.sum(1) / ((m - 1) * (m - 2)))[:, None, None]
+        k.diagonal(dim1=1, dim2=2).zero_()
+        sl = slice(slots[0], slots[-1] + 1) if slots == list(range(slots[0], slots[-1] + 1)) else slots
+        store[sl, p, :m, :m] = k
+        prev = store[sl, :p + 1, :m, :m].reshape(len(slots), p + 1, m * m)
+        row = torch.bmm(prev, k.reshape(len(slots), m * m, 1)).sum(0).squeeze(-1).double() / (m * (m - 3))
+        self.rows[p] = row if p not in self.rows else self.rows[p].add_(row)
+
+    def finish(self, stats: Stats, n_cos: int) -> None:
+        i = self.i
+        for k in self.ks:
+            stats.cos_sum[i + 1 - k, k - 1] += float(self.cos[k - 1])
+            stats.cos_count[i + 1 - k, k - 1] += n_cos
+        for p, r in self.rows.items():
+            stats.hsic[p, :p + 1] += r.cpu()
+        for key, (g, s, ss) in self.grams.items():
+            stats.grams[key], stats.gram_sum[key], stats.gram_sq[key] = g.cpu(), s.cpu(), ss.cpu()
+        for name, (a, q) in self.chan.items():
+            stats.chan[f"{name}_abs.{i}"], stats.chan[f"{name}_sq.{i}"] = a.cpu(), q.cpu()
+
+
+class _Run:
+    """One calibration: buffers, masks and the per-layer loop (see the module docstring for the order)."""
+
+    def __init__(self, src: _LayerSource, ids: Tensor, valid: Tensor, masks: dict[str, Tensor],
+                 cka_idx: dict[int, Tensor], opts: dict[str, Any], tmp: Path | None, stats: Stats):
+        spec = self.spec = src.spec
+        self.src, self.ids, self.valid, self.stats, self.o = src, ids, valid, stats, opts
+        self.dev = src.device
+        n, T = ids.shape
+        self.pos = (valid.long().cumsum(1) - 1).clamp_min(0)  # position id = index among the valid tokens
+        self.spans = [(b, min(b + opts["micro_batch"], n)) for b in range(0, n, opts["micro_batch"])]
+        # per micro-batch device masks; None where every token counts (the kernels' fast path)
+        self.mbm = [{k: None if bool(v[b0:b1].all()) else v[b0:b1].to(self.dev) for k, v in masks.items()}
+                    for b0, b1 in self.spans]
+        self.padded = [None if bool(valid[b0:b1].all()) else valid[b0:b1].to(self.dev) for b0, b1 in self.spans]
+        self.n_cos = int(masks["cos"].sum())
+        slot = {s: j for j, s in enumerate(sorted(cka_idx))}  # row of the CKA store
+        self.cka_groups = []  # per micro-batch: (rows in it, token indices (S, m), store rows) per token count m
+        for b0, b1 in self.spans:
+            by_m: dict[int, list[int]] = {}
+            for s in range(b0, b1):
+                if s in cka_idx:
+                    by_m.setdefault(cka_idx[s].numel(), []).append(s)
+            self.cka_groups.append([(torch.tensor([s - b0 for s in g], device=self.dev),
+                                     torch.stack([cka_idx[s] for s in g]).to(self.dev), [slot[s] for s in g])
+                                    for g in by_m.values()])
+        m_max = max((t.numel() for t in cka_idx.values()), default=0)
+        self.widths = [spec.d_model] + [l.d_out for l in spec.layers]  # widths[j] = width of h_j
+        d_max = max(self.widths + [l.d_mid for l in spec.layers])
+        L, W = spec.n_layers, opts["window"]
+        self.n_ring = min(W, L) if W >= 2 else 0  # ring slot j % n_ring holds unit(h_j)
+        pin = self.dev.type == "cuda" and tmp is None
+        self.hidden = _buffer((n, T, d_max), src.dtype, tmp, "hidden", pin)
+        self.ring = _buffer((self.n_ring, n, T, d_max), opts["ring_dtype"], tmp, "ring", pin,
+                            zero=True) if self.n_ring else None
+        self.store = _buffer((len(cka_idx), L + 1, m_max, m_max), torch.float32, tmp, "cka", pin) if cka_idx else None
+        self.ring_layer = [-1] * self.n_ring
+        self.split = {"forward": 0.0, "statistics": 0.0}  # host seconds (CPU: compute; CUDA: launches)
+        stats.meta["buffer_bytes"] = {k: 0 if t is None else t.numel() * t.element_size() for k, t in
+                                      (("hidden", self.hidden), ("ring", self.ring), ("cka", self.store))}
+
+    def embed(self) -> None:
+        d = self.spec.d_model
+        for b0, b1 in self.spans:
+            h = self.src.embed(self.ids[b0:b1])
+            self.hidden[b0:b1, :, :d] = h
+            if self.n_ring:
+                self.ring[0, b0:b1, :, :d] = _unit(h).to(self.o["ring_dtype"])
+        if self.n_ring:
+            self.ring_layer[0] = 0
+
+    def layer(self, i: int) -> None:
+        ls, L, W = self.spec.layers[i], self.spec.n_layers, self.o["window"]
+        block = self.src.block(i)
+        acc = _LayerAcc(self.spec, i, W, self.o["grams"], self.o["channels"], self.dev)
+        exact = W >= 1 and ls.d_in == ls.d_out  # k = 1 from the layer's own input
+        use = {s: i + 1 - j for s, j in enumerate(self.ring_layer)
+               if 0 <= j < i and self.widths[j] == ls.d_out}  # slot -> k >= 2
+        acc.ks = ([1] if exact else []) + sorted(use.values())
+        for (b0, b1), mm, kv, groups in zip(self.spans, self.mbm, self.padded, self.cka_groups, strict=True):
+            h = self.hidden[b0:b1, :, :ls.d_in].to(self.dev, non_blocking=True)  # h_i
+            cos, sin = self.src.rope(i, self.pos[b0:b1].to(self.dev))
+            amask = None if kv is None else attention_mask(h.shape[1], 0, kv, self.spec.sliding_window, self.dev)
+            taps: dict[str, Tensor] = {}
+            t0 = time.perf_counter()
+            out = block(h, cos, sin, amask, None, i, taps)  # h_{i+1}
+            t1 = time.perf_counter()
+            acc.update(out, taps, mm["grams"], mm["channels"])
+            insert = bool(self.n_ring) and i < L - 1
+            u_out = _unit(out) if (insert or (W >= 1 and not K.use_triton(out))) else None
+            u_ring = u_out.to(self.o["ring_dtype"]) if u_out is not None and (insert or use) else None
+            ring_mb = self.ring[:, b0:b1, :, :ls.d_out].to(self.dev) if use else None
+            k1, rs = _cos_sums(out, u_out, u_ring, h if exact else None, ring_mb, mm["cos"])
+            if k1 is not None:
+                acc.cos[0] += k1[0].double()
+            for s, k in use.items():
+                acc.cos[k - 1] += rs[s].double()
+            for rows, tok, slots in groups:
+                if i == 0:
+                    acc.cka_points(self.store, slots, 0, h[rows[:, None], tok])
+                acc.cka_points(self.store, slots, i + 1, out[rows[:, None], tok])
+            if insert:  # over h_{i+1-W}, whose last use was just above
+                self.ring[(i + 1) % self.n_ring, b0:b1, :, :ls.d_out] = u_ring.to("cpu")
+            self.split["forward"] += t1 - t0
+            self.split["statistics"] += time.perf_counter() - t1
+            self.hidden[b0:b1, :, :ls.d_out] = out.to("cpu")  # last: on the CPU h is a view of this slice
+            del h, out, taps, u_out, u_ring, ring_mb  # one micro-batch alive at a time, also during the next forward
+        if self.n_ring and i < L - 1:
+            self.ring_layer[(i + 1) % self.n_ring] = i + 1
+        acc.finish(self.stats, self.n_cos)
+
+
+@torch.inference_mode()
+def calibrate(source: str | Path | Model, batches: Tensor, *, mask: Tensor | None = None, window: int = 8,
+              cka: bool = True, cka_tokens: int = 128, cka_samples: int | None = None, grams: bool = False,
+              channels: bool = True, micro_batch: int = 8, offload: str = "host",
+              offload_dir: str | Path | None = None, device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = None, skip_positions: int = 1,
+              skip_in: Sequence[str] = ("grams", "channels"), ring_dtype: torch.dtype = torch.float16,
+              progress: bool = False, dist: bool = False, meta: dict[str, Any] | None = None) -> Stats:
+    """Stream ``batches`` (n, T) through the model layer by layer and return the statistics' sums.
+
+    source: checkpoint dir, HF dir, GGUF, alias (weights mmap'd, one layer on the device at a time) or
+    an in-memory Model (left unchanged). mask: (n, T) bool, True = valid token (left or right padding).
+    window: W for cos(h_i, h_{i+k}), k = 1..W (0: no cosines). cka_tokens / cka_samples: tokens per CKA
+    minibatch (one per sequence, evenly spread over it) and how many sequences (evenly spread; None =
+    all). skip_positions / skip_in: see the module docstring. ring_dtype: the window ring's storage.
+    dist: torch.distributed is initialised; each rank takes every world-th sample and the sums are
+    all-reduced, so every rank returns the statistics of the whole set. meta: extra provenance (data).
+    """
+    t_start = time.perf_counter()
+    dev = torch.device(device)
+    src = _LayerSource(source, dev, dtype)
+    spec, L = src.spec, src.spec.n_layers
+    _check_args(batches, mask, window, cka_tokens, micro_batch, offload, skip_positions, skip_in, spec.vocab_size)
+    n_global = batches.shape[0]
+    ids, valid, gidx, world, rank = _shard(batches.cpu(), None if mask is None else mask.cpu(), dist)
+    skip = set(skip_in)
+    pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+    stat_ok = valid & (pos >= skip_positions)
+    masks = {k: (stat_ok if k in skip else valid) for k in SKIP_TARGETS}
+    chosen = set(range(n_global)) if cka_samples is None else set(_even(torch.arange(n_global), cka_samples).tolist())
+    cka_idx: dict[int, Tensor] = {}  # local sequence -> its CKA tokens
+    for s in range(ids.shape[0] if cka else 0):
+        tok = masks["cka"][s].nonzero().flatten()
+        if int(gidx[s]) in chosen and tok.numel() >= K.cka.MIN_TOKENS:
+            cka_idx[s] = _even(tok, cka_tokens)
+
+    opts = {"window": window, "cka": cka, "cka_tokens": cka_tokens, "cka_samples": cka_samples, "grams": grams,
+            "channels": channels, "skip_positions": skip_positions, "skip_in": sorted(skip),
+            "ring_dtype": str(ring_dtype).removeprefix("torch.")}
+    stats = Stats.empty(L, window, cka=cka, meta={
+        "source": src.where, "samples": n_global, "seq_len": ids.shape[1], "tokens": None, "options": opts,
+        "world_size": world, "device": str(dev), "dtype": str(src.dtype).removeprefix("torch."),
+        "offload": offload, "micro_batch": micro_batch, **(meta or {})})
+    stats.counts.update(samples=ids.shape[0], tokens=int(valid.sum()), cka_batches=len(cka_idx),
+                        cka_tokens=sum(t.numel() for t in cka_idx.values()),
+                        gram_tokens=int(masks["grams"].sum()) if grams else 0,
+                        chan_tokens=int(masks["channels"].sum()) if channels else 0)
+    tmp = Path(tempfile.mkdtemp(prefix="layerfold-calib-", dir=offload_dir)) if offload == "disk" else None
+    try:
+        run = _Run(src, ids, valid, masks, cka_idx, {**opts, "ring_dtype": ring_dtype, "micro_batch": micro_batch},
+                   tmp, stats)
+        run.embed()
+        for i in progress_bar(range(L), desc="calibrate", total=L, enabled=progress and rank == 0):
+            run.layer(i)
+        if dev.type == "cpu":
+            stats.meta["time_split_s"] = {k: round(v, 3) for k, v in run.split.items()}
+    finally:
+        run = None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if stats.hsic is not None:  # rows were filled on and below the diagonal
+        stats.hsic.copy_(stats.hsic.tril() + stats.hsic.tril(-1).T)
+    if dist:
+        import torch.distributed as tdist
+
+        stats.all_reduce(device=dev if tdist.get_backend() == "nccl" else None)
+    stats.meta["tokens"] = int(stats.counts["tokens"])
+    stats.meta["time_s"] = round(time.perf_counter() - t_start, 3)
+    if dev.type == "cuda":
+        stats.meta["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+    return stats

@@ -1,0 +1,135 @@
+"""`layerfold prune MODEL --method M --target T --out DIR`: calibrate, plan, apply, evaluate, save."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from layerfold.cli.util import add_common, emit, table, torch_dtype
+
+EPILOG = """\
+targets: 8 (layers removed), 25% or 0.25 (fraction of layers), params:0.2 or 0.2p (fraction of parameters)
+  streamline removes a window of that many layers and adds one trained block back (a params target
+  counts the block); merge methods (laco, slm) leave exactly that many fewer layers.
+
+a hand-written plan (--plan FILE, JSON; source-layer indices, ranges inclusive):
+  {"kind": "depth", "n_layers": 30, "drop": [24],
+   "merge": [{"first": 20, "last": 22, "how": "consolidate"}],
+   "replace": [{"first": 11, "last": 18, "block": "mlp"}]}
+report.json of an earlier prune also works as a plan file (its "plan" is read).
+"""
+
+
+class _SharedArgs:
+    """What each method's ``add_args`` sees: adds its options to the parser, once per flag.
+
+    Methods may share an option (slm and laco both read --similarity): the first definition wins and the
+    value reaches every method through ``options``."""
+
+    def __init__(self, parser: argparse.ArgumentParser, group: Any, seen: dict[str, str]):
+        self.parser, self.group, self.seen = parser, group, seen
+        self.dests: list[str] = []
+
+    def add_argument(self, *flags: str, **kw: Any) -> Any:
+        known = [f for f in flags if f in self.seen]
+        if known:
+            self.dests.append(self.seen[known[0]])
+            return None
+        kw.setdefault("default", None)
+        action = self.group.add_argument(*flags, **kw)
+        for f in flags:
+            self.seen[f] = action.dest
+        self.dests.append(action.dest)
+        return action
+
+    def add_argument_group(self, *a: Any, **kw: Any) -> _SharedArgs:
+        return self
+
+    def add_mutually_exclusive_group(self, *a: Any, **kw: Any) -> _SharedArgs:
+        return self
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from layerfold.methods import all_methods
+
+    methods = all_methods()
+    p = sub.add_parser("prune", help="remove, merge or replace layers (or slice width) and save the result",
+                       description="Prune a model end to end: calibrate (or reuse --stats) -> plan -> apply -> train "
+                                   "the replacement where the method has one -> evaluate dense and pruned on the same "
+                                   "val data -> save a checkpoint with report.json.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p)
+    names = sorted(methods)
+    p.add_argument("--method", choices=names, default=None,
+                   help="; ".join(f"{n}: {methods[n].help}" for n in names if methods[n].help) or None)
+    p.add_argument("--target", default=None, help="how much to prune (see below)")
+    p.add_argument("--out", required=True, help="output checkpoint directory (never the source)")
+    p.add_argument("--plan", default=None, help="apply this plan JSON instead of running a method")
+    p.add_argument("--stats", default=None, help="statistics directory from `layerfold calibrate` (skip calibration)")
+    p.add_argument("--data", default="pydoc", help="calibration and evaluation text: pydoc (built in) or a file")
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling and training seed")
+    p.add_argument("--heal", action="store_true", help="heal the pruned model against the dense one (layerfold.healing)")
+    p.add_argument("--heal-minutes", type=float, default=None, help="healing budget in minutes (layerfold.healing default)")
+    p.add_argument("--no-eval", action="store_true", help="skip the dense vs pruned evaluation")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the source)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    seen: dict[str, str] = {}
+    dests: set[str] = set()
+    for n in names:
+        if methods[n].add_args is None:
+            continue
+        shared = _SharedArgs(p, p.add_argument_group(f"{n} options"), seen)
+        methods[n].add_args(shared)  # type: ignore[arg-type]
+        dests.update(shared.dests)
+    p.set_defaults(func=run, _method_dests=sorted(dests))
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerfold.pipeline import prune
+
+    opts = {d: getattr(args, d) for d in args._method_dests if getattr(args, d, None) is not None}
+    report = prune(args.model, args.method, args.target, args.out, stats=args.stats, data=args.data,
+                   samples=args.samples, seq_len=args.seq_len, plan=args.plan, options=opts, heal=args.heal,
+                   heal_options={"budget_minutes": args.heal_minutes} if args.heal_minutes else None,
+                   eval=not args.no_eval, device=args.device, dtype=torch_dtype(args.dtype), seed=args.seed,
+                   progress=not (args.quiet or args.json), overwrite=args.overwrite)
+    emit(args, report, summary(report))
+    return 0
+
+
+def summary(report: dict[str, Any]) -> str:
+    from layerfold.pipeline import where_layers_went
+
+    d, p = report["dense"], report["pruned"]
+    rows = []
+    for key, label in (("layers", "layers"), ("params", "parameters"), ("ppl", "val perplexity"),
+                       ("acc", "val accuracy"), ("acc_norm", "val accuracy (norm)")):
+        a, b = d.get(key), p.get(key)
+        if a is None and b is None:
+            continue
+        ratio = f"{b / a:.3f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
+        rows.append([label, _num(a), _num(b), ratio])
+    info = report.get("info") or {}
+    if report["removed_layers"] == 0 and info.get("mean_sliced_fraction") is not None:  # width methods
+        what = f"sliced {info['mean_sliced_fraction']:.1%} of the residual width on average"
+    else:
+        what = f"removed {report['removed_layers']} of {d['layers']} layers"
+    lines = [f"{report['method']}: {what} -> {report['out']}",
+             table(rows, ["", "dense", "pruned", "pruned/dense"])]
+    where = where_layers_went(report)
+    if where:
+        lines += ["", "where the layers went:"] + [f"  {w}" for w in where]
+    t = report.get("times", {})
+    lines.append("")
+    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> Any:
+    if v is None:
+        return "-"
+    if isinstance(v, int) and v > 10_000:
+        return f"{v / 1e6:.2f}M"
+    return v

@@ -1,0 +1,77 @@
+"""`layerfold serve MODEL`: an OpenAI-compatible HTTP server with continuous batching."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from layerfold.cli.util import add_common, parse_sizes, torch_dtype
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve MODEL with FastAPI + uvicorn: POST /v1/completions and "
+                       "/v1/chat/completions (stream: true gives server-sent events), GET /v1/models and /health. "
+                       "Concurrent requests share decode steps (continuous batching): up to --max-batch requests "
+                       "generate together, up to --max-queue more wait for a free slot.")
+    add_common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients pass and /v1/models lists (default: MODEL's directory name or alias)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (cache rows; default 16)")
+    p.add_argument("--max-len", type=int, default=1024,
+                   help="context per request, prompt + completion tokens (cache slots per row; default 1024)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted, in tokens (default max-len - 1); longer ones answer 400")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default max-len - 1); larger answers 400")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests allowed to wait for a free slot (default 64); more answer 429")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CPU: faster decoding after about a minute of compiling "
+                   "at start-up)")
+    p.add_argument("--static-batches", default="", metavar="N,N",
+                   help="with --compile: batch sizes that get their own autotuned graph, e.g. 4,16 (about a "
+                   "minute more of compiling each; default none)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for decode steps and prefills (default: decode on one fewer than the "
+                   "cores, at least 1, leaving a core to the HTTP side, and prefill on all; OMP_NUM_THREADS, when "
+                   "set, is kept). Decoding on every core may pay when many clients "
+                   "share large batches (README, serving)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default info)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from layerfold.core.loading import load
+    from layerfold.serving.server import serve, serving_threads
+
+    for name in ("max_batch", "max_len", "max_queue", "port"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive. Fix: pass a "
+                             "positive number")
+    static = parse_sizes(args.static_batches, "--static-batches", empty=True, example="4,16")
+    if static and not args.compile:
+        raise ValueError("--static-batches gives batch sizes graphs of their own in the compiled runtime. Fix: add "
+                         "--compile, or drop --static-batches")
+    threads, prefill_threads = serving_threads(args.threads, args.device)
+    torch.set_num_threads(threads)  # before anything compiles: inductor's CPU kernels keep their thread count
+    model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype))
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer. Fix: serve a model directory that includes one")
+    name = args.model_name or Path(str(args.model).rstrip("/")).name
+    print(f"[layerfold] serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
+          f"context {args.max_len}, {threads} CPU thread{'s' * (threads > 1)})", file=sys.stderr, flush=True)
+    if args.compile:
+        print("[layerfold] compiling the decode step first (1-3 min on a 2-core CPU, about 1 more per static "
+              "batch); the port opens when it is done", file=sys.stderr, flush=True)
+    serve(model, tok, host=args.host, port=args.port, model_name=name, log_level=args.log_level,
+          max_batch=args.max_batch, max_len=min(args.max_len, model.spec.max_position),
+          max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
+          compile=args.compile, static_batches=static, prefill_threads=prefill_threads)
+    return 0

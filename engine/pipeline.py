@@ -1,0 +1,224 @@
+"""``prune``: the end-to-end depth/width pruning pipeline behind ``layerfold prune``.
+
+load -> calibrate (or reuse saved statistics) -> plan (a registered method, or a hand-written plan file)
+-> apply -> train what the method trains -> optionally heal -> evaluate dense and pruned on the same
+``val`` data -> save a checkpoint (atomic, never over the source) with report.json and provenance.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerfold.core.checkpoint import CheckpointError, save_checkpoint
+from layerfold.core.loading import load, resolve
+from layerfold.core.model import Model
+from layerfold.methods import PruneContext, PruneResult, Target, get_method
+from layerfold.surgery.plan import DepthPlan
+
+SAMPLES, SEQ_LEN = 64, 256
+
+
+def layer_counts(model: Model) -> dict[str, Any]:
+    return {"layers": model.spec.n_layers, "params": model.num_params()}
+
+
+def load_stats(path: str | Path, model: Model, window: int) -> Any:
+    from layerfold.calibration.stats import Stats
+
+    st = Stats.load(path)
+    if st.n_layers != model.spec.n_layers:
+        raise ValueError(f"{path}: statistics of a {st.n_layers}-layer model, this model has {model.spec.n_layers}. "
+                         "Fix: calibrate this model (layerfold calibrate MODEL --out DIR) or drop --stats")
+    if st.window < window:
+        raise ValueError(f"{path}: calibrated with window {st.window}, this prune needs cosines {window} layers "
+                         f"apart. Fix: recalibrate with --window {window}, or drop --stats to calibrate here")
+    return st
+
+
+def needed_window(model: Model, target: Target | None) -> int:
+    """Window W the calibration must cover: Streamline reads cos(h_j, h_{j+n}) with n = layers removed."""
+    L = model.spec.n_layers
+    if target is None:
+        return 8
+    try:
+        k = target.layers_to_remove(model)
+    except ValueError:
+        k = 8
+    return max(8, min(L, k + (2 if target.kind == "params" else 0)))
+
+
+def run_method(model: Model, tokenizer: Any, method: str, target: Target, calib: torch.Tensor, *, stats: Any = None,
+               options: dict[str, Any] | None = None, source: str = "", device: str = "cpu", seed: int = 0,
+               progress: bool = False) -> PruneResult:
+    """Plan, apply and train with a registered method; the dense model is left as it was."""
+    m = get_method(method)
+    ctx = PruneContext(model=model, tokenizer=tokenizer, source=source, target=target, stats=stats, calib=calib,
+                       device=device, options=dict(options or {}), progress=progress, seed=seed)
+    return m.fn(ctx)
+
+
+def run_plan(model: Model, plan: DepthPlan, calib: torch.Tensor, options: dict[str, Any] | None = None,
+             seed: int = 0, progress: bool = False) -> PruneResult:
+    """Apply a hand-written plan; replacement blocks are trained as Streamline trains them (unless no_train)."""
+    from layerfold.methods.streamline import train_options, train_replacement
+    from layerfold.surgery.depth import apply_depth_plan
+
+    opts = dict(options or {})
+    new = apply_depth_plan(model, plan)
+    info: dict[str, Any] = {"plan_file": True}
+    idx = {r.first: j for j, group in enumerate(plan.layer_map()) for r in plan.replace if group[0] == r.first}
+    for r in plan.replace:
+        if not opts.get("no_train"):
+            info[f"training_{r.first}_{r.last}"] = train_replacement(
+                model, new, idx[r.first], r.first, r.last - r.first + 1, calib, **train_options(opts), seed=seed,
+                progress=progress)
+    return PruneResult(new, plan.to_dict(), plan.layer_map(), plan.changed_layers(), info)
+
+
+def heal_result(res: PruneResult, teacher: Model, tokenizer: Any, *, data: str, device: str, progress: bool,
+                options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Heal the pruned model in place against ``teacher`` (layerfold.healing) and return its report."""
+    from layerfold.healing import heal as heal_mod
+
+    kw: dict[str, Any] = {"data": data, "progress": progress, **(options or {})}
+    rep = heal_mod.heal_pruned(res.model, teacher, res.layer_map, res.changed_layers, tokenizer, **kw)  # in place
+    return rep.to_dict() if hasattr(rep, "to_dict") else dict(rep or {})
+
+
+def run_eval(model: Model, tokenizer: Any, data: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    from layerfold.evaluation.evaluate import evaluate
+
+    t0 = time.time()
+    r = evaluate(model, tokenizer, data=data, **(options or {}))
+    ppl = r.get("ppl", {}) if isinstance(r.get("ppl"), dict) else {"ppl": r.get("ppl")}
+    mc = r.get("mc", {}) if isinstance(r.get("mc"), dict) else {}
+    return {"ppl": ppl.get("ppl"), "acc": mc.get("acc"), "acc_norm": mc.get("acc_norm"), "seconds": time.time() - t0,
+            "raw": r}
+
+
+def compose_map(source_map: list[list[int]] | None, layer_map: list[list[int]]) -> list[list[int]] | None:
+    """The new layers in terms of the source's own origins, when the source was itself pruned."""
+    if not source_map:
+        return None
+    return [sorted({o for i in group for o in source_map[i]}) for group in layer_map]
+
+
+def prune(source: str | Path, method: str | None, target: str | Target | None, out: str | Path, *,
+          stats: str | Path | Any | None = None, data: str = "pydoc", samples: int = SAMPLES, seq_len: int = SEQ_LEN,
+          plan: str | Path | DepthPlan | None = None, options: dict[str, Any] | None = None, heal: bool = False,
+          heal_options: dict[str, Any] | None = None, eval: bool = True, eval_options: dict[str, Any] | None = None,
+          device: str = "cpu", dtype: torch.dtype | None = None, seed: int = 0, progress: bool = True,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Prune ``source`` with ``method`` to ``target`` (or apply ``plan``) and save it to ``out``; returns the report."""
+    t_all = time.time()
+    times: dict[str, float] = {}
+    out = Path(out)
+    for src in {Path(str(source)), resolve(source, quiet=True)}:
+        if src.exists() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
+            raise CheckpointError(f"{out}: refusing to write over or inside the source {src}. Fix: choose another "
+                                  "--out directory")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists. Fix: choose a new --out or pass --overwrite")
+    if plan is None and method is None:
+        raise ValueError("nothing to do: no --method and no --plan. Fix: pass --method M --target T, or --plan FILE")
+    if plan is None and target is None:
+        raise ValueError("--target is missing. Fix: e.g. --target 8 (layers), --target 25% (of layers), "
+                         "--target params:0.2")
+    tgt = Target.parse(target) if target is not None and not isinstance(target, Target) else target
+    m = get_method(method) if plan is None else None
+    t0 = time.time()
+    model, tok = load(source, device=device, dtype=dtype, quiet=not progress)
+    model.requires_grad_(False)
+    times["load"] = time.time() - t0
+    from layerfold.core.data import calib_batches
+
+    calib = calib_batches(tok, source=data, split="calib", n_samples=samples, seq_len=seq_len, seed=seed)
+    calibration = {"data": data, "split": "calib", "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
+                   "tokens": int(calib.numel()), "seed": seed}
+    st = None
+    if m is not None and m.needs_stats:
+        t0 = time.time()
+        window = needed_window(model, tgt)
+        if stats is not None and not isinstance(stats, (str, Path)):
+            st = stats
+        elif stats is not None:
+            st = load_stats(stats, model, window)
+            calibration["stats"] = str(stats)
+        else:
+            from layerfold.calibration.calibrate import calibrate
+
+            sopt = {"cka": False, "channels": False, **m.stats_options}
+            sopt["window"] = max(window, int(sopt.get("window", 0)))
+            st = calibrate(model, calib, device=device, progress=progress, meta={"data": data}, **sopt)
+        times["calibrate"] = time.time() - t0
+    t0 = time.time()
+    if plan is not None:
+        dp = plan if isinstance(plan, DepthPlan) else DepthPlan.load(plan)
+        dp.validate(model.spec.n_layers)
+        res = run_plan(model, dp, calib, options, seed=seed, progress=progress)
+        method_name = dp.method or "plan"
+    else:
+        assert m is not None and tgt is not None
+        res = run_method(model, tok, m.name, tgt, calib, stats=st, options=options, source=str(source),
+                         device=device, seed=seed, progress=progress)
+        method_name = m.name
+    times["method"] = time.time() - t0
+    heal_info: dict[str, Any] | None = None
+    if heal:
+        t0 = time.time()
+        heal_info = heal_result(res, model, tok, data=data, device=device, progress=progress, options=heal_options)
+        times["heal"] = time.time() - t0
+    dense = layer_counts(model)
+    pruned = layer_counts(res.model)
+    if eval:
+        r = run_eval(model, tok, data, eval_options)
+        dense.update({k: r[k] for k in ("ppl", "acc", "acc_norm")})
+        times["eval_dense"] = r["seconds"]
+        r = run_eval(res.model, tok, data, eval_options)
+        pruned.update({k: r[k] for k in ("ppl", "acc", "acc_norm")})
+        times["eval_pruned"] = r["seconds"]
+    src_prov = getattr(model, "provenance", {}) or {}
+    opts = {k: v for k, v in (options or {}).items() if v is not None and not k.startswith("_")}
+    provenance = {
+        "source": str(source), "source_format": src_prov.get("source_format", "layerfold"),
+        "method": method_name, "method_params": opts, "target": tgt.to_dict() if tgt else None,
+        "calibration": calibration, "layer_map": res.layer_map, "changed_layers": res.changed_layers,
+        "teacher": str(source),
+    }
+    origin = compose_map(src_prov.get("layer_map"), res.layer_map)
+    if origin is not None:
+        provenance["origin_layer_map"] = origin
+    report = {
+        "method": method_name, "method_params": opts, "target": tgt.to_dict() if tgt else None,
+        "removed_layers": dense["layers"] - pruned["layers"], "plan": res.plan, "layer_map": res.layer_map,
+        "changed_layers": res.changed_layers, "dense": dense, "pruned": pruned, "calibration": calibration,
+        "info": res.info, "heal": heal_info, "times": times, "source": str(source), "data": data,
+    }
+    t0 = time.time()
+    save_checkpoint(out, res.model.spec, res.model.state_dict(), tokenizer=tok, provenance=provenance, report=report,
+                    sources=[str(source), str(resolve(source, quiet=True))], overwrite=overwrite)
+    times["save"] = time.time() - t0
+    times["total"] = time.time() - t_all
+    report["out"] = str(out)
+    from layerfold.core.checkpoint import write_json_atomic
+
+    write_json_atomic(out / "report.json", report)  # now with the save and total times
+    return report
+
+
+def where_layers_went(report: dict[str, Any]) -> list[str]:
+    """Human-readable lines: which source layers each changed layer stands for, and what was dropped."""
+    lines = []
+    plan = report.get("plan") or {}
+    if plan.get("kind") == "depth":
+        lines = DepthPlan.from_dict(plan).describe()
+    n_src = report["dense"]["layers"]
+    kept = {i for g in report["layer_map"] for i in g}
+    gone = [i for i in range(n_src) if i not in kept]
+    if gone and not any(x.startswith("dropped") for x in lines):
+        lines.append(f"source layers without a successor: {', '.join(map(str, gone))}")
+    return lines

@@ -1,0 +1,408 @@
+"""SliceGPT mechanics: RMSNorm gain folding, PCA of the residual stream, rotation, slicing.
+
+The residual stream has 2L+1 *points*: point 0 enters layer 0 (the embeddings), point 2i+1 is layer
+i's MLP-norm input, point 2i+2 leaves layer i (point 2L feeds the final norm and the head). At every
+point p, Q_p holds the eigenvectors of the damped fp64 Gram G_p + 0.01 * mean(diag G_p) I, sorted by
+descending eigenvalue, and the sliced model carries h_p Q_p[:, :w_p] (w_p = kept width). In row-vector
+form, for one layer with input point a, mid point b, output point c (Qa = Q_a[:, :w_a] etc.)::
+
+    q/k/v      W <- c_a * W diag(g_attn) Qa           (reads the sliced, rotated input)
+    o          W <- Qb^T W                             (writes the mid point)
+    shortcut   S_attn = Qb^T Qa        (w_b, w_a)      (carries the residual a -> b)
+    gate/up    W <- c_b * W diag(g_mlp) Qb
+    down       W <- Qc^T W
+    shortcut   S_mlp = Qc^T Qb         (w_c, w_b)
+    embeddings E <- E Q0[:, :w_0];  head W <- c_L * W diag(g_final) Q_L[:, :w_L] (untied)
+
+c_p = sqrt(d_p / w_p): RMSNorm of a vector sliced to w_p dims averages over w_p, not d_p; after an
+orthogonal rotation the vector's norm is unchanged, so dividing by w_p instead of d_p shrinks the
+normalised input by sqrt(w_p/d_p) (SliceGPT's RMSN divides by the original d). Folding c_p into the
+linears that read the norm restores the dense scale (``norm_scale``; without it SmolLM2-135M sliced by 25%
+has val perplexity 47.0 instead of 30.7, and tests show slicing an exactly low-rank stream is exact only with it).
+
+Order (as SliceGPT): each Q is computed from signals of the *already sliced* prefix, layer by layer,
+one layer's weights on the device at a time, calibration hidden states on the host. Per layer, pass
+1 runs the rotated attention (o not yet rotated) and collects the mid point in the dense basis; pass 2
+runs the rotated MLP (down not yet rotated) on the sliced mid point. Both signals are exactly what
+the final sliced model computes (the rotations of o and down are linear and applied afterwards).
+
+``basis``: "point" is SliceGPT (a PCA per point, two shortcut matrices per layer). "layer" keeps the
+input point's basis (and width) at the mid point, so the attention shortcut is the identity and is
+dropped: one shortcut per layer. "global" uses one basis everywhere (PCA of the dense model's Grams at
+all points, each scaled to unit trace): with equal widths no shortcut is left inside the stack.
+
+``keep_ends`` leaves points 0 and 2L in the dense basis at full width: the embeddings, final norm and
+head stay as they are, so a tied head stays tied (on SmolLM2-135M the tied 49152 x 576 embedding is 21%
+of the model: untying it to rotate the head would cost more parameters than 25% slicing saves).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layerfold.core.model import (
+    MLP,
+    Attention,
+    Model,
+    RMSNorm,
+    attention_mask,
+    build_model,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+from layerfold.core.spec import ModelSpec
+
+PCA_TOKENS = ("all", "skip-first", "token-norm")
+BASES = ("point", "layer", "global")  # a PCA basis per residual point (SliceGPT), per layer, or one for all
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """Kept width at every residual point (2L+1 of them, see the module docstring) and the PCA options."""
+
+    widths: tuple[int, ...]
+    pca_tokens: str = "all"  # "all" | "skip-first" (drop position 0: massive activations) | "token-norm"
+    keep_ends: bool = True  # embeddings / head / final norm untouched (tied head stays tied)
+    norm_scale: bool = True  # fold sqrt(d/w) into the linears reading a sliced RMSNorm
+    damp: float = 0.01  # Gram damping, relative to its mean diagonal
+    basis: str = "point"  # see BASES and the module docstring
+    layer_fractions: tuple[float, ...] = ()  # the per-layer sliced fractions asked for (before rounding)
+    round_to: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        d["layer_fractions"] = [round(f, 6) for f in self.layer_fractions]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SlicePlan:
+        return cls(**{**d, "widths": tuple(d["widths"]), "layer_fractions": tuple(d.get("layer_fractions", ()))})
+
+
+def point_dims(spec: ModelSpec) -> list[int]:
+    """Residual width at each of the 2L+1 points of ``spec``."""
+    return [spec.layers[0].d_in] + [d for l in spec.layers for d in (l.d_mid, l.d_out)]
+
+
+def round_width(kept: float, multiple: int, d: int) -> int:
+    """Nearest multiple of ``multiple`` to ``kept``, at least one multiple, at most d."""
+    return int(min(d, max(multiple, multiple * math.floor(kept / multiple + 0.5))))
+
+
+def plan_widths(spec: ModelSpec, fractions: list[float], *, multiple: int = 8, keep_ends: bool = True,
+                exact_mean: bool = False, basis: str = "point") -> tuple[int, ...]:
+    """Per-point widths from per-layer sliced fractions: layer i's fraction sets its mid and output
+    points (and point 0 follows layer 0). ``exact_mean`` rounds by largest remainder so the total
+    kept width is the nearest multiple of the requested total (dynamic slicing: mean fraction = target
+    up to one multiple over all layers), else each layer rounds on its own (constant slicing stays uniform).
+    """
+    dims = point_dims(spec)
+    L = spec.n_layers
+    if len(fractions) != L:
+        raise ValueError(f"{len(fractions)} fractions for {L} layers. Fix: give one sliced fraction per layer")
+    if multiple < 1:
+        raise ValueError(f"round_to={multiple}. Fix: use a positive multiple (1 = no rounding, 8 default)")
+    kept = [(1.0 - f) * dims[2 * i + 2] for i, f in enumerate(fractions)]
+    if exact_mean:
+        units = [k / multiple for k in kept]
+        base = [max(1, math.floor(u)) for u in units]
+        extra = round(sum(units)) - sum(base)
+        order = sorted(range(L), key=lambda i: (-(units[i] - math.floor(units[i])), i))
+        for i in order[:max(0, extra)]:
+            base[i] += 1
+        layer_w = [min(dims[2 * i + 2], b * multiple) for i, b in enumerate(base)]
+    else:
+        layer_w = [round_width(k, multiple, dims[2 * i + 2]) for i, k in enumerate(kept)]
+    widths = [layer_w[0]] + [w for w in layer_w for _ in range(2)]
+    if keep_ends:
+        widths[0], widths[-1] = dims[0], dims[-1]
+    for i, l in enumerate(spec.layers):  # the mid point keeps the input's basis: give it the input's width
+        if (basis != "point" or not l.has_attn) and not l.attn_shortcut:
+            widths[2 * i + 1] = widths[2 * i]
+    return tuple(widths)
+
+
+def sliced_spec(spec: ModelSpec, plan: SlicePlan) -> ModelSpec:
+    """The spec a plan produces (every shortcut present; slice_model may drop identity ones)."""
+    w = plan.widths
+    layers = [replace(l, d_in=w[2 * i], d_mid=w[2 * i + 1], d_out=w[2 * i + 2], attn_shortcut=True,
+                      mlp_shortcut=True) for i, l in enumerate(spec.layers)]
+    tie = spec.tie_embeddings and plan.keep_ends
+    return spec.with_layers(layers, d_model=w[0], tie_embeddings=tie)
+
+
+def count_params(spec: ModelSpec) -> dict[str, int]:
+    """Parameters of a spec by part (shortcut matrices and an untied head included)."""
+    with torch.device("meta"):
+        m = Model(spec)
+    parts = {"total": 0, "embed": 0, "head": 0, "shortcuts": 0, "norms": 0, "layers_other": 0}
+    for name, p in m.named_parameters():
+        n = p.numel()
+        parts["total"] += n
+        key = ("embed" if name.startswith("embed.") else "head" if name.startswith("lm_head.") else
+               "shortcuts" if "shortcut" in name else "norms" if "norm" in name else "layers_other")
+        parts[key] += n
+    return parts
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+def _gram_acc(x: Tensor, mode: str, acc: tuple[Tensor, Tensor, Tensor] | None):
+    """Add this batch (B, T, d) to the Gram accumulator, honouring the PCA token mode."""
+    from layerfold.kernels import gram_accumulate, gram_accumulate_ref
+
+    mask = None
+    if mode == "skip-first" and x.shape[1] > 1:
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        mask[:, 0] = False
+    elif mode == "token-norm":
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    # the Triton kernel on CUDA; on CPU always the torch reference (the interpreter is for kernel tests)
+    fn = gram_accumulate if x.is_cuda else gram_accumulate_ref
+    return fn(x.float(), mask, acc)
+
+
+def pca(gram: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """(eigenvalues descending, eigenvectors as columns) of the damped fp64 Gram."""
+    g = gram.double()
+    g = (g + g.T) / 2
+    g = g + damp * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    vals, vecs = torch.linalg.eigh(g)
+    order = torch.argsort(vals, descending=True)
+    return vals[order], vecs[:, order]
+
+
+def _energy(vals: Tensor, w: int) -> float:
+    return float(vals[:w].sum() / vals.sum())
+
+
+# ---- the layer-by-layer pass ---------------------------------------------------------------------
+class _Runner:
+    """Rotary tables and masks for the calibration batches, on the compute device."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device):
+        self.spec, self.device = spec, device
+        self.inv = {l.head_dim: rope_inv_freq(spec, l.head_dim) for l in spec.layers if l.has_attn}
+
+    def rope(self, B: int, T: int, hd: int) -> tuple[Tensor, Tensor]:
+        pos = torch.arange(T, device=self.device)[None].expand(B, T)
+        return rope_cos_sin(self.inv[hd], pos, torch.float32)
+
+    def mask(self, T: int) -> Tensor | None:
+        return attention_mask(T, 0, None, self.spec.sliding_window, self.device)
+
+
+def _module(cls: type, state: dict[str, Tensor], *args: Any) -> torch.nn.Module:
+    with torch.device("meta"):
+        m = cls(*args)
+    m.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return m.eval()
+
+
+def _sub(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@torch.no_grad()
+def slice_model(model: Model, calib: Tensor, plan: SlicePlan, *, device: str | torch.device | None = None,
+                batch_size: int = 8, progress: bool = False) -> tuple[Model, dict[str, Any]]:
+    """Rotate and slice ``model`` (not modified) with PCA bases from ``calib`` ids (n, T); returns the
+    sliced model (the input's dtype, on its device) and a report (energy kept per point, times, params)."""
+    from layerfold.cli.util import progress as bar
+
+    spec = model.spec
+    L, dims, w = spec.n_layers, point_dims(spec), plan.widths
+    if len(w) != 2 * L + 1 or any(not 0 < wi <= di for wi, di in zip(w, dims, strict=False)):
+        raise ValueError(f"plan widths {list(w)[:5]}... do not fit the model's {2 * L + 1} residual widths "
+                         f"{dims[:3]}... Fix: build the plan with plan_widths() for this model")
+    if plan.pca_tokens not in PCA_TOKENS:
+        raise ValueError(f"pca_tokens={plan.pca_tokens!r}. Fix: use one of {PCA_TOKENS}")
+    if plan.basis not in BASES or (plan.basis == "global" and len(set(dims)) > 1):
+        raise ValueError(f"basis={plan.basis!r} (residual widths {sorted(set(dims))}). Fix: use one of {BASES}; "
+                         "'global' needs one residual width throughout")
+    if plan.keep_ends and (w[0] != dims[0] or w[-1] != dims[-1]):
+        raise ValueError("keep_ends needs full width at the embeddings and the final point. Fix: set "
+                         "widths[0] and widths[-1] to the model's widths or keep_ends=False")
+    if calib.dim() != 2 or calib.shape[0] == 0:
+        raise ValueError(f"calibration ids have shape {tuple(calib.shape)}. Fix: pass (n_samples, seq_len) ids")
+    dev = torch.device(device) if device is not None else model.device
+    t0 = time.perf_counter()
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    run = _Runner(spec, dev)
+    batches = list(calib.split(batch_size))
+    out: dict[str, Tensor] = {}
+    energy: list[float | None] = []
+
+    def basis(acc, p: int, fixed: Tensor | None = None) -> Tensor:
+        """Q at point p: ``fixed`` (the dense basis, a reused or the global basis) or the PCA of ``acc``."""
+        if fixed is not None:
+            energy.append(1.0 if w[p] == dims[p] else None)  # None: not measured for a reused basis
+            return fixed
+        vals, vecs = pca(acc[0], plan.damp)
+        energy.append(_energy(vals, w[p]))
+        return vecs
+
+    Qg = _global_basis(model, batches, plan, dev) if plan.basis == "global" else None
+    # point 0: the embeddings
+    emb = sd["embed.weight"]
+    acc = None
+    if not plan.keep_ends and Qg is None:
+        for ids in batches:
+            acc = _gram_acc(emb[ids].to(dev), plan.pca_tokens, acc)
+    Q = basis(acc, 0, torch.eye(dims[0], dtype=torch.float64, device=dev) if plan.keep_ends else Qg)
+    Qs = Q[:, :w[0]]
+    out["embed.weight"] = emb if plan.keep_ends else emb.to(dev).double() @ Qs
+    X = [(emb[ids].to(dev).double() @ Qs).float().cpu() for ids in batches]
+
+    layers = []
+    it = bar(range(L), desc="slice", total=L, enabled=progress)
+    for i in it:
+        lw = {k: v.to(dev).double() for k, v in _sub(sd, f"layers.{i}.").items()}
+        X, Q, new, ls_new = _slice_layer(i, spec, lw, X, Q, plan, run, basis, Qg, last=i == L - 1)
+        out.update({f"layers.{i}.{k}": v for k, v in new.items()})
+        layers.append(ls_new)
+
+    # point 2L: final norm and head
+    if plan.keep_ends:
+        out["norm.weight"] = sd["norm.weight"]
+        if not spec.tie_embeddings:
+            out["lm_head.weight"] = sd["lm_head.weight"]
+    else:
+        head = sd["embed.weight"] if spec.tie_embeddings else sd["lm_head.weight"]
+        c = math.sqrt(dims[-1] / w[-1]) if plan.norm_scale else 1.0
+        out["lm_head.weight"] = c * (head.to(dev).double() * sd["norm.weight"].to(dev).double()) @ Q[:, :w[-1]]
+        out["norm.weight"] = torch.ones(w[-1], dtype=torch.float64)
+    new_spec = spec.with_layers(layers, d_model=w[0], tie_embeddings=spec.tie_embeddings and plan.keep_ends)
+    state = {k: v.to(device=model.device, dtype=model.dtype).contiguous() for k, v in out.items()}
+    sliced = build_model(new_spec, state, device=model.device, dtype=model.dtype).eval()
+    info = {"energy_kept": [None if e is None else round(e, 6) for e in energy], "basis": plan.basis,
+            "slice_seconds": round(time.perf_counter() - t0, 2),
+            "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
+                            "tokens": int(calib.numel())},
+            "dropped_identity_shortcuts": sum((not l.attn_shortcut) + (not l.mlp_shortcut) for l in layers),
+            "params_dense": count_params(spec), "params": count_params(new_spec)}
+    return sliced, info
+
+
+def _slice_layer(i: int, spec: ModelSpec, lw: dict[str, Tensor], X: list[Tensor], Q_in: Tensor, plan: SlicePlan,
+                 run: _Runner, basis: Any, Qg: Tensor | None,
+                 last: bool) -> tuple[list[Tensor], Tensor, dict[str, Tensor], Any]:
+    """Rotate and slice layer i given its rotated, sliced inputs X (host batches) and the input basis."""
+    ls, dims, w = spec.layers[i], point_dims(spec), plan.widths
+    a, b, c = 2 * i, 2 * i + 1, 2 * i + 2
+    dev = Q_in.device
+    scale = (lambda p: math.sqrt(dims[p] / w[p])) if plan.norm_scale else (lambda p: 1.0)
+    Qa = Q_in[:, :w[a]]
+    new: dict[str, Tensor] = {}
+    R1 = lw["attn_shortcut.weight"] @ Qa if ls.attn_shortcut else Qa  # (d_mid, w_a): residual a -> dense mid
+    attn = None
+    if ls.has_attn:
+        g = lw["attn_norm.weight"]
+        for n in ("q", "k", "v"):
+            new[f"attn.{n}.weight"] = scale(a) * (lw[f"attn.{n}.weight"] * g) @ Qa
+            if f"attn.{n}.bias" in lw:
+                new[f"attn.{n}.bias"] = lw[f"attn.{n}.bias"]
+        for n in ("q_norm", "k_norm"):
+            if f"attn.{n}.weight" in lw:
+                new[f"attn.{n}.weight"] = lw[f"attn.{n}.weight"]
+        new["attn_norm.weight"] = torch.ones(w[a], dtype=torch.float64, device=dev)
+        tmp = replace(ls, d_in=w[a])
+        attn = _module(Attention, {**_sub(new, "attn."), "o.weight": lw["attn.o.weight"]}, tmp, spec)
+        norm_a = RMSNorm(w[a], spec.norm_eps).to(dev)
+    R1f = R1.float()
+
+    # pass 1: the mid point in the dense basis. Without attention it equals the input point, and bases
+    # "layer"/"global" ask for it: keep the input's basis there, so that (at equal widths) the attention
+    # shortcut is the identity and is dropped
+    reuse = (attn is None or plan.basis != "point") and not ls.attn_shortcut and w[b] == w[a]
+    mids, acc = [], None
+    for x in X:
+        xd = x.to(dev)
+        B, T, _ = xd.shape
+        m = xd @ R1f.T
+        if attn is not None:
+            cos, sin = run.rope(B, T, ls.head_dim)
+            m = m + attn(norm_a(xd), cos, sin, run.mask(T), None, 0)
+        if not reuse:
+            acc = _gram_acc(m, plan.pca_tokens, acc)
+        mids.append(m.cpu())
+    Qb = basis(acc, b, Q_in if reuse else None)[:, :w[b]]
+    new["attn_shortcut.weight"] = Qb.T @ R1
+    if attn is not None:
+        new["attn.o.weight"] = Qb.T @ lw["attn.o.weight"]
+    Qbf = Qb.float()
+    mids = [(m.to(dev) @ Qbf).cpu() for m in mids]
+
+    R2 = lw["mlp_shortcut.weight"] @ Qb if ls.mlp_shortcut else Qb  # (d_out, w_b)
+    mlp = None
+    if ls.has_mlp:
+        g = lw["mlp_norm.weight"]
+        for n in ("gate", "up"):
+            new[f"mlp.{n}.weight"] = scale(b) * (lw[f"mlp.{n}.weight"] * g) @ Qb
+        new["mlp_norm.weight"] = torch.ones(w[b], dtype=torch.float64, device=dev)
+        mlp = _module(MLP, {**_sub(new, "mlp."), "down.weight": lw["mlp.down.weight"]}, w[b], ls.d_ffn, ls.d_out)
+        norm_b = RMSNorm(w[b], spec.norm_eps).to(dev)
+    R2f = R2.float()
+
+    # pass 2: the output point in the dense basis
+    outs, acc = [], None
+    keep_dense = plan.keep_ends and last
+    for m in mids:
+        md = m.to(dev)
+        o = md @ R2f.T
+        if mlp is not None:
+            o = o + mlp(norm_b(md))
+        if not keep_dense and Qg is None:
+            acc = _gram_acc(o, plan.pca_tokens, acc)
+        outs.append(o.cpu())
+    Q_out = basis(acc, c, torch.eye(dims[c], dtype=torch.float64, device=dev) if keep_dense else Qg)
+    Qc = Q_out[:, :w[c]]
+    new["mlp_shortcut.weight"] = Qc.T @ R2
+    if mlp is not None:
+        new["mlp.down.weight"] = Qc.T @ lw["mlp.down.weight"]
+    Qcf = Qc.float()
+    X_next = [(o.to(dev) @ Qcf).cpu() for o in outs]
+
+    keep_a = not _is_identity(new["attn_shortcut.weight"])
+    keep_m = not _is_identity(new["mlp_shortcut.weight"])
+    if not keep_a:
+        del new["attn_shortcut.weight"]
+    if not keep_m:
+        del new["mlp_shortcut.weight"]
+    ls_new = replace(ls, d_in=w[a], d_mid=w[b], d_out=w[c], attn_shortcut=keep_a, mlp_shortcut=keep_m)
+    return X_next, Q_out, new, ls_new
+
+
+def _global_basis(model: Model, batches: list[Tensor], plan: SlicePlan, dev: torch.device) -> Tensor:
+    """One basis for every point: PCA of the sum of the dense model's Grams at all points, each scaled to
+    unit trace so that no layer (nor the massive late-layer activations) dominates."""
+    L = model.spec.n_layers
+    accs: list[Any] = [None] * (2 * L + 1)
+    for ids in batches:
+        h, ropes, mask = model.prepare(ids.to(model.device))
+        pts = [h]
+        for i in range(L):
+            taps: dict[str, Tensor] = {}
+            h = model.run_layer(i, h, ropes, mask, taps=taps)
+            pts += [taps["mlp_in"], h]
+        for p, x in enumerate(pts):
+            if not plan.keep_ends or 0 < p < 2 * L:
+                accs[p] = _gram_acc(x.to(dev), plan.pca_tokens, accs[p])
+    g = sum(a[0].double() / a[0].diagonal().sum() for a in accs if a is not None)
+    return pca(g, plan.damp)[1]
+
+
+def _is_identity(S: Tensor, tol: float = 1e-6) -> bool:
+    """A square shortcut equal to the identity is dropped: the residual then passes through as is."""
+    return S.shape[0] == S.shape[1] and bool((S - torch.eye(S.shape[0], dtype=S.dtype, device=S.device))
+                                             .abs().max() <= tol)
+
+
+__all__ = ["BASES", "PCA_TOKENS", "SlicePlan", "count_params", "pca", "plan_widths", "point_dims", "round_width",
+           "slice_model", "sliced_spec"]
