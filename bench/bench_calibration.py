@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import checkout  # noqa: E402,F401  (layerfold from this checkout when it is not installed)
 
 STATS_ON = dict(window=8, cka=True, channels=True)
 STATS_OFF = dict(window=0, cka=False, channels=False)
@@ -130,7 +130,7 @@ def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
             cmd = [sys.executable, __file__, "--worker", mode, "--samples", str(n), "--seq-len", str(args.seq_len),
                    "--threads", str(args.threads), "--micro-batch", str(args.micro_batch), "--model", args.model]
             # large blocks straight from mmap: freed memory leaves the RSS at once, so the peak is live data
-            env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
+            env = {**os.environ, "TRITON_INTERPRET": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if res.returncode:
                 raise RuntimeError(f"{mode} n={n} failed:\n{res.stderr[-2000:]}")

@@ -22,12 +22,10 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
+import checkout  # noqa: E402,F401  (layerfold from this checkout when it is not installed)
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from layerfold.core.loading import load  # noqa: E402
 from layerfold.evaluation.benchmark import measure_bandwidth  # noqa: E402

@@ -16,7 +16,6 @@ not timing), so only the torch references are timed and reported.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -25,10 +24,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import checkout  # noqa: E402,F401  (layerfold from this checkout when it is not installed)
 import torch
-
-if importlib.util.find_spec("kernels") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from layerfold import kernels  # noqa: E402
 

@@ -29,9 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import checkout  # noqa: E402,F401  (layerfold from this checkout when it is not installed)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 QUESTIONS = ["What is the capital of France?", "Explain what a hash table is.", "Write a short poem about rain.",
              "How do I reverse a list in Python?", "Why is the sky blue?", "Give three tips for better sleep.",

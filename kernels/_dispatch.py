@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._triton import AVAILABLE
+
 __all__ = ["interpreted", "interpreting", "launchable", "num_sms", "use_triton"]
 
 
@@ -29,8 +31,9 @@ def interpreting() -> bool:
 
 
 def use_triton(t: Tensor) -> bool:
-    """The dispatch rule: Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, else the torch ref."""
-    return t.is_cuda or interpreting()
+    """The dispatch rule: Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, else the torch ref
+    (always the torch ref where Triton is not installed)."""
+    return AVAILABLE and (t.is_cuda or interpreting())
 
 
 def interpreted(kernel: Any) -> bool:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import interpreting, launchable, use_triton
+from ._triton import tl, triton
 
 __all__ = ["attn_decode", "attn_decode_ref"]
 

@@ -8,12 +8,11 @@ attention heads use the o_proj input, C = n_heads * head_dim (callers reshape to
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import interpreting, launchable, num_sms, use_triton
 from ._inputs import check_acc, check_kernel_dtype, compute_dtype, flatten_tokens, new_acc
+from ._triton import tl, triton
 
 __all__ = [
     "channel_stats",

@@ -17,12 +17,11 @@ batch's inner products by m(m-3) before adding, so every batch contributes an HS
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import interpreting, launchable, num_sms, use_triton
 from ._inputs import check_acc, check_kernel_dtype, compute_dtype, flatten_tokens, new_acc
+from ._triton import tl, triton
 
 __all__ = [
     "cka_from_hsic",

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import interpreting, launchable, use_triton
@@ -23,6 +21,7 @@ from ._inputs import (
     new_acc,
     unit_stride,
 )
+from ._triton import tl, triton
 
 __all__ = ["COS_EPS", "cosine_pairs_ref", "cosine_window_sum", "cosine_window_sum_ref"]
 

@@ -9,11 +9,10 @@ computed in fp32 whatever the input dtype and rounded once to the input dtype (t
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import interpreting, launchable, use_triton
+from ._triton import tl, triton
 
 __all__ = ["rmsnorm", "rmsnorm_ref"]
 

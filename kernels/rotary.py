@@ -13,11 +13,10 @@ fused qkv projection's output row.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import launchable, use_triton
+from ._triton import tl, triton
 
 __all__ = ["rotary", "rotary_ref"]
 

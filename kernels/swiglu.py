@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from ._dispatch import interpreting, launchable, use_triton
+from ._triton import tl, triton
 
 __all__ = ["swiglu", "swiglu_ref"]
 

@@ -6,10 +6,17 @@ interpreter on this CPU-only machine (kernels read it again at call time to pick
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402  (importing torch does not import triton)
+import pytest
+import torch  # importing torch does not import triton
+
+if importlib.util.find_spec("layerfold") is None:  # a bare checkout (a GPU machine): the package from its folders
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import checkout  # noqa: F401
 
 if not torch.cuda.is_available():  # on a GPU the compiled kernels run; on CPU the interpreter runs them
     os.environ.setdefault("TRITON_INTERPRET", "1")

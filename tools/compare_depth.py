@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import checkout  # noqa: E402,F401  (layerfold from this checkout when it is not installed)
 
 from layerfold.core.checkpoint import write_json_atomic  # noqa: E402
 from layerfold.core.model import Model  # noqa: E402

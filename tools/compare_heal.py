@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import checkout  # noqa: E402,F401  (layerfold from this checkout when it is not installed)
 
 import layerfold  # noqa: E402
 from layerfold.core.checkpoint import is_checkpoint, write_json_atomic  # noqa: E402

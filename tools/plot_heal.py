@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import checkout  # noqa: E402,F401  (layerfold from this checkout when it is not installed)
 
 from layerfold.healing.heal import load_curve  # noqa: E402
 

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "minute more of compiling each per model; default none: batch 1 has its own, the others "
                    "share one)")
     p.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode steps of up to 4 rows on the native CPU step (layerfold.inference.native; default: where it can "
+                   help="decode steps of up to 4 rows on the native CPU step (default: where it can "
                    "run, bf16 on x86 CPUs with AVX-512 BF16). --no-native measures the torch step at every batch")
     p.add_argument("--random-llama7b", action="store_true",
                    help="also bench a random-weight model with Llama-2-7B's shapes (GPU only)")
@@ -45,7 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from layerfold.core.extras import require
     from layerfold.evaluation.benchmark import bench_models, format_table, plot
+
+    if args.plot:
+        require("plot", "--plot")
 
     if args.threads is not None:
         if args.threads < 1:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from layerfold.cli.util import add_common, emit, human_bytes, table, torch_dtype
+from layerfold.core.extras import require
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from layerfold.core.data import calib_batches
     from layerfold.core.loading import load_tokenizer, resolve
 
+    if args.plot:
+        require("plot", "--plot")
     distributed, rank, device = _init_distributed(args.device)
     t0 = time.perf_counter()
     path = resolve(args.model, quiet=rank != 0)

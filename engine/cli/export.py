@@ -21,7 +21,7 @@ def export_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, ove
               ) -> dict[str, Any]:
     """Write ``src`` (a layerfold checkpoint, or anything ``layerfold.load`` reads) as an HF model directory.
 
-    config.json from layerfold.core.arch.hf_config_from_spec, model.safetensors from layerfold.core.arch.state_to_hf (HF names),
+    config.json from ``hf_config_from_spec``, model.safetensors from ``state_to_hf`` (HF names),
     tokenizer files when the source has them. Atomic: written to a temporary sibling, then renamed."""
     from safetensors.torch import save_file
 

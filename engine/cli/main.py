@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="layerfold",
         description="Depth and width surgery for Llama-family LLMs: calibrate, prune, heal, evaluate, serve, bench.",
     )
+    from layerfold import __version__
+
+    p.add_argument("--version", action="version", version=f"layerfold {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from layerfold.cli.util import add_common, parse_sizes, torch_dtype
+from layerfold.core.extras import require
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require("serve", "layerfold serve")
     import torch
 
     from layerfold.core.loading import load
