@@ -191,7 +191,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    from layerfold.cli.util import human_bytes, table
+    from layerfold.core.console import human_bytes, table
 
     if "memory" in out:
         rows = [[r["mode"], r["samples"], r["tokens"], human_bytes(r["peak_delta"]), human_bytes(r["peak_anon_delta"]),

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import checkout  # noqa: E402,F401  (layerfold from this checkout when it is not installed)
 
 from layerfold import load  # noqa: E402
-from layerfold.cli.util import DTYPES, table  # noqa: E402
+from layerfold.core.console import table  # noqa: E402
+from layerfold.core.dtypes import DTYPES  # noqa: E402
 from layerfold.core.model import Model  # noqa: E402
 from layerfold.methods.slicing import make_plan  # noqa: E402
 from layerfold.surgery.slicing import SlicePlan, count_params, slice_model  # noqa: E402

@@ -43,52 +43,11 @@ from torch import Tensor
 
 from layerfold import kernels as K
 from layerfold.calibration.stats import Stats
-from layerfold.cli.util import progress as progress_bar
-from layerfold.core.checkpoint import check_state_dict
-from layerfold.core.model import Block, Model, attention_mask, rope_cos_sin, rope_inv_freq
+from layerfold.core.console import progress as progress_bar
+from layerfold.core.model import Model, attention_mask
+from layerfold.core.streaming import LayerStream
 
 SKIP_TARGETS = ("cos", "cka", "grams", "channels")
-
-
-class _LayerSource:
-    """One Block at a time on the device, from a state dict: an mmap'd checkpoint or a model's own tensors."""
-
-    def __init__(self, source: str | Path | Model, device: torch.device, dtype: torch.dtype | None):
-        if isinstance(source, Model):
-            self.spec, self.state, self.where = source.spec, source.state_dict(), "in-memory model"
-        else:
-            from layerfold.core.loading import load_spec_state
-
-            self.spec, self.state, _ = load_spec_state(source, quiet=True)
-            self.where = str(source)
-        self.device = device
-        self.dtype = dtype or self.state["embed.weight"].dtype
-        self.keys = {i: [k for k in self.state if k.startswith(f"layers.{i}.")] for i in range(self.spec.n_layers)}
-        self._inv_freq: dict[int, Tensor] = {}
-
-    def embed(self, ids: Tensor) -> Tensor:
-        w = self.state["embed.weight"]
-        return F.embedding(ids.to(w.device), w).to("cpu", self.dtype)
-
-    def block(self, i: int) -> Block:
-        """Layer i built on the meta device (nothing allocated), filled from the state and moved to the device."""
-        pre = f"layers.{i}."
-        sub = {k[len(pre):]: self.state[k] for k in self.keys[i]}
-        with torch.device("meta"):
-            block = Block(self.spec.layers[i], self.spec)
-        expected = {k: tuple(v.shape) for k, v in block.state_dict().items()}
-        check_state_dict(expected, sub, where=f"{self.where} layer {i}")
-        block.load_state_dict(sub, assign=True)
-        return block.to(device=self.device, dtype=self.dtype).eval()
-
-    def rope(self, i: int, positions: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Rotary cos/sin for layer i (what Model.rope gives for its head_dim)."""
-        ls = self.spec.layers[i]
-        if not ls.has_attn:
-            return None, None
-        if ls.head_dim not in self._inv_freq:
-            self._inv_freq[ls.head_dim] = rope_inv_freq(self.spec, ls.head_dim)
-        return rope_cos_sin(self._inv_freq[ls.head_dim], positions, self.dtype)
 
 
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, tmp: Path | None, name: str, pin: bool,
@@ -272,7 +231,7 @@ class _LayerAcc:
 class _Run:
     """One calibration: buffers, masks and the per-layer loop (see the module docstring for the order)."""
 
-    def __init__(self, src: _LayerSource, ids: Tensor, valid: Tensor, masks: dict[str, Tensor],
+    def __init__(self, src: LayerStream, ids: Tensor, valid: Tensor, masks: dict[str, Tensor],
                  cka_idx: dict[int, Tensor], opts: dict[str, Any], tmp: Path | None, stats: Stats):
         spec = self.spec = src.spec
         self.src, self.ids, self.valid, self.stats, self.o = src, ids, valid, stats, opts
@@ -313,7 +272,7 @@ class _Run:
     def embed(self) -> None:
         d = self.spec.d_model
         for b0, b1 in self.spans:
-            h = self.src.embed(self.ids[b0:b1])
+            h = self.src.embed(self.ids[b0:b1], device="cpu")
             self.hidden[b0:b1, :, :d] = h
             if self.n_ring:
                 self.ring[0, b0:b1, :, :d] = _unit(h).to(self.o["ring_dtype"])
@@ -381,7 +340,7 @@ def calibrate(source: str | Path | Model, batches: Tensor, *, mask: Tensor | Non
     """
     t_start = time.perf_counter()
     dev = torch.device(device)
-    src = _LayerSource(source, dev, dtype)
+    src = LayerStream(source, dev, dtype)
     spec, L = src.spec, src.spec.n_layers
     _check_args(batches, mask, window, cka_tokens, micro_batch, offload, skip_positions, skip_in, spec.vocab_size)
     n_global = batches.shape[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from layerfold.cli.util import emit, parse_sizes, torch_dtype
+from layerfold.cli.util import add_dtype, emit, parse_sizes, torch_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of every unit, interleaved (default 3)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
-                   help="weight/compute dtype (default bfloat16)")
+    add_dtype(p, default="bfloat16")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's default, one per core)")

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from layerfold.cli.util import add_common, emit, human_bytes, table, torch_dtype
+from layerfold.cli.util import add_common, emit, torch_dtype
+from layerfold.core.console import human_bytes, table
 from layerfold.core.extras import require
 
 

@@ -7,8 +7,9 @@ import time
 
 import torch
 
-from layerfold.cli.util import DTYPES, emit
+from layerfold.cli.util import add_dtype, emit
 from layerfold.core.checkpoint import save_checkpoint
+from layerfold.core.dtypes import parse_dtype
 from layerfold.core.loading import load_spec_state, load_tokenizer, resolve, source_kind
 
 
@@ -18,8 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "ModelSpec and provenance, model.safetensors loaded by mmap, tokenizer files).")
     p.add_argument("src", metavar="SRC", help="HF model directory (safetensors), .gguf file, or alias (smollm2-135m)")
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist, unless --overwrite)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="store weights in this dtype (default: keep the source dtype; GGUF dequantises to float32)")
+    add_dtype(p, default=None, help="store weights in this dtype (GGUF dequantises to float32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory (atomically)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=run)
@@ -42,7 +42,7 @@ def convert(src: str, out: str, *, dtype: torch.dtype | None = None, overwrite: 
 
 
 def run(args: argparse.Namespace) -> int:
-    res = convert(args.src, args.out, dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite)
+    res = convert(args.src, args.out, dtype=parse_dtype(args.dtype) if args.dtype else None, overwrite=args.overwrite)
     emit(args, res, f"wrote {res['out']}: {res['layers']} layers, {res['params'] / 1e6:.1f}M parameters "
                     f"from {res['source_format']} in {res['seconds']} s")
     return 0

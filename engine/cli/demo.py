@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from layerfold.cli.util import emit, table
+from layerfold.cli.util import emit
+from layerfold.core.console import table
 from layerfold.core.loading import DEFAULT_MODEL, cache_dir
 
 

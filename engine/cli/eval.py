@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from layerfold.cli.util import add_common, emit, table, torch_dtype
+from layerfold.cli.util import add_common, emit, torch_dtype
+from layerfold.core.console import table
 from layerfold.core.data import PYDOC, SPLITS
 from layerfold.core.loading import load
 from layerfold.evaluation.evaluate import DEFAULT_MAX_TOKENS, DEFAULT_MC_ITEMS, TASKS, evaluate

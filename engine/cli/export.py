@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from layerfold.cli.util import add_common, emit
+from layerfold.cli.util import add_common, add_dtype, emit
 from layerfold.core.checkpoint import atomic_dir
 
 FORMATS = ("hf",)
@@ -25,7 +25,8 @@ def export_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, ove
     tokenizer files when the source has them. Atomic: written to a temporary sibling, then renamed."""
     from safetensors.torch import save_file
 
-    from layerfold.core.arch import hf_config_from_spec, state_to_hf, torch_dtype_of
+    from layerfold.core.arch import hf_config_from_spec, state_to_hf
+    from layerfold.core.dtypes import parse_dtype
     from layerfold.core.loading import load_spec_state, load_tokenizer, resolve
 
     src_path = resolve(src, quiet=True)
@@ -38,7 +39,7 @@ def export_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, ove
         raise ValueError(_explain(spec, str(e))) from None
     tensors = state_to_hf(dict(state), spec)
     if dtype is not None:
-        dt = torch_dtype_of(dtype)
+        dt = parse_dtype(dtype)
         tensors = {k: v.to(dt) for k, v in tensors.items()}
         hf_cfg["torch_dtype"] = str(dt).removeprefix("torch.")
     else:
@@ -98,8 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="DIR", help="layerfold checkpoint directory (or any model layerfold loads)")
     p.add_argument("--format", choices=FORMATS, default="hf", help="output format (default hf)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="cast the weights (default: keep the checkpoint's dtype)")
+    add_dtype(p, default=None, help="cast the weights")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the source)")
     add_common(p, model=False, dtype=False)
     p.set_defaults(func=run)

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from layerfold.cli.util import add_common, emit, human_bytes, table
+from layerfold.cli.util import add_common, emit
+from layerfold.core.console import human_bytes, table
 from layerfold.healing.heal import STAGES, STATE_DIR, HealConfig, heal_pruned, save_healed
 
 

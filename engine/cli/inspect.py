@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from layerfold.cli.util import emit, human_bytes, table
+from layerfold.cli.util import emit
+from layerfold.core.console import human_bytes, table
 from layerfold.core.loading import load_spec_state
 from layerfold.core.spec import ModelSpec
 

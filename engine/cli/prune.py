@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from layerfold.cli.util import add_common, emit, table, torch_dtype
+from layerfold.cli.util import add_common, emit, torch_dtype
+from layerfold.core.console import table
 
 EPILOG = """\
 targets: 8 (layers removed), 25% or 0.25 (fraction of layers), params:0.2 or 0.2p (fraction of parameters)

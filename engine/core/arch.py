@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from layerfold.core.spec import LayerSpec, ModelSpec
@@ -208,11 +207,3 @@ def state_to_hf(state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tensor]:
             raise ValueError(f"tensor {name!r} has no HF equivalent")
         out[hf.replace("{i}", idx) if idx is not None else hf] = t.contiguous()
     return out
-
-
-def torch_dtype_of(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"dtype {name!r} is not one of {sorted(table)}")
-    return table[name]

@@ -360,7 +360,7 @@ def _row(u: dict[str, Any], new_tokens: int, prompt_len: int, bw_gbs: float) -> 
 
 
 def format_table(res: dict[str, Any]) -> str:
-    from layerfold.cli.util import human_bytes, table
+    from layerfold.core.console import human_bytes, table
 
     rows = []
     for r in res["rows"]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from layerfold.cli.util import progress as _progress
+from layerfold.core.console import progress as _progress
 from layerfold.core.data import PYDOC, MCItem, is_mc_file, mc_task, token_stream
 from layerfold.core.model import KVCache, Model
 

@@ -163,7 +163,7 @@ def train_replacement(dense: Model, pruned: Model, index: int, j: int, n: int, i
 
     An MLP block trains on shuffled chunks of ``token_batch`` tokens, a decoder block on ``train_batch``
     whole sequences; the learning rate follows a cosine from ``lr`` to ``lr_end`` over all steps."""
-    from layerfold.cli.util import progress as bar
+    from layerfold.core.console import progress as bar
 
     torch.manual_seed(seed)
     block = pruned.layers[index]

@@ -214,7 +214,7 @@ def slice_model(model: Model, calib: Tensor, plan: SlicePlan, *, device: str | t
                 batch_size: int = 8, progress: bool = False) -> tuple[Model, dict[str, Any]]:
     """Rotate and slice ``model`` (not modified) with PCA bases from ``calib`` ids (n, T); returns the
     sliced model (the input's dtype, on its device) and a report (energy kept per point, times, params)."""
-    from layerfold.cli.util import progress as bar
+    from layerfold.core.console import progress as bar
 
     spec = model.spec
     L, dims, w = spec.n_layers, point_dims(spec), plan.widths

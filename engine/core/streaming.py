@@ -1,0 +1,111 @@
+"""A model one layer at a time: what calibration, healing and slicing stream through.
+
+``LayerStream(source, device, dtype)`` reads a model's state dict (a checkpoint, HF dir, GGUF or alias,
+memory-mapped; or an in-memory Model, shared) and builds one ``Block`` at a time on the compute device:
+built on the meta device (nothing allocated), checked tensor by tensor against the spec, then the
+weights are assigned and moved. Only the block being run is on the device; the embedding table stays
+where the state holds it, except on CUDA, where a device copy is kept (every micro-batch reads it).
+Rotary tables are cached per head size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from layerfold.core.checkpoint import check_state_dict
+from layerfold.core.model import Block, Model, attention_mask, build_model, rope_cos_sin, rope_inv_freq
+from layerfold.core.spec import ModelSpec
+
+Ropes = dict[int, tuple[Tensor, Tensor]]
+
+
+class LayerStream:
+    """Blocks of ``source`` built one at a time on ``device`` in ``dtype`` (default: the weights' dtype)."""
+
+    def __init__(self, source: str | Path | Model, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None):
+        if isinstance(source, Model):
+            self.spec: ModelSpec = source.spec
+            self.state = {k: v.detach() for k, v in source.state_dict().items()}
+            self.where = "in-memory model"
+        else:
+            from layerfold.core.loading import load_spec_state
+
+            self.spec, self.state, _ = load_spec_state(source, quiet=True)
+            self.where = str(source)
+        self.device = torch.device(device)
+        self.dtype = dtype or self.state["embed.weight"].dtype
+        self.keys = {i: [k for k in self.state if k.startswith(f"layers.{i}.")] for i in range(self.spec.n_layers)}
+        self._inv_freq: dict[int, Tensor] = {}
+        self._embed: Tensor | None = None
+        self._full: Model | None = None
+
+    # ---- pieces -----------------------------------------------------------------------------------
+    def embed(self, ids: Tensor, device: str | torch.device | None = None) -> Tensor:
+        """Embeddings of ids (B, T) -> (B, T, d) in ``dtype`` on ``device`` (default: the stream's)."""
+        if self._embed is None:
+            w = self.state["embed.weight"]
+            self._embed = w.to(self.device, self.dtype) if self.device.type == "cuda" else w
+        w = self._embed
+        return F.embedding(ids.to(w.device), w).to(device or self.device, self.dtype)
+
+    def block(self, i: int) -> Block:
+        """Layer i on the device, its weights checked against the spec (a clear error names the tensor)."""
+        pre = f"layers.{i}."
+        sub = {k[len(pre):]: self.state[k] for k in self.keys[i]}
+        with torch.device("meta"):
+            block = Block(self.spec.layers[i], self.spec)
+        expected = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+        check_state_dict(expected, sub, where=f"{self.where} layer {i}")
+        block.load_state_dict(sub, assign=True)
+        return block.to(device=self.device, dtype=self.dtype).eval()
+
+    def rope(self, i: int, positions: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Rotary cos/sin of layer i for positions (B, T); (None, None) for a layer without attention."""
+        ls = self.spec.layers[i]
+        if not ls.has_attn:
+            return None, None
+        return self.rope_for(ls.head_dim, positions)
+
+    def rope_for(self, head_dim: int, positions: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        if head_dim not in self._inv_freq:
+            self._inv_freq[head_dim] = rope_inv_freq(self.spec, head_dim)
+        return rope_cos_sin(self._inv_freq[head_dim], positions, dtype or self.dtype)
+
+    def ropes(self, positions: Tensor, dtype: torch.dtype | None = None) -> Ropes:
+        """cos/sin per distinct head size (what Model.run_layer takes)."""
+        return {l.head_dim: self.rope_for(l.head_dim, positions, dtype) for l in self.spec.layers if l.has_attn}
+
+    def mask(self, q_len: int, key_valid: Tensor | None = None) -> Tensor | None:
+        """The attention mask of a prefill of q_len tokens (None where plain causal attention suffices)."""
+        return attention_mask(q_len, 0, key_valid, self.spec.sliding_window, self.device)
+
+    def positions(self, valid: Tensor) -> Tensor:
+        """Position ids that count valid tokens only (left or right padding), (B, T)."""
+        return (valid.long().cumsum(-1) - 1).clamp_min(0)
+
+    # ---- whole model ------------------------------------------------------------------------------
+    def model(self) -> Model:
+        """The whole model on the device, built once (healing's global stage needs every layer at once)."""
+        if self._full is None:
+            self._full = build_model(self.spec, self.state, device=self.device, dtype=self.dtype).eval()
+            self._full.requires_grad_(False)
+        return self._full
+
+    @property
+    def materialized(self) -> bool:
+        return self._full is not None
+
+    def layer_equal(self, model: Model, k: int) -> bool:
+        """Whether ``model``'s layer k holds exactly this stream's layer k (same names and values)."""
+        mine = model.layers[k].state_dict()
+        pre = f"layers.{k}."
+        return len(mine) == len(self.keys[k]) and all(
+            torch.equal(v, self.state[pre + n].to(v.device, v.dtype)) for n, v in mine.items())
+
+
+__all__ = ["LayerStream", "Ropes"]
