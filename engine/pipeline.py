@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from layerfold.core.checkpoint import CheckpointError, save_checkpoint
+from layerfold.core.checkpoint import save_checkpoint
 from layerfold.core.loading import load, resolve
 from layerfold.core.model import Model
+from layerfold.core.paths import check_output
 from layerfold.methods import PruneContext, PruneResult, Target, get_method
 from layerfold.surgery.plan import DepthPlan
 
@@ -116,13 +117,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     """Prune ``source`` with ``method`` to ``target`` (or apply ``plan``) and save it to ``out``; returns the report."""
     t_all = time.time()
     times: dict[str, float] = {}
-    out = Path(out)
-    for src in {Path(str(source)), resolve(source, quiet=True)}:
-        if src.exists() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
-            raise CheckpointError(f"{out}: refusing to write over or inside the source {src}. Fix: choose another "
-                                  "--out directory")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists. Fix: choose a new --out or pass --overwrite")
+    out = check_output(out, sources=[str(source), resolve(source, quiet=True)], overwrite=overwrite)
     if plan is None and method is None:
         raise ValueError("nothing to do: no --method and no --plan. Fix: pass --method M --target T, or --plan FILE")
     if plan is None and target is None:
@@ -204,7 +199,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     times["save"] = time.time() - t0
     times["total"] = time.time() - t_all
     report["out"] = str(out)
-    from layerfold.core.checkpoint import write_json_atomic
+    from layerfold.core.paths import write_json_atomic
 
     write_json_atomic(out / "report.json", report)  # now with the save and total times
     return report

@@ -215,8 +215,9 @@ def test_save_load_merge(tmp_path, torch_ref):
     whole.save(tmp_path / "empty")  # an empty directory is filled without --overwrite
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
-    with pytest.raises(ValueError, match="not a statistics directory"):
+    with pytest.raises(ValueError, match="not written by layerfold"):
         whole.save(tmp_path / "other", overwrite=True)
+    assert (tmp_path / "other" / "x.txt").read_text() == "x"  # the user's folder is left as it was
     merged = calibrate(model, ids[:4], **kw).merge(calibrate(model, ids[4:], **kw))
     assert merged.counts == whole.counts
     for k, v in whole.tensors().items():

@@ -13,7 +13,8 @@ from layerfold import LayerSpec, ModelSpec, build_model, save_checkpoint
 from layerfold.cli.main import main
 from layerfold.core.loading import load_tokenizer, resolve
 from layerfold.core.model import Model
-from layerfold.inference.generate import TextStream, encode_prompt, generate, sample_next, stream_generate
+from layerfold.inference.generate import encode_prompt, generate, stream_generate
+from layerfold.inference.sampling import TextStream, sample_next
 
 PROMPTS = ["Hi", "Write a haiku about the sea and the wind over it.", "What is 2+2?"]
 

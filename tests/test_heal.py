@@ -10,17 +10,9 @@ import torch
 from layerfold import ModelSpec, build_model, save_checkpoint
 from layerfold.core.model import init_weights
 from layerfold.core.spec import dense_layer
-from layerfold.healing.heal import (
-    STATE_DIR,
-    HealConfig,
-    HealData,
-    heal_pruned,
-    heal_targets,
-    load_curve,
-    relative_mse,
-    save_healed,
-    val_perplexity,
-)
+from layerfold.evaluation.evaluate import perplexity
+from layerfold.healing.common import STATE_DIR, HealConfig, HealData, heal_targets, relative_mse
+from layerfold.healing.heal import heal_pruned, load_curve, save_healed
 
 V = 53
 
@@ -135,7 +127,7 @@ def test_best_state_is_kept(tmp_path):
     assert ppls[-1] > min(ppls), "the test needs a run that gets worse"
     assert rep.best_val_ppl == min(ppls)
     val = data().val[: 256].view(-1, 32)
-    assert val_perplexity(s, val, 4) == pytest.approx(rep.best_val_ppl, rel=1e-6)
+    assert perplexity(s, val, seq_len=32, batch_size=4)["ppl"] == pytest.approx(rep.best_val_ppl, rel=1e-6)
     out = save_healed(tmp_path / "healed", s, rep, provenance={"layer_map": MAP})
     assert load_curve(out) == [(int(a), float(b)) for a, b in rep.curve]
     assert math.isfinite(rep.memory["global"]["peak_rss_mib"]) and rep.memory["global"]["params_trained"] > 0

@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import checkout  # noqa: E402,F401  (layerfold from this checkout when it is not installed)
 
-from layerfold.core.checkpoint import write_json_atomic  # noqa: E402
 from layerfold.core.model import Model  # noqa: E402
+from layerfold.core.paths import write_json_atomic  # noqa: E402
 from layerfold.methods import Target  # noqa: E402
 from layerfold.methods.merge_search import final_cosine, linear_cka  # noqa: E402
 from layerfold.pipeline import run_eval, run_method  # noqa: E402

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import checkout  # noqa: E402,F401  (layerfold from this checkout when it is not installed)
 
 import layerfold  # noqa: E402
-from layerfold.core.checkpoint import is_checkpoint, write_json_atomic  # noqa: E402
+from layerfold.core.checkpoint import is_checkpoint  # noqa: E402
+from layerfold.core.paths import write_json_atomic  # noqa: E402
 from layerfold.healing.heal import HealConfig, heal_pruned, save_healed  # noqa: E402
 
 METHODS = ("shortgpt", "slm", "streamline", "come")
@@ -159,12 +160,13 @@ def main() -> int:
         save()
     if "eval" in steps and "dense_track" not in res:  # the perplexity healing tracks, for the curves' reference
         from layerfold.core.data import token_stream
-        from layerfold.healing.heal import val_perplexity
+        from layerfold.evaluation.evaluate import perplexity
 
         model, tok = layerfold.load(SOURCE, quiet=True)
         c = HealConfig(val_tokens=args.val_tokens)
         val = token_stream(tok, args.data, "val")[: c.val_tokens // c.seq_len * c.seq_len].view(-1, c.seq_len)
-        res["dense_track"] = {"ppl": val_perplexity(model, val, c.micro_batch), "tokens": val.numel()}
+        res["dense_track"] = {"ppl": perplexity(model, val, seq_len=c.seq_len, batch_size=c.micro_batch)["ppl"],
+                              "tokens": val.numel()}
         save()
     for m in args.methods.split(","):  # only the eval step writes results.json: prune/heal may run in another process
         if "prune" in steps:

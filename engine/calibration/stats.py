@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from layerfold.core.checkpoint import atomic_dir
+from layerfold.core.paths import atomic_dir, check_output
 
 STATS_FORMAT = "layerfold-stats"
 STATS_VERSION = 1
@@ -196,12 +196,7 @@ class Stats:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write ``stats.safetensors`` + ``stats.json`` into a directory, atomically (temp dir + rename)."""
-        out = Path(path)
-        if out.exists():
-            if not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG).is_file()):
-                raise ValueError(f"{out}: exists and is not a statistics directory. Fix: choose another --out path")
-            if any(out.iterdir()) and not overwrite:
-                raise ValueError(f"{out}: already exists. Fix: choose another --out or pass --overwrite")
+        out = check_output(path, overwrite=overwrite)
         with atomic_dir(out) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, str(tmp / TENSORS))
             cfg = {"format": STATS_FORMAT, "version": STATS_VERSION, "n_layers": self.n_layers,

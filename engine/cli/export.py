@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from layerfold.cli.util import add_common, add_dtype, emit
-from layerfold.core.checkpoint import atomic_dir
+from layerfold.core.paths import atomic_dir, check_output
 
 FORMATS = ("hf",)
 
@@ -31,8 +31,7 @@ def export_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, ove
 
     src_path = resolve(src, quiet=True)
     spec, state, cfg = load_spec_state(src_path, quiet=True)
-    out = Path(out)
-    _check_out(out, [Path(str(src)), src_path], overwrite)
+    out = check_output(out, sources=[str(src), src_path], overwrite=overwrite)
     try:
         hf_cfg = hf_config_from_spec(spec)
     except ValueError as e:
@@ -76,18 +75,6 @@ def _explain(spec: Any, msg: str) -> str:
                 "`--method streamline --replacement decoder` (the replacement is then an ordinary decoder layer and "
                 "the model exports), or keep this checkpoint and serve it with `layerfold serve`")
     return msg
-
-
-def _check_out(out: Path, sources: list[Path], overwrite: bool) -> None:
-    for s in sources:
-        if s.exists():
-            a, b = out.resolve(), s.resolve()
-            if a == b or b in a.parents or a in b.parents:
-                raise ValueError(f"{out}: refusing to write over or inside the source {s}. Fix: choose another --out")
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out}: already exists. Fix: choose a new --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory. Fix: choose another --out")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,11 +8,7 @@ Weights load by mmap (safetensors); every tensor is checked for presence and sha
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from layerfold.core.paths import OutputError, atomic_dir, check_output
 from layerfold.core.spec import ModelSpec
 
 FORMAT = "layerfold"
@@ -150,25 +147,15 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[dict[str, An
     return cfg, state
 
 
-def _same_or_inside(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or b in a.parents or a in b.parents
-
-
 def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor], *, tokenizer: Any = None,
                     provenance: dict[str, Any] | None = None, report: dict[str, Any] | None = None,
                     sources: list[str | Path] = (), overwrite: bool = False,
                     extra_files: Mapping[str, str] | None = None) -> Path:
     """Write a checkpoint atomically. ``sources`` are paths the model came from: never written over."""
-    out = Path(out)
-    for s in sources:
-        if s and Path(s).exists() and _same_or_inside(out, Path(s)):
-            raise CheckpointError(f"{out}: refusing to write over or inside the source {s}. "
-                                  "Fix: choose another --out directory")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists. Fix: choose a new --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a directory")
+    try:
+        out = check_output(out, sources=sources, overwrite=overwrite)
+    except OutputError as e:
+        raise CheckpointError(str(e)) from None
     with atomic_dir(out) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -182,37 +169,6 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out
-
-
-@contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory to fill; on success it is renamed into place as ``out``
-    (replacing an existing ``out`` only after the new one is complete); on any error it is removed."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1e3)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(p)
 
 
 def _dtype_name(tensors: Mapping[str, Tensor]) -> str:

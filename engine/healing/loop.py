@@ -28,18 +28,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from layerfold.core.checkpoint import write_json_atomic
 from layerfold.core.memstat import peak_rss_mib, reset_rss_peak
 from layerfold.core.model import Model
-from layerfold.healing.heal import (
+from layerfold.core.paths import write_json_atomic
+from layerfold.core.streaming import LayerStream
+from layerfold.evaluation.evaluate import perplexity
+from layerfold.healing.common import (
     HealConfig,
     HealReport,
-    _shared_prefix,
-    _Teacher,
     heal_targets,
     kl_teacher_student,
     relative_mse,
-    val_perplexity,
+    shared_prefix,
+    teacher_states,
 )
 
 FINGERPRINT_CFG = ("seq_len", "micro_batch", "accum", "lr_layer", "lr_global", "min_lr_frac", "warmup_steps",
@@ -48,7 +49,7 @@ FINGERPRINT_CFG = ("seq_len", "micro_batch", "accum", "lr_layer", "lr_global", "
 
 
 class HealRun:
-    def __init__(self, student: Model, teacher: _Teacher, layer_map: list[list[int]], changed: list[int],
+    def __init__(self, student: Model, teacher: LayerStream, layer_map: list[list[int]], changed: list[int],
                  train: Tensor, val: Tensor, cfg: HealConfig, stages: list[str], train_all: bool,
                  minutes: float | None, tokens: int | None, state_dir: Path | None, progress: bool):
         self.s, self.t, self.map, self.changed, self.cfg = student, teacher, layer_map, changed, cfg
@@ -69,7 +70,7 @@ class HealRun:
         self.params = dict(student.named_parameters())
         self.threads = torch.get_num_threads()
         self.stop_requested = False
-        self.prefix_layer = _shared_prefix(student, teacher, layer_map, set(targets))
+        self.prefix_layer = shared_prefix(student, teacher, layer_map, set(targets))
         self.prefix_global = 0 if train_all else self.prefix_layer
         self.probe = val[: cfg.micro_batch]
         self._perm: tuple[int, Tensor] | None = None
@@ -141,11 +142,11 @@ class HealRun:
             _, ropes, mask = s.prepare(ids)
             if self.cfg.layer_input == "teacher":
                 src = min(self.map[k])
-                hs, _ = self.t.run(ids, {src, tgt})
+                hs, _ = teacher_states(self.t, ids, {src, tgt})
                 x = hs[src]
             else:
                 p = min(self.prefix_layer, k)
-                hs, _ = self.t.run(ids, {p, tgt})
+                hs, _ = teacher_states(self.t, ids, {p, tgt})
                 x = hs[p]
                 for j in range(p, k):
                     x = s.run_layer(j, x, ropes, mask)
@@ -154,7 +155,7 @@ class HealRun:
     def global_loss(self, ids: Tensor) -> Tensor:
         s, p, hw = self.s, self.prefix_global, self.cfg.hidden_weight
         corr = {k: self._target_depth(k) for k in self.global_layers if k in self.changed} if hw > 0 else {}
-        hs, t_logits = self.t.run(ids, {p, *corr.values()}, logits=True)
+        hs, t_logits = teacher_states(self.t, ids, {p, *corr.values()}, logits=True)
         if p == 0:
             h, ropes, mask = s.prepare(ids)
         else:
@@ -223,7 +224,7 @@ class HealRun:
         return self._progress() >= 1.0
 
     def _evaluate(self) -> None:
-        ppl = val_perplexity(self.s, self.val, self.cfg.micro_batch)
+        ppl = perplexity(self.s, self.val, seq_len=self.val.shape[1], batch_size=self.cfg.micro_batch)["ppl"]
         self.st["curve"].append((self.st["tokens"], ppl))
         if self.st["best"] is None or ppl < self.st["best"][1]:
             self.st["best"] = (self.st["tokens"], ppl)
@@ -243,7 +244,7 @@ class HealRun:
             while self.st["phase"] < len(self.phases):
                 kind, k = self.phases[self.st["phase"]]
                 if kind == "global":
-                    self.t.materialize()
+                    self.t.model()
                 if not self.st["pstarted"]:
                     self._start_phase(kind, k)
                 names = self._phase_params(kind, k)

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from layerfold.core.model import Model
 from layerfold.inference.runtime import Runtime
+from layerfold.inference.sampling import Completion, TextStream, eos_ids, sample_next
 
-__all__ = ["GenerationResult", "StreamEvent", "TextStream", "encode_prompt", "eos_ids", "generate",
-           "get_runtime", "sample_next", "stream_generate"]
+__all__ = ["GenerationResult", "StreamEvent", "encode_prompt", "generate", "get_runtime", "stream_generate"]
 
 
 @dataclass
@@ -56,75 +55,6 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool
     return list(tokenizer(prompt)["input_ids"])
 
 
-def eos_ids(model_or_spec: Any, tokenizer: Any) -> set[int]:
-    spec = getattr(model_or_spec, "spec", model_or_spec)
-    out = set(spec.eos_token_ids)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        out.add(int(tokenizer.eos_token_id))
-    return out
-
-
-class TextStream:
-    """Incremental detokenisation of one sequence with stop strings.
-
-    Text is released only when it can no longer change: not while the decoded tail is an incomplete
-    UTF-8 character (U+FFFD) and not while it could still be the beginning of a stop string.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
-        self.tok = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.text = ""  # decoded so far (truncated at a stop string once found)
-        self.sent = 0  # characters released
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        """Add a token; return the newly releasable text (``stopped`` turns True at a stop string)."""
-        self.ids.append(int(token))
-        full = self.tok.decode(self.ids, skip_special_tokens=True)
-        for s in self.stop:
-            at = full.find(s, max(0, self.sent - len(s)))
-            if at != -1:
-                full, self.stopped = full[:at], True
-        self.text = full
-        end = len(full)
-        if not self.stopped:
-            if full.endswith("\ufffd"):
-                return ""
-            hold = max((k for s in self.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
-            end -= hold
-        if end <= self.sent:
-            return ""
-        out, self.sent = full[self.sent:end], end
-        return out
-
-    def flush(self) -> str:
-        """The text still held back when generation ends for another reason (EOS, length)."""
-        out, self.sent = self.text[self.sent:], len(self.text)
-        return out
-
-
-# ---- sampling --------------------------------------------------------------------------------------
-def sample_next(logits: Tensor, temperature: Sequence[float], top_p: Sequence[float],
-                generators: Sequence[torch.Generator | None]) -> list[int]:
-    """Next token per row of ``logits`` (n, V): argmax where temperature is 0, else a draw from the
-    temperature-scaled distribution restricted to the smallest top-p nucleus."""
-    out = logits.argmax(-1).tolist()
-    for i, (t, p, g) in enumerate(zip(temperature, top_p, generators, strict=True)):
-        if t <= 0:
-            continue
-        probs = torch.softmax(logits[i].float() / t, dim=-1)
-        if p < 1.0:
-            sp, idx = probs.sort(descending=True)
-            keep = sp.cumsum(0) - sp < p  # tokens whose preceding mass is below p (the first always)
-            sp = sp * keep
-            out[i] = int(idx[torch.multinomial(sp / sp.sum(), 1, generator=g)])
-        else:
-            out[i] = int(torch.multinomial(probs, 1, generator=g))
-    return out
-
-
 # ---- runtime reuse ---------------------------------------------------------------------------------
 _RUNTIMES: weakref.WeakKeyDictionary[Model, tuple[tuple, Runtime]] = weakref.WeakKeyDictionary()
 
@@ -156,11 +86,8 @@ class _Seq:
     index: int
     prompt: str
     n_prompt: int
-    stream: TextStream
+    completion: Completion
     gen: torch.Generator | None
-    tokens: list[int] = field(default_factory=list)
-    done: bool = False
-    reason: str = "length"
 
 
 def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, max_new_tokens: int = 128,
@@ -185,7 +112,7 @@ def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, m
                          f"max_batch={len(plist)} or pass fewer prompts")
     rt.reset()
     eos = eos_ids(model, tokenizer)
-    seqs = [_Seq(i, p, len(x), TextStream(tokenizer, stop or ()),
+    seqs = [_Seq(i, p, len(x), Completion(TextStream(tokenizer, stop or ()), eos, max_new_tokens),
                  torch.Generator().manual_seed(seed) if seed is not None else None)
             for i, (p, x) in enumerate(zip(plist, ids, strict=True))]
     temps, tops = [temperature] * len(seqs), [top_p] * len(seqs)
@@ -193,28 +120,18 @@ def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, m
     while True:
         nxt = sample_next(logits, temps, tops, [s.gen for s in seqs])
         for s, t in zip(seqs, nxt, strict=True):
-            if s.done:
+            c = s.completion
+            if c.done:
                 continue
-            if t in eos:
-                s.done, s.reason = True, "stop"
-            else:
-                s.tokens.append(t)
-                delta = s.stream.push(t)
-                if s.stream.stopped:
-                    s.done, s.reason = True, "stop"
-                elif len(s.tokens) >= max_new_tokens or rt.lengths[s.index] >= rt.max_len:
-                    s.done = True
-                if delta:
-                    yield StreamEvent(s.index, delta)
-            if s.done:
-                tail = "" if s.stream.stopped else s.stream.flush()
-                if tail:
-                    yield StreamEvent(s.index, tail)
-                res = GenerationResult(s.prompt, s.stream.text, list(s.tokens), s.n_prompt, s.reason)
+            delta = c.accept(t, cache_full=rt.lengths[s.index] >= rt.max_len)
+            if delta:
+                yield StreamEvent(s.index, delta)
+            if c.done:
+                res = GenerationResult(s.prompt, c.text, list(c.tokens), s.n_prompt, c.finish_reason or "length")
                 yield StreamEvent(s.index, "", finished=True, result=res)
-        if all(s.done for s in seqs):
+        if all(s.completion.done for s in seqs):
             return
-        logits = rt.decode(nxt, active=[not s.done for s in seqs])
+        logits = rt.decode(nxt, active=[not s.completion.done for s in seqs])
 
 
 def generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, max_new_tokens: int = 128,

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from layerfold.core.model import Model
-from layerfold.inference.generate import TextStream, eos_ids, sample_next
 from layerfold.inference.runtime import Runtime
+from layerfold.inference.sampling import Completion, TextStream, eos_ids, sample_next
 
 __all__ = ["Event", "QueueFull", "Request", "Scheduler"]
 
@@ -54,8 +54,7 @@ class Request:
     id: int = 0
     cancelled: bool = False  # set by any thread; the scheduler frees the slot before its next step
     # filled by the scheduler
-    tokens: list[int] = field(default_factory=list)
-    stream: TextStream | None = None
+    completion: Completion | None = None
     gen: torch.Generator | None = None
     submitted: float = 0.0
 
@@ -162,7 +161,7 @@ class Scheduler:
         if not batch:
             return
         for slot, r in batch:
-            r.stream = TextStream(self.tokenizer, r.stop)
+            r.completion = Completion(TextStream(self.tokenizer, r.stop), self.eos, r.max_tokens)
             r.gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
             self.slots[slot] = r
         switch = self.prefill_threads != self.threads
@@ -181,7 +180,7 @@ class Scheduler:
     def _step(self) -> None:
         rt = self.runtime
         hi = max(i for i, s in enumerate(self.slots) if s is not None) + 1
-        toks = [s.tokens[-1] if s is not None else 0 for s in self.slots[:hi]]
+        toks = [s.completion.tokens[-1] if s is not None else 0 for s in self.slots[:hi]]  # type: ignore[union-attr]
         active = [s is not None for s in self.slots[:hi]]
         logits = rt.decode(toks, active=active)
         self.steps += 1
@@ -195,27 +194,16 @@ class Scheduler:
                 self._accept(i, r, t)
 
     def _accept(self, slot: int, r: Request, token: int) -> None:
-        """Take a sampled token for the request in ``slot``: EOS, stop strings and limits end it."""
-        assert r.stream is not None
-        if token in self.eos:
-            return self._finish(slot, r, "stop")
-        r.tokens.append(token)
-        delta = r.stream.push(token)
+        """Take a sampled token for the request in ``slot`` (the rules: inference.sampling.Completion)."""
+        c = r.completion
+        assert c is not None
+        delta = c.accept(token, cache_full=self.runtime.lengths[slot] >= self.runtime.max_len)
         if delta:
             r.emit(Event("delta", text=delta))
-        if r.stream.stopped:
-            return self._finish(slot, r, "stop")
-        if len(r.tokens) >= r.max_tokens or self.runtime.lengths[slot] >= self.runtime.max_len:
-            return self._finish(slot, r, "length")
-        return None
-
-    def _finish(self, slot: int, r: Request, reason: str) -> None:
-        assert r.stream is not None
-        tail = "" if r.stream.stopped else r.stream.flush()
-        if tail:
-            r.emit(Event("delta", text=tail))
-        self._free(slot)
-        r.emit(Event("done", finish_reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.tokens)))
+        if c.done:
+            self._free(slot)
+            r.emit(Event("done", finish_reason=c.finish_reason, prompt_tokens=len(r.prompt_ids),
+                         completion_tokens=len(c.tokens)))
 
     def _free(self, slot: int) -> None:
         self.slots[slot] = None

@@ -230,7 +230,7 @@ class DepthPlan:
         return cls.from_dict(obj)
 
     def save(self, path: str | Path) -> None:
-        from layerfold.core.checkpoint import write_json_atomic
+        from layerfold.core.paths import write_json_atomic
 
         write_json_atomic(path, self.to_dict())
 

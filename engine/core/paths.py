@@ -1,0 +1,148 @@
+"""Where layerfold writes: the one output-path guard, and atomic writes of files and directories.
+
+Every command that writes a directory (checkpoints, statistics, exports, healed models) calls
+:func:`check_output` before any long work starts, and writes through :func:`atomic_dir`:
+
+- never over, inside, or around a source it reads;
+- an existing ``out`` only with ``overwrite``, and then only if it is empty or something layerfold
+  wrote (a checkpoint, a statistics directory, an export, a healing run): a folder of the user's is
+  never deleted;
+- a directory is written to a temporary sibling and renamed into place, so a crash leaves no half
+  output; temporary siblings left by a killed process are removed by the next write to the same place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# A directory holding one of these files (with layerfold's format inside) is layerfold's own output.
+_MARKERS = {"config.json": ("format", "layerfold"), "stats.json": ("format", "layerfold-stats"),
+            "layerfold_provenance.json": None}
+_OWNED_DIRS = ("heal_state",)  # a healing run's directory before its checkpoint is written
+
+
+class OutputError(ValueError):
+    """An output path that layerfold must not write; the message names the cause and the fix."""
+
+
+def _json_field(p: Path, key: str) -> Any:
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return d.get(key) if isinstance(d, dict) else None
+
+
+def layerfold_wrote(path: str | Path) -> bool:
+    """Whether ``path`` is a directory layerfold wrote (see the module docstring)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    for name, want in _MARKERS.items():
+        f = p / name
+        if f.is_file() and (want is None or _json_field(f, want[0]) == want[1]):
+            return True
+    return any((p / d).is_dir() for d in _OWNED_DIRS)
+
+
+def _related(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents or a in b.parents
+
+
+def check_output(out: str | Path, *, sources: Sequence[str | Path] = (), overwrite: bool = False,
+                 what: str = "--out") -> Path:
+    """Raise :class:`OutputError` (a ValueError) unless layerfold may write the directory ``out``."""
+    out = Path(out)
+    for s in sources:
+        if s and Path(s).exists() and _related(out, Path(s)):
+            raise OutputError(f"{out}: refusing to write over, inside or around the source {s}. Fix: choose "
+                              f"another {what} directory")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{out}: {parent} is a file, not a directory. Fix: choose another {what}")
+            break
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"{out}: exists and is a file. Fix: choose another {what} directory")
+        if Path.cwd().resolve() == out.resolve() or out.resolve() in Path.cwd().resolve().parents:
+            raise OutputError(f"{out}: is the current directory (or holds it). Fix: choose a new {what} directory")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise OutputError(f"{out}: already exists. Fix: choose a new {what} or pass --overwrite")
+            if not layerfold_wrote(out):
+                raise OutputError(f"{out}: exists and was not written by layerfold, so --overwrite will not replace "
+                                  f"it (it could hold your files). Fix: choose a new {what}, or empty or remove "
+                                  "that directory yourself")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove temporary siblings of ``out`` (``.NAME.tmp-PID-*`` / ``.NAME.old-PID``) whose process is gone."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.glob(f".{out.name}.*"):
+        rest = p.name[len(out.name) + 2:]
+        kind, _, tail = rest.partition("-")
+        if kind not in ("tmp", "old"):
+            continue
+        pid = tail.split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success it is renamed into place as ``out``
+    (replacing an existing ``out`` only after the new one is complete); on any error it is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1e3)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temporary sibling, then rename it over ``path``."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(p)
+
+
+__all__ = ["OutputError", "atomic_dir", "check_output", "clean_stale", "layerfold_wrote", "write_json_atomic"]

@@ -1,0 +1,163 @@
+"""What both healing stages share: configuration, data, the report, the losses, and the teacher's side.
+
+The teacher is a :class:`~layerfold.core.streaming.LayerStream`: one block at a time from its (mmap'd)
+state dict for the layer stage, the whole model once ``stream.model()`` is built for the global stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from layerfold.core.model import Model
+from layerfold.core.streaming import LayerStream
+
+STAGES = ("layer", "global")
+STATE_DIR = "heal_state"
+
+
+@dataclass
+class HealConfig:
+    seq_len: int = 256
+    micro_batch: int = 4
+    accum: int = 1  # micro-batches per optimizer step
+    layer_frac: float = 0.2  # share of the budget for the layer stage (when both stages run)
+    lr_layer: float = 5e-4
+    lr_global: float = 3e-4  # SmolLM2 shortgpt-8, 16k tokens: 3e-4 beat 1e-4 (ppl 28.3 vs 32.1, train_all)
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup_steps: int = 5
+    weight_decay: float = 1e-3
+    grad_clip: float = 1.0
+    hidden_weight: float = 0.0  # global stage: weight of the hidden-state term at the correspondences
+    layer_input: str = "student"  # "student" | "teacher": input of a layer in the layer stage
+    eval_every: int = 30  # global steps between validation perplexities
+    val_tokens: int = 4096  # an fp32 evaluation of 4096 tokens costs ~5% of a 15-minute CPU budget
+    save_every_s: float = 120.0  # heal_state is written at least this often (and at every stop)
+    clock: str = "wall"  # "wall" | "cpu": what budget_minutes measures
+    seed: int = 0
+    autocast: bool = False  # bf16 autocast of the training forward/backward (2x on this AVX512-BF16 CPU)
+    stop_after_steps: int | None = None  # pause (state saved) after this many optimizer steps in this call
+
+    def check(self) -> HealConfig:
+        if self.layer_input not in ("student", "teacher"):
+            raise ValueError(f"layer_input={self.layer_input!r}. Fix: use 'student' or 'teacher'")
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"clock={self.clock!r}. Fix: use 'wall' or 'cpu'")
+        if min(self.seq_len, self.micro_batch, self.accum, self.eval_every) < 1 or not 0 <= self.layer_frac <= 1:
+            raise ValueError("seq_len, micro_batch, accum, eval_every must be >= 1 and layer_frac in [0, 1]. "
+                             "Fix: correct the heal configuration")
+        return self
+
+
+@dataclass
+class HealData:
+    train: Tensor  # (N,) token ids of the training text (calibration split)
+    val: Tensor  # (M,) token ids of held-out text
+
+
+@dataclass
+class HealReport:
+    status: str  # "done" | "interrupted" | "paused"
+    stages: list[str]
+    trained_layers: list[int]  # student layers trained by the layer stage / global stage (all with train_all)
+    train_all: bool
+    layer_stage: list[dict[str, Any]]  # per trained layer: correspondence, losses, tokens, time
+    curve: list[tuple[int, float]]  # (training tokens so far, val perplexity)
+    start_val_ppl: float
+    best_val_ppl: float
+    best_tokens: int
+    tokens: int
+    stage_tokens: dict[str, int]  # {"layer": ..., "global": ...}: a layer-stage token runs a few layers only
+    steps: int
+    wall_minutes: float
+    cpu_minutes: float  # process CPU time, all threads
+    threads: int
+    budget: dict[str, Any]
+    memory: dict[str, Any]
+    config: dict[str, Any]
+    resumed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- small pieces ---------------------------------------------------------------------------------
+def relative_mse(y: Tensor, target: Tensor) -> Tensor:
+    """Mean over tokens of ||y - y*||^2 / ||y*||^2 (fp32): every token weighs the same, whatever its scale."""
+    y, target = y.float(), target.float()
+    return ((y - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)).mean()
+
+
+def kl_teacher_student(s_logits: Tensor, t_logits: Tensor) -> Tensor:
+    """Mean over tokens of KL(p_teacher || p_student), fp32."""
+    s = F.log_softmax(s_logits.float().flatten(0, -2), -1)
+    t = F.log_softmax(t_logits.float().flatten(0, -2), -1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def heal_targets(layer_map: Sequence[Sequence[int]], changed: Sequence[int], n_teacher: int) -> list[int]:
+    """Student layers to heal: changed ones, the first kept layer after each removed run, and the last
+    layer when trailing layers were removed."""
+    out, prev_end = set(changed), -1
+    for k, grp in enumerate(layer_map):
+        if min(grp) > prev_end + 1:
+            out.add(k)
+        prev_end = max(grp)
+    if prev_end < n_teacher - 1:
+        out.add(len(layer_map) - 1)
+    return sorted(out)
+
+
+@torch.no_grad()
+def teacher_states(teacher: LayerStream, ids: Tensor, depths: set[int],
+                   logits: bool = False) -> tuple[dict[int, Tensor], Tensor | None]:
+    """The teacher's hidden states h_d for d in depths (0 = embeddings), and its logits when asked (those
+    need the whole model: ``teacher.model()`` built first). One block at a time until then."""
+    full = teacher.model() if teacher.materialized else None
+    B, T = ids.shape
+    pos = torch.arange(T, device=ids.device)[None].expand(B, T)
+    h = full.embed(ids) if full is not None else teacher.embed(ids)
+    ropes = teacher.ropes(pos, h.dtype)
+    mask = teacher.mask(T)
+    out = {0: h} if 0 in depths else {}
+    last = teacher.spec.n_layers if logits else max(depths)
+    for i in range(last):
+        block = full.layers[i] if full is not None else teacher.block(i)
+        ls = teacher.spec.layers[i]
+        cos, sin = ropes.get(ls.head_dim, (None, None)) if ls.has_attn else (None, None)
+        h = block(h, cos, sin, mask, None, i)
+        if i + 1 in depths:
+            out[i + 1] = h
+    return out, (full.logits(h) if logits and full is not None else None)
+
+
+def shared_prefix(student: Model, teacher: LayerStream, layer_map: Sequence[Sequence[int]], trained: set[int]) -> int:
+    """Leading student layers that are the teacher's own (same index, same weights, not trained): the
+    student's h_p equals the teacher's, so the student may start there."""
+    emb = student.embed.weight
+    if emb.shape != teacher.state["embed.weight"].shape or not torch.equal(
+            emb, teacher.state["embed.weight"].to(emb.device, emb.dtype)):
+        return 0
+    p = 0
+    while p < len(layer_map) and list(layer_map[p]) == [p] and p not in trained and p < teacher.spec.n_layers \
+            and student.spec.layers[p] == teacher.spec.layers[p] and teacher.layer_equal(student, p):
+        p += 1
+    return p
+
+
+def chunks(tokens: Tensor, T: int, what: str) -> Tensor:
+    n = tokens.numel() // T
+    if n < 1:
+        raise ValueError(f"heal: the {what} text has {tokens.numel()} tokens, fewer than one sequence of {T}. "
+                         "Fix: give more text (--data) or a shorter --seq-len")
+    return tokens[: n * T].view(n, T).long()
+
+
+__all__ = ["STAGES", "STATE_DIR", "HealConfig", "HealData", "HealReport", "chunks", "heal_targets",
+           "kl_teacher_student", "relative_mse", "shared_prefix", "teacher_states"]

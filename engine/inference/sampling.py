@@ -1,0 +1,124 @@
+"""Turning logits into accepted tokens: sampling, stop strings, EOS and length limits.
+
+One copy of the rules, used by ``generate`` (one batch of prompts) and the server's scheduler (continuous
+batching): :func:`sample_next` draws the next token of each row; a :class:`Completion` accepts it, ends
+the sequence at an EOS token, a stop string or a limit, and releases text only once it is final.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Completion", "TextStream", "eos_ids", "sample_next"]
+
+
+def eos_ids(model_or_spec: Any, tokenizer: Any) -> set[int]:
+    spec = getattr(model_or_spec, "spec", model_or_spec)
+    out = set(spec.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        out.add(int(tokenizer.eos_token_id))
+    return out
+
+
+class TextStream:
+    """Incremental detokenisation of one sequence with stop strings.
+
+    Text is released only when it can no longer change: not while the decoded tail is an incomplete
+    UTF-8 character (U+FFFD) and not while it could still be the beginning of a stop string.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
+        self.tok = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (truncated at a stop string once found)
+        self.sent = 0  # characters released
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly releasable text (``stopped`` turns True at a stop string)."""
+        self.ids.append(int(token))
+        full = self.tok.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = full.find(s, max(0, self.sent - len(s)))
+            if at != -1:
+                full, self.stopped = full[:at], True
+        self.text = full
+        end = len(full)
+        if not self.stopped:
+            if full.endswith("\ufffd"):
+                return ""
+            hold = max((k for s in self.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+            end -= hold
+        if end <= self.sent:
+            return ""
+        out, self.sent = full[self.sent:end], end
+        return out
+
+    def flush(self) -> str:
+        """The text still held back when generation ends for another reason (EOS, length)."""
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+def sample_next(logits: Tensor, temperature: Sequence[float], top_p: Sequence[float],
+                generators: Sequence[torch.Generator | None]) -> list[int]:
+    """Next token per row of ``logits`` (n, V): argmax where temperature is 0, else a draw from the
+    temperature-scaled distribution restricted to the smallest top-p nucleus."""
+    out = logits.argmax(-1).tolist()
+    for i, (t, p, g) in enumerate(zip(temperature, top_p, generators, strict=True)):
+        if t <= 0:
+            continue
+        probs = torch.softmax(logits[i].float() / t, dim=-1)
+        if p < 1.0:
+            sp, idx = probs.sort(descending=True)
+            keep = sp.cumsum(0) - sp < p  # tokens whose preceding mass is below p (the first always)
+            sp = sp * keep
+            out[i] = int(idx[torch.multinomial(sp / sp.sum(), 1, generator=g)])
+        else:
+            out[i] = int(torch.multinomial(probs, 1, generator=g))
+    return out
+
+
+@dataclass
+class Completion:
+    """One sequence being generated: accepts sampled tokens until EOS, a stop string, ``max_tokens`` or a
+    full cache row ends it (``finish_reason`` "stop" or "length"). Tokens and text exclude the EOS token
+    and the stop string."""
+
+    stream: TextStream
+    eos: set[int]
+    max_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, token: int, cache_full: bool = False) -> str:
+        """Take a sampled token; return the text it makes final (with the held-back tail when it ends the
+        sequence). ``cache_full``: the row has no slot left for another token."""
+        if self.done:
+            raise RuntimeError("accept() after the completion finished")
+        if token in self.eos:
+            self.finish_reason = "stop"
+            return self.stream.flush()
+        self.tokens.append(int(token))
+        text = self.stream.push(token)
+        if self.stream.stopped:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.max_tokens or cache_full:
+            self.finish_reason = "length"
+            text += self.stream.flush()
+        return text
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
