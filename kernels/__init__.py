@@ -20,8 +20,10 @@ from .cka import (
     hsic_accumulate_ref,
     hsic_row_accumulate,
     hsic_row_accumulate_ref,
+    hsic_rows,
     ucentered_gram,
     ucentered_gram_ref,
+    ucentered_grams,
 )
 from .cosine import COS_EPS, cosine_pairs_ref, cosine_window_sum, cosine_window_sum_ref
 from .gram import gram_accumulate, gram_accumulate_ref
@@ -40,9 +42,11 @@ __all__ = [
     "hsic_accumulate_ref",
     "hsic_row_accumulate",
     "hsic_row_accumulate_ref",
+    "hsic_rows",
     "swiglu_channel_stats",
     "swiglu_channel_stats_ref",
     "ucentered_gram",
     "ucentered_gram_ref",
+    "ucentered_grams",
     "use_triton",
 ]

@@ -29,8 +29,10 @@ __all__ = [
     "hsic_accumulate_ref",
     "hsic_row_accumulate",
     "hsic_row_accumulate_ref",
+    "hsic_rows",
     "ucentered_gram",
     "ucentered_gram_ref",
+    "ucentered_grams",
 ]
 
 MIN_TOKENS = 4  # the unbiased estimator divides by m - 3
@@ -325,6 +327,44 @@ def hsic_row_accumulate_ref(gram: Tensor, grams: Tensor, acc_row: Tensor | None 
     check_acc(acc_row, (n_layers,), gram.device, "acc_row", triton_path=False)
     flat = grams.reshape(n_layers, m * m).to(dt)
     return acc_row.add_(flat @ gram.reshape(-1).to(dt), alpha=_hsic_scale(m))
+
+
+def ucentered_grams(x: Tensor) -> Tensor:
+    """U-centred Grams of S minibatches at once: x [S, m, d] (every token valid) -> [S, m, m] fp32.
+
+    Triton path: :func:`ucentered_gram` per minibatch. CPU path: the same arithmetic batched over S
+    (per-minibatch calls are dozens of small ops each, which a busy multi-threaded CPU runs slowly)."""
+    if x.dim() != 3 or x.shape[1] < MIN_TOKENS:
+        raise ValueError(f"x must be [S, m, d] with m >= {MIN_TOKENS}; got {list(x.shape)}")
+    if use_triton(x):
+        return torch.stack([ucentered_gram(xs) for xs in x])
+    xs = x.to(compute_dtype(x, None))
+    m = xs.shape[1]
+    k = xs @ xs.transpose(1, 2)  # (S, m, m)
+    k.diagonal(dim1=1, dim2=2).zero_()
+    r = k.sum(2)
+    k -= (r[:, :, None] + r[:, None, :]) / (m - 2)
+    k += (r.sum(1) / ((m - 1) * (m - 2)))[:, None, None]
+    k.diagonal(dim1=1, dim2=2).zero_()
+    return k
+
+
+def hsic_rows(gram: Tensor, grams: Tensor) -> Tensor:
+    """sum over minibatches s of <K~_s, K~_{s,l}>_F / (m (m - 3)): gram [S, m, m] (the current layer),
+    grams [S, L, m, m] (stored layers of the same minibatches) -> [L] fp64. Triton path:
+    :func:`hsic_row_accumulate` per minibatch; CPU path: one batched matrix-vector product."""
+    if gram.dim() != 3 or grams.dim() != 4 or grams.shape[0] != gram.shape[0] or grams.shape[2:] != gram.shape[1:]:
+        raise ValueError(f"gram must be [S, m, m] and grams [S, L, m, m]; got {list(gram.shape)}, "
+                         f"{list(grams.shape)}")
+    S, L, m = grams.shape[0], grams.shape[1], gram.shape[1]
+    if use_triton(gram):
+        out = torch.zeros(L, dtype=torch.float64, device=gram.device)
+        for s in range(S):
+            out += hsic_row_accumulate(gram[s], grams[s]).double()
+        return out
+    dt = compute_dtype(gram, None)
+    prev = grams.reshape(S, L, m * m).to(dt)
+    return torch.bmm(prev, gram.reshape(S, m * m, 1).to(dt)).sum(0).squeeze(-1).double() * _hsic_scale(m)
 
 
 def cka_from_hsic(hsic: Tensor) -> Tensor:

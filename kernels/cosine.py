@@ -116,15 +116,25 @@ def _flatten_others(base: Tensor, others: Tensor) -> Tensor:
 
 
 def cosine_window_sum(
-    base: Tensor, others: Tensor, mask: Tensor | None = None, acc: Tensor | None = None
+    base: Tensor, others: Tensor, mask: Tensor | None = None, acc: Tensor | None = None, *,
+    base_unit: Tensor | None = None, others_unit: bool = False,
 ) -> Tensor:
     """acc[k] += sum over valid t of cos(base[t], others[k, t]), cos = <a, b> / max(||a|| ||b||, 1e-12).
 
     base: [N, d] or [B, T, d]; others: [K, *base.shape]; fp32/fp16/bf16. mask: token-shaped,
     bool or 0/1; None = all valid. acc: [K] fp32, added into in place and returned (None: zeros).
+
+    Hints for the CPU path (the Triton kernel normalises as it streams and ignores them):
+    ``base_unit``, base already divided by its norms (a caller that needs it anyway computes it once);
+    ``others_unit``, every others[k, t] is a unit vector (calibration's window ring stores directions),
+    so each cosine is one dot product in others' dtype with fp32 accumulation. The reference re-normalises
+    every stored direction in fp32, and fp16 -> fp32 conversion is slow on CPUs (SmolLM2, 2048 tokens x 8
+    states, 1 thread: ~25 ms against ~3 ms; bench/bench_calibration.py).
     """
     if not use_triton(base):
-        return cosine_window_sum_ref(base, others, mask, acc)
+        if base_unit is None:
+            return cosine_window_sum_ref(base, others, mask, acc)
+        return _cosine_window_sum_cpu(base_unit, others, mask, acc, others_unit)
     o3 = _flatten_others(base, others)
     b2, m = flatten_tokens(base, mask, "base")
     check_kernel_dtype(b2, "base")
@@ -146,6 +156,24 @@ def cosine_window_sum(
         num_warps=warps,
     )
     return acc.add_(part.sum(0))  # fixed-order sum of the partials: deterministic, no atomics
+
+
+def _cosine_window_sum_cpu(base_unit: Tensor, others: Tensor, mask: Tensor | None, acc: Tensor | None,
+                           others_unit: bool) -> Tensor:
+    o3 = _flatten_others(base_unit, others)
+    b2, m = flatten_tokens(base_unit, mask, "base_unit")
+    k = o3.shape[0]
+    if acc is None:
+        acc = new_acc((k,), base_unit.device, torch.float32)
+    check_acc(acc, (k,), base_unit.device, "acc", triton_path=False)
+    if others_unit:
+        c = torch.linalg.vecdot(o3, b2.to(o3.dtype)[None]).float()  # (K, N)
+    else:
+        of = o3.float()
+        c = torch.linalg.vecdot(of, b2.float()[None]) / torch.linalg.vector_norm(of, dim=-1).clamp_min(COS_EPS)
+    if m is not None:
+        c = c.masked_fill_(~m[None], 0.0)
+    return acc.add_(c.sum(-1).to(acc.dtype))
 
 
 def cosine_pairs_ref(a: Tensor, b: Tensor, eps: float = COS_EPS) -> Tensor:

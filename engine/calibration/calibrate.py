@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from layerfold import kernels as K
@@ -112,42 +111,6 @@ def _unit(x: Tensor) -> Tensor:
     return xf / torch.linalg.vector_norm(xf, dim=-1, keepdim=True).clamp_min(K.COS_EPS)
 
 
-def _cos_sums(out: Tensor, u_out: Tensor | None, u_ring: Tensor | None, h: Tensor | None, ring: Tensor | None,
-              mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-    """Sums over a micro-batch's tokens of cos(h_i, h_{i+1}) ([1], h exact) and of cos(ring slot s, h_{i+1}) ([S]).
-
-    Triton path (CUDA, interpreter): the cosine kernel. Plain CPU: the ring already holds unit vectors, so
-    each cosine is one dot product with the unit output (u_ring: the same in the ring's dtype), per token
-    in fp16 with fp32 accumulation inside the reduction. The torch reference would re-normalise every
-    stored direction in fp32, and fp16 -> fp32 conversion is slow on CPUs (SmolLM2, 2048 tokens x 8
-    states, 1 thread: reference ~25 ms, this 3 ms, against ~250 ms for the layer itself; measured).
-    """
-    if K.use_triton(out):
-        return (K.cosine_window_sum(out, h[None], mask) if h is not None else None,
-                K.cosine_window_sum(out, ring, mask) if ring is not None else None)
-    w = None if mask is None else mask.to(torch.float32)
-    tok_sum = lambda c: c.sum((-1, -2)) if w is None else (c * w).sum((-1, -2))
-    k1 = ring_sums = None
-    if h is not None:
-        hf = h.float()
-        k1 = tok_sum(torch.linalg.vecdot(u_out, hf) / torch.linalg.vector_norm(hf, dim=-1).clamp_min(K.COS_EPS))
-        k1 = k1[None]
-    if ring is not None:
-        ring_sums = tok_sum(torch.linalg.vecdot(ring, u_ring).float())
-    return k1, ring_sums
-
-
-def _chan_sums_cpu(a: Tensor, mask: Tensor | None, acc: tuple[Tensor, Tensor]) -> None:
-    """CPU path of the channel statistics: ``a`` is |activations| (fp32, ours to overwrite); masked token
-    sums as one GEMV with the 0/1 mask, squares in place (SmolLM2 FFN, 2048 tokens, 1 thread: the
-    reference's copies take ~11 ms, this ~5 ms; measured)."""
-    a = a.reshape(-1, a.shape[-1])
-    w = None if mask is None else mask.reshape(-1).to(a.dtype)
-    acc[0].add_(a.sum(0) if w is None else w @ a)
-    a.square_()
-    acc[1].add_(a.sum(0) if w is None else w @ a)
-
-
 class _LayerAcc:
     """Device accumulators of one layer; ``finish`` adds them into the host Stats."""
 
@@ -176,43 +139,19 @@ class _LayerAcc:
                        ("final", out)):
             if key in self.grams:
                 K.gram_accumulate(x, gm, self.grams[key])
-        cpu = not K.use_triton(out)
         if "ffn" in self.chan:
-            g, u = taps["gate"], taps["up"]
-            if cpu:
-                _chan_sums_cpu(F.silu(g.float()).mul_(u.float()).abs_(), cm, self.chan["ffn"])
-            else:
-                K.swiglu_channel_stats(g, u, cm, self.chan["ffn"])
+            K.swiglu_channel_stats(taps["gate"], taps["up"], cm, self.chan["ffn"])
         if "o" in self.chan:
-            if cpu:
-                _chan_sums_cpu(taps["o_in"].float().abs(), cm, self.chan["o"])
-            else:
-                K.channel_stats(taps["o_in"], cm, self.chan["o"])
+            K.channel_stats(taps["o_in"], cm, self.chan["o"])
 
     def cka_points(self, store: Tensor, slots: list[int], p: int, x: Tensor) -> None:
         """Point p (h_p) of S CKA minibatches of m tokens each, x (S, m, d): their U-centred Grams go into
-        the store and their HSIC rows against h_0..h_p are accumulated. Triton path: the kernels, one
-        minibatch at a time. CPU: the same arithmetic batched over the S minibatches (per-minibatch calls
-        are dozens of small ops each, which a busy multi-threaded CPU runs slowly)."""
+        the store and their HSIC rows against h_0..h_p are accumulated."""
         m = x.shape[1]
-        if K.use_triton(x):
-            for j, row in enumerate(slots):
-                g = K.ucentered_gram(x[j])
-                store[row, p, :m, :m] = g.to("cpu")
-                r = K.hsic_row_accumulate(g, store[row, :p + 1, :m, :m].to(self.dev))
-                self.rows[p] = r.double() if p not in self.rows else self.rows[p].add_(r)
-            return
-        xs = x.float()
-        k = xs @ xs.transpose(1, 2)  # (S, m, m); U-centring as in kernels/cka.py
-        k.diagonal(dim1=1, dim2=2).zero_()
-        r = k.sum(2)
-        k -= (r[:, :, None] + r[:, None, :]) / (m - 2)
-        k += (r.sum(1) / ((m - 1) * (m - 2)))[:, None, None]
-        k.diagonal(dim1=1, dim2=2).zero_()
+        k = K.ucentered_grams(x)  # (S, m, m) fp32
         sl = slice(slots[0], slots[-1] + 1) if slots == list(range(slots[0], slots[-1] + 1)) else slots
-        store[sl, p, :m, :m] = k
-        prev = store[sl, :p + 1, :m, :m].reshape(len(slots), p + 1, m * m)
-        row = torch.bmm(prev, k.reshape(len(slots), m * m, 1)).sum(0).squeeze(-1).double() / (m * (m - 3))
+        store[sl, p, :m, :m] = k.to(store.device)
+        row = K.hsic_rows(k, store[sl, :p + 1, :m, :m].to(k.device))
         self.rows[p] = row if p not in self.rows else self.rows[p].add_(row)
 
     def finish(self, stats: Stats, n_cos: int) -> None:
@@ -300,11 +239,12 @@ class _Run:
             u_out = _unit(out) if (insert or (W >= 1 and not K.use_triton(out))) else None
             u_ring = u_out.to(self.o["ring_dtype"]) if u_out is not None and (insert or use) else None
             ring_mb = self.ring[:, b0:b1, :, :ls.d_out].to(self.dev) if use else None
-            k1, rs = _cos_sums(out, u_out, u_ring, h if exact else None, ring_mb, mm["cos"])
-            if k1 is not None:
-                acc.cos[0] += k1[0].double()
-            for s, k in use.items():
-                acc.cos[k - 1] += rs[s].double()
+            if exact:  # k = 1 from the exact input; k >= 2 from the ring's unit directions
+                acc.cos[0] += K.cosine_window_sum(out, h[None], mm["cos"], base_unit=u_out)[0].double()
+            if use:
+                rs = K.cosine_window_sum(out, ring_mb, mm["cos"], base_unit=u_ring, others_unit=True)
+                for s, k in use.items():
+                    acc.cos[k - 1] += rs[s].double()
             for rows, tok, slots in groups:
                 if i == 0:
                     acc.cka_points(self.store, slots, 0, h[rows[:, None], tok])

@@ -46,17 +46,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layerfold.core.model import (
-    MLP,
-    Attention,
-    Model,
-    RMSNorm,
-    attention_mask,
-    build_model,
-    rope_cos_sin,
-    rope_inv_freq,
-)
+from layerfold.core.model import MLP, Attention, Model, RMSNorm, build_model
 from layerfold.core.spec import ModelSpec
+from layerfold.core.streaming import LayerStream
 
 PCA_TOKENS = ("all", "skip-first", "token-norm")
 BASES = ("point", "layer", "global")  # a PCA basis per residual point (SliceGPT), per layer, or one for all
@@ -155,7 +147,7 @@ def count_params(spec: ModelSpec) -> dict[str, int]:
 # ---- statistics ----------------------------------------------------------------------------------
 def _gram_acc(x: Tensor, mode: str, acc: tuple[Tensor, Tensor, Tensor] | None):
     """Add this batch (B, T, d) to the Gram accumulator, honouring the PCA token mode."""
-    from layerfold.kernels import gram_accumulate, gram_accumulate_ref
+    from layerfold.kernels import gram_accumulate
 
     mask = None
     if mode == "skip-first" and x.shape[1] > 1:
@@ -163,9 +155,7 @@ def _gram_acc(x: Tensor, mode: str, acc: tuple[Tensor, Tensor, Tensor] | None):
         mask[:, 0] = False
     elif mode == "token-norm":
         x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    # the Triton kernel on CUDA; on CPU always the torch reference (the interpreter is for kernel tests)
-    fn = gram_accumulate if x.is_cuda else gram_accumulate_ref
-    return fn(x.float(), mask, acc)
+    return gram_accumulate(x.float(), mask, acc)
 
 
 def pca(gram: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
@@ -183,21 +173,6 @@ def _energy(vals: Tensor, w: int) -> float:
 
 
 # ---- the layer-by-layer pass ---------------------------------------------------------------------
-class _Runner:
-    """Rotary tables and masks for the calibration batches, on the compute device."""
-
-    def __init__(self, spec: ModelSpec, device: torch.device):
-        self.spec, self.device = spec, device
-        self.inv = {l.head_dim: rope_inv_freq(spec, l.head_dim) for l in spec.layers if l.has_attn}
-
-    def rope(self, B: int, T: int, hd: int) -> tuple[Tensor, Tensor]:
-        pos = torch.arange(T, device=self.device)[None].expand(B, T)
-        return rope_cos_sin(self.inv[hd], pos, torch.float32)
-
-    def mask(self, T: int) -> Tensor | None:
-        return attention_mask(T, 0, None, self.spec.sliding_window, self.device)
-
-
 def _module(cls: type, state: dict[str, Tensor], *args: Any) -> torch.nn.Module:
     with torch.device("meta"):
         m = cls(*args)
@@ -234,7 +209,7 @@ def slice_model(model: Model, calib: Tensor, plan: SlicePlan, *, device: str | t
     dev = torch.device(device) if device is not None else model.device
     t0 = time.perf_counter()
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    run = _Runner(spec, dev)
+    run = LayerStream(model, dev, torch.float32)
     batches = list(calib.split(batch_size))
     out: dict[str, Tensor] = {}
     energy: list[float | None] = []
@@ -291,7 +266,7 @@ def slice_model(model: Model, calib: Tensor, plan: SlicePlan, *, device: str | t
 
 
 def _slice_layer(i: int, spec: ModelSpec, lw: dict[str, Tensor], X: list[Tensor], Q_in: Tensor, plan: SlicePlan,
-                 run: _Runner, basis: Any, Qg: Tensor | None,
+                 run: LayerStream, basis: Any, Qg: Tensor | None,
                  last: bool) -> tuple[list[Tensor], Tensor, dict[str, Tensor], Any]:
     """Rotate and slice layer i given its rotated, sliced inputs X (host batches) and the input basis."""
     ls, dims, w = spec.layers[i], point_dims(spec), plan.widths
@@ -327,7 +302,7 @@ def _slice_layer(i: int, spec: ModelSpec, lw: dict[str, Tensor], X: list[Tensor]
         B, T, _ = xd.shape
         m = xd @ R1f.T
         if attn is not None:
-            cos, sin = run.rope(B, T, ls.head_dim)
+            cos, sin = run.rope_for(ls.head_dim, torch.arange(T, device=dev)[None].expand(B, T))
             m = m + attn(norm_a(xd), cos, sin, run.mask(T), None, 0)
         if not reuse:
             acc = _gram_acc(m, plan.pca_tokens, acc)

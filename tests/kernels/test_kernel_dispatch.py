@@ -9,15 +9,16 @@ from kernel_checks import make_x
 from layerfold import kernels
 from layerfold.kernels import _dispatch, channels, cka, cosine, gram
 
-# (module, launcher, ref name, kernel, call with small valid inputs)
+# (module, launcher, the torch function plain CPU runs (the reference, or a faster CPU path beside it),
+#  kernel, call with small valid inputs)
 CASES = [
     (gram, "gram_accumulate", "gram_accumulate_ref", gram._gram_kernel,
      lambda f: f(make_x((9, 5), torch.float32, 0))),
     (cosine, "cosine_window_sum", "cosine_window_sum_ref", cosine._cosine_window_kernel,
      lambda f: f(make_x((9, 5), torch.float32, 0), make_x((2, 9, 5), torch.float32, 1))),
-    (channels, "channel_stats", "channel_stats_ref", channels._channel_stats_kernel,
+    (channels, "channel_stats", "_stats_cpu", channels._channel_stats_kernel,
      lambda f: f(make_x((9, 5), torch.float32, 0))),
-    (channels, "swiglu_channel_stats", "swiglu_channel_stats_ref", channels._channel_stats_kernel,
+    (channels, "swiglu_channel_stats", "_stats_cpu", channels._channel_stats_kernel,
      lambda f: f(make_x((9, 5), torch.float32, 0), make_x((9, 5), torch.float32, 1))),
     (cka, "ucentered_gram", "ucentered_gram_ref", cka._ucentered_gram_kernel,
      lambda f: f(make_x((9, 5), torch.float32, 0))),
@@ -42,7 +43,7 @@ def test_interpreter_runs_the_triton_kernel(module, launcher, ref, kernel, call,
 
 
 @pytest.mark.parametrize(("module", "launcher", "ref", "kernel", "call"), CASES, ids=IDS)
-def test_plain_cpu_runs_the_reference(module, launcher, ref, kernel, call, monkeypatch) -> None:
+def test_plain_cpu_runs_the_torch_path(module, launcher, ref, kernel, call, monkeypatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not _dispatch.use_triton(torch.zeros(1))
     ran = []
@@ -97,3 +98,52 @@ def test_fp64_reference_path_keeps_fp64(monkeypatch) -> None:
     assert kernels.gram_accumulate(x)[0].dtype == torch.float64
     assert kernels.ucentered_gram(x).dtype == torch.float64
     assert kernels.channel_stats(x.float())[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fast_cpu_paths_match_references(masked, dtype, monkeypatch) -> None:
+    """The faster torch paths plain CPU runs (channel stats, unit-vector window cosines, batched CKA) equal
+    the references, padding (even nan in it) ignored."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    B, T, d = 3, 11, 20
+    x, g, u = (make_x((B, T, d), dtype, s) for s in (0, 1, 2))
+    mask = None
+    if masked:
+        mask = torch.ones(B, T, dtype=torch.bool)
+        mask[0, :3] = mask[2, 8:] = False
+        x[0, 0] = g[0, 0] = float("nan")
+    tol = dict(rtol=2e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)
+    for got, want in ((channels.channel_stats(x, mask), channels.channel_stats_ref(x, mask)),
+                      (channels.swiglu_channel_stats(g, u, mask), channels.swiglu_channel_stats_ref(g, u, mask))):
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+    others = torch.stack([make_x((B, T, d), torch.float32, s) for s in (3, 4)])
+    if masked:
+        others[:, 0, 0] = float("nan")
+    base = x.float().nan_to_num()
+    unit = base / base.norm(dim=-1, keepdim=True)
+    want = cosine.cosine_window_sum_ref(base, others, mask)
+    torch.testing.assert_close(cosine.cosine_window_sum(base, others, mask, base_unit=unit), want,
+                               rtol=1e-5, atol=1e-4)
+    o_unit = others / others.norm(dim=-1, keepdim=True)
+    got = cosine.cosine_window_sum(base, o_unit.half(), mask, base_unit=unit.half(), others_unit=True)
+    torch.testing.assert_close(got, cosine.cosine_window_sum_ref(base, others, mask), rtol=1e-3, atol=1e-2)
+    xs = make_x((4, 9, d), torch.float64, 5)
+    k = cka.ucentered_grams(xs)
+    torch.testing.assert_close(k, torch.stack([cka.ucentered_gram_ref(v) for v in xs]))
+    prev = torch.stack([torch.stack([cka.ucentered_gram_ref(make_x((9, d), torch.float64, 10 + 3 * i + j))
+                                     for j in range(3)]) for i in range(4)])
+    want_row = sum(cka.hsic_row_accumulate_ref(k[i], prev[i]) for i in range(4))
+    torch.testing.assert_close(cka.hsic_rows(k, prev), want_row.double())
+
+
+def test_batched_cka_triton_path_matches_cpu_path(monkeypatch) -> None:
+    xs = make_x((3, 10, 12), torch.float32, 7)
+    prev = torch.stack([torch.stack([cka.ucentered_gram_ref(make_x((10, 12), torch.float32, 20 + 2 * i + j))
+                                     for j in range(2)]) for i in range(3)])
+    k_tri = cka.ucentered_grams(xs)
+    row_tri = cka.hsic_rows(k_tri, prev)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    torch.testing.assert_close(k_tri, cka.ucentered_grams(xs), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(row_tri, cka.hsic_rows(k_tri, prev), rtol=1e-5, atol=1e-4)
