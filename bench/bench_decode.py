@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from layerfold.core.loading import load  # noqa: E402
-from layerfold.evaluation.benchmark import measure_bandwidth  # noqa: E402
+from layerfold.evaluation.measure import measure_bandwidth  # noqa: E402
 from layerfold.inference.decode_net import can_pack, pack, packed_linear  # noqa: E402
 from layerfold.inference.native import NativeDecode  # noqa: E402
 from layerfold.inference.runtime import Runtime  # noqa: E402

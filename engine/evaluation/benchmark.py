@@ -12,187 +12,24 @@ buffer far larger than the last-level cache.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from layerfold.core.memstat import proc_status_bytes, reset_rss_peak
 from layerfold.core.model import Model
-from layerfold.core.spec import LayerSpec, ModelSpec
+from layerfold.core.spec import ModelSpec
+from layerfold.evaluation.bench_report import format_table, plot
+from layerfold.evaluation.measure import Peak, hf_baseline, measure_bandwidth, run_hf, run_layerfold
+from layerfold.evaluation.shapes import llama7b_spec, random_model
 from layerfold.inference.native import NativeDecode
 from layerfold.inference.runtime import Runtime, decode_weight_bytes
 
 __all__ = ["bench_models", "format_table", "hf_baseline", "llama7b_spec", "measure_bandwidth", "plot"]
-
-
-# ---- measurements -------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _mean_time(fn: Callable[[], Any], device: torch.device, min_s: float = 0.5) -> float:
-    """Mean seconds per call over at least ``min_s`` of back-to-back calls. A mean over a stretch of
-    time (not the best short burst) meets the same preemption and memory traffic from other
-    processes as the decode runs it is compared with, so a shared machine does not inflate the bound."""
-    fn()
-    _sync(device)
-    n, t = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        _sync(device)
-        el = time.perf_counter() - t
-        if el >= min_s and n >= 3:
-            return el / n
-
-
-def measure_bandwidth(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                      min_s: float = 0.5) -> dict[str, float]:
-    """Achievable read bandwidth in GB/s: a GEMV over a 256 MiB (CPU) / 2 GiB (GPU) matrix of
-    ``dtype`` and a max-reduction over the same bytes (both far beyond any cache), each timed over at
-    least ``min_s`` seconds; the bound uses the faster of the two."""
-    device = torch.device(device)
-    nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
-    cols = 8192
-    rows = nbytes // (cols * torch.empty((), dtype=dtype).element_size())
-    w = torch.full((rows, cols), 0.01, device=device, dtype=dtype)  # written, so every page is real memory
-    x = torch.randn(1, cols, device=device, dtype=dtype)
-    size = w.numel() * w.element_size()
-    gemv = size / _mean_time(lambda: F.linear(x, w), device, min_s) / 1e9
-    flat = w.view(-1).view(torch.float32)  # a max over 4-byte words: the cheapest compute per byte read
-    read = size / _mean_time(lambda: flat.amax(), device, min_s) / 1e9
-    return {"gemv_gbs": gemv, "read_gbs": read, "bandwidth_gbs": max(gemv, read)}
-
-
-class _Peak:
-    """Peak memory growth over a block: RSS high-water mark on CPU (reset through
-    /proc/self/clear_refs), the caching allocator's peak on CUDA."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self) -> _Peak:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            reset_rss_peak()
-            self.base = proc_status_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.peak = max(0, proc_status_bytes("VmHWM") - self.base)
-
-
-# ---- engines --------------------------------------------------------------------------------------
-def hf_baseline(model: Model) -> tuple[Any | None, str]:
-    """The same weights in an HF transformers model (default attention, no compile), or None and why.
-
-    Only a uniform spec maps onto an HF config; the logits are checked against ``model`` first.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from layerfold.core.arch import hf_config_from_spec, state_to_hf
-
-    try:
-        cfg = hf_config_from_spec(model.spec)
-    except ValueError as e:
-        return None, f"HF baseline skipped: {str(e).split('. Fix')[0]}"
-    cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")}
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device(model.device):
-        hf = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    res = hf.load_state_dict(state_to_hf(model.state_dict(), model.spec), strict=False)
-    if res.unexpected_keys or set(res.missing_keys) - ({"lm_head.weight"} if model.spec.tie_embeddings else set()):
-        return None, f"HF baseline skipped: weight names do not map ({res})"
-    if model.spec.tie_embeddings:
-        hf.tie_weights()
-    hf.eval()
-    # Ordinary (not special) tokens; half-precision forwards of two implementations round differently,
-    # so there the check only catches gross mapping errors (a wrong rope or norm setting, a lost head).
-    v = model.spec.vocab_size
-    ids = torch.randint(v // 10, max(v // 2, v // 10 + 1), (2, 16), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(model.device)
-    with torch.inference_mode():
-        ours, theirs = model(ids).float(), hf(ids).logits.float()
-    err = (ours - theirs).abs().max().item() / max(ours.abs().max().item(), 1e-6)
-    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    half = model.dtype in (torch.float16, torch.bfloat16)
-    if err > (0.2 if half else 1e-3) or agree < (0.7 if half else 0.99):
-        return None, (f"HF baseline skipped: its logits differ from layerfold's (relative {err:.2g}, argmax "
-                      f"agreement {agree:.0%})")
-    return hf, ""
-
-
-def _run_layerfold(rt: Runtime, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
-    rt.reset()
-    _sync(rt.device)
-    t0 = time.perf_counter()
-    tok = rt.prefill(prompts).argmax(-1).tolist()
-    t1 = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        tok = rt.decode(tok).argmax(-1).tolist()
-    t2 = time.perf_counter()
-    return {"ttft_s": t1 - t0, "decode_s": t2 - t1}
-
-
-def _run_hf(hf: Any, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
-    from transformers.generation.streamers import BaseStreamer
-
-    class Clock(BaseStreamer):  # put() sees the prompt, then every new token: stamp the first one
-        def __init__(self) -> None:
-            self.calls, self.first = 0, 0.0
-
-        def put(self, value: torch.Tensor) -> None:
-            self.calls += 1
-            if self.calls == 2:
-                self.first = time.perf_counter()
-
-        def end(self) -> None:
-            pass
-
-    ids = torch.tensor(prompts, device=hf.device)
-    clock = Clock()
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, streamer=clock,
-                          pad_token_id=0)
-        t2 = time.perf_counter()
-    assert out.shape[1] == ids.shape[1] + new_tokens
-    return {"ttft_s": clock.first - t0, "decode_s": t2 - clock.first}
-
-
-def llama7b_spec() -> ModelSpec:
-    """Llama-2-7B's shapes (32 layers, d 4096, 32 heads of 128, FFN 11008, vocab 32000)."""
-    layer = LayerSpec(4096, 4096, 4096, n_heads=32, n_kv_heads=32, head_dim=128, d_ffn=11008)
-    return ModelSpec(vocab_size=32000, d_model=4096, layers=(layer,) * 32, norm_eps=1e-5, max_position=4096,
-                     bos_token_id=1, eos_token_ids=(2,))
-
-
-def _random_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Model:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device), torch.no_grad():
-            m = Model(spec)
-            for name, p in m.named_parameters():
-                p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02)
-    finally:
-        torch.set_default_dtype(old)
-    return m.eval()
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
@@ -238,7 +75,7 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
         setup[f"load {name}"] = time.perf_counter() - t
         built.append((name, m))
     if random_llama7b:
-        built.append(("random-llama7b", _random_model(llama7b_spec(), device, dtype or torch.bfloat16)))
+        built.append(("random-llama7b", random_model(llama7b_spec(), device, dtype or torch.bfloat16)))
     if not built:
         raise ValueError("nothing to benchmark. Fix: name at least one model (or --random-llama7b)")
     gen = torch.Generator().manual_seed(seed)
@@ -250,7 +87,7 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
                              "positions. Fix: shorten them")
         prompts = torch.randint(3, m.spec.vocab_size, (bmax, prompt_len), generator=gen).tolist()
         t = time.perf_counter()
-        with _Peak(device) as pk:
+        with Peak(device) as pk:
             rt = Runtime(m, max_batch=bmax, max_len=max_len, compile=compile, native=native,
                          static_batches=[b for b in static_batches if 2 <= b <= bmax])
         setup[f"runtime {name}"] = time.perf_counter() - t
@@ -264,7 +101,7 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
         engines: list[tuple[str, Any, int]] = [("layerfold", rt, pk.peak)]
         if baseline == "hf":
             t = time.perf_counter()
-            with _Peak(device) as pk_hf:
+            with Peak(device) as pk_hf:
                 hf, why = hf_baseline(m)
             setup[f"hf {name}"] = time.perf_counter() - t
             if hf is None:
@@ -285,12 +122,12 @@ def bench_models(models: Sequence[str | Path | Model], *, baseline: str | None =
     order = sorted(units, key=lambda u: (u["batch"], u["engine"] != "layerfold"))  # stable: models keep their order
     for r in range(repeats + 1):  # round 0 warms every unit up (and measures its memory)
         for u in order:
-            run = _run_layerfold if u["engine"] == "layerfold" else _run_hf
+            run = run_layerfold if u["engine"] == "layerfold" else run_hf
             bw_now = None
             if r and u["engine"] == "layerfold":  # the bound's bandwidth, probed right before this run
                 bw_runs.append(measure_bandwidth(device, u["dtype"], min_s=0.25))
                 bw_now = bw_runs[-1]["bandwidth_gbs"]
-            with _Peak(device) as pk:
+            with Peak(device) as pk:
                 res = run(u["obj"], u["prompts"], new_tokens)
             if r == 0:
                 u["peak"] = pk.peak + u["setup_mem"]
@@ -359,69 +196,3 @@ def _row(u: dict[str, Any], new_tokens: int, prompt_len: int, bw_gbs: float) -> 
             "pct_of_bound_range": [min(pct), max(pct)]}
 
 
-def format_table(res: dict[str, Any]) -> str:
-    from layerfold.core.console import human_bytes, table
-
-    rows = []
-    for r in res["rows"]:
-        lo, hi = r["decode_range"]
-        rows.append([r["model"], r["engine"], r["batch"], f"{r['params'] / 1e6:.1f}", f"{r['prefill_tok_s']:.0f}",
-                     f"{r['ttft_ms']:.1f}", f"{r['decode_tok_s']:.1f} [{lo:.1f}-{hi:.1f}]",
-                     _with_range(r, "pct_of_bound", "{:.0f}", "%"), human_bytes(r["peak_mem_bytes"]),
-                     _with_range(r, "vs_hf", "{:.2f}", "x"),
-                     _with_range(r, "speedup", "{:.2f}", "x") + f" (pred {r['predicted_speedup']:.2f}x)"
-                     if "speedup" in r else "-"])
-    bw = res["bandwidth"]
-    static = res.get("static_batches")
-    head = (f"{res['device']} {res['dtype']}, {res['threads']} threads, load {res['load_avg_1min']:.1f}, runtime "
-            f"{'compiled' if res.get('compiled') else 'eager'}"
-            f"{' (own graphs at batch ' + ','.join(map(str, static)) + ')' if static else ''}; prompt "
-            f"{res['prompt_len']} + {res['new_tokens']} new tokens, median [range] of {res['repeats']} interleaved "
-            f"repeats; bandwidth {bw['bandwidth_gbs']:.1f} GB/s (median of probes before each run; GEMV "
-            f"{bw['gemv_gbs']:.1f}, read {bw['read_gbs']:.1f})")
-    lines = [head, table(rows, ["model", "engine", "batch", "params M", "prefill tok/s", "TTFT ms",
-                                "decode tok/s", "% bound", "peak mem", "vs HF", "speedup"])]
-    lines += [f"note: {n}" for n in res["notes"]]
-    lines.append("% bound: each run's decode rate over weight + KV bytes per step at the bandwidth probed just before "
-                 "it; vs HF and speedup: ratios of runs in the same round (median [range] over rounds)")
-    lines.append("peak mem: memory growth for building the engine (its own weight copies and KV cache) plus one "
-                 "generation (RSS on CPU, allocator peak on CUDA)")
-    lines.append("setup: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["setup_s"].items()))
-    return "\n".join(lines)
-
-
-def _with_range(r: dict[str, Any], key: str, fmt: str, unit: str) -> str:
-    if key not in r:
-        return "-"
-    lo, hi = r.get(f"{key}_range", (r[key], r[key]))
-    text = fmt.format(r[key]) + unit
-    return text if fmt.format(lo) == fmt.format(hi) else f"{text} [{fmt.format(lo)}-{fmt.format(hi)}]"
-
-
-def plot(res: dict[str, Any], path: str | Path) -> None:
-    """Bar charts of decode and prefill tokens/s per model, engine and batch size (PNG, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = res["rows"]
-    labels = sorted({(r["model"], r["engine"]) for r in rows}, key=lambda k: [(x["model"], x["engine"])
-                                                                                for x in rows].index(k))
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / max(1, len(labels))
-    panels = ((axes[0], "decode_tok_s", "decode tokens/s"), (axes[1], "prefill_tok_s", "prefill tokens/s"))
-    for ax, key, title in panels:
-        for i, (model, eng) in enumerate(labels):
-            ys = [next((r[key] for r in rows if (r["model"], r["engine"], r["batch"]) == (model, eng, b)), math.nan)
-                  for b in batches]
-            ax.bar([j + i * width for j in range(len(batches))], ys, width, label=f"{Path(model).name} ({eng})")
-        ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
-        ax.set_title(title)
-        ax.set_ylabel("tokens/s")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"layerfold bench: {res['device']} {res['dtype']}, {res['new_tokens']} new tokens")
-    fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
-    plt.close(fig)
