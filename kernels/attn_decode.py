@@ -10,6 +10,12 @@ max(0, L_b - window) with a sliding window. One program per (sequence, KV head) 
 keys and values once for all G query heads (no repeat_interleave), with the online softmax of
 FlashAttention in fp32. The sequence lengths are read from a tensor, so the launch has the same
 shapes at every step (a CUDA graph can replay it).
+
+Split-K (flash-decoding): when rows x KV heads give too few programs to fill the GPU (batch 1 has one
+per KV head), each (row, head) is split over ``splits`` equal ranges of the cache's slots; every split
+writes its partial output and log-sum-exp, and a second launch merges them:
+o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M). Splits beyond a row's length write an empty part.
+The split count depends on the cache size, not the current length (heuristics.attn_decode_splits).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import math
 import torch
 from torch import Tensor
 
-from ._dispatch import interpreting, launchable, use_triton
+from ._dispatch import interpreting, launchable, num_sms, use_triton
 from ._triton import tl, triton
+from .heuristics import attn_decode_splits
 
 __all__ = ["attn_decode", "attn_decode_ref"]
 
@@ -81,10 +88,103 @@ def _attn_decode_kernel(
     tl.store(o_ptr + q_off, out.to(o_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
 
 
+@triton.jit
+def _attn_split_kernel(
+    q_ptr,  # *T [B, KV, G, HD] queries, contiguous
+    k_ptr,  # *T [Bc, KV, S, HD] key cache; strides stride_kb, stride_kh, stride_ks, 1
+    v_ptr,  # *T [Bc, KV, S, HD] value cache, same strides
+    len_ptr,  # *i32|i64 [B] valid cache slots of each sequence (>= 1)
+    po_ptr,  # *f32 [B, KV, SPLITS, G, HD] out: each split's normalised partial output
+    pl_ptr,  # *f32 [B, KV, SPLITS, G] out: each split's log-sum-exp (-inf where it saw no key)
+    KV,
+    G,
+    HD,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    scale,
+    WINDOW,
+    SPLIT_LEN,  # cache slots per split
+    SPLITS,
+    HAS_WINDOW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_HD: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2)
+    gs = tl.arange(0, BLOCK_G)
+    ds = tl.arange(0, BLOCK_HD)
+    gm = gs < G
+    dm = ds < HD
+    q_off = ((b * KV + h) * G + gs[:, None]) * HD + ds[None, :]
+    q = tl.load(q_ptr + q_off, mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32) * scale
+    length = tl.load(len_ptr + b).to(tl.int32)
+    start = 0
+    if HAS_WINDOW:
+        start = tl.maximum(length - WINDOW, 0)
+    lo = tl.maximum(start, sp * SPLIT_LEN)
+    hi = tl.minimum(length, (sp + 1) * SPLIT_LEN)
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_HD), tl.float32)
+    kv_base = b * stride_kb + h * stride_kh
+    for s0 in range(lo, hi, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        sm = ss < hi
+        kv_off = kv_base + ss[:, None].to(tl.int64) * stride_ks + ds[None, :]
+        kvm = sm[:, None] & dm[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+        s = tl.where(sm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+    seen = l_i > 0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    base = (b * KV + h) * SPLITS + sp
+    tl.store(po_ptr + (base * G + gs[:, None]) * HD + ds[None, :], o, mask=gm[:, None] & dm[None, :])
+    tl.store(pl_ptr + base * G + gs, lse, mask=gm)
+
+
+@triton.jit
+def _attn_combine_kernel(
+    po_ptr,  # *f32 [B, KV, SPLITS, G, HD] partial outputs
+    pl_ptr,  # *f32 [B, KV, SPLITS, G] partial log-sum-exps
+    o_ptr,  # *T [B, KV, G, HD] out, contiguous
+    G,
+    HD,
+    SPLITS,
+    BLOCK_SP: tl.constexpr,  # >= SPLITS, power of two
+    BLOCK_HD: tl.constexpr,
+):
+    """Program (b*KV + h, g) merges the splits of query head g of KV head h of row b."""
+    bh = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    sps = tl.arange(0, BLOCK_SP)
+    ds = tl.arange(0, BLOCK_HD)
+    spm = sps < SPLITS
+    dm = ds < HD
+    lse = tl.load(pl_ptr + (bh * SPLITS + sps) * G + g, mask=spm, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    w = tl.exp(lse - mx)
+    w = tl.where(spm, w, 0.0)
+    po = tl.load(po_ptr + ((bh * SPLITS + sps[:, None]) * G + g) * HD + ds[None, :], mask=spm[:, None] & dm[None, :],
+                 other=0.0)
+    o = tl.sum(po * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(o_ptr + (bh * G + g) * HD + ds, o.to(o_ptr.dtype.element_ty), mask=dm)
+
+
 def _attn_decode_block_s(hd: int, g: int) -> int:
     """Cache slots per step: keep the (G, S, HD) fp32 product at <= 16K values (64 KiB of
-    registers over 4 warps) on the GPU, an untuned first choice (no GPU when written); 64 in the
-    interpreter so that short test caches still take several steps of the online softmax."""
+    registers over 4 warps) on the GPU, an untuned first choice; 16 in the interpreter so that short
+    test caches still take several steps of the online softmax."""
     if interpreting():
         return 16
     block_hd = triton.next_power_of_2(hd)
@@ -93,11 +193,12 @@ def _attn_decode_block_s(hd: int, g: int) -> int:
 
 
 def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *, scale: float | None = None,
-                window: int | None = None) -> Tensor:
+                window: int | None = None, splits: int | None = None) -> Tensor:
     """Attention of one query token per sequence over its cached keys/values.
 
     q: (B, KV, G, hd), the G query heads of each KV head together. k_cache, v_cache: (Bc, KV, S, hd)
     with Bc >= B and unit last stride. lengths: (B,) integer tensor, valid slots per sequence (>= 1).
+    splits: key-range splits per (row, head) (None: heuristics.attn_decode_splits; 1: one pass).
     Returns (B, KV, G, hd) in q's dtype.
     """
     if not use_triton(q):
@@ -117,10 +218,28 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *,
     if b == 0:
         return out
     sc = 1.0 / math.sqrt(hd) if scale is None else float(scale)
+    block_s = _attn_decode_block_s(hd, g)
+    s_max = k_cache.shape[2]
+    if splits is None:
+        splits = 1 if interpreting() else attn_decode_splits(b, kv, s_max, num_sms(q.device), block_s)
+    if splits > 1:
+        split_len = -(-triton.cdiv(s_max, splits) // block_s) * block_s  # whole tiles per split
+        splits = triton.cdiv(s_max, split_len)
+        po = torch.empty((b, kv, splits, g, hd), device=q.device, dtype=torch.float32)
+        pl = torch.empty((b, kv, splits, g), device=q.device, dtype=torch.float32)
+        warps = 1 if interpreting() else 4
+        launchable(_attn_split_kernel)[(b, kv, splits)](
+            q, k_cache, v_cache, lengths, po, pl, kv, g, hd, k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), sc, int(window or 0), split_len, splits, HAS_WINDOW=window is not None,
+            BLOCK_G=triton.next_power_of_2(g), BLOCK_S=block_s, BLOCK_HD=triton.next_power_of_2(hd), num_warps=warps)
+        launchable(_attn_combine_kernel)[(b * kv, g)](
+            po, pl, out, g, hd, splits, BLOCK_SP=triton.next_power_of_2(splits),
+            BLOCK_HD=triton.next_power_of_2(hd), num_warps=1 if interpreting() else 2)
+        return out
     launchable(_attn_decode_kernel)[(b, kv)](
         q, k_cache, v_cache, lengths, out, kv, g, hd, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         sc, int(window or 0), HAS_WINDOW=window is not None, BLOCK_G=triton.next_power_of_2(g),
-        BLOCK_S=_attn_decode_block_s(hd, g), BLOCK_HD=triton.next_power_of_2(hd),
+        BLOCK_S=block_s, BLOCK_HD=triton.next_power_of_2(hd),
         num_warps=1 if interpreting() else 4)
     return out
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from ._dispatch import interpreting, launchable, use_triton
 from ._triton import tl, triton
 
-__all__ = ["rmsnorm", "rmsnorm_ref"]
+__all__ = ["add_rmsnorm", "add_rmsnorm_ref", "rmsnorm", "rmsnorm_ref"]
 
 
 @triton.jit
@@ -72,3 +72,52 @@ def rmsnorm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         xf = x
         return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
     return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+@triton.jit
+def _add_rmsnorm_kernel(
+    h_ptr,  # *T [N, D] residual rows, updated in place to h + y; contiguous
+    y_ptr,  # *T [N, D] branch output rows, contiguous
+    w_ptr,  # *T [D] scale of the norm that reads the sum
+    x_ptr,  # *T [N, D] out: rmsnorm(h + y) * w, contiguous
+    D,
+    eps,
+    BLOCK_D: tl.constexpr,
+):
+    """h[n] <- round(h[n] + y[n]); x[n] = h[n] * rsqrt(mean(h[n]^2) + eps) * w (fp32 math)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < D
+    off = row * D + cols
+    s = tl.load(h_ptr + off, mask=inside, other=0.0).to(tl.float32) + tl.load(y_ptr + off, mask=inside,
+                                                                              other=0.0).to(tl.float32)
+    s = s.to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + off, s, mask=inside)
+    sf = s.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=0) / D + eps)
+    tl.store(x_ptr + off, (sf * inv * w).to(x_ptr.dtype.element_ty), mask=inside)
+
+
+def add_rmsnorm(h: Tensor, y: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The decode step's residual add and the next norm in one pass: ``h += y`` (in place, rounded to
+    h's dtype as a plain add is) and return ``rmsnorm(h, weight)``. h, y: (N, D) contiguous."""
+    if not use_triton(h):
+        return add_rmsnorm_ref(h, y, weight, eps)
+    n, d = h.shape
+    if y.shape != h.shape or weight.shape != (d,) or not (h.is_contiguous() and y.is_contiguous()):
+        raise ValueError(f"add_rmsnorm: h {tuple(h.shape)}, y {tuple(y.shape)}, weight {tuple(weight.shape)}: "
+                         "need contiguous (N, D), (N, D), (D,)")
+    x = torch.empty_like(h)
+    if n == 0:
+        return x
+    block = triton.next_power_of_2(d)
+    launchable(_add_rmsnorm_kernel)[(n,)](h, y, weight, x, d, float(eps), BLOCK_D=block,
+                                         num_warps=1 if interpreting() else _rmsnorm_warps(block))
+    return x
+
+
+def add_rmsnorm_ref(h: Tensor, y: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Torch reference: ``h.add_(y)`` then :func:`rmsnorm_ref`."""
+    h.add_(y)
+    return rmsnorm_ref(h, weight, eps)

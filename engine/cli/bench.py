@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "run, bf16 on x86 CPUs with AVX-512 BF16). --no-native measures the torch step at every batch")
     p.add_argument("--random-llama7b", action="store_true",
                    help="also bench a random-weight model with Llama-2-7B's shapes (GPU only)")
+    p.add_argument("--pruned-shapes", action="store_true",
+                   help="with the random Llama-7B: also the shapes ShortGPT, Streamline, dynamic slicing and CoMe "
+                   "make of it (8 of 32 layers; 25%% mean width), each against the dense one (GPU only)")
+    p.add_argument("--engines", default="layerfold", metavar="E,E",
+                   help="engines to compare: layerfold, torch-eager, torch-compile, hf (default layerfold; "
+                   "--baseline hf adds hf)")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     p.add_argument("--plot", metavar="PNG", default=None, help="write a bar chart of the results to this PNG file")
     p.set_defaults(func=run)
@@ -56,12 +62,14 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if not args.models and not args.random_llama7b:
+    if not args.models and not (args.random_llama7b or args.pruned_shapes):
         raise ValueError("no model to benchmark. Fix: name one or more models (e.g. smollm2-135m)")
-    res = bench_models(args.models, baseline=None if args.baseline == "none" else args.baseline,
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    res = bench_models(args.models, engines=engines, baseline=None if args.baseline == "none" else args.baseline,
                        batch_sizes=parse_sizes(args.batch_sizes), new_tokens=args.new_tokens,
                        prompt_len=args.prompt_len, repeats=args.repeats, dtype=torch_dtype(args.dtype),
-                       device=args.device, random_llama7b=args.random_llama7b, compile=args.compile,
+                       device=args.device, random_llama7b=args.random_llama7b, pruned_shapes=args.pruned_shapes,
+                       compile=args.compile,
                        static_batches=parse_sizes(args.static_batches, "--static-batches", empty=True, example="4,16"),
                        native=args.native, progress=not args.json)
     if args.plot:

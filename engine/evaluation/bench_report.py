@@ -19,21 +19,25 @@ def format_table(res: dict[str, Any]) -> str:
                      f"{r['ttft_ms']:.1f}", f"{r['decode_tok_s']:.1f} [{lo:.1f}-{hi:.1f}]",
                      _with_range(r, "pct_of_bound", "{:.0f}", "%"), human_bytes(r["peak_mem_bytes"]),
                      _with_range(r, "vs_hf", "{:.2f}", "x"),
+                     _with_range(r, "vs_torch_eager", "{:.2f}", "x"), _with_range(r, "vs_torch_compile", "{:.2f}", "x"),
                      _with_range(r, "speedup", "{:.2f}", "x") + f" (pred {r['predicted_speedup']:.2f}x)"
                      if "speedup" in r else "-"])
     bw = res["bandwidth"]
     static = res.get("static_batches")
-    head = (f"{res['device']} {res['dtype']}, {res['threads']} threads, load {res['load_avg_1min']:.1f}, runtime "
+    dev = res.get("device_name", res["device"])
+    head = (f"{dev} {res['dtype']}, {res['threads']} threads, load {res['load_avg_1min']:.1f}, runtime "
             f"{'compiled' if res.get('compiled') else 'eager'}"
             f"{' (own graphs at batch ' + ','.join(map(str, static)) + ')' if static else ''}; prompt "
             f"{res['prompt_len']} + {res['new_tokens']} new tokens, median [range] of {res['repeats']} interleaved "
             f"repeats; bandwidth {bw['bandwidth_gbs']:.1f} GB/s (median of probes before each run; GEMV "
             f"{bw['gemv_gbs']:.1f}, read {bw['read_gbs']:.1f})")
     lines = [head, table(rows, ["model", "engine", "batch", "params M", "prefill tok/s", "TTFT ms",
-                                "decode tok/s", "% bound", "peak mem", "vs HF", "speedup"])]
+                                "decode tok/s", "% bound", "peak mem", "vs HF", "vs eager", "vs compile",
+                                "speedup"])]
     lines += [f"note: {n}" for n in res["notes"]]
     lines.append("% bound: each run's decode rate over weight + KV bytes per step at the bandwidth probed just before "
-                 "it; vs HF and speedup: ratios of runs in the same round (median [range] over rounds)")
+                 "it; vs <engine> and speedup: ratios of runs in the same round (median [range] over rounds); pred: "
+                 "the ratio of bytes read per decode step (weights + KV cache at the mean context)")
     lines.append("peak mem: memory growth for building the engine (its own weight copies and KV cache) plus one "
                  "generation (RSS on CPU, allocator peak on CUDA)")
     lines.append("setup: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["setup_s"].items()))

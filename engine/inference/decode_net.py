@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from layerfold.core.model import Block, Model, rope_inv_freq
 from layerfold.core.spec import ModelSpec
+from layerfold.inference.fused_step import FusedDecode
 from layerfold.kernels.attn_decode import attn_decode, attn_decode_ref
 from layerfold.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from layerfold.kernels.rotary import rotary, rotary_ref
@@ -170,14 +171,18 @@ class DecodeNet(nn.Module):
             self.register_buffer(f"cos{hd}", emb.cos().to(device, dtype))
             self.register_buffer(f"sin{hd}", emb.sin().to(device, dtype))
         self.register_buffer("rows", torch.arange(max_batch, device=device))
+        # the Triton backend decodes with the fused kernels (inference/fused_step.py); prefill stays unfused
+        self.fused = FusedDecode(self) if backend == "triton" else None
 
     # ---- decode ----------------------------------------------------------------------------------
-    def forward(self, tok: Tensor, pos: Tensor, L: int | None) -> Tensor:
+    def forward(self, tok: Tensor, pos: Tensor, L: int | None = None) -> Tensor:
         """tok, pos (n,): row b reads tok[b] and writes it at slot pos[b]; returns fp32 logits (n, V).
 
-        L: keys to attend (max(pos) + 1) for SDPA over the cache prefix; None on the Triton path,
-        whose kernel reads each row's length from ``pos + 1`` (static shapes, CUDA-graph friendly).
+        L: keys to attend (max(pos) + 1) over the cache prefix on the torch path; the Triton backend
+        (FusedDecode) ignores it and reads each row's length from ``pos + 1`` (static shapes, CUDA graphs).
         """
+        if self.fused is not None:
+            return self.fused(tok, pos)
         n = tok.shape[0]
         h = F.embedding(tok, self.embed)  # (n, d)
         ropes = {hd: (getattr(self, f"cos{hd}")[pos], getattr(self, f"sin{hd}")[pos]) for hd in self.hds}  # (n, hd)
@@ -196,10 +201,7 @@ class DecodeNet(nn.Module):
                 l.k[rows, :, pos] = k  # each row's new token at its own slot
                 l.v[rows, :, pos] = v
                 qg = q.reshape(n, l.n_kv, l.n_heads // l.n_kv, l.hd)  # (n, n_kv, group, hd)
-                if L is None:
-                    y = self.attn(qg, l.k, l.v, pos + 1, window=self.window)
-                else:
-                    y = self.cpu_attn(qg, l.k[:n, :, :L], l.v[:n, :, :L], mask)
+                y = self.cpu_attn(qg, l.k[:n, :, :L], l.v[:n, :, :L], mask)
                 h = self._out(y.reshape(n, l.n_heads * l.hd), l.wo, h, l.fused_attn_sc)
             elif l.attn_sc is not None:
                 h = self.lin(h, l.attn_sc)

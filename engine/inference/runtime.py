@@ -76,7 +76,9 @@ class Runtime:
         if compile and self.backend != "torch":
             raise ValueError("compile=True compiles the torch path. Fix: use kernels='torch' with compile, or rely "
                              "on CUDA graphs on the Triton path")
-        self.packed = (not compile) and (can_pack(self.device, self.dtype) if pack_weights is None else pack_weights)
+        # oneDNN-packed weights serve the eager torch path on CPU; the Triton kernels read plain ones
+        self.packed = (not compile) and self.backend == "torch" and (
+            can_pack(self.device, self.dtype) if pack_weights is None else pack_weights)
         self.net = DecodeNet(model, max_batch=self.max_batch, max_len=self.max_len, device=self.device,
                              dtype=self.dtype, backend=self.backend, packed=self.packed, compiled=compile)
         self.lengths: list[int] = [0] * self.max_batch
@@ -232,15 +234,15 @@ class Runtime:
             for b in range(n):
                 self.lengths[b] += int(act[b])
             return logits
-        tok = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
-        nb = self._graph_batch(n)
+        tok = torch.as_tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
+        nb = self._graphs.bucket(n) if self._graphs is not None else self._graph_batch(n)
         if nb > n:  # idle rows n..nb-1 fill a static graph: each writes its next free slot, which its own
             # next decode overwrites before anything reads it (a prefill rewrites the row from slot 0)
             tok = torch.cat([tok, tok.new_zeros(nb - n)])
             pos += [min(self.lengths[b], self.max_len - 1) for b in range(n, nb)]
-        pos_t = torch.tensor(pos, dtype=torch.long, device=self.device)
+        pos_t = torch.tensor(pos, dtype=torch.long).to(self.device, non_blocking=True)
         if self._graphs is not None:
-            logits = self._graphs.run(tok, pos_t)
+            logits = self._graphs.run(tok, pos_t)[:n].clone()  # the graph's buffer is rewritten next step
         else:
             logits = self._step(tok, pos_t, None if self.backend == "triton" else max(pos) + 1)[:n]
         for b in range(n):
@@ -248,12 +250,22 @@ class Runtime:
         return logits
 
 
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # batch sizes that get a CUDA graph
+
+
 class _GraphCache:
-    """CUDA graphs of the decode step, one per batch size, over static token/position buffers."""
+    """CUDA graphs of the decode step, one per batch bucket (a batch runs in the smallest bucket with
+    room for it, padded with idle rows), over static token/position buffers and one shared memory pool.
+    Building a bucket's graph first picks the faster GEMV per weight shape for that many rows."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.picks: dict[int, dict[str, int]] = {}  # bucket -> GEMV implementation -> weights
+
+    def bucket(self, n: int) -> int:
+        return next((b for b in GRAPH_BUCKETS if n <= b <= self.rt.max_batch), n)
 
     def run(self, tok: Tensor, pos: Tensor) -> Tensor:
         n = tok.shape[0]
@@ -261,22 +273,24 @@ class _GraphCache:
         if g is None:
             g = self.graphs[n] = self._capture(n)
         graph, tok_buf, pos_buf, out = g
-        tok_buf.copy_(tok)
-        pos_buf.copy_(pos)
+        tok_buf.copy_(tok, non_blocking=True)
+        pos_buf.copy_(pos, non_blocking=True)
         graph.replay()
-        return out.clone()
+        return out
 
     def _capture(self, n: int) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]:
         rt = self.rt
+        if rt.net.fused is not None:
+            self.picks[n] = rt.net.fused.tune(n)
         tok_buf = torch.zeros(n, dtype=torch.long, device=rt.device)
         pos_buf = torch.full((n,), rt.max_len - 1, dtype=torch.long, device=rt.device)  # a spare slot
         stream = torch.cuda.Stream(rt.device)
         stream.wait_stream(torch.cuda.current_stream(rt.device))
         with torch.cuda.stream(stream):  # warm-up compiles the Triton kernels outside the capture
             for _ in range(2):
-                rt.net(tok_buf, pos_buf, None)
+                rt.net(tok_buf, pos_buf)
         torch.cuda.current_stream(rt.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = rt.net(tok_buf, pos_buf, None)
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = rt.net(tok_buf, pos_buf)
         return graph, tok_buf, pos_buf, out

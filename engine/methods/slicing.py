@@ -23,55 +23,22 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
 from layerfold.core.spec import ModelSpec
 from layerfold.methods.base import Method, PruneContext, PruneResult, Target, register
 from layerfold.surgery.slicing import (
     BASES,
+    MAX_FRACTION,
     PCA_TOKENS,
     SlicePlan,
     count_params,
+    dynamic_fractions,
     plan_widths,
     slice_model,
     sliced_spec,
 )
 
-MAX_FRACTION = 0.95
 DEFAULT_BASE = 0.1
 DEFAULT_PCA_TOKENS = "all"
-
-
-def dynamic_fractions(lr: Sequence[float], target: float, base: float,
-                      max_fraction: float = MAX_FRACTION) -> list[float]:
-    """FS_i = SB + k LR'_i with k = (SP - SB) / mean(LR') (clipped at max_fraction, k re-solved)."""
-    if not 0 <= target < max_fraction:
-        raise ValueError(f"target fraction {target} is outside [0, {max_fraction}). Fix: slice less")
-    if not 0 <= base <= target:
-        raise ValueError(f"slicing base {base} must lie in [0, target={target}]. Fix: pass --slicing-base "
-                         f"between 0 (fully adaptive) and the target (constant slicing)")
-    x = torch.tensor([float(v) for v in lr], dtype=torch.float64)
-    if not torch.isfinite(x).all():
-        raise ValueError("layer redundancy scores contain NaN/inf. Fix: recalibrate (no layer may be empty)")
-    span = float(x.max() - x.min())
-    if span <= 1e-12:  # all layers alike: nothing to adapt to
-        return [target] * len(x)
-    lr_n = (x - x.min()) / span
-    fs = lambda k: (base + k * lr_n).clamp(0.0, max_fraction)
-    k = (target - base) / float(lr_n.mean())
-    if float(fs(k).mean()) < target - 1e-12:  # clipping lost some: raise the slope until the mean is back
-        if float(torch.where(lr_n > 0, max_fraction, base).mean()) < target:
-            raise ValueError(f"mean sliced fraction {target} is out of reach with at most {max_fraction} per layer "
-                             f"and base {base} on the least redundant layers. Fix: raise --slicing-base or "
-                             "lower the target")
-        lo, hi = k, k * 2 + 1
-        while float(fs(hi).mean()) < target:
-            hi *= 2
-        for _ in range(100):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if float(fs(mid).mean()) < target else (lo, mid)
-        k = hi
-    return [float(v) for v in fs(k)]
 
 
 def layer_redundancy(ctx: PruneContext) -> list[float]:

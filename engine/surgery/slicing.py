@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -49,99 +49,19 @@ from torch import Tensor
 from layerfold.core.model import MLP, Attention, Model, RMSNorm, build_model
 from layerfold.core.spec import ModelSpec
 from layerfold.core.streaming import LayerStream
+from layerfold.surgery.slice_plan import (
+    MAX_FRACTION,
+    SlicePlan,
+    count_params,
+    dynamic_fractions,
+    plan_widths,
+    point_dims,
+    round_width,
+    sliced_spec,
+)
 
 PCA_TOKENS = ("all", "skip-first", "token-norm")
 BASES = ("point", "layer", "global")  # a PCA basis per residual point (SliceGPT), per layer, or one for all
-
-
-@dataclass(frozen=True)
-class SlicePlan:
-    """Kept width at every residual point (2L+1 of them, see the module docstring) and the PCA options."""
-
-    widths: tuple[int, ...]
-    pca_tokens: str = "all"  # "all" | "skip-first" (drop position 0: massive activations) | "token-norm"
-    keep_ends: bool = True  # embeddings / head / final norm untouched (tied head stays tied)
-    norm_scale: bool = True  # fold sqrt(d/w) into the linears reading a sliced RMSNorm
-    damp: float = 0.01  # Gram damping, relative to its mean diagonal
-    basis: str = "point"  # see BASES and the module docstring
-    layer_fractions: tuple[float, ...] = ()  # the per-layer sliced fractions asked for (before rounding)
-    round_to: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["widths"] = list(self.widths)
-        d["layer_fractions"] = [round(f, 6) for f in self.layer_fractions]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SlicePlan:
-        return cls(**{**d, "widths": tuple(d["widths"]), "layer_fractions": tuple(d.get("layer_fractions", ()))})
-
-
-def point_dims(spec: ModelSpec) -> list[int]:
-    """Residual width at each of the 2L+1 points of ``spec``."""
-    return [spec.layers[0].d_in] + [d for l in spec.layers for d in (l.d_mid, l.d_out)]
-
-
-def round_width(kept: float, multiple: int, d: int) -> int:
-    """Nearest multiple of ``multiple`` to ``kept``, at least one multiple, at most d."""
-    return int(min(d, max(multiple, multiple * math.floor(kept / multiple + 0.5))))
-
-
-def plan_widths(spec: ModelSpec, fractions: list[float], *, multiple: int = 8, keep_ends: bool = True,
-                exact_mean: bool = False, basis: str = "point") -> tuple[int, ...]:
-    """Per-point widths from per-layer sliced fractions: layer i's fraction sets its mid and output
-    points (and point 0 follows layer 0). ``exact_mean`` rounds by largest remainder so the total
-    kept width is the nearest multiple of the requested total (dynamic slicing: mean fraction = target
-    up to one multiple over all layers), else each layer rounds on its own (constant slicing stays uniform).
-    """
-    dims = point_dims(spec)
-    L = spec.n_layers
-    if len(fractions) != L:
-        raise ValueError(f"{len(fractions)} fractions for {L} layers. Fix: give one sliced fraction per layer")
-    if multiple < 1:
-        raise ValueError(f"round_to={multiple}. Fix: use a positive multiple (1 = no rounding, 8 default)")
-    kept = [(1.0 - f) * dims[2 * i + 2] for i, f in enumerate(fractions)]
-    if exact_mean:
-        units = [k / multiple for k in kept]
-        base = [max(1, math.floor(u)) for u in units]
-        extra = round(sum(units)) - sum(base)
-        order = sorted(range(L), key=lambda i: (-(units[i] - math.floor(units[i])), i))
-        for i in order[:max(0, extra)]:
-            base[i] += 1
-        layer_w = [min(dims[2 * i + 2], b * multiple) for i, b in enumerate(base)]
-    else:
-        layer_w = [round_width(k, multiple, dims[2 * i + 2]) for i, k in enumerate(kept)]
-    widths = [layer_w[0]] + [w for w in layer_w for _ in range(2)]
-    if keep_ends:
-        widths[0], widths[-1] = dims[0], dims[-1]
-    for i, l in enumerate(spec.layers):  # the mid point keeps the input's basis: give it the input's width
-        if (basis != "point" or not l.has_attn) and not l.attn_shortcut:
-            widths[2 * i + 1] = widths[2 * i]
-    return tuple(widths)
-
-
-def sliced_spec(spec: ModelSpec, plan: SlicePlan) -> ModelSpec:
-    """The spec a plan produces (every shortcut present; slice_model may drop identity ones)."""
-    w = plan.widths
-    layers = [replace(l, d_in=w[2 * i], d_mid=w[2 * i + 1], d_out=w[2 * i + 2], attn_shortcut=True,
-                      mlp_shortcut=True) for i, l in enumerate(spec.layers)]
-    tie = spec.tie_embeddings and plan.keep_ends
-    return spec.with_layers(layers, d_model=w[0], tie_embeddings=tie)
-
-
-def count_params(spec: ModelSpec) -> dict[str, int]:
-    """Parameters of a spec by part (shortcut matrices and an untied head included)."""
-    with torch.device("meta"):
-        m = Model(spec)
-    parts = {"total": 0, "embed": 0, "head": 0, "shortcuts": 0, "norms": 0, "layers_other": 0}
-    for name, p in m.named_parameters():
-        n = p.numel()
-        parts["total"] += n
-        key = ("embed" if name.startswith("embed.") else "head" if name.startswith("lm_head.") else
-               "shortcuts" if "shortcut" in name else "norms" if "norm" in name else "layers_other")
-        parts[key] += n
-    return parts
 
 
 # ---- statistics ----------------------------------------------------------------------------------
@@ -379,5 +299,5 @@ def _is_identity(S: Tensor, tol: float = 1e-6) -> bool:
                                              .abs().max() <= tol)
 
 
-__all__ = ["BASES", "PCA_TOKENS", "SlicePlan", "count_params", "pca", "plan_widths", "point_dims", "round_width",
-           "slice_model", "sliced_spec"]
+__all__ = ["BASES", "MAX_FRACTION", "PCA_TOKENS", "SlicePlan", "count_params", "dynamic_fractions", "pca",
+           "plan_widths", "point_dims", "round_width", "slice_model", "sliced_spec"]

@@ -1,0 +1,148 @@
+"""Skinny matrix products for decode: a few rows of activations against a large weight matrix.
+
+    y[n, o] = sum_k x[n, k] W[o, k]  (+ bias[o])  (+ res[n, o])
+
+for n <= 8 rows (a decode step of a small batch). Each program owns BLOCK_O output columns and
+streams its BLOCK_O rows of W once, BLOCK_K values at a time, for every row of x (the weight is
+read once per step whatever n is); products accumulate elementwise in fp32 registers and are reduced
+along k once at the end. The epilogue adds the bias and the residual (the decode step's
+``h + y @ W^T``) before a single rounding to the output dtype.
+
+Whether this or cuBLAS (``F.linear``) is faster depends on the shape and the card, so the runtime
+times both per weight shape when it builds its CUDA graphs (:func:`pick_linear`) and keeps the
+faster; the candidate tiles are in ``heuristics.GEMV_CONFIGS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._dispatch import interpreting, launchable, use_triton
+from ._triton import tl, triton
+from .heuristics import GEMV_CONFIGS, GEMV_MAX_ROWS, GemvConfig, gemv_interpreter_config
+
+__all__ = ["gemv", "gemv_ref", "pick_linear"]
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # *T [N, K] activations, row stride stride_x, unit column stride
+    w_ptr,  # *T [O, K] weight, contiguous
+    b_ptr,  # *T [O] bias (read when HAS_BIAS)
+    r_ptr,  # *T [N, O] residual added before rounding (read when HAS_RES), contiguous
+    y_ptr,  # *T [N, O] output, contiguous
+    N,
+    O,
+    K,
+    stride_x,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # >= N, power of two
+    BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Program p computes y[:, p*BLOCK_O:(p+1)*BLOCK_O]."""
+    pid = tl.program_id(0)
+    offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_n = tl.arange(0, BLOCK_N)
+    om = offs_o < O
+    nm = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_O, BLOCK_K), tl.float32)
+    w_rows = w_ptr + offs_o.to(tl.int64)[:, None] * K
+    x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_x
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        km = ks < K
+        w = tl.load(w_rows + ks[None, :], mask=om[:, None] & km[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_rows + ks[None, :], mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        acc += x[:, None, :] * w[None, :, :]
+    y = tl.sum(acc, axis=2)  # (BLOCK_N, BLOCK_O)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_o, mask=om, other=0.0).to(tl.float32)[None, :]
+    out = offs_n.to(tl.int64)[:, None] * O + offs_o[None, :]
+    m = nm[:, None] & om[None, :]
+    if HAS_RES:
+        y += tl.load(r_ptr + out, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, res: Tensor | None = None, *,
+         config: GemvConfig | None = None) -> Tensor:
+    """x (N, K) @ w (O, K)^T (+ bias (O,)) (+ res (N, O)) for N <= 8, in x's dtype (fp32 accumulation)."""
+    if not use_triton(x):
+        return gemv_ref(x, w, bias, res)
+    n, k = x.shape
+    o = w.shape[0]
+    if x.dim() != 2 or w.dim() != 2 or w.shape[1] != k or n > GEMV_MAX_ROWS:
+        raise ValueError(f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} must be (N<={GEMV_MAX_ROWS}, K) and (O, K). "
+                         "Fix: use F.linear for larger batches")
+    if res is not None and tuple(res.shape) != (n, o):
+        raise ValueError(f"gemv: res has shape {tuple(res.shape)}, expected ({n}, {o})")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    w = w if w.is_contiguous() else w.contiguous()
+    y = torch.empty((n, o), device=x.device, dtype=x.dtype)
+    if n == 0 or o == 0:
+        return y
+    cfg = gemv_interpreter_config(n) if interpreting() else (config or GEMV_CONFIGS[0])
+    block_n = triton.next_power_of_2(n)
+    launchable(_gemv_kernel)[(triton.cdiv(o, cfg.block_o),)](
+        x, w, bias if bias is not None else w, res.contiguous() if res is not None else y, y, n, o, k, x.stride(0),
+        HAS_BIAS=bias is not None, HAS_RES=res is not None, BLOCK_N=block_n, BLOCK_O=cfg.block_o,
+        BLOCK_K=cfg.block_k // block_n if cfg.scale_k else cfg.block_k, num_warps=cfg.warps,
+        num_stages=cfg.stages)
+    return y
+
+
+def gemv_ref(x: Tensor, w: Tensor, bias: Tensor | None = None, res: Tensor | None = None) -> Tensor:
+    """Torch reference: ``F.linear`` (+ res), in x's dtype."""
+    y = F.linear(x, w, bias)
+    return y if res is None else res + y
+
+
+Linear = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]
+
+
+def _cublas(x: Tensor, w: Tensor, bias: Tensor | None, res: Tensor | None) -> Tensor:
+    y = F.linear(x, w, bias)
+    return y if res is None else y.add_(res)
+
+
+def pick_linear(n: int, w: Tensor, *, with_res: bool, reps: int = 20) -> tuple[Linear, str]:
+    """The faster of cuBLAS and the Triton GEMV configs for ``n`` rows times ``w``, timed on the device
+    (CUDA events, median of ``reps``); returns the callable and its name. Off CUDA, or for more than
+    GEMV_MAX_ROWS rows, cuBLAS (torch) without timing."""
+    if not w.is_cuda or n > GEMV_MAX_ROWS or not use_triton(w):
+        return _cublas, "cublas"
+    x = torch.randn(n, w.shape[1], device=w.device, dtype=w.dtype)
+    res = torch.randn(n, w.shape[0], device=w.device, dtype=w.dtype) if with_res else None
+    cands: list[tuple[str, Linear]] = [("cublas", _cublas)]
+    for c in GEMV_CONFIGS:
+        cands.append((c.name, lambda x, w, b, r, c=c: gemv(x, w, b, r, config=c)))
+    best, best_t = cands[0], float("inf")
+    for name, fn in cands:
+        try:
+            t = _time(lambda fn=fn: fn(x, w, None, res), reps)
+        except Exception:  # a config that does not compile or launch for this shape is not a candidate
+            continue
+        if t < best_t:
+            best, best_t = (name, fn), t
+    return best[1], best[0]
+
+
+def _time(fn: Callable[[], Tensor], reps: int) -> float:
+    for _ in range(3):
+        fn()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(start, end, strict=True):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(start, end, strict=True))
+    return times[len(times) // 2]

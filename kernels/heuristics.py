@@ -1,0 +1,67 @@
+"""Launch choices of the kernels in one place: tiles, warps and pipeline stages, with why.
+
+Where a choice was measured, the comment names the benchmark (``bench/gpu_suite.py`` parts, or
+``bench/bench_kernels.py``) and docs/PERFORMANCE.md holds the numbers; where it was not, it says so.
+Choices that depend on the card more than on the shape are timed at run time instead (the runtime's
+GEMV pick, :func:`layerfold.kernels.gemv.pick_linear`), over the candidates listed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ---- decode GEMV (kernels/gemv.py) ------------------------------------------------------------------
+GEMV_MAX_ROWS = 8  # above this, a tensor-core GEMM (cuBLAS) wins: the GEMV's fp32 FMAs scale with rows
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_o: int  # output columns (weight rows) per program
+    block_k: int  # weight columns per loop step (for one activation row; divided by rows when scale_k)
+    warps: int
+    stages: int = 3
+    scale_k: bool = True  # keep BLOCK_N x BLOCK_O x BLOCK_K accumulators in registers as rows grow
+
+    @property
+    def name(self) -> str:
+        return f"triton_o{self.block_o}_k{self.block_k}_w{self.warps}_s{self.stages}"
+
+
+# Candidates the runtime times against cuBLAS per weight shape (pick_linear). Each loop step loads a
+# BLOCK_O x BLOCK_K bf16 tile (8-16 KiB): 16-byte loads per thread, several tiles in flight through the
+# software pipeline; the accumulators stay at 32-64 fp32 values per thread. Not tuned on a GPU when
+# written: the pick measures them on the card at hand.
+GEMV_CONFIGS = (
+    GemvConfig(block_o=16, block_k=256, warps=4),
+    GemvConfig(block_o=8, block_k=512, warps=4),
+    GemvConfig(block_o=32, block_k=128, warps=4),
+    GemvConfig(block_o=16, block_k=512, warps=8),
+    GemvConfig(block_o=4, block_k=1024, warps=4, stages=4),
+)
+
+
+def gemv_interpreter_config(rows: int) -> GemvConfig:
+    """The interpreter runs programs one after another: few large programs, whole small matrices."""
+    return GemvConfig(block_o=32, block_k=64, warps=1, stages=1, scale_k=False)
+
+
+# ---- decode attention (kernels/attn_decode.py) ------------------------------------------------------
+def attn_decode_splits(rows: int, kv_heads: int, max_len: int, sms: int, block_s: int) -> int:
+    """Key-range splits per (row, KV head) (flash-decoding): enough programs for about two waves over
+    the SMs when rows x heads alone give fewer, each split at least one BLOCK_S tile of the cache.
+    Fixed by the cache size (not the current length) so a CUDA graph replays the same grid."""
+    programs = max(1, rows * kv_heads)
+    want = -(-2 * sms // programs)
+    tiles = -(-max_len // block_s)
+    return max(1, min(want, tiles, 64))
+
+
+# ---- fused norm and rotary (kernels/rmsnorm.py, kernels/rope_cache.py) -----------------------------------
+def row_warps(block: int) -> int:
+    """Warps for one program per row of ``block`` values: 4 up to 2048 and 8 above (the layer-norm
+    tutorial's rule of thumb, one warp per ~512 fp32 values); not tuned here."""
+    return 4 if block <= 2048 else 8
+
+
+__all__ = ["GEMV_CONFIGS", "GEMV_MAX_ROWS", "GemvConfig", "attn_decode_splits", "gemv_interpreter_config",
+           "row_warps"]
