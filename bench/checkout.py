@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -48,4 +49,5 @@ if __name__ == "__main__":
         sys.exit("usage: python bench/checkout.py -m MODULE [ARGS...]")
     mod = sys.argv[2]
     sys.argv = [mod, *sys.argv[3:]]
+    sys.path.insert(0, os.getcwd())  # as `python -m` does: the current directory first (tests import `tests.`)
     runpy.run_module(mod, run_name="__main__", alter_sys=True)
