@@ -1,7 +1,7 @@
-"""The healing table of the README: SmolLM2-135M with 8 layers removed by shortgpt, slm, streamline and come,
+"""The healing table of docs/RESULTS.md: SmolLM2-135M with 8 layers removed by shortgpt, slm, streamline and come,
 each without and with healing; val perplexity and MC accuracy, healing budget (tokens, minutes).
 
-    python tools/compare_heal.py --work /tmp/heal_cmp                      # everything (hours on 2 shared cores)
+    python tools/compare_heal.py --work /tmp/heal_cmp                      # everything (hours: 4 prunes + 4 heals)
     python tools/compare_heal.py --work /tmp/heal_cmp --steps prune        # only the pruned checkpoints
     python tools/compare_heal.py --work /tmp/heal_cmp --table              # print the table from results.json
     python tools/plot_heal.py /tmp/heal_cmp                                # healing curves -> heal_curves.png
@@ -9,10 +9,10 @@ each without and with healing; val perplexity and MC accuracy, healing budget (t
 Every piece is saved as it finishes (WORK/<method> pruned checkpoint, WORK/<method>-healed healed
 checkpoint, WORK/results.json evaluations) and reused by a re-run, so the tool can be stopped and
 restarted; a healing run stopped midway resumes from its heal_state. Pruning uses the depth pipeline
-(layerfold.prune.prune, its default calibration: 64 x 256 tokens of pydoc calib); evaluation is
+(layerfold.pipeline.prune, its default calibration: 64 x 256 tokens of pydoc calib); evaluation is
 layerfold.evaluate on the pydoc val split (perplexity over 512-token windows, ``--mc-items`` 4-way items).
 Healing budget: ``--minutes`` per model on ``--clock`` cpu (process CPU time / threads: the wall time of
-this machine unshared; the machine is shared with other jobs, so wall time is longer and is reported too).
+an unshared machine; on a shared one the wall time is longer, and is reported too).
 """
 
 from __future__ import annotations

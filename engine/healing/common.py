@@ -36,11 +36,13 @@ class HealConfig:
     hidden_weight: float = 0.0  # global stage: weight of the hidden-state term at the correspondences
     layer_input: str = "student"  # "student" | "teacher": input of a layer in the layer stage
     eval_every: int = 30  # global steps between validation perplexities
-    val_tokens: int = 4096  # an fp32 evaluation of 4096 tokens costs ~5% of a 15-minute CPU budget
+    val_tokens: int = 4096  # short, so evaluating every eval_every steps stays a small share of the budget
+    # (the setting of the healing runs in docs/RESULTS.md: tools/compare_heal.py --val-tokens 4096)
     save_every_s: float = 120.0  # heal_state is written at least this often (and at every stop)
     clock: str = "wall"  # "wall" | "cpu": what budget_minutes measures
     seed: int = 0
-    autocast: bool = False  # bf16 autocast of the training forward/backward (2x on this AVX512-BF16 CPU)
+    autocast: bool = False  # bf16 autocast of the training forward/backward: pays where bf16 matmuls are native
+    # (AVX512-BF16/AMX CPUs, GPUs); docs/RESULTS.md's healing runs used it (tools/compare_heal.py turns it on)
     stop_after_steps: int | None = None  # pause (state saved) after this many optimizer steps in this call
 
     def check(self) -> HealConfig:

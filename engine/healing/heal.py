@@ -15,7 +15,7 @@ What is trained: the layers surgery created or altered (``changed_layers``) plus
 after each run of removed layers (its input changed: ShortGPT changes no layer, yet has these), or
 every parameter in the global stage with ``train_all``.
 
-Stage "layer" (hierarchical distillation, ../shared/METHODS.md CoMe): one layer k at a time, in model
+Stage "layer" (hierarchical distillation, as CoMe describes it): one layer k at a time, in model
 order, trained to reproduce the teacher's h_{max(layer_map[k]) + 1} (the output of the last original
 layer it stands for; h_L for the student's last layer). Its input is the student's own hidden state at
 k, not the teacher's h_{min(layer_map[k])}: the layer is fitted to the inputs it will see, so it also

@@ -1,6 +1,6 @@
 """What every pruning method receives and returns, and the registry ``layerfold prune`` dispatches on.
 
-A method is a function ``fn(ctx: PruneContext) -> PruneResult``. Inside, a method keeps STYLE 6:
+A method is a function ``fn(ctx: PruneContext) -> PruneResult``. Inside, a method keeps three things apart:
 a score is a function of statistics, a plan is a JSON-serialisable dataclass, surgery is a pure
 ``apply(model, plan) -> new model`` (layerfold.surgery.depth).
 """

@@ -1,6 +1,6 @@
 """CoMe (seed 001): progressive concatenation merging of adjacent layers, guided by channel sensitivity.
 
-Scores (functions of calibration statistics, ../shared/METHODS.md):
+Scores (functions of calibration statistics, layerfold.calibration.stats):
   - FFN channel c of a layer: s_c = mean_t |silu(g_c) u_c| * ||W_down[:, c]||_1;
   - attention, per KV group g: s_g = sum over the channels c of the group's query heads of
     mean_t |o_c| * ||W_o[:, c]||_1 (o = the o_proj input). Query head h belongs to KV head

@@ -1,4 +1,4 @@
-"""SLM: sliding layer merging (seed 000), as ../shared/METHODS.md states it.
+"""SLM: sliding layer merging (seed 000), as the paper states it; where its public code differs, said below.
 
 Sliding, top to bottom, over the source layers: high = L-2 (the last layer is never merged),
 low = high-1. While low >= 0: the candidate merges [low..high]; if its similarity to the dense model is

@@ -17,9 +17,10 @@ layer initialised from layer j). It is trained to map h_j to h_{j+n}:
     one position (and was seen to spike); the relative loss weighs every token alike.
     ``--skip-first`` drops position 0 from the loss (then the block is free to get it wrong).
   - AdamW, cosine from lr to 5e-5, weight decay 1e-3, gradient clipping at 1.0. The paper's peak lr is
-    2e-4 (for 7B models and many steps). With the few hundred steps a CPU affords here it under-trains:
+    2e-4 (for 7B models and many steps). With the few hundred steps of the default budget it under-trains:
     measured on SmolLM2-135M, 8 layers, 320 steps of 256 tokens, relative loss: lr 2e-4 -> held-out relative
-    error 0.168, val ppl 43.7; lr 1e-3 -> 0.124, ppl 32.1 (ShortGPT: 54.0). layerfold defaults to 1e-3;
+    error 0.168, val ppl 43.7; lr 1e-3 -> 0.124, ppl 32.1 (ShortGPT: 54.0); the depth ablations in
+    docs/RESULTS.md (tools/compare_depth.py --ablations) agree. layerfold defaults to 1e-3;
     ``--lr 2e-4`` reproduces the paper's setting.
 """
 

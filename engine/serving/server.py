@@ -38,8 +38,8 @@ def serving_threads(requested: int | None, device: str = "cpu") -> tuple[int, in
     Else, on CPU, the decode steps get one fewer than torch's default (at least 1), so that the HTTP
     side (event loop, server-sent events) has a core of its own: torch's threads spin between the many
     small parallel regions of a decode step, and a request's streaming that preempts one of them
-    stalls the whole step (on this project's 2-core CPU one client got 70 tok/s with 1 thread against
-    41 with 2, see README). Prefills, a few large matrix products, keep every core.
+    stalls the whole step (measured with ``bench/bench_server.py --process`` with and without ``--threads``;
+    docs/PERFORMANCE.md, "Serving"). Prefills, a few large matrix products, keep every core.
     ``OMP_NUM_THREADS`` set in the environment is taken as the user's choice and kept for both."""
     if requested is not None:
         if requested < 1:
@@ -112,7 +112,8 @@ def create_app(model: Model, tokenizer: Any, *, model_name: str = "layerfold", m
 
     max_len: cache slots per request (prompt + completion). max_prompt_tokens (default max_len - 1)
     and max_tokens_limit (default max_len - 1) bound a request; max_queue bounds requests waiting
-    for a free slot. compile: torch.compile the decode step (CPU; about a minute at start-up);
+    for a free slot. compile: torch.compile the decode step (CPU; compiled at start-up, before the first
+    request is served: docs/PERFORMANCE.md gives the start-up time);
     static_batches: batch sizes with their own autotuned graph (see ``Runtime``). prefill_threads:
     torch CPU threads for prefills (default: the current count; see ``Scheduler``).
     """

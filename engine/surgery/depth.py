@@ -2,7 +2,7 @@
 
 Every tensor of the result is a fresh contiguous copy (the source model is never touched and no view
 keeps its storage alive); the new ModelSpec is derived from the new weights' shapes and checked against
-what the plan says each layer should be (STYLE 6, 7).
+what the plan says each layer should be.
 
 Merging a group of consecutive layers a..b into one layer at position a (``how``):
   - ``consolidate``: theta = theta_a + sum_{k=a+1..b} (theta_k - theta_a), for every attention and MLP

@@ -120,7 +120,7 @@ class DepthPlan:
 
     # ---- what the plan does --------------------------------------------------------------------
     def layer_map(self) -> list[list[int]]:
-        """Per layer of the pruned model: the source layers it stands for (CONTRACTS: provenance.layer_map)."""
+        """Per layer of the pruned model: the source layers it stands for (docs/CONTRACTS.md: provenance layer_map)."""
         starts: dict[int, list[int]] = {g.first: g.layers for g in self.merge}
         starts.update({r.first: r.layers for r in self.replace})
         covered = {i for g in self.merge for i in g.layers} | {i for r in self.replace for i in r.layers}
