@@ -134,3 +134,440 @@ def part_tests(rec: Recorder, tiny: bool) -> None:
     fails = [l for l in tail if l.startswith(("FAILED", "ERROR"))]
     rec.save(returncode=r.returncode, summary=summary, failures=fails[:40], seconds=time.perf_counter() - t,
              tail=tail[-30:], status="done" if r.returncode == 0 else "failed")
+
+
+# ---- decode: dense and pruned shapes, against torch eager / compile / HF ------------------------------------
+def _decode_kw(tiny: bool) -> dict[str, Any]:
+    return dict(new_tokens=4 if tiny else 128, prompt_len=8 if tiny else 128, repeats=1 if tiny else 3,
+                device=device(tiny), dtype=torch.float32 if tiny else torch.bfloat16, compile=False,
+                kernels="triton" if tiny else None)
+
+
+def _bench_one(spec, name: str, engines: list[str], batches: list[int], tiny: bool,
+               repeats: int | None = None) -> dict[str, Any]:
+    from layerfold.evaluation.benchmark import bench_models
+    from layerfold.evaluation.shapes import random_model
+
+    kw = _decode_kw(tiny)
+    if repeats is not None:
+        kw["repeats"] = repeats
+    m = random_model(spec, kw["device"], kw["dtype"])
+    m.source = name
+    try:
+        return bench_models([m], engines=engines, batch_sizes=batches, **kw)
+    finally:
+        del m
+        free()
+
+
+def decode_shapes(tiny: bool) -> dict[str, Any]:
+    from layerfold.evaluation.shapes import pruned_shapes
+
+    dense = dense_spec(tiny)
+    return {"dense": dense, **pruned_shapes(dense, removed=1 if tiny else None, round_to=8 if tiny else 128)}
+
+
+def part_decode(rec: Recorder, tiny: bool) -> None:
+    """layerfold on the dense 7B shape and every pruned shape."""
+    batches = [1, 2] if tiny else [1, 16, 64]
+    _decode_jobs(rec, tiny, [(name, spec, ["layerfold"], batches, None) for name, spec in decode_shapes(tiny).items()])
+
+
+def part_decode_baselines(rec: Recorder, tiny: bool) -> None:
+    """torch eager and HF eager generate on the dense shape (HF at the two smaller batches)."""
+    batches = [1, 2] if tiny else [1, 16, 64]
+    dense = dense_spec(tiny)
+    _decode_jobs(rec, tiny, [("dense", dense, ["torch-eager"], batches, None),
+                             ("dense", dense, ["hf"], batches[:2], 2)])
+
+
+def _decode_jobs(rec: Recorder, tiny: bool, jobs: list[tuple[str, Any, list[str], list[int], int | None]]) -> None:
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    setup: dict[str, float] = {}
+    for name, spec, engines, bs, reps in jobs:
+        t = time.perf_counter()
+        try:
+            res = _bench_one(spec, name, engines, bs, tiny, reps)
+        except Exception as e:  # one engine failing must not lose the others
+            notes.append(f"{name} {engines[0]}: failed: {type(e).__name__}: {str(e)[:300]}")
+            rec.save(rows=rows, notes=notes)
+            continue
+        for r in res["rows"]:
+            r.pop("decode_runs", None)
+        rows += res["rows"]
+        notes += res["notes"]
+        setup.update({f"{k} ({engines[0]})": v for k, v in res["setup_s"].items()})
+        rec.save(rows=rows, notes=notes, setup_s=setup, bandwidth=res["bandwidth"],
+                 device_name=res["device_name"], dtype=res["dtype"], new_tokens=res["new_tokens"],
+                 prompt_len=res["prompt_len"], repeats=res["repeats"],
+                 seconds={**rec.data.get("seconds", {}), f"{name} {engines[0]}": time.perf_counter() - t})
+    rec.save(status="done")
+
+
+def part_decode_compile(rec: Recorder, tiny: bool) -> None:
+    """torch.compile of the runtime's torch step on the dense shape (its compile time apart)."""
+    batches = [1, 2] if tiny else [1, 16, 64]
+    if tiny:
+        rec.save(status="skipped", why="tiny mode: compiling takes minutes on a CPU; the GPU run measures it")
+        return
+    t = time.perf_counter()
+    res = _bench_one(dense_spec(tiny), "dense", ["torch-compile"], batches, tiny)
+    rows = res["rows"]
+    for r in rows:
+        r.pop("decode_runs", None)
+    rec.save(rows=rows, notes=res["notes"], setup_s=res["setup_s"], bandwidth=res["bandwidth"],
+             seconds=time.perf_counter() - t, status="done")
+
+
+def decode_summary(parts: dict[str, Any]) -> dict[str, Any]:
+    """Per batch: layerfold's % of bound and its ratio to the better torch engine; per pruned shape: the
+    measured speedup over dense against the bytes-per-step prediction."""
+    rows = [r for p in ("decode", "decode-baselines", "decode-compile") for r in (parts.get(p) or {}).get("rows", [])]
+    get = lambda model, eng, b: next((r for r in rows if (r["model"], r["engine"], r["batch"]) == (model, eng, b)),
+                                     None)
+    out: dict[str, Any] = {"batches": {}, "pruned": {}}
+    for b in sorted({r["batch"] for r in rows}):
+        lf = get("dense", "layerfold", b)
+        if lf is None:
+            continue
+        base = [x for x in (get("dense", "torch-eager", b), get("dense", "torch-compile", b)) if x is not None]
+        best = max(base, key=lambda r: r["decode_tok_s"]) if base else None
+        hf = get("dense", "hf", b)
+        out["batches"][b] = {"layerfold_tok_s": lf["decode_tok_s"], "pct_of_bound": lf["pct_of_bound"],
+                             "vs_best_torch": lf["decode_tok_s"] / best["decode_tok_s"] if best else None,
+                             "best_torch": best["engine"] if best else None,
+                             "vs_hf": lf["decode_tok_s"] / hf["decode_tok_s"] if hf else None}
+        for r in rows:
+            if r["engine"] == "layerfold" and r["batch"] == b and r["model"] != "dense":
+                pred = lf["step_bytes"] / r["step_bytes"]
+                sp = r["decode_tok_s"] / lf["decode_tok_s"]
+                out["pruned"].setdefault(r["model"], {})[b] = {
+                    "speedup": sp, "predicted": pred, "speedup_over_predicted": sp / pred,
+                    "gain_over_predicted_gain": (sp - 1) / (pred - 1) if pred > 1 else None,
+                    "pct_of_bound": r["pct_of_bound"]}
+    return out
+
+
+# ---- kernels: each kernel against the roofline it belongs to ------------------------------------------------
+def _bench_ms(fn, dev: torch.device, tiny: bool) -> float:
+    if dev.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+    return 1e3 * _time(fn, dev, reps=1)
+
+
+def part_kernels(rec: Recorder, tiny: bool) -> None:
+    """Calibration kernels at the 7B shapes (bench/bench_kernels.py's cases), the decode kernels, and GEMV
+    cost against the rounding multiple of a pruned width."""
+    import argparse
+
+    import bench_kernels
+
+    dev = device(tiny)
+    env = _env_ceilings(rec)
+    args = argparse.Namespace(tokens=256 if tiny else 16384, hidden=64 if tiny else 4096, ffn=96 if tiny else 11008,
+                              window=8, cka_tokens=32 if tiny else 256, layers=5 if tiny else 33, dtype="bf16")
+    rows = []
+    for case in bench_kernels.build_cases(args, dev):
+        for impl, fn in (("triton", case.run), ("torch_ref", case.ref)):
+            try:
+                ms = _bench_ms(fn, dev, tiny)
+            except Exception as e:
+                rows.append({"kernel": case.name, "impl": impl, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
+            gbs = case.bytes_read / ms / 1e6
+            tfl = case.flops / ms / 1e9 if case.flops else None
+            rows.append({"kernel": case.name, "impl": impl, "shape": case.shape, "ms": ms, "gb_s": gbs,
+                         "pct_bw": 100 * gbs / env["bw"], "tflops": tfl,
+                         "pct_matmul": 100 * tfl / env["tflops"] if tfl else None})
+        rec.save(calibration_kernels=rows)
+    rec.save(decode_kernels=_decode_kernels(dev, tiny, env))
+    rec.save(widths=_width_sweep(dev, tiny, env), status="done")
+
+
+def _env_ceilings(rec: Recorder) -> dict[str, float]:
+    env = json.loads((rec.path.parent / "env.json").read_text()) if (rec.path.parent / "env.json").exists() else {}
+    return {"bw": env.get("bandwidth_gbs") or 1.0, "tflops": env.get("matmul_tflops") or 1.0}
+
+
+def _decode_kernels(dev: torch.device, tiny: bool, env: dict[str, float]) -> list[dict[str, Any]]:
+    import torch.nn.functional as F
+
+    from layerfold.kernels.attn_decode import attn_decode
+    from layerfold.kernels.gemv import gemv
+    from layerfold.kernels.heuristics import GEMV_CONFIGS
+    from layerfold.kernels.rmsnorm import add_rmsnorm
+    from layerfold.kernels.rope_cache import rope_cache
+
+    dt = torch.bfloat16
+    d, ffn, v = (64, 96, 256) if tiny else (4096, 11008, 32000)
+    out: list[dict[str, Any]] = []
+    shapes = {"qkv": (3 * d, d), "o": (d, d), "gate_up": (2 * ffn, d), "down": (d, ffn), "head": (v, d)}
+    for rows in (1, 4):
+        for name, (o, k) in shapes.items():
+            w = torch.randn(o, k, device=dev, dtype=dt) * 0.02
+            x = torch.randn(rows, k, device=dev, dtype=dt)
+            nbytes = o * k * 2
+            cands = [("cublas", lambda x=x, w=w: F.linear(x, w))]
+            cands += [(c.name, lambda c=c, x=x, w=w: gemv(x, w, config=c)) for c in (GEMV_CONFIGS if not tiny else [])]
+            for impl, fn in cands:
+                try:
+                    ms = _bench_ms(fn, dev, tiny)
+                except Exception as e:
+                    out.append({"kernel": f"gemv {name}", "rows": rows, "impl": impl, "error": str(e)[:200]})
+                    continue
+                out.append({"kernel": f"gemv {name}", "rows": rows, "impl": impl, "shape": f"{o}x{k}", "ms": ms,
+                            "gb_s": nbytes / ms / 1e6, "pct_bw": 100 * nbytes / ms / 1e6 / env["bw"]})
+    nh, hd = (4, 16) if tiny else (32, 128)
+    for b, ctx, smax in ((1, 4096, 4096), (16, 256, 256), (64, 256, 256)) if not tiny else ((1, 40, 48), (2, 20, 48)):
+        k = torch.randn(b, nh, smax, hd, device=dev, dtype=dt)
+        vv = torch.randn_like(k)
+        q = torch.randn(b, nh, 1, hd, device=dev, dtype=dt)
+        lengths = torch.full((b,), ctx, device=dev, dtype=torch.long)
+        nbytes = 2 * b * nh * ctx * hd * 2
+        a = (q, k, vv, lengths)
+        cands = [("layerfold", lambda a=a: attn_decode(*a)),
+                 ("layerfold-1split", lambda a=a: attn_decode(*a, splits=1)),
+                 ("sdpa", lambda a=a, c=ctx: F.scaled_dot_product_attention(a[0], a[1][:, :, :c], a[2][:, :, :c]))]
+        for impl, fn in cands:
+            ms = _bench_ms(fn, dev, tiny)
+            out.append({"kernel": "attn_decode", "rows": b, "impl": impl, "shape": f"ctx {ctx} of {smax}", "ms": ms,
+                        "gb_s": nbytes / ms / 1e6, "pct_bw": 100 * nbytes / ms / 1e6 / env["bw"]})
+    for rows in (1, 64):
+        qkv = torch.randn(rows, 3 * d, device=dev, dtype=dt)
+        cos = torch.randn(512, hd, device=dev, dtype=dt)
+        kc = torch.zeros(rows, nh, 512, hd, device=dev, dtype=dt)
+        vc = torch.zeros_like(kc)
+        pos = torch.arange(rows, device=dev) % 512
+        a = (qkv, cos, cos, pos, kc, vc)
+        ms = _bench_ms(lambda a=a: rope_cache(*a, n_heads=nh, n_kv=nh), dev, tiny)
+        out.append({"kernel": "rope_cache", "rows": rows, "impl": "layerfold", "ms": ms})
+        h = torch.randn(rows, d, device=dev, dtype=dt)
+        y = torch.randn_like(h)
+        wn = torch.ones(d, device=dev, dtype=dt)
+        ms = _bench_ms(lambda a=(h, y, wn): add_rmsnorm(*a, 1e-5), dev, tiny)
+        out.append({"kernel": "add_rmsnorm", "rows": rows, "impl": "layerfold", "ms": ms})
+    return out
+
+
+def _width_sweep(dev: torch.device, tiny: bool, env: dict[str, float]) -> list[dict[str, Any]]:
+    """GEMV (cuBLAS and the best Triton config) for a down projection whose input width K is a multiple of
+    8, 16, 32, 64 or 128 only: time per weight byte by the largest power of two dividing K."""
+    import torch.nn.functional as F
+
+    from layerfold.kernels.gemv import pick_linear
+
+    dt = torch.bfloat16
+    o = 64 if tiny else 4096
+    base = 96 if tiny else 8192
+    out = []
+    for extra in ((0, 8, 16, 24, 32, 64) if tiny else (0, 8, 16, 24, 32, 48, 64, 96, 128)):
+        k = base + extra
+        w = torch.randn(o, k, device=dev, dtype=dt) * 0.02
+        for rows in (1, 16):
+            x = torch.randn(rows, k, device=dev, dtype=dt)
+            fn, name = pick_linear(rows, w, with_res=False) if dev.type == "cuda" else (None, "cublas")
+            cands = [("cublas", lambda x=x, w=w: F.linear(x, w))]
+            if fn is not None:
+                cands.append(("picked " + name, lambda x=x, w=w, fn=fn: fn(x, w, None, None)))
+            for impl, f in cands:
+                ms = _bench_ms(f, dev, tiny)
+                out.append({"k": k, "multiple": k & -k, "rows": rows, "impl": impl, "ms": ms,
+                            "gb_s": o * k * 2 / ms / 1e6, "pct_bw": 100 * o * k * 2 / ms / 1e6 / env["bw"]})
+    return out
+
+
+# ---- calibration: the streamed pass at the 7B shape -------------------------------------------------------
+CALIB_CONFIGS = {"plain": dict(window=0, cka=False, channels=False),
+                 "default": dict(),
+                 "default+grams": dict(grams=True)}
+
+
+def host_model(spec, tiny: bool, dtype: torch.dtype = torch.bfloat16):
+    """A random model of ``spec`` in host memory (initialised on the GPU where there is one: faster)."""
+    from layerfold.evaluation.shapes import random_model
+
+    m = random_model(spec, "cpu" if tiny else "cuda", dtype)
+    return m.to("cpu") if not tiny else m
+
+
+def part_calibration(rec: Recorder, tiny: bool) -> None:
+    """calibrate() of the 7B shape (weights in host memory, one layer on the GPU at a time): the plain
+    layer loop, the default statistics, and with Grams; tokens/s, the loop's bound, the device peak."""
+    from layerfold.calibration.calibrate import calibrate
+    from layerfold.inference.decode_net import decode_weight_bytes
+
+    dev = device(tiny)
+    env = json.loads((rec.path.parent / "env.json").read_text()) if (rec.path.parent / "env.json").exists() else {}
+    spec = dense_spec(tiny)
+    model = host_model(spec, tiny)
+    n, T, mb = (4, 64, 2) if tiny else (16, 2048, 4)
+    ids = torch.randint(3, spec.vocab_size, (n, T), generator=torch.Generator().manual_seed(0))
+    tokens = n * T
+    wbytes = decode_weight_bytes(spec, torch.bfloat16)
+    hbytes = 2 * tokens * spec.d_model * 2 * spec.n_layers  # each layer's input to the device and output back
+    flops = 2 * tokens * sum(p.numel() for n_, p in model.named_parameters() if n_.startswith("layers."))
+    h2d = env.get("h2d_pinned_gbs") or 1.0
+    bound = {"h2d_s": (wbytes + hbytes) / (h2d * 1e9), "flops_s": flops / ((env.get("matmul_tflops") or 1.0) * 1e12)}
+    bound["bound_s"] = max(bound["h2d_s"], bound["flops_s"])
+    rec.save(tokens=tokens, samples=n, seq_len=T, micro_batch=mb, bound=bound)
+    calibrate(model, ids[:mb], micro_batch=mb, device=dev, **CALIB_CONFIGS["plain"])  # warm-up: kernels compiled
+    rows = []
+    for name, cfg in CALIB_CONFIGS.items():
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t = time.perf_counter()
+        st = calibrate(model, ids, micro_batch=mb, device=dev, **cfg)
+        wall = time.perf_counter() - t
+        rows.append({"config": name, "wall_s": wall, "tokens_s": tokens / wall,
+                     "device_peak_gb": st.meta.get("device_peak_bytes", 0) / 1e9,
+                     "buffers": st.meta.get("buffers"), "buffer_bytes": st.meta.get("buffer_bytes"),
+                     "pct_of_bound": 100 * bound["bound_s"] / wall})
+        rec.save(rows=rows)
+    plain = rows[0]["wall_s"]
+    for r in rows:
+        r["over_plain"] = r["wall_s"] / plain
+    rec.save(rows=rows, status="done")
+
+
+# ---- serve: `layerfold serve`'s app with 1, 16 and 64 streaming clients -------------------------------------
+def ensure_server_packages(out: Path) -> str:
+    """fastapi and uvicorn importable (installed offline from ``.whl/`` when missing); returns a PYTHONPATH
+    entry to add ("" when nothing was needed)."""
+    import importlib.util
+
+    if all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "pydantic")):
+        return ""
+    wheels = sorted((ROOT / ".whl").glob("*.whl"))
+    if not wheels:
+        raise RuntimeError("fastapi/uvicorn are missing and no wheels were brought in .whl/ (see bench/gpu_suite.py)")
+    site = out.parent / "suite-site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--target", str(site), *map(str, wheels)], capture_output=True, text=True, check=False)
+    if r.returncode:
+        raise RuntimeError(f"offline install of the server's wheels failed: {r.stderr[-500:]}")
+    return str(site)
+
+
+def part_serve(rec: Recorder, tiny: bool) -> None:
+    import socket
+
+    site = ensure_server_packages(rec.path.parent)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (site, os.environ.get("PYTHONPATH", "")) if x)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "serve-worker", str(port), "1" if tiny else "0"]
+    log = open(rec.path.parent / "serve-server.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.perf_counter()
+        while not _get(base + "/health"):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({proc.returncode}); see serve-server.log")
+            time.sleep(0.5)
+        rec.save(startup_s=time.perf_counter() - t0, port=port, site=site or None)
+        levels = [1, 2] if tiny else [1, 16, 64]
+        max_tokens = 8 if tiny else 128
+        rows = []
+        for c in levels:
+            rows.append(_clients(base, c, requests=1 if tiny else 2, max_tokens=max_tokens))
+            h = _get(base + "/health") or {}
+            rows[-1]["max_rows_in_step"] = h.get("max_rows_in_step")
+            rec.save(rows=rows)
+        rec.save(status="done")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _get(url: str) -> dict[str, Any] | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return json.loads(r.read())
+    except OSError:
+        return None
+
+
+def _stream_one(base: str, prompt: str, max_tokens: int) -> dict[str, float]:
+    import http.client
+    import urllib.parse
+
+    u = urllib.parse.urlparse(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}})
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    first, tokens = None, 0
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        ev = json.loads(line[5:])
+        if ev.get("choices") and ev["choices"][0].get("text") and first is None:
+            first = time.perf_counter() - t0
+        if ev.get("usage"):
+            tokens = ev["usage"]["completion_tokens"]
+    end = time.perf_counter() - t0
+    conn.close()
+    return {"ttft_s": first if first is not None else end, "latency_s": end, "tokens": tokens}
+
+
+def _clients(base: str, c: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"Request {i}: tell me about the number {i * 7 + 3} and what follows it." for i in range(c * requests)]
+    t0 = time.perf_counter()
+
+    def client(i: int) -> list[dict[str, float]]:
+        return [_stream_one(base, prompts[i * requests + j], max_tokens) for j in range(requests)]
+
+    with ThreadPoolExecutor(c) as ex:
+        res = [r for rs in ex.map(client, range(c)) for r in rs]
+    wall = time.perf_counter() - t0
+    q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]
+    return {"clients": c, "requests": len(res), "tokens_s": sum(r["tokens"] for r in res) / wall,
+            "ttft_p50_s": statistics.median(r["ttft_s"] for r in res),
+            "latency_p95_s": q([r["latency_s"] for r in res], 0.95), "wall_s": wall}
+
+
+def serve_worker(port: int, tiny: bool) -> None:
+    """The server process: a random model of the dense shape with the embedded tokenizer's vocabulary."""
+    from dataclasses import replace
+
+    from layerfold.evaluation.shapes import random_model
+    from layerfold.serving.server import serve
+
+    tok = _tokenizer(tiny)
+    spec = replace(dense_spec(tiny), vocab_size=max(len(tok), dense_spec(tiny).vocab_size))
+    dev = device(tiny)
+    model = random_model(spec, dev, torch.float32 if tiny else torch.bfloat16)
+    serve(model, tok, host="127.0.0.1", port=port, model_name="bench", log_level="warning",
+          max_batch=4 if tiny else 64, max_len=256 if tiny else 512, max_queue=256)
+
+
+def _tokenizer(tiny: bool):
+    """The embedded model's tokenizer: from .gpu_assets/tokenizer (brought to a GPU machine), else the
+    converted alias in the layerfold cache."""
+    from layerfold.core.loading import load_tokenizer, resolve
+
+    carried = ROOT / ".gpu_assets" / "tokenizer"
+    return load_tokenizer(carried if carried.is_dir() else resolve("smollm2-135m", quiet=True))
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "serve-worker":
+    serve_worker(int(sys.argv[2]), sys.argv[3] == "1")

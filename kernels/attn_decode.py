@@ -182,14 +182,13 @@ def _attn_combine_kernel(
 
 
 def _attn_decode_block_s(hd: int, g: int) -> int:
-    """Cache slots per step: keep the (G, S, HD) fp32 product at <= 16K values (64 KiB of
-    registers over 4 warps) on the GPU, an untuned first choice; 16 in the interpreter so that short
-    test caches still take several steps of the online softmax."""
+    """Cache slots per loop step: keep each (S, HD) tile at <= 4K values (32 fp32 registers a thread over 4
+    warps, for K, V and the (G, S, HD) product alike) so nothing spills; a first choice, compared against a
+    single pass and SDPA by bench/gpu_suite.py's kernels part. 16 in the interpreter, so that short test
+    caches still take several steps of the online softmax."""
     if interpreting():
         return 16
-    block_hd = triton.next_power_of_2(hd)
-    block_g = triton.next_power_of_2(g)
-    return max(16, min(128, 16384 // (block_hd * block_g)))
+    return max(16, min(64, 4096 // (triton.next_power_of_2(hd) * triton.next_power_of_2(g))))
 
 
 def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *, scale: float | None = None,

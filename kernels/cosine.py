@@ -128,8 +128,8 @@ def cosine_window_sum(
     ``base_unit``, base already divided by its norms (a caller that needs it anyway computes it once);
     ``others_unit``, every others[k, t] is a unit vector (calibration's window ring stores directions),
     so each cosine is one dot product in others' dtype with fp32 accumulation. The reference re-normalises
-    every stored direction in fp32, and fp16 -> fp32 conversion is slow on CPUs (SmolLM2, 2048 tokens x 8
-    states, 1 thread: ~25 ms against ~3 ms; bench/bench_calibration.py).
+    every stored direction in fp32, and fp16 -> fp32 conversion is slow on CPUs (several times slower;
+    bench/bench_calibration.py --part time).
     """
     if not use_triton(base):
         if base_unit is None:

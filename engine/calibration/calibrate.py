@@ -36,29 +36,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from layerfold import kernels as K
+from layerfold.calibration.buffers import allocate, place
 from layerfold.calibration.stats import Stats
 from layerfold.core.console import progress as progress_bar
 from layerfold.core.model import Model, attention_mask
 from layerfold.core.streaming import LayerStream
 
 SKIP_TARGETS = ("cos", "cka", "grams", "channels")
-
-
-def _buffer(shape: tuple[int, ...], dtype: torch.dtype, tmp: Path | None, name: str, pin: bool,
-            zero: bool = False) -> Tensor:
-    """Host memory (pinned for CUDA copies), or a disk memmap file under ``tmp`` (any torch dtype, via raw
-    bytes; zero-filled). Uninitialised unless ``zero``: the hidden states and CKA store are written before
-    they are read; the ring is read whole (unused slots ignored), so garbage there could hold inf/nan."""
-    if tmp is None:
-        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, pin_memory=pin)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    arr = np.memmap(tmp / f"{name}.bin", dtype=np.uint8, mode="w+", shape=(max(nbytes, 1),))
-    return torch.from_numpy(arr)[:nbytes].view(dtype).view(shape)
 
 
 def _even(idx: Tensor, m: int) -> Tensor:
@@ -171,13 +159,15 @@ class _Run:
     """One calibration: buffers, masks and the per-layer loop (see the module docstring for the order)."""
 
     def __init__(self, src: LayerStream, ids: Tensor, valid: Tensor, masks: dict[str, Tensor],
-                 cka_idx: dict[int, Tensor], opts: dict[str, Any], tmp: Path | None, stats: Stats):
+                 cka_idx: dict[int, Tensor], opts: dict[str, Any], tmp: Path | None, stats: Stats,
+                 device_budget: int | None):
         spec = self.spec = src.spec
         self.src, self.ids, self.valid, self.stats, self.o = src, ids, valid, stats, opts
         self.dev = src.device
         n, T = ids.shape
-        self.pos = (valid.long().cumsum(1) - 1).clamp_min(0)  # position id = index among the valid tokens
+        pos = (valid.long().cumsum(1) - 1).clamp_min(0)  # position id = index among the valid tokens
         self.spans = [(b, min(b + opts["micro_batch"], n)) for b in range(0, n, opts["micro_batch"])]
+        self.pos = [pos[b0:b1].to(self.dev) for b0, b1 in self.spans]  # moved once: no copies in the loop
         # per micro-batch device masks; None where every token counts (the kernels' fast path)
         self.mbm = [{k: None if bool(v[b0:b1].all()) else v[b0:b1].to(self.dev) for k, v in masks.items()}
                     for b0, b1 in self.spans]
@@ -198,11 +188,17 @@ class _Run:
         d_max = max(self.widths + [l.d_mid for l in spec.layers])
         L, W = spec.n_layers, opts["window"]
         self.n_ring = min(W, L) if W >= 2 else 0  # ring slot j % n_ring holds unit(h_j)
-        pin = self.dev.type == "cuda" and tmp is None
-        self.hidden = _buffer((n, T, d_max), src.dtype, tmp, "hidden", pin)
-        self.ring = _buffer((self.n_ring, n, T, d_max), opts["ring_dtype"], tmp, "ring", pin,
-                            zero=True) if self.n_ring else None
-        self.store = _buffer((len(cka_idx), L + 1, m_max, m_max), torch.float32, tmp, "cka", pin) if cka_idx else None
+        shapes = {"hidden": ((n, T, d_max), src.dtype)}
+        if self.n_ring:
+            shapes["ring"] = ((self.n_ring, n, T, d_max), opts["ring_dtype"])
+        if cka_idx:
+            shapes["cka"] = ((len(cka_idx), L + 1, m_max, m_max), torch.float32)
+        esize = lambda dt: torch.empty((), dtype=dt).element_size()
+        where = place({k: math.prod(s) * esize(dt) for k, (s, dt) in shapes.items()}, self.dev, opts["offload"],
+                      device_budget)
+        buf = {k: allocate(s, dt, where[k], self.dev, tmp, k, zero=k == "ring") for k, (s, dt) in shapes.items()}
+        self.hidden, self.ring, self.store = buf["hidden"], buf.get("ring"), buf.get("cka")
+        stats.meta["buffers"] = where
         self.ring_layer = [-1] * self.n_ring
         self.split = {"forward": 0.0, "statistics": 0.0}  # host seconds (CPU: compute; CUDA: launches)
         stats.meta["buffer_bytes"] = {k: 0 if t is None else t.numel() * t.element_size() for k, t in
@@ -211,24 +207,26 @@ class _Run:
     def embed(self) -> None:
         d = self.spec.d_model
         for b0, b1 in self.spans:
-            h = self.src.embed(self.ids[b0:b1], device="cpu")
-            self.hidden[b0:b1, :, :d] = h
+            h = self.src.embed(self.ids[b0:b1])  # on the compute device
+            self.hidden[b0:b1, :, :d].copy_(h, non_blocking=True)
             if self.n_ring:
-                self.ring[0, b0:b1, :, :d] = _unit(h).to(self.o["ring_dtype"])
+                self.ring[0, b0:b1, :, :d].copy_(_unit(h).to(self.o["ring_dtype"]), non_blocking=True)
         if self.n_ring:
             self.ring_layer[0] = 0
 
     def layer(self, i: int) -> None:
         ls, L, W = self.spec.layers[i], self.spec.n_layers, self.o["window"]
         block = self.src.block(i)
+        self.src.prefetch(i + 1)  # the next layer's weights cross the bus while this one computes
         acc = _LayerAcc(self.spec, i, W, self.o["grams"], self.o["channels"], self.dev)
         exact = W >= 1 and ls.d_in == ls.d_out  # k = 1 from the layer's own input
         use = {s: i + 1 - j for s, j in enumerate(self.ring_layer)
                if 0 <= j < i and self.widths[j] == ls.d_out}  # slot -> k >= 2
         acc.ks = ([1] if exact else []) + sorted(use.values())
-        for (b0, b1), mm, kv, groups in zip(self.spans, self.mbm, self.padded, self.cka_groups, strict=True):
-            h = self.hidden[b0:b1, :, :ls.d_in].to(self.dev, non_blocking=True)  # h_i
-            cos, sin = self.src.rope(i, self.pos[b0:b1].to(self.dev))
+        for (b0, b1), pos, mm, kv, groups in zip(self.spans, self.pos, self.mbm, self.padded, self.cka_groups,
+                                                 strict=True):
+            h = self.hidden[b0:b1, :, :ls.d_in].to(self.dev, non_blocking=True)  # h_i (a view where it lives there)
+            cos, sin = self.src.rope(i, pos)
             amask = None if kv is None else attention_mask(h.shape[1], 0, kv, self.spec.sliding_window, self.dev)
             taps: dict[str, Tensor] = {}
             t0 = time.perf_counter()
@@ -238,7 +236,7 @@ class _Run:
             insert = bool(self.n_ring) and i < L - 1
             u_out = _unit(out) if (insert or (W >= 1 and not K.use_triton(out))) else None
             u_ring = u_out.to(self.o["ring_dtype"]) if u_out is not None and (insert or use) else None
-            ring_mb = self.ring[:, b0:b1, :, :ls.d_out].to(self.dev) if use else None
+            ring_mb = self.ring[:, b0:b1, :, :ls.d_out].to(self.dev, non_blocking=True) if use else None
             if exact:  # k = 1 from the exact input; k >= 2 from the ring's unit directions
                 acc.cos[0] += K.cosine_window_sum(out, h[None], mm["cos"], base_unit=u_out)[0].double()
             if use:
@@ -249,11 +247,11 @@ class _Run:
                 if i == 0:
                     acc.cka_points(self.store, slots, 0, h[rows[:, None], tok])
                 acc.cka_points(self.store, slots, i + 1, out[rows[:, None], tok])
-            if insert:  # over h_{i+1-W}, whose last use was just above
-                self.ring[(i + 1) % self.n_ring, b0:b1, :, :ls.d_out] = u_ring.to("cpu")
+            if insert:  # over h_{i+1-W}, whose last use was just above (stream order)
+                self.ring[(i + 1) % self.n_ring, b0:b1, :, :ls.d_out].copy_(u_ring, non_blocking=True)
             self.split["forward"] += t1 - t0
             self.split["statistics"] += time.perf_counter() - t1
-            self.hidden[b0:b1, :, :ls.d_out] = out.to("cpu")  # last: on the CPU h is a view of this slice
+            self.hidden[b0:b1, :, :ls.d_out].copy_(out, non_blocking=True)  # last: h may be a view of this slice
             del h, out, taps, u_out, u_ring, ring_mb  # one micro-batch alive at a time, also during the next forward
         if self.n_ring and i < L - 1:
             self.ring_layer[(i + 1) % self.n_ring] = i + 1
@@ -267,7 +265,8 @@ def calibrate(source: str | Path | Model, batches: Tensor, *, mask: Tensor | Non
               offload_dir: str | Path | None = None, device: str | torch.device = "cpu",
               dtype: torch.dtype | None = None, skip_positions: int = 1,
               skip_in: Sequence[str] = ("grams", "channels"), ring_dtype: torch.dtype = torch.float16,
-              progress: bool = False, dist: bool = False, meta: dict[str, Any] | None = None) -> Stats:
+              progress: bool = False, dist: bool = False, meta: dict[str, Any] | None = None,
+              device_budget: int | None = None) -> Stats:
     """Stream ``batches`` (n, T) through the model layer by layer and return the statistics' sums.
 
     source: checkpoint dir, HF dir, GGUF, alias (weights mmap'd, one layer on the device at a time) or
@@ -277,6 +276,9 @@ def calibrate(source: str | Path | Model, batches: Tensor, *, mask: Tensor | Non
     all). skip_positions / skip_in: see the module docstring. ring_dtype: the window ring's storage.
     dist: torch.distributed is initialised; each rank takes every world-th sample and the sums are
     all-reduced, so every rank returns the statistics of the whole set. meta: extra provenance (data).
+    offload / device_budget: where the buffers live (layerfold.calibration.buffers; the choice is in
+    ``stats.meta["buffers"]``): on a GPU, device memory up to ``device_budget`` bytes, then pinned host
+    memory, then disk; ``offload="disk"`` sends whatever is not on the device to disk.
     """
     t_start = time.perf_counter()
     dev = torch.device(device)
@@ -309,8 +311,8 @@ def calibrate(source: str | Path | Model, batches: Tensor, *, mask: Tensor | Non
                         chan_tokens=int(masks["channels"].sum()) if channels else 0)
     tmp = Path(tempfile.mkdtemp(prefix="layerfold-calib-", dir=offload_dir)) if offload == "disk" else None
     try:
-        run = _Run(src, ids, valid, masks, cka_idx, {**opts, "ring_dtype": ring_dtype, "micro_batch": micro_batch},
-                   tmp, stats)
+        run = _Run(src, ids, valid, masks, cka_idx, {**opts, "ring_dtype": ring_dtype, "micro_batch": micro_batch,
+                                                     "offload": offload}, tmp, stats, device_budget)
         run.embed()
         for i in progress_bar(range(L), desc="calibrate", total=L, enabled=progress and rank == 0):
             run.layer(i)

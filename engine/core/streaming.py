@@ -6,10 +6,16 @@ built on the meta device (nothing allocated), checked tensor by tensor against t
 weights are assigned and moved. Only the block being run is on the device; the embedding table stays
 where the state holds it, except on CUDA, where a device copy is kept (every micro-batch reads it).
 Rotary tables are cached per head size.
+
+On CUDA, ``prefetch(i)`` builds block i on a background thread and a side stream while the caller
+computes with the current one (the weights cross the bus during the compute, not between layers);
+``block(i)`` then makes the compute stream wait for that copy, and marks the tensors as used there so
+the caching allocator cannot hand their memory to the next prefetch too early.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -43,6 +49,9 @@ class LayerStream:
         self._inv_freq: dict[int, Tensor] = {}
         self._embed: Tensor | None = None
         self._full: Model | None = None
+        self._pending: dict[int, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._stream = None
 
     # ---- pieces -----------------------------------------------------------------------------------
     def embed(self, ids: Tensor, device: str | torch.device | None = None) -> Tensor:
@@ -55,6 +64,34 @@ class LayerStream:
 
     def block(self, i: int) -> Block:
         """Layer i on the device, its weights checked against the spec (a clear error names the tensor)."""
+        fut = self._pending.pop(i, None)
+        if fut is None:
+            return self._build(i)
+        block, ready = fut.result()
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(ready)
+        for t in block.state_dict().values():
+            t.record_stream(stream)
+        return block
+
+    def prefetch(self, i: int) -> None:
+        """Start building block i on a side stream (CUDA only; a no-op elsewhere or past the last layer)."""
+        if self.device.type != "cuda" or not 0 <= i < self.spec.n_layers or i in self._pending:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="layerfold-prefetch")
+            self._stream = torch.cuda.Stream(self.device)
+
+        def work() -> tuple[Block, torch.cuda.Event]:
+            with torch.inference_mode(), torch.cuda.stream(self._stream):
+                block = self._build(i)
+                ready = torch.cuda.Event()
+                ready.record(self._stream)
+            return block, ready
+
+        self._pending[i] = self._pool.submit(work)
+
+    def _build(self, i: int) -> Block:
         pre = f"layers.{i}."
         sub = {k[len(pre):]: self.state[k] for k in self.keys[i]}
         with torch.device("meta"):

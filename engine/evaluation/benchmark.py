@@ -15,10 +15,10 @@ bandwidth measured in the same run: the faster of a large GEMV (the operation de
 and a large max-reduction (a plain streaming read), on buffers far larger than the last-level cache.
 The predicted speedup of a model over the first one is the ratio of their bytes per step.
 
-On a CPU (this project's VM drifts by 1.5x within a minute) all units run round-robin, interleaved,
-and the units a ratio compares run back to back; the bandwidth is probed before every run. On a GPU
-the card is steady and memory is the limit: models and engines are built and run one at a time, the
-bandwidth probed once per model.
+On a CPU (a shared VM's bandwidth can drift within a minute; docs/PERFORMANCE.md) all units run
+round-robin, interleaved, and the units a ratio compares run back to back; the bandwidth is probed
+before every run. On a GPU the card is steady and memory is the limit: models and engines are built
+and run one at a time, the bandwidth probed once per model.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _sources(models: Sequence[str | Path | Model], device: torch.device, dtype: 
 
 
 def _engine(name: str, m: Model, *, max_batch: int, max_len: int, compile: bool, native: bool | None,
-            static_batches: Sequence[int], notes: list[str], label: str) -> tuple[Any, float]:
+            static_batches: Sequence[int], notes: list[str], label: str, kernels: str | None) -> tuple[Any, float]:
     """The engine object and its compile seconds (None if it cannot run this model: noted)."""
     if name == "hf":
         hf, why = hf_baseline(m)
@@ -85,12 +85,12 @@ def _engine(name: str, m: Model, *, max_batch: int, max_len: int, compile: bool,
             notes.append(f"{label}: {why}")
         return hf, 0.0
     if name == "layerfold":
-        rt = Runtime(m, max_batch=max_batch, max_len=max_len, compile=compile, native=native,
+        rt = Runtime(m, max_batch=max_batch, max_len=max_len, compile=compile, native=native, kernels=kernels,
                      static_batches=[b for b in static_batches if 2 <= b <= max_batch])
         if rt.native is not None:
             rows = "batch 1 decodes" if rt.native.max_rows == 1 else f"batches of 1-{rt.native.max_rows} decode"
             notes.append(f"{label}: {rows} on the native CPU step (layerfold.inference.native)")
-        elif m.device.type == "cpu" and rt.native_why:
+        elif m.device.type == "cpu" and rt.native_why and rt.backend == "torch":
             notes.append(f"{label}: native CPU step off: {rt.native_why}")
         return rt, rt.compile_s
     rt = Runtime(m, max_batch=max_batch, max_len=max_len, kernels="torch", compile=name == "torch-compile",
@@ -103,7 +103,8 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
                  prompt_len: int = 128, repeats: int = 3, dtype: torch.dtype | None = torch.bfloat16,
                  device: str | torch.device = "cpu", random_llama7b: bool = False, pruned_shapes: bool = False,
                  compile: bool | None = None, progress: bool = False, seed: int = 0,
-                 static_batches: Sequence[int] = (), native: bool | None = None) -> dict[str, Any]:
+                 static_batches: Sequence[int] = (), native: bool | None = None,
+                 kernels: str | None = None) -> dict[str, Any]:
     """Benchmark ``models`` (sources or built Models; the random Llama-7B shapes with ``random_llama7b``,
     and their pruned shapes with ``pruned_shapes``) on ``engines`` (default: layerfold, plus HF with
     ``baseline="hf"``). Returns a dict with ``rows`` (one per model x engine x batch: prefill_tok_s,
@@ -111,7 +112,7 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
     speedup and predicted_speedup vs the first model, vs_<engine> for the layerfold rows), ``bandwidth``,
     ``setup_s`` (load, build and compile seconds, apart from the timings) and ``notes``.
     compile: the layerfold engine compiles its torch step (None: on CPU, where it pays; on CUDA the
-    step is a CUDA graph). static_batches / native: see ``Runtime``."""
+    step is a CUDA graph). static_batches / native / kernels: the layerfold engine's (see ``Runtime``)."""
     device = torch.device(device)
     if new_tokens < 2 or prompt_len < 1 or repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("need new_tokens >= 2, prompt_len >= 1, repeats >= 1 and batch sizes >= 1. Fix: check "
@@ -135,7 +136,7 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
         raise ValueError("nothing to benchmark. Fix: name at least one model (or --random-llama7b)")
     ctx = dict(batch_sizes=sorted(set(batch_sizes)), new_tokens=new_tokens, prompt_len=prompt_len,
                repeats=repeats, seed=seed, progress=progress, compile=compile, native=native,
-               static_batches=static_batches)
+               static_batches=static_batches, kernels=kernels)
     run = _run_interleaved if device.type == "cpu" else _run_sequential
     units, bw_runs, setup, notes = run(sources, engines, device, **ctx)
     bw = {k: statistics.median(x[k] for x in bw_runs) for k in bw_runs[0]}
@@ -173,7 +174,7 @@ def _timed(u: dict[str, Any], new_tokens: int, device: torch.device) -> dict[str
 
 
 def _run_interleaved(sources, engines, device, *, batch_sizes, new_tokens, prompt_len, repeats, seed, progress,
-                     compile, native, static_batches):
+                     compile, native, static_batches, kernels):
     """CPU: every unit built first, then rounds over all of them (see the module docstring)."""
     notes: list[str] = []
     setup: dict[str, float] = {}
@@ -189,7 +190,8 @@ def _run_interleaved(sources, engines, device, *, batch_sizes, new_tokens, promp
             t = time.perf_counter()
             with Peak(device) as pk:
                 obj, comp = _engine(eng, m, max_batch=bmax, max_len=max_len, compile=compile and eng == "layerfold",
-                                    native=native, static_batches=static_batches, notes=notes, label=label)
+                                    native=native, static_batches=static_batches, notes=notes, label=label,
+                                    kernels=kernels)
             setup[f"{eng} {label}"] = time.perf_counter() - t
             if comp:
                 setup[f"compile {eng} {label}"] = comp
@@ -221,7 +223,7 @@ def _run_interleaved(sources, engines, device, *, batch_sizes, new_tokens, promp
 
 
 def _run_sequential(sources, engines, device, *, batch_sizes, new_tokens, prompt_len, repeats, seed, progress,
-                    compile, native, static_batches):
+                    compile, native, static_batches, kernels):
     """GPU: one model and one engine on the device at a time; each unit's repeats back to back."""
     notes: list[str] = []
     setup: dict[str, float] = {}
@@ -240,7 +242,8 @@ def _run_sequential(sources, engines, device, *, batch_sizes, new_tokens, prompt
             try:
                 with Peak(device) as pk:
                     obj, comp = _engine(eng, m, max_batch=bmax, max_len=max_len, compile=compile and eng == "layerfold",
-                                        native=native, static_batches=static_batches, notes=notes, label=label)
+                                        native=native, static_batches=static_batches, notes=notes, label=label,
+                                    kernels=kernels)
             except torch.OutOfMemoryError:
                 notes.append(f"{label}: {eng} skipped: out of device memory")
                 obj, comp = None, 0.0

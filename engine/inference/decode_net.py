@@ -40,9 +40,8 @@ _Cast = Callable[[Tensor | None], Tensor | None]
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN pre-packed weights on CPU: over SmolLM2's 120 layer matrices a bf16 GEMV on packed
-    weights ran 1.4x faster than F.linear on the plain ones on this project's 2-core EPYC (2.4x for a
-    single matrix in cache; fp32 1.2x); see bench/bench_decode.py."""
+    """oneDNN pre-packed weights on CPU: packed GEMVs beat F.linear on plain weights in bf16 and fp32
+    (bench/bench_decode.py, its packed-vs-plain GEMV chain; docs/PERFORMANCE.md)."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -94,7 +93,7 @@ def attend_reduce(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tenso
     """Decode attention written as products and sums: q (n, kv, g, hd) against the cache prefix k, v
     (n, kv, L, hd), fp32 softmax, mask (n, 1, 1, L) or None. Under torch.compile inductor fuses this
     (with the cache write) into one loop nest; SDPA's CPU flash kernel cost about twice as much per
-    layer at one query token (27 vs 46+ us on SmolLM2's layers, 2-core EPYC). Eager, the broadcast
+    layer at one query token (docs/PERFORMANCE.md, decode attention). Eager, the broadcast
     products would be materialised: the eager path keeps SDPA."""
     s = (q.float()[:, :, :, None, :] * k.float()[:, :, None, :, :]).sum(-1) * (q.shape[-1] ** -0.5)
     if mask is not None:

@@ -1,16 +1,16 @@
 """Native CPU decode step for 1-4 rows (kernels/cpu_decode.cpp): a whole decode step in one OpenMP region.
 
 On CPU, a compiled torch decode step of a small model spends a fifth of its time outside its matrix
-products: one parallel region (fork, join) per kernel, ~200 a step, with the second thread idle while
+products: one parallel region (fork, join) per kernel, hundreds a step, with the second thread idle while
 the first runs the wrapper code in between, and fixed halves of every matrix per thread, so the
 faster thread waits at each join for the slower one. The native step runs all layers inside one
-parallel region: each GEMV hands out blocks of 16 rows dynamically, the small ops (RMSNorm, rotary,
+parallel region: each GEMV hands out blocks of 48 rows dynamically, the small ops (RMSNorm, rotary,
 attention, SwiGLU) run between barriers of the same team, and weights are packed so that every block
 is one sequential stream. It covers every ModelSpec the runtime does (per-layer widths, replacement
 blocks, shortcut matrices, GQA, sliding windows, q/k norms, qkv bias) in bf16 on x86 CPUs with
 AVX-512 BF16; elsewhere the runtime keeps its torch path.
 
-The C++ source is compiled once per machine with the system's g++ (a few seconds) into
+The C++ source is compiled once per machine with the system's g++ (once, cached) into
 ``$LAYERFOLD_CACHE/native/`` (default ``~/.cache/layerfold/native/``), keyed by a hash of the source,
 flags and compiler, and loaded with ctypes.
 """

@@ -39,20 +39,20 @@ class Runtime:
 
     max_batch: rows (concurrent sequences) the cache holds. max_len: cache slots per row (prompt +
     new tokens); default min(spec.max_position, 2048). dtype/device: default the model's.
-    kernels: "torch" | "triton"; default Triton on CUDA, torch elsewhere. cuda_graphs: replay the
-    decode step as a CUDA graph (Triton path; default on CUDA). compile: torch.compile the decode
-    step with inductor freezing (CPU: 1-2 minutes of compiling at construction, see ``compile_s``;
-    then 2-3x faster decoding than eager on this project's 2-core CPU). autotune: with compile
+    kernels: "torch" | "triton"; default Triton on CUDA (the fused step, inference/fused_step.py), torch
+    elsewhere. cuda_graphs: replay the decode step as a CUDA graph per batch bucket (Triton path; default
+    on CUDA). compile: torch.compile the decode step with inductor freezing (compiles at construction, time
+    in ``compile_s``; on CPU much faster decoding than eager, bench/bench_decode.py --compile). autotune: with compile
     on CPU, let inductor pick per matrix between its C++ GEMM template and oneDNN for the batch-1 step
     (default on; off compiles faster). static_batches: with compile, batch sizes (2..max_batch) that
-    get a graph of their own, autotuned like batch 1 (CPU: ~1 more minute of compiling each; batch 4
-    decoded 1.2x faster than through the shared graph for batches of 2 and more on this project's CPU);
+    get a graph of their own, autotuned like batch 1 (more compiling each; on CPU its own graph beat the
+    shared one at batch 4, bench/bench_decode.py --batch 4 --static, docs/PERFORMANCE.md);
     a call with n rows runs the smallest such graph with room for n when that adds at most n // 2 + 1
     idle rows, else the shared graph. pack_weights: oneDNN-packed weights for the
     eager CPU path (default when available). native: run decode steps of up to 4 rows (at most
-    max_batch) on the native CPU step of ``layerfold.inference.native`` (bf16 on x86 CPUs with AVX-512 BF16; at
-    batch 1 1.16x and at batch 4 1.31x the compiled torch step, paired, with no compiling; it keeps its
-    own packed copy of the weights); default: wherever it can run (``native_why`` says why not), True:
+    max_batch) on the native CPU step of ``layerfold.inference.native`` (bf16 on x86 CPUs with AVX-512 BF16;
+    faster than the compiled torch step at batch 1 and 4 with no compiling, bench/bench_decode.py; it keeps
+    its own packed copy of the weights); default: wherever it can run (``native_why`` says why not), True:
     required, False: off. With it, compile builds graphs only for the sizes above its rows.
     """
 
@@ -108,15 +108,15 @@ class Runtime:
 
             plain: dict[str, object] = {"freezing": True}
             if self.device.type == "cpu":
-                # the graph's kernel calls from generated C++ instead of Python: 1.08x at batch 1
-                # (SmolLM2-135M bf16, paired A/B in one process on this project's 2-core EPYC)
+                # the graph's kernel calls from generated C++ instead of Python: faster at batch 1 in paired
+                # A/Bs (docs/PERFORMANCE.md, C++ wrapper)
                 plain["cpp_wrapper"] = True
             tuned = dict(plain)
             if self.device.type == "cpu" and autotune:
                 # batch 1 (its own graph: torch specialises sizes 0/1) lets inductor pick per matrix between
-                # its C++ GEMM template (AVX-512 micro-kernels over frozen weights) and oneDNN: on this
-                # project's 2-core EPYC the bf16 step went from 18.8 to 10.6 ms/token (SmolLM2-135M, 2
-                # threads), for ~1 min more compiling. The batch >= 2 graph has a symbolic batch size, for
+                # its C++ GEMM template (AVX-512 micro-kernels over frozen weights) and oneDNN: the bf16
+                # batch-1 step got much faster for more compile time (bench/bench_decode.py --compile,
+                # docs/PERFORMANCE.md). The batch >= 2 graph has a symbolic batch size, for
                 # which the template was slower than oneDNN at batch 16: it keeps oneDNN
                 tuned.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
 
@@ -131,8 +131,8 @@ class Runtime:
                     if not self._warm:
                         return compiled(tok, pos, L)
                     # once both graphs exist, dynamo checks only the guards that tell its cached graphs
-                    # apart (batch of one or more, which runtime): the full check of every buffer
-                    # cost ~0.3 ms a step, 3% of a SmolLM2 decode step. The inputs are ours (same
+                    # apart (batch of one or more, which runtime): the full check of every buffer cost a
+                    # measurable share of a small model's step (docs/PERFORMANCE.md). The inputs are ours (same
                     # dtypes, devices and ranks every step), so the skipped guards cannot fail
                     try:
                         with torch.compiler.set_stance(skip_guard_eval_unsafe=True):

@@ -1,0 +1,219 @@
+"""Everything GPU-side in one command: tests, decode speed (dense and pruned shapes, against torch and HF),
+kernels against their rooflines, calibration, and serving. On a bare CUDA machine, from a checkout:
+
+    PYTHONPATH=. python bench/gpu_suite.py --out DIR [--parts env,tests,decode,...] [--budget-s 360]
+    python bench/gpu_suite.py --tiny --out DIR          # every part on CPU, tiny model, kernels interpreted
+
+Every model is made from random weights of real shapes (Llama-2-7B and the shapes the pruning methods make
+of it); nothing is downloaded. Each part runs in its own process with its own time limit (a part that
+fails or runs out of time keeps what it wrote and does not stop the others) and writes DIR/<part>.json as
+it goes; at the end DIR/gpu_suite.json holds everything and DIR/gpu_suite.md the tables.
+
+The serve part needs fastapi and uvicorn; where the machine lacks them it installs them offline from the
+wheels in ``.whl/`` (fetch them on a machine with a registry for the GPU machine's Python, see
+docs/PERFORMANCE.md) and says plainly when it could not. It serves the embedded model's tokenizer
+(``.gpu_assets/tokenizer``, copied from the converted smollm2-135m, or the local cache in --tiny mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+# part -> (time limit in seconds on a GPU, in --tiny mode); run in this order
+PARTS: dict[str, tuple[float, float]] = {
+    "env": (60, 60),
+    "tests": (150, 120),
+    "decode": (200, 240),
+    "decode-baselines": (120, 120),
+    "kernels": (90, 120),
+    "calibration": (120, 120),
+    "decode-compile": (200, 30),
+    "serve": (150, 120),
+}
+
+
+def run_part(name: str, out: Path, tiny: bool) -> None:
+    """Inside the part's own process."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if tiny:  # the kernels in the Triton interpreter; set before anything imports triton
+        os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, str(HERE))
+    import suite_parts as P
+
+    rec = P.Recorder(out, name, tiny)
+    fn = {"env": P.part_env, "tests": P.part_tests, "decode": P.part_decode,
+          "decode-baselines": P.part_decode_baselines, "decode-compile": P.part_decode_compile,
+          "kernels": P.part_kernels, "calibration": P.part_calibration, "serve": P.part_serve}[name]
+    try:
+        fn(rec, tiny)
+    except BaseException as e:
+        import traceback
+
+        rec.save(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="directory for the JSON and markdown results")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    ap.add_argument("--tiny", action="store_true", help="CPU, a tiny model, kernels in the interpreter")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting parts once this much time is spent (default 360 on a GPU)")
+    ap.add_argument("--limit", action="append", default=[], metavar="PART=SECONDS", help="override a part's limit")
+    ap.add_argument("--run-part", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.run_part:
+        run_part(args.run_part, out, args.tiny)
+        return 0
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        ap.error(f"unknown parts {bad}; choose from {', '.join(PARTS)}")
+    limits = {k: v[1] if args.tiny else v[0] for k, v in PARTS.items()}
+    for item in args.limit:
+        k, _, v = item.partition("=")
+        limits[k] = float(v)
+    budget = args.budget_s if args.budget_s is not None else (1e9 if args.tiny else 360.0)
+    t0 = time.perf_counter()
+    status: dict[str, Any] = {}
+    if "env" not in parts and not (out / "env.json").exists():
+        parts.insert(0, "env")  # the ceilings every other part divides by
+    for name in parts:  # in the order given
+        left = budget - (time.perf_counter() - t0)
+        if left < 10:
+            status[name] = {"status": "skipped", "why": f"the suite's budget ({budget:.0f} s) was spent"}
+            continue
+        limit = min(limits[name], left)
+        t = time.perf_counter()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--run-part", name]
+        if args.tiny:
+            cmd.append("--tiny")
+        print(f"[gpu_suite] {name} (limit {limit:.0f} s)", flush=True)
+        try:
+            r = subprocess.run(cmd, timeout=limit, capture_output=True, text=True, check=False)
+            rc, tail = r.returncode, (r.stdout + r.stderr)[-1500:]
+        except subprocess.TimeoutExpired as e:
+            rc, tail = "timeout", ((e.stdout or b"") + (e.stderr or b""))[-1500:]
+            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        status[name] = {"returncode": rc, "seconds": round(time.perf_counter() - t, 1)}
+        if rc != 0:
+            status[name]["tail"] = tail
+        print(f"[gpu_suite] {name}: {rc} in {status[name]['seconds']} s", flush=True)
+    results = collect(out, status, tiny=args.tiny, seconds=time.perf_counter() - t0)
+    (out / "gpu_suite.json").write_text(json.dumps(results, indent=1, default=str))
+    md = markdown(results)
+    (out / "gpu_suite.md").write_text(md)
+    print(md)
+    return 0
+
+
+def collect(out: Path, status: dict[str, Any], *, tiny: bool, seconds: float) -> dict[str, Any]:
+    sys.path.insert(0, str(HERE))
+    import suite_parts as P
+
+    parts = {}
+    for name in PARTS:
+        f = out / f"{name}.json"
+        if f.exists():
+            parts[name] = json.loads(f.read_text())
+            if name in status and status[name].get("returncode") == "timeout":
+                parts[name]["status"] = "timeout (partial results)"
+    res: dict[str, Any] = {"tiny": tiny, "seconds": round(seconds, 1), "runner": status, "parts": parts}
+    if any(k.startswith("decode") for k in parts):
+        res["decode_summary"] = P.decode_summary(parts)
+    return res
+
+
+def _f(x: Any, fmt: str = "{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _table(header: list[str], rows: list[list[Any]], right_from: int = 1) -> list[str]:
+    """A markdown table; columns from ``right_from`` on are right-aligned."""
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    return ["", "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"] + [
+        "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def markdown(res: dict[str, Any]) -> str:
+    p = res["parts"]
+    env = p.get("env", {})
+    info = env.get("info", {})
+    lines = [f"# gpu_suite{' (--tiny, CPU)' if res['tiny'] else ''}", "",
+             f"{info.get('name', 'cpu')}; torch {info.get('torch')}, triton {info.get('triton')}; bandwidth probe "
+             f"{_f(env.get('bandwidth_gbs'))} GB/s; bf16 matmul {_f(env.get('matmul_tflops'))} TFLOP/s; H2D pinned "
+             f"{_f(env.get('h2d_pinned_gbs'))} GB/s, pageable {_f(env.get('h2d_pageable_gbs'))} GB/s; "
+             f"suite {res['seconds']} s"]
+    lines += _table(["part", "status", "seconds"], [
+        [name, p.get(name, {}).get("status", st.get("status", st.get("returncode"))), st.get("seconds", "-")]
+        for name, st in res["runner"].items()], right_from=2)
+    if "tests" in p:
+        lines += ["", f"**gpu tests**: {p['tests'].get('summary', '-')}"]
+        lines += [f"- {f}" for f in p["tests"].get("failures", [])[:20]]
+    dec = [r for k in ("decode", "decode-baselines", "decode-compile") for r in p.get(k, {}).get("rows", [])]
+    if dec:
+        lines += ["", "## Decode (prompt 128 + 128 new tokens; % bound = rate x bytes per step / probed bandwidth)"]
+        lines += _table(["model", "engine", "batch", "tok/s", "% bound", "TTFT ms", "peak GB"], [
+            [r["model"], r["engine"], r["batch"], f"{r['decode_tok_s']:.0f}", f"{r['pct_of_bound']:.0f}%",
+             f"{r['ttft_ms']:.1f}", f"{r['peak_mem_bytes'] / 1e9:.1f}"] for r in dec], right_from=2)
+        s = res.get("decode_summary", {})
+        lines += _table(["batch", "layerfold tok/s", "% bound", "vs best torch", "vs HF"], [
+            [b, f"{v['layerfold_tok_s']:.0f}", f"{v['pct_of_bound']:.0f}%",
+             f"{_f(v['vs_best_torch'], '{:.2f}x')} ({v['best_torch']})", _f(v["vs_hf"], "{:.2f}x")]
+            for b, v in s.get("batches", {}).items()], right_from=0)
+        lines += _table(["pruned shape", "batch", "speedup", "predicted (bytes)", "speedup / predicted", "% bound"], [
+            [m, b, f"{v['speedup']:.2f}x", f"{v['predicted']:.2f}x", f"{v['speedup_over_predicted']:.2f}",
+             f"{v['pct_of_bound']:.0f}%"] for m, by_b in s.get("pruned", {}).items() for b, v in by_b.items()])
+        for part in ("decode", "decode-baselines", "decode-compile"):
+            lines += [f"- note ({part}): {n}" for n in p.get(part, {}).get("notes", [])]
+    k = p.get("kernels", {})
+    if k.get("calibration_kernels"):
+        lines += ["", "## Calibration kernels (7B shapes)"]
+        lines += _table(["kernel", "impl", "ms", "GB/s", "% bw", "TFLOP/s", "% matmul"], [
+            [r["kernel"], r["impl"] + (f" ({r['error']})" if "error" in r else ""), _f(r.get("ms"), "{:.3f}"),
+             _f(r.get("gb_s"), "{:.0f}"), _f(r.get("pct_bw"), "{:.0f}%"), _f(r.get("tflops")),
+             _f(r.get("pct_matmul"), "{:.0f}%")] for r in k["calibration_kernels"]], right_from=2)
+    if k.get("decode_kernels"):
+        lines += ["", "## Decode kernels"]
+        lines += _table(["kernel", "rows", "impl", "shape", "ms", "GB/s", "% bw"], [
+            [r["kernel"], r["rows"], r["impl"], r.get("shape", ""), _f(r.get("ms"), "{:.4f}"),
+             _f(r.get("gb_s"), "{:.0f}"), _f(r.get("pct_bw"), "{:.0f}%")] for r in k["decode_kernels"]], right_from=4)
+    if k.get("widths"):
+        lines += ["", "## GEMV against the width's rounding multiple (O = 4096)"]
+        lines += _table(["K", "largest power-of-2 divisor", "rows", "impl", "ms", "% bw"], [
+            [r["k"], r["multiple"], r["rows"], r["impl"], f"{r['ms']:.4f}", f"{r['pct_bw']:.0f}%"]
+            for r in k["widths"]], right_from=0)
+    c = p.get("calibration", {})
+    if c.get("rows"):
+        b = c.get("bound", {})
+        lines += ["", f"## Calibration ({c.get('samples')} x {c.get('seq_len')} tokens, micro-batch "
+                  f"{c.get('micro_batch')}; bound {_f(b.get('bound_s'), '{:.2f}')} s = max(H2D "
+                  f"{_f(b.get('h2d_s'), '{:.2f}')} s, FLOPs {_f(b.get('flops_s'), '{:.2f}')} s))"]
+        lines += _table(["config", "wall s", "tokens/s", "over plain", "% of bound", "device peak GB", "buffers"], [
+            [r["config"], f"{r['wall_s']:.2f}", f"{r['tokens_s']:.0f}", _f(r.get("over_plain"), "{:.2f}x"),
+             f"{r['pct_of_bound']:.0f}%", f"{r['device_peak_gb']:.2f}", r.get("buffers") or "-"] for r in c["rows"]])
+    s = p.get("serve", {})
+    if s.get("rows"):
+        lines += ["", f"## Serving (startup {_f(s.get('startup_s'))} s)"]
+        lines += _table(["clients", "requests", "tokens/s", "TTFT p50 s", "latency p95 s", "largest batch"], [
+            [r["clients"], r["requests"], f"{r['tokens_s']:.0f}", f"{r['ttft_p50_s']:.3f}", f"{r['latency_p95_s']:.2f}",
+             r.get("max_rows_in_step")] for r in s["rows"]], right_from=0)
+    for name, part in p.items():
+        if part.get("error"):
+            lines += ["", f"**{name} error**: {part['error']}", "```", part.get("traceback", "")[-1200:], "```"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

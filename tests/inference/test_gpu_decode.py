@@ -1,0 +1,106 @@
+"""The GPU decode path (fused Triton kernels replayed as CUDA graphs) against the fp32 forward, for every
+layer kind the runtime has. Needs CUDA (``gpu`` marker); on CPU the same FusedDecode runs in the Triton
+interpreter in tests/inference/test_runtime.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerfold.core.model import Model, build_model
+from layerfold.core.spec import LayerSpec, ModelSpec
+from layerfold.inference.runtime import Runtime
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+L = LayerSpec
+
+
+def _spec(**kw: object) -> ModelSpec:
+    """Per-layer widths, heads and GQA groups, a shortcut-matrix width change, a replacement MLP block, an
+    attention-only layer and a narrowing MLP shortcut (the shapes surgery makes)."""
+    layers = (
+        L(d_in=64, d_mid=64, d_out=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ffn=96),
+        L(d_in=64, d_mid=48, d_out=48, n_heads=3, n_kv_heads=1, head_dim=16, d_ffn=80, attn_shortcut=True),
+        L(d_in=48, d_mid=48, d_out=48, d_ffn=70, has_attn=False, kind="mlp"),
+        L(d_in=48, d_mid=48, d_out=48, n_heads=6, n_kv_heads=3, head_dim=10, has_mlp=False),
+        L(d_in=48, d_mid=48, d_out=40, n_heads=2, n_kv_heads=2, head_dim=8, d_ffn=50, mlp_shortcut=True),
+    )
+    return ModelSpec(**{"vocab_size": 300, "d_model": 64, "layers": layers, "max_position": 256, **kw}).validate()
+
+
+SPECS = {
+    "hetero": _spec(),
+    "qk_norm+bias": _spec(qk_norm=True, qkv_bias=True, arch="qwen3"),
+    "sliding+llama3rope": _spec(sliding_window=5, rope_type="llama3", rope_factor=8.0, rope_original_max_pos=64,
+                                arch="mistral"),
+}
+PROMPTS = {"batch1": [[1, 2, 3, 4, 5, 6, 7]], "ragged": [[1, 2, 3, 4, 5, 6, 7], [9, 8], list(range(11, 22))]}
+
+
+def _model(spec: ModelSpec, seed: int = 0) -> Model:
+    torch.manual_seed(seed)
+    m = build_model(spec).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return m.cuda()
+
+
+def _teacher_forced(m: Model, rt: Runtime, prompts: list[list[int]], steps: int) -> None:
+    """Feed the fp32 forward's greedy tokens to the runtime; every step's logits must match the forward's."""
+    seqs = [list(p) for p in prompts]
+    with torch.no_grad():
+        for _ in range(steps):
+            for s in seqs:
+                s.append(int(m(torch.tensor([s], device="cuda"))[0, -1].argmax()))
+        full = [m(torch.tensor([s], device="cuda"))[0].float() for s in seqs]  # (T, V) each
+    logits = rt.prefill(prompts)
+    for step in range(steps + 1):
+        for i, p in enumerate(prompts):
+            want = full[i][len(p) - 1 + step]
+            err = (logits[i] - want).abs().max().item() / want.abs().max().item()
+            tol = 2e-3 if rt.dtype == torch.float32 else 5e-2
+            assert err < tol, f"row {i} step {step}: relative logit error {err:.2e} > {tol}"
+            if rt.dtype == torch.float32:
+                assert int(logits[i].argmax()) == int(want.argmax()) or err < 1e-4
+        if step < steps:
+            logits = rt.decode([s[len(p) + step] for p, s in zip(prompts, seqs, strict=True)])
+
+
+@pytest.mark.parametrize("prompts", list(PROMPTS))
+@pytest.mark.parametrize("name", list(SPECS))
+def test_cuda_graph_decode_matches_fp32_forward(name: str, prompts: str) -> None:
+    m = _model(SPECS[name])
+    rt = Runtime(m, max_batch=4, max_len=64)
+    assert rt.backend == "triton" and rt._graphs is not None and rt.net.fused is not None
+    _teacher_forced(m, rt, PROMPTS[prompts], steps=6)
+    assert rt._graphs.graphs, "decode did not run through a CUDA graph"
+    assert rt.lengths[:len(PROMPTS[prompts])] == [len(p) + 6 for p in PROMPTS[prompts]]
+
+
+def test_bf16_graph_decode_close_to_fp32_forward() -> None:
+    m = _model(SPECS["hetero"], seed=3)
+    rt = Runtime(m, max_batch=4, max_len=64, dtype=torch.bfloat16)
+    _teacher_forced(m, rt, PROMPTS["ragged"], steps=4)
+
+
+def test_buckets_pad_idle_rows_and_pick_gemv() -> None:
+    """3 rows run in the 4-row graph: the idle row's length stays 0; a GEMV was picked per weight."""
+    m = _model(SPECS["hetero"], seed=1)
+    rt = Runtime(m, max_batch=4, max_len=64)
+    _teacher_forced(m, rt, PROMPTS["ragged"], steps=3)
+    assert rt._graphs.bucket(3) == 4 and 4 in rt._graphs.graphs and rt.lengths[3] == 0
+    assert sum(rt._graphs.picks[4].values()) == len(rt.net.fused.weights())
+
+
+def test_long_context_split_attention() -> None:
+    """A cache long enough for split-K attention (several splits per row at batch 1)."""
+    from layerfold.kernels.attn_decode import _attn_decode_block_s
+    from layerfold.kernels.heuristics import attn_decode_splits
+
+    m = _model(SPECS["hetero"], seed=2)
+    rt = Runtime(m, max_batch=1, max_len=256)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert attn_decode_splits(1, 2, 256, sms, _attn_decode_block_s(16, 2)) > 1
+    _teacher_forced(m, rt, [list(range(3, 150))], steps=3)
