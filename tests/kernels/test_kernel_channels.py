@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DTYPES, MASKS, assert_close, make_mask, make_x, poison_padding, zeros64
 
 from layerfold.kernels import channel_stats, channel_stats_ref, swiglu_channel_stats, swiglu_channel_stats_ref
+from tests.support.inputs import DTYPES, MASKS, make_mask, make_x, poison_padding, zeros64
+from tests.support.tolerances import assert_close
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DTYPES, MASKS, assert_close, make_mask, make_x, poison_padding
 
 from layerfold.kernels import (
     cka_from_hsic,
@@ -15,6 +14,8 @@ from layerfold.kernels import (
     ucentered_gram,
     ucentered_gram_ref,
 )
+from tests.support.inputs import DTYPES, MASKS, make_mask, make_x, poison_padding
+from tests.support.tolerances import assert_close
 
 F32 = torch.float32
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DTYPES, MASKS, assert_close, make_mask, make_x, poison_padding
 
 from layerfold.kernels import COS_EPS, cosine_pairs_ref, cosine_window_sum, cosine_window_sum_ref
+from tests.support.inputs import DTYPES, MASKS, make_mask, make_x, poison_padding
+from tests.support.tolerances import assert_close
 
 
 def _ref64(base: torch.Tensor, others: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

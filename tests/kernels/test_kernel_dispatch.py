@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import make_x
 
 from layerfold import kernels
 from layerfold.kernels import _dispatch, channels, cka, cosine, gram
+from tests.support.inputs import make_x
 
 # (module, launcher, the torch function plain CPU runs (the reference, or a faster CPU path beside it),
 #  kernel, call with small valid inputs)

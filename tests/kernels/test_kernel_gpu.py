@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DTYPES, assert_close, make_mask, make_x, zeros64
 
 from layerfold import kernels
+from tests.support.inputs import DTYPES, make_mask, make_x, zeros64
+from tests.support.tolerances import assert_close
 
 pytestmark = [
     pytest.mark.gpu,

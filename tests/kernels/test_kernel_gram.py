@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DTYPES, MASKS, assert_close, make_mask, make_x, poison_padding, zeros64
 
 from layerfold.kernels import gram_accumulate, gram_accumulate_ref
+from tests.support.inputs import DTYPES, MASKS, make_mask, make_x, poison_padding, zeros64
+from tests.support.tolerances import assert_close
 
 
 def _ref64(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:

@@ -12,7 +12,7 @@ import layerfold
 from layerfold.core.checkpoint import CheckpointError, load_checkpoint, open_weights, save_checkpoint
 from layerfold.core.loading import load_spec_state, source_kind
 from layerfold.core.spec import LayerSpec, ModelSpec
-from tests.test_model import hetero_spec
+from tests.core.test_model import hetero_spec
 
 
 def test_spec_json_round_trip():
@@ -154,7 +154,7 @@ def test_source_kinds_and_errors(tmp_path, tiny):
 
 
 def test_hf_dir_import(tmp_path):
-    from tests.hf_tiny import tiny_hf
+    from tests.support.models import tiny_hf
 
     hf = tiny_hf("qwen2")
     hf.save_pretrained(tmp_path / "q2", safe_serialization=True)

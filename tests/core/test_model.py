@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import layerfold
 from layerfold.core.model import KVCache
 from layerfold.core.spec import LayerSpec, ModelSpec
-from tests.hf_tiny import tiny_hf, to_layerfold
+from tests.support.models import tiny_hf, to_layerfold
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 

@@ -7,7 +7,7 @@ import torch
 
 from layerfold.inference.native import _library, native_unavailable, pack
 from layerfold.inference.runtime import Runtime
-from tests.test_runtime import SPECS, tiny
+from tests.inference.test_runtime import SPECS, tiny
 
 pytestmark = pytest.mark.skipif(_library()[0] is None, reason=f"native step unavailable: {_library()[1]}")
 
