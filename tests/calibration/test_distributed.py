@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from layerfold import LayerSpec, ModelSpec, build_model, save_checkpoint
+from layerfold import save_checkpoint
 from layerfold.calibration.calibrate import calibrate
 from layerfold.calibration.stats import Stats
+from tests.support.models import tiny_model
 
 OPTS = dict(window=3, cka_tokens=6, cka_samples=5, grams=True, micro_batch=2, ring_dtype=torch.float32)
 
@@ -36,11 +37,9 @@ def _worker(rank: int, world: int, port: int, ckpt: str, ids: torch.Tensor, mask
 
 def test_two_ranks_equal_single_process(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    torch.manual_seed(0)
-    ls = LayerSpec(d_in=16, d_mid=16, d_out=16, n_heads=2, n_kv_heads=1, head_dim=8, d_ffn=24)
-    spec = ModelSpec(vocab_size=40, d_model=16, layers=(ls,) * 4).validate()
-    ckpt = save_checkpoint(tmp_path / "ckpt", spec, build_model(spec).state_dict())
-    ids = torch.randint(0, 40, (7, 9))  # 7 samples: ranks get 4 and 3
+    m = tiny_model(d_model=16, n_layers=4, heads=2, kv_heads=1, ffn=24, vocab=40)  # after torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", m.spec, m.state_dict())
+    ids = torch.randint(0, 40, (7, 9))  # 7 samples: ranks get 4 and 3 (seeded by the builder)
     mask = torch.ones(7, 9, dtype=torch.bool)
     mask[1, :2] = mask[4, :3] = False  # left padding
     mp.spawn(_worker, args=(2, _free_port(), str(ckpt), ids, mask, str(tmp_path)), nprocs=2, join=True)

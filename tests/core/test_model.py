@@ -10,13 +10,11 @@ import torch.nn.functional as F
 
 import layerfold
 from layerfold.core.model import KVCache
-from layerfold.core.spec import LayerSpec, ModelSpec
-from tests.support.models import tiny_hf, to_layerfold
-
-FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+from layerfold.core.spec import ModelSpec
+from tests.support.models import HF_FAMILIES, hetero_reference_spec, tiny_hf, tiny_model, to_layerfold
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 @pytest.mark.parametrize("tie", [False, True])
 def test_parity_with_hf_tiny(family, tie):
     hf = tiny_hf(family, tie=tie)
@@ -73,19 +71,7 @@ def test_parity_smollm2_135m():
     assert err <= 1e-4, err
 
 
-# ---- heterogeneous spec against a plain per-layer reference written here -------------------------------
-def hetero_spec() -> ModelSpec:
-    L = LayerSpec
-    layers = (
-        L(d_in=48, d_mid=48, d_out=48, n_heads=6, n_kv_heads=2, head_dim=8, d_ffn=80),
-        L(d_in=48, d_mid=40, d_out=40, n_heads=2, n_kv_heads=1, head_dim=16, d_ffn=24, attn_shortcut=True),
-        L(d_in=40, d_mid=40, d_out=32, has_attn=False, d_ffn=56, kind="mlp", mlp_shortcut=True),
-        L(d_in=32, d_mid=32, d_out=32, n_heads=4, n_kv_heads=4, head_dim=8, d_ffn=16, has_mlp=False),
-        L(d_in=32, d_mid=24, d_out=24, n_heads=3, n_kv_heads=3, head_dim=8, d_ffn=40, attn_shortcut=True),
-    )
-    return ModelSpec(vocab_size=61, d_model=48, layers=layers, norm_eps=1e-5, rope_theta=500.0).validate()
-
-
+# ---- a heterogeneous spec against a plain per-layer reference written here --------------------------------
 def _rms(x, w, eps):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
@@ -132,13 +118,8 @@ def _ref_forward(sd: dict, spec: ModelSpec, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_heterogeneous_spec_matches_reference():
-    spec = hetero_spec()
-    m = layerfold.build_model(spec)
-    layerfold.core.model.init_weights(m, std=0.2, seed=0)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
+    spec = hetero_reference_spec()
+    m = tiny_model(spec, std=0.2, norm_gains=True)
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = m(ids).double()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -11,32 +10,24 @@ import torch
 
 from layerfold.core.checkpoint import save_checkpoint
 from layerfold.core.loading import load
-from layerfold.core.model import KVCache, Model, build_model
-from layerfold.core.spec import ModelSpec, dense_layer
+from layerfold.core.model import KVCache, Model
 from layerfold.methods import get_method
 from layerfold.methods.base import PruneContext, Target
 from layerfold.methods.slicing import add_args, dynamic_fractions, make_plan
 from layerfold.surgery.slicing import SlicePlan, count_params, plan_widths, point_dims, slice_model, sliced_spec
+from tests.support.models import tiny_model, tiny_spec
 
 V, D = 61, 40
 
 
-def tiny(arch: str = "llama", n_layers: int = 3, seed: int = 0) -> Model:
-    kw = {"llama": {"tie_embeddings": True}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True},
-          "streamline": {"tie_embeddings": True}}[arch]
-    layers = [dense_layer(D, 4, 2, 10, 72) for _ in range(n_layers)]
-    if arch == "streamline":  # a depth-pruned model: an MLP replacement block in the middle
-        layers[1] = replace(layers[1], kind="mlp", has_attn=False, n_heads=0, n_kv_heads=0, head_dim=0)
-    spec = ModelSpec(vocab_size=V, d_model=D, layers=tuple(layers), **kw)
-    m = build_model(spec)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):  # folding must handle non-trivial gains
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if name.startswith("embed") else 0.1))
-    return m.eval()
+# 40 wide, GQA 4/2 heads of 10, FFN 72; every parameter from one generator: norm gains
+# U(0.5, 1.5) (folding must handle non-trivial gains), the embedding N(0, 1), the rest N(0, 0.1)
+TINY = dict(vocab=V, d_model=D, heads=4, kv_heads=2, head_dim=10, ffn=72, one_generator=True, std=0.1, embed_std=1.0,
+            norm_gains=True)
+# each family's features ("llama" ties the embeddings); "streamline": a depth-pruned model, an MLP replacement
+# block in the middle
+ARCH = {"llama": dict(tie=True), "qwen2": dict(qkv_bias=True), "qwen3": dict(qk_norm=True),
+        "streamline": dict(tie=True, mlp_blocks=(1,))}
 
 
 def ids(n: int = 6, T: int = 17, seed: int = 1) -> torch.Tensor:
@@ -50,7 +41,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "streamline"])
 @pytest.mark.parametrize("keep_ends", [False, True])
 def test_rotation_without_slicing_is_exact(arch: str, keep_ends: bool) -> None:
-    m = tiny(arch)
+    m = tiny_model(**TINY, **ARCH[arch], n_layers=3)
     x = ids()
     s, info = slice_model(m, x, SlicePlan(widths=tuple(point_dims(m.spec)), keep_ends=keep_ends), batch_size=4)
     with torch.no_grad():
@@ -65,7 +56,7 @@ def test_rotation_without_slicing_is_exact(arch: str, keep_ends: bool) -> None:
 @pytest.mark.parametrize("basis", ["layer", "global"])
 @pytest.mark.parametrize("keep_ends", [False, True])
 def test_shared_bases_rotate_exactly_and_drop_shortcuts(basis: str, keep_ends: bool) -> None:
-    m, x = tiny(n_layers=4), ids()
+    m, x = tiny_model(**TINY, n_layers=4, tie=True), ids()
     s, _ = slice_model(m, x, SlicePlan(widths=tuple(point_dims(m.spec)), keep_ends=keep_ends, basis=basis))
     with torch.no_grad():
         assert rel(s(x), m(x)) <= 1e-4
@@ -83,7 +74,7 @@ def test_shared_bases_rotate_exactly_and_drop_shortcuts(basis: str, keep_ends: b
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_slicing_to_full_width_is_exact(dynamic: bool) -> None:
-    m = tiny()
+    m = tiny_model(**TINY, n_layers=3, tie=True)
     x = ids()
     plan = make_plan(m.spec, 0.0, lr=[0.1, 0.9, 0.5] if dynamic else None, base=0.0, keep_ends=False)
     assert plan.widths == tuple(point_dims(m.spec))
@@ -94,7 +85,7 @@ def test_slicing_to_full_width_is_exact(dynamic: bool) -> None:
 
 def low_rank(r: int = 16) -> Model:
     """A model whose residual stream lives in an r-dim subspace: slicing to r loses nothing."""
-    m = tiny("llama", seed=3)
+    m = tiny_model(**TINY, n_layers=3, tie=True, seed=3)
     P = torch.linalg.qr(torch.randn(D, r, generator=torch.Generator().manual_seed(4)))[0]  # (D, r)
     with torch.no_grad():
         m.embed.weight.copy_(m.embed.weight @ P @ P.T)
@@ -121,7 +112,7 @@ def test_norm_scale_makes_slicing_an_exact_subspace(keep_ends: bool) -> None:
 
 def test_pca_uses_the_sliced_prefix() -> None:
     """Every point's basis diagonalises the *sliced* model's own Gram there (not the dense model's)."""
-    m, x = tiny(n_layers=4), ids(8, 16)
+    m, x = tiny_model(**TINY, n_layers=4, tie=True), ids(8, 16)
     plan = SlicePlan(widths=plan_widths(m.spec, [0.4] * 4, multiple=8, keep_ends=False), keep_ends=False,
                      pca_tokens="all")
     s, _ = slice_model(m, x, plan, batch_size=3)
@@ -139,7 +130,7 @@ def test_pca_uses_the_sliced_prefix() -> None:
 
 
 def test_sliced_model_saves_reloads_and_generates(tmp_path) -> None:
-    m, x = tiny(), ids()
+    m, x = tiny_model(**TINY, n_layers=3, tie=True), ids()
     plan = SlicePlan(widths=plan_widths(m.spec, [0.25] * 3, multiple=8, keep_ends=False), keep_ends=False)
     s, _ = slice_model(m, x, plan)
     out = save_checkpoint(tmp_path / "sliced", s.spec, s.state_dict(), provenance={"method": "slicegpt"})
@@ -163,7 +154,7 @@ def test_sliced_model_saves_reloads_and_generates(tmp_path) -> None:
 @pytest.mark.parametrize("multiple", [1, 8, 16])
 @pytest.mark.parametrize("keep_ends", [False, True])
 def test_widths_rounded_to_multiple(multiple: int, keep_ends: bool) -> None:
-    spec = tiny(n_layers=5).spec
+    spec = tiny_model(**TINY, n_layers=5, tie=True).spec
     fr = dynamic_fractions([0.2, 0.9, 0.95, 0.97, 0.5], 0.3, 0.05)
     for exact in (False, True):
         w = plan_widths(spec, fr, multiple=multiple, keep_ends=keep_ends, exact_mean=exact)
@@ -204,7 +195,7 @@ def test_dynamic_fractions_clip_and_renormalise() -> None:
 
 
 def test_dynamic_widths_mean_equals_target_on_smollm_shape() -> None:
-    spec = ModelSpec(vocab_size=V, d_model=576, layers=tuple(dense_layer(576, 9, 3, 64, 1536) for _ in range(30)))
+    spec = tiny_spec(d_model=576, n_layers=30, heads=9, kv_heads=3, head_dim=64, ffn=1536, vocab=V)
     lr = [0.01, 0.82] + [0.93 + 0.001 * i for i in range(27)] + [0.11]
     for sp in (0.15, 0.25, 0.35):
         plan = make_plan(spec, sp, lr=lr, base=0.05, round_to=8, keep_ends=False)
@@ -219,7 +210,7 @@ class _Stats(SimpleNamespace):
 
 @pytest.mark.parametrize("name", ["slicegpt", "dynamic-slicing"])
 def test_methods_through_the_registry(name: str) -> None:
-    m, x = tiny(n_layers=4), ids()
+    m, x = tiny_model(**TINY, n_layers=4, tie=True), ids()
     method = get_method(name)
     p = argparse.ArgumentParser()
     add_args(p)
@@ -240,7 +231,7 @@ def test_methods_through_the_registry(name: str) -> None:
 
 
 def test_params_target_counts_shortcuts() -> None:
-    m = tiny(n_layers=4)
+    m = tiny_model(**TINY, n_layers=4, tie=True)
     spec = m.spec
     build = lambda f: make_plan(spec, f, round_to=1)
     from layerfold.methods.slicing import resolve_fraction
@@ -265,7 +256,7 @@ def test_runtime_decodes_a_sliced_model_like_the_model(arch: str) -> None:
     """The lean runtime takes shortcut matrices and per-layer widths with no special path."""
     from layerfold.inference.runtime import Runtime
 
-    m, x = tiny(arch), ids()
+    m, x = tiny_model(**TINY, **ARCH[arch], n_layers=3), ids()
     s, _ = slice_model(m, x, make_plan(m.spec, 0.3, lr=[0.2, 0.9, 0.6], base=0.1, round_to=8))
     assert len({l.d_mid for l in s.spec.layers}) > 1  # really per-layer widths
     rt = Runtime(s, max_batch=1, max_len=16)
