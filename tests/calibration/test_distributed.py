@@ -14,6 +14,7 @@ from layerfold import save_checkpoint
 from layerfold.calibration.calibrate import calibrate
 from layerfold.calibration.stats import Stats
 from tests.support.models import tiny_model
+from tests.support.tolerances import assert_close
 
 OPTS = dict(window=3, cka_tokens=6, cka_samples=5, grams=True, micro_batch=2, ring_dtype=torch.float32)
 
@@ -51,6 +52,6 @@ def test_two_ranks_equal_single_process(tmp_path, monkeypatch):
         assert got.meta["world_size"] == 2 and got.meta["samples"] == 7
         assert got.tensors().keys() == want.keys()
         for k, v in want.items():
-            torch.testing.assert_close(got.tensors()[k], v, rtol=1e-5, atol=1e-5, msg=k)
-        torch.testing.assert_close(got.cka, single.cka, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got.cos_window, single.cos_window, rtol=1e-6, atol=1e-6, equal_nan=True)
+            assert_close(got.tensors()[k], v, torch.float32, k, check_dtype=True)
+        assert_close(got.cka, single.cka, torch.float32, "cka", check_dtype=True)
+        assert_close(got.cos_window, single.cos_window, torch.float32, "cos_window", equal_nan=True, check_dtype=True)

@@ -51,6 +51,8 @@ def test_native_step_matches_torch_step(name: str) -> None:
     assert all(a < 1.5 * b + 0.004 for a, b in zip(err_native, err_torch, strict=True)), (err_native, err_torch)
     assert sum(err_native) < 1.2 * sum(err_torch), (err_native, err_torch)
     L = len(PROMPT) + len(steps)
+    # native vs torch bf16 (here and below): two bf16 routes through the whole model, whose roundings compound
+    # per layer on both sides, so the bounds are the test's own rather than TOL[bfloat16] (one rounding)
     for a, b in zip(nat.net.layers, ref.net.layers, strict=True):
         if a.k is not None:
             for x, y in ((a.k, b.k), (a.v, b.v)):

@@ -19,6 +19,7 @@ from layerfold.methods.come import (
     split_counts,
 )
 from tests.support.models import tiny_model
+from tests.support.tolerances import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,7 +130,8 @@ def test_fold_norms_is_exact_for_a_pair_of_one_layer():
     new = merge_step(m, step, norms="fold")
     x = torch.randn(2, 5, 16)
     h, ropes, mask = m.prepare(torch.zeros(2, 5, dtype=torch.long))
-    torch.testing.assert_close(new.run_layer(0, x, ropes, mask), m.run_layer(0, x, ropes, mask), rtol=1e-5, atol=1e-5)
+    assert_close(new.run_layer(0, x, ropes, mask), m.run_layer(0, x, ropes, mask), torch.float32, "folded layer",
+                 check_dtype=True)
 
 
 def test_come_method_end_to_end_and_plan_replays():

@@ -10,9 +10,7 @@ import torch
 from layerfold.surgery.depth import apply_depth_plan, layer_state, merge_layer_states, merge_tensors
 from layerfold.surgery.plan import DepthPlan, Merge, Replace, plan_from_groups
 from tests.support.models import tiny_model
-
-ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-
+from tests.support.tolerances import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,9 +42,7 @@ def test_drop_equals_skipping_in_forward(drop: list[int], dtype: torch.dtype) ->
     assert new.spec.n_layers == 6 - len(drop)
     with torch.no_grad():
         got, want = new(x), run_skipping(m, x, set(drop))
-    diff = (got - want).abs()
-    where = (diff == diff.max()).nonzero()[0].tolist()
-    assert float(diff.max()) < ATOL[dtype], f"max diff {float(diff.max()):.3g} at (b, t, v) = {where}"
+    assert_close(got, want, dtype, "pruned model vs skipping the layers (b, t, v)")
     assert plan.layer_map() == [[i] for i in range(6) if i not in drop]
     assert plan.changed_layers() == []
 
@@ -86,10 +82,11 @@ def test_merge_layers_in_model_keeps_first_norms() -> None:
             assert torch.equal(got[k], s[0][k]), k
         else:
             want = s[0][k] + (s[1][k] - s[0][k]) + (s[2][k] - s[0][k])
-            assert torch.allclose(got[k], want, atol=1e-6), k
+            assert_close(got[k], want, torch.float32, k, check_dtype=True)
     assert torch.equal(layer_state(new, 2)["attn.q.weight"], layer_state(m, 4)["attn.q.weight"])
     merged = merge_layer_states(s, "mean")
-    assert torch.allclose(merged["mlp.down.weight"], torch.stack([x["mlp.down.weight"] for x in s]).mean(0))
+    assert_close(merged["mlp.down.weight"], torch.stack([x["mlp.down.weight"] for x in s]).mean(0), torch.float32,
+                 "mean merge", check_dtype=True)
 
 
 def test_replace_window_by_mlp_and_decoder_blocks() -> None:
