@@ -13,26 +13,14 @@ from layerfold.kernels.attn_decode import attn_decode, attn_decode_ref
 from layerfold.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from layerfold.kernels.rotary import rotary, rotary_ref
 from layerfold.kernels.swiglu import swiglu, swiglu_ref
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Outputs are rounded once to the input dtype (half an ulp: 2^-24, 2^-11, 2^-8 relative); the fp32
-# math inside adds a few fp32 ulps. Tolerances relative to the largest reference magnitude.
-TOL = {torch.float32: 2e-6, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
+from tests.support.inputs import DTYPES
+from tests.support.tolerances import assert_close
 
 
 def close(got: Tensor, want: Tensor, dtype: torch.dtype, what: str) -> None:
-    """|got - want| <= tol * max|want| elementwise, else fail naming the worst element."""
-    assert got.shape == want.shape, f"{what}: shape {list(got.shape)} != {list(want.shape)}"
+    """The output is in the input dtype (rounded once to it) and within TOL[dtype] of the fp64 reference."""
     assert got.dtype == dtype, f"{what}: dtype {got.dtype} != {dtype}"
-    g, w = got.double(), want.double()
-    assert torch.isfinite(g).all(), f"{what}: non-finite output at {torch.nonzero(~torch.isfinite(g))[:4].tolist()}"
-    scale = max(w.abs().max().item(), 1e-30)
-    err = (g - w).abs()
-    worst = int(err.argmax())
-    if err.reshape(-1)[worst] > TOL[dtype] * scale:
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), w.shape))
-        raise AssertionError(f"{what} ({dtype}): worst at {idx}: got {g[idx].item():.7g}, expected "
-                             f"{w[idx].item():.7g} (error {err[idx].item():.3g} > {TOL[dtype] * scale:.3g})")
+    assert_close(got, want, dtype, what)
 
 
 def rnd(shape: tuple[int, ...], dtype: torch.dtype, seed: int, scale: float = 1.0) -> Tensor:

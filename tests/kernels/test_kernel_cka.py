@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DTYPES, MASKS, assert_close, make_mask, make_x, poison_padding
 
 from layerfold.kernels import (
     cka_from_hsic,
@@ -15,6 +14,8 @@ from layerfold.kernels import (
     ucentered_gram,
     ucentered_gram_ref,
 )
+from tests.support.inputs import DTYPES, MASKS, make_mask, make_x, poison_padding
+from tests.support.tolerances import assert_close
 
 F32 = torch.float32
 
@@ -66,7 +67,7 @@ def test_ucentered_gram_matches_ref(d: int, n: int, mask_kind: str, dtype: torch
     got = ucentered_gram(poison_padding(x, mask), mask)
     assert got.dtype == F32 and got.shape == (m, m)
     assert torch.all(torch.diagonal(got) == 0)
-    assert_close(got, ucentered_gram_ref(x.double(), mask), dtype, f"d={d} n={n} mask={mask_kind}")
+    assert_close(got, ucentered_gram_ref(x.double(), mask), torch.float32, f"d={d} n={n} mask={mask_kind}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -78,7 +79,7 @@ def test_hsic_accumulate_matches_ref(n_layers: int, m: int, dtype: torch.dtype) 
     got = hsic_accumulate(grams, acc)
     assert got is acc
     want = hsic_accumulate_ref(grams.double(), torch.full((n_layers, n_layers), 0.5, dtype=torch.float64))
-    assert_close(got, want, dtype, f"L={n_layers} m={m}")
+    assert_close(got, want, torch.float32, f"L={n_layers} m={m}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -90,16 +91,16 @@ def test_hsic_row_matches_ref(m: int, n_layers: int, dtype: torch.dtype) -> None
     got = hsic_row_accumulate(grams[-1], grams[:-1])
     want = hsic_row_accumulate_ref(grams[-1].double(), grams[:-1].double())
     assert got.dtype == F32
-    assert_close(got, want, dtype, f"L={n_layers} m={m}")
+    assert_close(got, want, torch.float32, f"L={n_layers} m={m}")
 
 
 def test_pipeline_equals_direct_unbiased_hsic_and_cka() -> None:
     xs = _layers(70, 24, 4, seed=1)
     want = hsic_matrix_direct(xs)
     got = hsic_pipeline(xs)
-    assert_close(got, want, F32, "HSIC vs direct")
+    assert_close(got, want, torch.float32, "HSIC vs direct")
     direct_cka = want / torch.sqrt(torch.diagonal(want)[:, None] * torch.diagonal(want)[None, :])
-    assert_close(cka_from_hsic(got), direct_cka, F32, "CKA vs direct")
+    assert_close(cka_from_hsic(got), direct_cka, torch.float32, "CKA vs direct")
 
 
 def test_batches_of_different_m_accumulate_estimates() -> None:
@@ -113,7 +114,7 @@ def test_batches_of_different_m_accumulate_estimates() -> None:
         grams = torch.stack([ucentered_gram(x, mask) for x in xs])
         acc = hsic_accumulate(grams, acc)
         want += hsic_matrix_direct([x[mask] for x in xs])
-    assert_close(acc, want, F32, "accumulated vs sum of estimates")
+    assert_close(acc, want, torch.float32, "accumulated vs sum of estimates")
 
 
 def test_row_order_equals_all_pairs() -> None:
@@ -121,7 +122,7 @@ def test_row_order_equals_all_pairs() -> None:
     full = hsic_accumulate(grams)
     for layer in range(1, 5):
         row = hsic_row_accumulate(grams[layer], grams[:layer])
-        assert_close(row, full[layer, :layer].double(), F32, f"row {layer}")
+        assert_close(row, full[layer, :layer].double(), torch.float32, f"row {layer}")
 
 
 def test_cka_self_is_one_and_invariances() -> None:
@@ -130,10 +131,10 @@ def test_cka_self_is_one_and_invariances() -> None:
     cka = cka_from_hsic(hsic_pipeline([x, y, x @ q, 3.7 * y, x]))
     assert cka.dtype == torch.float64
     one = torch.ones(5, dtype=torch.float64)
-    assert_close(torch.diagonal(cka), one, F32, "CKA(X, X) diagonal")
-    assert_close(cka[0, [2, 4]], one[:2], F32, "CKA(X, XQ) and CKA(X, X)")
+    assert_close(torch.diagonal(cka), one, torch.float32, "CKA(X, X) diagonal")
+    assert_close(cka[0, [2, 4]], one[:2], torch.float32, "CKA(X, XQ) and CKA(X, X)")
     base = cka[0, 1].expand(3)
-    assert_close(torch.stack([cka[2, 1], cka[0, 3], cka[2, 3]]), base, F32, "orthogonal / scale")
+    assert_close(torch.stack([cka[2, 1], cka[0, 3], cka[2, 3]]), base, torch.float32, "orthogonal / scale")
     assert 0.1 < float(cka[0, 1]) < 0.999
 
 
@@ -142,7 +143,7 @@ def test_small_values_are_not_truncated() -> None:
     got = hsic_pipeline(xs)
     want = hsic_matrix_direct(xs)
     assert float(want.abs().max()) < 1e-3
-    assert_close(got, want, F32, "tiny HSIC")
+    assert_close(got, want, torch.float32, "tiny HSIC")
 
 
 def test_too_few_tokens_and_bad_shapes() -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import make_x
 
 from layerfold import kernels
 from layerfold.kernels import _dispatch, channels, cka, cosine, gram
+from tests.support.inputs import make_x
+from tests.support.tolerances import assert_close
 
 # (module, launcher, the torch function plain CPU runs (the reference, or a faster CPU path beside it),
 #  kernel, call with small valid inputs)
@@ -64,7 +65,8 @@ def test_mode_follows_the_environment_at_call_time(monkeypatch) -> None:
     interp = kernels.gram_accumulate(x)
     monkeypatch.delenv("TRITON_INTERPRET")
     ref = kernels.gram_accumulate(x)
-    torch.testing.assert_close(interp, ref, rtol=1e-5, atol=1e-5)
+    for a, b, name in zip(interp, ref, ("G", "s", "ss"), strict=True):
+        assert_close(a, b, torch.float32, f"interpreted vs torch {name}", check_dtype=True)
 
 
 def test_accumulator_checks() -> None:
@@ -113,29 +115,30 @@ def test_fast_cpu_paths_match_references(masked, dtype, monkeypatch) -> None:
         mask = torch.ones(B, T, dtype=torch.bool)
         mask[0, :3] = mask[2, 8:] = False
         x[0, 0] = g[0, 0] = float("nan")
-    tol = dict(rtol=2e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)
     for got, want in ((channels.channel_stats(x, mask), channels.channel_stats_ref(x, mask)),
                       (channels.swiglu_channel_stats(g, u, mask), channels.swiglu_channel_stats_ref(g, u, mask))):
-        torch.testing.assert_close(got[0], want[0], **tol)
-        torch.testing.assert_close(got[1], want[1], **tol)
+        assert_close(got[0], want[0], dtype, "abs_sum", check_dtype=True)
+        assert_close(got[1], want[1], dtype, "sq_sum", check_dtype=True)
     others = torch.stack([make_x((B, T, d), torch.float32, s) for s in (3, 4)])
     if masked:
         others[:, 0, 0] = float("nan")
     base = x.float().nan_to_num()
     unit = base / base.norm(dim=-1, keepdim=True)
     want = cosine.cosine_window_sum_ref(base, others, mask)
-    torch.testing.assert_close(cosine.cosine_window_sum(base, others, mask, base_unit=unit), want,
-                               rtol=1e-5, atol=1e-4)
+    assert_close(cosine.cosine_window_sum(base, others, mask, base_unit=unit), want, torch.float32, "unit base",
+                 check_dtype=True)
     o_unit = others / others.norm(dim=-1, keepdim=True)
     got = cosine.cosine_window_sum(base, o_unit.half(), mask, base_unit=unit.half(), others_unit=True)
-    torch.testing.assert_close(got, cosine.cosine_window_sum_ref(base, others, mask), rtol=1e-3, atol=1e-2)
+    assert_close(got, cosine.cosine_window_sum_ref(base, others, mask), torch.float16, "fp16 unit vectors",
+                 check_dtype=True)
     xs = make_x((4, 9, d), torch.float64, 5)
     k = cka.ucentered_grams(xs)
-    torch.testing.assert_close(k, torch.stack([cka.ucentered_gram_ref(v) for v in xs]))
+    assert_close(k, torch.stack([cka.ucentered_gram_ref(v) for v in xs]), torch.float64, "ucentered_grams",
+                 check_dtype=True)
     prev = torch.stack([torch.stack([cka.ucentered_gram_ref(make_x((9, d), torch.float64, 10 + 3 * i + j))
                                      for j in range(3)]) for i in range(4)])
     want_row = sum(cka.hsic_row_accumulate_ref(k[i], prev[i]) for i in range(4))
-    torch.testing.assert_close(cka.hsic_rows(k, prev), want_row.double())
+    assert_close(cka.hsic_rows(k, prev), want_row.double(), torch.float64, "hsic_rows", check_dtype=True)
 
 
 def test_batched_cka_triton_path_matches_cpu_path(monkeypatch) -> None:
@@ -145,5 +148,5 @@ def test_batched_cka_triton_path_matches_cpu_path(monkeypatch) -> None:
     k_tri = cka.ucentered_grams(xs)
     row_tri = cka.hsic_rows(k_tri, prev)
     monkeypatch.delenv("TRITON_INTERPRET")
-    torch.testing.assert_close(k_tri, cka.ucentered_grams(xs), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(row_tri, cka.hsic_rows(k_tri, prev), rtol=1e-5, atol=1e-4)
+    assert_close(k_tri, cka.ucentered_grams(xs), torch.float32, "ucentered_grams", check_dtype=True)
+    assert_close(row_tri, cka.hsic_rows(k_tri, prev), torch.float32, "hsic_rows", check_dtype=True)

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from layerfold import LayerSpec, ModelSpec, build_model, save_checkpoint
+from layerfold import build_model, save_checkpoint
 from layerfold.cli.main import main
 from layerfold.core.loading import load_tokenizer, resolve
 from layerfold.core.model import Model
 from layerfold.inference.generate import encode_prompt, generate, stream_generate
 from layerfold.inference.sampling import TextStream, sample_next
+from tests.support.models import smollm2_vocab_spec, tiny_model
 
 PROMPTS = ["Hi", "Write a haiku about the sea and the wind over it.", "What is 2+2?"]
 
@@ -27,17 +28,9 @@ def tok() -> Any:
     return load_tokenizer(resolve("smollm2-135m", quiet=True))  # the first call converts the GGUF (~25 s)
 
 
-def tiny_spec(eos: tuple[int, ...] = ()) -> ModelSpec:
-    layers = (LayerSpec(64, 64, 64, 4, 2, 16, 128), LayerSpec(64, 64, 64, 2, 1, 32, 96),
-              LayerSpec(64, 64, 64, d_ffn=80, has_attn=False, kind="mlp"))
-    return ModelSpec(vocab_size=49152, d_model=64, layers=layers, tie_embeddings=True, max_position=512,
-                     eos_token_ids=eos)
-
-
 @pytest.fixture(scope="module")
 def model() -> Model:
-    torch.manual_seed(0)
-    return build_model(tiny_spec()).eval()
+    return tiny_model(smollm2_vocab_spec(max_position=512))
 
 
 def test_greedy_equals_forward_argmax(model: Model, tok: Any) -> None:
@@ -99,12 +92,11 @@ def test_stop_string_and_stream(model: Model, tok: Any) -> None:
 
 
 def test_eos_stops(tok: Any) -> None:
-    torch.manual_seed(0)
-    m = build_model(tiny_spec()).eval()
+    m = tiny_model(smollm2_vocab_spec(max_position=512))
     free = generate(m, tok, PROMPTS[0], max_new_tokens=8)[0]
     eos = free.token_ids[3]
     first = free.token_ids.index(eos)
-    m2 = build_model(tiny_spec(eos=(eos,)), state=m.state_dict()).eval()
+    m2 = build_model(smollm2_vocab_spec(max_position=512, eos_token_ids=(eos,)), state=m.state_dict()).eval()
     res = generate(m2, tok, PROMPTS[0], max_new_tokens=8)[0]
     assert res.finish_reason == "stop" and res.token_ids == free.token_ids[:first]
 

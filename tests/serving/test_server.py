@@ -17,11 +17,11 @@ import pytest
 import torch
 import uvicorn
 
-from layerfold import LayerSpec, ModelSpec, build_model
 from layerfold.core.loading import load_tokenizer, resolve
 from layerfold.core.model import Model
 from layerfold.inference.generate import generate
 from layerfold.serving.server import create_app, serving_threads
+from tests.support.models import smollm2_vocab_spec, tiny_model
 
 NAME = "tiny-test"
 
@@ -36,10 +36,7 @@ def tok() -> Any:
 
 @pytest.fixture(scope="module")
 def model() -> Model:
-    torch.manual_seed(1)
-    layers = (LayerSpec(64, 64, 64, 4, 2, 16, 128), LayerSpec(64, 64, 64, 2, 1, 32, 96))
-    spec = ModelSpec(vocab_size=49152, d_model=64, layers=layers, tie_embeddings=True, max_position=2048)
-    return build_model(spec).eval()
+    return tiny_model(smollm2_vocab_spec(n_layers=2, max_position=2048), seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,6 @@ import math
 import pytest
 import torch
 
-from layerfold import ModelSpec, build_model
-from layerfold.core.model import init_weights
-from layerfold.core.spec import dense_layer
 from layerfold.methods import PruneContext, Target, get_method
 from layerfold.methods.come import (
     MergeStep,
@@ -21,18 +18,15 @@ from layerfold.methods.come import (
     query_heads,
     split_counts,
 )
+from tests.support.models import tiny_model
+from tests.support.tolerances import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def tiny(n_layers: int = 4, n_heads: int = 4, n_kv: int = 2, hd: int = 4, d: int = 16, ffn: int = 24,
-         seed: int = 0, **kw: object) -> torch.nn.Module:
-    spec = ModelSpec(vocab_size=61, d_model=d, layers=tuple(dense_layer(d, n_heads, n_kv, hd, ffn)
-                                                            for _ in range(n_layers)), tie_embeddings=True, **kw)
-    m = build_model(spec)
-    init_weights(m, std=0.2, seed=seed)
-    return m.eval()
+# 16 wide, GQA 4/2 heads of 4, FFN 24, vocab 61, tied; N(0, 0.2) weights
+TINY = dict(d_model=16, heads=4, kv_heads=2, head_dim=4, ffn=24, vocab=61, tie=True, std=0.2)
 
 
 def test_ffn_sensitivity_formula():
@@ -83,7 +77,7 @@ def _label(m: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("kv_a,kv_b", [([1], [0]), ([0], [1]), ([], [0, 1]), ([1, 0][:1], [1])])
 def test_gqa_query_heads_stay_with_their_kv_head(kv_a, kv_b):
-    m = tiny(n_heads=4, n_kv=2, hd=4)  # group size 2: heads 0,1 -> KV 0; heads 2,3 -> KV 1 (h mod 2 would differ)
+    m = tiny_model(**TINY, n_layers=4)  # group size 2: heads 0,1 -> KV 0; heads 2,3 -> KV 1 (h mod 2 would differ)
     _label(m)
     step = MergeStep(a=1, stands_for=[1, 2], distance=0.1, r_a=0.5, kv_a=kv_a, kv_b=kv_b,
                      ffn_a=list(range(0, 24, 2)), ffn_b=list(range(1, 24, 2)))
@@ -106,7 +100,7 @@ def test_gqa_query_heads_stay_with_their_kv_head(kv_a, kv_b):
 
 
 def test_merged_layer_has_original_shape_and_norms_average():
-    m = tiny(n_layers=3, qkv_bias=True, qk_norm=True)
+    m = tiny_model(**TINY, n_layers=3, qkv_bias=True, qk_norm=True)
     with torch.no_grad():
         m.layers[0].attn_norm.weight.fill_(1.0)
         m.layers[1].attn_norm.weight.fill_(3.0)
@@ -127,7 +121,7 @@ def test_merged_layer_has_original_shape_and_norms_average():
 
 def test_fold_norms_is_exact_for_a_pair_of_one_layer():
     """Merging a layer with itself (all groups/channels from a) under norms='fold' reproduces the layer."""
-    m = tiny(n_layers=2)
+    m = tiny_model(**TINY, n_layers=2)
     with torch.no_grad():
         m.layers[0].attn_norm.weight.uniform_(0.5, 2.0)
         m.layers[0].mlp_norm.weight.uniform_(0.5, 2.0)
@@ -136,11 +130,12 @@ def test_fold_norms_is_exact_for_a_pair_of_one_layer():
     new = merge_step(m, step, norms="fold")
     x = torch.randn(2, 5, 16)
     h, ropes, mask = m.prepare(torch.zeros(2, 5, dtype=torch.long))
-    torch.testing.assert_close(new.run_layer(0, x, ropes, mask), m.run_layer(0, x, ropes, mask), rtol=1e-5, atol=1e-5)
+    assert_close(new.run_layer(0, x, ropes, mask), m.run_layer(0, x, ropes, mask), torch.float32, "folded layer",
+                 check_dtype=True)
 
 
 def test_come_method_end_to_end_and_plan_replays():
-    m = tiny(n_layers=6, n_heads=6, n_kv=3, hd=4, d=24, ffn=32, seed=1)
+    m = tiny_model(d_model=24, n_layers=6, heads=6, kv_heads=3, head_dim=4, ffn=32, vocab=61, tie=True, std=0.2, seed=1)
     calib = torch.randint(0, 61, (6, 24), generator=torch.Generator().manual_seed(0))
     ctx = PruneContext(model=m, tokenizer=None, source="tiny", target=Target.parse("2"), stats=None, calib=calib,
                        progress=False, options={"come_samples": 4})

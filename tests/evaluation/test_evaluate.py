@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from layerfold import build_model
 from layerfold.core.data import MCItem
 from layerfold.core.loading import load_tokenizer, resolve
-from layerfold.core.spec import ModelSpec, dense_layer
 from layerfold.evaluation import evaluate as E
+from tests.support.models import tiny_model
+from tests.support.tolerances import approx
 
 
 @pytest.fixture(scope="session")
@@ -21,15 +21,9 @@ def tok():
     return load_tokenizer(resolve("smollm2-135m", quiet=True))
 
 
-def tiny_model(vocab: int = 97, seed: int = 0):
-    torch.manual_seed(seed)
-    spec = ModelSpec(vocab_size=vocab, d_model=32, layers=tuple(dense_layer(32, 4, 2, 8, 48) for _ in range(2)))
-    m = build_model(spec)
-    with torch.no_grad():  # larger weights than init: logits far from uniform
-        for p in m.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.3)
-    return m.eval()
+# 32 wide, GQA 4/2 heads of 8, FFN 48, two layers; N(0, 0.3) weights, larger than torch's init: logits far
+# from uniform
+SMALL = dict(d_model=32, n_layers=2, heads=4, kv_heads=2, head_dim=8, ffn=48, std=0.3)
 
 
 class Uniform(nn.Module):
@@ -56,7 +50,7 @@ class Prefers(nn.Module):
 
 @pytest.mark.parametrize("seq_len,batch_size,max_tokens", [(16, 3, None), (7, 2, 40), (33, 8, None)])
 def test_perplexity_matches_plain_loop(seq_len: int, batch_size: int, max_tokens: int | None):
-    m = tiny_model()
+    m = tiny_model(**SMALL, vocab=97)
     tokens = torch.randint(0, 97, (120,), generator=torch.Generator().manual_seed(1))
     r = E.perplexity(m, tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens)
     n = len(tokens) if max_tokens is None else max_tokens
@@ -68,13 +62,13 @@ def test_perplexity_matches_plain_loop(seq_len: int, batch_size: int, max_tokens
             nlls += [-lp[t, w[t + 1]].item() for t in range(seq_len - 1)]
     ref = sum(nlls) / len(nlls)
     assert r["windows"] == n // seq_len and r["tokens"] == len(nlls) and r["seq_len"] == seq_len
-    assert r["nll"] == pytest.approx(ref, rel=1e-5) and r["ppl"] == pytest.approx(math.exp(ref), rel=1e-5)
+    assert r["nll"] == approx(ref, torch.float32) and r["ppl"] == approx(math.exp(ref), torch.float32)
     assert r["ppl"] > 97 * 1.05  # a random model is worse than uniform: the test would catch a no-op
 
 
 def test_uniform_logits_give_ppl_vocab_and_short_input_errors():
     r = E.perplexity(Uniform(50), torch.arange(100) % 50, seq_len=10, batch_size=4)
-    assert r["ppl"] == pytest.approx(50.0, rel=1e-6) and r["windows"] == 10 and r["tokens"] == 90
+    assert r["ppl"] == approx(50.0, torch.float32) and r["windows"] == 10 and r["tokens"] == 90
     with pytest.raises(ValueError, match="fewer than one window.*Fix"):
         E.perplexity(Uniform(50), torch.arange(5), seq_len=10)
 
@@ -88,20 +82,20 @@ def test_encode_pair_follows_lm_eval(tok):
 
 
 def test_loglikelihoods_batched_equal_one_by_one(tok):
-    m = tiny_model(vocab=len(tok), seed=2)
+    m = tiny_model(**SMALL, vocab=len(tok), seed=2)
     reqs = [E.encode_pair(tok, c, x) for c, x in [("a b c", " d e"), ("hello there", " world"), ("x", " y z w v")]]
     together = E.loglikelihoods(m, reqs, batch_size=3)
     alone = [E.loglikelihoods(m, [r], batch_size=1)[0] for r in reqs]
-    assert together == pytest.approx(alone, rel=1e-5, abs=1e-4)
+    assert together == approx(alone, torch.float32)
     ctx, cont = reqs[1]
     with torch.no_grad():
         lp = m(torch.tensor([ctx + cont]))[0].double().log_softmax(-1)
     ref = sum(lp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
-    assert together[1] == pytest.approx(ref, rel=1e-5)
+    assert together[1] == approx(ref, torch.float32)
 
 
 def test_shared_context_path_equals_plain_rows(tok):
-    m = tiny_model(vocab=len(tok), seed=5)
+    m = tiny_model(**SMALL, vocab=len(tok), seed=5)
     items = [MCItem("The quick brown", [" fox jumps", " dog", " cat sat on the mat", "!"], 2),
              MCItem("Hello", [" world", " there friend"], 0, delimiter=""),
              MCItem("Q: 2+2? A:", ["4", "5", "four"], 0, delimiter=" "),
@@ -113,7 +107,7 @@ def test_shared_context_path_equals_plain_rows(tok):
     flat = [(ctx, c) for ctx, conts in groups for c in conts]
     for bs in (1, 16):
         shared = [v for g in E.grouped_loglikelihoods(m, groups, batch_size=bs) for v in g]
-        assert shared == pytest.approx(E.loglikelihoods(m, flat, batch_size=3), rel=1e-4, abs=1e-4)
+        assert shared == approx(E.loglikelihoods(m, flat, batch_size=3), torch.float32)
     assert E.mc_accuracy(m, tok, items) == E.mc_accuracy(lambda ids: m(ids), tok, items)
 
 
@@ -139,7 +133,7 @@ def test_acc_and_acc_norm_differ_as_defined(tok):
 
 
 def test_evaluate_runs_both_tasks_on_a_tiny_model(tok):
-    m = tiny_model(vocab=len(tok), seed=3)
+    m = tiny_model(**SMALL, vocab=len(tok), seed=3)
     r = E.evaluate(m, tok, seq_len=64, max_tokens=256, mc_items=8, batch_size=4)
     assert r["ppl"]["windows"] == 4 and r["mc"]["n"] == 8 and 0 <= r["mc"]["acc"] <= 1
     assert r["seconds"] > 0 and r["data"] == "pydoc"
@@ -151,7 +145,7 @@ def test_evaluate_reads_a_user_mc_file(tmp_path, tok):
     p = tmp_path / "mc.jsonl"
     p.write_text("".join(json.dumps({"context": f"Item {i}:", "choices": ["yes", "no"], "label": i % 2}) + "\n"
                          for i in range(6)))
-    m = tiny_model(vocab=len(tok), seed=6)
+    m = tiny_model(**SMALL, vocab=len(tok), seed=6)
     r = E.evaluate(m, tok, data=p, tasks=("mc",), mc_items=4)
     assert r["mc"]["n"] == 4 and r["mc"]["chance"] == 0.5 and "ppl" not in r
     with pytest.raises(ValueError, match="no perplexity. Fix: .*--task mc"):
@@ -162,7 +156,7 @@ def test_cli_eval_json(monkeypatch, capsys, tok):
     from layerfold.cli import eval as cmd
     from layerfold.cli.main import main
 
-    monkeypatch.setattr(cmd, "load", lambda src, **kw: (tiny_model(vocab=len(tok), seed=4), tok))
+    monkeypatch.setattr(cmd, "load", lambda src, **kw: (tiny_model(**SMALL, vocab=len(tok), seed=4), tok))
     assert main(["eval", "any", "--json", "--seq-len", "32", "--max-tokens", "64", "--mc-items", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "any" and out["ppl"]["windows"] == 2 and out["mc"]["n"] == 4 and out["params"] > 0

@@ -10,41 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerfold import LayerSpec, ModelSpec, build_model
 from layerfold.core.model import Model
 from layerfold.inference.decode_net import attend_reduce
 from layerfold.inference.runtime import Runtime, decode_weight_bytes
-
-TOL = 2e-4  # fp32 logits of a tiny random model: fused GEMMs and SDPA vs the eager forward
-
+from tests.support.models import RUNTIME_SPECS, hetero_runtime_spec, tiny_model, tiny_spec
+from tests.support.tolerances import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def hetero_spec(**kw: object) -> ModelSpec:
-    """Different heads / KV heads / head dims / FFN widths per layer, a replacement MLP block, a
-    SliceGPT-style width change with shortcut matrices, and an attention-only layer."""
-    L = LayerSpec
-    layers = (
-        L(d_in=64, d_mid=64, d_out=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ffn=96),
-        L(d_in=64, d_mid=48, d_out=48, n_heads=3, n_kv_heads=1, head_dim=16, d_ffn=80, attn_shortcut=True),
-        L(d_in=48, d_mid=48, d_out=48, d_ffn=70, has_attn=False, kind="mlp"),
-        L(d_in=48, d_mid=48, d_out=48, n_heads=6, n_kv_heads=3, head_dim=10, has_mlp=False),
-        L(d_in=48, d_mid=48, d_out=40, n_heads=2, n_kv_heads=2, head_dim=8, d_ffn=50, mlp_shortcut=True),
-    )
-    base = dict(vocab_size=300, d_model=64, layers=layers, max_position=256)
-    base.update(kw)
-    return ModelSpec(**base).validate()  # type: ignore[arg-type]
-
-
-def tiny(spec: ModelSpec, seed: int = 0) -> Model:
-    torch.manual_seed(seed)
-    m = build_model(spec).eval()
-    with torch.no_grad():  # non-trivial norm weights and biases
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return m
 
 
 def greedy_with_runtime(rt: Runtime, prompts: list[list[int]], steps: int,
@@ -72,22 +44,14 @@ def check_against_forward(m: Model, prompts: list[list[int]], seqs: list[list[in
             full = m(torch.tensor([s]))[0]  # (T, V)
             want = full[len(prompts[i]) - 1:-1].argmax(-1).tolist()
             assert s[len(prompts[i]):] == want, f"prompt {i}: runtime {s[len(prompts[i]):]} vs forward {want}"
-            err = (full[-1] - last[i]).abs().max().item()
-            assert err < TOL, f"prompt {i}: last-step logits differ by {err:.3g}"
+            # fp32 logits: fused GEMMs and SDPA vs the eager forward
+            assert_close(last[i], full[-1], torch.float32, f"prompt {i}: last-step logits vs forward")
 
 
-SPECS = {
-    "hetero": hetero_spec(),
-    "qk_norm+bias": hetero_spec(qk_norm=True, qkv_bias=True, arch="qwen3"),
-    "sliding+llama3rope": hetero_spec(sliding_window=5, rope_type="llama3", rope_factor=8.0,
-                                      rope_original_max_pos=64, arch="mistral"),
-}
-
-
-@pytest.mark.parametrize("name,kernels", [(n, "torch") for n in SPECS] + [
+@pytest.mark.parametrize("name,kernels", [(n, "torch") for n in RUNTIME_SPECS] + [
     ("qk_norm+bias", "triton"), ("sliding+llama3rope", "triton")])  # Triton: every kernel, interpreted
 def test_runtime_matches_forward(name: str, kernels: str) -> None:
-    m = tiny(SPECS[name])
+    m = tiny_model(RUNTIME_SPECS[name], norm_gains=True)
     rt = Runtime(m, max_batch=3, max_len=48, kernels=kernels)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
     seqs, last = greedy_with_runtime(rt, prompts, steps=6 if kernels == "torch" else 3)  # interpreter: slow
@@ -97,29 +61,30 @@ def test_runtime_matches_forward(name: str, kernels: str) -> None:
 
 def test_rows_are_independent() -> None:
     """Batched (different lengths, scattered rows, idle rows in between) equals one row at a time."""
-    m = tiny(hetero_spec(), seed=1)
+    m = tiny_model(hetero_runtime_spec(), seed=1, norm_gains=True)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
     rt = Runtime(m, max_batch=6, max_len=32)
     batched, last_b = greedy_with_runtime(rt, prompts, steps=5, rows=[4, 0, 2])
     for i, p in enumerate(prompts):
         single, last_s = greedy_with_runtime(Runtime(m, max_batch=1, max_len=32), [p], steps=5)
         assert single[0] == batched[i]
-        assert (last_s[0] - last_b[i]).abs().max().item() < TOL
+        assert_close(last_b[i], last_s[0], torch.float32, f"row {i}: batched vs alone")
     check_against_forward(m, prompts, batched, last_b)
 
 
 def test_bf16_runtime_close_to_forward() -> None:
-    m = tiny(hetero_spec(), seed=2).to(torch.bfloat16)
+    m = tiny_model(hetero_runtime_spec(), seed=2, norm_gains=True, dtype=torch.bfloat16)
     rt = Runtime(m, max_batch=1, max_len=32)
     logits = rt.prefill([[3, 4, 5, 6]])
     logits = rt.decode([7])
     with torch.no_grad():
         want = m(torch.tensor([[3, 4, 5, 6, 7]]))[0, -1].float()
+    # two bf16 routes through five layers: roundings compound on both sides, beyond TOL[bfloat16] (one rounding)
     assert (logits[0] - want).abs().max().item() < 0.05 * want.abs().max().item()
 
 
 def test_limits_raise_with_fix() -> None:
-    m = tiny(hetero_spec())
+    m = tiny_model(hetero_runtime_spec(), norm_gains=True)
     rt = Runtime(m, max_batch=2, max_len=8)
     with pytest.raises(ValueError, match="Fix:"):
         rt.prefill([list(range(1, 9))])  # 8 tokens leave no slot to generate into
@@ -136,14 +101,13 @@ def test_limits_raise_with_fix() -> None:
 
 
 def test_weight_bytes_is_what_a_step_reads() -> None:
-    tied = hetero_spec(tie_embeddings=False)
-    m = tiny(tied)
+    tied = hetero_runtime_spec(tie_embeddings=False)
+    m = tiny_model(tied, norm_gains=True)
     n = m.num_params() - tied.vocab_size * tied.d_model  # the embedding table is read a row at a time
     assert decode_weight_bytes(tied, torch.float32) == 4 * n
-    dense = ModelSpec(vocab_size=100, d_model=32, tie_embeddings=True,
-                      layers=tuple(LayerSpec(32, 32, 32, 4, 2, 8, 64) for _ in range(3)))
-    assert decode_weight_bytes(dense, torch.bfloat16) == 2 * tiny(dense).num_params()
-    assert Runtime(tiny(dense), max_batch=2, max_len=16).cache_bytes() == 3 * 2 * 2 * 2 * 16 * 8 * 4
+    dense = tiny_spec(d_model=32, n_layers=3, heads=4, kv_heads=2, ffn=64, vocab=100, tie=True)  # head_dim 8
+    assert decode_weight_bytes(dense, torch.bfloat16) == 2 * tiny_model(dense).num_params()
+    assert Runtime(tiny_model(dense), max_batch=2, max_len=16).cache_bytes() == 3 * 2 * 2 * 2 * 16 * 8 * 4
 
 
 def test_bench_models_api_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -152,9 +116,9 @@ def test_bench_models_api_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
     from layerfold.cli.main import main
     from layerfold.evaluation.benchmark import bench_models
 
-    dense = ModelSpec(vocab_size=200, d_model=32, tie_embeddings=True, max_position=64, bos_token_id=1,
-                      layers=tuple(LayerSpec(32, 32, 32, 4, 2, 8, 64) for _ in range(4)))
-    m = tiny(dense)
+    dense = tiny_spec(d_model=32, n_layers=4, heads=4, kv_heads=2, ffn=64, vocab=200, tie=True, max_position=64,
+                      bos_token_id=1)
+    m = tiny_model(dense, norm_gains=True)
     srcs = []
     for name, keep in (("dense", 4), ("pruned", 3)):
         spec = dense.with_layers(dense.layers[:keep])
@@ -174,7 +138,7 @@ def test_bench_models_api_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert p["speedup"] == pytest.approx(paired(p, d)) and p["vs_hf"] == pytest.approx(paired(p, h))
         lo, hi = p["pct_of_bound_range"]
         assert lo <= p["pct_of_bound"] <= hi and p["speedup_range"][0] <= p["speedup"] <= p["speedup_range"][1]
-    assert rows[(srcs[1], "layerfold", 1)]["predicted_speedup"] == pytest.approx(m.num_params() / tiny(
+    assert rows[(srcs[1], "layerfold", 1)]["predicted_speedup"] == pytest.approx(m.num_params() / tiny_model(
         dense.with_layers(dense.layers[:3])).num_params())
     assert "vs_hf" in rows[(srcs[0], "layerfold", 2)]
     png = tmp_path / "bench.png"
@@ -192,7 +156,7 @@ def test_bench_models_api_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 @pytest.mark.gpu
 def test_cuda_graph_triton_path_matches_forward() -> None:
-    m = tiny(SPECS["qk_norm+bias"]).cuda()
+    m = tiny_model(RUNTIME_SPECS["qk_norm+bias"], norm_gains=True).cuda()
     rt = Runtime(m, max_batch=3, max_len=48)
     assert rt.backend == "triton" and rt._graphs is not None
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
@@ -203,7 +167,7 @@ def test_cuda_graph_triton_path_matches_forward() -> None:
 def test_idle_rows_pad_a_static_batch() -> None:
     """decode of n rows padded to a larger static batch (idle rows n..b-1, as a compiled runtime with
     static_batches does) returns the same tokens and logits, and leaves the idle rows' lengths alone."""
-    m = tiny(hetero_spec(), seed=4)
+    m = tiny_model(hetero_runtime_spec(), seed=4, norm_gains=True)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [40, 41, 42, 43]]
     plain = Runtime(m, max_batch=4, max_len=32)
     padded = Runtime(m, max_batch=4, max_len=32)
@@ -212,7 +176,7 @@ def test_idle_rows_pad_a_static_batch() -> None:
     want, last_w = greedy_with_runtime(plain, prompts, steps=5)
     got, last_g = greedy_with_runtime(padded, prompts, steps=5)
     assert got == want and last_g.shape == last_w.shape
-    assert (last_g - last_w).abs().max().item() < TOL
+    assert_close(last_g, last_w, torch.float32, "padded static batch vs plain")
     assert padded.lengths == plain.lengths and padded.lengths[3] == 0
     with pytest.raises(ValueError, match="static_batches"):
         Runtime(m, max_batch=4, max_len=32, static_batches=(2,))  # not compiled
@@ -234,9 +198,9 @@ def test_attend_reduce_equals_sdpa(window: int | None) -> None:
         valid = valid & (j > pos[:, None] - window)
     mask = valid[:, None, None, :]
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert torch.allclose(attend_reduce(q, k, v, mask), want, atol=1e-5)
-    assert torch.allclose(attend_reduce(q[:1], k[:1], v[:1], None),
-                          F.scaled_dot_product_attention(q[:1], k[:1], v[:1]), atol=1e-5)
+    assert_close(attend_reduce(q, k, v, mask), want, torch.float32, "masked", check_dtype=True)
+    assert_close(attend_reduce(q[:1], k[:1], v[:1], None), F.scaled_dot_product_attention(q[:1], k[:1], v[:1]),
+                 torch.float32, "no mask", check_dtype=True)
 
 
 @pytest.mark.slow
@@ -244,7 +208,8 @@ def test_two_compiled_runtimes_share_a_process() -> None:
     """Two compiled runtimes in one process (dense and pruned in one bench, say) each run their own
     graphs: after warm-up dynamo checks only the guards that tell its graphs apart, so this checks that
     those include which runtime, batch of one or more, and for a sliding-window model the masked graph."""
-    ms = [tiny(SPECS["sliding+llama3rope"]), tiny(SPECS["qk_norm+bias"], seed=3)]
+    ms = [tiny_model(RUNTIME_SPECS["sliding+llama3rope"], norm_gains=True),
+          tiny_model(RUNTIME_SPECS["qk_norm+bias"], seed=3, norm_gains=True)]
     rts = [Runtime(m, max_batch=3, max_len=48, compile=True, autotune=False) for m in ms]
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
     for _ in range(2):
@@ -257,7 +222,7 @@ def test_two_compiled_runtimes_share_a_process() -> None:
 @pytest.mark.slow
 def test_compiled_static_batch_matches_forward() -> None:
     """A static batch graph (batch 3 here) serves 3 rows, and 2 rows padded with an idle one."""
-    m = tiny(SPECS["hetero"], seed=5)
+    m = tiny_model(RUNTIME_SPECS["hetero"], seed=5, norm_gains=True)
     rt = Runtime(m, max_batch=3, max_len=48, compile=True, autotune=False, static_batches=(3,))
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
     for batch in (prompts, prompts[:2]):
@@ -268,7 +233,7 @@ def test_compiled_static_batch_matches_forward() -> None:
 @pytest.mark.slow
 def test_compiled_runtime_matches_forward() -> None:
     """torch.compile + inductor freezing (1-2 minutes of compiling): the caches must stay mutable inputs."""
-    m = tiny(SPECS["sliding+llama3rope"])
+    m = tiny_model(RUNTIME_SPECS["sliding+llama3rope"], norm_gains=True)
     rt = Runtime(m, max_batch=3, max_len=48, compile=True)
     assert rt.compile_s > 0
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]

@@ -7,27 +7,17 @@ import json
 import pytest
 import torch
 
-from layerfold.core.model import build_model, init_weights
-from layerfold.core.spec import ModelSpec, dense_layer
 from layerfold.surgery.depth import apply_depth_plan, layer_state, merge_layer_states, merge_tensors
 from layerfold.surgery.plan import DepthPlan, Merge, Replace, plan_from_groups
-
-ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-
+from tests.support.models import tiny_model
+from tests.support.tolerances import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(n_layers: int = 6, tie: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32):
-    layer = dense_layer(48, 4, 2, 12, 72)  # GQA, group of 2; non-power-of-two widths
-    spec = ModelSpec(vocab_size=61, d_model=48, layers=(layer,) * n_layers, tie_embeddings=tie, norm_eps=1e-6)
-    m = build_model(spec)
-    init_weights(m, std=0.15, seed=seed)  # large enough that every layer changes the output
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return m.to(dtype).eval()
+# GQA (group of 2), non-power-of-two widths; std 0.15 is large enough that every layer changes the output
+TINY = dict(d_model=48, n_layers=6, heads=4, kv_heads=2, head_dim=12, ffn=72, vocab=61, tie=True, norm_eps=1e-6,
+            std=0.15, norm_gains=True)
 
 
 def ids(B: int = 2, T: int = 11, seed: int = 0) -> torch.Tensor:
@@ -45,22 +35,20 @@ def run_skipping(m, x: torch.Tensor, skip: set[int]) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("drop", [[0], [2, 4], [5], [1, 2, 3]])
 def test_drop_equals_skipping_in_forward(drop: list[int], dtype: torch.dtype) -> None:
-    m = tiny(dtype=dtype)
+    m = tiny_model(**TINY, dtype=dtype)
     x = ids()
     plan = DepthPlan(n_layers=6, drop=tuple(drop))
     new = apply_depth_plan(m, plan)
     assert new.spec.n_layers == 6 - len(drop)
     with torch.no_grad():
         got, want = new(x), run_skipping(m, x, set(drop))
-    diff = (got - want).abs()
-    where = (diff == diff.max()).nonzero()[0].tolist()
-    assert float(diff.max()) < ATOL[dtype], f"max diff {float(diff.max()):.3g} at (b, t, v) = {where}"
+    assert_close(got, want, dtype, "pruned model vs skipping the layers (b, t, v)")
     assert plan.layer_map() == [[i] for i in range(6) if i not in drop]
     assert plan.changed_layers() == []
 
 
 def test_merge_group_of_one_is_identity() -> None:
-    m = tiny()
+    m = tiny_model(**TINY)
     plan = DepthPlan(n_layers=6, merge=(Merge(3, 3, "consolidate"),))
     new = apply_depth_plan(m, plan)
     x = ids()
@@ -82,7 +70,7 @@ def test_consolidate_matches_formula(n: int) -> None:
 
 
 def test_merge_layers_in_model_keeps_first_norms() -> None:
-    m = tiny()
+    m = tiny_model(**TINY)
     plan = DepthPlan(n_layers=6, merge=(Merge(1, 3, "consolidate"),))
     new = apply_depth_plan(m, plan)
     assert new.spec.n_layers == 4 and plan.layer_map() == [[0], [1, 2, 3], [4], [5]]
@@ -94,14 +82,15 @@ def test_merge_layers_in_model_keeps_first_norms() -> None:
             assert torch.equal(got[k], s[0][k]), k
         else:
             want = s[0][k] + (s[1][k] - s[0][k]) + (s[2][k] - s[0][k])
-            assert torch.allclose(got[k], want, atol=1e-6), k
+            assert_close(got[k], want, torch.float32, k, check_dtype=True)
     assert torch.equal(layer_state(new, 2)["attn.q.weight"], layer_state(m, 4)["attn.q.weight"])
     merged = merge_layer_states(s, "mean")
-    assert torch.allclose(merged["mlp.down.weight"], torch.stack([x["mlp.down.weight"] for x in s]).mean(0))
+    assert_close(merged["mlp.down.weight"], torch.stack([x["mlp.down.weight"] for x in s]).mean(0), torch.float32,
+                 "mean merge", check_dtype=True)
 
 
 def test_replace_window_by_mlp_and_decoder_blocks() -> None:
-    m = tiny()
+    m = tiny_model(**TINY)
     src = layer_state(m, 2)
     plan = DepthPlan(n_layers=6, replace=(Replace(2, 4, "mlp"),))
     new = apply_depth_plan(m, plan)
@@ -122,7 +111,7 @@ def test_replace_window_by_mlp_and_decoder_blocks() -> None:
 
 
 def test_surgery_makes_compact_independent_copies() -> None:
-    m = tiny()
+    m = tiny_model(**TINY)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     new = apply_depth_plan(m, DepthPlan(n_layers=6, drop=(1,), merge=(Merge(3, 4),)))
     src_ptrs = {v.data_ptr() for v in m.state_dict().values()}
@@ -173,6 +162,6 @@ def test_plan_errors_name_cause_and_fix(bad: dict, needle: str) -> None:
 
 
 def test_plan_for_another_model_is_refused() -> None:
-    m = tiny()
+    m = tiny_model(**TINY)
     with pytest.raises(ValueError, match="written for a 8-layer model"):
         apply_depth_plan(m, DepthPlan(n_layers=8, drop=(1,)))

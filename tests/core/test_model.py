@@ -10,13 +10,12 @@ import torch.nn.functional as F
 
 import layerfold
 from layerfold.core.model import KVCache
-from layerfold.core.spec import LayerSpec, ModelSpec
-from tests.hf_tiny import tiny_hf, to_layerfold
+from layerfold.core.spec import ModelSpec
+from tests.support.models import HF_FAMILIES, hetero_reference_spec, tiny_hf, tiny_model, to_layerfold
+from tests.support.tolerances import assert_close
 
-FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 
-
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 @pytest.mark.parametrize("tie", [False, True])
 def test_parity_with_hf_tiny(family, tie):
     hf = tiny_hf(family, tie=tie)
@@ -25,8 +24,7 @@ def test_parity_with_hf_tiny(family, tie):
     with torch.no_grad():
         ref = hf(ids).logits
         got = lf(ids)
-    err = (got - ref).abs().max().item()
-    assert err <= 1e-4, f"{family}: max |logit diff| {err:.3g}"
+    assert_close(got, ref, torch.float32, f"{family} logits vs transformers")
 
 
 def test_family_features_are_used():
@@ -44,7 +42,7 @@ def test_kv_cache_matches_full_forward(family):
         full = lf(ids)
         cache = KVCache.allocate(lf.spec, 2, 32, "cpu", torch.float32)
         parts = [lf(ids[:, :10], cache=cache)] + [lf(ids[:, t:t + 1], cache=cache) for t in range(10, 24)]
-    assert (torch.cat(parts, 1) - full).abs().max() < 1e-4
+    assert_close(torch.cat(parts, 1), full, torch.float32, f"{family} cached steps vs full forward")
 
 
 def test_padding_mask_left_padded_equals_unpadded():
@@ -55,7 +53,7 @@ def test_padding_mask_left_padded_equals_unpadded():
     with torch.no_grad():
         a = lf(ids)
         b = lf(pad, key_valid=valid)[:, 5:]
-    assert (a - b).abs().max() < 1e-4
+    assert_close(b, a, torch.float32, "left-padded vs unpadded")
 
 
 @pytest.mark.slow
@@ -69,23 +67,10 @@ def test_parity_smollm2_135m():
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     ids = tok("def add(a, b):\n    return a + b  # The quick brown fox", return_tensors="pt").input_ids
     with torch.no_grad():
-        err = (model(ids) - hf(ids).logits).abs().max().item()
-    assert err <= 1e-4, err
+        assert_close(model(ids), hf(ids).logits, torch.float32, "smollm2-135m logits vs transformers")
 
 
-# ---- heterogeneous spec against a plain per-layer reference written here -------------------------------
-def hetero_spec() -> ModelSpec:
-    L = LayerSpec
-    layers = (
-        L(d_in=48, d_mid=48, d_out=48, n_heads=6, n_kv_heads=2, head_dim=8, d_ffn=80),
-        L(d_in=48, d_mid=40, d_out=40, n_heads=2, n_kv_heads=1, head_dim=16, d_ffn=24, attn_shortcut=True),
-        L(d_in=40, d_mid=40, d_out=32, has_attn=False, d_ffn=56, kind="mlp", mlp_shortcut=True),
-        L(d_in=32, d_mid=32, d_out=32, n_heads=4, n_kv_heads=4, head_dim=8, d_ffn=16, has_mlp=False),
-        L(d_in=32, d_mid=24, d_out=24, n_heads=3, n_kv_heads=3, head_dim=8, d_ffn=40, attn_shortcut=True),
-    )
-    return ModelSpec(vocab_size=61, d_model=48, layers=layers, norm_eps=1e-5, rope_theta=500.0).validate()
-
-
+# ---- a heterogeneous spec against a plain per-layer reference written here --------------------------------
 def _rms(x, w, eps):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
@@ -132,21 +117,15 @@ def _ref_forward(sd: dict, spec: ModelSpec, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_heterogeneous_spec_matches_reference():
-    spec = hetero_spec()
-    m = layerfold.build_model(spec)
-    layerfold.core.model.init_weights(m, std=0.2, seed=0)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
+    spec = hetero_reference_spec()
+    m = tiny_model(spec, std=0.2, norm_gains=True)
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = m(ids).double()
     ref = _ref_forward(m.state_dict(), spec, ids)
-    rel = ((got - ref).abs().max() / ref.abs().max()).item()
-    assert rel < 1e-5, rel
+    assert_close(got, ref, torch.float32, "forward vs fp64 reference")
     # and with a cache, token by token
     with torch.no_grad():
         cache = KVCache.allocate(spec, 2, 9, "cpu", torch.float32)
         steps = torch.cat([m(ids[:, t:t + 1], cache=cache) for t in range(9)], 1).double()
-    assert ((steps - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    assert_close(steps, ref, torch.float32, "cached steps vs fp64 reference")

@@ -10,11 +10,11 @@ import torch
 
 import layerfold
 from layerfold.core.checkpoint import save_checkpoint
-from layerfold.core.model import build_model, init_weights
-from layerfold.core.spec import ModelSpec, dense_layer
 from layerfold.methods import PruneContext, Target, get_method
 from layerfold.methods.merge_search import MergeSimilarity, groups_of
 from layerfold.methods.slm import slide
+from tests.support.models import tiny_model
+from tests.support.tolerances import approx
 
 L = 8
 
@@ -22,17 +22,10 @@ L = 8
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(seed: int = 0) -> layerfold.Model:
-    spec = ModelSpec(vocab_size=61, d_model=48, layers=(dense_layer(48, 4, 2, 12, 72),) * L, tie_embeddings=True,
-                     arch="llama")
-    m = build_model(spec)
-    init_weights(m, std=0.08, seed=seed)
-    return m.eval().requires_grad_(False)
-
-
 @pytest.fixture(scope="module")
 def setup():
-    m = tiny()
+    m = tiny_model(d_model=48, n_layers=L, heads=4, kv_heads=2, ffn=72, vocab=61, tie=True, arch="llama",
+                   std=0.08).requires_grad_(False)
     calib = torch.randint(0, 61, (6, 24), generator=torch.Generator().manual_seed(1))
     from layerfold.calibration.calibrate import calibrate
 
@@ -112,7 +105,7 @@ def test_similarity_of_the_dense_partition_is_one(setup) -> None:
     m, calib, _ = setup
     s = MergeSimilarity(m, calib[:3])
     sc = s.scores([[i] for i in range(L)])
-    assert abs(sc["cka"] - 1) < 1e-6 and abs(sc["final-cosine"] - 1) < 1e-6
+    assert sc["cka"] == approx(1.0, torch.float32) and sc["final-cosine"] == approx(1.0, torch.float32)
     sc2 = s.scores(groups_of(L, [(2, 4)]))
     assert sc2["final-cosine"] < 1 and s.evaluations == 2
 

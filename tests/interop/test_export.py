@@ -9,32 +9,26 @@ import torch
 
 from layerfold.cli.export import export_hf
 from layerfold.core.checkpoint import save_checkpoint
-from layerfold.core.model import build_model, init_weights
-from layerfold.core.spec import ModelSpec, dense_layer
 from layerfold.surgery.depth import apply_depth_plan
 from layerfold.surgery.plan import DepthPlan, Merge, Replace
+from tests.support.models import tiny_model
+from tests.support.tolerances import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(tie: bool, seed: int = 0, n_layers: int = 5):
-    spec = ModelSpec(vocab_size=89, d_model=48, layers=(dense_layer(48, 4, 2, 12, 72),) * n_layers,
-                     tie_embeddings=tie, norm_eps=1e-6, rope_theta=10000.0, max_position=128, arch="llama",
-                     bos_token_id=1, eos_token_ids=(2,))
-    m = build_model(spec)
-    init_weights(m, std=0.1, seed=seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return m.eval()
+# a Llama with every field export writes: 48 wide, GQA 4/2 heads of 12, FFN 72, five layers; N(0, 0.1)
+# weights, norm gains U(0.5, 1.5)
+LLAMA = dict(d_model=48, n_layers=5, heads=4, kv_heads=2, head_dim=12, ffn=72, vocab=89, norm_eps=1e-6,
+             rope_theta=10000.0, max_position=128, arch="llama", bos_token_id=1, eos_token_ids=(2,), std=0.1,
+             norm_gains=True)
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_export_depth_pruned_llama_loads_in_transformers(tmp_path, tie: bool) -> None:
     from transformers import AutoModelForCausalLM
 
-    m = tiny(tie)
+    m = tiny_model(**LLAMA, tie=tie)
     pruned = apply_depth_plan(m, DepthPlan(n_layers=5, drop=(3,), merge=(Merge(0, 1),)))
     ckpt = save_checkpoint(tmp_path / "pruned", pruned.spec, pruned.state_dict(),
                            provenance={"method": "test", "layer_map": [[0, 1], [2], [4]]})
@@ -47,12 +41,11 @@ def test_export_depth_pruned_llama_loads_in_transformers(tmp_path, tie: bool) ->
     with torch.no_grad():
         want = pruned(ids)
         got = hf(ids).logits
-    diff = (got - want).abs()
-    assert float(diff.max()) < 1e-4, f"max |HF - layerfold| = {float(diff.max()):.3g}"
+    assert_close(got, want, torch.float32, "exported model in transformers vs layerfold")
 
 
 def test_streamline_mlp_block_cannot_export_and_says_what_to_do(tmp_path) -> None:
-    m = tiny(True)
+    m = tiny_model(**LLAMA, tie=True)
     pruned = apply_depth_plan(m, DepthPlan(n_layers=5, replace=(Replace(1, 3, "mlp"),)))
     ckpt = save_checkpoint(tmp_path / "pruned", pruned.spec, pruned.state_dict())
     with pytest.raises(ValueError) as e:
@@ -66,7 +59,7 @@ def test_streamline_mlp_block_cannot_export_and_says_what_to_do(tmp_path) -> Non
 
 
 def test_export_refuses_source_and_existing_out(tmp_path) -> None:
-    m = tiny(True)
+    m = tiny_model(**LLAMA, tie=True)
     ckpt = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict())
     with pytest.raises(ValueError, match="refusing to write over"):
         export_hf(ckpt, ckpt)

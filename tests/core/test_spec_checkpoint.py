@@ -12,11 +12,12 @@ import layerfold
 from layerfold.core.checkpoint import CheckpointError, load_checkpoint, open_weights, save_checkpoint
 from layerfold.core.loading import load_spec_state, source_kind
 from layerfold.core.spec import LayerSpec, ModelSpec
-from tests.test_model import hetero_spec
+from tests.support.models import hetero_reference_spec, tiny_hf, tiny_model
+from tests.support.tolerances import assert_close
 
 
 def test_spec_json_round_trip():
-    s = hetero_spec()
+    s = hetero_reference_spec()
     assert ModelSpec.from_json(s.to_json()) == s
 
 
@@ -37,25 +38,25 @@ def test_layer_validation_names_the_field(change, field):
 
 
 def test_model_validation_width_chain():
-    s = hetero_spec().to_dict()
+    s = hetero_reference_spec().to_dict()
     s["layers"][2]["d_in"] = 44
     with pytest.raises(ValueError, match=r"layers\[2\].*d_in"):
         ModelSpec.from_dict(s)
-    s = hetero_spec().to_dict()
+    s = hetero_reference_spec().to_dict()
     s["bogus"] = 1
     with pytest.raises(ValueError, match="bogus"):
         ModelSpec.from_dict(s)
 
 
 @pytest.fixture()
-def tiny(tmp_path):
-    m = layerfold.build_model(hetero_spec())
+def saved(tmp_path):
+    m = tiny_model(hetero_reference_spec())
     out = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict(), provenance={"source": "test"})
     return m, out
 
 
-def test_round_trip_bit_exact(tiny):
-    m, out = tiny
+def test_round_trip_bit_exact(saved):
+    m, out = saved
     cfg, state = load_checkpoint(out)
     assert cfg["spec"] == m.spec and cfg["provenance"]["source"] == "test"
     for k, v in m.state_dict().items():
@@ -67,8 +68,8 @@ def test_round_trip_bit_exact(tiny):
         assert torch.equal(m(ids), m2(ids))
 
 
-def test_weights_are_memory_mapped(tiny):
-    _, out = tiny
+def test_weights_are_memory_mapped(saved):
+    _, out = saved
     state = open_weights(out / "model.safetensors")
     t = state["embed.weight"]
     # an mmap'd tensor's storage is the whole file, not a private copy of the tensor
@@ -76,15 +77,15 @@ def test_weights_are_memory_mapped(tiny):
 
 
 def test_bf16_round_trip(tmp_path):
-    m = layerfold.build_model(hetero_spec()).to(torch.bfloat16)
+    m = tiny_model(hetero_reference_spec(), dtype=torch.bfloat16)
     out = save_checkpoint(tmp_path / "bf", m.spec, m.state_dict())
     _, state = load_checkpoint(out)
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
     assert state["embed.weight"].dtype == torch.bfloat16
 
 
-def test_missing_unexpected_misshaped(tiny, tmp_path):
-    m, out = tiny
+def test_missing_unexpected_misshaped(saved, tmp_path):
+    m, out = saved
     sd = dict(m.state_dict())
     sd.pop("layers.1.attn_shortcut.weight")
     bad = save_checkpoint(tmp_path / "missing", m.spec, sd)
@@ -100,8 +101,8 @@ def test_missing_unexpected_misshaped(tiny, tmp_path):
         layerfold.load(bad, tokenizer=False)
 
 
-def test_truncated_and_corrupt_files(tiny):
-    _, out = tiny
+def test_truncated_and_corrupt_files(saved):
+    _, out = saved
     w = out / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2])
@@ -116,8 +117,8 @@ def test_truncated_and_corrupt_files(tiny):
         layerfold.load(out, tokenizer=False)
 
 
-def test_atomic_and_never_over_source(tiny, tmp_path):
-    m, out = tiny
+def test_atomic_and_never_over_source(saved, tmp_path):
+    m, out = saved
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(CheckpointError, match="already exists"):
         save_checkpoint(out, m.spec, m.state_dict())
@@ -137,8 +138,8 @@ def test_atomic_and_never_over_source(tiny, tmp_path):
     assert (out / "model.safetensors").read_bytes() == before
 
 
-def test_source_kinds_and_errors(tmp_path, tiny):
-    _, out = tiny
+def test_source_kinds_and_errors(tmp_path, saved):
+    _, out = saved
     assert source_kind(out) == "checkpoint"
     assert source_kind("smollm2-135m") == "alias"
     with pytest.raises(FileNotFoundError, match="not an alias"):
@@ -154,12 +155,10 @@ def test_source_kinds_and_errors(tmp_path, tiny):
 
 
 def test_hf_dir_import(tmp_path):
-    from tests.hf_tiny import tiny_hf
-
     hf = tiny_hf("qwen2")
     hf.save_pretrained(tmp_path / "q2", safe_serialization=True)
     m, _ = layerfold.load(tmp_path / "q2", tokenizer=False)
     ids = torch.randint(0, 97, (1, 10))
     with torch.no_grad():
-        assert (m(ids) - hf(ids).logits).abs().max() < 1e-4
+        assert_close(m(ids), hf(ids).logits, torch.float32, "imported HF dir vs transformers")
     assert Path(tmp_path / "q2" / "config.json").exists()
