@@ -184,6 +184,11 @@ def markdown(res: dict[str, Any]) -> str:
             [r["kernel"], r["impl"] + (f" ({r['error']})" if "error" in r else ""), _f(r.get("ms"), "{:.3f}"),
              _f(r.get("gb_s"), "{:.0f}"), _f(r.get("pct_bw"), "{:.0f}%"), _f(r.get("tflops")),
              _f(r.get("pct_matmul"), "{:.0f}%")] for r in k["calibration_kernels"]], right_from=2)
+    if k.get("channel_variants"):
+        lines += ["", "## Channel statistics by launch variant"]
+        lines += _table(["kernel", "config", "ms", "GB/s", "% bw"], [
+            [r["kernel"], r["config"], f"{r['ms']:.3f}", f"{r['gb_s']:.0f}", f"{r['pct_bw']:.0f}%"]
+            for r in k["channel_variants"]], right_from=2)
     if k.get("decode_kernels"):
         lines += ["", "## Decode kernels"]
         lines += _table(["kernel", "rows", "impl", "shape", "ms", "GB/s", "% bw"], [
@@ -203,6 +208,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines += _table(["config", "wall s", "tokens/s", "over plain", "% of bound", "device peak GB", "buffers"], [
             [r["config"], f"{r['wall_s']:.2f}", f"{r['tokens_s']:.0f}", _f(r.get("over_plain"), "{:.2f}x"),
              f"{r['pct_of_bound']:.0f}%", f"{r['device_peak_gb']:.2f}", r.get("buffers") or "-"] for r in c["rows"]])
+        if c.get("plain_weights_on_device_s"):
+            lines += ["", f"plain loop with the weights already on the device: {c['plain_weights_on_device_s']:.2f} s"]
     s = p.get("serve", {})
     if s.get("rows"):
         lines += ["", f"## Serving (startup {_f(s.get('startup_s'))} s)"]

@@ -125,7 +125,7 @@ def part_tests(rec: Recorder, tiny: bool) -> None:
     """The `gpu`-marked tests (tiny: a few interpreter kernel tests, to exercise the plumbing)."""
     sel = ["-m", "gpu", "tests"] if not tiny else ["tests/kernels", "-k", "dispatch and not fast_cpu"]
     cmd = [sys.executable, str(ROOT / "bench" / "checkout.py"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "-x" if tiny else "-rf", *sel]
+           "-x" if tiny else "-rf", "--continue-on-collection-errors", *sel]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" or tiny}
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
@@ -283,8 +283,34 @@ def part_kernels(rec: Recorder, tiny: bool) -> None:
                          "pct_bw": 100 * gbs / env["bw"], "tflops": tfl,
                          "pct_matmul": 100 * tfl / env["tflops"] if tfl else None})
         rec.save(calibration_kernels=rows)
+    rec.save(channel_variants=_channel_variants(dev, tiny, env, args))
     rec.save(decode_kernels=_decode_kernels(dev, tiny, env))
     rec.save(widths=_width_sweep(dev, tiny, env), status="done")
+
+
+def _channel_variants(dev: torch.device, tiny: bool, env: dict[str, float], args: Any) -> list[dict[str, Any]]:
+    """The channel-statistics kernels under each launch variant of heuristics.CHANNEL_VARIANTS."""
+    from layerfold import kernels
+    from layerfold.kernels import heuristics
+
+    n, c = args.tokens, args.ffn
+    g = torch.Generator(device=dev).manual_seed(0)
+    gate = torch.randn(n, c, generator=g, device=dev).to(torch.bfloat16)
+    up = torch.randn(n, c, generator=g, device=dev).to(torch.bfloat16)
+    mask = torch.rand(n, generator=g, device=dev) < 0.9
+    keep, out = heuristics.CHANNEL_STATS, []
+    try:
+        for v in heuristics.CHANNEL_VARIANTS:
+            heuristics.CHANNEL_STATS = v
+            for name, fn, nbytes in (("channel_stats", lambda: kernels.channel_stats(gate, mask), n * c * 2 + n),
+                                     ("swiglu_channel_stats", lambda: kernels.swiglu_channel_stats(gate, up, mask),
+                                      2 * n * c * 2 + n)):
+                ms = _bench_ms(fn, dev, tiny)
+                out.append({"kernel": name, "config": str(v), "ms": ms, "gb_s": nbytes / ms / 1e6,
+                            "pct_bw": 100 * nbytes / ms / 1e6 / env["bw"]})
+    finally:
+        heuristics.CHANNEL_STATS = keep
+    return out
 
 
 def _env_ceilings(rec: Recorder) -> dict[str, float]:
@@ -429,7 +455,32 @@ def part_calibration(rec: Recorder, tiny: bool) -> None:
     plain = rows[0]["wall_s"]
     for r in rows:
         r["over_plain"] = r["wall_s"] / plain
-    rec.save(rows=rows, status="done")
+    rec.save(rows=rows)
+    # where the time goes: the plain loop with every weight already on the device (no bus), and a profile
+    # of the default statistics
+    if dev.type == "cuda":
+        gpu_model = model.to(dev)
+        t = time.perf_counter()
+        calibrate(gpu_model, ids, micro_batch=mb, device=dev, **CALIB_CONFIGS["plain"])
+        rec.save(plain_weights_on_device_s=time.perf_counter() - t)
+        model = gpu_model.to("cpu")
+        del gpu_model
+        free()
+    rec.save(profile=_profile(lambda: calibrate(model, ids, micro_batch=mb, device=dev), dev), status="done")
+
+
+def _profile(fn, dev: torch.device) -> dict[str, str]:
+    """torch.profiler tables of one call: the top operators by device time and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+    ka = prof.key_averages()
+    out = {"by_host": ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48)}
+    if dev.type == "cuda":
+        out["by_device"] = ka.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=48)
+    return out
 
 
 # ---- serve: `layerfold serve`'s app with 1, 16 and 64 streaming clients -------------------------------------

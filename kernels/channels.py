@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import heuristics
 from ._dispatch import interpreting, launchable, num_sms, use_triton
 from ._inputs import check_acc, check_kernel_dtype, compute_dtype, flatten_tokens, new_acc
 from ._triton import tl, triton
@@ -74,18 +75,17 @@ def _channel_stats_kernel(
 def _channel_blocks(n: int, c: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_C, splits, num_warps).
 
-    GPU: 32 tokens x 128 channels per step (16-byte loads along channels), with enough token
-    splits for about four programs per SM: a bandwidth-bound reduction, not yet tuned on a GPU
-    (none was available when written). Interpreter: large tiles (fewer numpy ops) and at most two
-    splits, so the CPU tests still exercise the partial-sum path.
+    GPU: ``heuristics.CHANNEL_STATS`` (tiles, and token splits for about ``programs_per_sm``
+    programs per SM). Interpreter: large tiles (fewer numpy ops) and at most two splits, so the CPU
+    tests still exercise the partial-sum path.
     """
     if interpreting():
         block_n = min(64, triton.next_power_of_2(max(n, 1)))
         block_c = min(256, triton.next_power_of_2(max(c, 1)))
         return block_n, block_c, min(2, triton.cdiv(n, block_n)), 4
-    block_n, block_c = 32, 128
-    want = triton.cdiv(4 * num_sms(device), triton.cdiv(c, block_c))
-    return block_n, block_c, max(1, min(want, triton.cdiv(n, block_n))), 4
+    cfg = heuristics.CHANNEL_STATS
+    want = triton.cdiv(cfg.programs_per_sm * num_sms(device), triton.cdiv(c, cfg.block_c))
+    return cfg.block_n, cfg.block_c, max(1, min(want, triton.cdiv(n, cfg.block_n))), cfg.warps
 
 
 def _launch(x: Tensor, up: Tensor | None, mask: Tensor | None, acc: ChannelAcc | None) -> ChannelAcc:

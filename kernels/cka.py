@@ -332,11 +332,13 @@ def hsic_row_accumulate_ref(gram: Tensor, grams: Tensor, acc_row: Tensor | None 
 def ucentered_grams(x: Tensor) -> Tensor:
     """U-centred Grams of S minibatches at once: x [S, m, d] (every token valid) -> [S, m, m] fp32.
 
-    Triton path: :func:`ucentered_gram` per minibatch. CPU path: the same arithmetic batched over S
-    (per-minibatch calls are dozens of small ops each, which a busy multi-threaded CPU runs slowly)."""
+    The interpreter (tests): :func:`ucentered_gram` per minibatch. CPU and CUDA: the same arithmetic
+    batched over S in a few library calls (one batched matrix product): per-minibatch launches are
+    dozens of small ops each, and on an H200 the torch HSIC products beat the Triton ones at these
+    sizes (bench/gpu_suite.py kernels part, docs/PERFORMANCE.md)."""
     if x.dim() != 3 or x.shape[1] < MIN_TOKENS:
         raise ValueError(f"x must be [S, m, d] with m >= {MIN_TOKENS}; got {list(x.shape)}")
-    if use_triton(x):
+    if use_triton(x) and not x.is_cuda:
         return torch.stack([ucentered_gram(xs) for xs in x])
     xs = x.to(compute_dtype(x, None))
     m = xs.shape[1]
@@ -351,13 +353,14 @@ def ucentered_grams(x: Tensor) -> Tensor:
 
 def hsic_rows(gram: Tensor, grams: Tensor) -> Tensor:
     """sum over minibatches s of <K~_s, K~_{s,l}>_F / (m (m - 3)): gram [S, m, m] (the current layer),
-    grams [S, L, m, m] (stored layers of the same minibatches) -> [L] fp64. Triton path:
-    :func:`hsic_row_accumulate` per minibatch; CPU path: one batched matrix-vector product."""
+    grams [S, L, m, m] (stored layers of the same minibatches) -> [L] fp64. The interpreter (tests):
+    :func:`hsic_row_accumulate` per minibatch; CPU and CUDA: one batched matrix-vector product (see
+    :func:`ucentered_grams`)."""
     if gram.dim() != 3 or grams.dim() != 4 or grams.shape[0] != gram.shape[0] or grams.shape[2:] != gram.shape[1:]:
         raise ValueError(f"gram must be [S, m, m] and grams [S, L, m, m]; got {list(gram.shape)}, "
                          f"{list(grams.shape)}")
     S, L, m = grams.shape[0], grams.shape[1], gram.shape[1]
-    if use_triton(gram):
+    if use_triton(gram) and not gram.is_cuda:
         out = torch.zeros(L, dtype=torch.float64, device=gram.device)
         for s in range(S):
             out += hsic_row_accumulate(gram[s], grams[s]).double()

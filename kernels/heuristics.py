@@ -56,6 +56,23 @@ def attn_decode_splits(rows: int, kv_heads: int, max_len: int, sms: int, block_s
     return max(1, min(want, tiles, 64))
 
 
+# ---- calibration statistics (kernels/channels.py) ---------------------------------------------------------
+@dataclass(frozen=True)
+class ReduceConfig:
+    block_n: int  # tokens per loop step
+    block_c: int  # channels per program (16-byte loads along channels)
+    programs_per_sm: int  # token splits chosen so that there are about this many programs per SM
+    warps: int
+
+
+# A bandwidth-bound reduction over tokens: each program's loop has one load in flight at a time, so the
+# parallelism that hides the memory latency comes from many programs (token splits), not from long
+# loops. bench/gpu_suite.py's kernels part times the variants in CHANNEL_VARIANTS on the card.
+CHANNEL_STATS = ReduceConfig(block_n=32, block_c=128, programs_per_sm=16, warps=4)
+CHANNEL_VARIANTS = (ReduceConfig(32, 128, 4, 4), CHANNEL_STATS, ReduceConfig(64, 128, 16, 8),
+                    ReduceConfig(32, 256, 32, 8), ReduceConfig(16, 128, 32, 4))
+
+
 # ---- fused norm and rotary (kernels/rmsnorm.py, kernels/rope_cache.py) -----------------------------------
 def row_warps(block: int) -> int:
     """Warps for one program per row of ``block`` values: 4 up to 2048 and 8 above (the layer-norm
@@ -63,5 +80,5 @@ def row_warps(block: int) -> int:
     return 4 if block <= 2048 else 8
 
 
-__all__ = ["GEMV_CONFIGS", "GEMV_MAX_ROWS", "GemvConfig", "attn_decode_splits", "gemv_interpreter_config",
-           "row_warps"]
+__all__ = ["CHANNEL_STATS", "CHANNEL_VARIANTS", "GEMV_CONFIGS", "GEMV_MAX_ROWS", "GemvConfig", "ReduceConfig",
+           "attn_decode_splits", "gemv_interpreter_config", "row_warps"]

@@ -46,7 +46,7 @@ class LayerStream:
         self.device = torch.device(device)
         self.dtype = dtype or self.state["embed.weight"].dtype
         self.keys = {i: [k for k in self.state if k.startswith(f"layers.{i}.")] for i in range(self.spec.n_layers)}
-        self._inv_freq: dict[int, Tensor] = {}
+        self._inv_freq: dict[tuple[int, torch.device], Tensor] = {}
         self._embed: Tensor | None = None
         self._full: Model | None = None
         self._pending: dict[int, Future] = {}
@@ -84,22 +84,27 @@ class LayerStream:
 
         def work() -> tuple[Block, torch.cuda.Event]:
             with torch.inference_mode(), torch.cuda.stream(self._stream):
-                block = self._build(i)
+                block = self._build(i, staged=True)
                 ready = torch.cuda.Event()
                 ready.record(self._stream)
             return block, ready
 
         self._pending[i] = self._pool.submit(work)
 
-    def _build(self, i: int) -> Block:
+    def _build(self, i: int, staged: bool = False) -> Block:
+        """Block i on the device. ``staged``: host tensors go through pinned memory first (the caching host
+        allocator's, reused once the copy is done), so the copies to the device are asynchronous on the
+        current stream; a pageable copy would hold the calling thread and serialise with other streams."""
         pre = f"layers.{i}."
         sub = {k[len(pre):]: self.state[k] for k in self.keys[i]}
         with torch.device("meta"):
             block = Block(self.spec.layers[i], self.spec)
         expected = {k: tuple(v.shape) for k, v in block.state_dict().items()}
         check_state_dict(expected, sub, where=f"{self.where} layer {i}")
+        if staged:
+            sub = {k: v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v for k, v in sub.items()}
         block.load_state_dict(sub, assign=True)
-        return block.to(device=self.device, dtype=self.dtype).eval()
+        return block.to(device=self.device, dtype=self.dtype, non_blocking=staged).eval()
 
     def rope(self, i: int, positions: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Rotary cos/sin of layer i for positions (B, T); (None, None) for a layer without attention."""
@@ -109,9 +114,10 @@ class LayerStream:
         return self.rope_for(ls.head_dim, positions)
 
     def rope_for(self, head_dim: int, positions: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        if head_dim not in self._inv_freq:
-            self._inv_freq[head_dim] = rope_inv_freq(self.spec, head_dim)
-        return rope_cos_sin(self._inv_freq[head_dim], positions, dtype or self.dtype)
+        key = (head_dim, positions.device)  # cached where the positions are: no host copy per call
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope_inv_freq(self.spec, head_dim).to(positions.device)
+        return rope_cos_sin(self._inv_freq[key], positions, dtype or self.dtype)
 
     def ropes(self, positions: Tensor, dtype: torch.dtype | None = None) -> Ropes:
         """cos/sin per distinct head size (what Model.run_layer takes)."""

@@ -11,17 +11,18 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
-import openai
 import pytest
 import torch
-import uvicorn
 
-from layerfold.core.loading import load_tokenizer, resolve
-from layerfold.core.model import Model
-from layerfold.inference.generate import generate
-from layerfold.serving.server import create_app, serving_threads
-from tests.support.models import smollm2_vocab_spec, tiny_model
+httpx = pytest.importorskip("httpx", reason="the dev extra (pip install -e '.[dev]') brings the HTTP clients")
+openai = pytest.importorskip("openai", reason="the dev extra (pip install -e '.[dev]') brings the openai client")
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra brings uvicorn")
+
+from layerfold.core.loading import load_tokenizer, resolve  # noqa: E402
+from layerfold.core.model import Model  # noqa: E402
+from layerfold.inference.generate import generate  # noqa: E402
+from layerfold.serving.server import create_app, serving_threads  # noqa: E402
+from tests.support.models import smollm2_vocab_spec, tiny_model  # noqa: E402
 
 NAME = "tiny-test"
 
