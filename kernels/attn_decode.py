@@ -29,7 +29,7 @@ from ._dispatch import interpreting, launchable, num_sms, use_triton
 from ._triton import tl, triton
 from .heuristics import attn_decode_splits
 
-__all__ = ["attn_decode", "attn_decode_ref", "attn_sdpa", "pick_attention"]
+__all__ = ["attn_decode", "attn_decode_ref"]
 
 
 @triton.jit
@@ -199,8 +199,8 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *,
     q: (B, KV, G, hd), the G query heads of each KV head together. k_cache, v_cache: (Bc, KV, S, hd)
     with Bc >= B and unit last stride. lengths: (B,) integer tensor, valid slots per sequence (>= 1).
     splits: key-range splits per (row, head) (None: heuristics.attn_decode_splits; 1: one pass).
-    block_s / warps: cache slots per loop step and warps per program (None: the defaults below; the
-    runtime picks among a few per batch bucket, :func:`pick_attention`). Returns (B, KV, G, hd) in q's dtype.
+    block_s / warps: cache slots per loop step and warps per program (None: the defaults below).
+    Returns (B, KV, G, hd) in q's dtype.
     """
     if not use_triton(q):
         return attn_decode_ref(q, k_cache, v_cache, lengths, scale=scale, window=window)
@@ -242,50 +242,6 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *,
         sc, int(window or 0), HAS_WINDOW=window is not None, BLOCK_G=triton.next_power_of_2(g),
         BLOCK_S=block_s, BLOCK_HD=triton.next_power_of_2(hd), num_warps=warps)
     return out
-
-
-def attn_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *, window: int | None = None) -> Tensor:
-    """The same attention through torch's SDPA over the whole static cache with a length mask (a candidate
-    of :func:`pick_attention`: its kernels stream the cache well, but it reads every slot)."""
-    b, kv, g, hd = q.shape
-    j = torch.arange(k_cache.shape[2], device=q.device)[None, :]
-    L = lengths[:, None]
-    valid = j < L
-    if window is not None:
-        valid = valid & (j >= L - window)
-    y = torch.nn.functional.scaled_dot_product_attention(
-        q.reshape(b, kv * g, 1, hd), k_cache[:b], v_cache[:b], attn_mask=valid[:, None, None, :], enable_gqa=g > 1)
-    return y.view(b, kv, g, hd)
-
-
-def pick_attention(rows: int, q_shape: tuple[int, int, int, int], k_cache: Tensor, v_cache: Tensor,
-                   window: int | None, reps: int = 20) -> tuple[object, str]:
-    """The fastest of a few tilings of :func:`attn_decode` (one pass or split-K) and :func:`attn_sdpa` for
-    ``rows`` rows on these caches, each row at half the cache's length, timed on the device (CUDA events,
-    median); returns (callable(q, k, v, lengths), name). Off CUDA: attn_decode with its defaults."""
-    from functools import partial
-
-    if not k_cache.is_cuda:
-        return partial(attn_decode, window=window), "triton"
-    from .gemv import _time  # the same event timer as the GEMV pick
-
-    _, kv, g, hd = q_shape
-    q = torch.randn(rows, kv, g, hd, device=k_cache.device, dtype=k_cache.dtype)
-    lengths = torch.full((rows,), max(1, k_cache.shape[2] // 2), device=k_cache.device, dtype=torch.long)
-    cands = [("sdpa", partial(attn_sdpa, window=window))]
-    for bs, w in ((32, 4), (64, 8)):
-        for sp in (1, None):
-            cands.append((f"triton_b{bs}_w{w}_{'split' if sp is None else 'one'}",
-                          partial(attn_decode, window=window, block_s=bs, warps=w, splits=sp)))
-    best, best_t = (cands[1][1], cands[1][0]), float("inf")
-    for name, fn in cands:
-        try:
-            t = _time(lambda fn=fn: fn(q, k_cache, v_cache, lengths), reps)
-        except Exception:  # a tiling that does not fit this shape is not a candidate
-            continue
-        if t < best_t:
-            best, best_t = (fn, name), t
-    return best
 
 
 def attn_decode_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *, scale: float | None = None,

@@ -45,14 +45,16 @@ def _channel_stats_kernel(
     """abs[s, c] = sum_{t in split s, valid} |a_tc|;  sq[s, c] = sum_{t in split s, valid} a_tc^2,
     with a = x, or a = silu(g) * u = g * sigmoid(g) * u (SWIGLU), computed in fp32.
 
-    Program (pc, ps) reduces channels block pc over the tokens of split ps in BLOCK_N steps.
+    Program (pc, ps) reduces channels block pc over the tokens of split ps in BLOCK_N steps. The
+    (BLOCK_N, BLOCK_C) sums accumulate elementwise in registers and are reduced over tokens once at the
+    end: no cross-warp reduction inside the loop, whose loads then follow each other back to back.
     """
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     in_c = offs_c < C
-    abs_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    sq_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    abs_acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    sq_acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     n_start = pid_s * TOKENS_PER_SPLIT
     for n0 in range(n_start, n_start + TOKENS_PER_SPLIT, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -65,11 +67,11 @@ def _channel_stats_kernel(
         if SWIGLU:
             u = tl.load(up_ptr + rows * stride_un + offs_c[None, :], mask=m2, other=0.0)
             a = a * tl.sigmoid(a) * u.to(tl.float32)  # silu(0) * 0 = 0 on masked entries
-        abs_acc += tl.sum(tl.abs(a), axis=0)
-        sq_acc += tl.sum(a * a, axis=0)
+        abs_acc += tl.abs(a)
+        sq_acc += a * a
     out = pid_s.to(tl.int64) * C + offs_c
-    tl.store(abs_ptr + out, abs_acc, mask=in_c)
-    tl.store(sq_ptr + out, sq_acc, mask=in_c)
+    tl.store(abs_ptr + out, tl.sum(abs_acc, axis=0), mask=in_c)
+    tl.store(sq_ptr + out, tl.sum(sq_acc, axis=0), mask=in_c)
 
 
 def _channel_blocks(n: int, c: int, device: torch.device) -> tuple[int, int, int, int]:

@@ -142,17 +142,33 @@ class _LayerAcc:
         row = K.hsic_rows(k, store[sl, :p + 1, :m, :m].to(k.device))
         self.rows[p] = row if p not in self.rows else self.rows[p].add_(row)
 
-    def finish(self, stats: Stats, n_cos: int) -> None:
-        i = self.i
-        for k in self.ks:
-            stats.cos_sum[i + 1 - k, k - 1] += float(self.cos[k - 1])
+    def collect(self) -> dict[str, Any]:
+        """This layer's sums on their way to the host: copies into (pinned) host memory issued without
+        waiting, so the loop never stalls on a layer's end; :meth:`apply` reads them once the device
+        has been synchronised after the last layer."""
+        pin = self.dev.type == "cuda"
+
+        def host(t: Tensor) -> Tensor:
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            return out.copy_(t, non_blocking=True)
+
+        return {"i": self.i, "ks": list(self.ks), "cos": host(self.cos),
+                "rows": {p: host(r) for p, r in self.rows.items()},
+                "grams": {k: tuple(host(t) for t in v) for k, v in self.grams.items()},
+                "chan": {k: tuple(host(t) for t in v) for k, v in self.chan.items()}}
+
+    @staticmethod
+    def apply(done: dict[str, Any], stats: Stats, n_cos: int) -> None:
+        i = done["i"]
+        for k in done["ks"]:
+            stats.cos_sum[i + 1 - k, k - 1] += float(done["cos"][k - 1])
             stats.cos_count[i + 1 - k, k - 1] += n_cos
-        for p, r in self.rows.items():
-            stats.hsic[p, :p + 1] += r.cpu()
-        for key, (g, s, ss) in self.grams.items():
-            stats.grams[key], stats.gram_sum[key], stats.gram_sq[key] = g.cpu(), s.cpu(), ss.cpu()
-        for name, (a, q) in self.chan.items():
-            stats.chan[f"{name}_abs.{i}"], stats.chan[f"{name}_sq.{i}"] = a.cpu(), q.cpu()
+        for p, r in done["rows"].items():
+            stats.hsic[p, :p + 1] += r
+        for key, (g, s, ss) in done["grams"].items():
+            stats.grams[key], stats.gram_sum[key], stats.gram_sq[key] = g, s, ss
+        for name, (a, q) in done["chan"].items():
+            stats.chan[f"{name}_abs.{i}"], stats.chan[f"{name}_sq.{i}"] = a, q
 
 
 class _Run:
@@ -200,6 +216,7 @@ class _Run:
         self.hidden, self.ring, self.store = buf["hidden"], buf.get("ring"), buf.get("cka")
         stats.meta["buffers"] = where
         self.ring_layer = [-1] * self.n_ring
+        self.collected: list[dict[str, Any]] = []  # each layer's sums, copied to the host as the loop goes
         self.split = {"forward": 0.0, "statistics": 0.0}  # host seconds (CPU: compute; CUDA: launches)
         stats.meta["buffer_bytes"] = {k: 0 if t is None else t.numel() * t.element_size() for k, t in
                                       (("hidden", self.hidden), ("ring", self.ring), ("cka", self.store))}
@@ -255,7 +272,7 @@ class _Run:
             del h, out, taps, u_out, u_ring, ring_mb  # one micro-batch alive at a time, also during the next forward
         if self.n_ring and i < L - 1:
             self.ring_layer[(i + 1) % self.n_ring] = i + 1
-        acc.finish(self.stats, self.n_cos)
+        self.collected.append(acc.collect())
 
 
 @torch.inference_mode()
@@ -316,6 +333,10 @@ def calibrate(source: str | Path | Model, batches: Tensor, *, mask: Tensor | Non
         run.embed()
         for i in progress_bar(range(L), desc="calibrate", total=L, enabled=progress and rank == 0):
             run.layer(i)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the one wait: every layer's sums have reached the host
+        for done in run.collected:
+            _LayerAcc.apply(done, stats, run.n_cos)
         if dev.type == "cpu":
             stats.meta["time_split_s"] = {k: round(v, 3) for k, v in run.split.items()}
     finally:

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch CPU threads for decode steps and prefills (default: decode on one fewer than the "
                    "cores, at least 1, leaving a core to the HTTP side, and prefill on all; OMP_NUM_THREADS, when "
                    "set, is kept). Decoding on every core may pay when many clients "
-                   "share large batches (README, serving)")
+                   "share large batches (docs/PERFORMANCE.md, serving)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from layerfold.kernels.attn_decode import attn_decode, pick_attention
+from layerfold.kernels.attn_decode import attn_decode
 from layerfold.kernels.gemv import Linear, gemv, pick_linear
 from layerfold.kernels.heuristics import GEMV_MAX_ROWS
 from layerfold.kernels.rmsnorm import add_rmsnorm, rmsnorm
@@ -64,7 +64,6 @@ class FusedDecode:
         self.next_norm = [s.norm for s in stages[1:]] + [net.final_norm]
         self.first_norm = stages[0].norm if stages else net.final_norm
         self.choice: dict[tuple[int, int], tuple[Linear, str]] = {}  # (rows, id(weight)) -> GEMV and its name
-        self.attn_choice: dict[tuple[int, int], tuple[object, str]] = {}  # (rows, id(K cache)) -> attention
 
     # ---- GEMV choice ---------------------------------------------------------------------------------
     def weights(self) -> list[Tensor]:
@@ -87,16 +86,6 @@ class FusedDecode:
             self.choice[(rows, id(w))] = by_shape[key]
             name = by_shape[key][1].split("_")[0]
             picked[name] = picked.get(name, 0) + 1
-        by_cache: dict[tuple[int, ...], tuple[object, str]] = {}
-        for s in self.stages:
-            l = s.layer
-            if s.kind == "attn":
-                key = (*l.k.shape, l.n_heads)
-                if key not in by_cache:
-                    by_cache[key] = pick_attention(rows, (rows, l.n_kv, l.n_heads // l.n_kv, l.hd), l.k, l.v,
-                                                   self.net.window)
-                self.attn_choice[(rows, id(l.k))] = by_cache[key]
-                picked["attn " + by_cache[key][1]] = picked.get("attn " + by_cache[key][1], 0) + 1
         return picked
 
     def _lin(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
@@ -122,9 +111,7 @@ class FusedDecode:
                 qkv = self._lin(x, l.wqkv, l.bqkv)
                 q = rope_cache(qkv, getattr(net, f"cos{l.hd}"), getattr(net, f"sin{l.hd}"), pos, l.k, l.v,
                                n_heads=l.n_heads, n_kv=l.n_kv, q_norm=l.q_norm, k_norm=l.k_norm, eps=eps)
-                qg = q.view(n, l.n_kv, l.n_heads // l.n_kv, l.hd)
-                hit = self.attn_choice.get((n, id(l.k)))
-                y = hit[0](qg, l.k, l.v, lengths) if hit else attn_decode(qg, l.k, l.v, lengths, window=net.window)
+                y = attn_decode(q.view(n, l.n_kv, l.n_heads // l.n_kv, l.hd), l.k, l.v, lengths, window=net.window)
                 h, x = self._out(y.reshape(n, l.n_heads * l.hd), l.wo, h, l.fused_attn_sc, nxt)
             elif s.kind == "mlp":
                 a = swiglu(self._lin(x, l.wgu))

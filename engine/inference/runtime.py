@@ -172,6 +172,17 @@ class Runtime:
         b = next((b for b in self.static_batches if b >= n), None)
         return b if b is not None and b - n <= n // 2 + 1 else n
 
+    def warm_up_graphs(self) -> None:
+        """Build every batch bucket's CUDA graph now (GEMV pick, Triton compiles, capture) and compile the
+        prefill kernels, so that no request pays for them; a no-op without CUDA graphs."""
+        if self._graphs is None:
+            return
+        self.prefill([[0]])
+        for b in GRAPH_BUCKETS:
+            if b <= self.max_batch and b not in self._graphs.graphs:
+                self._graphs.graphs[b] = self._graphs._capture(b)
+        self.reset()
+
     # ---- bookkeeping ---------------------------------------------------------------------------
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """Mark rows (default all) empty; their cache slots are overwritten by the next prefill."""

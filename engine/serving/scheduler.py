@@ -73,6 +73,7 @@ class Scheduler:
                  prefill_threads: int | None = None):
         self.runtime = Runtime(model, max_batch=max_batch, max_len=max_len, compile=compile,
                                static_batches=static_batches)
+        self.runtime.warm_up_graphs()  # GPU: every batch bucket's graph before the first request
         self.threads = torch.get_num_threads()  # the decode steps' (compiled graphs keep the count they got)
         self.prefill_threads = prefill_threads or self.threads
         self.tokenizer = tokenizer
