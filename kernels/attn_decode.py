@@ -33,6 +33,32 @@ __all__ = ["attn_decode", "attn_decode_ref"]
 
 
 @triton.jit
+def _attend(q, k_ptr, v_ptr, kv_base, lo, hi, stride_ks, ds, dm,
+            BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HD: tl.constexpr):
+    """Online softmax of the (pre-scaled) queries q (BLOCK_G, BLOCK_HD) over cache slots [lo, hi) of one
+    (row, KV head): returns the running max, the running sum and the unnormalised output, in fp32."""
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_HD), tl.float32)
+    for s0 in range(lo, hi, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        sm = ss < hi
+        kv_off = kv_base + ss[:, None].to(tl.int64) * stride_ks + ds[None, :]
+        kvm = sm[:, None] & dm[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)  # (S, HD)
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (G, S)
+        s = tl.where(sm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)  # (S, HD)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attn_decode_kernel(
     q_ptr,  # *T [B, KV, G, HD] queries of the new tokens, contiguous
     k_ptr,  # *T [Bc, KV, S, HD] key cache (Bc >= B); strides stride_kb, stride_kh, stride_ks, 1
@@ -65,25 +91,8 @@ def _attn_decode_kernel(
     start = 0
     if HAS_WINDOW:
         start = tl.maximum(length - WINDOW, 0)
-    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_HD), tl.float32)
-    kv_base = b * stride_kb + h * stride_kh
-    for s0 in range(start, length, BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        sm = ss < length
-        kv_off = kv_base + ss[:, None].to(tl.int64) * stride_ks + ds[None, :]
-        kvm = sm[:, None] & dm[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)  # (S, HD)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (G, S)
-        s = tl.where(sm[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)  # (S, HD)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m_i = m_new
+    m_i, l_i, acc = _attend(q, k_ptr, v_ptr, b * stride_kb + h * stride_kh, start, length, stride_ks, ds, dm,
+                            BLOCK_G, BLOCK_S, BLOCK_HD)
     out = acc / l_i[:, None]
     tl.store(o_ptr + q_off, out.to(o_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
 
@@ -126,25 +135,8 @@ def _attn_split_kernel(
         start = tl.maximum(length - WINDOW, 0)
     lo = tl.maximum(start, sp * SPLIT_LEN)
     hi = tl.minimum(length, (sp + 1) * SPLIT_LEN)
-    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_HD), tl.float32)
-    kv_base = b * stride_kb + h * stride_kh
-    for s0 in range(lo, hi, BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        sm = ss < hi
-        kv_off = kv_base + ss[:, None].to(tl.int64) * stride_ks + ds[None, :]
-        kvm = sm[:, None] & dm[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
-        s = tl.where(sm[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m_i = m_new
+    m_i, l_i, acc = _attend(q, k_ptr, v_ptr, b * stride_kb + h * stride_kh, lo, hi, stride_ks, ds, dm,
+                            BLOCK_G, BLOCK_S, BLOCK_HD)
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))

@@ -104,7 +104,7 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
                  device: str | torch.device = "cpu", random_llama7b: bool = False, pruned_shapes: bool = False,
                  compile: bool | None = None, progress: bool = False, seed: int = 0,
                  static_batches: Sequence[int] = (), native: bool | None = None,
-                 kernels: str | None = None) -> dict[str, Any]:
+                 kernels: str | None = None, schedule: str | None = None) -> dict[str, Any]:
     """Benchmark ``models`` (sources or built Models; the random Llama-7B shapes with ``random_llama7b``,
     and their pruned shapes with ``pruned_shapes``) on ``engines`` (default: layerfold, plus HF with
     ``baseline="hf"``). Returns a dict with ``rows`` (one per model x engine x batch: prefill_tok_s,
@@ -112,7 +112,8 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
     speedup and predicted_speedup vs the first model, vs_<engine> for the layerfold rows), ``bandwidth``,
     ``setup_s`` (load, build and compile seconds, apart from the timings) and ``notes``.
     compile: the layerfold engine compiles its torch step (None: on CPU, where it pays; on CUDA the
-    step is a CUDA graph). static_batches / native / kernels: the layerfold engine's (see ``Runtime``)."""
+    step is a CUDA graph). static_batches / native / kernels: the layerfold engine's (see ``Runtime``).
+    schedule: "interleaved" (default on CPU) or "sequential" (default on CUDA), see the module docstring."""
     device = torch.device(device)
     if new_tokens < 2 or prompt_len < 1 or repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("need new_tokens >= 2, prompt_len >= 1, repeats >= 1 and batch sizes >= 1. Fix: check "
@@ -137,7 +138,10 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
     ctx = dict(batch_sizes=sorted(set(batch_sizes)), new_tokens=new_tokens, prompt_len=prompt_len,
                repeats=repeats, seed=seed, progress=progress, compile=compile, native=native,
                static_batches=static_batches, kernels=kernels)
-    run = _run_interleaved if device.type == "cpu" else _run_sequential
+    schedule = schedule or ("interleaved" if device.type == "cpu" else "sequential")
+    if schedule not in ("interleaved", "sequential"):
+        raise ValueError(f"schedule={schedule!r}. Fix: use 'interleaved' or 'sequential'")
+    run = _run_interleaved if schedule == "interleaved" else _run_sequential
     units, bw_runs, setup, notes = run(sources, engines, device, **ctx)
     bw = {k: statistics.median(x[k] for x in bw_runs) for k in bw_runs[0]}
     rows = [_row(u, new_tokens, prompt_len, bw["bandwidth_gbs"]) for u in units if u["runs"]]
@@ -173,99 +177,103 @@ def _timed(u: dict[str, Any], new_tokens: int, device: torch.device) -> dict[str
     return res
 
 
-def _run_interleaved(sources, engines, device, *, batch_sizes, new_tokens, prompt_len, repeats, seed, progress,
-                     compile, native, static_batches, kernels):
-    """CPU: every unit built first, then rounds over all of them (see the module docstring)."""
-    notes: list[str] = []
-    setup: dict[str, float] = {}
-    gen = torch.Generator().manual_seed(seed)
-    bmax, max_len = max(batch_sizes), prompt_len + new_tokens
-    units: list[dict[str, Any]] = []
-    for label, build in sources:
-        t = time.perf_counter()
-        m = build()
-        setup[f"load {label}"] = time.perf_counter() - t
-        prompts = _prompts(m, bmax, prompt_len, max_len, label, gen)
-        for eng in engines:
+class _Setup:
+    """What both schedules share: loading each model and building each engine, with their times and notes."""
+
+    def __init__(self, device: torch.device, *, batch_sizes, new_tokens, prompt_len, seed, compile, native,
+                 static_batches, kernels, **_: Any):
+        self.device, self.notes, self.times = device, [], {}
+        self.gen = torch.Generator().manual_seed(seed)
+        self.bmax, self.max_len, self.prompt_len = max(batch_sizes), prompt_len + new_tokens, prompt_len
+        self.opts = dict(compile=compile, native=native, static_batches=static_batches, kernels=kernels)
+
+    def models(self, sources: list[tuple[str, Builder]]):
+        """(label, model, prompts) for each source, built when the caller asks for it."""
+        for label, build in sources:
             t = time.perf_counter()
-            with Peak(device) as pk:
-                obj, comp = _engine(eng, m, max_batch=bmax, max_len=max_len, compile=compile and eng == "layerfold",
-                                    native=native, static_batches=static_batches, notes=notes, label=label,
-                                    kernels=kernels)
-            setup[f"{eng} {label}"] = time.perf_counter() - t
-            if comp:
-                setup[f"compile {eng} {label}"] = comp
+            m = build()
+            self.times[f"load {label}"] = time.perf_counter() - t
+            yield label, m, _prompts(m, self.bmax, self.prompt_len, self.max_len, label, self.gen)
+            del m  # the next model is built with this one released
+
+    def engine(self, eng: str, m: Model, label: str) -> tuple[Any, int]:
+        """(engine object or None, device/host memory it took)."""
+        o = self.opts
+        t = time.perf_counter()
+        try:
+            with Peak(self.device) as pk:
+                obj, comp = _engine(eng, m, max_batch=self.bmax, max_len=self.max_len,
+                                    compile=o["compile"] and eng == "layerfold", native=o["native"],
+                                    static_batches=o["static_batches"], notes=self.notes, label=label,
+                                    kernels=o["kernels"])
+        except torch.OutOfMemoryError:
+            self.notes.append(f"{label}: {eng} skipped: out of device memory")
+            return None, 0
+        self.times[f"{eng} {label}"] = time.perf_counter() - t
+        if comp:
+            self.times[f"compile {eng} {label}"] = comp
+        return obj, pk.peak
+
+
+def _run_interleaved(sources, engines, device, **ctx):
+    """CPU: every unit built first, then rounds over all of them (see the module docstring)."""
+    st = _Setup(device, **ctx)
+    units: list[dict[str, Any]] = []
+    for label, m, prompts in st.models(sources):
+        for eng in engines:
+            obj, mem = st.engine(eng, m, label)
             if obj is not None:
-                units += [_unit(label, eng, b, obj, prompts, m, pk.peak) for b in batch_sizes]
+                units += [_unit(label, eng, b, obj, prompts, m, mem) for b in ctx["batch_sizes"]]
     bw_runs: list[dict[str, float]] = []
-    total, done = repeats * len(units), 0
+    total, done = ctx["repeats"] * len(units), 0
     order = sorted(units, key=lambda u: (u["batch"], u["engine"] != "layerfold"))  # stable: models keep their order
-    for r in range(repeats + 1):  # round 0 warms every unit up (and measures its memory)
+    for r in range(ctx["repeats"] + 1):  # round 0 warms every unit up (and measures its memory)
         for u in order:
             bw_now = None
             if r and u["engine"] == "layerfold":  # the bound's bandwidth, probed right before this run
                 bw_runs.append(measure_bandwidth(device, u["dtype"], min_s=0.25))
                 bw_now = bw_runs[-1]["bandwidth_gbs"]
-            res = _timed(u, new_tokens, device)
+            res = _timed(u, ctx["new_tokens"], device)
             if r == 0:
                 u["peak"] = res["peak"] + u["setup_mem"]
                 continue
             res["bandwidth_gbs"] = bw_now
             u["runs"].append(res)
             done += 1
-            if progress:
+            if ctx["progress"]:
                 print(f"\r[bench] {done}/{total} {u['model']} {u['engine']} batch {u['batch']}", end="", flush=True)
-    if progress:
+    if ctx["progress"]:
         print("\r" + " " * 60 + "\r", end="", flush=True)
     if not bw_runs:
         bw_runs.append(measure_bandwidth(device, units[0]["dtype"] if units else torch.bfloat16, min_s=0.25))
-    return units, bw_runs, setup, notes
+    return units, bw_runs, st.times, st.notes
 
 
-def _run_sequential(sources, engines, device, *, batch_sizes, new_tokens, prompt_len, repeats, seed, progress,
-                    compile, native, static_batches, kernels):
+def _run_sequential(sources, engines, device, **ctx):
     """GPU: one model and one engine on the device at a time; each unit's repeats back to back."""
-    notes: list[str] = []
-    setup: dict[str, float] = {}
-    gen = torch.Generator().manual_seed(seed)
-    bmax, max_len = max(batch_sizes), prompt_len + new_tokens
+    st = _Setup(device, **ctx)
     done: list[dict[str, Any]] = []
     bw_runs: list[dict[str, float]] = []
-    for label, build in sources:
-        t = time.perf_counter()
-        m = build()
-        setup[f"load {label}"] = time.perf_counter() - t
+    for label, m, prompts in st.models(sources):
         bw_runs.append(measure_bandwidth(device, m.dtype, min_s=0.25))
-        prompts = _prompts(m, bmax, prompt_len, max_len, label, gen)
         for eng in engines:
-            t = time.perf_counter()
-            try:
-                with Peak(device) as pk:
-                    obj, comp = _engine(eng, m, max_batch=bmax, max_len=max_len, compile=compile and eng == "layerfold",
-                                        native=native, static_batches=static_batches, notes=notes, label=label,
-                                    kernels=kernels)
-            except torch.OutOfMemoryError:
-                notes.append(f"{label}: {eng} skipped: out of device memory")
-                obj, comp = None, 0.0
-            setup[f"{eng} {label}"] = time.perf_counter() - t
-            if comp:
-                setup[f"compile {eng} {label}"] = comp
-            for b in batch_sizes if obj is not None else ():
-                u = _unit(label, eng, b, obj, prompts, m, pk.peak)
+            obj, mem = st.engine(eng, m, label)
+            for b in ctx["batch_sizes"] if obj is not None else ():
+                u = _unit(label, eng, b, obj, prompts, m, mem)
                 try:
-                    for r in range(repeats + 1):
-                        res = _timed(u, new_tokens, device)
+                    for r in range(ctx["repeats"] + 1):
+                        res = _timed(u, ctx["new_tokens"], device)
                         if r == 0:
                             u["peak"] = res["peak"] + u["setup_mem"]
                         else:
                             res["bandwidth_gbs"] = bw_runs[-1]["bandwidth_gbs"]
                             u["runs"].append(res)
                 except torch.OutOfMemoryError:
-                    notes.append(f"{label}: {eng} batch {b} skipped: out of device memory")
+                    st.notes.append(f"{label}: {eng} batch {b} skipped: out of device memory")
                     u["runs"] = []
                 u["obj"] = None
                 done.append(u)
-                if progress:
+                if ctx["progress"]:
                     print(f"[bench] {label} {eng} batch {b}: {len(u['runs'])} runs", flush=True)
             obj = None
             gc.collect()
@@ -273,7 +281,7 @@ def _run_sequential(sources, engines, device, *, batch_sizes, new_tokens, prompt
         m = None
         gc.collect()
         torch.cuda.empty_cache()
-    return done, bw_runs, setup, notes
+    return done, bw_runs, st.times, st.notes
 
 
 def _paired(row: dict[str, Any], ref: dict[str, Any]) -> tuple[float, list[float]]:

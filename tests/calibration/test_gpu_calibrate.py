@@ -6,28 +6,13 @@ import pytest
 import torch
 
 from layerfold.calibration.calibrate import calibrate
-from layerfold.core.model import build_model
-from layerfold.core.spec import LayerSpec, ModelSpec
+from tests.support.models import hetero_calib_spec, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-L = LayerSpec
 
 
 def _model():
-    layers = (
-        L(d_in=24, d_mid=24, d_out=24, n_heads=4, n_kv_heads=2, head_dim=6, d_ffn=40),
-        L(d_in=24, d_mid=20, d_out=20, n_heads=2, n_kv_heads=1, head_dim=8, d_ffn=24, attn_shortcut=True),
-        L(d_in=20, d_mid=20, d_out=20, has_attn=False, d_ffn=28, kind="mlp"),
-        L(d_in=20, d_mid=20, d_out=20, n_heads=2, n_kv_heads=2, head_dim=6, has_mlp=False),
-        L(d_in=20, d_mid=20, d_out=20, n_heads=2, n_kv_heads=2, head_dim=6, d_ffn=32),
-    )
-    torch.manual_seed(0)
-    m = build_model(ModelSpec(vocab_size=50, d_model=24, layers=layers, rope_theta=100.0).validate()).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return m
+    return tiny_model(hetero_calib_spec(), norm_gains=True)
 
 
 @pytest.mark.parametrize("budget", [None, 0])  # device buffers / pinned host buffers

@@ -7,44 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerfold.core.model import Model, build_model
-from layerfold.core.spec import LayerSpec, ModelSpec
+from layerfold.core.model import Model
+from layerfold.core.spec import ModelSpec
 from layerfold.inference.runtime import Runtime
+from tests.support.models import RUNTIME_SPECS, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-L = LayerSpec
-
-
-def _spec(**kw: object) -> ModelSpec:
-    """Per-layer widths, heads and GQA groups, a shortcut-matrix width change, a replacement MLP block, an
-    attention-only layer and a narrowing MLP shortcut (the shapes surgery makes)."""
-    layers = (
-        L(d_in=64, d_mid=64, d_out=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ffn=96),
-        L(d_in=64, d_mid=48, d_out=48, n_heads=3, n_kv_heads=1, head_dim=16, d_ffn=80, attn_shortcut=True),
-        L(d_in=48, d_mid=48, d_out=48, d_ffn=70, has_attn=False, kind="mlp"),
-        L(d_in=48, d_mid=48, d_out=48, n_heads=6, n_kv_heads=3, head_dim=10, has_mlp=False),
-        L(d_in=48, d_mid=48, d_out=40, n_heads=2, n_kv_heads=2, head_dim=8, d_ffn=50, mlp_shortcut=True),
-    )
-    return ModelSpec(**{"vocab_size": 300, "d_model": 64, "layers": layers, "max_position": 256, **kw}).validate()
-
-
-SPECS = {
-    "hetero": _spec(),
-    "qk_norm+bias": _spec(qk_norm=True, qkv_bias=True, arch="qwen3"),
-    "sliding+llama3rope": _spec(sliding_window=5, rope_type="llama3", rope_factor=8.0, rope_original_max_pos=64,
-                                arch="mistral"),
-}
+SPECS = RUNTIME_SPECS  # per-layer widths, heads and GQA groups, shortcut matrices, an MLP block, attention only
 PROMPTS = {"batch1": [[1, 2, 3, 4, 5, 6, 7]], "ragged": [[1, 2, 3, 4, 5, 6, 7], [9, 8], list(range(11, 22))]}
 
 
 def _model(spec: ModelSpec, seed: int = 0) -> Model:
-    torch.manual_seed(seed)
-    m = build_model(spec).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return m.cuda()
+    return tiny_model(spec, seed=seed, norm_gains=True).cuda()
 
 
 def _teacher_forced(m: Model, rt: Runtime, prompts: list[list[int]], steps: int) -> None:

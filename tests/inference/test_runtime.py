@@ -146,6 +146,11 @@ def test_bench_models_api_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert rows[(srcs[1], "layerfold", 1)]["predicted_speedup"] == pytest.approx(want)
     assert 1 < want < m.num_params() / tiny_model(dense.with_layers(dense.layers[:3])).num_params() + 0.1
     assert "vs_hf" in rows[(srcs[0], "layerfold", 2)]
+    seq = bench_models(srcs, engines=["layerfold", "torch-eager"], batch_sizes=(1, 2), new_tokens=3, prompt_len=4,
+                       repeats=2, dtype=torch.float32, compile=False, schedule="sequential")  # the GPU schedule
+    got = {(r["model"], r["engine"], r["batch"]) for r in seq["rows"]}
+    assert got == {(s, e, b) for s in srcs for e in ("layerfold", "torch-eager") for b in (1, 2)}
+    assert all(len(r["decode_runs"]) == 2 and "vs_torch_eager" in r for r in seq["rows"] if r["engine"] == "layerfold")
     png = tmp_path / "bench.png"
     assert main(["bench", srcs[1], "--batch-sizes", "1", "--new-tokens", "2", "--prompt-len", "3", "--repeats", "1",
                  "--dtype", "fp32", "--no-compile", "--json", "--plot", str(png)]) == 0
