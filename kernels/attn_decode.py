@@ -33,6 +33,24 @@ __all__ = ["attn_decode", "attn_decode_ref"]
 
 
 @triton.jit
+def _query(q_ptr, len_ptr, b, h, KV, G, HD, scale, WINDOW, HAS_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr,
+           BLOCK_HD: tl.constexpr):
+    """Row b, KV head h: the (pre-scaled, fp32) queries of its G heads, their offsets and masks, and the
+    cache range [start, length) its new token attends to."""
+    gs = tl.arange(0, BLOCK_G)
+    ds = tl.arange(0, BLOCK_HD)
+    gm = gs < G
+    dm = ds < HD
+    q_off = ((b * KV + h) * G + gs[:, None]) * HD + ds[None, :]
+    q = tl.load(q_ptr + q_off, mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32) * scale
+    length = tl.load(len_ptr + b).to(tl.int32)
+    start = length * 0  # a tensor either way: the helper returns one type
+    if HAS_WINDOW:
+        start = tl.maximum(length - WINDOW, 0)
+    return gs, ds, gm, dm, q_off, q, start, length
+
+
+@triton.jit
 def _attend(q, k_ptr, v_ptr, kv_base, lo, hi, stride_ks, ds, dm,
             BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HD: tl.constexpr):
     """Online softmax of the (pre-scaled) queries q (BLOCK_G, BLOCK_HD) over cache slots [lo, hi) of one
@@ -80,17 +98,8 @@ def _attn_decode_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    gs = tl.arange(0, BLOCK_G)
-    ds = tl.arange(0, BLOCK_HD)
-    gm = gs < G
-    dm = ds < HD
-    q_off = ((b * KV + h) * G + gs[:, None]) * HD + ds[None, :]
-    q = tl.load(q_ptr + q_off, mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32) * scale
-
-    length = tl.load(len_ptr + b).to(tl.int32)
-    start = 0
-    if HAS_WINDOW:
-        start = tl.maximum(length - WINDOW, 0)
+    gs, ds, gm, dm, q_off, q, start, length = _query(q_ptr, len_ptr, b, h, KV, G, HD, scale, WINDOW, HAS_WINDOW,
+                                                     BLOCK_G, BLOCK_HD)
     m_i, l_i, acc = _attend(q, k_ptr, v_ptr, b * stride_kb + h * stride_kh, start, length, stride_ks, ds, dm,
                             BLOCK_G, BLOCK_S, BLOCK_HD)
     out = acc / l_i[:, None]
@@ -123,16 +132,8 @@ def _attn_split_kernel(
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     sp = tl.program_id(2)
-    gs = tl.arange(0, BLOCK_G)
-    ds = tl.arange(0, BLOCK_HD)
-    gm = gs < G
-    dm = ds < HD
-    q_off = ((b * KV + h) * G + gs[:, None]) * HD + ds[None, :]
-    q = tl.load(q_ptr + q_off, mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32) * scale
-    length = tl.load(len_ptr + b).to(tl.int32)
-    start = 0
-    if HAS_WINDOW:
-        start = tl.maximum(length - WINDOW, 0)
+    gs, ds, gm, dm, q_off, q, start, length = _query(q_ptr, len_ptr, b, h, KV, G, HD, scale, WINDOW, HAS_WINDOW,
+                                                     BLOCK_G, BLOCK_HD)
     lo = tl.maximum(start, sp * SPLIT_LEN)
     hi = tl.minimum(length, (sp + 1) * SPLIT_LEN)
     m_i, l_i, acc = _attend(q, k_ptr, v_ptr, b * stride_kb + h * stride_kh, lo, hi, stride_ks, ds, dm,

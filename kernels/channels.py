@@ -160,11 +160,7 @@ def _stats_cpu(a: Tensor, mask: Tensor | None, acc: ChannelAcc | None, dt: torch
     """The CPU path (no Triton): ``a`` = |activations| [N, C], a buffer of ours to overwrite. Padding rows
     are zeroed in place and the squares taken in place: no boolean-index copies, about half the
     reference's time at SmolLM2's FFN width (bench/bench_kernels.py --cpu)."""
-    c = a.shape[1]
-    if acc is None:
-        acc = (new_acc((c,), a.device, dt), new_acc((c,), a.device, dt))
-    check_acc(acc[0], (c,), a.device, "acc[0] (abs_sum)", triton_path=False)
-    check_acc(acc[1], (c,), a.device, "acc[1] (sq_sum)", triton_path=False)
+    acc = _torch_acc(acc, a.shape[1], a.device, dt)
     if mask is not None:
         a.masked_fill_(~mask[:, None], 0.0)  # also drops any nan padding holds
     acc[0].add_(a.sum(0))
@@ -172,12 +168,17 @@ def _stats_cpu(a: Tensor, mask: Tensor | None, acc: ChannelAcc | None, dt: torch
     return acc
 
 
-def _stats_ref(a: Tensor, mask: Tensor | None, acc: ChannelAcc | None, dt: torch.dtype) -> ChannelAcc:
-    c = a.shape[1]
+def _torch_acc(acc: ChannelAcc | None, c: int, device: torch.device, dt: torch.dtype) -> ChannelAcc:
+    """The accumulators of the torch paths: new zeros in ``dt``, or the caller's, checked."""
     if acc is None:
-        acc = (new_acc((c,), a.device, dt), new_acc((c,), a.device, dt))
-    check_acc(acc[0], (c,), a.device, "acc[0] (abs_sum)", triton_path=False)
-    check_acc(acc[1], (c,), a.device, "acc[1] (sq_sum)", triton_path=False)
+        acc = (new_acc((c,), device, dt), new_acc((c,), device, dt))
+    check_acc(acc[0], (c,), device, "acc[0] (abs_sum)", triton_path=False)
+    check_acc(acc[1], (c,), device, "acc[1] (sq_sum)", triton_path=False)
+    return acc
+
+
+def _stats_ref(a: Tensor, mask: Tensor | None, acc: ChannelAcc | None, dt: torch.dtype) -> ChannelAcc:
+    acc = _torch_acc(acc, a.shape[1], a.device, dt)
     if mask is not None:
         a = a[mask]  # indexing drops padding (and any nan it holds)
     acc[0].add_(a.abs().sum(0))
