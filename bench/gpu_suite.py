@@ -36,6 +36,7 @@ PARTS: dict[str, tuple[float, float]] = {
     "kernels": (90, 120),
     "calibration": (120, 120),
     "decode-compile": (200, 30),
+    "calibration-big": (150, 60),
     "serve": (150, 120),
 }
 
@@ -51,7 +52,8 @@ def run_part(name: str, out: Path, tiny: bool) -> None:
     rec = P.Recorder(out, name, tiny)
     fn = {"env": P.part_env, "tests": P.part_tests, "decode": P.part_decode,
           "decode-baselines": P.part_decode_baselines, "decode-compile": P.part_decode_compile,
-          "kernels": P.part_kernels, "calibration": P.part_calibration, "serve": P.part_serve}[name]
+          "kernels": P.part_kernels, "calibration": P.part_calibration, "serve": P.part_serve,
+          "calibration-big": P.part_calibration_big}[name]
     try:
         fn(rec, tiny)
     except BaseException as e:
@@ -210,6 +212,12 @@ def markdown(res: dict[str, Any]) -> str:
              f"{r['pct_of_bound']:.0f}%", f"{r['device_peak_gb']:.2f}", r.get("buffers") or "-"] for r in c["rows"]])
         if c.get("plain_weights_on_device_s"):
             lines += ["", f"plain loop with the weights already on the device: {c['plain_weights_on_device_s']:.2f} s"]
+    cb = p.get("calibration-big", {})
+    if cb.get("rows"):
+        lines += ["", "## Big calibrations on one GPU (default statistics)"]
+        lines += _table(["job", "tokens", "wall s", "tokens/s", "device peak GB", "buffers"], [
+            [r["job"], r["tokens"], f"{r['wall_s']:.2f}", f"{r['tokens_s']:.0f}", f"{r['device_peak_gb']:.2f}",
+             r.get("buffers") or "-"] for r in cb["rows"]])
     s = p.get("serve", {})
     if s.get("rows"):
         lines += ["", f"## Serving (startup {_f(s.get('startup_s'))} s)"]

@@ -622,3 +622,30 @@ def _tokenizer(tiny: bool):
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "serve-worker":
     serve_worker(int(sys.argv[2]), sys.argv[3] == "1")
+
+
+def part_calibration_big(rec: Recorder, tiny: bool) -> None:
+    """Big calibrations on one GPU: the 7B shape with 64 x 2048 tokens (its window ring outgrows the device
+    budget and goes to pinned host memory) and the 13B shape with 16 x 2048; wall, device peak, placement."""
+    from layerfold.calibration.calibrate import calibrate
+    from layerfold.evaluation.shapes import llama13b_spec
+
+    dev = device(tiny)
+    jobs = [("7B, 64 x 2048", dense_spec(tiny), (8, 64) if tiny else (64, 2048)),
+            ("13B, 16 x 2048", tiny_dense() if tiny else llama13b_spec(), (4, 64) if tiny else (16, 2048))]
+    rows = []
+    for name, spec, (n, T) in jobs:
+        model = host_model(spec, tiny)
+        ids = torch.randint(3, spec.vocab_size, (n, T), generator=torch.Generator().manual_seed(0))
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t = time.perf_counter()
+        st = calibrate(model, ids, micro_batch=4 if not tiny else 2, device=dev)
+        wall = time.perf_counter() - t
+        rows.append({"job": name, "tokens": n * T, "wall_s": wall, "tokens_s": n * T / wall,
+                     "device_peak_gb": st.meta.get("device_peak_bytes", 0) / 1e9, "buffers": st.meta.get("buffers"),
+                     "buffer_gb": {k: v / 1e9 for k, v in (st.meta.get("buffer_bytes") or {}).items()}})
+        rec.save(rows=rows)
+        del model, st
+        free()
+    rec.save(status="done")

@@ -1,0 +1,36 @@
+"""bench/gpu_suite.py --tiny: every part of the GPU suite runs on this CPU (tiny model, kernels in the Triton
+interpreter), so the suite cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
+    out = tmp_path / "suite"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--tiny", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((out / "gpu_suite.json").read_text())
+    status = {name: part["status"] for name, part in res["parts"].items()}
+    assert status.pop("decode-compile") == "skipped"  # compiling takes minutes on a CPU; the GPU run measures it
+    assert status == {name: "done" for name in status}, status
+    assert set(status) >= {"env", "tests", "decode", "decode-baselines", "kernels", "calibration", "serve",
+                           "calibration-big"}
+    s = res["decode_summary"]
+    assert set(s["pruned"]) == {"shortgpt", "streamline", "dynamic-slicing", "come"}
+    for by_batch in s["pruned"].values():  # a pruned shape reads fewer bytes per step than the dense one
+        assert all(v["predicted"] > 1 and v["speedup"] > 0 for v in by_batch.values())
+    assert all(v["best_torch"] == "torch-eager" and v["vs_hf"] > 0 for v in s["batches"].values())
+    calib = {r["config"]: r for r in res["parts"]["calibration"]["rows"]}
+    assert set(calib) == {"plain", "default", "default+grams"} and calib["plain"]["over_plain"] == 1.0
+    serve = res["parts"]["serve"]["rows"]
+    assert [r["clients"] for r in serve] == [1, 2] and all(r["tokens_s"] > 0 for r in serve)
+    md = (out / "gpu_suite.md").read_text()
+    for heading in ("## Decode", "## Calibration kernels", "## Decode kernels", "## Serving", "## Big calibrations"):
+        assert heading in md, heading
