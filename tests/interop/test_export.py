@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from layerfold.cli.export import export_hf
 from layerfold.core.checkpoint import save_checkpoint
+from layerfold.interop.hf import export_hf
 from layerfold.surgery.depth import apply_depth_plan
 from layerfold.surgery.plan import DepthPlan, Merge, Replace
 from tests.support.models import tiny_model
