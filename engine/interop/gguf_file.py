@@ -284,7 +284,7 @@ def read_gguf_export(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], st
         if t.name not in back:
             continue
         arr = gguf.dequantize(t.data, t.tensor_type).reshape(list(reversed([int(x) for x in t.shape])))
-        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        x = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the reader maps the file read-only
         name = back[t.name]
         if name.endswith("attn.q.weight") or name.endswith("attn.k.weight"):
             i = int(name.split(".")[1])
