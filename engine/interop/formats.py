@@ -57,6 +57,8 @@ def _block_problem(spec: ModelSpec) -> str | None:
 def gguf_problem(spec: ModelSpec) -> str | None:
     if spec.qkv_bias or spec.qk_norm:
         return "its attention has q/k/v biases or q/k norms (Qwen2/Qwen3), which the llama and deci GGUF archs lack"
+    if spec.sliding_window is not None:
+        return "it uses sliding-window attention, which the llama and deci GGUF archs do not apply"
     if spec.rope_type not in ("default", "linear", "llama3"):
         return f"rope scaling {spec.rope_type!r}"
     if hf_problem(spec) is None:

@@ -150,3 +150,10 @@ def test_gguf_runs_in_llama_cpp(tmp_path, arch: str) -> None:
     with torch.no_grad():
         want = m(torch.tensor([toks]))[0]
     assert_close(got, want, torch.float16, f"llama.cpp ({arch}) vs layerfold logits")
+
+
+def test_sliding_window_models_are_refused_for_gguf(tmp_path) -> None:
+    m = tiny_model(**{**LLAMA, "sliding_window": 8, "arch": "mistral"})
+    ckpt = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict())
+    with pytest.raises(ValueError, match="sliding-window.*Fix: export it with --format hf"):
+        export(ckpt, tmp_path / "g", format="gguf")
