@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from layerfold.core.checkpoint import save_checkpoint
+from layerfold.core.extras import package_versions
 from layerfold.core.loading import load, resolve
 from layerfold.core.model import Model
 from layerfold.core.paths import check_output
@@ -90,6 +91,9 @@ def heal_result(res: PruneResult, teacher: Model, tokenizer: Any, *, data: str, 
     return rep.to_dict() if hasattr(rep, "to_dict") else dict(rep or {})
 
 
+EVAL_KEYS = ("ppl", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+
+
 def run_eval(model: Model, tokenizer: Any, data: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     from layerfold.evaluation.evaluate import evaluate
 
@@ -97,8 +101,23 @@ def run_eval(model: Model, tokenizer: Any, data: str, options: dict[str, Any] | 
     r = evaluate(model, tokenizer, data=data, **(options or {}))
     ppl = r.get("ppl", {}) if isinstance(r.get("ppl"), dict) else {"ppl": r.get("ppl")}
     mc = r.get("mc", {}) if isinstance(r.get("mc"), dict) else {}
-    return {"ppl": ppl.get("ppl"), "acc": mc.get("acc"), "acc_norm": mc.get("acc_norm"), "seconds": time.time() - t0,
-            "raw": r}
+    return {"ppl": ppl.get("ppl"), **{k: mc.get(k) for k in EVAL_KEYS[1:]}, "seconds": time.time() - t0, "raw": r}
+
+
+def eval_settings(raw: dict[str, Any], options: dict[str, Any] | None) -> dict[str, Any]:
+    """What an evaluation read, so that ``layerfold eval`` can repeat it: data, split, perplexity windows and
+    tokens, multiple-choice items (acc / acc_norm and their standard errors follow lm-eval-harness)."""
+    from layerfold.evaluation.evaluate import DEFAULT_MAX_TOKENS, DEFAULT_MC_ITEMS
+
+    opts = options or {}
+    ppl, mc = raw.get("ppl") or {}, raw.get("mc") or {}
+    return {"data": raw.get("data"), "split": raw.get("split"), "seq_len": ppl.get("seq_len"),
+            "max_tokens": opts.get("max_tokens", DEFAULT_MAX_TOKENS), "tokens": ppl.get("tokens"),
+            "windows": ppl.get("windows"), "mc_items": mc.get("n"), "mc_items_asked": opts.get("mc_items",
+                                                                                                DEFAULT_MC_ITEMS),
+            "batch_size": opts.get("batch_size", 8),
+            "metrics": "ppl over non-overlapping seq_len windows; acc, acc_norm with lm-eval-harness definitions "
+                       "and standard errors sqrt(p(1-p)/(n-1))"}
 
 
 def compose_map(source_map: list[list[int]] | None, layer_map: list[list[int]]) -> list[list[int]] | None:
@@ -169,13 +188,15 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
         times["heal"] = time.time() - t0
     dense = layer_counts(model)
     pruned = layer_counts(res.model)
+    evaluation = None
     if eval:
         r = run_eval(model, tok, data, eval_options)
-        dense.update({k: r[k] for k in ("ppl", "acc", "acc_norm")})
+        dense.update({k: r[k] for k in EVAL_KEYS})
         times["eval_dense"] = r["seconds"]
         r = run_eval(res.model, tok, data, eval_options)
-        pruned.update({k: r[k] for k in ("ppl", "acc", "acc_norm")})
+        pruned.update({k: r[k] for k in EVAL_KEYS})
         times["eval_pruned"] = r["seconds"]
+        evaluation = eval_settings(r["raw"], eval_options)
     src_prov = getattr(model, "provenance", {}) or {}
     opts = {k: v for k, v in (options or {}).items() if v is not None and not k.startswith("_")}
     provenance = {
@@ -192,6 +213,8 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
         "removed_layers": dense["layers"] - pruned["layers"], "plan": res.plan, "layer_map": res.layer_map,
         "changed_layers": res.changed_layers, "dense": dense, "pruned": pruned, "calibration": calibration,
         "info": res.info, "heal": heal_info, "times": times, "source": str(source), "data": data,
+        "evaluation": evaluation, "seed": seed, "device": device,
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None, "versions": package_versions(),
     }
     t0 = time.time()
     save_checkpoint(out, res.model.spec, res.model.state_dict(), tokenizer=tok, provenance=provenance, report=report,

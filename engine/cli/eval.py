@@ -72,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
                    max_tokens=args.max_tokens or None, mc_items=args.mc_items, batch_size=args.batch_size,
                    split=args.split, progress=not args.json)
     n_params = model.num_params()
-    obj = {"model": args.model, "params": n_params, "device": args.device, "dtype": args.dtype, **res}
+    from layerfold.core.extras import package_versions
+
+    obj = {"model": args.model, "params": n_params, "device": args.device, "dtype": args.dtype,
+           "settings": {"seq_len": args.seq_len, "max_tokens": args.max_tokens, "mc_items": args.mc_items,
+                        "batch_size": args.batch_size}, **res, "versions": package_versions()}
     ppl, mc = res.get("ppl", {}), res.get("mc", {})
     nan = float("nan")
     row = [args.model, f"{n_params / 1e6:.1f}M", ppl.get("ppl", nan), mc.get("acc", nan), mc.get("acc_norm", nan),

@@ -13,8 +13,8 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("convert", "inspect", "eval", "generate", "calibrate", "prune", "heal", "export", "bench", "serve",
-            "demo")
+COMMANDS = ("convert", "inspect", "eval", "lm_eval", "generate", "calibrate", "prune", "heal", "export", "bench",
+            "serve", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

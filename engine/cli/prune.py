@@ -77,20 +77,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the source)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     seen: dict[str, str] = {}
-    dests: set[str] = set()
+    dests: dict[str, list[str]] = {}  # method -> the dests of its own options (shared ones included)
     for n in names:
         if methods[n].add_args is None:
             continue
         shared = _SharedArgs(p, p.add_argument_group(f"{n} options"), seen)
         methods[n].add_args(shared)  # type: ignore[arg-type]
-        dests.update(shared.dests)
-    p.set_defaults(func=run, _method_dests=sorted(dests))
+        dests[n] = sorted(set(shared.dests))
+    p.set_defaults(func=run, _method_dests=dests)
+
+
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of the chosen method only (a plan file's replacement blocks train as streamline does)."""
+    name = args.method or ("streamline" if args.plan else None)
+    return {d: getattr(args, d) for d in args._method_dests.get(name, []) if getattr(args, d, None) is not None}
 
 
 def run(args: argparse.Namespace) -> int:
     from layerfold.pipeline import prune
 
-    opts = {d: getattr(args, d) for d in args._method_dests if getattr(args, d, None) is not None}
+    opts = method_options(args)
     report = prune(args.model, args.method, args.target, args.out, stats=args.stats, data=args.data,
                    samples=args.samples, seq_len=args.seq_len, plan=args.plan, options=opts, heal=args.heal,
                    heal_options={"budget_minutes": args.heal_minutes} if args.heal_minutes else None,

@@ -15,7 +15,8 @@ def add_common(p: argparse.ArgumentParser, *, model: bool = True, dtype: bool = 
     """--json, --device and (optionally) MODEL and --dtype, worded the same in every subcommand."""
     if model:
         p.add_argument("model", metavar="MODEL",
-                       help="layerfold checkpoint dir, HF model dir, .gguf file, or alias (smollm2-135m)")
+                       help="layerfold checkpoint dir, HF model dir, .gguf file, alias (smollm2-135m), or Hub id "
+                            "(org/name: from the HF cache, downloaded when online)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     p.add_argument("--device", default="cpu", help="torch device to compute on (cpu, cuda, cuda:1); default cpu")
     if dtype:

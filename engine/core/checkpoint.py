@@ -165,10 +165,35 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
         if report is not None:
             (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str))
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out
+
+
+# tokenizer classes that only transformers >= 5 knows, and the class every supported version (>= 4.56) loads
+# the same tokenizer.json with
+_V5_ONLY_TOKENIZER_CLASSES = ("TokenizersBackend",)
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def save_tokenizer(tokenizer: Any, out: str | Path) -> None:
+    """``tokenizer.save_pretrained(out)``, with a tokenizer_config.json that every supported transformers loads.
+
+    transformers 5 names its tokenizers.json-backed class ``TokenizersBackend``, which transformers 4.x does
+    not have; ``PreTrainedTokenizerFast`` reads the same tokenizer.json in both (load-time keys such as
+    ``local_files_only`` are dropped: they would override the loader's own)."""
+    out = Path(out)
+    tokenizer.save_pretrained(str(out))
+    cfg_path = out / "tokenizer_config.json"
+    if not cfg_path.is_file() or not (out / "tokenizer.json").is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("tokenizer_class") in _V5_ONLY_TOKENIZER_CLASSES:
+        cfg["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    for key in ("local_files_only", "is_local"):
+        cfg.pop(key, None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def _dtype_name(tensors: Mapping[str, Tensor]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-EXTRAS = {"serve": ("fastapi", "uvicorn"), "plot": ("matplotlib",)}
+EXTRAS = {"serve": ("fastapi", "uvicorn"), "plot": ("matplotlib",), "lm-eval": ("lm_eval",)}
 
 
 def require(extra: str, what: str) -> None:
@@ -13,3 +13,20 @@ def require(extra: str, what: str) -> None:
     if missing:
         raise ValueError(f"{what} needs {' and '.join(missing)}, not installed here. Fix: "
                          f"pip install 'layerfold[{extra}]'")
+
+
+def package_versions(names: tuple[str, ...] = ("torch", "transformers", "triton")) -> dict[str, str | None]:
+    """Versions of layerfold, Python and ``names`` (None where not installed): what a report needs to be
+    reproduced."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from layerfold import __version__
+
+    out: dict[str, str | None] = {"layerfold": __version__, "python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = None
+    return out

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -47,11 +48,69 @@ def resolve_alias(name: str) -> Path:
     return path
 
 
+# ---- Hugging Face Hub ids ---------------------------------------------------------------------------
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
+# what layerfold reads from a model repo (weights, configs, tokenizer): a snapshot download fetches only these
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
+
+
+def is_hub_id(src: str | Path) -> bool:
+    """``org/name`` that is not a local path: a Hugging Face Hub model id."""
+    s = str(src)
+    return bool(_HUB_ID.fullmatch(s)) and not Path(s).exists() and ".." not in s
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return constants.HF_HUB_OFFLINE if env is None else env.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return env
+    return str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else constants.HF_HUB_CACHE
+
+
+def resolve_hub(repo_id: str) -> Path:
+    """The local snapshot of a Hub model: from the HF cache, else (online) downloaded into it.
+
+    Honours HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE and HF_HUB_CACHE / HF_HOME as huggingface_hub does, read
+    at call time."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    cache = _hub_cache()
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True, allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        pass
+    if _hub_offline():
+        raise FileNotFoundError(
+            f"{repo_id}: not a local path, and not in the Hugging Face cache ({cache}) while offline "
+            f"(HF_HUB_OFFLINE is set). Fix: on a machine with network run `hf download {repo_id}` (and copy its "
+            "cache here), point HF_HUB_CACHE at a cache that holds it, or unset HF_HUB_OFFLINE")
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_FILES))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise FileNotFoundError(
+            f"{repo_id}: not a local path, not in the Hugging Face cache ({cache}), and the Hub could not be reached "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Fix: check the id and the network, "
+            f"or download it where there is network (`hf download {repo_id}`) and point HF_HUB_CACHE at that "
+            "cache") from None
+
+
 def source_kind(src: str | Path) -> str:
-    """'alias' | 'checkpoint' | 'hf' | 'gguf'; raises with the fix when it is none of them."""
+    """'alias' | 'hub' | 'checkpoint' | 'hf' | 'gguf'; raises with the fix when it is none of them."""
     s = str(src)
     if s in ALIASES:
         return "alias"
+    if is_hub_id(s):
+        return "hub"
     p = Path(s)
     if p.is_file() and p.suffix == ".gguf":
         return "gguf"
@@ -72,8 +131,8 @@ def source_kind(src: str | Path) -> str:
     if p.exists():
         raise ValueError(f"{p}: not a model. Fix: give an HF model directory, a .gguf file, a layerfold "
                          f"checkpoint directory, or one of the aliases {sorted(ALIASES)}")
-    raise FileNotFoundError(f"{s}: no such file or directory, and not an alias. Fix: check the path, or use "
-                            f"one of {sorted(ALIASES)}")
+    raise FileNotFoundError(f"{s}: no such file or directory, not an alias, and not a Hub id (org/name). Fix: check "
+                            f"the path, or use one of {sorted(ALIASES)}")
 
 
 # ---- readers ---------------------------------------------------------------------------------------
@@ -141,6 +200,14 @@ def _cached_gguf(path: Path, quiet: bool = False) -> Path:
 def resolve(src: str | Path, quiet: bool = False) -> Path:
     """A path that ``load`` reads quickly: aliases and GGUF files map to their cached conversion."""
     kind = source_kind(src)
+    if kind == "hub":
+        snap = resolve_hub(str(src))
+        if not (snap / "config.json").is_file():
+            ggufs = sorted(snap.glob("*.gguf"))
+            hint = f" (it holds GGUF files: pass one of them, e.g. {ggufs[0]})" if ggufs else ""
+            raise FileNotFoundError(f"{src}: the Hub snapshot {snap} has no config.json{hint}. Fix: use a "
+                                    "transformers model repo or a layerfold checkpoint")
+        return resolve(snap, quiet)
     if kind == "alias":
         return _cached_gguf(resolve_alias(str(src)), quiet)
     if kind == "gguf":

@@ -112,15 +112,21 @@ def _stderr(hits: list[float]) -> float:
     return math.sqrt(p * (1 - p) / (n - 1))
 
 
-@torch.inference_mode()
 def loglikelihoods(model: LogitsFn, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
                    pad_id: int = 0, progress: bool = False) -> list[float]:
     """Sum of log p(cont | ctx) for each (ctx tokens, cont tokens); batched longest-first, right-padded.
 
     Right padding cannot change the logits of earlier positions of a causal model, so no mask is needed.
     """
+    return [ll for ll, _ in scored_loglikelihoods(model, requests, batch_size, pad_id, progress)]
+
+
+@torch.inference_mode()
+def scored_loglikelihoods(model: LogitsFn, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
+                          pad_id: int = 0, progress: bool = False) -> list[tuple[float, bool]]:
+    """``loglikelihoods`` with lm-eval's second answer: whether every continuation token is the argmax."""
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
-    out = [0.0] * len(requests)
+    out: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
     dev = _device(model)
     starts = range(0, len(order), batch_size)
     for s in _progress(starts, desc="mc", total=len(starts), enabled=progress):
@@ -135,15 +141,23 @@ def loglikelihoods(model: LogitsFn, requests: Sequence[tuple[list[int], list[int
             first = len(ctx) - 1  # the logits at this position predict cont[0]
             lp = logits[b, first:first + len(cont)].float().log_softmax(-1)  # (n_cont, V)
             tgt = torch.tensor(cont, dtype=torch.long, device=lp.device)
-            out[i] = lp.gather(-1, tgt[:, None]).sum().item()
+            out[i] = (lp.gather(-1, tgt[:, None]).sum().item(), bool((lp.argmax(-1) == tgt).all()))
         del logits
     return out
 
 
-@torch.inference_mode()
 def grouped_loglikelihoods(model: Model, groups: Sequence[tuple[list[int], list[list[int]]]], batch_size: int = 16,
                            pad_id: int = 0, progress: bool = False) -> list[list[float]]:
-    """``loglikelihoods`` for (context tokens, [continuation tokens, ...]) groups, reading each context once.
+    """``loglikelihoods`` for (context tokens, [continuation tokens, ...]) groups, reading each context once
+    (``grouped_scores`` without the greedy flags)."""
+    return [[ll for ll, _ in g] for g in grouped_scores(model, groups, batch_size, pad_id, progress)]
+
+
+@torch.inference_mode()
+def grouped_scores(model: Model, groups: Sequence[tuple[list[int], list[list[int]]]], batch_size: int = 16,
+                   pad_id: int = 0, progress: bool = False) -> list[list[tuple[float, bool]]]:
+    """(sum log p(cont | ctx), cont is the greedy continuation) for (context tokens, [continuation tokens, ...])
+    groups, reading each context once.
 
     The context runs once into a KV cache that is then copied for every continuation, so an item costs
     len(ctx) + sum(len(cont)) tokens instead of n_choices * len(ctx + cont). Right padding of contexts is
@@ -151,7 +165,7 @@ def grouped_loglikelihoods(model: Model, groups: Sequence[tuple[list[int], list[
     (A sliding-window model counts the padding slots inside its window: exact while contexts are shorter
     than the window, as the built-in items are by far.)
     """
-    out: list[list[float]] = [[0.0] * len(conts) for _, conts in groups]
+    out: list[list[tuple[float, bool]]] = [[(0.0, True)] * len(conts) for _, conts in groups]
     per = max(1, batch_size // max(len(c) for _, c in groups))  # items per pass: ~batch_size continuation rows
     order = sorted(range(len(groups)), key=lambda i: -len(groups[i][0]))
     dev, dtype = model.device, model.dtype
@@ -178,10 +192,13 @@ def grouped_loglikelihoods(model: Model, groups: Sequence[tuple[list[int], list[
             for j, cont in enumerate(groups[i][1]):
                 if cont:
                     ll = first[b, cont[0]].item()
+                    greedy = int(first[b].argmax()) == cont[0]
                     if len(cont) > 1:
                         lp = rest[r, :len(cont) - 1].float().log_softmax(-1)
-                        ll += lp.gather(-1, torch.tensor(cont[1:], device=dev)[:, None]).sum().item()
-                    out[i][j] = ll
+                        tgt = torch.tensor(cont[1:], device=dev)
+                        ll += lp.gather(-1, tgt[:, None]).sum().item()
+                        greedy = greedy and bool((lp.argmax(-1) == tgt).all())
+                    out[i][j] = (ll, greedy)
                 r += 1
         del first, rest, cache
     return out
@@ -268,4 +285,4 @@ def evaluate(model: LogitsFn, tokenizer: Any, data: str | Path = PYDOC, tasks: S
 
 
 __all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_MC_ITEMS", "TASKS", "encode_pair", "evaluate", "grouped_loglikelihoods",
-           "loglikelihoods", "mc_accuracy", "perplexity"]
+           "grouped_scores", "loglikelihoods", "mc_accuracy", "perplexity", "scored_loglikelihoods"]

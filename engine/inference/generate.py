@@ -42,9 +42,12 @@ class StreamEvent:
 
 
 # ---- tokens in, text out ---------------------------------------------------------------------------
-def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]] | list[int], chat: bool = True) -> list[int]:
     """Token ids of a prompt: through the tokenizer's chat template (a user turn, or a list of
-    {"role", "content"} messages) with the assistant's generation prompt appended, or as plain text."""
+    {"role", "content"} messages) with the assistant's generation prompt appended, or as plain text; a list
+    of token ids is taken as it is (callers that tokenise themselves, e.g. the lm-eval adapter)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
     if chat or not isinstance(prompt, str):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template. Fix: pass chat=False (--no-chat) to use the "

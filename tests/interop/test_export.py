@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from layerfold.cli.export import export_hf
 from layerfold.core.checkpoint import save_checkpoint
+from layerfold.interop.hf import export_hf
 from layerfold.surgery.depth import apply_depth_plan
 from layerfold.surgery.plan import DepthPlan, Merge, Replace
 from tests.support.models import tiny_model
@@ -70,3 +70,56 @@ def test_export_refuses_source_and_existing_out(tmp_path) -> None:
 
     assert main(["export", str(ckpt), "--out", str(tmp_path / "hf"), "--overwrite", "--json"]) == 0
     assert main(["export", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
+
+
+# tokenizer classes transformers 4.56/4.57 know (AutoTokenizer resolves tokenizer_config's tokenizer_class by name)
+TRANSFORMERS_4_CLASSES = {"PreTrainedTokenizerFast", "GPT2TokenizerFast", "LlamaTokenizerFast", "Qwen2TokenizerFast"}
+
+
+def test_exported_tokenizer_names_a_class_transformers_4_has(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from layerfold.core.loading import load_tokenizer, resolve
+
+    tok = load_tokenizer(resolve("smollm2-135m", quiet=True))
+    m = tiny_model(**{**LLAMA, "vocab": 49152}, tie=True)
+    ckpt = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict(), tokenizer=tok)
+    for d in (ckpt, tmp_path / "hf"):  # layerfold checkpoints and HF exports alike
+        if d != ckpt:
+            export_hf(ckpt, d)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        assert cfg["tokenizer_class"] in TRANSFORMERS_4_CLASSES and "local_files_only" not in cfg
+        again = AutoTokenizer.from_pretrained(d)
+        text = "def f(x):\n    return x  # <|im_end|>"
+        assert again(text)["input_ids"] == tok(text)["input_ids"]
+        assert again.eos_token == tok.eos_token and again.chat_template == tok.chat_template
+
+
+def test_global_basis_slicegpt_exports_and_verifies(tmp_path) -> None:
+    """Constant-width global-basis SliceGPT with sliced ends has every layer alike: a plain HF model."""
+    from layerfold.interop.export import export
+    from layerfold.methods.slicing import make_plan
+    from layerfold.surgery.slicing import slice_model
+
+    m = tiny_model(**LLAMA, tie=True)
+    ids = torch.randint(0, 89, (8, 16), generator=torch.Generator().manual_seed(0))
+    sliced, _ = slice_model(m, ids, make_plan(m.spec, 0.25, basis="global", keep_ends=False))
+    assert sliced.spec.uniform and sliced.spec.d_model == 40  # 48 * 0.75 = 36, rounded to a multiple of 8
+    ckpt = save_checkpoint(tmp_path / "sl", sliced.spec, sliced.state_dict())
+    info = export(ckpt, tmp_path / "hf", format="hf", verify=True)
+    assert info["verify"]["max_rel_diff"] < 1e-4 and "AutoModelForCausalLM" in info["verify"]["reader"]
+    point, _ = slice_model(m, ids, make_plan(m.spec, 0.25))  # the default point basis: shortcut matrices
+    ck2 = save_checkpoint(tmp_path / "pt", point.spec, point.state_dict())
+    with pytest.raises(ValueError, match="shortcut matrices.*no export format carries it.*--basis global"):
+        export(ck2, tmp_path / "x", format="hf")
+
+
+def test_verify_fails_loudly_on_a_wrong_export(tmp_path, monkeypatch) -> None:
+    from layerfold.interop import verify
+    from layerfold.interop.export import export
+
+    m = tiny_model(**LLAMA, tie=True)
+    ckpt = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict())
+    monkeypatch.setattr(verify, "_reference", lambda s, dt, ids: [torch.zeros(x.shape[1], 89) + 1 for x in ids])
+    with pytest.raises(ValueError, match="export verification failed.*left at"):
+        export(ckpt, tmp_path / "hf", format="hf", verify=True)

@@ -141,12 +141,21 @@ def test_prune_pipeline_writes_report_and_provenance(setup, tmp_path, monkeypatc
     monkeypatch.setattr(P, "load", lambda *a, **k: (layerfold.load(src, tokenizer=False)[0], None))
     monkeypatch.setattr(data, "calib_batches", lambda *a, **k: calib)
     monkeypatch.setattr(evaluate, "evaluate",
-                        lambda model, tok, **k: {"ppl": {"ppl": 10.0 + model.spec.n_layers},
-                                                 "mc": {"acc": 0.5, "acc_norm": 0.4}})
+                        lambda model, tok, **k: {"ppl": {"ppl": 10.0 + model.spec.n_layers, "seq_len": 512,
+                                                         "tokens": 8176, "windows": 16},
+                                                 "mc": {"acc": 0.5, "acc_norm": 0.4, "acc_stderr": 0.05,
+                                                        "acc_norm_stderr": 0.049, "n": 100},
+                                                 "data": "pydoc", "split": "val"})
     with pytest.raises(ValueError, match="refusing to write over"):
         P.prune(src, "shortgpt", "2", src / "inner", overwrite=True, progress=False)
     rep = P.prune(src, "shortgpt", "2", tmp_path / "out", progress=False)
     assert rep["removed_layers"] == 2 and rep["pruned"]["ppl"] == 16.0 and rep["dense"]["layers"] == L
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())  # how to reproduce it
+    assert saved["evaluation"]["seq_len"] == 512 and saved["evaluation"]["tokens"] == 8176
+    assert saved["evaluation"]["mc_items"] == 100 and saved["evaluation"]["data"] == "pydoc"
+    assert saved["pruned"]["acc_stderr"] == 0.05 and saved["dense"]["acc_norm_stderr"] == 0.049
+    assert {"layerfold", "torch", "transformers", "triton"} <= set(saved["versions"])
+    assert saved["versions"]["torch"] and saved["versions"]["layerfold"] == layerfold.__version__
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     prov = cfg["provenance"]
     assert prov["method"] == "shortgpt" and prov["layer_map"] == rep["layer_map"] and prov["teacher"] == str(src)
@@ -161,14 +170,19 @@ def test_prune_pipeline_writes_report_and_provenance(setup, tmp_path, monkeypatc
         P.prune(src, None, None, tmp_path / "out3", plan=plan, eval=False, progress=False)
 
 
-def test_cli_parses_method_options() -> None:
+def test_cli_passes_only_the_chosen_methods_options() -> None:
     from layerfold.cli.main import build_parser
+    from layerfold.cli.prune import method_options
 
-    a = build_parser().parse_args(["prune", "m", "--method", "slm", "--target", "8", "--out", "o",
-                                   "--similarity", "final-cosine", "--replacement", "decoder"])
-    opts = {d: getattr(a, d) for d in a._method_dests if getattr(a, d) is not None}
-    assert opts["similarity"] == "final-cosine" and opts["replacement"] == "decoder"
-    assert "threshold" in a._method_dests and "epochs" in a._method_dests
+    def opts(*argv: str) -> dict:
+        return method_options(build_parser().parse_args(["prune", "m", "--target", "8", "--out", "o", *argv]))
+
+    slm = opts("--method", "slm", "--similarity", "final-cosine", "--replacement", "decoder")
+    assert slm == {"similarity": "final-cosine"}  # --replacement is streamline's: not in slm's method_params
+    st = opts("--method", "streamline", "--replacement", "decoder", "--epochs", "2")
+    assert st == {"replacement": "decoder", "epochs": 2}  # no slicing or CoMe defaults
+    assert set(opts("--method", "slicegpt")) == {"pca_tokens", "basis"}  # the method's own defaults stay
+    assert opts("--plan", "p.json", "--epochs", "3") == {"epochs": 3}  # a plan's blocks train as streamline's
 
 
 def test_streamline_needs_a_wide_enough_window(setup) -> None:

@@ -1,0 +1,35 @@
+"""``export``: one entry point for every format (``layerfold export MODEL --format F --out DIR``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from layerfold.interop.common import export_dtype, read_source
+from layerfold.interop.formats import FORMATS
+
+
+def export(src: str | Path, out: str | Path, *, format: str = "hf", dtype: str | None = None, verify: bool = False,
+           overwrite: bool = False) -> dict[str, Any]:
+    """Write ``src`` (a layerfold checkpoint or anything ``layerfold.load`` reads) to ``out`` in ``format``
+    (hf | decilm | gguf); with ``verify``, load the export back and compare logits (``layerfold.interop.verify``).
+
+    Returns what the format's exporter reports, plus "verify" when asked."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}. Fix: use one of {', '.join(FORMATS)}")
+    s = read_source(src)
+    if format == "hf":
+        from layerfold.interop.hf import export_hf as fn
+    elif format == "decilm":
+        from layerfold.interop.decilm import export_decilm as fn
+    else:
+        from layerfold.interop.gguf_file import export_gguf as fn
+    info = fn(s, out, dtype=dtype, overwrite=overwrite)
+    if verify:
+        from layerfold.interop.verify import verify_export
+
+        info["verify"] = verify_export(format, Path(info["out"]), s, export_dtype(s.state, dtype))
+    return info
+
+
+__all__ = ["export"]

@@ -1,0 +1,111 @@
+"""Which export formats can carry a model: one place that reads a ModelSpec and says yes, or why not.
+
+- ``hf``: plain transformers (Llama, Mistral, Qwen2, Qwen3): every layer the same plain decoder layer at
+  the embedding width (depth pruning by dropping or merging, constant-width global-basis SliceGPT).
+- ``decilm``: the DeciLM / Nemotron-NAS ``block_configs`` config that vLLM serves (``DeciLMForCausalLM``):
+  per layer, attention present or a no-op, its KV heads, the FFN present or a no-op and its width; one
+  hidden size, one query-head count and one head size for every layer; no shortcut matrices.
+- ``gguf``: llama.cpp. Arch ``llama`` for an ``hf``-uniform model, arch ``deci`` (per-layer head counts,
+  KV-head counts and FFN lengths) for the rest of what ``decilm`` carries, except attention-only layers:
+  llama.cpp's ``deci`` graph skips the residual add of a layer without FFN, so their attention would be lost.
+
+Each ``*_problem`` returns None when the format carries the model, else the first reason it cannot.
+"""
+
+from __future__ import annotations
+
+from layerfold.core.arch import SUPPORTED, describe_nonuniform
+from layerfold.core.spec import ModelSpec
+
+FORMATS = ("hf", "decilm", "gguf")
+
+
+def hf_problem(spec: ModelSpec) -> str | None:
+    if spec.arch not in SUPPORTED:
+        return f"its source architecture {spec.arch!r} has no transformers class here"
+    return None if spec.uniform else describe_nonuniform(spec)
+
+
+def decilm_problem(spec: ModelSpec) -> str | None:
+    why = _block_problem(spec)
+    if why is None and not spec.layers[0].has_attn:
+        return ("layer 0 has no attention: vLLM's DeciLM layer starts its residual in the first attention "
+                "block and fails on a first layer without one")
+    return why
+
+
+def _block_problem(spec: ModelSpec) -> str | None:
+    """What neither block_configs (vLLM) nor llama.cpp's deci arch can say."""
+    if spec.qk_norm:
+        return "its attention normalises q and k (Qwen3), which block_configs cannot say"
+    if spec.sliding_window is not None:
+        return "it uses sliding-window attention, which block_configs cannot say"
+    attn = [l for l in spec.layers if l.has_attn]
+    if not attn:
+        return "no layer has attention (vLLM sizes its KV cache from the first attention layer)"
+    for i, l in enumerate(spec.layers):
+        if l.attn_shortcut or l.mlp_shortcut:
+            return f"layer {i} carries SliceGPT shortcut matrices (per-layer residual bases)"
+        if not l.d_in == l.d_mid == l.d_out == spec.d_model:
+            return f"layer {i} changes the residual width ({l.d_in} -> {l.d_out}, embeddings {spec.d_model})"
+        if l.has_attn and (l.n_heads, l.head_dim) != (attn[0].n_heads, attn[0].head_dim):
+            return (f"layer {i} has {l.n_heads} query heads of {l.head_dim}, the first attention layer "
+                    f"{attn[0].n_heads} of {attn[0].head_dim}: block_configs holds one query-head count and size")
+    return None
+
+
+def gguf_problem(spec: ModelSpec) -> str | None:
+    if spec.qkv_bias or spec.qk_norm:
+        return "its attention has q/k/v biases or q/k norms (Qwen2/Qwen3), which the llama and deci GGUF archs lack"
+    if spec.sliding_window is not None:
+        return "it uses sliding-window attention, which the llama and deci GGUF archs do not apply"
+    if spec.rope_type not in ("default", "linear", "llama3"):
+        return f"rope scaling {spec.rope_type!r}"
+    if hf_problem(spec) is None:
+        return None
+    why = _block_problem(spec)
+    if why is not None:
+        return why
+    for i, l in enumerate(spec.layers):
+        if not l.has_mlp:
+            return (f"layer {i} is attention-only: llama.cpp's deci graph skips the residual add of a layer "
+                    "without FFN, so its attention output would be dropped")
+    return None
+
+
+PROBLEMS = {"hf": hf_problem, "decilm": decilm_problem, "gguf": gguf_problem}
+
+
+def carriers(spec: ModelSpec) -> list[str]:
+    """The export formats that can carry ``spec``, in FORMATS order."""
+    return [f for f in FORMATS if PROBLEMS[f](spec) is None]
+
+
+def gguf_arch(spec: ModelSpec) -> str:
+    """'llama' for a uniform model, 'deci' for per-layer shapes (call after gguf_problem returned None)."""
+    return "llama" if spec.uniform else "deci"
+
+
+def check_format(spec: ModelSpec, fmt: str, src: str = "the model") -> None:
+    """Raise ValueError naming why ``fmt`` cannot carry ``spec`` and which formats can."""
+    if fmt not in PROBLEMS:
+        raise ValueError(f"unknown export format {fmt!r}. Fix: use one of {', '.join(FORMATS)}")
+    why = PROBLEMS[fmt](spec)
+    if why is None:
+        return
+    others = [f for f in carriers(spec) if f != fmt]
+    if any(l.kind == "mlp" for l in spec.layers) and fmt == "hf":
+        why += " (an LLM-Streamline MLP replacement block: attention-free)"
+    if others:
+        fix = (f"export it with --format {others[0]}" + (f" (or {', '.join(others[1:])})" if others[1:] else "")
+               + "; formats that carry this model: " + ", ".join(others))
+    else:
+        fix = ("no export format carries it: run it with layerfold itself (`layerfold serve`, `layerfold generate`, "
+               "`layerfold lm-eval`), or prune with a method that keeps layers alike (depth methods; "
+               "`--method streamline --replacement decoder`; slicegpt `--basis global --slice-ends`)")
+    if fmt == "hf" and any(l.kind == "mlp" for l in spec.layers):
+        fix += "; for a plain HF model, prune with `--method streamline --replacement decoder`"
+    raise ValueError(f"{src} cannot be exported as {fmt}: {why}. Fix: {fix}")
+
+
+__all__ = ["FORMATS", "carriers", "check_format", "decilm_problem", "gguf_arch", "gguf_problem", "hf_problem"]

@@ -1,0 +1,302 @@
+"""``--format gguf``: one GGUF file for llama.cpp, written with the ``gguf`` package.
+
+Uniform models go out as arch ``llama``; models with per-layer shapes as arch ``deci`` (llama.cpp's
+DeciLM / Nemotron-NAS graph), whose ``attention.head_count``, ``attention.head_count_kv`` and
+``feed_forward_length`` are per-layer arrays: 0 heads = attention-free layer (an LLM-Streamline MLP block).
+Tensors are f32, f16 or bf16 (norm gains always f32, as llama.cpp's converter writes them); quantise the
+file with llama.cpp's ``llama-quantize``.
+
+llama.cpp applies rotary embeddings to adjacent pairs, transformers (and layerfold) to the two halves of
+each head, so q and k rows are permuted per head as llama.cpp's ``convert_hf_to_gguf.py`` does::
+
+    W (n*hd, d) -> W.reshape(n, 2, hd/2, d).swapaxes(1, 2).reshape(n*hd, d)    (n = heads, KV heads for k)
+
+``read_gguf_export`` reverses it (transformers' GGUF reader does the same for arch llama).
+The tokenizer: copied verbatim from the GGUF file the model was first converted from when there is one
+(the embedded default model), else built from tokenizer.json (byte-level BPE, pre-tokenizer "default").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from layerfold.core.dtypes import dtype_name
+from layerfold.core.paths import atomic_dir, check_output
+from layerfold.core.spec import LayerSpec, ModelSpec
+from layerfold.interop.common import Source, export_dtype, read_source, write_provenance
+from layerfold.interop.formats import check_format, gguf_arch
+
+FILE_NAME = "model.gguf"
+
+# layerfold name -> gguf.MODEL_TENSOR member name (the gguf package formats it as blk.{bid}.attn_q etc.)
+TENSORS = {
+    "embed.weight": "TOKEN_EMBD", "norm.weight": "OUTPUT_NORM", "lm_head.weight": "OUTPUT",
+    "layers.{i}.attn_norm.weight": "ATTN_NORM", "layers.{i}.attn.q.weight": "ATTN_Q",
+    "layers.{i}.attn.k.weight": "ATTN_K", "layers.{i}.attn.v.weight": "ATTN_V",
+    "layers.{i}.attn.o.weight": "ATTN_OUT", "layers.{i}.mlp_norm.weight": "FFN_NORM",
+    "layers.{i}.mlp.gate.weight": "FFN_GATE", "layers.{i}.mlp.up.weight": "FFN_UP",
+    "layers.{i}.mlp.down.weight": "FFN_DOWN",
+}
+
+
+def gguf_name(name: str) -> str:
+    import gguf
+
+    parts = name.split(".")
+    key, bid = name, None
+    if parts[0] == "layers":
+        key, bid = ".".join(["layers", "{i}", *parts[2:]]), int(parts[1])
+    member = TENSORS.get(key)
+    if member is None:
+        raise ValueError(f"tensor {name!r} has no GGUF name. Fix: export a model without it (see docs/INTEROP.md)")
+    base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[member]]
+    return (base.format(bid=bid) if bid is not None else base) + ".weight"
+
+
+def permute_rope(w: Tensor, n_heads: int) -> Tensor:
+    """HF rotate-half rows -> llama.cpp adjacent-pair rows, per head (n_heads: KV heads for k)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rope(w: Tensor, n_heads: int) -> Tensor:
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _layer_of(name: str, spec: ModelSpec) -> LayerSpec | None:
+    parts = name.split(".")
+    return spec.layers[int(parts[1])] if parts[0] == "layers" else None
+
+
+def llama3_rope_factors(spec: ModelSpec, head_dim: int) -> Tensor:
+    """llama.cpp's rope_freqs tensor: the divisor of each base frequency under Llama-3 scaling."""
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    old, f = spec.rope_original_max_pos, spec.rope_factor
+    lo, hi = spec.rope_low_freq_factor, spec.rope_high_freq_factor
+    out = []
+    for wl in (2 * math.pi / inv).tolist():
+        if wl < old / hi:
+            out.append(1.0)
+        elif wl > old / lo:
+            out.append(f)
+        else:
+            s = (old / wl - lo) / (hi - lo)
+            out.append(1 / ((1 - s) / f + s))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _metadata(w: Any, spec: ModelSpec, arch: str, dt: torch.dtype) -> None:
+    import gguf
+
+    attn = [l for l in spec.layers if l.has_attn]
+    hd = attn[0].head_dim
+    w.add_name("layerfold export")
+    w.add_context_length(spec.max_position)
+    w.add_embedding_length(spec.d_model)
+    w.add_block_count(spec.n_layers)
+    if arch == "llama":
+        l = spec.layers[0]
+        w.add_feed_forward_length(l.d_ffn)
+        w.add_head_count(l.n_heads)
+        w.add_head_count_kv(l.n_kv_heads)
+    else:  # per layer; 0 heads = attention-free layer
+        w.add_feed_forward_length([l.d_ffn if l.has_mlp else 0 for l in spec.layers])
+        w.add_head_count([l.n_heads if l.has_attn else 0 for l in spec.layers])
+        w.add_head_count_kv([l.n_kv_heads if l.has_attn else 0 for l in spec.layers])
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(spec.rope_theta)
+    if spec.rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(spec.rope_factor)
+    w.add_layer_norm_rms_eps(spec.norm_eps)
+    w.add_vocab_size(spec.vocab_size)
+    ftype = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
+             torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}[dt]
+    w.add_file_type(int(ftype))
+
+
+def _add_tensor(w: Any, name: str, t: Tensor, dt: torch.dtype) -> None:
+    import gguf
+
+    if t.ndim == 1 or dt == torch.float32:  # norm gains stay f32, as llama.cpp's converter writes them
+        w.add_tensor(name, t.to(torch.float32).numpy())
+    elif dt == torch.float16:
+        w.add_tensor(name, t.to(torch.float16).numpy())
+    else:  # numpy has no bf16: hand over the bit pattern
+        w.add_tensor(name, t.to(torch.bfloat16).view(torch.int16).numpy(), raw_dtype=gguf.GGMLQuantizationType.BF16)
+
+
+def export_gguf(src: str | Path | Source, out: str | Path, *, dtype: str | None = None, overwrite: bool = False
+                ) -> dict[str, Any]:
+    """Write ``src`` as OUT/model.gguf (arch llama or deci); returns what was written."""
+    import gguf
+
+    s = src if isinstance(src, Source) else read_source(src)
+    out = check_output(out, sources=[s.name, s.path], overwrite=overwrite)
+    check_format(s.spec, "gguf", s.name)
+    spec, arch = s.spec, gguf_arch(s.spec)
+    dt = export_dtype(s.state, dtype)
+    with atomic_dir(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp / FILE_NAME), arch)
+        _metadata(w, spec, arch, dt)
+        tok = write_tokenizer(w, s)
+        n = 0
+        if spec.rope_type == "llama3":
+            w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                         llama3_rope_factors(spec, next(l.head_dim for l in spec.layers if l.has_attn)).numpy())
+        for name, t in s.state.items():
+            t = t.detach().to("cpu", torch.float32)
+            l = _layer_of(name, spec)
+            if name.endswith("attn.q.weight"):
+                t = permute_rope(t, l.n_heads)
+            elif name.endswith("attn.k.weight"):
+                t = permute_rope(t, l.n_kv_heads)
+            _add_tensor(w, gguf_name(name), t.contiguous(), dt)
+            n += t.numel()
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        write_provenance(tmp, s, "gguf", {"gguf_arch": arch, "tokenizer": tok})
+    return {"out": str(out), "file": str(out / FILE_NAME), "format": "gguf", "architecture": arch,
+            "layers": spec.n_layers, "params": n, "dtype": dtype_name(dt), "tokenizer": tok is not None,
+            "tokenizer_source": tok, "run": f"llama-cli -m {out / FILE_NAME}"}
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------------
+def _origin_gguf(s: Source, hops: int = 4) -> Path | None:
+    """The GGUF file this model was first converted from, following provenance ``source`` links."""
+    from layerfold.core.checkpoint import read_config
+    from layerfold.core.loading import ALIASES, resolve_alias
+
+    prov = s.provenance
+    for _ in range(hops):
+        src = str(prov.get("source") or "")
+        if src in ALIASES:
+            try:
+                return resolve_alias(src)
+            except FileNotFoundError:
+                return None
+        p = Path(src)
+        if p.suffix == ".gguf" and p.is_file():
+            return p
+        if not (p.is_dir() and (p / "config.json").is_file()):
+            return None
+        try:
+            prov = read_config(p).get("provenance", {}) or {}
+        except ValueError:
+            return None
+    return None
+
+
+def _copy_tokenizer(w: Any, path: Path, vocab: int) -> bool:
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    toks = r.fields.get("tokenizer.ggml.tokens")
+    if toks is None or len(toks.data) != vocab:
+        return False
+    for key, f in r.fields.items():
+        if key.startswith("tokenizer."):
+            if f.types[0] == gguf.GGUFValueType.ARRAY:
+                w.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[-1])
+            else:
+                w.add_key_value(key, f.contents(), f.types[0])
+    return True
+
+
+def _tokenizer_from_json(w: Any, path: Path, vocab: int) -> bool:
+    import gguf
+
+    f = path / "tokenizer.json"
+    if not f.is_file():
+        return False
+    tj = json.loads(f.read_text())
+    model = tj.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        return False  # only byte-level BPE (GPT-2 style) here; other tokenizers: llama.cpp's converter
+    tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    types = {i: int(gguf.TokenType.NORMAL) for i in tokens}
+    for a in tj.get("added_tokens", []):
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = int(gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
+    if sorted(tokens) != list(range(vocab)):
+        return False
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([tokens[i] for i in range(vocab)])
+    w.add_token_types([types[i] for i in range(vocab)])
+    gguf.SpecialVocab(path, load_merges=True).add_to_gguf(w, quiet=True)
+    return True
+
+
+def write_tokenizer(w: Any, s: Source) -> str | None:
+    """Write the tokenizer metadata; returns where it came from ('gguf:PATH' | 'tokenizer.json') or None."""
+    origin = _origin_gguf(s)
+    if origin is not None and _copy_tokenizer(w, origin, s.spec.vocab_size):
+        return f"gguf:{origin}"
+    if s.has_tokenizer and _tokenizer_from_json(w, s.path, s.spec.vocab_size):
+        return "tokenizer.json"
+    return None
+
+
+# ---- reading an export back ---------------------------------------------------------------------------
+def gguf_field(r: Any, key: str) -> Any:
+    f = r.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def read_gguf_export(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], str]:
+    """(spec, float32 state in layerfold names, arch) of a GGUF file this module wrote."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    arch = gguf_field(r, "general.architecture")
+    L = gguf_field(r, f"{arch}.block_count")
+
+    def per_layer(key: str) -> list[int]:
+        v = gguf_field(r, f"{arch}.{key}")
+        return [int(x) for x in v] if isinstance(v, list) else [int(v)] * L
+
+    heads, kvs, ffns = per_layer("attention.head_count"), per_layer("attention.head_count_kv"), \
+        per_layer("feed_forward_length")
+    d, hd = gguf_field(r, f"{arch}.embedding_length"), gguf_field(r, f"{arch}.attention.key_length")
+    layers = tuple(LayerSpec(d, d, d, n_heads=h, n_kv_heads=k, head_dim=hd if h else 0, d_ffn=f, has_attn=h > 0,
+                             has_mlp=f > 0, kind="decoder" if h else "mlp") for h, k, f in zip(heads, kvs, ffns,
+                                                                                                strict=True))
+    back = {}
+    for lf in TENSORS:
+        if "{i}" in lf:
+            for i in range(L):
+                back[gguf_name(lf.replace("{i}", str(i)))] = lf.replace("{i}", str(i))
+        else:
+            back[gguf_name(lf)] = lf
+    state: dict[str, Tensor] = {}
+    for t in r.tensors:
+        if t.name not in back:
+            continue
+        arr = gguf.dequantize(t.data, t.tensor_type).reshape(list(reversed([int(x) for x in t.shape])))
+        x = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the reader maps the file read-only
+        name = back[t.name]
+        if name.endswith("attn.q.weight") or name.endswith("attn.k.weight"):
+            i = int(name.split(".")[1])
+            x = unpermute_rope(x, heads[i] if ".q." in name else kvs[i])
+        state[name] = x
+    spec = ModelSpec(vocab_size=int(gguf_field(r, f"{arch}.vocab_size")), d_model=d, layers=layers,
+                     norm_eps=float(gguf_field(r, f"{arch}.attention.layer_norm_rms_epsilon")),
+                     rope_theta=float(gguf_field(r, f"{arch}.rope.freq_base")),
+                     max_position=int(gguf_field(r, f"{arch}.context_length")),
+                     tie_embeddings="lm_head.weight" not in state).validate()
+    return spec, state, arch
+
+
+__all__ = ["FILE_NAME", "export_gguf", "gguf_field", "gguf_name", "llama3_rope_factors", "permute_rope",
+           "read_gguf_export", "unpermute_rope"]

@@ -1,0 +1,100 @@
+"""``export --verify``: load the written export back and compare its logits with layerfold's forward.
+
+- hf: ``transformers.AutoModelForCausalLM.from_pretrained(out)``, no custom code;
+- gguf, arch llama with plain rotary embeddings: transformers' GGUF reader
+  (``from_pretrained(out, gguf_file="model.gguf")``), which also undoes the q/k permutation independently;
+- decilm and the other GGUF files: the files read back into a layerfold model (``read_decilm``,
+  ``read_gguf_export``). That checks what was written against what layerfold means by it; the tests check
+  the formats' meaning against independent readers (a vLLM-semantics DeciLM reference, transformers, gguf).
+
+Both sides run in float32 on the export's own (rounded) weights, so the difference is arithmetic only;
+above ``tol`` (relative to the largest reference logit) verification fails loudly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layerfold.core.model import build_model
+from layerfold.interop.common import Source
+
+PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Pruned models are")
+TOL = 1e-4
+
+
+def prompt_ids(s: Source, n_random: int = 3) -> list[Tensor]:
+    tok = s.tokenizer()
+    if tok is not None:
+        return [torch.tensor([tok(p, add_special_tokens=False)["input_ids"]]) for p in PROMPTS]
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, s.spec.vocab_size, (1, 9 + 4 * i), generator=g) for i in range(n_random)]
+
+
+@torch.inference_mode()
+def _reference(s: Source, dt: torch.dtype, ids: list[Tensor]) -> list[Tensor]:
+    state = {k: v.to(dt).to(torch.float32) for k, v in s.state.items()}
+    m = build_model(s.spec, state, dtype=torch.float32).eval()
+    return [m(x)[0] for x in ids]
+
+
+@torch.inference_mode()
+def _exported(fmt: str, out: Path, s: Source, ids: list[Tensor]) -> tuple[list[Tensor], str]:
+    if fmt == "hf" or (fmt == "gguf" and _gguf_via_transformers(out, s)):
+        from transformers import AutoModelForCausalLM
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        kw: dict[str, Any] = {"gguf_file": "model.gguf"} if fmt == "gguf" else {}
+        hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, **kw).eval()
+        how = "transformers AutoModelForCausalLM" + (" (GGUF reader)" if fmt == "gguf" else "")
+        return [hf(x).logits[0] for x in ids], how
+    if fmt == "decilm":
+        from layerfold.interop.decilm import read_decilm
+
+        spec, state = read_decilm(out)
+        how = "config.json block_configs + safetensors read back"
+    else:
+        from layerfold.interop.gguf_file import FILE_NAME, read_gguf_export
+
+        spec, state, arch = read_gguf_export(out / FILE_NAME)
+        # rope scaling travels as GGUF keys / a rope_freqs tensor that the read-back does not parse
+        spec = replace(spec, rope_type=s.spec.rope_type, rope_factor=s.spec.rope_factor,
+                       rope_low_freq_factor=s.spec.rope_low_freq_factor,
+                       rope_high_freq_factor=s.spec.rope_high_freq_factor,
+                       rope_original_max_pos=s.spec.rope_original_max_pos)
+        how = f"GGUF ({arch}) read back with gguf.GGUFReader"
+    m = build_model(spec, state, dtype=torch.float32).eval()
+    return [m(x)[0] for x in ids], how
+
+
+def _gguf_via_transformers(out: Path, s: Source) -> bool:
+    return s.spec.uniform and s.spec.rope_type == "default"
+
+
+def verify_export(fmt: str, out: str | Path, s: Source, dt: torch.dtype, tol: float = TOL) -> dict[str, Any]:
+    """Compare the export at ``out`` with layerfold's forward of ``s`` (weights rounded to ``dt``).
+
+    Returns {"max_abs_diff", "max_rel_diff", "tol", "prompts", "tokens", "reader"}; raises ValueError above tol."""
+    out = Path(out)
+    ids = prompt_ids(s)
+    want = _reference(s, dt, ids)
+    got, how = _exported(fmt, out, s, ids)
+    diff = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
+    scale = max(float(b.abs().max()) for b in want)
+    rel = diff / max(scale, 1e-30)
+    res = {"max_abs_diff": diff, "max_rel_diff": rel, "tol": tol, "prompts": len(ids),
+           "tokens": sum(int(x.numel()) for x in ids), "reader": how}
+    if not rel <= tol:
+        raise ValueError(f"export verification failed: {how} gives logits up to {diff:.3g} away from layerfold's "
+                         f"({rel:.3g} of the largest logit {scale:.3g}; tolerance {tol:g}). The export is left at "
+                         f"{out} for inspection. Fix: report this with the model's config.json (a format "
+                         "mismatch), and do not ship this export")
+    return res
+
+
+__all__ = ["PROMPTS", "TOL", "verify_export"]

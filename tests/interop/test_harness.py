@@ -1,0 +1,148 @@
+"""The lm-evaluation-harness adapter (`layerfold` model, `layerfold lm-eval`), offline on local tasks: the same
+accuracy as `layerfold eval` on the same items, and the same numbers as `lm_eval --model hf` on an HF export."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from layerfold.core.checkpoint import save_checkpoint  # noqa: E402
+from layerfold.core.data import load_mc_file, mc_task  # noqa: E402
+from layerfold.core.loading import load_tokenizer, resolve  # noqa: E402
+from layerfold.evaluation.evaluate import mc_accuracy  # noqa: E402
+from layerfold.surgery.depth import apply_depth_plan  # noqa: E402
+from layerfold.surgery.plan import DepthPlan  # noqa: E402
+from tests.support.models import SMOLLM2_VOCAB, smollm2_vocab_spec, tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MC_YAML = """task: lf_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A depth-pruned tiny model and a Streamline-shaped one (both with the embedded model's tokenizer, random
+    weights), their checkpoints, an HF export of the first, and a 24-item local multiple-choice task."""
+    from layerfold.interop.hf import export_hf
+
+    root = tmp_path_factory.mktemp("harness")
+    tok = load_tokenizer(resolve("smollm2-135m", quiet=True))
+    dense = tiny_model(d_model=64, n_layers=3, heads=4, kv_heads=2, ffn=128, vocab=SMOLLM2_VOCAB, tie=True,
+                       std=0.08, norm_gains=True, max_position=256)
+    depth = apply_depth_plan(dense, DepthPlan(n_layers=3, drop=(1,)))
+    ck_depth = save_checkpoint(root / "depth", depth.spec, depth.state_dict(), tokenizer=tok)
+    stream = tiny_model(smollm2_vocab_spec(3, max_position=256), std=0.08, norm_gains=True)
+    ck_stream = save_checkpoint(root / "stream", stream.spec, stream.state_dict(), tokenizer=tok)
+    export_hf(ck_depth, root / "hf")
+    items = mc_task(tok, "pydoc", "val", n=24, seed=3)
+    path = root / "items.jsonl"
+    path.write_text("".join(json.dumps({"context": it.context, "choices": it.choices, "label": it.label,
+                                        "delimiter": it.delimiter}) + "\n" for it in items))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "lf_mc.yaml").write_text(MC_YAML.format(items=path))
+    return {"tok": tok, "depth": (depth, ck_depth), "stream": (stream, ck_stream), "hf": root / "hf",
+            "items": path, "tasks": tasks}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+
+
+def run_task(model, model_args: dict, tasks_dir) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    import layerfold.interop.harness  # noqa: F401  (registers "layerfold")
+
+    res = simple_evaluate(model=model, model_args=model_args, tasks=["lf_mc"],
+                          task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+                          log_samples=True)
+    return res
+
+
+def lls(res: dict) -> list[list[float]]:
+    docs = sorted(res["samples"]["lf_mc"], key=lambda s: s["doc_id"])
+    return [[float(r[0][0]) for r in s["resps"]] for s in docs]
+
+
+def check_equals_layerfold_eval(res: dict, model, setup) -> None:
+    ours = mc_accuracy(model, setup["tok"], load_mc_file(setup["items"]))
+    got = res["results"]["lf_mc"]
+    assert got["acc,none"] == ours["acc"] and got["acc_norm,none"] == ours["acc_norm"]
+    assert math.isclose(got["acc_stderr,none"], ours["acc_stderr"], rel_tol=1e-9)
+
+
+def test_adapter_on_a_streamline_model_equals_layerfold_eval(setup) -> None:
+    model, ckpt = setup["stream"]
+    check_equals_layerfold_eval(run_task("layerfold", {"pretrained": str(ckpt), "batch_size": 4}, setup["tasks"]),
+                                model, setup)
+
+
+def test_adapter_equals_layerfold_eval_and_lm_eval_hf_on_an_hf_export(setup) -> None:
+    model, ckpt = setup["depth"]
+    ours = run_task("layerfold", {"pretrained": str(ckpt), "batch_size": 4}, setup["tasks"])
+    check_equals_layerfold_eval(ours, model, setup)
+    hf = run_task("hf", {"pretrained": str(setup["hf"]), "dtype": "float32", "device": "cpu", "batch_size": 4},
+                  setup["tasks"])
+    for key in ("acc,none", "acc_norm,none"):
+        assert ours["results"]["lf_mc"][key] == hf["results"]["lf_mc"][key], key
+    a, b = torch.tensor(lls(ours)), torch.tensor(lls(hf))
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_rolling_and_generation_match_the_hf_model(setup) -> None:
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from layerfold.interop.harness import LayerfoldLM
+
+    ours = LayerfoldLM(pretrained=str(setup["depth"][1]), batch_size=3, max_length=40)
+    hf = HFLM(pretrained=str(setup["hf"]), dtype="float32", device="cpu", batch_size=3, max_length=40)
+    texts = ["The quick brown fox jumps over the lazy dog. " * 6, "def f(x):\n    return x + 1\n", "Hello"]
+    roll = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    a, b = ours.loglikelihood_rolling(roll), hf.loglikelihood_rolling(roll)
+    assert len(ours.tok_encode(texts[0])) > 40  # several windows
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-4), (a, b)
+    gk = {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}
+    gen = [Instance("generate_until", {}, (t, dict(gk)), i) for i, t in enumerate(["Once upon a time", "x = 1 +"])]
+    assert ours.generate_until(gen) == hf.generate_until(gen)
+
+
+def test_cli_runs_a_local_task_on_a_streamline_model(setup, tmp_path, capsys) -> None:
+    from layerfold.cli.main import main
+
+    out = tmp_path / "res.json"
+    assert main(["lm-eval", str(setup["stream"][1]), "--tasks", "lf_mc", "--include-path", str(setup["tasks"]),
+                 "--limit", "8", "--output", str(out)]) == 0
+    assert "lf_mc" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["results"]["lf_mc"]["acc,none"] is not None and res["layerfold"]["versions"]["lm_eval"]
+    assert main(["lm-eval", str(setup["stream"][1]), "--tasks", "no_such_task", "--include-path",
+                 str(setup["tasks"])]) == 2
