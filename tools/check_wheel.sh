@@ -50,8 +50,8 @@ say "without the serve extra, serve says what to install"
 if $V/layerfold serve tiny --port 1 2>"$WORK/err"; then fail "serve ran without fastapi"; fi
 grep -q "layerfold\[serve\]" "$WORK/err" || { cat "$WORK/err"; fail "serve's error does not name the extra"; }
 
-say "extras: every module imports, and the native CPU step builds from the installed C++ source"
-$V/python -m pip install -q "${WHL}[serve,plot]" 2>&1 | grep -v "^WARNING: Location" || true
+say "extras (all): every module imports, and the native CPU step builds from the installed C++ source"
+$V/python -m pip install -q "${WHL}[all]" 2>&1 | grep -v "^WARNING: Location" || true
 $V/python - <<'PY'
 import importlib, pkgutil
 import layerfold
