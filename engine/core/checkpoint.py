@@ -8,6 +8,7 @@ Weights load by mmap (safetensors); every tensor is checked for presence and sha
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,26 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]], state: Mapping[str
         if got != tuple(shape):
             raise CheckpointError(f"{where}: tensor {k!r} has shape {got}, the spec says {tuple(shape)}. "
                                   "Fix: config.json and model.safetensors come from different models")
+        dt = getattr(state[k], "dtype", None)
+        if dt is not None and not dt.is_floating_point:
+            raise CheckpointError(f"{where}: tensor {k!r} is stored as {str(dt).removeprefix('torch.')}; model "
+                                  "weights are floating point. Fix: re-create the checkpoint (convert or prune "
+                                  "again); a quantised or hand-edited file is not a layerfold checkpoint")
+
+
+def check_finite(state: Mapping[str, Tensor], where: str, *, allow: bool = False) -> list[str]:
+    """Names of the tensors holding NaN or Inf; raise CheckpointError naming the first unless ``allow``
+    (then warn). A model with such a weight computes NaN everywhere: generation gives empty text and
+    evaluation a meaningless score, so it is refused at load rather than found in the results."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad and not allow:
+        raise CheckpointError(f"{where}: tensor {bad[0]!r} holds NaN or Inf values ({len(bad)} such tensors). "
+                              "Fix: re-create the checkpoint from its source (an overflow in training or a damaged "
+                              "file), or pass --allow-nonfinite to load it anyway")
+    if bad:
+        warnings.warn(f"{where}: {len(bad)} tensors hold NaN or Inf values (first {bad[0]!r}); loaded because of "
+                      "--allow-nonfinite: outputs will be meaningless", stacklevel=2)
+    return bad
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -72,8 +93,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a layerfold config (no \"format\": \"{FORMAT}\"). Fix: for an HF model "
                               "directory use it directly or run `layerfold convert` first")
-    if cfg.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{p}: format version {cfg.get('version')} is newer than this layerfold "
+    version = cfg.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(f"{p}: \"version\" is {version!r}, not a whole number. Fix: this file was edited by "
+                              f"hand; set \"version\": {FORMAT_VERSION} (a number) or re-create the checkpoint")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{p}: format version {version} is newer than this layerfold "
                               f"({FORMAT_VERSION}). Fix: upgrade layerfold")
     try:
         cfg["spec"] = ModelSpec.from_dict(cfg.get("spec"))
@@ -139,6 +164,29 @@ def open_weights(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
         t = t.reshape(shape)
         out[name] = t if device == "cpu" else t.to(device)
     return out
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError unless ``path`` is a complete checkpoint: config, a weights file whose header
+    fits the file and matches the spec's tensors and shapes, and a tokenizer when one was saved. Reads the
+    config and the header only (no weights)."""
+    from layerfold.core.model import expected_shapes
+
+    cfg = read_config(path)
+    state = open_weights(Path(path) / WEIGHTS)
+    check_state_dict(expected_shapes(cfg["spec"]), state, where=str(path))
+    p = Path(path)
+    if (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file() \
+            and not any(p.glob("*.model")) and not (p / "vocab.json").is_file():
+        raise CheckpointError(f"{p}: tokenizer_config.json without the tokenizer's vocabulary. Fix: re-create the "
+                              "checkpoint")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        f = p / name
+        if f.is_file():
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{f}: corrupt JSON ({e}). Fix: re-create the checkpoint") from None
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Tensor]]:

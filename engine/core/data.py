@@ -73,8 +73,28 @@ def _pydoc_docs() -> list[tuple[str, str]]:
     return [(k, topics[k]) for k in sorted(topics)]
 
 
+# Share of a file's characters that may be undecodable bytes (U+FFFD) or control characters before it is
+# taken for a binary file: real text has next to none; random bytes decode to ~45% U+FFFD.
+MAX_GARBAGE = 0.02
+
+
+def read_text_file(path: Path) -> str:
+    """A file's text as UTF-8; a ValueError naming the file when it is mostly not text (a binary file, another
+    encoding). A few undecodable bytes in a large text are replaced (U+FFFD) rather than refused."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    if not text:
+        return text
+    bad = text.count("\ufffd") + sum(1 for c in text if c < " " and c not in "\n\r\t\f")
+    if bad > MAX_GARBAGE * len(text):
+        raise ValueError(f"{path}: not UTF-8 text ({bad / len(text):.0%} of its characters are undecodable bytes or "
+                         "control characters: a binary file, or text in another encoding). Fix: give a UTF-8 text "
+                         "file (convert it with e.g. iconv -t utf-8)")
+    return text
+
+
 def _txt_docs(path: Path) -> list[tuple[str, str]]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text_file(path)
     docs, cur, n = [], [], 0
     for para in re.split(r"\n[ \t]*\n", text):
         if not para.strip():
@@ -91,15 +111,14 @@ def _txt_docs(path: Path) -> list[tuple[str, str]]:
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     out = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}). Fix: write one JSON "
-                                 "object per line, e.g. {\"text\": \"...\"}") from None
+    for i, line in enumerate(read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}). Fix: write one JSON "
+                             "object per line, e.g. {\"text\": \"...\"}") from None
     return out
 
 
@@ -107,7 +126,7 @@ def is_mc_file(path: Path) -> bool:
     """A .jsonl whose first record has "choices": a multiple-choice file rather than text."""
     if path.suffix != ".jsonl":
         return False
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.strip():
                 try:
@@ -209,20 +228,56 @@ def token_stream(tokenizer: Any, source: str | Path = PYDOC, split: str = "val")
             if i and eos is not None:
                 ids.append(eos)
             ids.extend(d)
-        _STREAMS[key] = torch.tensor(ids, dtype=torch.long)
+        stream = torch.tensor(ids, dtype=torch.long)
+        check_tokens(tokenizer, stream, source)
+        _STREAMS[key] = stream
     return _STREAMS[key].clone()
 
 
+# Above these shares of unknown or byte-fallback tokens the text is not language the tokenizer knows
+# (random bytes, another script than the model's): calibrating or evaluating on it measures nothing.
+MAX_UNK, MAX_BYTE_FALLBACK = 0.2, 0.5
+_BYTE_IDS: dict[tuple, Tensor] = {}
+
+
+def check_tokens(tokenizer: Any, ids: Tensor, source: str | Path) -> None:
+    """Raise a ValueError naming ``source`` when its tokens are mostly unknown or byte-fallback tokens."""
+    if ids.numel() == 0:
+        return
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and float((ids == unk).float().mean()) > MAX_UNK:
+        raise ValueError(f"{source}: {float((ids == unk).float().mean()):.0%} of its tokens are the unknown token "
+                         f"{getattr(tokenizer, 'unk_token', '')!r}: not text this model's tokenizer can read. Fix: "
+                         "give text in the model's language(s)")
+    key = _tok_key(tokenizer)
+    if key not in _BYTE_IDS:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        _BYTE_IDS[key] = torch.tensor(sorted(i for t, i in vocab.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)),
+                                      dtype=torch.long)
+    byte_ids = _BYTE_IDS[key]
+    if byte_ids.numel():
+        share = float(torch.isin(ids, byte_ids).float().mean())
+        if share > MAX_BYTE_FALLBACK:
+            raise ValueError(f"{source}: {share:.0%} of its tokens are byte-fallback tokens (<0x..>): not text this "
+                             "model's tokenizer knows (binary data?). Fix: give text in the model's language(s)")
+
+
 def calib_batches(tokenizer: Any, source: str | Path = PYDOC, split: str = "calib", n_samples: int = 64,
-                  seq_len: int = 256, seed: int = 0) -> Tensor:
-    """LongTensor (n_samples, seq_len): windows of the token stream at seeded random offsets."""
+                  seq_len: int = 256, seed: int = 0, distinct: bool = False) -> Tensor:
+    """LongTensor (n_samples, seq_len): windows of the token stream at seeded random offsets.
+
+    distinct: raise unless the split holds at least n_samples x seq_len tokens (the CLI's check: fewer
+    means the windows mostly repeat the same text)."""
     if n_samples < 1 or seq_len < 2:
-        raise ValueError(f"n_samples={n_samples}, seq_len={seq_len}. Fix: use n_samples >= 1 and seq_len >= 2")
+        raise ValueError(f"n_samples={n_samples}, seq_len={seq_len}. Fix: use --samples >= 1 and --seq-len >= 2")
     stream = token_stream(tokenizer, source, split)
     n = stream.numel()
-    if n < seq_len:
-        raise ValueError(f"{source} ({split}) has {n} tokens, fewer than seq_len={seq_len}. Fix: lower the "
-                         "sequence length or give more text")
+    if n < seq_len or distinct and n < n_samples * seq_len:
+        fit = f"at most {n // seq_len} samples of {seq_len} tokens fit" if n >= seq_len else \
+            f"not one sample of {seq_len} tokens fits"
+        raise ValueError(f"{source} ({split!r} split) has {n} tokens, fewer than {n_samples} samples x {seq_len} "
+                         f"tokens = {n_samples * seq_len} ({fit}). Fix: lower --samples or --seq-len, or give more "
+                         f"text (the {split!r} split is about {'80' if split == 'calib' else '20'}% of the documents)")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seq_len + 1, (n_samples,), generator=g)
     return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
