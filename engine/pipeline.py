@@ -121,18 +121,33 @@ def check_before_load(source: str | Path, method: Any, target: Target | None, pl
     return None
 
 
+SPLIT_NOTE = ("it calibrates on the 'calib' split of --data (about 80% of its documents, assigned by a hash) and "
+              "evaluates on the 'val' split (the rest)")
+
+
+def calibration_set(tokenizer: Any, data: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The calibration batches, at least samples x seq_len distinct tokens; a NotEnoughData with this command's fix."""
+    from layerfold.core import data as D
+
+    try:
+        return D.calib_batches(tokenizer, source=data, split="calib", n_samples=samples, seq_len=seq_len, seed=seed,
+                               distinct=True)
+    except D.NotEnoughData as e:
+        raise D.NotEnoughData(f"{str(e).split(' Fix:')[0]}; {SPLIT_NOTE}. Fix: lower --samples or --seq-len, or "
+                              "give a larger --data file") from None
+
+
 def check_data(tokenizer: Any, data: str, eval_options: dict[str, Any] | None) -> None:
     """The evaluation's data checked before calibration (prune evaluates on the 'val' split)."""
+    from layerfold.core.data import NotEnoughData
     from layerfold.evaluation.evaluate import check_eval_data
 
     kw = {k: v for k, v in (eval_options or {}).items() if k in ("tasks", "seq_len", "mc_items")}
     try:
         check_eval_data(tokenizer, data, **kw)
-    except ValueError as e:
-        cause = str(e).split(" Fix:")[0]
-        raise ValueError(f"{cause}. prune calibrates on the 'calib' split of --data (about 80% of its documents) and "
-                         "evaluates on the 'val' split (the rest). Fix: give a larger --data file (more documents), "
-                         "or pass --no-eval to skip the evaluation") from None
+    except NotEnoughData as e:
+        raise NotEnoughData(f"{str(e).split(' Fix:')[0]}; {SPLIT_NOTE}. Fix: give a larger --data file (more "
+                            "documents), or pass --no-eval to skip the evaluation") from None
 
 
 def compose_map(source_map: list[list[int]] | None, layer_map: list[list[int]]) -> list[list[int]] | None:
@@ -164,10 +179,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     model, tok = load(source, device=device, dtype=dtype, quiet=not progress, allow_nonfinite=allow_nonfinite)
     model.requires_grad_(False)
     times["load"] = time.time() - t0
-    from layerfold.core.data import calib_batches
-
-    calib = calib_batches(tok, source=data, split="calib", n_samples=samples, seq_len=seq_len, seed=seed,
-                          distinct=True)
+    calib = calibration_set(tok, data, samples, seq_len, seed)
     if eval:
         check_data(tok, data, eval_options)
     calibration = {"data": data, "split": "calib", "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),

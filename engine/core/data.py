@@ -36,6 +36,12 @@ VAL_BUCKETS = frozenset({8, 9})  # of 10: a 80/20 calib/val split
 TXT_DOC_CHARS = 2000  # a .txt document: consecutive paragraphs until at least this many characters
 
 
+class NotEnoughData(ValueError):
+    """A source holds too little text for what was asked (a split without documents, fewer tokens than the
+    samples need, too few documents for multiple-choice distractors). Commands without ``--split`` catch
+    it to give their own fix."""
+
+
 @dataclass(frozen=True)
 class MCItem:
     """One multiple-choice question: the model scores ``context + delimiter + choice`` for every choice."""
@@ -181,7 +187,7 @@ def documents(source: str | Path = PYDOC, split: str = "val") -> list[str]:
     docs = _all_docs(source)
     out = [t for k, t in docs if split == "all" or split_of(k) == split]
     if not out:
-        raise ValueError(f"{source}: none of its {len(docs)} documents falls in the {split!r} split (documents "
+        raise NotEnoughData(f"{source}: none of its {len(docs)} documents falls in the {split!r} split (documents "
                          f"are assigned ~80/20 calib/val by a hash). Fix: give a larger file (more documents) or "
                          f"use split 'all'")
     return out
@@ -275,7 +281,7 @@ def calib_batches(tokenizer: Any, source: str | Path = PYDOC, split: str = "cali
     if n < seq_len or distinct and n < n_samples * seq_len:
         fit = f"at most {n // seq_len} samples of {seq_len} tokens fit" if n >= seq_len else \
             f"not one sample of {seq_len} tokens fits"
-        raise ValueError(f"{source} ({split!r} split) has {n} tokens, fewer than {n_samples} samples x {seq_len} "
+        raise NotEnoughData(f"{source} ({split!r} split) has {n} tokens, fewer than {n_samples} samples x {seq_len} "
                          f"tokens = {n_samples * seq_len} ({fit}). Fix: lower --samples or --seq-len, or give more "
                          f"text (the {split!r} split is about {'80' if split == 'calib' else '20'}% of the documents)")
     g = torch.Generator().manual_seed(seed)
@@ -356,7 +362,7 @@ def mc_task(tokenizer: Any, source: str | Path = PYDOC, split: str = "val", n: i
         return load_mc_file(source)[:n]
     texts = documents(source, split)
     if len(texts) < n_choices:
-        raise ValueError(f"{source} ({split}) has {len(texts)} documents; distractors must come from other "
+        raise NotEnoughData(f"{source} ({split}) has {len(texts)} documents; distractors must come from other "
                          f"documents, so it needs at least {n_choices}. Fix: give a larger file or use split 'all'")
     docs = [_Doc(t, s) for t, s in zip(texts, _token_starts(tokenizer, texts), strict=True)]
     width = context_tokens + cont_tokens
@@ -391,7 +397,7 @@ def mc_task(tokenizer: Any, source: str | Path = PYDOC, split: str = "val", n: i
         choices = wrong[:label] + [answer] + wrong[label:]
         items.append(MCItem(context, choices, label, meta={"doc": d, "char": c0}))
     if not items:
-        raise ValueError(f"{source} ({split}): no document is {width} tokens long, so no MC item can be made. Fix: "
+        raise NotEnoughData(f"{source} ({split}): no document is {width} tokens long, so no MC item can be made. Fix: "
                          "lower context_tokens/cont_tokens or give longer documents")
     return items
 
@@ -419,5 +425,5 @@ def load_mc_file(path: str | Path) -> list[MCItem]:
     return items
 
 
-__all__ = ["MCItem", "PYDOC", "SPLITS", "calib_batches", "documents", "is_mc_file", "load_mc_file", "load_text",
-           "mc_task", "split_of", "split_sizes", "token_stream"]
+__all__ = ["MCItem", "NotEnoughData", "PYDOC", "SPLITS", "calib_batches", "documents", "is_mc_file", "load_mc_file",
+           "load_text", "mc_task", "split_of", "split_sizes", "token_stream"]

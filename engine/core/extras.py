@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-EXTRAS = {"serve": ("fastapi", "uvicorn"), "plot": ("matplotlib",)}
+EXTRAS = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "plot": ("matplotlib",)}
 
 
 def require(extra: str, what: str) -> None:

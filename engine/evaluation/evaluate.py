@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from layerfold.core.console import progress as _progress
-from layerfold.core.data import PYDOC, MCItem, is_mc_file, mc_task, token_stream
+from layerfold.core.data import PYDOC, MCItem, NotEnoughData, is_mc_file, mc_task, token_stream
 from layerfold.core.model import KVCache, Model
 
 LogitsFn = Callable[[Tensor], Tensor]
@@ -241,7 +241,7 @@ def check_eval_data(tokenizer: Any, data: str | Path = PYDOC, tasks: Sequence[st
     if "ppl" in tasks:
         n = token_stream(tokenizer, data, split).numel()
         if n < seq_len:
-            raise ValueError(f"{data} ({split!r} split) has {n} tokens, fewer than one perplexity window of "
+            raise NotEnoughData(f"{data} ({split!r} split) has {n} tokens, fewer than one perplexity window of "
                              f"{seq_len}. Fix: give more text")
     if "mc" in tasks:
         mc_task(tokenizer, data, split, n=mc_items)
