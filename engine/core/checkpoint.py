@@ -103,7 +103,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
     try:
         cfg["spec"] = ModelSpec.from_dict(cfg.get("spec"))
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{p}: invalid model spec: {e}") from None
+        raise CheckpointError(f"{p}: invalid model spec: {e}. Fix: config.json was edited or damaged; re-create the "
+                              "checkpoint (convert or prune again)") from None
     return cfg
 
 
@@ -170,11 +171,7 @@ def verify_checkpoint(path: str | Path) -> None:
     """Raise CheckpointError unless ``path`` is a complete checkpoint: config, a weights file whose header
     fits the file and matches the spec's tensors and shapes, and a tokenizer when one was saved. Reads the
     config and the header only (no weights)."""
-    from layerfold.core.model import expected_shapes
-
-    cfg = read_config(path)
-    state = open_weights(Path(path) / WEIGHTS)
-    check_state_dict(expected_shapes(cfg["spec"]), state, where=str(path))
+    load_checkpoint(path)
     p = Path(path)
     if (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file() \
             and not any(p.glob("*.model")) and not (p / "vocab.json").is_file():
@@ -190,8 +187,12 @@ def verify_checkpoint(path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(config with its ModelSpec, mmap'd weights), the weights' names, shapes and dtypes checked against the spec."""
+    from layerfold.core.model import expected_shapes
+
     cfg = read_config(path)
     state = open_weights(Path(path) / WEIGHTS, device)
+    check_state_dict(expected_shapes(cfg["spec"]), state, where=str(Path(path) / WEIGHTS))
     return cfg, state
 
 
