@@ -167,32 +167,9 @@ def open_weights(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
     return out
 
 
-def verify_checkpoint(path: str | Path) -> None:
-    """Raise CheckpointError unless ``path`` is a complete checkpoint: config, a weights file whose header
-    fits the file and matches the spec's tensors and shapes, and a tokenizer when one was saved. Reads the
-    config and the header only (no weights)."""
-    load_checkpoint(path)
-    p = Path(path)
-    if (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file() \
-            and not any(p.glob("*.model")) and not (p / "vocab.json").is_file():
-        raise CheckpointError(f"{p}: tokenizer_config.json without the tokenizer's vocabulary. Fix: re-create the "
-                              "checkpoint")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        f = p / name
-        if f.is_file():
-            try:
-                json.loads(f.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{f}: corrupt JSON ({e}). Fix: re-create the checkpoint") from None
-
-
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(config with its ModelSpec, mmap'd weights), the weights' names, shapes and dtypes checked against the spec."""
-    from layerfold.core.model import expected_shapes
-
     cfg = read_config(path)
     state = open_weights(Path(path) / WEIGHTS, device)
-    check_state_dict(expected_shapes(cfg["spec"]), state, where=str(Path(path) / WEIGHTS))
     return cfg, state
 
 

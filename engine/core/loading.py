@@ -24,15 +24,16 @@ import torch
 
 from layerfold.core.arch import check_supported, spec_from_hf_config, state_from_hf
 from layerfold.core.checkpoint import (
+    WEIGHTS,
     CheckpointError,
     check_finite,
+    check_state_dict,
     is_checkpoint,
     load_checkpoint,
     open_weights,
     save_checkpoint,
-    verify_checkpoint,
 )
-from layerfold.core.model import Model, build_model
+from layerfold.core.model import Model, build_model, expected_shapes
 from layerfold.core.paths import clean_stale
 from layerfold.core.spec import ModelSpec
 
@@ -151,6 +152,26 @@ def load_tokenizer(path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError unless ``path`` is a complete checkpoint: config, a weights file whose header
+    fits the file and matches the spec's tensors and shapes, and a tokenizer when one was saved. Reads the
+    config and the header only (no weights)."""
+    cfg, state = load_checkpoint(path)
+    p = Path(path)
+    check_state_dict(expected_shapes(cfg["spec"]), state, where=str(p / WEIGHTS))
+    if (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file() \
+            and not any(p.glob("*.model")) and not (p / "vocab.json").is_file():
+        raise CheckpointError(f"{p}: tokenizer_config.json without the tokenizer's vocabulary. Fix: re-create the "
+                              "checkpoint")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        f = p / name
+        if f.is_file():
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{f}: corrupt JSON ({e}). Fix: re-create the checkpoint") from None
+
+
 def _cached_gguf(path: Path, quiet: bool = False) -> Path:
     st = path.stat()
     key = f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
@@ -187,6 +208,7 @@ def load_spec_state(src: str | Path, quiet: bool = False) -> tuple[ModelSpec, di
     path = resolve(src, quiet)
     if source_kind(path) == "checkpoint":
         cfg, state = load_checkpoint(path)
+        check_state_dict(expected_shapes(cfg["spec"]), state, where=str(path / WEIGHTS))
         return cfg["spec"], state, cfg
     spec, state = read_hf_dir(path)
     return spec, state, {"provenance": {"source": str(path), "source_format": "hf"}}

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import layerfold
-from layerfold.core.checkpoint import CheckpointError, save_checkpoint, verify_checkpoint
+from layerfold.core.checkpoint import CheckpointError, save_checkpoint
+from layerfold.core.loading import verify_checkpoint
 from tests.support.models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
