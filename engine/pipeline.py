@@ -121,8 +121,8 @@ def check_before_load(source: str | Path, method: Any, target: Target | None, pl
     return None
 
 
-SPLIT_NOTE = ("it calibrates on the 'calib' split of --data (about 80% of its documents, assigned by a hash) and "
-              "evaluates on the 'val' split (the rest)")
+SPLIT_NOTE = ("calibration reads the 'calib' split of --data (about 80% of its documents, assigned by a hash); "
+              "evaluation reads the rest ('val')")
 
 
 def calibration_set(tokenizer: Any, data: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -133,8 +133,9 @@ def calibration_set(tokenizer: Any, data: str, samples: int, seq_len: int, seed:
         return D.calib_batches(tokenizer, source=data, split="calib", n_samples=samples, seq_len=seq_len, seed=seed,
                                distinct=True)
     except D.NotEnoughData as e:
-        raise D.NotEnoughData(f"{str(e).split(' Fix:')[0]}; {SPLIT_NOTE}. Fix: lower --samples or --seq-len, or "
-                              "give a larger --data file") from None
+        cause = str(e).split(" Fix:")[0].rstrip(".")
+        raise D.NotEnoughData(f"{cause}; {SPLIT_NOTE}. Fix: lower --samples or --seq-len, or give a larger --data "
+                              "file") from None
 
 
 def check_data(tokenizer: Any, data: str, eval_options: dict[str, Any] | None) -> None:
@@ -146,8 +147,9 @@ def check_data(tokenizer: Any, data: str, eval_options: dict[str, Any] | None) -
     try:
         check_eval_data(tokenizer, data, **kw)
     except NotEnoughData as e:
-        raise NotEnoughData(f"{str(e).split(' Fix:')[0]}; {SPLIT_NOTE}. Fix: give a larger --data file (more "
-                            "documents), or pass --no-eval to skip the evaluation") from None
+        cause = str(e).split(" Fix:")[0].rstrip(".")
+        raise NotEnoughData(f"{cause}; {SPLIT_NOTE}. Fix: give a larger --data file (more documents), or pass "
+                            "--no-eval to skip the evaluation") from None
 
 
 def compose_map(source_map: list[list[int]] | None, layer_map: list[list[int]]) -> list[list[int]] | None:
