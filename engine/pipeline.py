@@ -120,6 +120,57 @@ def eval_settings(raw: dict[str, Any], options: dict[str, Any] | None) -> dict[s
                        "and standard errors sqrt(p(1-p)/(n-1))"}
 
 
+def check_before_load(source: str | Path, method: Any, target: Target | None, plan: str | Path | DepthPlan | None,
+                      data: str) -> DepthPlan | None:
+    """What can be checked from the model's spec alone (no weights read, no model built): the target of a
+    depth method, the plan, the data file. Returns the plan, validated."""
+    from layerfold.core.loading import load_spec_state
+
+    if data != "pydoc" and not Path(data).is_file():
+        raise FileNotFoundError(f"--data {data}: no such file. Fix: use --data pydoc (built-in text) or the path of "
+                                "a .txt or .jsonl file")
+    spec = load_spec_state(source, quiet=True)[0]
+    if plan is not None:
+        dp = plan if isinstance(plan, DepthPlan) else DepthPlan.load(plan)
+        dp.validate(spec.n_layers)
+        return dp
+    if target is not None and method is not None and method.kind == "depth":
+        with torch.device("meta"):  # sizes without memory: a params target counts the layers' parameters
+            target.layers_to_remove(Model(spec))
+    return None
+
+
+SPLIT_NOTE = ("calibration reads the 'calib' split of --data (about 80% of its documents, assigned by a hash); "
+              "evaluation reads the rest ('val')")
+
+
+def calibration_set(tokenizer: Any, data: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The calibration batches, at least samples x seq_len distinct tokens; a NotEnoughData with this command's fix."""
+    from layerfold.core import data as D
+
+    try:
+        return D.calib_batches(tokenizer, source=data, split="calib", n_samples=samples, seq_len=seq_len, seed=seed,
+                               distinct=True)
+    except D.NotEnoughData as e:
+        cause = str(e).split(" Fix:")[0].rstrip(".")
+        raise D.NotEnoughData(f"{cause}; {SPLIT_NOTE}. Fix: lower --samples or --seq-len, or give a larger --data "
+                              "file") from None
+
+
+def check_data(tokenizer: Any, data: str, eval_options: dict[str, Any] | None) -> None:
+    """The evaluation's data checked before calibration (prune evaluates on the 'val' split)."""
+    from layerfold.core.data import NotEnoughData
+    from layerfold.evaluation.evaluate import check_eval_data
+
+    kw = {k: v for k, v in (eval_options or {}).items() if k in ("tasks", "seq_len", "mc_items")}
+    try:
+        check_eval_data(tokenizer, data, **kw)
+    except NotEnoughData as e:
+        cause = str(e).split(" Fix:")[0].rstrip(".")
+        raise NotEnoughData(f"{cause}; {SPLIT_NOTE}. Fix: give a larger --data file (more documents), or pass "
+                            "--no-eval to skip the evaluation") from None
+
+
 def compose_map(source_map: list[list[int]] | None, layer_map: list[list[int]]) -> list[list[int]] | None:
     """The new layers in terms of the source's own origins, when the source was itself pruned."""
     if not source_map:
@@ -132,7 +183,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
           plan: str | Path | DepthPlan | None = None, options: dict[str, Any] | None = None, heal: bool = False,
           heal_options: dict[str, Any] | None = None, eval: bool = True, eval_options: dict[str, Any] | None = None,
           device: str = "cpu", dtype: torch.dtype | None = None, seed: int = 0, progress: bool = True,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Prune ``source`` with ``method`` to ``target`` (or apply ``plan``) and save it to ``out``; returns the report."""
     t_all = time.time()
     times: dict[str, float] = {}
@@ -144,13 +195,14 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
                          "--target params:0.2")
     tgt = Target.parse(target) if target is not None and not isinstance(target, Target) else target
     m = get_method(method) if plan is None else None
+    dp = check_before_load(source, m, tgt, plan, data)
     t0 = time.time()
-    model, tok = load(source, device=device, dtype=dtype, quiet=not progress)
+    model, tok = load(source, device=device, dtype=dtype, quiet=not progress, allow_nonfinite=allow_nonfinite)
     model.requires_grad_(False)
     times["load"] = time.time() - t0
-    from layerfold.core.data import calib_batches
-
-    calib = calib_batches(tok, source=data, split="calib", n_samples=samples, seq_len=seq_len, seed=seed)
+    calib = calibration_set(tok, data, samples, seq_len, seed)
+    if eval:
+        check_data(tok, data, eval_options)
     calibration = {"data": data, "split": "calib", "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
                    "tokens": int(calib.numel()), "seed": seed}
     st = None
@@ -170,9 +222,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
             st = calibrate(model, calib, device=device, progress=progress, meta={"data": data}, **sopt)
         times["calibrate"] = time.time() - t0
     t0 = time.time()
-    if plan is not None:
-        dp = plan if isinstance(plan, DepthPlan) else DepthPlan.load(plan)
-        dp.validate(model.spec.n_layers)
+    if dp is not None:
         res = run_plan(model, dp, calib, options, seed=seed, progress=progress)
         method_name = dp.method or "plan"
     else:

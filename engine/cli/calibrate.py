@@ -87,16 +87,20 @@ def summarize(stats: Any, top: int = 5) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from layerfold.calibration.calibrate import calibrate
-    from layerfold.core.data import calib_batches
-    from layerfold.core.loading import load_tokenizer, resolve
+    from layerfold.core.checkpoint import check_finite
+    from layerfold.core.loading import load_spec_state, load_tokenizer, resolve
+    from layerfold.core.paths import check_output
+    from layerfold.pipeline import calibration_set
 
     if args.plot:
         require("plot", "--plot")
     distributed, rank, device = _init_distributed(args.device)
     t0 = time.perf_counter()
+    check_output(args.out, sources=[args.model], overwrite=args.overwrite)
     path = resolve(args.model, quiet=rank != 0)
+    check_finite(load_spec_state(path, quiet=True)[1], str(args.model), allow=args.allow_nonfinite)
     tok = load_tokenizer(path)
-    ids = calib_batches(tok, args.data, split="calib", n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    ids = calibration_set(tok, args.data, args.samples, args.seq_len, args.seed)
     data = {"data": str(args.data), "split": "calib", "seed": args.seed}
     stats = calibrate(path, ids, window=args.window, cka=not args.no_cka, cka_tokens=args.cka_tokens,
                       grams=args.grams, channels=not args.no_channels, micro_batch=args.micro_batch,

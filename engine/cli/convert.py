@@ -11,6 +11,7 @@ from layerfold.cli.util import add_dtype, emit
 from layerfold.core.checkpoint import save_checkpoint
 from layerfold.core.dtypes import parse_dtype
 from layerfold.core.loading import load_spec_state, load_tokenizer, resolve, source_kind
+from layerfold.core.paths import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def convert(src: str, out: str, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
     t0 = time.perf_counter()
     kind = source_kind(src)
+    check_output(out, sources=[src], overwrite=overwrite)  # before a GGUF's slow dequantisation, not after
     path = resolve(src, quiet=False)
     spec, state, cfg = load_spec_state(path, quiet=True)
     if dtype is not None:

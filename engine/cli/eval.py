@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data != PYDOC and not Path(args.data).is_file():  # before the model load, not after it
         raise FileNotFoundError(f"{args.data}: no such file. Fix: use --data pydoc (built-in text) or the path of "
                                 "a .txt or .jsonl file")
-    model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype), quiet=args.json)
+    model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype), quiet=args.json,
+                      allow_nonfinite=args.allow_nonfinite)
     res = evaluate(model, tok, data=args.data, tasks=args.task, seq_len=args.seq_len,
                    max_tokens=args.max_tokens or None, mc_items=args.mc_items, batch_size=args.batch_size,
                    split=args.split, progress=not args.json)

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1. Fix: ask for at least one token")
-    model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype))
+    model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype),
+                      allow_nonfinite=args.allow_nonfinite)
     live = not args.json and len(args.prompt) == 1
     t0 = time.perf_counter()
 

@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
         if not args.resume:
             raise ValueError(f"{out}: holds a healing run ({STATE_DIR}/). Fix: pass --resume to continue it, or "
                              "choose another --out")
-    student, tok = layerfold.load(args.model, device=args.device)
+    student, tok = layerfold.load(args.model, device=args.device, allow_nonfinite=args.allow_nonfinite)
     prov: dict[str, Any] = dict(getattr(student, "provenance", {}) or {})
     if "layer_map" not in prov:
         raise ValueError(f"{args.model}: its provenance records no layer_map. Fix: heal a checkpoint written by "

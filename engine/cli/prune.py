@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                    samples=args.samples, seq_len=args.seq_len, plan=args.plan, options=opts, heal=args.heal,
                    heal_options={"budget_minutes": args.heal_minutes} if args.heal_minutes else None,
                    eval=not args.no_eval, device=args.device, dtype=torch_dtype(args.dtype), seed=args.seed,
-                   progress=not (args.quiet or args.json), overwrite=args.overwrite)
+                   progress=not (args.quiet or args.json), overwrite=args.overwrite,
+                   allow_nonfinite=args.allow_nonfinite)
     emit(args, report, summary(report))
     return 0
 

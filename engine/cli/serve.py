@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -13,7 +15,8 @@ from layerfold.core.extras import require
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve MODEL with FastAPI + uvicorn: POST /v1/completions and "
-                       "/v1/chat/completions (stream: true gives server-sent events), GET /v1/models and /health. "
+                       "/v1/chat/completions (stream: true gives server-sent events), GET /v1/models, /health and "
+                       "/metrics (Prometheus). "
                        "Concurrent requests share decode steps (continuous batching): up to --max-batch requests "
                        "generate together, up to --max-queue more wait for a free slot.")
     add_common(p)
@@ -41,9 +44,48 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "cores, at least 1, leaving a core to the HTTP side, and prefill on all; OMP_NUM_THREADS, when "
                    "set, is kept). Decoding on every core may pay when many clients "
                    "share large batches (docs/PERFORMANCE.md, serving)")
+    p.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="largest request body in MiB (default 4); larger ones answer 413 before they are read whole")
+    p.add_argument("--max-prompts", type=int, default=64,
+                   help="prompts one /v1/completions request may carry (default 64)")
+    p.add_argument("--api-key", default=os.environ.get("LAYERFOLD_API_KEY"),
+                   help="require \"Authorization: Bearer KEY\" on every endpoint but /health (default: "
+                   "$LAYERFOLD_API_KEY; none: no key)")
+    p.add_argument("--cors-origins", default="", metavar="URL,URL",
+                   help="origins a browser page may call the API from, comma-separated, or * for any "
+                   "(default none)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run)
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """Every option checked before the model loads (a bad port must not cost a model load first)."""
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (1..65535). Fix: pass e.g. --port 8000")
+    for name in ("max_batch", "max_len", "max_queue", "max_prompts"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive. Fix: pass a "
+                             "positive number")
+    if not args.max_body_mb > 0:
+        raise ValueError(f"--max-body-mb {args.max_body_mb} must be positive. Fix: e.g. --max-body-mb 4")
+    for name in ("max_prompt_tokens", "max_tokens_limit"):
+        v = getattr(args, name)
+        if v is not None and not 1 <= v < args.max_len:
+            raise ValueError(f"--{name.replace('_', '-')} {v} must lie in 1..{args.max_len - 1} (below --max-len). "
+                             "Fix: pass a smaller value or leave it out")
+    if args.max_len < 2:
+        raise ValueError(f"--max-len {args.max_len}: a request needs a prompt token and a slot to generate into. "
+                         "Fix: pass --max-len 2 or more (default 1024)")
+    if args.api_key is not None and (not args.api_key.strip() or args.api_key.strip() != args.api_key):
+        raise ValueError("--api-key is empty or has leading or trailing spaces. Fix: pass the key without them")
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind((args.host, args.port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}). Fix: choose another "
+                             "--port (another server may hold this one) or a --host address of this machine") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,17 +95,15 @@ def run(args: argparse.Namespace) -> int:
     from layerfold.core.loading import load
     from layerfold.serving.server import serve, serving_threads
 
-    for name in ("max_batch", "max_len", "max_queue", "port"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive. Fix: pass a "
-                             "positive number")
+    check_serve_args(args)
     static = parse_sizes(args.static_batches, "--static-batches", empty=True, example="4,16")
     if static and not args.compile:
         raise ValueError("--static-batches gives batch sizes graphs of their own in the compiled runtime. Fix: add "
                          "--compile, or drop --static-batches")
     threads, prefill_threads = serving_threads(args.threads, args.device)
     torch.set_num_threads(threads)  # before anything compiles: inductor's CPU kernels keep their thread count
-    model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype))
+    model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype),
+                      allow_nonfinite=args.allow_nonfinite)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer. Fix: serve a model directory that includes one")
     name = args.model_name or Path(str(args.model).rstrip("/")).name
@@ -75,5 +115,7 @@ def run(args: argparse.Namespace) -> int:
     serve(model, tok, host=args.host, port=args.port, model_name=name, log_level=args.log_level,
           max_batch=args.max_batch, max_len=min(args.max_len, model.spec.max_position),
           max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
-          compile=args.compile, static_batches=static, prefill_threads=prefill_threads)
+          compile=args.compile, static_batches=static, prefill_threads=prefill_threads,
+          max_body_bytes=int(args.max_body_mb * 2 ** 20), max_prompts=args.max_prompts, api_key=args.api_key or None,
+          cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()])
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ def add_common(p: argparse.ArgumentParser, *, model: bool = True, dtype: bool = 
         p.add_argument("model", metavar="MODEL",
                        help="layerfold checkpoint dir, HF model dir, .gguf file, alias (smollm2-135m), or Hub id "
                             "(org/name: from the HF cache, downloaded when online)")
+        p.add_argument("--allow-nonfinite", action="store_true",
+                       help="load a model whose weights hold NaN or Inf (a warning instead of an error)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     p.add_argument("--device", default="cpu", help="torch device to compute on (cpu, cuda, cuda:1); default cpu")
     if dtype:
@@ -32,10 +35,22 @@ def torch_dtype(name: str) -> torch.dtype:
     return parse_dtype(name)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and +-Inf floats as None: JSON has no such numbers (json.dumps would write a bare
+    ``NaN`` that strict parsers refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def emit(args: argparse.Namespace, obj: Any, text: str | None = None) -> None:
-    """Print ``obj`` as JSON with --json, else ``text`` (or JSON if no text)."""
+    """Print ``obj`` as JSON with --json (non-finite numbers as null), else ``text`` (or JSON if no text)."""
     if getattr(args, "json", False) or text is None:
-        print(json.dumps(obj, indent=2, default=str))
+        print(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False))
     else:
         print(text)
 

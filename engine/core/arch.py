@@ -41,6 +41,10 @@ KEY_MAP: dict[str, str] = {
 }
 
 
+# config keys every supported family needs (a config without them describes no model layerfold can build)
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 def _hf_to_lf_patterns() -> list[tuple[str, str]]:
     return [(hf, lf) for lf, hf in KEY_MAP.items()]
 
@@ -72,8 +76,16 @@ def check_supported(model_type: str | None, where: str) -> None:
 
 def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     """Build the dense ModelSpec of an HF config (a PretrainedConfig or its dict)."""
+    if not isinstance(cfg, dict) and not hasattr(cfg, "model_type"):
+        raise ValueError(f"{where}: the config is a JSON {type(cfg).__name__}, not an object. Fix: config.json must "
+                         "hold one JSON object with the model's settings; re-download or re-create it")
     mt = _get(cfg, "model_type")
     check_supported(mt, where)
+    missing = [k for k in REQUIRED_KEYS if not isinstance(_get(cfg, k), int) or isinstance(_get(cfg, k), bool)
+               or _get(cfg, k) < 1]
+    if missing:
+        raise ValueError(f"{where}: {', '.join(missing)} missing or not a positive integer in the config. Fix: give "
+                         f"config.json every one of {', '.join(REQUIRED_KEYS)} (the model's own values)")
     if _get(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"{where}: hidden_act={_get(cfg, 'hidden_act')!r}; layerfold runs SwiGLU (silu) MLPs")
     if mt == "llama" and (_get(cfg, "attention_bias", False) or _get(cfg, "mlp_bias", False)):

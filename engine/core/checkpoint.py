@@ -8,6 +8,7 @@ Weights load by mmap (safetensors); every tensor is checked for presence and sha
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,26 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]], state: Mapping[str
         if got != tuple(shape):
             raise CheckpointError(f"{where}: tensor {k!r} has shape {got}, the spec says {tuple(shape)}. "
                                   "Fix: config.json and model.safetensors come from different models")
+        dt = getattr(state[k], "dtype", None)
+        if dt is not None and not dt.is_floating_point:
+            raise CheckpointError(f"{where}: tensor {k!r} is stored as {str(dt).removeprefix('torch.')}; model "
+                                  "weights are floating point. Fix: re-create the checkpoint (convert or prune "
+                                  "again); a quantised or hand-edited file is not a layerfold checkpoint")
+
+
+def check_finite(state: Mapping[str, Tensor], where: str, *, allow: bool = False) -> list[str]:
+    """Names of the tensors holding NaN or Inf; raise CheckpointError naming the first unless ``allow``
+    (then warn). A model with such a weight computes NaN everywhere: generation gives empty text and
+    evaluation a meaningless score, so it is refused at load rather than found in the results."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad and not allow:
+        raise CheckpointError(f"{where}: tensor {bad[0]!r} holds NaN or Inf values ({len(bad)} such tensors). "
+                              "Fix: re-create the checkpoint from its source (an overflow in training or a damaged "
+                              "file), or pass --allow-nonfinite to load it anyway")
+    if bad:
+        warnings.warn(f"{where}: {len(bad)} tensors hold NaN or Inf values (first {bad[0]!r}); loaded because of "
+                      "--allow-nonfinite: outputs will be meaningless", stacklevel=2)
+    return bad
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -72,13 +93,18 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a layerfold config (no \"format\": \"{FORMAT}\"). Fix: for an HF model "
                               "directory use it directly or run `layerfold convert` first")
-    if cfg.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{p}: format version {cfg.get('version')} is newer than this layerfold "
+    version = cfg.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(f"{p}: \"version\" is {version!r}, not a whole number. Fix: this file was edited by "
+                              f"hand; set \"version\": {FORMAT_VERSION} (a number) or re-create the checkpoint")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{p}: format version {version} is newer than this layerfold "
                               f"({FORMAT_VERSION}). Fix: upgrade layerfold")
     try:
         cfg["spec"] = ModelSpec.from_dict(cfg.get("spec"))
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{p}: invalid model spec: {e}") from None
+        raise CheckpointError(f"{p}: invalid model spec: {e}. Fix: config.json was edited or damaged; re-create the "
+                              "checkpoint (convert or prune again)") from None
     return cfg
 
 

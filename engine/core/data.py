@@ -30,10 +30,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from layerfold.core.textfiles import check_tokens, read_text_file
+
 PYDOC = "pydoc"
 SPLITS = ("calib", "val", "all")
 VAL_BUCKETS = frozenset({8, 9})  # of 10: a 80/20 calib/val split
 TXT_DOC_CHARS = 2000  # a .txt document: consecutive paragraphs until at least this many characters
+
+
+class NotEnoughData(ValueError):
+    """A source holds too little text for what was asked (a split without documents, fewer tokens than the
+    samples need, too few documents for multiple-choice distractors). Commands without ``--split`` catch
+    it to give their own fix."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,7 @@ def _pydoc_docs() -> list[tuple[str, str]]:
 
 
 def _txt_docs(path: Path) -> list[tuple[str, str]]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text_file(path)
     docs, cur, n = [], [], 0
     for para in re.split(r"\n[ \t]*\n", text):
         if not para.strip():
@@ -91,15 +99,14 @@ def _txt_docs(path: Path) -> list[tuple[str, str]]:
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     out = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}). Fix: write one JSON "
-                                 "object per line, e.g. {\"text\": \"...\"}") from None
+    for i, line in enumerate(read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}). Fix: write one JSON "
+                             "object per line, e.g. {\"text\": \"...\"}") from None
     return out
 
 
@@ -107,7 +114,7 @@ def is_mc_file(path: Path) -> bool:
     """A .jsonl whose first record has "choices": a multiple-choice file rather than text."""
     if path.suffix != ".jsonl":
         return False
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.strip():
                 try:
@@ -162,7 +169,7 @@ def documents(source: str | Path = PYDOC, split: str = "val") -> list[str]:
     docs = _all_docs(source)
     out = [t for k, t in docs if split == "all" or split_of(k) == split]
     if not out:
-        raise ValueError(f"{source}: none of its {len(docs)} documents falls in the {split!r} split (documents "
+        raise NotEnoughData(f"{source}: none of its {len(docs)} documents falls in the {split!r} split (documents "
                          f"are assigned ~80/20 calib/val by a hash). Fix: give a larger file (more documents) or "
                          f"use split 'all'")
     return out
@@ -209,20 +216,28 @@ def token_stream(tokenizer: Any, source: str | Path = PYDOC, split: str = "val")
             if i and eos is not None:
                 ids.append(eos)
             ids.extend(d)
-        _STREAMS[key] = torch.tensor(ids, dtype=torch.long)
+        stream = torch.tensor(ids, dtype=torch.long)
+        check_tokens(tokenizer, stream, source)
+        _STREAMS[key] = stream
     return _STREAMS[key].clone()
 
 
 def calib_batches(tokenizer: Any, source: str | Path = PYDOC, split: str = "calib", n_samples: int = 64,
-                  seq_len: int = 256, seed: int = 0) -> Tensor:
-    """LongTensor (n_samples, seq_len): windows of the token stream at seeded random offsets."""
+                  seq_len: int = 256, seed: int = 0, distinct: bool = False) -> Tensor:
+    """LongTensor (n_samples, seq_len): windows of the token stream at seeded random offsets.
+
+    distinct: raise unless the split holds at least n_samples x seq_len tokens (the CLI's check: fewer
+    means the windows mostly repeat the same text)."""
     if n_samples < 1 or seq_len < 2:
-        raise ValueError(f"n_samples={n_samples}, seq_len={seq_len}. Fix: use n_samples >= 1 and seq_len >= 2")
+        raise ValueError(f"n_samples={n_samples}, seq_len={seq_len}. Fix: use --samples >= 1 and --seq-len >= 2")
     stream = token_stream(tokenizer, source, split)
     n = stream.numel()
-    if n < seq_len:
-        raise ValueError(f"{source} ({split}) has {n} tokens, fewer than seq_len={seq_len}. Fix: lower the "
-                         "sequence length or give more text")
+    if n < seq_len or distinct and n < n_samples * seq_len:
+        fit = f"at most {n // seq_len} samples of {seq_len} tokens fit" if n >= seq_len else \
+            f"not one sample of {seq_len} tokens fits"
+        raise NotEnoughData(f"{source} ({split!r} split) has {n} tokens, fewer than {n_samples} samples x {seq_len} "
+                         f"tokens = {n_samples * seq_len} ({fit}). Fix: lower --samples or --seq-len, or give more "
+                         f"text (the {split!r} split is about {'80' if split == 'calib' else '20'}% of the documents)")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seq_len + 1, (n_samples,), generator=g)
     return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
@@ -301,7 +316,7 @@ def mc_task(tokenizer: Any, source: str | Path = PYDOC, split: str = "val", n: i
         return load_mc_file(source)[:n]
     texts = documents(source, split)
     if len(texts) < n_choices:
-        raise ValueError(f"{source} ({split}) has {len(texts)} documents; distractors must come from other "
+        raise NotEnoughData(f"{source} ({split}) has {len(texts)} documents; distractors must come from other "
                          f"documents, so it needs at least {n_choices}. Fix: give a larger file or use split 'all'")
     docs = [_Doc(t, s) for t, s in zip(texts, _token_starts(tokenizer, texts), strict=True)]
     width = context_tokens + cont_tokens
@@ -336,7 +351,7 @@ def mc_task(tokenizer: Any, source: str | Path = PYDOC, split: str = "val", n: i
         choices = wrong[:label] + [answer] + wrong[label:]
         items.append(MCItem(context, choices, label, meta={"doc": d, "char": c0}))
     if not items:
-        raise ValueError(f"{source} ({split}): no document is {width} tokens long, so no MC item can be made. Fix: "
+        raise NotEnoughData(f"{source} ({split}): no document is {width} tokens long, so no MC item can be made. Fix: "
                          "lower context_tokens/cont_tokens or give longer documents")
     return items
 
@@ -364,5 +379,5 @@ def load_mc_file(path: str | Path) -> list[MCItem]:
     return items
 
 
-__all__ = ["MCItem", "PYDOC", "SPLITS", "calib_batches", "documents", "is_mc_file", "load_mc_file", "load_text",
-           "mc_task", "split_of", "split_sizes", "token_stream"]
+__all__ = ["MCItem", "NotEnoughData", "PYDOC", "SPLITS", "calib_batches", "documents", "is_mc_file", "load_mc_file",
+           "load_text", "mc_task", "split_of", "split_sizes", "token_stream"]

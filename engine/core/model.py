@@ -299,6 +299,13 @@ class Model(nn.Module):
         return self.embed.weight.dtype
 
 
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a model of ``spec`` and its shape (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        m = Model(spec)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
 def build_model(spec: ModelSpec, state: dict[str, Tensor] | None = None, *, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None, strict: bool = True) -> Model:
     """Allocate a Model on the meta device and fill it from ``state`` (shape-checked), or init randomly."""
@@ -310,8 +317,7 @@ def build_model(spec: ModelSpec, state: dict[str, Tensor] | None = None, *, devi
         return m.to(device=device, dtype=dtype or torch.float32)
     with torch.device("meta"):
         m = Model(spec)
-    expected = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-    check_state_dict(expected, state, strict=strict)
+    check_state_dict({k: tuple(v.shape) for k, v in m.state_dict().items()}, state, strict=strict)
     m.load_state_dict(state, strict=strict, assign=True)
     return m.to(device=device, dtype=dtype) if dtype is not None else m.to(device=device)
 

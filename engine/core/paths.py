@@ -95,19 +95,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(out: Path) -> list[Path]:
-    """Remove temporary siblings of ``out`` (``.NAME.tmp-PID-*`` / ``.NAME.old-PID``) whose process is gone."""
-    removed = []
+def clean_stale(out: str | Path) -> list[Path]:
+    """Remove temporary siblings of ``out`` (``.NAME.tmp-PID-*`` / ``.NAME.old-PID``) whose process is gone.
+
+    A process killed between moving the old ``out`` aside and renaming the new one into place leaves no
+    ``out`` and a ``.NAME.old-PID``: that previous output is put back rather than removed."""
+    out = Path(out)
+    removed: list[Path] = []
     if not out.parent.is_dir():
         return removed
-    for p in out.parent.glob(f".{out.name}.*"):
+    for p in sorted(out.parent.glob(f".{out.name}.*"), key=lambda q: q.name.startswith(f".{out.name}.tmp")):
         rest = p.name[len(out.name) + 2:]
         kind, _, tail = rest.partition("-")
         if kind not in ("tmp", "old"):
             continue
         pid = tail.split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+            if kind == "old" and not out.exists():
+                p.rename(out)  # the swap was cut between its two renames: the previous output comes back
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p)
     return removed
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from layerfold.core.console import progress as _progress
-from layerfold.core.data import PYDOC, MCItem, is_mc_file, mc_task, token_stream
+from layerfold.core.data import PYDOC, MCItem, NotEnoughData, is_mc_file, mc_task, token_stream
 from layerfold.core.model import KVCache, Model
 
 LogitsFn = Callable[[Tensor], Tensor]
@@ -251,6 +251,19 @@ def mc_accuracy(model: LogitsFn, tokenizer: Any, items: Sequence[MCItem], batch_
             "chance": sum(1 / len(it.choices) for it in items) / n}
 
 
+def check_eval_data(tokenizer: Any, data: str | Path = PYDOC, tasks: Sequence[str] = TASKS, seq_len: int = 512,
+                    mc_items: int = DEFAULT_MC_ITEMS, split: str = "val") -> None:
+    """Raise the ValueError ``evaluate`` would raise for too little or unusable data, without a model (it
+    tokenizes only): commands check their evaluation data before long work, not after it."""
+    if "ppl" in tasks:
+        n = token_stream(tokenizer, data, split).numel()
+        if n < seq_len:
+            raise NotEnoughData(f"{data} ({split!r} split) has {n} tokens, fewer than one perplexity window of "
+                             f"{seq_len}. Fix: give more text")
+    if "mc" in tasks:
+        mc_task(tokenizer, data, split, n=mc_items)
+
+
 def evaluate(model: LogitsFn, tokenizer: Any, data: str | Path = PYDOC, tasks: Sequence[str] = TASKS,
              seq_len: int = 512, max_tokens: int | None = DEFAULT_MAX_TOKENS, mc_items: int = DEFAULT_MC_ITEMS,
              batch_size: int = 8,
@@ -284,5 +297,6 @@ def evaluate(model: LogitsFn, tokenizer: Any, data: str | Path = PYDOC, tasks: S
     return out
 
 
-__all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_MC_ITEMS", "TASKS", "encode_pair", "evaluate", "grouped_loglikelihoods",
-           "grouped_scores", "loglikelihoods", "mc_accuracy", "perplexity", "scored_loglikelihoods"]
+__all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_MC_ITEMS", "TASKS", "check_eval_data", "encode_pair", "evaluate",
+           "grouped_loglikelihoods", "grouped_scores", "loglikelihoods", "mc_accuracy", "perplexity",
+           "scored_loglikelihoods"]

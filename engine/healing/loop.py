@@ -7,10 +7,11 @@ p = max(tokens / token budget, clock / time budget), so a token budget gives a d
 
 ``out_dir/heal_state/`` holds ``latest.json`` naming the newest complete ``ckpt-N/`` directory:
 ``state.json`` (phase, steps, tokens, clocks, data position, curve, best, layer reports),
-``current.safetensors`` and ``best.safetensors`` (every parameter healing may train), ``optim.pt``
-(the phase's AdamW state and the torch RNG). A directory is written whole, then named in latest.json,
-then older ones are removed: a crash leaves the previous state. Resuming restores all of it, so a
-run stopped and resumed ends bit-identical to an uninterrupted one on a deterministic device.
+``current.safetensors`` and ``best.safetensors`` (every parameter healing may train),
+``optim.safetensors`` + ``optim.json`` (the phase's AdamW state and the torch RNG; no pickle:
+layerfold.healing.state). A directory is written whole, then named in latest.json, then older ones are
+removed: a crash leaves the previous state. Resuming restores all of it, so a run stopped and resumed
+ends bit-identical to an uninterrupted one on a deterministic device.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ from layerfold.healing.common import (
     relative_mse,
     shared_prefix,
     teacher_states,
+)
+from layerfold.healing.state import (
+    OPTIM_JSON,
+    OPTIM_TENSORS,
+    RNG_KEY,
+    load_optimizer,
+    optimizer_state_by_index,
+    optimizer_state_by_name,
 )
 
 FINGERPRINT_CFG = ("seq_len", "micro_batch", "accum", "lr_layer", "lr_global", "min_lr_frac", "warmup_steps",
@@ -254,8 +263,8 @@ class HealRun:
                 lr = self.cfg.lr_layer if kind == "layer" else self.cfg.lr_global
                 opt = torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.95), weight_decay=self.cfg.weight_decay)
                 if self.opt_state is not None:
-                    opt.load_state_dict(self.opt_state)
-                self._opt = opt
+                    opt.load_state_dict(optimizer_state_by_index(self.opt_state, names))
+                self._opt, self._opt_names = opt, names
                 while ps and not self._phase_done():
                     if self.stop_requested or (self.cfg.stop_after_steps is not None
                                                and steps_here >= self.cfg.stop_after_steps):
@@ -355,8 +364,9 @@ class HealRun:
         save_file(cur, str(tmp / "current.safetensors"))
         save_file({n: v.cpu().contiguous() for n, v in self.best_state.items()}, str(tmp / "best.safetensors"))
         opt = getattr(self, "_opt", None)
-        torch.save({"opt": opt.state_dict() if opt is not None else None, "rng": torch.get_rng_state()},
-                   tmp / "optim.pt")
+        tensors, meta = optimizer_state_by_name(opt.state_dict(), self._opt_names) if opt is not None else ({}, None)
+        save_file({**tensors, RNG_KEY: torch.get_rng_state()}, str(tmp / OPTIM_TENSORS))
+        (tmp / OPTIM_JSON).write_text(json.dumps({"format": "layerfold-heal-optim", "optimizer": meta}))
         (tmp / "state.json").write_text(json.dumps({"fingerprint": self._fingerprint(), "state": self.st},
                                                    default=str))
         tmp.rename(self.dir / name)
@@ -381,9 +391,8 @@ class HealRun:
                 self.params[n].copy_(v)
         dev = self.s.device
         self.best_state = {n: v.to(dev) for n, v in load_file(str(d / "best.safetensors")).items()}
-        extra = torch.load(d / "optim.pt", weights_only=False)
-        self.opt_state = extra["opt"]
-        torch.set_rng_state(extra["rng"])
+        self.opt_state, rng = load_optimizer(d)
+        torch.set_rng_state(rng)
         self._log(f"resumed from {d} (phase {self.st['phase']}, {self.st['tokens']} tokens)")
         return True
 

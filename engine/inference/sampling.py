@@ -1,8 +1,9 @@
 """Turning logits into accepted tokens: sampling, stop strings, EOS and length limits.
 
 One copy of the rules, used by ``generate`` (one batch of prompts) and the server's scheduler (continuous
-batching): :func:`sample_next` draws the next token of each row; a :class:`Completion` accepts it, ends
-the sequence at an EOS token, a stop string or a limit, and releases text only once it is final.
+batching): :func:`sample_each` draws the next token of each row (a row whose logits are not finite fails
+alone); a :class:`Completion` accepts it, ends the sequence at an EOS token, a stop string or a limit, and
+releases text only once it is final; :func:`token_logprobs` gives a token's log-probability.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Completion", "TextStream", "eos_ids", "sample_next"]
+__all__ = ["TEMPERATURE_FLOOR", "Completion", "SamplingError", "TextStream", "TokenLogprob", "eos_ids", "sample_each",
+           "sample_next", "sample_row", "token_logprobs"]
 
 
 def eos_ids(model_or_spec: Any, tokenizer: Any) -> set[int]:
@@ -67,23 +69,80 @@ class TextStream:
 
 
 # ---- sampling --------------------------------------------------------------------------------------
+# Temperatures below this sample greedily (vLLM's rule): the scaled logits of a smaller one overflow,
+# and its distribution is the argmax anyway.
+TEMPERATURE_FLOOR = 1e-5
+
+
+class SamplingError(ValueError):
+    """One row could not be sampled (its logits hold NaN or Inf); the other rows are unaffected."""
+
+
+def sample_row(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+               greedy: int | None = None) -> int:
+    """The next token of one row of logits (V,): the argmax (``greedy`` when already known) at a temperature
+    below TEMPERATURE_FLOOR, else a draw from the temperature-scaled distribution restricted to the
+    smallest top-p nucleus. Raises SamplingError for non-finite logits."""
+    if not bool(torch.isfinite(logits).all()):
+        raise SamplingError("the model produced NaN or Inf logits for this sequence (its weights or inputs "
+                            "overflowed). Fix: check the model with `layerfold eval`; re-create it if it is damaged")
+    if not temperature >= TEMPERATURE_FLOOR:
+        return int(logits.argmax()) if greedy is None else greedy
+    x = logits.float()
+    probs = torch.softmax((x - x.max()) / temperature, dim=-1)  # max 0: no overflow at small temperatures
+    if top_p < 1.0:
+        sp, idx = probs.sort(descending=True)
+        keep = sp.cumsum(0) - sp < top_p  # tokens whose preceding mass is below p (the first always)
+        sp = sp * keep
+        return int(idx[torch.multinomial(sp / sp.sum(), 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_each(logits: Tensor, temperature: Sequence[float], top_p: Sequence[float],
+                generators: Sequence[torch.Generator | None]) -> list[int | SamplingError]:
+    """Next token per row of ``logits`` (n, V), or the SamplingError of a row that failed: one bad row
+    fails only itself (the server's scheduler answers that request with an error and keeps the others)."""
+    greedy = logits.argmax(-1).tolist()
+    finite = torch.isfinite(logits).all(-1).tolist()
+    out: list[int | SamplingError] = []
+    for i, (t, p, g) in enumerate(zip(temperature, top_p, generators, strict=True)):
+        try:
+            out.append(greedy[i] if finite[i] and not t >= TEMPERATURE_FLOOR else
+                       sample_row(logits[i], t, p, g, greedy[i]))
+        except SamplingError as e:
+            out.append(e)
+    return out
+
+
 def sample_next(logits: Tensor, temperature: Sequence[float], top_p: Sequence[float],
                 generators: Sequence[torch.Generator | None]) -> list[int]:
-    """Next token per row of ``logits`` (n, V): argmax where temperature is 0, else a draw from the
-    temperature-scaled distribution restricted to the smallest top-p nucleus."""
-    out = logits.argmax(-1).tolist()
-    for i, (t, p, g) in enumerate(zip(temperature, top_p, generators, strict=True)):
-        if t <= 0:
-            continue
-        probs = torch.softmax(logits[i].float() / t, dim=-1)
-        if p < 1.0:
-            sp, idx = probs.sort(descending=True)
-            keep = sp.cumsum(0) - sp < p  # tokens whose preceding mass is below p (the first always)
-            sp = sp * keep
-            out[i] = int(idx[torch.multinomial(sp / sp.sum(), 1, generator=g)])
-        else:
-            out[i] = int(torch.multinomial(probs, 1, generator=g))
-    return out
+    """Next token per row of ``logits`` (n, V) (rules: :func:`sample_row`); raises the first row's error."""
+    out = sample_each(logits, temperature, top_p, generators)
+    for x in out:
+        if isinstance(x, SamplingError):
+            raise x
+    return out  # type: ignore[return-value]
+
+
+def token_logprobs(logits: Tensor, token: int, top: int) -> TokenLogprob:
+    """The log-probability of ``token`` under the model's distribution (logits (V,), before temperature
+    and top-p) and the ``top`` most likely tokens with theirs."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        v, i = lp.topk(top)
+        best = list(zip(i.tolist(), v.tolist(), strict=True))
+    return TokenLogprob(int(token), float(lp[token]), best)
+
+
+@dataclass
+class TokenLogprob:
+    """One token with its log-probability (None for a prompt's first token, which nothing predicts) and
+    the most likely alternatives at its position as (token id, log-probability)."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass

@@ -47,9 +47,10 @@ class Target:
                              "or a parameter fraction (params:0.2 or 0.2p)")
         t = cls(kind, v)
         if kind in ("fraction", "params") and not 0 < v < 1:
-            raise ValueError(f"target {s!r}: a fraction must lie strictly between 0 and 1")
+            raise ValueError(f"target {s!r}: a fraction must lie strictly between 0 and 1. Fix: e.g. 0.25, 25% or "
+                             "params:0.2")
         if kind == "layers" and (v < 1 or v != int(v)):
-            raise ValueError(f"target {s!r}: a layer count must be a positive whole number")
+            raise ValueError(f"target {s!r}: a layer count must be a positive whole number. Fix: e.g. --target 8")
         return t
 
     def layers_to_remove(self, model: Model, param_fn: Callable[[int], int] | None = None) -> int:

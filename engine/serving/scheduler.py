@@ -5,12 +5,19 @@ admits queued requests into free slots (one batched prefill for all of them), th
 step for every busy slot together; a request that finishes, hits a stop string or EOS, or is
 cancelled (its client went away) frees its slot at once for the next queued request. Results flow
 back as events through a callback (the HTTP layer hands them to its asyncio loop).
+
+Isolation: ``submit`` checks everything about a request that could fail later (:func:`check_request`:
+prompt ids, lengths, seed range, temperature, top-p, stop strings) and raises RequestError before it is
+queued; inside the thread, whatever one request's own work raises (its generator, its prefill, its
+sampling, its text) fails that request alone. Only an error of the shared decode step fails the rows in
+it. Prompt-scoring requests (``max_tokens`` 0: OpenAI's echo with logprobs) take no slot.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -22,9 +29,11 @@ import torch
 
 from layerfold.core.model import Model
 from layerfold.inference.runtime import Runtime
-from layerfold.inference.sampling import Completion, TextStream, eos_ids, sample_next
+from layerfold.inference.sampling import Completion, TextStream, TokenLogprob, eos_ids, sample_each, token_logprobs
+from layerfold.inference.scoring import prompt_logprobs
 
-__all__ = ["Event", "QueueFull", "Request", "Scheduler"]
+__all__ = ["MAX_LOGPROBS", "MAX_STOP", "MAX_STOP_CHARS", "SEED_RANGE", "Event", "QueueFull", "Request", "RequestError",
+           "Scheduler", "check_request"]
 
 log = logging.getLogger("layerfold.server")
 
@@ -33,44 +42,103 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its limit; the caller should answer 429."""
 
 
+class RequestError(ValueError):
+    """A request that cannot be served; ``param`` names the field at fault (the caller answers 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+MAX_STOP, MAX_STOP_CHARS = 16, 256  # stop strings a request may carry, characters each (each is searched per token)
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
+
+
 @dataclass
 class Event:
-    kind: str  # "delta" | "done" | "error"
+    kind: str  # "prompt" (prompt logprobs) | "delta" | "done" | "error"
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" on "done"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # "prompt": every prompt token; "delta"/"done": tokens since the last
+    ttft_s: float | None = None  # on "done": submit -> first token (None when nothing was generated)
+    latency_s: float = 0.0  # on "done": submit -> done
 
 
 @dataclass
 class Request:
     prompt_ids: list[int]
-    max_tokens: int
+    max_tokens: int  # 0: score the prompt only (needs prompt_logprobs)
     emit: Callable[[Event], None]  # called from the scheduler thread; must not block
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: no logprobs; k >= 0: each generated token's, with k alternatives
+    prompt_logprobs: bool = False  # also every prompt token's (first event "prompt"), with ``logprobs`` alternatives
     id: int = 0
     cancelled: bool = False  # set by any thread; the scheduler frees the slot before its next step
     # filled by the scheduler
     completion: Completion | None = None
     gen: torch.Generator | None = None
     submitted: float = 0.0
+    first_token: float | None = None
+    pending_lp: list[TokenLogprob] = field(default_factory=list)
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+def check_request(r: Request, vocab_size: int, max_len: int) -> None:
+    """Raise RequestError (naming the field) for anything in ``r`` that would fail once it runs."""
+    p = r.prompt_ids
+    if not p:
+        raise RequestError("the prompt is empty. Fix: send at least one token of prompt", "prompt")
+    if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in p):
+        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size}). Fix: tokenize with this model's "
+                           "tokenizer", "prompt")
+    if not isinstance(r.max_tokens, int) or r.max_tokens < 0:
+        raise RequestError(f"max_tokens={r.max_tokens!r} must be a whole number >= 0. Fix: e.g. max_tokens=16",
+                           "max_tokens")
+    if r.max_tokens == 0 and not r.prompt_logprobs:
+        raise RequestError("max_tokens=0 generates nothing. Fix: ask for at least 1 token, or score the prompt with "
+                           "echo=true and logprobs", "max_tokens")
+    if r.max_tokens > 0 and len(p) + r.max_tokens > max_len:
+        raise RequestError(f"the prompt ({len(p)} tokens) plus max_tokens={r.max_tokens} exceeds the context of "
+                           f"{max_len} tokens. Fix: ask for at most {max(max_len - len(p), 0)} tokens or shorten the "
+                           "prompt", "max_tokens")
+    if len(p) > max_len:
+        raise RequestError(f"the prompt has {len(p)} tokens; the context holds {max_len}. Fix: shorten the prompt",
+                           "prompt")
+    if r.seed is not None and (not isinstance(r.seed, int) or not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]):
+        raise RequestError(f"seed={r.seed} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (a 64-bit integer). Fix: pass "
+                           "a smaller seed", "seed")
+    if not (isinstance(r.temperature, (int, float)) and math.isfinite(r.temperature) and r.temperature >= 0):
+        raise RequestError(f"temperature={r.temperature} must be a finite number >= 0. Fix: e.g. 0 (greedy) or 0.7",
+                           "temperature")
+    if not (isinstance(r.top_p, (int, float)) and math.isfinite(r.top_p) and 0 < r.top_p <= 1):
+        raise RequestError(f"top_p={r.top_p} must lie in (0, 1]. Fix: e.g. 0.9, or 1 for no nucleus", "top_p")
+    if len(r.stop) > MAX_STOP or any(not isinstance(x, str) or len(x) > MAX_STOP_CHARS for x in r.stop):
+        raise RequestError(f"stop holds {len(r.stop)} strings; at most {MAX_STOP} strings of at most "
+                           f"{MAX_STOP_CHARS} characters are accepted. Fix: send fewer, shorter stop strings", "stop")
+    if r.logprobs is not None and not (isinstance(r.logprobs, int) and 0 <= r.logprobs <= MAX_LOGPROBS):
+        raise RequestError(f"logprobs={r.logprobs} must be a whole number in [0, {MAX_LOGPROBS}]. Fix: ask for at "
+                           f"most {MAX_LOGPROBS} alternatives", "logprobs")
 
 
 class Scheduler:
     """Owns ``Runtime(model, max_batch, max_len, compile, static_batches)`` on a background thread
     (``start``/``stop``). prefill_threads: torch CPU threads for the prefills (default: the current
     count, as the decode steps): a prefill is a few large matrix products, which a core shared with the
-    HTTP side slows much less than it does the many small parallel regions of a decode step."""
+    HTTP side slows much less than it does the many small parallel regions of a decode step.
+    ``on_step(rows)``, when set, is called after every decode step with the rows it served (metrics)."""
 
     def __init__(self, model: Model, tokenizer: Any, *, max_batch: int = 16, max_len: int = 1024,
                  max_queue: int = 64, compile: bool = False, static_batches: Sequence[int] = (),
                  prefill_threads: int | None = None):
+        self.model = model  # prompt scoring runs the model's own forward (layerfold.inference.scoring)
         self.runtime = Runtime(model, max_batch=max_batch, max_len=max_len, compile=compile,
                                static_batches=static_batches)
         self.runtime.warm_up_graphs()  # GPU: every batch bucket's graph before the first request
@@ -87,6 +155,7 @@ class Scheduler:
         self._running = False
         self.steps = 0  # decode steps run (for /health and tests)
         self.max_rows_in_step = 0  # the largest batch a decode step has served
+        self.on_step: Callable[[int], None] | None = None
 
     # ---- control (any thread) -----------------------------------------------------------------
     def start(self) -> None:
@@ -108,14 +177,21 @@ class Scheduler:
         self.slots = [None] * len(self.slots)
 
     def submit(self, req: Request) -> Request:
+        return self.submit_all([req])[0]
+
+    def submit_all(self, reqs: Sequence[Request]) -> list[Request]:
+        """Queue every request or none: RequestError (checked first) or QueueFull when they do not all fit."""
+        for r in reqs:
+            check_request(r, self.runtime.spec.vocab_size, self.runtime.max_len)
         with self._cv:
-            if len(self.pending) >= self.max_queue:
+            if len(self.pending) + len(reqs) > self.max_queue:
                 raise QueueFull(f"{len(self.pending)} requests are already waiting (max_queue={self.max_queue})")
-            req.id = next(self._ids)
-            req.submitted = time.perf_counter()
-            self.pending.append(req)
+            now = time.perf_counter()
+            for r in reqs:
+                r.id, r.submitted = next(self._ids), now
+                self.pending.append(r)
             self._cv.notify()
-        return req
+        return list(reqs)
 
     def stats(self) -> dict[str, int]:
         return {"active": sum(s is not None for s in self.slots), "queued": len(self.pending),
@@ -136,12 +212,11 @@ class Scheduler:
                 self._admit()
                 if not self._idle():
                     self._step()
-            except Exception as e:  # a failed step fails its requests, never the server
+            except Exception as e:  # the shared decode step failed: its rows fail, never the server
                 log.exception("scheduler step failed")
                 for i, r in enumerate(self.slots):
                     if r is not None:
-                        self._free(i)
-                        r.emit(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
+                        self._fail(i, r, f"generation failed: {type(e).__name__}: {e}")
 
     def _idle(self) -> bool:
         return all(s is None for s in self.slots)
@@ -151,32 +226,87 @@ class Scheduler:
             if r is not None and r.cancelled:
                 self._free(i)
 
-    def _admit(self) -> None:
+    def _fail(self, slot: int | None, r: Request, message: str) -> None:
+        """End one request with an error event (freeing its slot); the others go on."""
+        if slot is not None and self.slots[slot] is r:
+            self._free(slot)
+        r.emit(Event("error", text=message))
+
+    def _take(self) -> tuple[list[Request], list[tuple[int, Request]]]:
+        """From the queue, in order: prompt-scoring requests (no slot; at most max_batch a round, so decode
+        steps keep their pace) and generation requests for the free slots."""
         free = [i for i, s in enumerate(self.slots) if s is None]
+        scoring: list[Request] = []
         batch: list[tuple[int, Request]] = []
+        waiting: deque[Request] = deque()
         with self._cv:
-            while free and self.pending:
+            while self.pending and (free or len(scoring) < len(self.slots)):
                 r = self.pending.popleft()
-                if not r.cancelled:
+                if r.cancelled:
+                    continue
+                if r.max_tokens == 0 and len(scoring) < len(self.slots):
+                    scoring.append(r)
+                elif r.max_tokens > 0 and free:
                     batch.append((free.pop(0), r))
-        if not batch:
-            return
+                else:
+                    waiting.append(r)
+            self.pending.extendleft(reversed(waiting))
+        return scoring, batch
+
+    def _admit(self) -> None:
+        scoring, batch = self._take()
+        for r in scoring:
+            if self._score(r):
+                r.emit(Event("done", finish_reason="length", prompt_tokens=len(r.prompt_ids),
+                             latency_s=time.perf_counter() - r.submitted))
+        ready: list[tuple[int, Request]] = []
         for slot, r in batch:
-            r.completion = Completion(TextStream(self.tokenizer, r.stop), self.eos, r.max_tokens)
-            r.gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+            try:
+                r.completion = Completion(TextStream(self.tokenizer, r.stop), self.eos, r.max_tokens)
+                r.gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+            except (ValueError, RuntimeError, OverflowError, TypeError) as e:
+                self._fail(None, r, f"the request could not start: {type(e).__name__}: {e}")
+                continue
+            if r.prompt_logprobs and not self._score(r):
+                continue
             self.slots[slot] = r
+            ready.append((slot, r))
+        if not ready:
+            return
+        logits = self._prefill(ready)
+        if logits is None:  # the batch failed as a whole: each prompt alone, so only a faulty one fails
+            for slot, r in list(ready):
+                one = self._prefill([(slot, r)])
+                if one is None:
+                    self._fail(slot, r, "the prompt could not be processed (prefill failed)")
+                else:
+                    self._sample([slot], [r], one)
+            return
+        self._sample([s for s, _ in ready], [r for _, r in ready], logits)
+
+    def _score(self, r: Request) -> bool:
+        """Emit the prompt's logprobs ("prompt" event); False (and the request failed) when that fails."""
+        try:
+            lps = prompt_logprobs(self.model, r.prompt_ids, r.logprobs or 0)
+        except (ValueError, RuntimeError) as e:
+            log.exception("prompt scoring failed")
+            self._fail(None, r, f"scoring the prompt failed: {e}")
+            return False
+        r.emit(Event("prompt", logprobs=lps, prompt_tokens=len(r.prompt_ids)))
+        return True
+
+    def _prefill(self, batch: list[tuple[int, Request]]) -> torch.Tensor | None:
         switch = self.prefill_threads != self.threads
         if switch:
             torch.set_num_threads(self.prefill_threads)
         try:
-            logits = self.runtime.prefill([r.prompt_ids for _, r in batch], rows=[s for s, _ in batch])
+            return self.runtime.prefill([r.prompt_ids for _, r in batch], rows=[s for s, _ in batch])
+        except (ValueError, RuntimeError, IndexError) as e:
+            log.warning("prefill of %d prompts failed: %s", len(batch), e)
+            return None
         finally:
             if switch:
                 torch.set_num_threads(self.threads)
-        nxt = sample_next(logits, [r.temperature for _, r in batch], [r.top_p for _, r in batch],
-                          [r.gen for _, r in batch])
-        for (slot, r), t in zip(batch, nxt, strict=True):
-            self._accept(slot, r, t)
 
     def _step(self) -> None:
         rt = self.runtime
@@ -185,26 +315,54 @@ class Scheduler:
         active = [s is not None for s in self.slots[:hi]]
         logits = rt.decode(toks, active=active)
         self.steps += 1
-        self.max_rows_in_step = max(self.max_rows_in_step, sum(active))
         rows = [i for i in range(hi) if active[i]]
-        reqs = [self.slots[i] for i in rows]
-        nxt = sample_next(logits[rows], [r.temperature for r in reqs], [r.top_p for r in reqs],  # type: ignore[union-attr]
-                          [r.gen for r in reqs])  # type: ignore[union-attr]
-        for i, r, t in zip(rows, reqs, nxt, strict=True):
-            if r is not None and not r.cancelled:
-                self._accept(i, r, t)
+        self.max_rows_in_step = max(self.max_rows_in_step, len(rows))
+        if self.on_step is not None:
+            self.on_step(len(rows))
+        self._sample(rows, [self.slots[i] for i in rows], logits[rows])  # type: ignore[misc]
+
+    def _sample(self, slots: list[int], reqs: list[Request], logits: torch.Tensor) -> None:
+        """Sample and accept one token per row; a row whose sampling or text fails fails alone."""
+        nxt = sample_each(logits, [r.temperature for r in reqs], [r.top_p for r in reqs], [r.gen for r in reqs])
+        for j, (slot, r, t) in enumerate(zip(slots, reqs, nxt, strict=True)):
+            if r is None or r.cancelled:
+                continue
+            if isinstance(t, Exception):
+                self._fail(slot, r, str(t))
+                continue
+            try:
+                if r.logprobs is not None:
+                    r.pending_lp.append(token_logprobs(logits[j], t, r.logprobs))
+                self._accept(slot, r, t)
+            except (ValueError, RuntimeError, TypeError, IndexError, KeyError) as e:  # e.g. the tokenizer's decode
+                log.exception("accepting a token failed")
+                self._fail(slot, r, f"generation failed: {type(e).__name__}: {e}")
 
     def _accept(self, slot: int, r: Request, token: int) -> None:
         """Take a sampled token for the request in ``slot`` (the rules: inference.sampling.Completion)."""
         c = r.completion
         assert c is not None
+        if r.first_token is None:
+            r.first_token = time.perf_counter()
         delta = c.accept(token, cache_full=self.runtime.lengths[slot] >= self.runtime.max_len)
         if delta:
-            r.emit(Event("delta", text=delta))
+            r.emit(Event("delta", text=delta, logprobs=self._logprobs(r)))
         if c.done:
             self._free(slot)
+            now = time.perf_counter()
             r.emit(Event("done", finish_reason=c.finish_reason, prompt_tokens=len(r.prompt_ids),
-                         completion_tokens=len(c.tokens)))
+                         completion_tokens=len(c.tokens), logprobs=self._logprobs(r),
+                         ttft_s=r.first_token - r.submitted, latency_s=now - r.submitted))
+
+    @staticmethod
+    def _logprobs(r: Request) -> list[TokenLogprob] | None:
+        """The logprobs of the tokens sampled since the last event (text held back waits for its tokens; as in
+        vLLM, an EOS token that ends the completion has an entry though it adds no text)."""
+        if r.logprobs is None:
+            return None
+        out = list(r.pending_lp)
+        r.pending_lp.clear()
+        return out
 
     def _free(self, slot: int) -> None:
         self.slots[slot] = None

@@ -1,36 +1,58 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching Scheduler.
 
-Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as
-server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. Errors use
-OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: malformed JSON and wrong types
-answer 400 (not FastAPI's 422), limits answer 400, a full queue 429, an unknown model 404.
+Endpoints: ``POST /v1/completions`` (one or several prompts, text or token ids; ``echo``, ``logprobs``,
+``max_tokens: 0`` with ``echo`` to score a prompt), ``POST /v1/chat/completions`` (``logprobs`` /
+``top_logprobs``), both with ``stream: true`` as server-sent events ending in ``data: [DONE]``;
+``GET /v1/models`` (with ``max_model_len``), ``GET /health``, ``GET /metrics`` (Prometheus).
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: malformed JSON, wrong
+types, limits and unsupported fields answer 400 naming the field, a body over the limit 413 (before it is
+parsed), a missing API key 401, an unknown model 404, a full queue 429. One request's content never
+fails another: everything that can fail is checked before it is queued, and inside the scheduler an
+error fails only its own request. Tokenising runs on a worker thread, so the event loop (and /health)
+never waits for a long prompt. Handlers are module-level functions over ``app.state.lf`` (ServerState).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from layerfold.core.model import Model
 from layerfold.inference.generate import encode_prompt
-from layerfold.serving.scheduler import Event, QueueFull, Scheduler
+from layerfold.serving.metrics import CONTENT_TYPE_LATEST, Metrics
+from layerfold.serving.middleware import ApiKey, BodyLimit, CountRequests
+from layerfold.serving.openai_format import chat_logprobs, completion_logprobs, merge_completion_logprobs, sse, usage
+from layerfold.serving.protocol import (
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    Limits,
+    check_body,
+    check_prompt,
+    error_response,
+    prompt_list,
+    stop_list,
+)
+from layerfold.serving.scheduler import Event, QueueFull, RequestError, Scheduler
 from layerfold.serving.scheduler import Request as GenRequest
 
-__all__ = ["ApiError", "create_app", "serve", "serving_threads"]
+__all__ = ["ApiError", "Limits", "ServerState", "create_app", "serve", "serving_threads"]
 
 
 def serving_threads(requested: int | None, device: str = "cpu") -> tuple[int, int]:
@@ -52,269 +74,325 @@ def serving_threads(requested: int | None, device: str = "cpu") -> tuple[int, in
     return max(1, n - 1), n
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+@dataclass
+class ServerState:
+    """What the handlers share (``app.state.lf``)."""
 
-    def response(self) -> JSONResponse:
-        return _error(self.status, self.message, self.param, self.code, self.type)
-
-
-def _error(status: int, message: str, param: str | None = None, code: str | None = None,
-           type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+    scheduler: Scheduler
+    tokenizer: Any
+    model_name: str
+    limits: Limits
+    vocab_size: int
+    metrics: Metrics
+    tokenize_pool: ThreadPoolExecutor  # one thread: tokenising never blocks the event loop, and is bounded
 
 
-# ---- request bodies (strict: "12" is not an integer, "yes" is not a boolean) -------------------------
-class _Common(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream_options: dict[str, Any] | None = None
+@dataclass
+class Job:
+    """One prompt of a request: what to generate and what to echo."""
+
+    ids: list[int]
+    max_tokens: int
+    echo: str | None = None  # the prompt's text, returned before the completion (completions' echo)
 
 
-class CompletionBody(_Common):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(16, ge=1)
+def _state(request: Request) -> ServerState:
+    return request.app.state.lf
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    type: Literal["text"]
-    text: str
+router = APIRouter()
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart] | None = None
+# ---- errors ------------------------------------------------------------------------------------------
+async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return error_response(400, f"the request body is not valid JSON ({first.get('msg', '')}). Fix: send a JSON "
+                              "object with Content-Type: application/json")
+    msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
+                    for e in errs[:5])
+    return error_response(400, f"invalid request: {msg}. Fix: correct the field(s) named", param=".".join(loc) or None)
 
 
-class ChatBody(_Common):
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
 
 
-# ---- the app ---------------------------------------------------------------------------------------
+async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail),
+                          type_="invalid_request_error" if exc.status_code < 500 else "server_error")
+
+
+async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
+
+
+# ---- small endpoints ---------------------------------------------------------------------------------
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    st = _state(request)
+    return {"status": "ok", "model": st.model_name, **st.scheduler.stats()}
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    st = _state(request)
+    return {"object": "list", "data": [{"id": st.model_name, "object": "model", "created": int(time.time()),
+                                        "owned_by": "layerfold", "max_model_len": st.limits.max_len}]}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---- generation --------------------------------------------------------------------------------------
+async def _off_loop(st: ServerState, fn: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(st.tokenize_pool, fn, *args)
+
+
+def _encode_texts(tokenizer: Any, prompts: list[str | list[int]]) -> list[list[int]]:
+    return [list(p) if isinstance(p, list) else encode_prompt(tokenizer, p, chat=False) for p in prompts]
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, body: CompletionBody) -> Any:
+    st = _state(request)
+    check_body(body, st.model_name)
+    prompts = prompt_list(body, st.limits)
+    ids = await _off_loop(st, _encode_texts, st.tokenizer, prompts)
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(400, "max_tokens=0 generates nothing. Fix: ask for at least 1 token, or add echo=true to "
+                       "score the prompt", "max_tokens")
+    jobs = []
+    for p, x in zip(prompts, ids, strict=True):
+        n = check_prompt(x, body.max_tokens, st.limits, st.vocab_size)
+        echo = (p if isinstance(p, str) else await _off_loop(st, _decode, st.tokenizer, x)) if body.echo else None
+        jobs.append(Job(x, n, echo))
+    return await _run(request, st, body, jobs, chat=False, logprobs=body.logprobs)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, body: ChatBody) -> Any:
+    st = _state(request)
+    check_body(body, st.model_name)
+    msgs = [{"role": "system" if m.role == "developer" else m.role,
+             "content": (m.content if isinstance(m.content, str) or m.content is None else
+                         "".join(part.text for part in m.content)) or ""} for m in body.messages]
+    if sum(len(m["content"]) for m in msgs) > st.limits.max_prompt_chars:
+        raise ApiError(400, f"the messages cannot fit the limit of {st.limits.max_prompt_tokens} tokens. Fix: "
+                       "shorten them", "messages", "context_length_exceeded")
+    try:
+        ids = await _off_loop(st, encode_prompt, st.tokenizer, msgs, True)
+    except ValueError as e:
+        raise ApiError(400, str(e), "messages") from None
+    mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    job = Job(ids, check_prompt(ids, mt, st.limits, st.vocab_size))
+    return await _run(request, st, body, [job], chat=True, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+
+
+async def _run(request: Request, st: ServerState, body: Any, jobs: list[Job], *, chat: bool,
+               logprobs: int | None) -> Any:
+    """Submit every prompt of a request (all or none), then answer as JSON or server-sent events."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    def emitter(i: int) -> Any:
+        def emit(ev: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+        return emit
+
+    reqs = [GenRequest(j.ids, j.max_tokens, emitter(i), temperature=body.temperature, top_p=body.top_p,
+                       seed=body.seed, stop=stop_list(body), logprobs=logprobs,
+                       prompt_logprobs=logprobs is not None and j.echo is not None)
+            for i, j in enumerate(jobs)]
+    todo = [r for r, j in zip(reqs, jobs, strict=True) if j.max_tokens > 0 or r.prompt_logprobs]
+    try:
+        st.scheduler.submit_all(todo)
+    except RequestError as e:
+        raise ApiError(400, str(e), e.param) from None
+    except QueueFull as e:
+        raise ApiError(429, f"the server is busy: {e}. Fix: retry later", code="queue_full",
+                       type_="rate_limit_error") from None
+    for i, (r, j) in enumerate(zip(reqs, jobs, strict=True)):
+        if r not in todo:  # echo of max_tokens 0 without logprobs: nothing to compute
+            queue.put_nowait((i, Event("done", finish_reason="length", prompt_tokens=len(j.ids))))
+    answer = _Answer(st, jobs, chat, logprobs is not None)
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_stream(request, reqs, queue, answer, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    left = len(jobs)
+    try:
+        while left:
+            try:
+                i, ev = await asyncio.wait_for(queue.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    for r in reqs:
+                        r.cancel()  # the client went away: free the slots
+                    return JSONResponse({}, 499)
+                continue
+            if ev.kind == "error":
+                raise ApiError(500, ev.text, type_="server_error")
+            answer.add(i, ev)
+            left -= ev.kind == "done"
+    finally:
+        for r in reqs:
+            r.cancel()  # no-op once finished; frees the others' slots when one failed or the task was cancelled
+    return answer.body()
+
+
+class _Answer:
+    """The choices of one request, built from its prompts' events (index = the prompt's position)."""
+
+    def __init__(self, st: ServerState, jobs: list[Job], chat: bool, logprobs: bool):
+        self.st, self.jobs, self.chat, self.want_lp = st, jobs, chat, logprobs
+        self.rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.text = [j.echo or "" for j in jobs]
+        self.lp: list[Any] = [None] * len(jobs)
+        self.finish: list[str | None] = [None] * len(jobs)
+        self.tokens = [0, 0]
+
+    def logprobs(self, i: int, entries: list[Any] | None, offset: int) -> Any:
+        if not self.want_lp or entries is None:
+            return None
+        tok = self.st.tokenizer
+        return chat_logprobs(tok, entries) if self.chat else completion_logprobs(tok, entries, offset)
+
+    def add(self, i: int, ev: Event) -> tuple[str, Any]:
+        """Record an event; return (new text, its logprobs) for streaming."""
+        offset = len(self.text[i]) if ev.kind != "prompt" else 0
+        lp = self.logprobs(i, ev.logprobs, offset)
+        if lp is not None:
+            if self.chat:
+                self.lp[i] = {"content": (self.lp[i] or {"content": []})["content"] + lp["content"]}
+            else:
+                self.lp[i] = merge_completion_logprobs(self.lp[i], lp)
+        if ev.kind == "delta":
+            self.text[i] += ev.text
+        elif ev.kind == "done":
+            self.finish[i] = ev.finish_reason
+            self.tokens[0] += ev.prompt_tokens
+            self.tokens[1] += ev.completion_tokens
+            self.st.metrics.finished(ev.prompt_tokens, ev.completion_tokens, ev.ttft_s, ev.latency_s)
+        return (ev.text if ev.kind == "delta" else ""), lp
+
+    def choice(self, i: int, text: str | None, lp: Any, finish: str | None, delta: bool = False) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
+        if delta:
+            return {"index": i, "delta": {} if text is None else {"content": text}, "logprobs": lp,
+                    "finish_reason": finish}
+        return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish}
+
+    def head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.st.model_name}
+
+    def body(self) -> dict[str, Any]:
+        choices = [self.choice(i, self.text[i], self.lp[i], self.finish[i]) for i in range(len(self.jobs))]
+        return {**self.head("chat.completion" if self.chat else "text_completion"), "choices": choices,
+                "usage": usage(*self.tokens)}
+
+
+async def _stream(request: Request, reqs: Sequence[GenRequest], queue: asyncio.Queue[tuple[int, Event]],
+                  answer: _Answer, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events of one request's prompts; a client that goes away cancels them (frees their slots)."""
+    obj = "chat.completion.chunk" if answer.chat else "text_completion"
+    left = len(reqs)
+    try:
+        if answer.chat:
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            yield sse({**answer.head(obj), "choices": [first]})
+        for i, j in enumerate(answer.jobs):
+            if j.echo and not reqs[i].prompt_logprobs:
+                yield sse({**answer.head(obj), "choices": [answer.choice(i, j.echo, None, None)]})
+        while left:
+            try:
+                i, ev = await asyncio.wait_for(queue.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if ev.kind == "error":
+                yield sse({"error": {"message": ev.text, "type": "server_error", "param": None, "code": None}})
+                return
+            text, lp = answer.add(i, ev)
+            if ev.kind == "prompt":
+                text = answer.jobs[i].echo or ""
+            if ev.kind == "done":
+                left -= 1
+                if lp is not None and (lp.get("content") or lp.get("tokens")):
+                    yield sse({**answer.head(obj), "choices": [answer.choice(i, "", lp, None, delta=True)]})
+                yield sse({**answer.head(obj), "choices": [answer.choice(i, None, None, ev.finish_reason, True)]})
+            else:
+                yield sse({**answer.head(obj), "choices": [answer.choice(i, text, lp, None, delta=True)]})
+        if include_usage:
+            yield sse({**answer.head(obj), "choices": [], "usage": usage(*answer.tokens)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for r in reqs:
+            r.cancel()  # no-op once finished; frees the slots when the client disconnected mid-stream
+
+
+# ---- the app -----------------------------------------------------------------------------------------
 def create_app(model: Model, tokenizer: Any, *, model_name: str = "layerfold", max_batch: int = 16,
                max_len: int = 1024, max_prompt_tokens: int | None = None, max_tokens_limit: int | None = None,
                max_queue: int = 64, compile: bool = False, static_batches: Sequence[int] = (),
-               prefill_threads: int | None = None) -> FastAPI:
+               prefill_threads: int | None = None, max_body_bytes: int = 4 * 2 ** 20, max_prompts: int = 64,
+               api_key: str | None = None, cors_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the scheduler thread (``app.state.scheduler``).
 
     max_len: cache slots per request (prompt + completion). max_prompt_tokens (default max_len - 1)
     and max_tokens_limit (default max_len - 1) bound a request; max_queue bounds requests waiting
-    for a free slot. compile: torch.compile the decode step (CPU; compiled at start-up, before the first
-    request is served: docs/PERFORMANCE.md gives the start-up time);
-    static_batches: batch sizes with their own autotuned graph (see ``Runtime``). prefill_threads:
-    torch CPU threads for prefills (default: the current count; see ``Scheduler``).
+    for a free slot; max_body_bytes bounds a request body (413 above it); max_prompts bounds the prompts
+    of one completions request. compile: torch.compile the decode step (CPU; compiled at start-up, before
+    the first request is served: docs/PERFORMANCE.md gives the start-up time); static_batches: batch sizes
+    with their own autotuned graph (see ``Runtime``). prefill_threads: torch CPU threads for prefills
+    (default: the current count; see ``Scheduler``). api_key: required as ``Authorization: Bearer KEY`` on
+    every path but /health. cors_origins: origins browsers may call from (CORS; none by default).
     """
     sched = Scheduler(model, tokenizer, max_batch=max_batch, max_len=max_len, max_queue=max_queue, compile=compile,
                       static_batches=static_batches, prefill_threads=prefill_threads)
-    lim_prompt = min(max_prompt_tokens or max_len - 1, max_len - 1)
-    lim_tokens = min(max_tokens_limit or max_len - 1, max_len - 1)
+    limits = Limits(max_len=max_len, max_prompt_tokens=min(max_prompt_tokens or max_len - 1, max_len - 1),
+                    max_tokens=min(max_tokens_limit or max_len - 1, max_len - 1), max_prompts=max_prompts,
+                    max_body_bytes=max_body_bytes)
+    st = ServerState(sched, tokenizer, model_name, limits, model.spec.vocab_size, Metrics(sched),
+                     ThreadPoolExecutor(1, thread_name_prefix="layerfold-tokenize"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sched.start()
         yield
         sched.stop()
+        st.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="layerfold", lifespan=lifespan)
-    app.state.scheduler = sched
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if first.get("type") == "json_invalid":
-            return _error(400, f"the request body is not valid JSON ({first.get('msg', '')}). Fix: send a JSON "
-                          "object with Content-Type: application/json")
-        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
-                        for e in errs[:5])
-        return _error(400, f"invalid request: {msg}", param=".".join(loc) or None)
-
-    @app.exception_handler(ApiError)
-    async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), type_="invalid_request_error" if exc.status_code < 500
-                      else "server_error")
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, **sched.stats()}
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "layerfold"}]}
-
-    def check(body: _Common, prompt_ids: list[int], max_tokens: int | None) -> int:
-        if body.model not in (None, "", model_name):
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}. "
-                           f"Fix: pass model={model_name!r}", "model", "model_not_found")
-        if len(prompt_ids) == 0:
-            raise ApiError(400, "the prompt is empty. Fix: send at least one token of prompt", "prompt")
-        if len(prompt_ids) > lim_prompt:
-            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most {lim_prompt}. "
-                           "Fix: shorten the prompt", "prompt", "context_length_exceeded")
-        room = max_len - len(prompt_ids)
-        if max_tokens is None:
-            return min(lim_tokens, room)
-        if max_tokens > lim_tokens:
-            raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {lim_tokens}. "
-                           f"Fix: ask for at most {lim_tokens} tokens", "max_tokens")
-        if max_tokens > room:
-            raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens={max_tokens} exceeds the "
-                           f"context of {max_len} tokens. Fix: ask for at most {room} tokens", "max_tokens",
-                           "context_length_exceeded")
-        return max_tokens
-
-    async def run(request: Request, body: _Common, prompt_ids: list[int], max_tokens: int, chat: bool) -> Any:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(ev: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, ev)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        req = GenRequest(prompt_ids, max_tokens, emit, temperature=body.temperature, top_p=body.top_p,
-                         seed=body.seed, stop=stop)
-        try:
-            sched.submit(req)
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e}. Fix: retry later", code="queue_full",
-                           type_="rate_limit_error") from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(request, req, queue, rid, created, model_name, chat, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text: list[str] = []
-        while True:
-            try:
-                ev = await asyncio.wait_for(queue.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    req.cancel()  # the client went away: free its slot
-                    return JSONResponse({}, 499)
-                continue
-            except asyncio.CancelledError:
-                req.cancel()
-                raise
-            if ev.kind == "delta":
-                text.append(ev.text)
-            elif ev.kind == "error":
-                raise ApiError(500, ev.text, type_="server_error")
-            else:
-                break
-        usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                 "total_tokens": ev.prompt_tokens + ev.completion_tokens}
-        out = "".join(text)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out}, "logprobs": None,
-                      "finish_reason": ev.finish_reason}
-            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": out, "logprobs": None, "finish_reason": ev.finish_reason}
-        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [choice], "usage": usage}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request, body: CompletionBody) -> Any:
-        p = body.prompt
-        if isinstance(p, list) and p and isinstance(p[0], str):
-            if len(p) != 1:
-                raise ApiError(400, f"got {len(p)} prompts; this server takes one prompt a request. Fix: send "
-                               "the prompts as separate (concurrent) requests", "prompt")
-            p = p[0]
-        if isinstance(p, list):  # token ids
-            if any(not 0 <= t < model.spec.vocab_size for t in p):  # type: ignore[operator]
-                raise ApiError(400, f"prompt token ids must be in [0, {model.spec.vocab_size}). Fix: tokenize "
-                               "with this model's tokenizer", "prompt")
-            ids = list(p)  # type: ignore[arg-type]
-        else:
-            ids = encode_prompt(tokenizer, p, chat=False)  # type: ignore[arg-type]
-        return await run(request, body, ids, check(body, ids, body.max_tokens), chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, body: ChatBody) -> Any:
-        msgs = []
-        for m in body.messages:
-            content = m.content if isinstance(m.content, str) or m.content is None else \
-                "".join(part.text for part in m.content)
-            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-        try:
-            ids = encode_prompt(tokenizer, msgs, chat=True)
-        except ValueError as e:
-            raise ApiError(400, str(e), "messages") from None
-        mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await run(request, body, ids, check(body, ids, mt), chat=True)
-
+    app.state.scheduler, app.state.lf = sched, st
+    app.add_exception_handler(RequestValidationError, on_invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, on_http)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, on_crash)
+    app.include_router(router)
+    # the last added runs first: count every answer, CORS (preflights need no key), the key, the body limit
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(CountRequests, count=st.metrics.count_request)
     return app
-
-
-async def _sse(request: Request, req: GenRequest, queue: asyncio.Queue[Event], rid: str, created: int,
-               model_name: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events of one request; a client that goes away cancels it (frees its slot)."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
-        if chat:
-            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
-                ({} if delta is None else {"content": delta})
-            choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-        body = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
-        return f"data: {json.dumps(body)}\n\n"
-
-    try:
-        if chat:
-            yield chunk(None, None, role=True)
-        while True:
-            try:
-                ev = await asyncio.wait_for(queue.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
-            if ev.kind == "delta":
-                yield chunk(ev.text, None)
-            elif ev.kind == "error":
-                err = {"error": {"message": ev.text, "type": "server_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(err)}\n\n"
-                return
-            else:
-                yield chunk(None, ev.finish_reason)
-                if include_usage:
-                    usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                             "total_tokens": ev.prompt_tokens + ev.completion_tokens}
-                    yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': model_name, 'choices': [], 'usage': usage})}\n\n"  # noqa: E501
-                yield "data: [DONE]\n\n"
-                return
-    finally:
-        req.cancel()  # no-op once finished; frees the slot when the client disconnected mid-stream
 
 
 def serve(model: Model, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "layerfold",

@@ -101,7 +101,7 @@ def test_calib_batches_shape_determinism_and_errors(tok):
     stream = D.token_stream(tok, "pydoc", "calib").tolist()
     row = a[0].tolist()
     assert any(stream[i:i + 64] == row for i in range(len(stream) - 63))
-    with pytest.raises(ValueError, match="fewer than seq_len.*Fix"):
+    with pytest.raises(ValueError, match="not one sample of 10000000 tokens fits.*Fix"):
         D.calib_batches(tok, n_samples=1, seq_len=10**7)
 
 

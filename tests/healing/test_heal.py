@@ -149,3 +149,43 @@ def test_cli_heal_writes_a_checkpoint_and_guards_its_directory(tmp_path, capsys)
     capsys.readouterr()
     assert main(args) == 2  # a finished run's directory: needs --resume (or another --out)
     assert "--resume" in capsys.readouterr().err
+
+
+class _Payload:
+    """Unpickling this creates the file ``marker``: what a crafted optim.pt could do (run any code)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("keep_new_state", [True, False])
+def test_resume_never_unpickles(tmp_path, keep_new_state):
+    import pickle
+
+    _run(tmp_path / "run", stop_after=3)
+    state = tmp_path / "run" / STATE_DIR
+    (ckpt,) = state.glob("ckpt-*")
+    marker = tmp_path / "pwned"
+    (ckpt / "optim.pt").write_bytes(pickle.dumps(_Payload(str(marker))))
+    if keep_new_state:  # the payload beside a good state: ignored, the run resumes
+        _, rep = _run(tmp_path / "run")
+        assert rep.status == "done" and rep.resumed
+    else:  # only the pickle (an older layerfold's state): refused with the fix, not unpickled
+        (ckpt / "optim.safetensors").unlink()
+        (ckpt / "optim.json").unlink()
+        with pytest.raises(ValueError, match="optim.pt, a pickle.*never loaded.*Fix: start over"):
+            _run(tmp_path / "run")
+    assert not marker.exists()
+
+
+def test_no_pickle_loading_in_the_package():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    hits = [f"{f.relative_to(root)}: {needle}" for d in ("engine", "kernels") for f in (root / d).rglob("*.py")
+            for needle in ("torch.load(", "import pickle", "pickle.load", "weights_only=False", "allow_pickle=True")
+            if needle in f.read_text()]
+    assert not hits, f"pickle loading found: {hits}"

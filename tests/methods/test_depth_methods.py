@@ -140,6 +140,7 @@ def test_prune_pipeline_writes_report_and_provenance(setup, tmp_path, monkeypatc
     src = save_checkpoint(tmp_path / "dense", m.spec, m.state_dict())
     monkeypatch.setattr(P, "load", lambda *a, **k: (layerfold.load(src, tokenizer=False)[0], None))
     monkeypatch.setattr(data, "calib_batches", lambda *a, **k: calib)
+    monkeypatch.setattr(P, "check_data", lambda *a, **k: None)  # the stubbed load gives no tokenizer
     monkeypatch.setattr(evaluate, "evaluate",
                         lambda model, tok, **k: {"ppl": {"ppl": 10.0 + model.spec.n_layers, "seq_len": 512,
                                                          "tokens": 8176, "windows": 16},

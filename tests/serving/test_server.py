@@ -4,7 +4,6 @@ bad requests, and a disconnecting client freeing its slot."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from layerfold.core.model import Model  # noqa: E402
 from layerfold.inference.generate import generate  # noqa: E402
 from layerfold.serving.server import create_app, serving_threads  # noqa: E402
 from tests.support.models import smollm2_vocab_spec, tiny_model  # noqa: E402
+from tests.support.server import running  # noqa: E402
 
 NAME = "tiny-test"
 
@@ -44,21 +44,8 @@ def model() -> Model:
 def server(model: Model, tok: Any) -> Iterator[tuple[str, Any]]:
     app = create_app(model, tok, model_name=NAME, max_batch=8, max_len=1024, max_prompt_tokens=200,
                      max_tokens_limit=950, max_queue=64)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    th = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and th.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app.state.scheduler
-    srv.should_exit = True
-    th.join(10)
-    sock.close()
+    with running(app) as base:
+        yield base, app.state.scheduler
 
 
 def client(base: str) -> openai.OpenAI:

@@ -1,0 +1,171 @@
+"""The OpenAI request bodies the server accepts, its limits, and the checks a request passes before it
+takes a slot.
+
+Bodies are strict pydantic models ("12" is not an integer, "yes" is not a boolean, NaN is not a number);
+a field OpenAI defines that this server does not implement (tools, response_format, logit_bias,
+penalties, best_of, ...) answers 400 naming it, unless it holds its no-op value (a penalty of 0, an empty
+logit_bias, ...): silently ignoring it would give a different answer than the client asked for. A few
+fields that cannot change an answer (``user``, ``metadata``, ...) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from layerfold.inference.sampling import TEMPERATURE_FLOOR
+from layerfold.serving.scheduler import MAX_LOGPROBS, MAX_STOP, MAX_STOP_CHARS, SEED_RANGE
+
+__all__ = ["ApiError", "ChatBody", "CompletionBody", "Limits", "check_body", "check_prompt", "error_response",
+           "prompt_list", "stop_list"]
+
+
+class ApiError(Exception):
+    """An answer other than 200: the status and OpenAI's error object (``param`` names the field at fault)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.code, self.type)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   type_: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. max_len: cache slots per request (prompt + completion);
+    max_prompt_tokens / max_tokens: the longest prompt and completion; max_prompts: prompts per
+    completions request; max_body_bytes: the request body (larger answers 413 before it is parsed)."""
+
+    max_len: int
+    max_prompt_tokens: int
+    max_tokens: int
+    max_prompts: int = 64
+    max_body_bytes: int = 4 * 2 ** 20
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """A prompt string longer than this is refused before tokenising: no tokenizer packs 64 characters
+        into every token, so it could not fit max_prompt_tokens anyway."""
+        return 64 * self.max_prompt_tokens
+
+
+# ---- request bodies ----------------------------------------------------------------------------------
+Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Float = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: str | None = None
+    temperature: Float = Field(1.0, ge=0.0, le=2.0, description=f"below {TEMPERATURE_FLOOR}: greedy")
+    top_p: Float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stream_options: dict[str, Any] | None = None
+
+
+class CompletionBody(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatBody(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+# Fields OpenAI defines that this server does not implement, with the values that ask for nothing.
+NOOP = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
+        "best_of": (1,), "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
+        "response_format": ({"type": "text"},), "suffix": ("",), "min_tokens": (0,), "prediction": (),
+        "audio": (), "modalities": (["text"],), "reasoning_effort": (), "web_search_options": ()}
+# Fields that cannot change an answer: accepted and ignored.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+                     "safety_identifier"})
+
+
+def check_body(body: _Common, model_name: str) -> None:
+    """404 for another model's name; 400 naming the first field this server would have to ignore."""
+    if body.model not in (None, "", model_name):
+        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}. "
+                       f"Fix: pass model={model_name!r}", "model", "model_not_found")
+    for name, value in (body.model_extra or {}).items():
+        if name in IGNORED or value is None or value in NOOP.get(name, ()):
+            continue
+        what = "is not supported by this server" if name in NOOP else "is not a field this server knows"
+        raise ApiError(400, f"the field {name!r} {what}; ignoring it would not give the answer asked for. Fix: "
+                       f"remove {name!r} from the request", name, "unsupported_field")
+    if isinstance(body, ChatBody) and body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs=true. Fix: add \"logprobs\": true", "top_logprobs")
+
+
+def stop_list(body: _Common) -> list[str]:
+    return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+
+
+def prompt_list(body: CompletionBody, limits: Limits) -> list[str | list[int]]:
+    """The completions request's prompts (strings or token-id lists), checked for count and size."""
+    p = body.prompt
+    prompts: list[Any] = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+    if not prompts:
+        raise ApiError(400, "the prompt list is empty. Fix: send at least one prompt", "prompt")
+    if len(prompts) > limits.max_prompts:
+        raise ApiError(400, f"got {len(prompts)} prompts; this server takes at most {limits.max_prompts} a request. "
+                       "Fix: split them over several requests", "prompt")
+    for x in prompts:
+        if isinstance(x, str) and len(x) > limits.max_prompt_chars:
+            raise ApiError(400, f"a prompt of {len(x)} characters cannot fit the limit of {limits.max_prompt_tokens} "
+                           "tokens. Fix: shorten the prompt", "prompt", "context_length_exceeded")
+    return prompts
+
+
+def check_prompt(ids: list[int], max_tokens: int | None, limits: Limits, vocab_size: int) -> int:
+    """The completion length to run for a tokenized prompt (``max_tokens`` or all the room left)."""
+    if not ids:
+        raise ApiError(400, "the prompt is empty. Fix: send at least one token of prompt", "prompt")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise ApiError(400, f"prompt token ids must be in [0, {vocab_size}). Fix: tokenize with this model's "
+                       "tokenizer", "prompt")
+    if len(ids) > limits.max_prompt_tokens:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most "
+                       f"{limits.max_prompt_tokens}. Fix: shorten the prompt", "prompt", "context_length_exceeded")
+    room = limits.max_len - len(ids)
+    if max_tokens is None:
+        return min(limits.max_tokens, room)
+    if max_tokens > limits.max_tokens:
+        raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}. "
+                       f"Fix: ask for at most {limits.max_tokens} tokens", "max_tokens")
+    if max_tokens > room:
+        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens={max_tokens} exceeds the context of "
+                       f"{limits.max_len} tokens. Fix: ask for at most {room} tokens", "max_tokens",
+                       "context_length_exceeded")
+    return max_tokens
