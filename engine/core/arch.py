@@ -146,6 +146,15 @@ def state_from_hf(hf_state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Ten
     return out
 
 
+def rope_scaling(spec: ModelSpec) -> dict[str, Any]:
+    """HF's ``rope_scaling`` entry for a spec whose rotary embedding is scaled ("linear" or "llama3")."""
+    scaling: dict[str, Any] = {"rope_type": spec.rope_type, "factor": spec.rope_factor}
+    if spec.rope_type == "llama3":
+        scaling.update(low_freq_factor=spec.rope_low_freq_factor, high_freq_factor=spec.rope_high_freq_factor,
+                       original_max_position_embeddings=spec.rope_original_max_pos)
+    return scaling
+
+
 def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
     """A vanilla HF config for a uniform spec (every layer a plain, same-shaped decoder layer)."""
     if not spec.uniform:
@@ -176,11 +185,7 @@ def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
         "torch_dtype": "float32",
     }
     if spec.rope_type != "default":
-        scaling: dict[str, Any] = {"rope_type": spec.rope_type, "factor": spec.rope_factor}
-        if spec.rope_type == "llama3":
-            scaling.update(low_freq_factor=spec.rope_low_freq_factor, high_freq_factor=spec.rope_high_freq_factor,
-                           original_max_position_embeddings=spec.rope_original_max_pos)
-        cfg["rope_scaling"] = scaling
+        cfg["rope_scaling"] = rope_scaling(spec)
     if spec.arch == "llama":
         cfg.update(attention_bias=False, mlp_bias=False)
     if spec.arch == "mistral":

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layerfold.core.arch import hf_name_to_layerfold, state_to_hf
+from layerfold.core.arch import hf_name_to_layerfold, rope_scaling, state_to_hf
 from layerfold.core.checkpoint import open_weights, save_tokenizer
 from layerfold.core.dtypes import dtype_name
 from layerfold.core.paths import atomic_dir, check_output
@@ -85,11 +85,7 @@ def decilm_config(spec: ModelSpec) -> dict[str, Any]:
     if spec.qkv_bias:  # vLLM: qkv_bias sets the q/k/v biases, attention_bias (false) the o_proj bias
         cfg["qkv_bias"] = True
     if spec.rope_type != "default":
-        scaling: dict[str, Any] = {"rope_type": spec.rope_type, "factor": spec.rope_factor}
-        if spec.rope_type == "llama3":
-            scaling.update(low_freq_factor=spec.rope_low_freq_factor, high_freq_factor=spec.rope_high_freq_factor,
-                           original_max_position_embeddings=spec.rope_original_max_pos)
-        cfg["rope_scaling"] = scaling
+        cfg["rope_scaling"] = rope_scaling(spec)
     return cfg
 
 

@@ -17,29 +17,11 @@ from layerfold.core.loading import load_tokenizer, resolve  # noqa: E402
 from layerfold.evaluation.evaluate import mc_accuracy  # noqa: E402
 from layerfold.surgery.depth import apply_depth_plan  # noqa: E402
 from layerfold.surgery.plan import DepthPlan  # noqa: E402
+from tests.support.lm_eval_task import write_mc_task  # noqa: E402
 from tests.support.models import SMOLLM2_VOCAB, smollm2_vocab_spec, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MC_YAML = """task: lf_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {items}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +40,8 @@ def setup(tmp_path_factory):
     ck_stream = save_checkpoint(root / "stream", stream.spec, stream.state_dict(), tokenizer=tok)
     export_hf(ck_depth, root / "hf")
     items = mc_task(tok, "pydoc", "val", n=24, seed=3)
-    path = root / "items.jsonl"
-    path.write_text("".join(json.dumps({"context": it.context, "choices": it.choices, "label": it.label,
-                                        "delimiter": it.delimiter}) + "\n" for it in items))
-    tasks = root / "tasks"
-    tasks.mkdir()
-    (tasks / "lf_mc.yaml").write_text(MC_YAML.format(items=path))
+    tasks = write_mc_task(root / "tasks", items, "lf_mc").parent
+    path = tasks / "items.jsonl"
     return {"tok": tok, "depth": (depth, ck_depth), "stream": (stream, ck_stream), "hf": root / "hf",
             "items": path, "tasks": tasks}
 

@@ -4,7 +4,6 @@ same items: the same loglikelihood for every choice and the same acc / acc_norm.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +18,13 @@ from layerfold.core.data import mc_task  # noqa: E402
 from layerfold.core.loading import load_tokenizer, resolve  # noqa: E402
 from layerfold.evaluation.evaluate import encode_pair, loglikelihoods, mc_accuracy  # noqa: E402
 from layerfold.serving.server import create_app  # noqa: E402
+from tests.support.lm_eval_task import write_mc_task  # noqa: E402
 from tests.support.models import smollm2_vocab_spec, tiny_model  # noqa: E402
 from tests.support.server import running  # noqa: E402
 from tests.support.tolerances import approx  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TASK = """task: layerfold_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {items}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])  # 3: lm-eval sends several token-id prompts per request
@@ -59,10 +40,7 @@ def test_lm_eval_local_completions_matches_layerfold_eval(tmp_path: Path, monkey
     tok = load_tokenizer(tok_dir)
     model = tiny_model(smollm2_vocab_spec(n_layers=2, max_position=2048), seed=4)
     items = mc_task(tok, "pydoc", "val", n=10, seed=1)
-    with (tmp_path / "items.jsonl").open("w") as f:
-        for it in items:
-            f.write(json.dumps({"context": it.context, "choices": it.choices, "label": it.label}) + "\n")
-    (tmp_path / "layerfold_mc.yaml").write_text(TASK.format(items=tmp_path / "items.jsonl"))
+    write_mc_task(tmp_path, items, "layerfold_mc")
     want = mc_accuracy(model, tok, items)
     want_ll = loglikelihoods(model, [encode_pair(tok, it.context, it.delimiter + c) for it in items
                                      for c in it.choices])

@@ -15,11 +15,10 @@ httpx = pytest.importorskip("httpx", reason="the dev extra (pip install -e '.[de
 openai = pytest.importorskip("openai", reason="the dev extra (pip install -e '.[dev]') brings the openai client")
 pytest.importorskip("uvicorn", reason="the serve extra brings uvicorn")
 
-from layerfold.core.loading import load_tokenizer, resolve  # noqa: E402
 from layerfold.core.model import Model  # noqa: E402
 from layerfold.inference.generate import generate  # noqa: E402
 from layerfold.serving.server import create_app  # noqa: E402
-from tests.support.models import smollm2_vocab_spec, tiny_model  # noqa: E402
+from tests.support.models import server_model  # noqa: E402
 from tests.support.server import running  # noqa: E402
 from tests.support.tolerances import approx  # noqa: E402
 
@@ -28,13 +27,8 @@ NAME = "tiny-surface"
 
 
 @pytest.fixture(scope="module")
-def tok() -> Any:
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))
-
-
-@pytest.fixture(scope="module")
 def model() -> Model:
-    return tiny_model(smollm2_vocab_spec(n_layers=2, max_position=2048), seed=2)
+    return server_model(seed=2)
 
 
 @pytest.fixture(scope="module")

@@ -180,3 +180,8 @@ def to_layerfold(hf: Any) -> Model:
     spec = spec_from_hf_config(hf.config)
     state = state_from_hf({k: v.clone() for k, v in hf.state_dict().items()}, spec)
     return layerfold.build_model(spec, state).eval()
+
+
+def server_model(seed: int = 1) -> Model:
+    """The server tests' model: two layers with the embedded tokenizer's vocabulary, 2048 positions."""
+    return tiny_model(smollm2_vocab_spec(n_layers=2, max_position=2048), seed=seed)
