@@ -76,11 +76,11 @@ def heal(method: str, pruned: Path, work: Path, args: argparse.Namespace) -> Pat
     prov = student.provenance
     cfg = HealConfig(clock=args.clock, autocast=args.autocast, lr_global=args.lr_global, lr_layer=args.lr_layer,
                      layer_frac=args.layer_frac, eval_every=args.eval_every, val_tokens=args.val_tokens,
-                     hidden_weight=args.hidden_weight)
+                     hidden_weight=args.hidden_weight, global_params="all" if args.train_all else args.global_params)
     log(f"healing {method}: {args.minutes} min ({args.clock} clock), layers {prov['changed_layers']} changed")
     rep = heal_pruned(student, layerfold.resolve(SOURCE, quiet=True), prov["layer_map"], prov["changed_layers"], tok,
                       data=args.data, budget_minutes=args.minutes, stages=("layer", "global"),
-                      train_all=args.train_all, out_dir=out, resume=True, progress=True, config=cfg)
+                      out_dir=out, resume=True, progress=True, config=cfg)
     if rep.status != "done":
         log(f"healing {method} {rep.status}; re-run to resume")
         return None
@@ -129,7 +129,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast in healing (default on: 2x on this CPU)")
-    p.add_argument("--train-all", action="store_true")
+    p.add_argument("--global-params", choices=("auto", "all", "lora", "changed"), default="auto",
+                   help="what the global stage trains besides the changed layers (layerfold heal -h)")
+    p.add_argument("--train-all", action="store_true", help="same as --global-params all")
     d = HealConfig()
     p.add_argument("--lr-global", type=float, default=d.lr_global)
     p.add_argument("--lr-layer", type=float, default=d.lr_layer)
@@ -186,7 +188,8 @@ def main() -> int:
             rep = json.loads((healed / "report.json").read_text())["heal"]
             r["heal"] = {k: rep[k] for k in ("tokens", "wall_minutes", "cpu_minutes", "threads", "start_val_ppl",
                                              "best_val_ppl", "best_tokens", "trained_layers", "memory", "budget",
-                                             "curve", "train_all", "config")}
+                                             "curve", "train_all", "global_params", "config")
+                        if k in rep}
             lay = sum(x["tokens"] for x in rep["layer_stage"])
             r["heal"]["stage_tokens"] = {"layer": lay, "global": rep["tokens"] - lay}
             log(f"evaluating {m} healed")

@@ -28,11 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=None, help="time budget of the whole healing (default 15 "
                    "unless --tokens is given)")
     p.add_argument("--tokens", type=int, default=None, help="training-token budget (both stages)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="what --minutes measures: wall time, or process CPU time / threads (an unshared machine)")
+    p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                   help="what --minutes measures: wall time, or process CPU time / threads (the same work on a "
+                   "busy or an idle machine); auto (default): cpu on a CPU, wall on a GPU")
     p.add_argument("--stage", default="layer,global", help="stages to run, comma-separated (default layer,global)")
-    p.add_argument("--train-all", action="store_true", help="global stage trains every parameter, not only "
-                   "the layers surgery changed")
+    p.add_argument("--global-params", choices=("auto", "all", "lora", "changed"), default="auto",
+                   help="what the global stage trains besides the layers surgery changed: all (every parameter), "
+                   "lora (rank --lora-rank adapters on the other layers, merged into the weights at the end), "
+                   "changed (nothing else); auto (default): all when its AdamW state fits in memory, else lora")
+    p.add_argument("--train-all", action="store_true", help="same as --global-params all")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from DIR/heal_state")
     p.add_argument("--data", default="pydoc", help="training/validation text: pydoc or a text file (default pydoc)")
     d = HealConfig()
@@ -48,8 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                            ("seed", int, "data order seed")):
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
                        help=f"{hlp} (default {getattr(d, name)})")
-    p.add_argument("--autocast", action="store_true", help="bf16 autocast in training (about 2x on CPUs with "
-                   "AVX512-BF16/AMX and on GPUs; validation stays in the model's dtype)")
+    p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast in training (about 2x on CPUs with AVX512-BF16/AMX and on GPUs; validation "
+                   "stays in the model's dtype); default: on where bf16 is native")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank with --global-params lora "
+                   f"(default {d.lora_rank}; alpha {d.lora_alpha:g})")
     p.add_argument("--layer-input", choices=("student", "teacher"), default=d.layer_input,
                    help="layer stage input: the student's own hidden state (default) or the teacher's")
 
@@ -79,10 +86,11 @@ def main(args: argparse.Namespace) -> int:
     cfg = HealConfig(seq_len=args.seq_len, micro_batch=args.micro_batch, accum=args.accum, lr_global=args.lr_global,
                      lr_layer=args.lr_layer, layer_frac=args.layer_frac, hidden_weight=args.hidden_weight,
                      eval_every=args.eval_every, val_tokens=args.val_tokens, seed=args.seed, clock=args.clock,
-                     layer_input=args.layer_input, autocast=args.autocast)
+                     layer_input=args.layer_input, autocast=args.autocast,
+                     global_params="all" if args.train_all else args.global_params, lora_rank=args.lora_rank)
     rep = heal_pruned(student, layerfold.resolve(teacher, quiet=True), prov["layer_map"],
                       prov.get("changed_layers", []), tok, data=args.data, budget_minutes=minutes, tokens=args.tokens,
-                      stages=stages, train_all=args.train_all, out_dir=out, resume=args.resume,
+                      stages=stages, out_dir=out, resume=args.resume,
                       progress=not args.json, config=cfg)
     if rep.status != "done":
         emit(args, {"status": rep.status, "tokens": rep.tokens, "state": str(out / STATE_DIR)},
@@ -113,6 +121,6 @@ def _text(out: Path, rep: Any) -> str:
     lines = [f"healed -> {out}",
              f"val ppl {rep.start_val_ppl:.3f} -> best {rep.best_val_ppl:.3f} (at {rep.best_tokens} tokens)",
              f"budget: {rep.tokens} tokens, {rep.wall_minutes:.1f} wall min, {rep.cpu_minutes:.1f} CPU min "
-             f"({rep.threads} threads); layers trained {rep.trained_layers}{' (global: all)' if rep.train_all else ''}",
+             f"({rep.threads} threads); layers trained {rep.trained_layers} (global stage: {rep.global_params})",
              f"memory: {mem}", "", table(rows, ["tokens", "val ppl"])]
     return "\n".join(lines)

@@ -72,7 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling and training seed")
     p.add_argument("--heal", action="store_true", help="heal the pruned model against the dense one")
-    p.add_argument("--heal-minutes", type=float, default=None, help="healing budget in minutes")
+    p.add_argument("--heal-minutes", type=float, default=None, help="healing budget in minutes (default 15)")
+    p.add_argument("--heal-tokens", type=int, default=None, help="healing budget in training tokens instead")
+    p.add_argument("--heal-global-params", choices=("auto", "all", "lora", "changed"), default=None,
+                   help="what healing's global stage trains besides the changed layers (see `layerfold heal -h`)")
     p.add_argument("--no-eval", action="store_true", help="skip the dense vs pruned evaluation")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the source)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -99,12 +102,26 @@ def run(args: argparse.Namespace) -> int:
     opts = method_options(args)
     report = prune(args.model, args.method, args.target, args.out, stats=args.stats, data=args.data,
                    samples=args.samples, seq_len=args.seq_len, plan=args.plan, options=opts, heal=args.heal,
-                   heal_options={"budget_minutes": args.heal_minutes} if args.heal_minutes else None,
+                   heal_options=heal_options(args),
                    eval=not args.no_eval, device=args.device, dtype=torch_dtype(args.dtype), seed=args.seed,
                    progress=not (args.quiet or args.json), overwrite=args.overwrite,
                    allow_nonfinite=args.allow_nonfinite)
     emit(args, report, summary(report))
     return 0
+
+
+def heal_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The healing budget and global-stage choice given on the prune command line (None: the defaults)."""
+    from layerfold.healing.common import HealConfig
+
+    kw: dict[str, Any] = {}
+    if args.heal_tokens is not None:
+        kw.update(tokens=args.heal_tokens, budget_minutes=args.heal_minutes)
+    elif args.heal_minutes is not None:
+        kw["budget_minutes"] = args.heal_minutes
+    if args.heal_global_params is not None:
+        kw["config"] = HealConfig(global_params=args.heal_global_params)
+    return kw or None
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from layerfold.core.streaming import LayerStream
 
 STAGES = ("layer", "global")
 STATE_DIR = "heal_state"
+GLOBAL_PARAMS = ("auto", "all", "lora", "changed")
 
 
 @dataclass
@@ -39,17 +40,30 @@ class HealConfig:
     val_tokens: int = 4096  # short, so evaluating every eval_every steps stays a small share of the budget
     # (the setting of the healing runs in docs/RESULTS.md: tools/compare_heal.py --val-tokens 4096)
     save_every_s: float = 120.0  # heal_state is written at least this often (and at every stop)
-    clock: str = "wall"  # "wall" | "cpu": what budget_minutes measures
+    # what budget_minutes measures: "cpu" (process CPU time / threads: the same work on a busy or an idle
+    # machine; the measured healing runs, docs/RESULTS.md) on a CPU, "wall" on a GPU (the CPU is not what
+    # the run spends there); "auto" picks by the student's device
+    clock: str = "auto"
     seed: int = 0
-    autocast: bool = False  # bf16 autocast of the training forward/backward: pays where bf16 matmuls are native
-    # (AVX512-BF16/AMX CPUs, GPUs); docs/RESULTS.md's healing runs used it (tools/compare_heal.py turns it on)
+    # bf16 autocast of the training forward/backward: pays where bf16 matmuls are native (AVX512-BF16/AMX
+    # CPUs, GPUs); the measured healing runs used it. None: on where it pays (auto_autocast)
+    autocast: bool | None = None
+    # what the global stage trains besides the changed layers: "all" (every parameter: the best measured
+    # configuration, docs/RESULTS.md), "lora" (low-rank adapters on the unchanged layers' linears, merged
+    # into the weights at the end: for models whose AdamW state would not fit), "changed" (nothing else);
+    # "auto": "all" when the AdamW state fits the memory at hand, else "lora"
+    global_params: str = "auto"
+    lora_rank: int = 8  # the SLM paper and SliceGPT heal with rank 8, alpha 16
+    lora_alpha: float = 16.0
     stop_after_steps: int | None = None  # pause (state saved) after this many optimizer steps in this call
 
     def check(self) -> HealConfig:
         if self.layer_input not in ("student", "teacher"):
             raise ValueError(f"layer_input={self.layer_input!r}. Fix: use 'student' or 'teacher'")
-        if self.clock not in ("wall", "cpu"):
-            raise ValueError(f"clock={self.clock!r}. Fix: use 'wall' or 'cpu'")
+        if self.clock not in ("auto", "wall", "cpu"):
+            raise ValueError(f"clock={self.clock!r}. Fix: use 'auto', 'wall' or 'cpu'")
+        if self.global_params not in GLOBAL_PARAMS:
+            raise ValueError(f"global_params={self.global_params!r}. Fix: use one of {', '.join(GLOBAL_PARAMS)}")
         if min(self.seq_len, self.micro_batch, self.accum, self.eval_every) < 1 or not 0 <= self.layer_frac <= 1:
             raise ValueError("seq_len, micro_batch, accum, eval_every must be >= 1 and layer_frac in [0, 1]. "
                              "Fix: correct the heal configuration")
@@ -84,9 +98,40 @@ class HealReport:
     config: dict[str, Any]
     resumed: bool = False
     notes: list[str] = field(default_factory=list)
+    global_params: str = "changed"  # what the global stage trained besides the changed layers (as resolved)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ---- choices made from the machine ---------------------------------------------------------------------
+def auto_clock(device: torch.device) -> str:
+    return "wall" if device.type == "cuda" else "cpu"
+
+
+def auto_autocast(device: torch.device) -> bool:
+    """bf16 autocast where bf16 matrix products are native: CUDA, and CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    from layerfold.inference.native import _cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def auto_global_params(student: Any, teacher_params: int, device: torch.device) -> str:
+    """"all" when training every parameter (weights, gradients and two AdamW moments, plus the whole teacher
+    the global stage holds) fits 70% of the memory at hand (device memory on CUDA, available host memory
+    otherwise), else "lora"."""
+    esize = next(student.parameters()).element_size()
+    need = student.num_params() * 4 * esize + teacher_params * esize
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        have = free + torch.cuda.memory_allocated(device)
+    else:
+        from layerfold.calibration.buffers import host_available
+
+        have = host_available()
+    return "all" if need <= 0.7 * have else "lora"
 
 
 # ---- small pieces ---------------------------------------------------------------------------------

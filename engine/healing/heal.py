@@ -47,6 +47,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ from layerfold.healing.loop import HealRun
 def heal_pruned(student: Model, teacher_source: str | Path | Model, layer_map: Sequence[Sequence[int]],
                 changed_layers: Sequence[int], tokenizer: Any = None, *, data: str | HealData = "pydoc",
                 budget_minutes: float | None = 15.0, tokens: int | None = None,
-                stages: Sequence[str] = STAGES, train_all: bool = False, out_dir: str | Path | None = None,
+                stages: Sequence[str] = STAGES, train_all: bool | None = None, out_dir: str | Path | None = None,
                 resume: bool = True, progress: bool = True, config: HealConfig | None = None) -> HealReport:
     """Heal ``student`` (trained in place, left at its best state) against the dense ``teacher_source``.
 
@@ -70,9 +71,12 @@ def heal_pruned(student: Model, teacher_source: str | Path | Model, layer_map: S
     changed_layers: student layers surgery created or altered (provenance["changed_layers"]).
     data: a text source for layerfold.core.data ("pydoc" or a path; needs ``tokenizer``) or HealData tokens.
     budget_minutes / tokens: the whole healing budget (at least one). out_dir: heal_state/ lives there
-    (None: no resumable state). resume: continue from out_dir/heal_state when it exists.
+    (None: no resumable state). resume: continue from out_dir/heal_state when it exists. train_all: True or
+    False sets ``config.global_params`` to "all" or "changed" (None: the config's, "auto" by default).
     """
     cfg = (config or HealConfig()).check()
+    if train_all is not None:
+        cfg = replace(cfg, global_params="all" if train_all else "changed")
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise ValueError(f"heal: unknown stage(s) {bad or stages}. Fix: use a subset of {STAGES}, e.g. layer,global")
@@ -104,7 +108,7 @@ def heal_pruned(student: Model, teacher_source: str | Path | Model, layer_map: S
     if state_dir is not None and not resume and state_dir.exists():
         shutil.rmtree(state_dir)
     run = HealRun(student, teacher, [list(g) for g in layer_map], list(changed_layers), train.to(dev), val.to(dev),
-                  cfg, list(stages), train_all, budget_minutes, tokens, state_dir, progress)
+                  cfg, list(stages), budget_minutes, tokens, state_dir, progress)
     return _with_sigint(run)
 
 

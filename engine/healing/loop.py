@@ -1,9 +1,12 @@
 """The healing loop behind :func:`layerfold.healing.heal.heal_pruned`: phases, budgets, schedule, and resumable state.
 
-Phases run in order: ("layer", k) for each healed layer k, then ("global", -1). A phase's budget is fixed
-when it starts: a layer phase gets an equal share of what is left of the layer stage's part, the global
-phase all that is left. The learning rate follows warm-up then cosine over the phase's progress
-p = max(tokens / token budget, clock / time budget), so a token budget gives a deterministic run.
+Phases run in order: ("layer", k) for each healed layer k, then ("global", -1). The layer stage's share is
+split evenly in steps, decided up front: one timed step per healed layer gives each one's cost, and every
+layer gets the same number of steps that fit the stage's time (with a token budget, the same tokens); a
+deeper layer costs more per step (more of the teacher and the student run before it), so an even split of
+time would starve it. The global phase gets all that is left. The learning rate follows warm-up then
+cosine over the phase's progress p = max(tokens / token budget, clock / time budget), so a token budget
+gives a deterministic run.
 
 ``out_dir/heal_state/`` holds ``latest.json`` naming the newest complete ``ckpt-N/`` directory:
 ``state.json`` (phase, steps, tokens, clocks, data position, curve, best, layer reports),
@@ -16,52 +19,49 @@ ends bit-identical to an uninterrupted one on a deterministic device.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from layerfold.core.memstat import peak_rss_mib, reset_rss_peak
 from layerfold.core.model import Model
-from layerfold.core.paths import write_json_atomic
 from layerfold.core.streaming import LayerStream
 from layerfold.evaluation.evaluate import perplexity
 from layerfold.healing.common import (
     HealConfig,
     HealReport,
+    auto_autocast,
+    auto_clock,
+    auto_global_params,
     heal_targets,
     kl_teacher_student,
     relative_mse,
     shared_prefix,
     teacher_states,
 )
-from layerfold.healing.state import (
-    OPTIM_JSON,
-    OPTIM_TENSORS,
-    RNG_KEY,
-    load_optimizer,
-    optimizer_state_by_index,
-    optimizer_state_by_name,
-)
-
-FINGERPRINT_CFG = ("seq_len", "micro_batch", "accum", "lr_layer", "lr_global", "min_lr_frac", "warmup_steps",
-                   "weight_decay", "grad_clip", "hidden_weight", "layer_input", "eval_every", "val_tokens", "seed",
-                   "autocast")
+from layerfold.healing.lora import add_lora, merge_lora
+from layerfold.healing.resume import ResumableRun
+from layerfold.healing.state import optimizer_state_by_index
 
 
-class HealRun:
+class HealRun(ResumableRun):
     def __init__(self, student: Model, teacher: LayerStream, layer_map: list[list[int]], changed: list[int],
-                 train: Tensor, val: Tensor, cfg: HealConfig, stages: list[str], train_all: bool,
-                 minutes: float | None, tokens: int | None, state_dir: Path | None, progress: bool):
+                 train: Tensor, val: Tensor, cfg: HealConfig, stages: list[str], minutes: float | None,
+                 tokens: int | None, state_dir: Path | None, progress: bool):
+        dev = student.device
+        mode = cfg.global_params
+        if mode == "auto":
+            mode = auto_global_params(student, sum(v.numel() for v in teacher.state.values()), dev)
+        cfg = replace(cfg, clock=auto_clock(dev) if cfg.clock == "auto" else cfg.clock, global_params=mode,
+                      autocast=auto_autocast(dev) if cfg.autocast is None else cfg.autocast)
         self.s, self.t, self.map, self.changed, self.cfg = student, teacher, layer_map, changed, cfg
+        train_all = mode == "all"
         self.train, self.val, self.stages, self.train_all = train, val, stages, train_all
         self.budget_s = None if minutes is None else minutes * 60.0
         self.budget_tok = tokens
@@ -74,13 +74,17 @@ class HealRun:
         self.phases: list[tuple[str, int]] = [("layer", k) for k in self.layer_targets]
         if "global" in stages:
             self.phases.append(("global", -1))
+        self.prefix_layer = shared_prefix(student, teacher, layer_map, set(targets))  # before any adapter
+        self.lora = mode == "lora" and "global" in stages
+        if self.lora:  # adapters on the unchanged layers: neutral until trained, merged back when the run ends
+            add_lora(student, [i for i in range(self.Ls) if i not in set(targets)], rank=cfg.lora_rank,
+                     alpha=cfg.lora_alpha)
         self.names = [n for n, _ in student.named_parameters()
-                      if train_all and "global" in stages or _layer_of(n) in set(targets)]
+                      if train_all and "global" in stages or _layer_of(n) in set(targets) or ".lora_" in n]
         self.params = dict(student.named_parameters())
         self.threads = torch.get_num_threads()
         self.stop_requested = False
-        self.prefix_layer = shared_prefix(student, teacher, layer_map, set(targets))
-        self.prefix_global = 0 if train_all else self.prefix_layer
+        self.prefix_global = 0 if train_all or self.lora else self.prefix_layer
         self.probe = val[: cfg.micro_batch]
         self._perm: tuple[int, Tensor] | None = None
         self.opt_state: dict[str, Any] | None = None
@@ -108,12 +112,45 @@ class HealRun:
         kind, _ = self.phases[self.st["phase"]]
         used_t, used_s = self.st["tokens"], self._secs(False)
         if kind == "layer":
+            if self.st.get("layer_steps") is not None:  # an even split in steps, decided up front
+                return [float(self.st["layer_steps"] * self._tokens_per_step()), None]
             frac = self.cfg.layer_frac if "global" in self.stages else 1.0
             left = len(self.layer_targets) - self.st["phase"]  # layer phases come first
             share = lambda total, used: None if total is None else max(0.0, (frac * total - used) / left)
         else:
             share = lambda total, used: None if total is None else max(0.0, total - used)
         return [share(self.budget_tok, used_t), share(self.budget_s, used_s)]
+
+    def _tokens_per_step(self) -> int:
+        return min(self.cfg.micro_batch, self.train.shape[0]) * self.train.shape[1] * self.cfg.accum
+
+    def _plan_layer_stage(self) -> None:
+        """With a time budget: time one forward and backward per healed layer, then give every layer the same
+        number of steps, as many as fit the stage's share of the budget (at least one each)."""
+        if self.budget_s is None or self.budget_tok is not None or not self.layer_targets:
+            return
+        costs = []
+        for k in self.layer_targets:
+            self._tick()
+            t0 = self._secs(False)
+            names = set(self._phase_params("layer", k))
+            for n, p in self.params.items():
+                p.requires_grad_(n in names)
+            with torch.autocast(self.s.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+                loss = self.layer_loss(k, self.probe)
+            loss.backward()
+            for n in names:
+                self.params[n].grad = None
+            self._tick()
+            costs.append(max(self._secs(False) - t0, 1e-6))
+        frac = self.cfg.layer_frac if "global" in self.stages else 1.0
+        stage_s = frac * self.budget_s - self._secs(False)
+        per_probe = self.probe.numel() / self._tokens_per_step()  # the probe is one micro-batch
+        steps = max(1, int(stage_s / (sum(costs) / per_probe)))
+        self.st["layer_steps"] = steps
+        self.st["layer_step_cost_s"] = [round(c / per_probe, 4) for c in costs]
+        self._log(f"layer stage: {steps} steps for each of {len(costs)} layers (step cost "
+                  f"{min(costs) / per_probe:.2f}-{max(costs) / per_probe:.2f} s)")
 
     def _progress(self) -> float:
         self._tick()
@@ -182,7 +219,9 @@ class HealRun:
     # ---- one phase -----------------------------------------------------------------------------
     def _phase_params(self, kind: str, k: int) -> list[str]:
         layers = {k} if kind == "layer" else set(self.global_layers)
-        return [n for n in self.names if self.train_all and kind == "global" or _layer_of(n) in layers]
+        if kind == "layer":
+            return [n for n in self.names if _layer_of(n) in layers and ".lora_" not in n]
+        return [n for n in self.names if self.train_all or _layer_of(n) in layers or ".lora_" in n]
 
     def _start_phase(self, kind: str, k: int) -> None:
         st = self.st
@@ -190,6 +229,9 @@ class HealRun:
         st.update(pstep=0, ptok=0, pwall=0.0, pcpu=0.0, pstarted=True, first_loss=None, last_loss=None)
         if st["phase"] == 0 or self.phases[st["phase"] - 1][0] != kind:  # each stage reports its own peak
             reset_rss_peak()
+        if kind == "layer" and st["phase"] == 0 and "layer_steps" not in st:
+            st["layer_steps"] = None
+            self._plan_layer_stage()
         st["pbudget"] = self._phase_budget()
         if kind == "global":
             if not st["curve"] or st["curve"][-1][0] != st["tokens"]:
@@ -286,6 +328,8 @@ class HealRun:
         finally:
             for n, p in self.params.items():
                 p.requires_grad_(flags[n])
+            if self.lora:  # a plain model again (a resumed run adds fresh adapters and loads their state)
+                merge_lora(self.s)
 
     def _step(self, kind: str, k: int, ps: list[Tensor], opt: torch.optim.Optimizer, lr: float) -> None:
         for g in opt.param_groups:
@@ -341,60 +385,9 @@ class HealRun:
                     "clock": c.clock, "layer_frac": c.layer_frac, "val_tokens": self.val.numel(),
                     "train_tokens_available": self.train.numel()},
             memory=dict(st["memory"]), config={k: getattr(c, k) for k in c.__dataclass_fields__},
-            resumed=self.resumed, notes=self.notes + [
+            global_params=c.global_params, resumed=self.resumed, notes=self.notes + [
                 f"student layers 0..{self.prefix_layer - 1} are the teacher's: they start from its hidden state"
                 if self.prefix_layer else "no student layer is shared with the teacher"])
-
-    # ---- resumable state -----------------------------------------------------------------------
-    def _fingerprint(self) -> dict[str, Any]:
-        return {"spec": self.s.spec.to_dict(), "layer_map": self.map, "changed": self.changed,
-                "train_all": self.train_all, "stages": self.stages, "teacher_layers": self.Lt,
-                "cfg": {k: getattr(self.cfg, k) for k in FINGERPRINT_CFG}}
-
-    def _save(self) -> None:
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.st["saves"] += 1
-        name = f"ckpt-{self.st['saves']:06d}"
-        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        cur = {n: self.params[n].detach().cpu().contiguous() for n in self.names}
-        save_file(cur, str(tmp / "current.safetensors"))
-        save_file({n: v.cpu().contiguous() for n, v in self.best_state.items()}, str(tmp / "best.safetensors"))
-        opt = getattr(self, "_opt", None)
-        tensors, meta = optimizer_state_by_name(opt.state_dict(), self._opt_names) if opt is not None else ({}, None)
-        save_file({**tensors, RNG_KEY: torch.get_rng_state()}, str(tmp / OPTIM_TENSORS))
-        (tmp / OPTIM_JSON).write_text(json.dumps({"format": "layerfold-heal-optim", "optimizer": meta}))
-        (tmp / "state.json").write_text(json.dumps({"fingerprint": self._fingerprint(), "state": self.st},
-                                                   default=str))
-        tmp.rename(self.dir / name)
-        write_json_atomic(self.dir / "latest.json", {"dir": name})
-        for old in self.dir.glob("ckpt-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def _load(self) -> bool:
-        if self.dir is None or not (self.dir / "latest.json").is_file():
-            return False
-        d = self.dir / json.loads((self.dir / "latest.json").read_text())["dir"]
-        saved = json.loads((d / "state.json").read_text())
-        mine = json.loads(json.dumps(self._fingerprint(), default=str))
-        diff = sorted(k for k in mine if saved["fingerprint"].get(k) != mine[k])
-        if diff:
-            raise ValueError(f"{self.dir}: the saved healing state belongs to a different run (differs in {diff}). "
-                             "Fix: start over without --resume, or choose another --out")
-        self.st = saved["state"]
-        with torch.no_grad():
-            for n, v in load_file(str(d / "current.safetensors")).items():
-                self.params[n].copy_(v)
-        dev = self.s.device
-        self.best_state = {n: v.to(dev) for n, v in load_file(str(d / "best.safetensors")).items()}
-        self.opt_state, rng = load_optimizer(d)
-        torch.set_rng_state(rng)
-        self._log(f"resumed from {d} (phase {self.st['phase']}, {self.st['tokens']} tokens)")
-        return True
 
 
 def _layer_of(name: str) -> int:

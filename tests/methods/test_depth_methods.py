@@ -205,6 +205,9 @@ def test_prune_passes_heal_through(setup) -> None:
     data = HealData(train=torch.randint(0, 61, (4096,)), val=torch.randint(0, 61, (512,)))
     info = heal_result(res, m, None, data="pydoc", device="cpu", progress=False,
                        options={"data": data, "tokens": 512, "budget_minutes": None, "stages": ["global"],
-                                "config": HealConfig(seq_len=32, micro_batch=2, eval_every=2, val_tokens=256)})
-    assert info["tokens"] > 0 and info["trained_layers"] == res.changed_layers
-    assert any(not torch.equal(v, before[k]) for k, v in res.model.state_dict().items())
+                                "config": HealConfig(seq_len=32, micro_batch=2, eval_every=2, val_tokens=256,
+                                                    global_params="changed", autocast=False)})
+    assert info["tokens"] > 0 and info["trained_layers"] == res.changed_layers and info["global_params"] == "changed"
+    assert info["steps"] == 8 and [t for t, _ in info["curve"]] == [0, 128, 256, 384, 512]
+    changed = any(not torch.equal(v, before[k]) for k, v in res.model.state_dict().items())
+    assert changed == (info["best_tokens"] > 0), info["curve"]  # left at its best state: trained, or as it came

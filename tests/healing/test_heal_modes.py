@@ -1,0 +1,122 @@
+"""Healing's choices: an even layer stage under a time budget, LoRA in the global stage, defaults picked by device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerfold import build_model, save_checkpoint
+from layerfold.core.checkpoint import load_checkpoint
+from layerfold.evaluation.evaluate import perplexity
+from layerfold.healing.common import HealConfig, auto_autocast, auto_clock, auto_global_params, heal_targets
+from layerfold.healing.heal import heal_pruned, save_healed
+from layerfold.healing.lora import has_lora
+from tests.healing.test_heal import CFG, MAP, TEACHER, data, drop_layer
+from tests.support.models import tiny_model
+from tests.support.tolerances import approx
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TWO_GAPS = [[0], [2], [4], [5]]  # layers 1 and 3 removed: student layers 1 and 2 each follow a gap
+
+
+def test_time_budget_gives_every_healed_layer_the_same_steps():
+    t = tiny_model(**TEACHER)
+    s = drop_layer(drop_layer(t, 3), 1)
+    assert heal_targets(TWO_GAPS, [], 6) == [1, 2]  # layer 2 runs after layer 1: its steps cost more
+    rep = heal_pruned(s, t, TWO_GAPS, [], data=data(), budget_minutes=0.05, stages=("layer",), progress=False,
+                      config=HealConfig(**CFG, clock="cpu"))
+    steps = [lay["steps"] for lay in rep.layer_stage]
+    assert [lay["layer"] for lay in rep.layer_stage] == [1, 2]
+    assert steps[0] == steps[1] >= 1, rep.layer_stage
+    assert rep.layer_stage[0]["tokens"] == rep.layer_stage[1]["tokens"]
+
+
+def test_lora_global_stage_merges_into_a_plain_checkpoint(tmp_path):
+    t = tiny_model(**TEACHER)
+    s = drop_layer(t, 2)
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    n_params = sum(p.numel() for p in s.parameters())
+    cfg = HealConfig(**CFG, lr_global=3e-3, global_params="lora", lora_rank=4)
+    rep = heal_pruned(s, t, MAP, [], data=data(), budget_minutes=None, tokens=4096, stages=("global",),
+                      progress=False, config=cfg)
+    assert rep.status == "done" and rep.global_params == "lora"
+    assert rep.best_val_ppl < rep.start_val_ppl, rep.curve  # the test needs a run whose best state is trained
+    assert not has_lora(s)  # adapters folded back in: the same tensors under the same names
+    after = s.state_dict()
+    assert list(after) == list(before) and all(after[k].shape == before[k].shape for k in before)
+    assert torch.equal(after["embed.weight"], before["embed.weight"])  # neither changed nor adapted
+    assert not torch.equal(after["layers.0.attn.q.weight"], before["layers.0.attn.q.weight"])  # adapter merged
+    assert not torch.equal(after["layers.2.mlp.up.weight"], before["layers.2.mlp.up.weight"])  # trained in full
+    trained = rep.memory["global"]["params_trained"]
+    assert 0 < trained < n_params / 2, (trained, n_params)
+    val = data().val[:256].view(-1, 32)
+    assert perplexity(s, val, seq_len=32, batch_size=4)["ppl"] == approx(rep.best_val_ppl, torch.float32)
+    out = save_healed(tmp_path / "healed", s, rep, provenance={"layer_map": MAP})
+    cfg_back, state = load_checkpoint(out)
+    back = build_model(cfg_back["spec"], state)
+    assert perplexity(back, val, seq_len=32, batch_size=4)["ppl"] == approx(rep.best_val_ppl, torch.float32)
+
+
+def test_lora_resume_is_exact(tmp_path):
+    def run(out, stop=None):
+        t = tiny_model(**TEACHER)
+        s = drop_layer(t, 2)
+        cfg = HealConfig(**CFG, lr_layer=2e-3, lr_global=3e-3, global_params="lora", stop_after_steps=stop)
+        return s, heal_pruned(s, t, MAP, [], data=data(), budget_minutes=None, tokens=4096, out_dir=out,
+                              progress=False, config=cfg)
+
+    ref, rep_ref = run(None)
+    _, paused = run(tmp_path, stop=6)  # inside the global stage, adapters half trained
+    assert paused.status == "paused"
+    got, rep = run(tmp_path)
+    assert rep.resumed and rep.curve == rep_ref.curve
+    for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_defaults_follow_the_device(monkeypatch):
+    s = tiny_model(**TEACHER)
+    cpu = torch.device("cpu")
+    assert auto_clock(cpu) == "cpu" and auto_clock(torch.device("cuda")) == "wall"
+    assert isinstance(auto_autocast(cpu), bool)
+    assert auto_global_params(s, s.num_params(), cpu) == "all"  # a few thousand parameters fit anywhere
+    import layerfold.calibration.buffers as buffers
+
+    monkeypatch.setattr(buffers, "host_available", lambda: 4 * s.num_params())  # 1 byte short per parameter
+    assert auto_global_params(s, s.num_params(), cpu) == "lora"
+    rep = heal_pruned(drop_layer(s, 2), s, MAP, [], data=data(), budget_minutes=None, tokens=512,
+                      stages=("global",), progress=False, config=HealConfig(**CFG))
+    assert rep.global_params == "lora" and rep.config["clock"] == "cpu"
+    assert rep.config["autocast"] in (True, False)
+
+
+def test_cli_global_params_and_train_all(tmp_path, monkeypatch, capsys):
+    import layerfold.cli.heal as cli_heal
+    from layerfold.cli.main import main
+    from layerfold.core.loading import load_tokenizer, resolve
+
+    seen = []
+
+    def fake_heal(*a, config, **kw):
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli_heal, "heal_pruned", fake_heal)
+    tok = load_tokenizer(resolve("smollm2-135m", quiet=True))
+    t = tiny_model(d_model=16, n_layers=3, heads=2, kv_heads=1, head_dim=8, ffn=24, vocab=len(tok), tie=True)
+    teacher = save_checkpoint(tmp_path / "teacher", t.spec, t.state_dict(), tokenizer=tok)
+    s = drop_layer(t, 1)
+    prov = {"layer_map": [[0], [2]], "changed_layers": [], "teacher": str(teacher)}
+    bare = save_checkpoint(tmp_path / "bare", s.spec, s.state_dict(), provenance=prov)
+    assert main(["heal", str(bare), "--out", str(tmp_path / "o"), "--tokens", "64"]) == 2
+    assert "holds no tokenizer" in capsys.readouterr().err and not seen
+    pruned = save_checkpoint(tmp_path / "pruned", s.spec, s.state_dict(), provenance=prov, tokenizer=tok)
+    for extra, want in (([], "auto"), (["--global-params", "lora", "--lora-rank", "4"], "lora"),
+                        (["--train-all"], "all"), (["--global-params", "changed", "--no-autocast"], "changed")):
+        with pytest.raises(SystemExit):
+            main(["heal", str(pruned), "--out", str(tmp_path / f"o{len(seen)}"), *extra])
+        assert seen[-1].global_params == want
+    assert seen[1].lora_rank == 4 and seen[0].autocast is None and seen[3].autocast is False
+    assert seen[0].clock == "auto"
+
