@@ -205,6 +205,12 @@ def read_gguf(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
 
 
 def load_tokenizer(path: str | Path) -> Any:
+    p = Path(path)
+    if p.is_dir() and not any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")) \
+            and not any(p.glob("*.model")):
+        raise CheckpointError(f"{p}: holds no tokenizer (no tokenizer.json, tokenizer_config.json, vocab.json or "
+                              "*.model). Fix: copy the tokenizer files of the model it came from into it, or "
+                              "re-save it with its tokenizer")
     _quiet_transformers()
     from transformers import AutoTokenizer
 
