@@ -120,3 +120,17 @@ def test_cli_global_params_and_train_all(tmp_path, monkeypatch, capsys):
     assert seen[1].lora_rank == 4 and seen[0].autocast is None and seen[3].autocast is False
     assert seen[0].clock == "auto"
 
+
+
+def test_prune_heal_options_from_the_command_line():
+    import argparse
+
+    from layerfold.cli.prune import heal_options
+
+    ns = lambda **kw: argparse.Namespace(**{"heal_minutes": None, "heal_tokens": None, "heal_global_params": None,
+                                            **kw})
+    assert heal_options(ns()) is None  # heal_pruned's defaults: 15 minutes, global params auto
+    assert heal_options(ns(heal_minutes=5.0)) == {"budget_minutes": 5.0}
+    assert heal_options(ns(heal_tokens=4096)) == {"tokens": 4096, "budget_minutes": None}  # tokens alone: deterministic
+    got = heal_options(ns(heal_global_params="lora"))
+    assert got is not None and got["config"].global_params == "lora"
