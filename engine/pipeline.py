@@ -232,6 +232,11 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
         method_name = m.name
     times["method"] = time.time() - t0
     heal_info: dict[str, Any] | None = None
+    before_heal: dict[str, Any] | None = None
+    if heal and eval:  # the pruned model as surgery left it, for the before/after of healing
+        r = run_eval(res.model, tok, data, eval_options)
+        before_heal = {k: r[k] for k in EVAL_KEYS}
+        times["eval_before_heal"] = r["seconds"]
     if heal:
         t0 = time.time()
         heal_info = heal_result(res, model, tok, data=data, device=device, progress=progress, options=heal_options)
@@ -261,7 +266,8 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     report = {
         "method": method_name, "method_params": opts, "target": tgt.to_dict() if tgt else None,
         "removed_layers": dense["layers"] - pruned["layers"], "plan": res.plan, "layer_map": res.layer_map,
-        "changed_layers": res.changed_layers, "dense": dense, "pruned": pruned, "calibration": calibration,
+        "changed_layers": res.changed_layers, "dense": dense, "pruned": pruned, "pruned_before_heal": before_heal,
+        "calibration": calibration,
         "info": res.info, "heal": heal_info, "times": times, "source": str(source), "data": data,
         "evaluation": evaluation, "seed": seed, "device": device,
         "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None, "versions": package_versions(),

@@ -136,6 +136,10 @@ def summary(report: dict[str, Any]) -> str:
             continue
         ratio = f"{b / a:.3f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
         rows.append([label, _num(a), _num(b), ratio])
+        pre = (report.get("pruned_before_heal") or {}).get(key)
+        if pre is not None:
+            num = isinstance(a, (int, float)) and a
+            rows.append(["  before healing", "", _num(pre), f"{pre / a:.3f}x" if num else "-"])
     info = report.get("info") or {}
     if report["removed_layers"] == 0 and info.get("mean_sliced_fraction") is not None:  # width methods
         what = f"sliced {info['mean_sliced_fraction']:.1%} of the residual width on average"
@@ -146,6 +150,15 @@ def summary(report: dict[str, Any]) -> str:
     where = where_layers_went(report)
     if where:
         lines += ["", "where the layers went:"] + [f"  {w}" for w in where]
+    h = report.get("heal")
+    if h:
+        per_layer = ", ".join(f"{x['layer']}: {x['steps']}" for x in h.get("layer_stage", []))
+        st = h.get("stage_tokens", {})
+        lines += ["", f"healing: {h['tokens']:,} tokens (layer stage {st.get('layer', 0):,}, global "
+                  f"{st.get('global', 0):,}) in {h['wall_minutes']:.1f} wall / {h['cpu_minutes']:.1f} CPU min, "
+                  f"budget clock {h['budget']['clock']}; global stage trains: {h.get('global_params')}; "
+                  f"val ppl {h['start_val_ppl']:.2f} -> best {h['best_val_ppl']:.2f}"
+                  + (f"; layer-stage steps per layer: {per_layer}" if per_layer else "")]
     t = report.get("times", {})
     lines.append("")
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))

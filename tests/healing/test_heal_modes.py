@@ -134,3 +134,20 @@ def test_prune_heal_options_from_the_command_line():
     assert heal_options(ns(heal_tokens=4096)) == {"tokens": 4096, "budget_minutes": None}  # tokens alone: deterministic
     got = heal_options(ns(heal_global_params="lora"))
     assert got is not None and got["config"].global_params == "lora"
+
+
+def test_prune_summary_shows_before_and_after_healing():
+    from layerfold.cli.prune import summary
+
+    heal = {"tokens": 3000, "stage_tokens": {"layer": 1000, "global": 2000}, "wall_minutes": 1.5, "cpu_minutes": 2.9,
+            "budget": {"clock": "cpu"}, "global_params": "all", "start_val_ppl": 40.0, "best_val_ppl": 20.0,
+            "layer_stage": [{"layer": 3, "steps": 7}, {"layer": 9, "steps": 7}]}
+    report = {"method": "shortgpt", "out": "/o", "removed_layers": 2, "layer_map": [[0], [1], [3]], "plan": {},
+              "dense": {"layers": 5, "params": 10_000_000, "ppl": 10.0, "acc": 0.5},
+              "pruned": {"layers": 3, "params": 6_000_000, "ppl": 12.0, "acc": 0.45},
+              "pruned_before_heal": {"ppl": 30.0, "acc": 0.4}, "heal": heal, "times": {"heal": 90.0}}
+    text = summary(report)
+    assert "before healing" in text and "3.000x" in text and "1.200x" in text, text
+    assert "global stage trains: all" in text and "3: 7, 9: 7" in text and "40.00 -> best 20.00" in text
+    report["heal"] = report["pruned_before_heal"] = None
+    assert "before healing" not in summary(report) and "healing:" not in summary(report)
