@@ -115,12 +115,16 @@ def _read_report(path: Path) -> dict[str, Any]:
 
 def _text(out: Path, rep: Any) -> str:
     rows = [[t, round(v, 3)] for t, v in rep.curve]
-    mem = "; ".join(f"{k}: peak RSS {human_bytes(v.get('peak_rss_mib', 0) * 2**20)}, "
-                    f"{v.get('params_trained', 0):,} params trained, teacher {v.get('teacher_held', '?')}"
+    mem = "; ".join(f"{k}: peak RSS {human_bytes(v.get('peak_rss_mib', 0) * 2**20)}"
+                    + (f", device peak {human_bytes(v['cuda_peak_mib'] * 2**20)}" if "cuda_peak_mib" in v else "")
+                    + f", {v.get('params_trained', 0):,} params trained, teacher {v.get('teacher_held', '?')}"
                     for k, v in rep.memory.items())
+    rates = "; ".join(f"{k} {rep.stage_tokens.get(k, 0):,} tokens in {sec:.0f} s "
+                      f"({rep.stage_tokens.get(k, 0) / max(sec, 1e-9):,.0f} tokens/s)"
+                      for k, sec in rep.stage_seconds.items())
     lines = [f"healed -> {out}",
              f"val ppl {rep.start_val_ppl:.3f} -> best {rep.best_val_ppl:.3f} (at {rep.best_tokens} tokens)",
              f"budget: {rep.tokens} tokens, {rep.wall_minutes:.1f} wall min, {rep.cpu_minutes:.1f} CPU min "
              f"({rep.threads} threads); layers trained {rep.trained_layers} (global stage: {rep.global_params})",
-             f"memory: {mem}", "", table(rows, ["tokens", "val ppl"])]
+             f"stages: {rates or '-'}", f"memory: {mem}", "", table(rows, ["tokens", "val ppl"])]
     return "\n".join(lines)

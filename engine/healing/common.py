@@ -98,6 +98,8 @@ class HealReport:
     config: dict[str, Any]
     resumed: bool = False
     notes: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per finished stage (with its
+    # evaluations): stage_tokens / stage_seconds is the stage's training rate
     global_params: str = "changed"  # what the global stage trained besides the changed layers (as resolved)
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,12 +120,13 @@ def auto_autocast(device: torch.device) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
-def auto_global_params(student: Any, teacher_params: int, device: torch.device) -> str:
+def auto_global_params(student: Any, teacher_params: int, device: torch.device, masters: bool = False) -> str:
     """"all" when training every parameter (weights, gradients and two AdamW moments, plus the whole teacher
-    the global stage holds) fits 70% of the memory at hand (device memory on CUDA, available host memory
-    otherwise), else "lora"."""
+    the global stage holds, plus the copy of the best state) fits 70% of the memory at hand (device memory on
+    CUDA, available host memory otherwise), else "lora". ``masters``: trained weights narrower than fp32 get
+    fp32 master copies (upcast_masters), so their weight, gradient and moments cost 16 bytes."""
     esize = next(student.parameters()).element_size()
-    need = student.num_params() * 4 * esize + teacher_params * esize
+    need = student.num_params() * ((16 if masters else 4 * esize) + esize) + teacher_params * esize
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         have = free + torch.cuda.memory_allocated(device)
@@ -132,6 +135,25 @@ def auto_global_params(student: Any, teacher_params: int, device: torch.device) 
 
         have = host_available()
     return "all" if need <= 0.7 * have else "lora"
+
+
+def upcast_masters(params: dict[str, Tensor], names: Sequence[str]) -> dict[str, torch.dtype]:
+    """Hold the trained parameters that are narrower than fp32 (a bf16 checkpoint, as on a GPU) in fp32 while
+    healing: autocast still runs the products in bf16, but AdamW's updates accumulate in fp32 (in bf16 an
+    update smaller than 1/256 of its weight rounds away: at healing's learning rates most of them).
+    Returns the original dtypes for :func:`restore_dtypes`."""
+    orig = {}
+    for n in names:
+        p = params[n]
+        if p.is_floating_point() and p.element_size() < 4:
+            orig[n] = p.dtype
+            p.data = p.data.float()
+    return orig
+
+
+def restore_dtypes(params: dict[str, Tensor], orig: dict[str, torch.dtype]) -> None:
+    for n, dt in orig.items():
+        params[n].data = params[n].data.to(dt)
 
 
 # ---- small pieces ---------------------------------------------------------------------------------

@@ -29,9 +29,12 @@ dict; leading student layers identical to the teacher's start from the teacher's
 
 Stage "global": KL(teacher || student) of next-token distributions on the calibration split (plus
 ``hidden_weight`` times the same relative error at the changed layers' correspondences). The teacher is
-held whole here (mmap'd on the CPU); the report states peak RSS, parameters trained and teacher held.
+held whole here, on the student's device (its mmap'd weights on a CPU); the report states peak RSS (and the
+device peak on a GPU), parameters trained, teacher held, and each stage's tokens and seconds.
 
-Both stages: AdamW, linear warm-up then cosine decay over the stage's budget, gradient clipping. The
+Both stages: AdamW, linear warm-up then cosine decay over the stage's budget, gradient clipping; under
+bf16 autocast, trained weights narrower than fp32 (a bf16 checkpoint on a GPU) are held as fp32 masters
+while training and cast back at the end (healing.common.upcast_masters). The
 budget is ``tokens`` and/or ``budget_minutes`` (clock "wall", or "cpu" = process CPU time / threads,
 i.e. the wall time of an unshared machine); ``layer_frac`` of it goes to the layer stage. Validation
 perplexity on the first ``val_tokens`` of the ``val`` split is measured before, after the layer stage

@@ -42,8 +42,10 @@ from layerfold.healing.common import (
     heal_targets,
     kl_teacher_student,
     relative_mse,
+    restore_dtypes,
     shared_prefix,
     teacher_states,
+    upcast_masters,
 )
 from layerfold.healing.lora import add_lora, merge_lora
 from layerfold.healing.resume import ResumableRun
@@ -55,11 +57,12 @@ class HealRun(ResumableRun):
                  train: Tensor, val: Tensor, cfg: HealConfig, stages: list[str], minutes: float | None,
                  tokens: int | None, state_dir: Path | None, progress: bool):
         dev = student.device
+        amp = auto_autocast(dev) if cfg.autocast is None else cfg.autocast
         mode = cfg.global_params
         if mode == "auto":
-            mode = auto_global_params(student, sum(v.numel() for v in teacher.state.values()), dev)
+            mode = auto_global_params(student, sum(v.numel() for v in teacher.state.values()), dev, masters=amp)
         cfg = replace(cfg, clock=auto_clock(dev) if cfg.clock == "auto" else cfg.clock, global_params=mode,
-                      autocast=auto_autocast(dev) if cfg.autocast is None else cfg.autocast)
+                      autocast=amp)
         self.s, self.t, self.map, self.changed, self.cfg = student, teacher, layer_map, changed, cfg
         train_all = mode == "all"
         self.train, self.val, self.stages, self.train_all = train, val, stages, train_all
@@ -82,6 +85,9 @@ class HealRun(ResumableRun):
         self.names = [n for n, _ in student.named_parameters()
                       if train_all and "global" in stages or _layer_of(n) in set(targets) or ".lora_" in n]
         self.params = dict(student.named_parameters())
+        # fp32 masters of narrower trained weights under autocast (restored when the run ends); the model then
+        # mixes dtypes, so its no-grad passes (validation, probes) run under autocast too
+        self.masters = upcast_masters(self.params, self.names) if cfg.autocast else {}
         self.threads = torch.get_num_threads()
         self.stop_requested = False
         self.prefix_global = 0 if train_all or self.lora else self.prefix_layer
@@ -136,7 +142,7 @@ class HealRun(ResumableRun):
             names = set(self._phase_params("layer", k))
             for n, p in self.params.items():
                 p.requires_grad_(n in names)
-            with torch.autocast(self.s.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+            with self._amp(self.cfg.autocast):
                 loss = self.layer_loss(k, self.probe)
             loss.backward()
             for n in names:
@@ -237,14 +243,16 @@ class HealRun(ResumableRun):
             if not st["curve"] or st["curve"][-1][0] != st["tokens"]:
                 self._evaluate()
         else:
-            with torch.no_grad():
+            with torch.no_grad(), self._amp(bool(self.masters)):
                 st["probe_before"] = float(self.layer_loss(k, self.probe))
 
     def _end_phase(self, kind: str, k: int, names: list[str]) -> None:
         st, mem = self.st, self.st["memory"]
         n_params = sum(self.params[n].numel() for n in names)
+        sw = st.setdefault("stage_wall", {})
+        sw[kind] = sw.get(kind, 0.0) + st["pwall"]
         if kind == "layer":
-            with torch.no_grad():
+            with torch.no_grad(), self._amp(bool(self.masters)):
                 after = float(self.layer_loss(k, self.probe))
             st["layers"].append({
                 "layer": k, "stands_for": [min(self.map[k]), max(self.map[k])],
@@ -264,7 +272,7 @@ class HealRun(ResumableRun):
                 self._evaluate()
             mem["global"] = {"params_trained": n_params, "peak_rss_mib": round(peak_rss_mib(), 1),
                              "teacher_held": f"whole model ({sum(v.numel() for v in self.t.state.values()):,} "
-                                             f"parameters, {self.t.dtype}, mmap'd on cpu)"}
+                                             f"parameters, {self.t.dtype}, on {self.t.device})"}
         if torch.cuda.is_available() and self.s.device.type == "cuda":
             mem.setdefault(kind, {})["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         st["phase"] += 1
@@ -275,11 +283,13 @@ class HealRun(ResumableRun):
         return self._progress() >= 1.0
 
     def _evaluate(self) -> None:
-        ppl = perplexity(self.s, self.val, seq_len=self.val.shape[1], batch_size=self.cfg.micro_batch)["ppl"]
+        with self._amp(bool(self.masters)):
+            ppl = perplexity(self.s, self.val, seq_len=self.val.shape[1], batch_size=self.cfg.micro_batch)["ppl"]
         self.st["curve"].append((self.st["tokens"], ppl))
         if self.st["best"] is None or ppl < self.st["best"][1]:
             self.st["best"] = (self.st["tokens"], ppl)
-            self.best_state = {n: self.params[n].detach().clone() for n in self.names}
+            self.best_state = {n: self.params[n].detach().to(self.masters.get(n, self.params[n].dtype), copy=True)
+                               for n in self.names}  # in the model's own dtype: it is what gets saved
         self._tick()
         self._log(f"val ppl {ppl:.3f} at {self.st['tokens']} tokens (best {self.st['best'][1]:.3f})")
 
@@ -328,6 +338,7 @@ class HealRun(ResumableRun):
         finally:
             for n, p in self.params.items():
                 p.requires_grad_(flags[n])
+            restore_dtypes(self.params, self.masters)
             if self.lora:  # a plain model again (a resumed run adds fresh adapters and loads their state)
                 merge_lora(self.s)
 
@@ -337,7 +348,7 @@ class HealRun(ResumableRun):
         total = 0.0
         for _ in range(self.cfg.accum):
             ids = self._batch()
-            with torch.autocast(self.s.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+            with self._amp(self.cfg.autocast):
                 loss = self.layer_loss(k, ids) if kind == "layer" else self.global_loss(ids)
             (loss / self.cfg.accum).backward()
             total += float(loss.detach()) / self.cfg.accum
@@ -356,6 +367,9 @@ class HealRun(ResumableRun):
             what = f"layer {k}" if kind == "layer" else "global"
             self._log(f"{what} step {st['pstep']} loss {total:.4f} lr {lr:.2e} tokens {st['tokens']} "
                       f"({st['wall'] / 60:.1f} min)")
+
+    def _amp(self, on: bool) -> torch.autocast:
+        return torch.autocast(self.s.device.type, dtype=torch.bfloat16, enabled=on)
 
     def _restore_best(self) -> None:
         if self.best_state:
@@ -379,6 +393,7 @@ class HealRun(ResumableRun):
             train_all=self.train_all, layer_stage=list(st["layers"]), curve=[tuple(x) for x in st["curve"]],
             start_val_ppl=st["curve"][0][1] if st["curve"] else math.nan, best_val_ppl=best[1], best_tokens=best[0],
             tokens=st["tokens"], stage_tokens={"layer": lt, "global": st["tokens"] - lt}, steps=st["steps"],
+            stage_seconds={k: round(v, 2) for k, v in st.get("stage_wall", {}).items()},
             wall_minutes=round(st["wall"] / 60, 3),
             cpu_minutes=round(st["cpu"] / 60, 3), threads=self.threads,
             budget={"minutes": None if self.budget_s is None else self.budget_s / 60, "tokens": self.budget_tok,

@@ -30,6 +30,12 @@ def test_time_budget_gives_every_healed_layer_the_same_steps():
     assert [lay["layer"] for lay in rep.layer_stage] == [1, 2]
     assert steps[0] == steps[1] >= 1, rep.layer_stage
     assert rep.layer_stage[0]["tokens"] == rep.layer_stage[1]["tokens"]
+    assert list(rep.stage_seconds) == ["layer"] and rep.stage_seconds["layer"] > 0  # the stage's training rate
+    from pathlib import Path
+
+    from layerfold.cli.heal import _text
+
+    assert f"layer {rep.stage_tokens['layer']:,} tokens in" in _text(Path("out"), rep)
 
 
 def test_lora_global_stage_merges_into_a_plain_checkpoint(tmp_path):
@@ -83,8 +89,20 @@ def test_defaults_follow_the_device(monkeypatch):
     assert auto_global_params(s, s.num_params(), cpu) == "all"  # a few thousand parameters fit anywhere
     import layerfold.calibration.buffers as buffers
 
-    monkeypatch.setattr(buffers, "host_available", lambda: 4 * s.num_params())  # 1 byte short per parameter
-    assert auto_global_params(s, s.num_params(), cpu) == "lora"
+    n = s.num_params()
+    # fp32: weight, gradient, 2 moments and the best copy (20 bytes) + a teacher of the same size (4 bytes)
+    monkeypatch.setattr(buffers, "host_available", lambda: 24 * n / 0.7 + 1)
+    assert auto_global_params(s, n, cpu) == "all"
+    monkeypatch.setattr(buffers, "host_available", lambda: 24 * n / 0.7 - 1)
+    assert auto_global_params(s, n, cpu) == "lora"
+    b = s.to(torch.bfloat16)  # fp32 masters (16 bytes) + bf16 best copy (2) + bf16 teacher (2): 20 bytes
+    monkeypatch.setattr(buffers, "host_available", lambda: 20 * n / 0.7 + 1)
+    assert auto_global_params(b, n, cpu, masters=True) == "all"
+    assert auto_global_params(b, n, cpu, masters=False) == "all"  # pure bf16: 10 + 2 bytes
+    monkeypatch.setattr(buffers, "host_available", lambda: 20 * n / 0.7 - 1)
+    assert auto_global_params(b, n, cpu, masters=True) == "lora"
+    s = s.float()
+    monkeypatch.setattr(buffers, "host_available", lambda: 4 * n)
     rep = heal_pruned(drop_layer(s, 2), s, MAP, [], data=data(), budget_minutes=None, tokens=512,
                       stages=("global",), progress=False, config=HealConfig(**CFG))
     assert rep.global_params == "lora" and rep.config["clock"] == "cpu"
@@ -151,3 +169,26 @@ def test_prune_summary_shows_before_and_after_healing():
     assert "global stage trains: all" in text and "3: 7, 9: 7" in text and "40.00 -> best 20.00" in text
     report["heal"] = report["pruned_before_heal"] = None
     assert "before healing" not in summary(report) and "healing:" not in summary(report)
+
+
+def _changed_fraction(autocast: bool) -> tuple[float, torch.nn.Module]:
+    t = tiny_model(**TEACHER).to(torch.bfloat16)
+    s = drop_layer(t, 2)
+    before = s.layers[2].mlp.up.weight.detach().clone()
+    # Adam steps of ~lr each: 1e-4 is below half a bf16 step of these weights (|w| ~ 0.15: 2^-3 * 2^-8 / 2)
+    cfg = HealConfig(**{**CFG, "warmup_steps": 1}, lr_layer=1e-4, autocast=autocast, global_params="changed")
+    heal_pruned(s, t, MAP, [], data=data(), budget_minutes=None, tokens=40 * 128, stages=("layer",),
+                progress=False, config=cfg)
+    assert all(p.dtype == torch.bfloat16 for p in s.parameters())  # the masters are gone again
+    return float((s.layers[2].mlp.up.weight != before).float().mean()), s
+
+
+def test_bf16_student_trains_through_fp32_masters():
+    """A bf16 checkpoint (as loaded on a GPU) heals with fp32 master weights under autocast: updates below
+    bf16's resolution accumulate instead of rounding away, and the model comes back in bf16."""
+    with_masters, s = _changed_fraction(autocast=True)
+    pure_bf16, _ = _changed_fraction(autocast=False)
+    assert with_masters > 0.3, with_masters
+    assert pure_bf16 < with_masters / 3, (pure_bf16, with_masters)  # 0.15 against 0.81 here
+    val = data().val[:256].view(-1, 32)
+    assert torch.isfinite(torch.tensor(perplexity(s, val, seq_len=32, batch_size=4)["ppl"]))
