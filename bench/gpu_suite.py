@@ -1,5 +1,6 @@
 """Everything GPU-side in one command: tests, decode speed (dense and pruned shapes, against torch and HF),
-kernels against their rooflines, calibration, and serving. On a bare CUDA machine, from a checkout:
+kernels against their rooflines, calibration, serving, and whole `prune` and `heal` jobs. On a bare CUDA
+machine, from a checkout:
 
     PYTHONPATH=. python bench/gpu_suite.py --out DIR [--parts env,tests,decode,...] [--budget-s 360]
     python bench/gpu_suite.py --tiny --out DIR          # every part on CPU, tiny model, kernels interpreted
@@ -38,6 +39,8 @@ PARTS: dict[str, tuple[float, float]] = {
     "decode-compile": (200, 30),
     "calibration-big": (150, 60),
     "serve": (150, 120),
+    "prune": (240, 120),
+    "heal": (180, 120),
 }
 
 
@@ -48,12 +51,13 @@ def run_part(name: str, out: Path, tiny: bool) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, str(HERE))
     import suite_parts as P
+    import suite_pipeline as W
 
     rec = P.Recorder(out, name, tiny)
     fn = {"env": P.part_env, "tests": P.part_tests, "decode": P.part_decode,
           "decode-baselines": P.part_decode_baselines, "decode-compile": P.part_decode_compile,
           "kernels": P.part_kernels, "calibration": P.part_calibration, "serve": P.part_serve,
-          "calibration-big": P.part_calibration_big}[name]
+          "calibration-big": P.part_calibration_big, "prune": W.part_prune, "heal": W.part_heal}[name]
     try:
         fn(rec, tiny)
     except BaseException as e:
@@ -224,6 +228,9 @@ def markdown(res: dict[str, Any]) -> str:
         lines += _table(["clients", "requests", "tokens/s", "TTFT p50 s", "latency p95 s", "largest batch"], [
             [r["clients"], r["requests"], f"{r['tokens_s']:.0f}", f"{r['ttft_p50_s']:.3f}", f"{r['latency_p95_s']:.2f}",
              r.get("max_rows_in_step")] for r in s["rows"]], right_from=0)
+    import suite_pipeline as W
+
+    lines += W.markdown(p, _f, _table)
     for name, part in p.items():
         if part.get("error"):
             lines += ["", f"**{name} error**: {part['error']}", "```", part.get("traceback", "")[-1200:], "```"]

@@ -263,7 +263,8 @@ class HealRun(ResumableRun):
             m = mem.setdefault("layer", {"params_trained": 0})
             m["params_trained"] = max(m["params_trained"], n_params)
             blk = max(sum(self.t.state[n].numel() for n in self.t.keys[i]) for i in range(self.Lt))
-            m["teacher_held"] = f"embeddings + one block at a time (<= {blk:,} block parameters)"
+            m["teacher_held"] = (f"whole model on {self.t.device}" if self.t.materialized else
+                                 f"embeddings + one block at a time (<= {blk:,} block parameters)")
             m["peak_rss_mib"] = round(peak_rss_mib(), 1)
             if self.st["phase"] + 1 >= len(self.phases) or self.phases[self.st["phase"] + 1][0] != "layer":
                 self._evaluate()
@@ -304,8 +305,8 @@ class HealRun(ResumableRun):
         try:
             while self.st["phase"] < len(self.phases):
                 kind, k = self.phases[self.st["phase"]]
-                if kind == "global":
-                    self.t.model()
+                if kind == "global" or self.s.device.type == "cuda" and "global" in self.stages:
+                    self.t.model()  # on a GPU the global stage's whole teacher serves the layer stage too
                 if not self.st["pstarted"]:
                     self._start_phase(kind, k)
                 names = self._phase_params(kind, k)

@@ -21,7 +21,7 @@ def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
     assert status.pop("decode-compile") == "skipped"  # compiling takes minutes on a CPU; the GPU run measures it
     assert status == {name: "done" for name in status}, status
     assert set(status) >= {"env", "tests", "decode", "decode-baselines", "kernels", "calibration", "serve",
-                           "calibration-big"}
+                           "calibration-big", "prune", "heal"}
     s = res["decode_summary"]
     assert set(s["pruned"]) == {"shortgpt", "streamline", "dynamic-slicing", "come"}
     for by_batch in s["pruned"].values():  # a pruned shape reads fewer bytes per step than the dense one
@@ -31,6 +31,17 @@ def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
     assert set(calib) == {"plain", "default", "default+grams"} and calib["plain"]["over_plain"] == 1.0
     serve = res["parts"]["serve"]["rows"]
     assert [r["clients"] for r in serve] == [1, 2] and all(r["tokens_s"] > 0 for r in serve)
+    prune = {r["method"]: r for r in res["parts"]["prune"]["rows"]}  # the whole pipeline, per method
+    assert set(prune) == {"shortgpt", "streamline", "dynamic-slicing"}
+    assert prune["shortgpt"]["layers"] == prune["streamline"]["layers"] - 1 == 3
+    assert all(r["params_ratio"] < 1 and {"load", "calibrate", "method", "save"} <= set(r["times"])
+               for r in prune.values())
+    heal = {r["config"]: r for r in res["parts"]["heal"]["rows"]}
+    assert heal["changed layers only"]["global_params"] == "changed"
+    for r in heal.values():  # both stages ran and report their rate; the student is back in its own dtype
+        assert set(r["tokens_s"]) == {"layer", "global"} and min(r["tokens_s"].values()) > 0, r
+        assert r["dtypes_after"] == ["torch.float32"]
     md = (out / "gpu_suite.md").read_text()
-    for heading in ("## Decode", "## Calibration kernels", "## Decode kernels", "## Serving", "## Big calibrations"):
+    for heading in ("## Decode", "## Calibration kernels", "## Decode kernels", "## Serving", "## Big calibrations",
+                    "## layerfold prune on the GPU", "## layerfold heal on the GPU"):
         assert heading in md, heading
