@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from layerfold.core.paths import atomic_dir, check_output
+from layerfold.core.paths import atomic_dir, check_output, json_text
 
 STATS_FORMAT = "layerfold-stats"
 STATS_VERSION = 1
@@ -201,7 +201,7 @@ class Stats:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, str(tmp / TENSORS))
             cfg = {"format": STATS_FORMAT, "version": STATS_VERSION, "n_layers": self.n_layers,
                    "window": self.window, "counts": self.counts, "meta": self.meta, "derived": self.summary()}
-            (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+            (tmp / CONFIG).write_text(json_text(cfg))
         return out
 
     @classmethod

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
 
 import torch
 
 from layerfold.core.dtypes import CANONICAL, DTYPES, parse_dtype
+from layerfold.core.paths import json_safe
 
 
 def add_common(p: argparse.ArgumentParser, *, model: bool = True, dtype: bool = True) -> None:
@@ -33,18 +33,6 @@ def add_dtype(p: argparse.ArgumentParser, *, default: str | None, help: str = "w
 
 def torch_dtype(name: str) -> torch.dtype:
     return parse_dtype(name)
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with NaN and +-Inf floats as None: JSON has no such numbers (json.dumps would write a bare
-    ``NaN`` that strict parsers refuse)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def emit(args: argparse.Namespace, obj: Any, text: str | None = None) -> None:

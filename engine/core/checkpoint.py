@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from layerfold.core.paths import OutputError, atomic_dir, check_output
+from layerfold.core.paths import OutputError, atomic_dir, check_output, json_text
 from layerfold.core.spec import ModelSpec
 
 FORMAT = "layerfold"
@@ -187,9 +187,9 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         cfg = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": _dtype_name(tensors),
                "spec": spec.to_dict(), "provenance": provenance or {}}
-        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
+        (tmp / CONFIG).write_text(json_text(cfg))
         if report is not None:
-            (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str))
+            (tmp / REPORT).write_text(json_text(report))
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
         for name, text in (extra_files or {}).items():

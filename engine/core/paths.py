@@ -14,6 +14,7 @@ Every command that writes a directory (checkpoints, statistics, exports, healed 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -147,12 +148,30 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         raise
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and +-Inf floats as None: JSON has no such numbers (json.dumps would write a bare
+    ``NaN`` that strict parsers refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any) -> str:
+    """Strict JSON for files users and other tools read (reports, provenance): non-finite numbers as null."""
+    return json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary sibling, then rename it over ``path``."""
+    """Write strict JSON (:func:`json_text`) to a temporary sibling, then rename it over ``path``."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(json_text(obj))
     tmp.replace(p)
 
 
-__all__ = ["OutputError", "atomic_dir", "check_output", "clean_stale", "layerfold_wrote", "write_json_atomic"]
+__all__ = ["OutputError", "atomic_dir", "check_output", "clean_stale", "json_safe", "json_text", "layerfold_wrote",
+           "write_json_atomic"]

@@ -7,7 +7,6 @@ writes through ``atomic_dir``, so a failed export leaves nothing behind and neve
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 
 from layerfold.core.dtypes import parse_dtype
+from layerfold.core.paths import json_text
 from layerfold.core.spec import ModelSpec
 
 # every export directory holds this file: it records where the model came from and marks the directory as
@@ -78,7 +78,7 @@ def cast(state: dict[str, Tensor], dt: torch.dtype) -> dict[str, Tensor]:
 
 def write_provenance(out: Path, src: Source, fmt: str, extra: dict[str, Any] | None = None) -> None:
     prov = {"export_format": fmt, "exported_from": src.name, **src.provenance, **(extra or {})}
-    (out / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2, default=str))
+    (out / PROVENANCE_FILE).write_text(json_text(prov))
 
 
 def eos_value(spec: ModelSpec) -> int | list[int] | None:

@@ -162,3 +162,29 @@ def test_hf_dir_import(tmp_path):
     with torch.no_grad():
         assert_close(m(ids), hf(ids).logits, torch.float32, "imported HF dir vs transformers")
     assert Path(tmp_path / "q2" / "config.json").exists()
+
+
+def _strict(text: str):
+    def refuse(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_written_json_is_strict(tmp_path):
+    """report.json, config.json and stats.json are read by other tools: NaN and Inf become null."""
+    from layerfold.calibration.calibrate import calibrate
+    from tests.support.models import hetero_calib_spec
+
+    m = tiny_model(d_model=16, n_layers=2, heads=2, kv_heads=1, head_dim=8, ffn=24, vocab=32)
+    rep = {"ppl": float("nan"), "curve": [(0, float("inf")), (8, 3.5)], "nested": {"x": -float("inf")}}
+    out = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict(), report=rep,
+                          provenance={"healed": {"best_val_ppl": float("nan")}})
+    back = _strict((out / "report.json").read_text())
+    assert back == {"ppl": None, "curve": [[0, None], [8, 3.5]], "nested": {"x": None}}
+    assert _strict((out / "config.json").read_text())["provenance"]["healed"]["best_val_ppl"] is None
+    h = layerfold.build_model(hetero_calib_spec(), None)
+    st = calibrate(h, torch.randint(0, 50, (2, 8)), window=2, cka=False, channels=False)
+    st.save(tmp_path / "stats")
+    derived = _strict((tmp_path / "stats" / "stats.json").read_text())["derived"]
+    assert "null" in json.dumps(derived)  # the cosines of pairs of unequal width
