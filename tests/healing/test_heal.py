@@ -94,6 +94,8 @@ def _run(out_dir, stop_after=None, **kw):
 def test_resume_continues_to_the_identical_result(tmp_path):
     ref, rep_ref = _run(None)
     assert rep_ref.status == "done"
+    again, _ = _run(None)  # the same seed and token budget: the same healed weights, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), again.state_dict().values(), strict=True))
     _, paused = _run(tmp_path, stop_after=3)  # inside the layer stage
     assert paused.status == "paused" and (tmp_path / STATE_DIR / "latest.json").is_file()
     _, paused2 = _run(tmp_path, stop_after=9)  # resumed, then paused again inside the global stage
