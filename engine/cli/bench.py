@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from layerfold.cli.util import add_dtype, emit, parse_sizes, torch_dtype
+from layerfold.cli.util import add_dtype, device_arg, emit, parse_sizes, torch_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of every unit, interleaved (default 3)")
     add_dtype(p, default="bfloat16")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's default, one per core)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -21,9 +21,33 @@ def add_common(p: argparse.ArgumentParser, *, model: bool = True, dtype: bool = 
         p.add_argument("--allow-nonfinite", action="store_true",
                        help="load a model whose weights hold NaN or Inf (a warning instead of an error)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
-    p.add_argument("--device", default="cpu", help="torch device to compute on (cpu, cuda, cuda:1); default cpu")
+    p.add_argument("--device", default="cpu", type=device_arg,
+                   help="torch device to compute on (cpu, cuda, cuda:1); default cpu")
     if dtype:
         add_dtype(p, default="float32")
+
+
+def device_arg(text: str) -> str:
+    """--device checked before any work: a device this torch build and machine have (argparse exits 2 with the
+    reason and the fix otherwise)."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device. Fix: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{text!r}: layerfold runs on cpu and cuda devices. Fix: use cpu or cuda")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {why} (torch {torch.__version__}). Fix: use --device cpu, or run where a GPU and a CUDA "
+            "build of torch are installed")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}. "
+                                         "Fix: pick one of those")
+    return text
 
 
 def add_dtype(p: argparse.ArgumentParser, *, default: str | None, help: str = "weight/compute dtype") -> None:

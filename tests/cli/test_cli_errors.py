@@ -42,7 +42,10 @@ def copy_of(ckpt: Path, tmp_path: Path) -> Path:
 
 
 def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    rc = main([str(a) for a in argv])
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors (a --type check) exit 2 from parse_args
+        rc = e.code
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
@@ -217,6 +220,26 @@ def test_serve_port_checked_before_loading(ckpt: Path, capsys: pytest.CaptureFix
     monkeypatch.setattr(L, "load", lambda *a, **k: pytest.fail("loaded the model before checking the port"))
     for port in ("70000", "0", "-1"):
         fails(capsys, "serve", ckpt, "--port", port, match=f"--port {port}.*1..65535", limit_s=5)
+
+
+def test_device_checked_before_loading(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import layerfold.core.loading as L
+
+    monkeypatch.setattr(L, "load", lambda *a, **k: pytest.fail("loaded the model before checking --device"))
+    out = tmp_path / "o"
+    fails(capsys, "prune", ckpt, "--method", "shortgpt", "--target", "1", "--out", out, "--device", "gpu",
+          match="'gpu' is not a device", limit_s=5)
+    fails(capsys, "eval", ckpt, "--device", "mps", match="runs on cpu and cuda", limit_s=5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cmd in (["prune", ckpt, "--method", "shortgpt", "--target", "1", "--out", out], ["heal", ckpt, "--out", out],
+                ["calibrate", ckpt, "--out", out], ["bench"]):
+        fails(capsys, *cmd, "--device", "cuda", match="'cuda': (this torch build has no CUDA|no CUDA GPU is "
+              "visible).*--device cpu", limit_s=5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    fails(capsys, "generate", ckpt, "hi", "--device", "cuda:1", match="1 CUDA device.*cuda:0..cuda:0", limit_s=5)
+    assert not out.exists()
 
 
 # ---- the converted-model cache ----------------------------------------------------------------------
