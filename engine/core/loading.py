@@ -5,7 +5,7 @@
 converted checkpoint (both timed in docs/PERFORMANCE.md, "Loading and tests": ``layerfold inspect
 smollm2-135m`` cold and warm), so the converted model is cached as a layerfold checkpoint
 (``$LAYERFOLD_CACHE`` or ``~/.cache/layerfold``) keyed on the file's content (its SHA-256, remembered by
-size and mtime); later loads mmap it, and a new conversion removes the ones it supersedes.
+size and mtime); later loads mmap it, and each use removes the conversions it supersedes.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def content_key(path: Path) -> str:
 
 
 def _cached_gguf(path: Path, quiet: bool = False) -> Path:
-    """The cached conversion of a GGUF file, keyed on its content. A new conversion removes the ones it
+    """The cached conversion of a GGUF file, keyed on its content. Each use removes the conversions it
     supersedes: conversions of this path (other content: the file was replaced), of files that are gone (an
     uninstalled package's copy) and of other copies of the same content (kept under an older key)."""
     key = content_key(path)
@@ -277,6 +277,7 @@ def _cached_gguf(path: Path, quiet: bool = False) -> Path:
     if out.exists():
         try:
             verify_checkpoint(out)
+            _drop_superseded(out, str(path.resolve()), key)  # copies older versions of layerfold left
             return out
         except CheckpointError as e:  # a damaged cache (disk full, edited by hand): build it again
             print(f"[layerfold] the cached conversion is damaged ({e}); converting again", file=sys.stderr,
@@ -288,11 +289,17 @@ def _cached_gguf(path: Path, quiet: bool = False) -> Path:
     me = str(path.resolve())
     save_checkpoint(out, spec, state, tokenizer=tok, overwrite=True,
                     provenance={"source": me, "source_format": "gguf", "dequantized_to": "float32"})
-    for old in out.parent.iterdir():
-        src = _converted_from(old) if old != out else None
-        if src is not None and (src == me or not Path(src).is_file() or content_key(Path(src)) == key):
-            shutil.rmtree(old, ignore_errors=True)  # an open mmap of its weights stays valid until closed
+    _drop_superseded(out, me, key)
     return out
+
+
+def _drop_superseded(out: Path, me: str, key: str) -> None:
+    """Remove the cached conversions ``out`` supersedes (another process's half-written ``.NAME.tmp-*`` is not
+    one of them); an open mmap of their weights stays valid until it is closed."""
+    for old in out.parent.iterdir():
+        src = _converted_from(old) if old != out and not old.name.startswith(".") else None
+        if src is not None and (src == me or not Path(src).is_file() or content_key(Path(src)) == key):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _converted_from(d: Path) -> str | None:

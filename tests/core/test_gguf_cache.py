@@ -41,8 +41,8 @@ def test_cache_keys_on_content_and_removes_superseded(tmp_path, monkeypatch):
     assert resolve(g, quiet=True) == first
     monkeypatch.undo()
     monkeypatch.setenv("LAYERFOLD_CACHE", str(tmp_path / "cache"))
-    # beside it: conversions of a file that exists (kept) and of one that is gone (an uninstalled package's
-    # copy: removed), of a copy of the same content (removed), and a user's folder that looks like one (kept)
+    # beside it: conversions of a file that exists (kept), of one that is gone (an uninstalled package's copy:
+    # removed), of a copy of the same content (removed), one being written (kept), and a user's folder (kept)
     def conversion_of(name: str, source):
         d = tmp_path / "cache" / name
         shutil.copytree(first, d)
@@ -52,17 +52,21 @@ def test_cache_keys_on_content_and_removes_superseded(tmp_path, monkeypatch):
         return d
 
     (tmp_path / "exists.gguf").write_bytes(b"x")
-    (tmp_path / "copy.gguf").write_bytes(b"y")
+    shutil.copy(g, tmp_path / "copy.gguf")
     kept = conversion_of("exists-00000000000000aa", tmp_path / "exists.gguf")
     gone = conversion_of("model-98362432-1795656328", tmp_path / "gone" / "model.gguf")  # the older key format
-    twin = conversion_of("copy-98362432-1795660411", tmp_path / "copy.gguf")  # same content as what g becomes
+    twin = conversion_of("copy-98362432-1795660411", tmp_path / "copy.gguf")  # the same content as g
+    half = conversion_of(".model-0123456789abcdef.tmp-1", tmp_path / "gone" / "model.gguf")  # being written
     mine = tmp_path / "cache" / "model-0123456789abcdef"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
+    monkeypatch.setattr(loading, "read_gguf", no_conversion)
+    assert resolve(g, quiet=True) == first  # a cache hit clears what it supersedes too
+    monkeypatch.undo()
+    monkeypatch.setenv("LAYERFOLD_CACHE", str(tmp_path / "cache"))
+    assert not gone.exists() and not twin.exists() and kept.is_dir() and half.is_dir()
     # the file at the first path replaced by other weights: a new key, the old conversion of that path removed
     shutil.copy(_gguf(tmp_path, "c", 2, tok), g)
-    shutil.copy(g, tmp_path / "copy.gguf")
     new = resolve(g, quiet=True)
-    assert new != first and not first.exists() and not gone.exists() and not twin.exists()
-    assert kept.is_dir() and (mine / "notes.txt").read_text() == "mine"
+    assert new != first and not first.exists() and kept.is_dir() and (mine / "notes.txt").read_text() == "mine"
     assert json.loads((new / "config.json").read_text())["provenance"]["source"] == str(g.resolve())
