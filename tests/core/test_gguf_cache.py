@@ -1,5 +1,5 @@
 """The GGUF conversion cache: keyed on content (a reinstall that rewrites the same bytes converts nothing), and
-a new conversion removes the ones it supersedes, nothing else."""
+each use removes the conversions it supersedes, nothing else."""
 
 from __future__ import annotations
 
