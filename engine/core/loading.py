@@ -257,7 +257,8 @@ def content_key(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     key = h.hexdigest()[:16]
-    known = {k: v for k, v in known.items() if not k.startswith(f"{path.resolve()}|")}  # this file's old entries
+    mine = f"{path.resolve()}|"  # drop this file's old entries and those of files that are gone
+    known = {k: v for k, v in known.items() if not k.startswith(mine) and Path(k.split("|")[0]).is_file()}
     known[ident] = key
     try:
         cache_dir().mkdir(parents=True, exist_ok=True)
