@@ -28,25 +28,13 @@ def add_common(p: argparse.ArgumentParser, *, model: bool = True, dtype: bool = 
 
 
 def device_arg(text: str) -> str:
-    """--device checked before any work: a device this torch build and machine have (argparse exits 2 with the
-    reason and the fix otherwise)."""
+    """--device checked before any work (layerfold.core.devices): argparse exits 2 with the reason and the fix."""
+    from layerfold.core.devices import check_device
+
     try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device. Fix: use cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return text
-    if dev.type != "cuda":
-        raise argparse.ArgumentTypeError(f"{text!r}: layerfold runs on cpu and cuda devices. Fix: use cpu or cuda")
-    if not torch.cuda.is_available():
-        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: {why} (torch {torch.__version__}). Fix: use --device cpu, or run where a GPU and a CUDA "
-            "build of torch are installed")
-    n = torch.cuda.device_count()
-    if dev.index is not None and dev.index >= n:
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}. "
-                                         "Fix: pick one of those")
+        check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

@@ -36,6 +36,7 @@ from layerfold.core.checkpoint import (
     open_weights,
     save_checkpoint,
 )
+from layerfold.core.devices import check_device
 from layerfold.core.model import Model, build_model, expected_shapes
 from layerfold.core.paths import clean_stale, layerfold_wrote, write_json_atomic
 from layerfold.core.spec import ModelSpec
@@ -352,6 +353,7 @@ def load(src: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
     Returns (model in eval mode, tokenizer or None). Weights are memory-mapped; ``dtype`` casts them.
     A NaN or Inf weight raises a CheckpointError naming the tensor (``allow_nonfinite``: a warning instead).
     """
+    check_device(device)  # before reading anything
     path = resolve(src, quiet)
     spec, state, cfg = load_spec_state(path, quiet=True)
     check_finite(state, str(src), allow=allow_nonfinite)

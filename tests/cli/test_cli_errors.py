@@ -271,3 +271,17 @@ def test_damaged_cached_conversion_is_rebuilt(tmp_path: Path, monkeypatch: pytes
         assert torch.equal(model.embed.weight, m.embed.weight)
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no temporary left
     os.utime(src)  # unchanged key: still cached
+
+
+def test_api_load_checks_the_device_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import layerfold
+    import layerfold.core.loading as L
+    from layerfold.core.devices import check_device
+
+    monkeypatch.setattr(L, "resolve", lambda *a, **k: pytest.fail("read the source before checking the device"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'cuda:0': (this torch build has no CUDA|no CUDA GPU).*Fix: use the cpu"):
+        layerfold.load("smollm2-135m", device="cuda:0")
+    with pytest.raises(ValueError, match="'tpu' is not a device"):
+        check_device("tpu")
+    assert check_device("cpu") == torch.device("cpu")
