@@ -34,7 +34,7 @@ PARTS: dict[str, tuple[float, float]] = {
     "tests": (150, 120),
     "decode": (200, 240),
     "decode-baselines": (120, 120),
-    "kernels": (90, 120),
+    "kernels": (120, 120),
     "calibration": (120, 120),
     "decode-compile": (200, 30),
     "calibration-big": (150, 60),
@@ -198,7 +198,9 @@ def markdown(res: dict[str, Any]) -> str:
     if k.get("decode_kernels"):
         lines += ["", "## Decode kernels"]
         lines += _table(["kernel", "rows", "impl", "shape", "ms", "GB/s", "% bw"], [
-            [r["kernel"], r["rows"], r["impl"], r.get("shape", ""), _f(r.get("ms"), "{:.4f}"),
+            [r["kernel"], r["rows"], r["impl"] + (f" ({r['error']})" if "error" in r else "")
+             + (f" [max diff {r['max_diff_vs_default']:.1e}]" if "max_diff_vs_default" in r else ""),
+             r.get("shape", ""), _f(r.get("ms"), "{:.4f}"),
              _f(r.get("gb_s"), "{:.0f}"), _f(r.get("pct_bw"), "{:.0f}%")] for r in k["decode_kernels"]], right_from=4)
     if k.get("widths"):
         lines += ["", "## GEMV against the width's rounding multiple (O = 4096)"]

@@ -186,13 +186,15 @@ def _attn_decode_block_s(hd: int, g: int) -> int:
 
 def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *, scale: float | None = None,
                 window: int | None = None, splits: int | None = None, block_s: int | None = None,
-                warps: int | None = None) -> Tensor:
+                warps: int | None = None, stages: int | None = None) -> Tensor:
     """Attention of one query token per sequence over its cached keys/values.
 
     q: (B, KV, G, hd), the G query heads of each KV head together. k_cache, v_cache: (Bc, KV, S, hd)
     with Bc >= B and unit last stride. lengths: (B,) integer tensor, valid slots per sequence (>= 1).
     splits: key-range splits per (row, head) (None: heuristics.attn_decode_splits; 1: one pass).
-    block_s / warps: cache slots per loop step and warps per program (None: the defaults below).
+    block_s / warps: cache slots per loop step and warps per program (None: the defaults below). stages:
+    Triton's software-pipelining depth of the slot loop (None: Triton's default; swept by gpu_suite's
+    kernels part, not yet measured).
     Returns (B, KV, G, hd) in q's dtype.
     """
     if not use_triton(q):
@@ -214,6 +216,7 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *,
     sc = 1.0 / math.sqrt(hd) if scale is None else float(scale)
     block_s = block_s or _attn_decode_block_s(hd, g)
     warps = 1 if interpreting() else (warps or 4)
+    pipe = {"num_stages": stages} if stages and not interpreting() else {}
     s_max = k_cache.shape[2]
     if splits is None:
         splits = 1 if interpreting() else attn_decode_splits(b, kv, s_max, num_sms(q.device), block_s)
@@ -225,7 +228,8 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *,
         launchable(_attn_split_kernel)[(b, kv, splits)](
             q, k_cache, v_cache, lengths, po, pl, kv, g, hd, k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), sc, int(window or 0), split_len, splits, HAS_WINDOW=window is not None,
-            BLOCK_G=triton.next_power_of_2(g), BLOCK_S=block_s, BLOCK_HD=triton.next_power_of_2(hd), num_warps=warps)
+            BLOCK_G=triton.next_power_of_2(g), BLOCK_S=block_s, BLOCK_HD=triton.next_power_of_2(hd), num_warps=warps,
+            **pipe)
         launchable(_attn_combine_kernel)[(b * kv, g)](
             po, pl, out, g, hd, splits, BLOCK_SP=triton.next_power_of_2(splits),
             BLOCK_HD=triton.next_power_of_2(hd), num_warps=1 if interpreting() else 2)
@@ -233,7 +237,7 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *,
     launchable(_attn_decode_kernel)[(b, kv)](
         q, k_cache, v_cache, lengths, out, kv, g, hd, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         sc, int(window or 0), HAS_WINDOW=window is not None, BLOCK_G=triton.next_power_of_2(g),
-        BLOCK_S=block_s, BLOCK_HD=triton.next_power_of_2(hd), num_warps=warps)
+        BLOCK_S=block_s, BLOCK_HD=triton.next_power_of_2(hd), num_warps=warps, **pipe)
     return out
 
 

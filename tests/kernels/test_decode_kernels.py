@@ -72,12 +72,14 @@ def test_add_rmsnorm(n: int, d: int, dtype: torch.dtype) -> None:
     close(h, h64, dtype, "residual updated in place")
 
 
-@pytest.mark.parametrize("splits,block_s", [(1, 16), (2, 16), (3, 32), (5, 16), (64, 16)])
+@pytest.mark.parametrize("splits,block_s,stages", [(1, 16, None), (2, 16, None), (3, 32, None), (5, 16, None),
+                                                   (64, 16, None), (1, 32, 3), (2, 16, 2)])
 @pytest.mark.parametrize("window", [None, 9])
-def test_attn_decode_split_k(splits: int, block_s: int, window: int | None) -> None:
-    """Every split count and tiling gives the one-pass result: splits past a row's length write empty parts."""
+def test_attn_decode_split_k(splits: int, block_s: int, stages: int | None, window: int | None) -> None:
+    """Every split count, tiling and pipelining depth gives the one-pass result: splits past a row's length
+    write empty parts."""
     q, k, v, lengths = _attn_case(4, 2, 3, 16, 70, torch.float32, seed=splits)
     want = attn_decode_ref(q.double(), k.double(), v.double(), lengths, window=window)
     got = attn_decode(q, _poison(k, lengths), _poison(v, lengths), lengths, window=window, splits=splits,
-                      block_s=block_s)
-    close(got, want, torch.float32, f"splits={splits} block_s={block_s} window={window}")
+                      block_s=block_s, stages=stages)
+    close(got, want, torch.float32, f"splits={splits} block_s={block_s} stages={stages} window={window}")
