@@ -269,6 +269,18 @@ def content_key(path: Path) -> str:
     return key
 
 
+_VERIFIED: dict[Path, tuple] = {}  # cached conversions this process checked whole -> their files' stat then
+
+
+def _files_stat(d: Path) -> tuple:
+    """Names, sizes and mtimes of a directory's files: a change to any of them means checking it again."""
+    try:
+        return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in d.iterdir() if f.is_file()
+                            for st in [f.stat()]))
+    except OSError:
+        return ()
+
+
 def _cached_gguf(path: Path, quiet: bool = False) -> Path:
     """The cached conversion of a GGUF file, keyed on its content. Each use removes the conversions it
     supersedes: conversions of this path (other content: the file was replaced), of files that are gone (an
@@ -278,7 +290,9 @@ def _cached_gguf(path: Path, quiet: bool = False) -> Path:
     clean_stale(out)
     if out.exists():
         try:
-            verify_checkpoint(out)
+            if _VERIFIED.get(out) != _files_stat(out):  # resolve runs several times a command: check the
+                verify_checkpoint(out)  # files once, and again only when one of them changed
+                _VERIFIED[out] = _files_stat(out)
             _drop_superseded(out, str(path.resolve()), key)  # copies older versions of layerfold left
             return out
         except CheckpointError as e:  # a damaged cache (disk full, edited by hand): build it again
@@ -292,6 +306,7 @@ def _cached_gguf(path: Path, quiet: bool = False) -> Path:
     save_checkpoint(out, spec, state, tokenizer=tok, overwrite=True,
                     provenance={"source": me, "source_format": "gguf", "dequantized_to": "float32"})
     _drop_superseded(out, me, key)
+    _VERIFIED[out] = _files_stat(out)
     return out
 
 
