@@ -11,7 +11,7 @@ from layerfold.evaluation.evaluate import perplexity
 from layerfold.healing.common import HealConfig, auto_autocast, auto_clock, auto_global_params, heal_targets
 from layerfold.healing.heal import heal_pruned, save_healed
 from layerfold.healing.lora import has_lora
-from tests.healing.test_heal import CFG, MAP, TEACHER, data, drop_layer
+from tests.healing.test_heal import CFG, MAP, TEACHER, data, drop_layer, selection_windows
 from tests.support.models import tiny_model
 from tests.support.tolerances import approx
 
@@ -56,7 +56,7 @@ def test_lora_global_stage_merges_into_a_plain_checkpoint(tmp_path):
     assert not torch.equal(after["layers.2.mlp.up.weight"], before["layers.2.mlp.up.weight"])  # trained in full
     trained = rep.memory["global"]["params_trained"]
     assert 0 < trained < n_params / 2, (trained, n_params)
-    val = data().val[:256].view(-1, 32)
+    val = selection_windows()
     assert perplexity(s, val, seq_len=32, batch_size=4)["ppl"] == approx(rep.best_val_ppl, torch.float32)
     out = save_healed(tmp_path / "healed", s, rep, provenance={"layer_map": MAP})
     cfg_back, state = load_checkpoint(out)
@@ -190,5 +190,5 @@ def test_bf16_student_trains_through_fp32_masters():
     pure_bf16, _ = _changed_fraction(autocast=False)
     assert with_masters > 0.3, with_masters
     assert pure_bf16 < with_masters / 3, (pure_bf16, with_masters)  # 0.15 against 0.81 here
-    val = data().val[:256].view(-1, 32)
+    val = selection_windows()
     assert torch.isfinite(torch.tensor(perplexity(s, val, seq_len=32, batch_size=4)["ppl"]))
