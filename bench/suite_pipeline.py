@@ -2,7 +2,9 @@
 
 - ``prune``: ``layerfold.prune(..., device="cuda")`` (load -> calibrate -> plan -> surgery -> save) of a
   7B-shaped bf16 checkpoint for ShortGPT, Streamline (its block trained on the GPU) and dynamic slicing (PCA
-  on the GPU); wall time per stage and the device peak;
+  on the GPU), then ShortGPT (with both evaluations) and Streamline with the weights kept in host memory and
+  streamed to the GPU a layer at a time (``weights="host"``, what a model larger than the GPU gets); wall
+  time per stage and the device peak;
 - ``heal``: both healing stages of the ShortGPT-pruned 7B shape on the GPU (teacher in host memory, as
   ``layerfold heal`` holds a dense checkpoint), with the default configuration (the global stage's "auto"
   picks LoRA on the unchanged layers where AdamW for every parameter does not fit); tokens/s per stage
@@ -59,18 +61,26 @@ def part_prune(rec: P.Recorder, tiny: bool) -> None:
         del model
         rec.save(checkpoint_s=time.perf_counter() - t, dense_params=n_params)
         k = 1 if tiny else 8
-        jobs = [("shortgpt", str(k)), ("streamline", str(k)), ("dynamic-slicing", "0.25")]
+        # (method, target, weights, evaluate): the weights on the device, then kept in host memory and streamed
+        # a layer at a time (what a model larger than the GPU gets), the dense and pruned evaluations included
+        jobs = [("shortgpt", str(k), "device", False), ("streamline", str(k), "device", False),
+                ("dynamic-slicing", "0.25", "device", False), ("shortgpt", str(k), "host", True),
+                ("streamline", str(k), "host", False)]
         rows: list[dict[str, Any]] = []
-        for method, target in jobs:
+        for method, target, weights, evaluate in jobs:
             _reset(dev)
             t = time.perf_counter()
-            row: dict[str, Any] = {"method": method, "target": target}
+            row: dict[str, Any] = {"method": method, "target": target, "weights": weights}
             try:
-                rep = prune(src, method, target, work / method, device=str(dev), eval=False, progress=False,
-                            samples=8 if tiny else 64, seq_len=64 if tiny else 256)
+                rep = prune(src, method, target, work / method, device=str(dev), eval=evaluate, progress=False,
+                            samples=8 if tiny else 64, seq_len=64 if tiny else 256, weights=weights,
+                            eval_options={"max_tokens": 1024, "mc_items": 8, "seq_len": 64} if tiny else None)
                 row.update(wall_s=time.perf_counter() - t, times={k_: round(v, 2) for k_, v in rep["times"].items()},
                            layers=rep["pruned"]["layers"], params=rep["pruned"]["params"],
-                           params_ratio=rep["pruned"]["params"] / n_params, device_peak_gb=_peak_gb(dev))
+                           params_ratio=rep["pruned"]["params"] / n_params, device_peak_gb=_peak_gb(dev),
+                           weight_gb=rep["weights"]["bytes"] / 1e9)
+                if evaluate:
+                    row["ppl"] = {"dense": rep["dense"].get("ppl"), "pruned": rep["pruned"].get("ppl")}
                 if method == "streamline":
                     row["block_training"] = {k_: rep["info"].get("training", {}).get(k_)
                                              for k_ in ("steps", "train_seconds", "final_loss")}
@@ -136,12 +146,14 @@ def markdown(p: dict[str, Any], _f: Any, _table: Any) -> list[str]:
     if pr.get("rows"):
         lines += ["", f"## layerfold prune on the GPU (7B shape, bf16; dense checkpoint written in "
                   f"{_f(pr.get('checkpoint_s'))} s; no evaluation)"]
-        lines += _table(["method", "target", "layers", "params / dense", "wall s", "load", "calibrate", "method s",
-                           "save", "device peak GB"], [
-            [r["method"], r["target"], r.get("layers", "-"), _f(r.get("params_ratio"), "{:.2f}"),
-             _f(r.get("wall_s")), *(_f(r.get("times", {}).get(s)) for s in ("load", "calibrate", "method", "save")),
-             _f(r.get("device_peak_gb"), "{:.1f}")] if "error" not in r else
-            [r["method"], r["target"], r["error"], "", "", "", "", "", "", ""] for r in pr["rows"]], right_from=2)
+        stages = ("load", "calibrate", "method", "eval_dense", "eval_pruned", "save")
+        lines += _table(["method", "target", "weights", "layers", "params / dense", "wall s", *stages,
+                           "device peak GB"], [
+            [r["method"], r["target"], r.get("weights", "device"), r.get("layers", "-"),
+             _f(r.get("params_ratio"), "{:.2f}"), _f(r.get("wall_s")),
+             *(_f(r.get("times", {}).get(s)) for s in stages), _f(r.get("device_peak_gb"), "{:.1f}")]
+            if "error" not in r else [r["method"], r["target"], r.get("weights", "device"), r["error"],
+                                      *[""] * (len(stages) + 3)] for r in pr["rows"]], right_from=3)
     h = p.get("heal", {})
     if h.get("rows"):
         lines += ["", f"## layerfold heal on the GPU ({h.get('teacher_layers')} -> {h.get('student_layers')} layers, "

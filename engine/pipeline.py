@@ -18,6 +18,7 @@ from layerfold.core.extras import package_versions
 from layerfold.core.loading import load, resolve
 from layerfold.core.model import Model
 from layerfold.core.paths import check_output
+from layerfold.evaluation.streamed import evaluation_model
 from layerfold.methods import PruneContext, PruneResult, Target, get_method
 from layerfold.surgery.plan import DepthPlan
 
@@ -55,17 +56,19 @@ def needed_window(model: Model, target: Target | None) -> int:
 
 def run_method(model: Model, tokenizer: Any, method: str, target: Target, calib: torch.Tensor, *, stats: Any = None,
                options: dict[str, Any] | None = None, source: str = "", device: str = "cpu", seed: int = 0,
-               progress: bool = False) -> PruneResult:
-    """Plan, apply and train with a registered method; the dense model is left as it was."""
+               progress: bool = False, weights: str = "device") -> PruneResult:
+    """Plan, apply and train with a registered method; the dense model is left as it was. ``weights="host"``:
+    the model is in host memory and the method computes on ``device`` a layer at a time."""
     m = get_method(method)
     ctx = PruneContext(model=model, tokenizer=tokenizer, source=source, target=target, stats=stats, calib=calib,
-                       device=device, options=dict(options or {}), progress=progress, seed=seed)
+                       device=device, options=dict(options or {}), progress=progress, seed=seed, weights=weights)
     return m.fn(ctx)
 
 
 def run_plan(model: Model, plan: DepthPlan, calib: torch.Tensor, options: dict[str, Any] | None = None,
-             seed: int = 0, progress: bool = False) -> PruneResult:
-    """Apply a hand-written plan; replacement blocks are trained as Streamline trains them (unless no_train)."""
+             seed: int = 0, progress: bool = False, device: str | None = None) -> PruneResult:
+    """Apply a hand-written plan; replacement blocks are trained as Streamline trains them (unless no_train),
+    on ``device`` with the dense weights streamed there when given (None: where the model is)."""
     from layerfold.methods.streamline import train_options, train_replacement
     from layerfold.surgery.depth import apply_depth_plan
 
@@ -77,7 +80,7 @@ def run_plan(model: Model, plan: DepthPlan, calib: torch.Tensor, options: dict[s
         if not opts.get("no_train"):
             info[f"training_{r.first}_{r.last}"] = train_replacement(
                 model, new, idx[r.first], r.first, r.last - r.first + 1, calib, **train_options(opts), seed=seed,
-                progress=progress)
+                progress=progress, device=device)
     return PruneResult(new, plan.to_dict(), plan.layer_map(), plan.changed_layers(), info)
 
 
@@ -183,8 +186,12 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
           plan: str | Path | DepthPlan | None = None, options: dict[str, Any] | None = None, heal: bool = False,
           heal_options: dict[str, Any] | None = None, eval: bool = True, eval_options: dict[str, Any] | None = None,
           device: str = "cpu", dtype: torch.dtype | None = None, seed: int = 0, progress: bool = True,
-          overwrite: bool = False, allow_nonfinite: bool = False) -> dict[str, Any]:
-    """Prune ``source`` with ``method`` to ``target`` (or apply ``plan``) and save it to ``out``; returns the report."""
+          overwrite: bool = False, allow_nonfinite: bool = False, weights: str = "auto") -> dict[str, Any]:
+    """Prune ``source`` with ``method`` to ``target`` (or apply ``plan``) and save it to ``out``; returns the report.
+
+    ``weights``: where the model is held while ``device`` computes: "device", "host" (host memory, each layer
+    streamed to the device when it runs: calibration, the method, the evaluations) or "auto" (the device
+    when the weights fit a share of its free memory; evaluation.streamed.weights_place)."""
     t_all = time.time()
     times: dict[str, float] = {}
     out = check_output(out, sources=[str(source), resolve(source, quiet=True)], overwrite=overwrite)
@@ -196,8 +203,10 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     tgt = Target.parse(target) if target is not None and not isinstance(target, Target) else target
     m = get_method(method) if plan is None else None
     dp = check_before_load(source, m, tgt, plan, data)
+    place = where_weights(source, m, weights, device, dtype, heal)
     t0 = time.time()
-    model, tok = load(source, device=device, dtype=dtype, quiet=not progress, allow_nonfinite=allow_nonfinite)
+    model, tok = load(source, device="cpu" if place["place"] == "host" else device, dtype=dtype,
+                      quiet=not progress, allow_nonfinite=allow_nonfinite)
     model.requires_grad_(False)
     times["load"] = time.time() - t0
     calib = calibration_set(tok, data, samples, seq_len, seed)
@@ -223,16 +232,21 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
         times["calibrate"] = time.time() - t0
     t0 = time.time()
     if dp is not None:
-        res = run_plan(model, dp, calib, options, seed=seed, progress=progress)
+        res = run_plan(model, dp, calib, options, seed=seed, progress=progress,
+                       device=device if place["place"] == "host" else None)
         method_name = dp.method or "plan"
     else:
         assert m is not None and tgt is not None
         res = run_method(model, tok, m.name, tgt, calib, stats=st, options=options, source=str(source),
-                         device=device, seed=seed, progress=progress)
+                         device=device, seed=seed, progress=progress, weights=place["place"])
         method_name = m.name
     times["method"] = time.time() - t0
     heal_info: dict[str, Any] | None = None
     before_heal: dict[str, Any] | None = None
+
+    def scored(mdl: Model) -> Any:  # what the evaluations run: the model, or it streamed to the device
+        return evaluation_model(mdl, device, place["place"])
+
     if heal and eval:  # the pruned model as surgery left it, for the before/after of healing
         r = run_eval(res.model, tok, data, eval_options)
         before_heal = {k: r[k] for k in EVAL_KEYS}
@@ -245,10 +259,10 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     pruned = layer_counts(res.model)
     evaluation = None
     if eval:
-        r = run_eval(model, tok, data, eval_options)
+        r = run_eval(scored(model), tok, data, eval_options)
         dense.update({k: r[k] for k in EVAL_KEYS})
         times["eval_dense"] = r["seconds"]
-        r = run_eval(res.model, tok, data, eval_options)
+        r = run_eval(scored(res.model), tok, data, eval_options)
         pruned.update({k: r[k] for k in EVAL_KEYS})
         times["eval_pruned"] = r["seconds"]
         evaluation = eval_settings(r["raw"], eval_options)
@@ -269,7 +283,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
         "changed_layers": res.changed_layers, "dense": dense, "pruned": pruned, "pruned_before_heal": before_heal,
         "calibration": calibration,
         "info": res.info, "heal": heal_info, "times": times, "source": str(source), "data": data,
-        "evaluation": evaluation, "seed": seed, "device": device,
+        "evaluation": evaluation, "seed": seed, "device": device, "weights": place,
         "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None, "versions": package_versions(),
     }
     t0 = time.time()
@@ -282,6 +296,25 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
 
     write_json_atomic(out / "report.json", report)  # now with the save and total times
     return report
+
+
+def where_weights(source: str | Path, method: Any, weights: str, device: str, dtype: torch.dtype | None,
+                  heal: bool) -> dict[str, Any]:
+    """Where ``prune`` holds the model ({"place": "device" | "host", "why", "bytes"}), checked before loading:
+    a method that runs the whole model at once, or healing, with the weights in host memory is refused."""
+    from layerfold.evaluation.streamed import weight_bytes, weights_place
+
+    nbytes = weight_bytes(source, dtype)
+    place, why = weights_place(weights, device, nbytes)
+    if place == "host" and method is not None and not method.streams:
+        raise ValueError(f"{method.name} searches by running the whole model many times, which needs its weights on "
+                         f"the device ({why}). Fix: use a GPU that holds the model, --device cpu, or a method that "
+                         "streams a layer at a time: shortgpt, streamline, come, slicegpt, dynamic-slicing")
+    if place == "host" and heal:
+        raise ValueError(f"--heal trains the pruned model against the dense teacher held on the device ({why}). Fix: "
+                         "prune without --heal here, then run `layerfold heal` on a device that holds both, or "
+                         "heal with --device cpu")
+    return {"place": place, "why": why, "bytes": nbytes}
 
 
 def where_layers_went(report: dict[str, Any]) -> list[str]:

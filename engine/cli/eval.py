@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from layerfold.cli.util import add_common, emit, torch_dtype
+from layerfold.cli.util import add_common, add_weights, emit, torch_dtype
 from layerfold.core.console import table
 from layerfold.core.data import PYDOC, SPLITS
 from layerfold.core.loading import load
@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and a 4-way 'which text comes next' multiple-choice task (acc, acc_norm as lm-eval-harness "
                     "defines them). Same data for every model, so dense and pruned numbers compare directly.")
     add_common(p)
+    add_weights(p)
     p.add_argument("--data", default=PYDOC, metavar="pydoc|FILE",
                    help="text source: 'pydoc' (built-in Python documentation), a .txt file, a .jsonl file of "
                         "{\"text\": ...} lines, or a .jsonl file of {\"context\", \"choices\", \"label\"} "
@@ -67,15 +68,21 @@ def run(args: argparse.Namespace) -> int:
     if args.data != PYDOC and not Path(args.data).is_file():  # before the model load, not after it
         raise FileNotFoundError(f"{args.data}: no such file. Fix: use --data pydoc (built-in text) or the path of "
                                 "a .txt or .jsonl file")
-    model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype), quiet=args.json,
+    from layerfold.evaluation.streamed import evaluation_model, weight_bytes, weights_place
+
+    dtype = torch_dtype(args.dtype)
+    place, why = weights_place(args.weights, args.device, lambda: weight_bytes(args.model, dtype))
+    model, tok = load(args.model, device="cpu" if place == "host" else args.device, dtype=dtype, quiet=args.json,
                       allow_nonfinite=args.allow_nonfinite)
-    res = evaluate(model, tok, data=args.data, tasks=args.task, seq_len=args.seq_len,
+    res = evaluate(evaluation_model(model, args.device, place), tok, data=args.data, tasks=args.task,
+                   seq_len=args.seq_len,
                    max_tokens=args.max_tokens or None, mc_items=args.mc_items, batch_size=args.batch_size,
                    split=args.split, progress=not args.json)
     n_params = model.num_params()
     from layerfold.core.extras import package_versions
 
     obj = {"model": args.model, "params": n_params, "device": args.device, "dtype": args.dtype,
+           "weights": {"place": place, "why": why},
            "settings": {"seq_len": args.seq_len, "max_tokens": args.max_tokens, "mc_items": args.mc_items,
                         "batch_size": args.batch_size}, **res, "versions": package_versions()}
     ppl, mc = res.get("ppl", {}), res.get("mc", {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from layerfold.cli.util import add_common, emit, torch_dtype
+from layerfold.cli.util import add_common, add_weights, emit, torch_dtype
 from layerfold.core.console import table
 
 EPILOG = """\
@@ -60,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "val data -> save a checkpoint with report.json.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(p)
+    add_weights(p)
     names = sorted(methods)
     p.add_argument("--method", choices=names, default=None,
                    help="; ".join(f"{n}: {methods[n].help}" for n in names if methods[n].help) or None)
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                    heal_options=heal_options(args),
                    eval=not args.no_eval, device=args.device, dtype=torch_dtype(args.dtype), seed=args.seed,
                    progress=not (args.quiet or args.json), overwrite=args.overwrite,
-                   allow_nonfinite=args.allow_nonfinite)
+                   allow_nonfinite=args.allow_nonfinite, weights=args.weights)
     emit(args, report, summary(report))
     return 0
 

@@ -27,6 +27,14 @@ def add_common(p: argparse.ArgumentParser, *, model: bool = True, dtype: bool = 
         add_dtype(p, default="float32")
 
 
+def add_weights(p: argparse.ArgumentParser) -> None:
+    """--weights: where a job holds the model while --device computes (layerfold.evaluation.streamed)."""
+    p.add_argument("--weights", default="auto", choices=("auto", "device", "host"),
+                   help="where the model is held: 'device'; 'host' (host memory, each layer streamed to --device "
+                        "when it runs: models larger than the GPU); 'auto' = the device when the weights fit 60%% of "
+                        "its free memory, else host; default auto")
+
+
 def device_arg(text: str) -> str:
     """--device checked before any work (layerfold.core.devices): argparse exits 2 with the reason and the fix."""
     from layerfold.core.devices import check_device

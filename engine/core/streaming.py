@@ -56,11 +56,15 @@ class LayerStream:
     # ---- pieces -----------------------------------------------------------------------------------
     def embed(self, ids: Tensor, device: str | torch.device | None = None) -> Tensor:
         """Embeddings of ids (B, T) -> (B, T, d) in ``dtype`` on ``device`` (default: the stream's)."""
+        w = self.embed_weight()
+        return F.embedding(ids.to(w.device), w).to(device or self.device, self.dtype)
+
+    def embed_weight(self) -> Tensor:
+        """The embedding table: a device copy in ``dtype`` on CUDA (made once), the state's tensor elsewhere."""
         if self._embed is None:
             w = self.state["embed.weight"]
             self._embed = w.to(self.device, self.dtype) if self.device.type == "cuda" else w
-        w = self._embed
-        return F.embedding(ids.to(w.device), w).to(device or self.device, self.dtype)
+        return self._embed
 
     def block(self, i: int) -> Block:
         """Layer i on the device, its weights checked against the spec (a clear error names the tensor)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +70,30 @@ def perplexity(model: LogitsFn, tokens: Tensor, seq_len: int = 512, batch_size: 
         raise ValueError(f"{n} tokens are fewer than one window of seq_len={seq_len}. Fix: lower the sequence length"
                          " or allow more tokens (max_tokens / more text)")
     windows = tokens[:n_win * seq_len].view(n_win, seq_len)
-    dev = _device(model)
     nll_sum = 0.0
     starts = range(0, n_win, batch_size)
-    for s in _progress(starts, desc="ppl", total=len(starts), enabled=progress):
-        x = windows[s:s + batch_size].to(dev)
-        logits = model(x)  # (B, T, V)
+    batches = [windows[s:s + batch_size] for s in starts]
+    for x, logits in zip(_progress(batches, desc="ppl", total=len(batches), enabled=progress),
+                         _logits(model, [(x, None) for x in batches]), strict=True):  # (B, T, V)
+        x = x.to(logits.device)
         for b in range(x.shape[0]):  # one row at a time keeps the fp32 copy at (T, V)
             nll_sum += F.cross_entropy(logits[b, :-1].float(), x[b, 1:], reduction="sum").item()
         del logits
     count = n_win * (seq_len - 1)
     nll = nll_sum / count
     return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": n_win, "seq_len": seq_len}
+
+
+def _logits(model: LogitsFn, batches: list[tuple[Tensor, Tensor | None]]) -> Iterator[Tensor]:
+    """Logits of each (ids, None) batch in order: from ``model.many`` when it has one (a model streamed
+    from host memory runs them all in one pass over its layers: evaluation.streamed), else a call each."""
+    many = getattr(model, "many", None)
+    if callable(many):
+        yield from many(batches)
+        return
+    dev = _device(model)
+    for ids, _ in batches:
+        yield model(ids.to(dev))
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -127,13 +139,13 @@ def scored_loglikelihoods(model: LogitsFn, requests: Sequence[tuple[list[int], l
     """``loglikelihoods`` with lm-eval's second answer: whether every continuation token is the argmax."""
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     out: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
-    dev = _device(model)
-    starts = range(0, len(order), batch_size)
-    for s in _progress(starts, desc="mc", total=len(starts), enabled=progress):
-        idx = order[s:s + batch_size]
+    groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = []
+    for idx in groups:
         rows = [(requests[i][0] + requests[i][1])[:-1] for i in idx]
-        ids, _ = _right_pad(rows, max(len(r) for r in rows), pad_id)
-        logits = model(ids.to(dev))  # (B, T, V)
+        batches.append((_right_pad(rows, max(len(r) for r in rows), pad_id)[0], None))
+    for idx, logits in zip(_progress(groups, desc="mc", total=len(groups), enabled=progress),
+                           _logits(model, batches), strict=True):  # (B, T, V)
         for b, i in enumerate(idx):
             ctx, cont = requests[i]
             if not cont:

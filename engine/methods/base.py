@@ -90,6 +90,7 @@ class PruneContext:
     options: dict[str, Any] = field(default_factory=dict)  # method-specific options from the CLI
     progress: bool = True
     seed: int = 0
+    weights: str = "device"  # "host": the model stays in host memory and computes on ``device`` layer by layer
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Method:
     stats_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"grams": True}
     add_args: Callable[[argparse.ArgumentParser], None] | None = None
     help: str = ""
+    streams: bool = True  # runs with the weights in host memory, a layer at a time on the device (--weights host)
 
 
 METHODS: dict[str, Method] = {}

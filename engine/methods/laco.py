@@ -120,5 +120,5 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"laco: step down after an accepted merge, I (default {INTERVAL_I})")
 
 
-register(Method(name="laco", fn=run, kind="depth", needs_stats=False, add_args=add_args,
+register(Method(name="laco", fn=run, kind="depth", needs_stats=False, add_args=add_args, streams=False,
                 help="LaCo layer collapse baseline (merge windows from the top while the output stays similar)"))

@@ -152,5 +152,5 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "or keep the nearest count")
 
 
-register(Method(name="slm", fn=run, kind="depth", needs_stats=False, add_args=add_args,
+register(Method(name="slm", fn=run, kind="depth", needs_stats=False, add_args=add_args, streams=False,
                 help="sliding layer merging (top-to-bottom, similarity threshold bisected to the target)"))

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from layerfold.core.model import Model
+from layerfold.core.streaming import LayerStream
 from layerfold.methods.base import Method, PruneContext, PruneResult, register
 from layerfold.surgery.depth import apply_depth_plan
 from layerfold.surgery.plan import DepthPlan, Replace
@@ -83,15 +84,23 @@ def token_loss(pred: Tensor, target: Tensor, kind: str, skip_first: bool) -> Ten
 
 
 class PairStream:
-    """(h_j, h_{j+n}) per micro-batch of calibration ids, from the dense model; optionally spilled to disk."""
+    """(h_j, h_{j+n}) per micro-batch of calibration ids, from the dense model; optionally spilled to disk.
 
-    def __init__(self, dense: Model, ids: Tensor, j: int, n: int, micro_batch: int, cache: str = "disk"):
+    ``device``: compute there with the dense weights streamed from where they are, one layer at a time
+    (core.streaming.LayerStream; a dense model kept in host memory); None runs the model where it is."""
+
+    def __init__(self, dense: Model, ids: Tensor, j: int, n: int, micro_batch: int, cache: str = "disk",
+                 device: str | torch.device | None = None):
         self.dense, self.ids, self.j, self.n, self.mb, self.cache = dense, ids, j, n, micro_batch, cache
+        self.device = None if device is None else torch.device(device)
+        self._src = None if device is None else LayerStream(dense, device)
         self._dir: Path | None = None
         self._files: tuple[np.memmap, np.memmap] | None = None
         self._filled = 0
 
     def _compute(self, b0: int, b1: int) -> tuple[Tensor, Tensor]:
+        if self._src is not None:
+            return self._streamed(b0, b1)
         m = self.dense
         with torch.no_grad():
             h, ropes, mask = m.prepare(self.ids[b0:b1].to(m.device))
@@ -101,6 +110,26 @@ class PairStream:
                     x = h
                 h = m.run_layer(i, h, ropes, mask)
             return (h if x is None else x), h
+
+    @torch.no_grad()
+    def _streamed(self, b0: int, b1: int) -> tuple[Tensor, Tensor]:
+        src, last = self._src, self.j + self.n
+        ids = self.ids[b0:b1].to(src.device)
+        B, T = ids.shape
+        h = src.embed(ids)
+        ropes, mask = src.ropes(torch.arange(T, device=src.device)[None].expand(B, T)), src.mask(T)
+        x = h
+        src.prefetch(0)
+        for i, ls in enumerate(self.dense.spec.layers[:last]):
+            if i == self.j:
+                x = h
+            block = src.block(i)
+            if i + 1 < last:
+                src.prefetch(i + 1)
+            cos, sin = ropes.get(ls.head_dim, (None, None)) if ls.has_attn else (None, None)
+            h = block(h, cos, sin, mask)
+            del block
+        return x, h
 
     def epoch(self, shuffle: bool = False) -> Any:
         """Yield (h_j, h_{j+n}) per micro-batch; cached micro-batches come in random order when ``shuffle``."""
@@ -157,10 +186,12 @@ def train_replacement(dense: Model, pruned: Model, index: int, j: int, n: int, i
                       train_batch: int = TRAIN_BATCH, loss: str = "relative", skip_first: bool = False, lr: float = LR,
                       lr_end: float = LR_END, weight_decay: float = WD, clip: float = CLIP, pair_cache: str = "disk",
                       seed: int = 0, progress: bool = False, log_every: int = 10,
-                      pairs: PairStream | None = None) -> dict[str, Any]:
+                      pairs: PairStream | None = None, device: str | torch.device | None = None) -> dict[str, Any]:
     """Train ``pruned.layers[index]`` (in place) to map the dense h_j to h_{j+n}; returns the training log.
 
     ``pairs``: a PairStream for the same (ids, j, n) to reuse (its disk cache survives; the caller closes it).
+    ``device``: train there, with the dense model streamed from where it is (models kept in host memory: the
+    block goes to the device for its training and back afterwards); None trains where the models are.
 
     An MLP block trains on shuffled chunks of ``token_batch`` tokens, a decoder block on ``train_batch``
     whole sequences; the learning rate follows a cosine from ``lr`` to ``lr_end`` over all steps."""
@@ -171,6 +202,9 @@ def train_replacement(dense: Model, pruned: Model, index: int, j: int, n: int, i
     ls = pruned.spec.layers[index]
     per_token = not ls.has_attn
     pruned.requires_grad_(False)
+    home = pruned.device
+    dev = home if device is None else torch.device(device)
+    block.to(dev)
     params = list(block.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -184,11 +218,11 @@ def train_replacement(dense: Model, pruned: Model, index: int, j: int, n: int, i
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (lr_end + 0.5 * (lr - lr_end) * (1 + math.cos(math.pi * min(s, total) / total))) / lr)
-    stream = pairs or PairStream(dense, ids, j, n, micro_batch, pair_cache)
+    stream = pairs or PairStream(dense, ids, j, n, micro_batch, pair_cache, device=device)
     if (stream.j, stream.n, stream.mb) != (j, n, micro_batch) or not torch.equal(stream.ids, ids):
         raise ValueError("train_replacement: the pair stream was built for another window or data. Fix: pass the "
                          "PairStream made for these ids, j and n (or none)")
-    ropes = pruned.rope(torch.arange(T, device=pruned.device)[None], dtype)
+    ropes = pruned.rope(torch.arange(T, device=dev)[None], dtype)
     cos, sin = ropes.get(ls.head_dim, (None, None)) if ls.has_attn else (None, None)
     history: list[dict[str, float]] = []
     step, t0, t_pairs = 0, time.time(), 0.0
@@ -199,7 +233,7 @@ def train_replacement(dense: Model, pruned: Model, index: int, j: int, n: int, i
             tp = time.time()
             for x, y in stream.epoch(shuffle=ep > 0):
                 t_pairs += time.time() - tp
-                x, y = x.to(pruned.device, dtype), y.to(pruned.device, dtype)
+                x, y = x.to(dev, dtype), y.to(dev, dtype)
                 for xb, yb, skip in _minibatches(x, y, per_token, token_batch if per_token else train_batch,
                                                  skip_first):
                     pred = block(xb, cos, sin, None)  # rotary tables (1, 1, T, hd) broadcast
@@ -221,6 +255,7 @@ def train_replacement(dense: Model, pruned: Model, index: int, j: int, n: int, i
         block.eval()
         for p in params:
             p.requires_grad_(False)
+        block.to(home)
     return {"steps": step, "epochs": epochs, "loss_kind": loss, "skip_first": skip_first,
             "tokens_per_epoch": N * T, "train_seconds": time.time() - t0, "pair_seconds": t_pairs,
             "final_loss": history[-1]["loss"] if history else None, "history": history,
@@ -275,10 +310,11 @@ def run(ctx: PruneContext) -> PruneResult:
     info: dict[str, Any] = {"window": [r.first, r.last], "replacement": replacement}
     if not opts.get("no_train"):
         topts = train_options(opts)
-        pairs = shared_pairs(model, ctx.calib, r.first, k, MICRO_BATCH) if topts.get("pair_cache", "disk") == "disk" \
-            else None
+        dev = ctx.device if ctx.weights == "host" else None  # stream the dense weights to the device
+        pairs = shared_pairs(model, ctx.calib, r.first, k, MICRO_BATCH, dev) \
+            if topts.get("pair_cache", "disk") == "disk" else None
         info["training"] = train_replacement(model, new, r.first, r.first, k, ctx.calib, **topts, seed=ctx.seed,
-                                             progress=ctx.progress, pairs=pairs)
+                                             progress=ctx.progress, pairs=pairs, device=dev)
     info["seconds"] = time.time() - t0
     return PruneResult(new, plan.to_dict(), plan.layer_map(), plan.changed_layers(), info)
 
@@ -286,17 +322,18 @@ def run(ctx: PruneContext) -> PruneResult:
 _PAIRS: list[PairStream] = []
 
 
-def shared_pairs(dense: Model, ids: Tensor, j: int, n: int, micro_batch: int) -> PairStream:
+def shared_pairs(dense: Model, ids: Tensor, j: int, n: int, micro_batch: int,
+                 device: str | torch.device | None = None) -> PairStream:
     """The last disk-cached PairStream if it is for this model, ids and window, else a new one (the old one's
     files are removed). Several replacements of one window (mlp, decoder, ablations) then compute the dense
     pairs once; the files go at exit."""
     for p in _PAIRS:
         if p.dense is dense and (p.j, p.n, p.mb) == (j, n, micro_batch) and p.ids.shape == ids.shape \
-                and torch.equal(p.ids, ids):
+                and torch.equal(p.ids, ids) and p.device == (None if device is None else torch.device(device)):
             return p
     for p in _PAIRS:
         p.close()
-    _PAIRS[:] = [PairStream(dense, ids, j, n, micro_batch, "disk")]
+    _PAIRS[:] = [PairStream(dense, ids, j, n, micro_batch, "disk", device=device)]
     return _PAIRS[0]
 
 

@@ -31,11 +31,15 @@ def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
     assert set(calib) == {"plain", "default", "default+grams"} and calib["plain"]["over_plain"] == 1.0
     serve = res["parts"]["serve"]["rows"]
     assert [r["clients"] for r in serve] == [1, 2] and all(r["tokens_s"] > 0 for r in serve)
-    prune = {r["method"]: r for r in res["parts"]["prune"]["rows"]}  # the whole pipeline, per method
-    assert set(prune) == {"shortgpt", "streamline", "dynamic-slicing"}
-    assert prune["shortgpt"]["layers"] == prune["streamline"]["layers"] - 1 == 3
+    prune = {(r["method"], r["weights"]): r for r in res["parts"]["prune"]["rows"]}  # the whole pipeline
+    assert set(prune) == {("shortgpt", "device"), ("streamline", "device"), ("dynamic-slicing", "device"),
+                          ("shortgpt", "host"), ("streamline", "host")}
+    assert prune["shortgpt", "device"]["layers"] == prune["streamline", "device"]["layers"] - 1 == 3
     assert all(r["params_ratio"] < 1 and {"load", "calibrate", "method", "save"} <= set(r["times"])
                for r in prune.values())
+    for m in ("shortgpt", "streamline"):  # host weights, streamed: the same model comes out
+        assert prune[m, "host"]["params"] == prune[m, "device"]["params"]
+    assert prune["shortgpt", "host"]["ppl"]["pruned"] > 0 and "eval_pruned" in prune["shortgpt", "host"]["times"]
     heal = {r["config"]: r for r in res["parts"]["heal"]["rows"]}
     assert heal["changed layers only"]["global_params"] == "changed"
     for r in heal.values():  # both stages ran and report their rate; the student is back in its own dtype

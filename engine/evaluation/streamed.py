@@ -1,0 +1,131 @@
+"""A model whose weights stay in host memory, run on a device one layer at a time.
+
+``StreamedLM(model, device)`` is a callable ``ids (B, T) -> logits (B, T, V)`` (what
+``layerfold.evaluation.evaluate`` scores) for a model too large for the device: every call builds each
+block on the device from the host weights (``core.streaming.LayerStream``: pinned staging and the next
+block prefetched on a side stream on CUDA), runs the batch through it and frees it. Each call moves the
+whole model across the bus once, so ``many(batches)`` runs a whole evaluation's batches layer by layer
+instead: one pass over the weights for all of them (what ``evaluate``'s perplexity and multiple-choice
+scoring use when the model has ``many``). On the device: one or two blocks, the embedding table, the
+head, every batch's hidden state (8,192 tokens x 4,096 wide in bf16: 67 MB) and one batch's logits.
+
+``weights_place`` decides where a job keeps the weights: on the device when they fit a share of its free
+memory, else in host memory, streamed like this (``prune --weights``, ``eval --weights``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from layerfold.core.model import Model, RMSNorm
+from layerfold.core.streaming import LayerStream
+
+WEIGHTS = ("auto", "device", "host")
+# Share of the device's free memory the weights may take for ``auto`` to keep them there: the rest holds
+# what the job adds on top (calibration buffers, a trained block and its AdamW state, evaluation logits).
+DEVICE_SHARE = 0.6
+
+
+def weight_bytes(source: str | Path | Model, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the weights as they will be held (in ``dtype`` when given); reads no tensor data."""
+    if isinstance(source, Model):
+        state = source.state_dict()
+    else:
+        from layerfold.core.loading import load_spec_state
+
+        state = load_spec_state(source, quiet=True)[1]
+    if dtype is None:
+        return sum(t.numel() * t.element_size() for t in state.values())
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in state.values())
+
+
+def weights_place(weights: str, device: str | torch.device, nbytes: int | Callable[[], int]) -> tuple[str, str]:
+    """('device' | 'host', why) for ``weights`` ("auto" | "device" | "host") and weights of ``nbytes`` (or a
+    function giving it: called only when "auto" has a GPU to decide for)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights {weights!r} is unknown. Fix: use one of {', '.join(WEIGHTS)}")
+    dev = torch.device(device)
+    if weights != "auto":
+        return weights, "asked for"
+    if dev.type != "cuda":
+        return "device", f"{dev.type}: host and device memory are one"
+    free, _ = torch.cuda.mem_get_info(dev)
+    nbytes = nbytes() if callable(nbytes) else nbytes
+    gb = 1024 ** 3
+    if nbytes <= DEVICE_SHARE * free:
+        return "device", f"{nbytes / gb:.1f} GiB of weights fit {DEVICE_SHARE:.0%} of the {free / gb:.1f} GiB free"
+    return "host", (f"{nbytes / gb:.1f} GiB of weights exceed {DEVICE_SHARE:.0%} of the {free / gb:.1f} GiB free "
+                    f"on {dev}: kept in host memory, streamed one layer at a time")
+
+
+class StreamedLM:
+    """``model`` (in host memory, left as it is) computed on ``device`` one layer at a time; see the module
+    docstring. Logits equal ``model(ids)``'s up to the device's arithmetic."""
+
+    def __init__(self, model: Model, device: str | torch.device, dtype: torch.dtype | None = None):
+        self.spec = model.spec
+        self.src = LayerStream(model, device, dtype or model.dtype)
+        self.device = self.src.device
+        self.dtype = self.src.dtype
+        self.norm = RMSNorm(self.spec.d_final, self.spec.norm_eps).to(self.device, self.dtype)
+        self.norm.weight.data.copy_(model.norm.weight.detach())
+        self.norm.requires_grad_(False)
+        self._head: Tensor | None = None if model.lm_head is None else model.lm_head.weight.detach()
+
+    def head_weight(self) -> Tensor:
+        if self._head is None:  # tied: the stream's embedding table (a device copy on CUDA)
+            return self.src.embed_weight().to(self.device, self.dtype)
+        if self._head.device != self.device or self._head.dtype != self.dtype:
+            self._head = self._head.to(self.device, self.dtype)
+        return self._head
+
+    @torch.inference_mode()
+    def __call__(self, ids: Tensor, key_valid: Tensor | None = None) -> Tensor:
+        return next(self.many([(ids, key_valid)]))
+
+    @torch.inference_mode()
+    def many(self, batches: Sequence[tuple[Tensor, Tensor | None]]) -> Iterator[Tensor]:
+        """Logits of each (ids (B, T), key_valid (B, T) or None) batch, in order, from one pass over the
+        layers: every batch's hidden state (B x T x d, on the device) goes through layer i before layer
+        i + 1 is built, so the weights cross the bus once for all of them. The logits are made one batch at a
+        time as the caller takes them."""
+        runs = []
+        for ids, key_valid in batches:
+            ids = ids.to(self.device)
+            B, T = ids.shape
+            if key_valid is not None:
+                key_valid = key_valid.to(self.device)
+                positions = self.src.positions(key_valid)
+            else:
+                positions = torch.arange(T, device=self.device)[None].expand(B, T)
+            runs.append([self.src.embed(ids), self.src.ropes(positions), self.src.mask(T, key_valid)])
+        self.src.prefetch(0)
+        for i, ls in enumerate(self.spec.layers):
+            block = self.src.block(i)
+            self.src.prefetch(i + 1)
+            for run in runs:
+                cos, sin = run[1].get(ls.head_dim, (None, None)) if ls.has_attn else (None, None)
+                run[0] = block(run[0], cos, sin, run[2])
+            del block
+        head = self.head_weight()
+        for run in runs:
+            h, run[0] = run[0], None
+            yield F.linear(self.norm(h), head)
+
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.src.state.values())
+
+
+def evaluation_model(model: Model, device: str | torch.device, place: str) -> Any:
+    """What evaluations score: the model itself when its weights are on the device, else a StreamedLM."""
+    return StreamedLM(model, device) if place == "host" else model
+
+
+__all__ = ["DEVICE_SHARE", "WEIGHTS", "StreamedLM", "evaluation_model", "weight_bytes", "weights_place"]

@@ -1,0 +1,137 @@
+"""Weights kept in host memory and streamed to the compute device a layer at a time (``--weights host``):
+the same logits, evaluation numbers and pruned checkpoints as with the model on the device.
+
+On this CPU-only machine "host" and "device" are one memory, so these tests run every streamed code path
+(LayerStream blocks, the streamed Streamline pairs, the StreamedLM evaluation) against the plain one; the
+GPU tests at the end check the same on CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from layerfold.core.checkpoint import load_checkpoint, save_checkpoint
+from layerfold.core.loading import load_tokenizer, resolve
+from layerfold.core.spec import ModelSpec, dense_layer
+from layerfold.evaluation.evaluate import perplexity
+from layerfold.evaluation.streamed import StreamedLM, weight_bytes, weights_place
+from layerfold.pipeline import prune
+from tests.support.models import RUNTIME_SPECS, SMOLLM2_VOCAB, hetero_reference_spec, tiny_model, tiny_spec
+from tests.support.tolerances import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPECS = {"hetero-reference": hetero_reference_spec(), **RUNTIME_SPECS}
+
+
+@pytest.mark.parametrize("name", [*sorted(SPECS), "tied"])
+def test_streamed_logits_equal_the_model(name: str) -> None:
+    spec = SPECS[name] if name in SPECS else tiny_spec(tie=True, n_layers=3)
+    m = tiny_model(spec, norm_gains=True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec.vocab_size, (3, 11), generator=g)
+    ok = torch.ones_like(ids, dtype=torch.bool)
+    ok[1, 7:] = False  # right padding
+    ok[2, :4] = False  # left padding
+    s = StreamedLM(m, "cpu")
+    assert_close(s(ids), m(ids), torch.float32)
+    assert_close(s(ids, key_valid=ok), m(ids, key_valid=ok), torch.float32)
+    assert s.num_params() == m.num_params()
+
+
+def test_weights_place_rules() -> None:
+    assert weights_place("auto", "cpu", 10**12) == ("device", "cpu: host and device memory are one")
+    assert weights_place("host", "cpu", 1)[0] == "host"
+    assert weights_place("device", "cpu", 10**15)[0] == "device"  # asked for: the job may still run out
+    with pytest.raises(ValueError, match="--weights 'disk' is unknown. Fix: use one of auto, device, host"):
+        weights_place("disk", "cpu", 1)
+    m = tiny_model(n_layers=2)
+    assert weight_bytes(m) == 4 * m.num_params()
+    assert weight_bytes(m, torch.bfloat16) == 2 * m.num_params()
+
+
+# ---- the whole prune pipeline with the weights in host memory -----------------------------------------
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return load_tokenizer(resolve("smollm2-135m", quiet=True))
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> Path:
+    """Six decoder layers with the SmolLM2 tokenizer's vocabulary (tied)."""
+    spec = ModelSpec(vocab_size=SMOLLM2_VOCAB, d_model=64, layers=(dense_layer(64, 4, 2, 16, 128),) * 6,
+                     tie_embeddings=True).validate()
+    m = tiny_model(spec, seed=3, norm_gains=True)
+    return save_checkpoint(tmp_path_factory.mktemp("dense") / "model", m.spec, m.state_dict(), tokenizer=tok)
+
+
+EVAL = {"seq_len": 64, "max_tokens": 1024, "mc_items": 6}
+RUNS = {"shortgpt": ("2", {}), "streamline": ("2", {"epochs": 1}), "dynamic-slicing": ("25%", {}),
+        "come": ("1", {})}
+
+
+@pytest.mark.parametrize("method", sorted(RUNS))
+def test_prune_with_host_weights_gives_the_same_checkpoint(method: str, dense: Path, tmp_path: Path) -> None:
+    target, opts = RUNS[method]
+    kw: dict[str, Any] = dict(samples=4, seq_len=32, options=opts, eval_options=EVAL, progress=False)
+    ref = prune(dense, method, target, tmp_path / "device", weights="device", **kw)
+    got = prune(dense, method, target, tmp_path / "host", weights="host", **kw)
+    assert ref["weights"]["place"] == "device" and got["weights"]["place"] == "host"
+    assert got["weights"]["bytes"] == weight_bytes(dense)
+    assert got["layer_map"] == ref["layer_map"] and got["plan"] == ref["plan"]
+    for key in ("ppl", "acc", "acc_norm", "params", "layers"):
+        assert got["pruned"][key] == pytest.approx(ref["pruned"][key], rel=1e-4), key
+        assert got["dense"][key] == pytest.approx(ref["dense"][key], rel=1e-4), key
+    a, b = load_checkpoint(tmp_path / "device")[1], load_checkpoint(tmp_path / "host")[1]
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert_close(b[k], a[k], torch.float32)
+
+
+def test_host_weights_refuse_what_needs_the_whole_model_before_loading(dense: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import layerfold.pipeline as P
+
+    def no_load(*a: Any, **k: Any) -> None:
+        raise AssertionError("loaded the model before refusing")
+
+    monkeypatch.setattr(P, "load", no_load)
+    with pytest.raises(ValueError, match="laco searches by running the whole model many times.*Fix:"):
+        prune(dense, "laco", "2", tmp_path / "a", weights="host", progress=False)
+    with pytest.raises(ValueError, match="--heal trains the pruned model.*Fix: prune without --heal"):
+        prune(dense, "shortgpt", "2", tmp_path / "b", weights="host", heal=True, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_eval_cli_streams_host_weights(dense: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from layerfold.cli.main import main
+
+    args = ["eval", str(dense), "--json", "--seq-len", "64", "--max-tokens", "512", "--mc-items", "4"]
+    assert main([*args, "--weights", "host"]) == 0
+    host = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert host["weights"]["place"] == "host" and plain["weights"]["place"] == "device"
+    assert host["ppl"]["ppl"] == pytest.approx(plain["ppl"]["ppl"], rel=1e-5)
+    assert host["mc"]["acc"] == plain["mc"]["acc"]
+
+
+# ---- on the GPU ---------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_streamed_evaluation_equals_the_cpu_model(tok: Any) -> None:
+    spec = RUNTIME_SPECS["hetero"]
+    m = tiny_model(spec, norm_gains=True)
+    ids = torch.randint(0, spec.vocab_size, (4, 40), generator=torch.Generator().manual_seed(2))
+    s = StreamedLM(m, "cuda")
+    assert m.device.type == "cpu"  # the weights stayed where they were
+    torch.testing.assert_close(s(ids).cpu(), m(ids), rtol=2e-4, atol=2e-4)
+    ref = perplexity(m, ids.reshape(-1), seq_len=40)
+    got = perplexity(s, ids.reshape(-1), seq_len=40)
+    assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
+
