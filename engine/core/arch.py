@@ -81,13 +81,21 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
                          "hold one JSON object with the model's settings; re-download or re-create it")
     mt = _get(cfg, "model_type")
     check_supported(mt, where)
+    quant = _get(cfg, "quantization_config")
+    if quant:
+        how = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else type(quant).__name__
+        raise ValueError(f"{where}: the checkpoint is quantized ({how}); layerfold calibrates, prunes and runs "
+                         "full-precision weights (fp32, fp16, bf16). Fix: use the model's unquantized release, or "
+                         "dequantize it first (transformers: load it, then save_pretrained the dequantized model); "
+                         "a quantized GGUF file is dequantized by layerfold itself")
     missing = [k for k in REQUIRED_KEYS if not isinstance(_get(cfg, k), int) or isinstance(_get(cfg, k), bool)
                or _get(cfg, k) < 1]
     if missing:
         raise ValueError(f"{where}: {', '.join(missing)} missing or not a positive integer in the config. Fix: give "
                          f"config.json every one of {', '.join(REQUIRED_KEYS)} (the model's own values)")
     if _get(cfg, "hidden_act", "silu") not in ("silu", "swish"):
-        raise ValueError(f"{where}: hidden_act={_get(cfg, 'hidden_act')!r}; layerfold runs SwiGLU (silu) MLPs")
+        raise ValueError(f"{where}: hidden_act={_get(cfg, 'hidden_act')!r}; layerfold runs SwiGLU (silu) MLPs. Fix: "
+                         "use a model of a supported family with its own config (their hidden_act is silu)")
     if mt == "llama" and (_get(cfg, "attention_bias", False) or _get(cfg, "mlp_bias", False)):
         raise ValueError(f"{where}: Llama with attention_bias/mlp_bias is not supported (no such public model "
                          "is known to need it); open an issue with the model name")
@@ -104,7 +112,8 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     rtype = rp.get("rope_type") or rs.get("rope_type") or rs.get("type") or "default"
     src = rp if rp.get("rope_type") not in (None, "default") else rs
     if rtype not in ("default", "linear", "llama3"):
-        raise ValueError(f"{where}: rope scaling {rtype!r} is not supported; supported: default, linear, llama3")
+        raise ValueError(f"{where}: rope scaling {rtype!r} is not supported; supported: default, linear, llama3. "
+                         "Fix: use a model with one of those, or open an issue for this scaling")
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     sw = _get(cfg, "sliding_window") if mt == "mistral" or _get(cfg, "use_sliding_window", False) else None

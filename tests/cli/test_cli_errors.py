@@ -93,6 +93,26 @@ def test_bad_hf_config(tmp_path: Path, capsys: pytest.CaptureFixture, config: An
     fails(capsys, "inspect", d, match=match)
 
 
+@pytest.mark.parametrize("change,match", [
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "is quantized \\(gptq\\).*Fix: use the model's "
+     "unquantized release"),
+    ({"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}, "is quantized \\(fp8\\)"),
+    ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act='gelu_pytorch_tanh'.*Fix:"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn' is not supported.*Fix:"),
+])
+def test_hf_config_layerfold_cannot_run(tmp_path: Path, capsys: pytest.CaptureFixture, change: dict[str, Any],
+                                        match: str) -> None:
+    """A real config with one setting layerfold does not run: refused from config.json, before the weights."""
+    d = tmp_path / "hf"
+    tiny_hf("llama").save_pretrained(d)
+    cfg = {**json.loads((d / "config.json").read_text()), **change}
+    if "rope_scaling" in change:  # transformers 5 writes rope_parameters, which would take precedence
+        cfg.pop("rope_parameters", None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").write_bytes(b"not read")
+    fails(capsys, "inspect", d, match=match)
+
+
 @pytest.mark.parametrize("version", ['"2"', "null", "1.5", "-1", "99"])
 def test_config_version_not_a_number(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture, version: str) -> None:
     d = copy_of(ckpt, tmp_path)
