@@ -13,14 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from layerfold.inference.sampling import TEMPERATURE_FLOOR
 from layerfold.serving.scheduler import MAX_LOGPROBS, MAX_STOP, MAX_STOP_CHARS, SEED_RANGE
 
-__all__ = ["ApiError", "ChatBody", "CompletionBody", "Limits", "check_body", "check_prompt", "error_response",
-           "prompt_list", "stop_list"]
+__all__ = ["ApiError", "ChatBody", "CompletionBody", "Limits", "chat_messages", "check_body", "check_prompt",
+           "check_text", "error_response", "on_api_error", "on_crash", "on_http", "on_invalid", "prompt_list",
+           "stop_list"]
 
 
 class ApiError(Exception):
@@ -37,7 +41,11 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+    def text(s: str | None) -> str | None:  # an unpaired surrogate from the request (a field's name) cannot be UTF-8
+        return None if s is None else s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    return JSONResponse({"error": {"message": text(message), "type": type_, "param": text(param), "code": code}},
+                        status)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,12 @@ Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Float = Annotated[float, Field(allow_inf_nan=False)]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # padding against length side channels: none is sent anyway
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     model: str | None = None
@@ -73,7 +87,7 @@ class _Common(BaseModel):
     stream: bool = False
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
 
 
 class CompletionBody(_Common):
@@ -119,7 +133,8 @@ def check_body(body: _Common, model_name: str) -> None:
         raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}. "
                        f"Fix: pass model={model_name!r}", "model", "model_not_found")
     for name, value in (body.model_extra or {}).items():
-        if name in IGNORED or value is None or value in NOOP.get(name, ()):
+        if name in IGNORED or value is None or any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                                   for v in NOOP.get(name, ())):  # strict: false is not 0
             continue
         what = "is not supported by this server" if name in NOOP else "is not a field this server knows"
         raise ApiError(400, f"the field {name!r} {what}; ignoring it would not give the answer asked for. Fix: "
@@ -145,7 +160,33 @@ def prompt_list(body: CompletionBody, limits: Limits) -> list[str | list[int]]:
         if isinstance(x, str) and len(x) > limits.max_prompt_chars:
             raise ApiError(400, f"a prompt of {len(x)} characters cannot fit the limit of {limits.max_prompt_tokens} "
                            "tokens. Fix: shorten the prompt", "prompt", "context_length_exceeded")
+        if isinstance(x, str):
+            check_text(x, "prompt")
     return prompts
+
+
+def chat_messages(body: ChatBody, limits: Limits) -> list[dict[str, str]]:
+    """The chat request's messages for the chat template (content parts joined; ``developer`` is ``system``)."""
+    msgs = [{"role": "system" if m.role == "developer" else m.role,
+             "content": (m.content if isinstance(m.content, str) or m.content is None else
+                         "".join(part.text for part in m.content)) or ""} for m in body.messages]
+    if sum(len(m["content"]) for m in msgs) > limits.max_prompt_chars:
+        raise ApiError(400, f"the messages cannot fit the limit of {limits.max_prompt_tokens} tokens. Fix: "
+                       "shorten them", "messages", "context_length_exceeded")
+    for i, m in enumerate(msgs):
+        check_text(m["content"], f"messages.{i}.content")
+    return msgs
+
+
+def check_text(text: str, param: str) -> None:
+    """400 for a string that is not Unicode text: JSON's \\ud800-\\udfff escapes unpaired (no tokenizer reads them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param} holds an unpaired UTF-16 surrogate (\\u{ord(text[e.start]):04x} at character "
+                       f"{e.start}), which is not text. Fix: send valid Unicode: escape a character beyond U+FFFF as a "
+                       "high (\\ud800-\\udbff) and low (\\udc00-\\udfff) surrogate pair, or send it as UTF-8",
+                       param) from None
 
 
 def check_prompt(ids: list[int], max_tokens: int | None, limits: Limits, vocab_size: int) -> int:
@@ -169,3 +210,52 @@ def check_prompt(ids: list[int], max_tokens: int | None, limits: Limits, vocab_s
                        f"{limits.max_len} tokens. Fix: ask for at most {room} tokens", "max_tokens",
                        "context_length_exceeded")
     return max_tokens
+
+
+# ---- the app's exception handlers -------------------------------------------------------------------
+async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        why = (first.get("ctx") or {}).get("error", first.get("msg", ""))
+        at = f" (character {loc[0]})" if loc else ""
+        return error_response(400, f"the request body is not valid JSON: {why}{at}. Fix: send a JSON object with "
+                              "Content-Type: application/json")
+    msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
+                    for e in errs[:5])
+    fix = ("correct the field(s) named" if loc else
+           "send a JSON object such as {\"prompt\": \"Hello\"} with Content-Type: application/json")
+    return error_response(400, f"invalid request: {msg}. Fix: {fix}", param=".".join(loc) or None)
+
+
+async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+def _http_message(request: Request, exc: HTTPException) -> str:
+    """Starlette's and FastAPI's bare details ("Not Found", "There was an error parsing the body"), explained."""
+    cause, status = exc.__cause__, exc.status_code
+    if status == 400 and isinstance(cause, UnicodeDecodeError):
+        return (f"the request body is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at position {cause.start}). "
+                "Fix: encode the JSON body as UTF-8")
+    if status == 400 and isinstance(cause, RecursionError):
+        return "the request body nests lists or objects too deeply to parse. Fix: send the request's flat JSON object"
+    if status == 400 and isinstance(cause, ValueError) and "digits" in str(cause):
+        return ("a number in the request body has thousands of digits. Fix: send numbers within their field's range "
+                "(max_tokens, seed: 64-bit integers)")
+    if status == 400 and cause is not None:
+        return f"the request body could not be parsed ({type(cause).__name__}). Fix: send a JSON object in UTF-8"
+    if status in (404, 405):
+        return (f"{exc.detail}: {request.method} {request.url.path[:200]}. Fix: use POST /v1/completions, POST "
+                "/v1/chat/completions, GET /v1/models, GET /health or GET /metrics")
+    return str(exc.detail)
+
+
+async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
+    return error_response(exc.status_code, _http_message(request, exc),
+                          type_="invalid_request_error" if exc.status_code < 500 else "server_error")
+
+
+async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")

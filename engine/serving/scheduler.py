@@ -53,6 +53,9 @@ class RequestError(ValueError):
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
 MAX_STOP, MAX_STOP_CHARS = 16, 256  # stop strings a request may carry, characters each (each is searched per token)
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
+# top_p below this (down to denormals that float32 rounds to 0) is raised to it: it keeps the same single
+# token (the most likely has probability >= 1/vocab), where a p that rounds to 0 would keep none.
+TOP_P_FLOOR = 1e-30
 
 
 @dataclass
@@ -323,9 +326,12 @@ class Scheduler:
 
     def _sample(self, slots: list[int], reqs: list[Request], logits: torch.Tensor) -> None:
         """Sample and accept one token per row; a row whose sampling or text fails fails alone."""
-        nxt = sample_each(logits, [r.temperature for r in reqs], [r.top_p for r in reqs], [r.gen for r in reqs])
+        top_ps = [max(r.top_p, TOP_P_FLOOR) for r in reqs]  # a tinier p keeps the same (first) token
+        nxt = sample_each(logits, [r.temperature for r in reqs], top_ps, [r.gen for r in reqs])
         for j, (slot, r, t) in enumerate(zip(slots, reqs, nxt, strict=True)):
-            if r is None or r.cancelled:
+            if r.cancelled:  # e.g. during its prefill: free the slot now, before a step reads its (no) tokens
+                if self.slots[slot] is r:
+                    self._free(slot)
                 continue
             if isinstance(t, Exception):
                 self._fail(slot, r, str(t))

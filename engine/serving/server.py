@@ -43,9 +43,13 @@ from layerfold.serving.protocol import (
     ChatBody,
     CompletionBody,
     Limits,
+    chat_messages,
     check_body,
     check_prompt,
-    error_response,
+    on_api_error,
+    on_crash,
+    on_http,
+    on_invalid,
     prompt_list,
     stop_list,
 )
@@ -103,32 +107,6 @@ def _state(request: Request) -> ServerState:
 router = APIRouter()
 
 
-# ---- errors ------------------------------------------------------------------------------------------
-async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errs = exc.errors()
-    first = errs[0] if errs else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    if first.get("type") == "json_invalid":
-        return error_response(400, f"the request body is not valid JSON ({first.get('msg', '')}). Fix: send a JSON "
-                              "object with Content-Type: application/json")
-    msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
-                    for e in errs[:5])
-    return error_response(400, f"invalid request: {msg}. Fix: correct the field(s) named", param=".".join(loc) or None)
-
-
-async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return exc.response()
-
-
-async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail),
-                          type_="invalid_request_error" if exc.status_code < 500 else "server_error")
-
-
-async def on_crash(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
-
-
 # ---- small endpoints ---------------------------------------------------------------------------------
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
@@ -182,12 +160,7 @@ async def completions(request: Request, body: CompletionBody) -> Any:
 async def chat_completions(request: Request, body: ChatBody) -> Any:
     st = _state(request)
     check_body(body, st.model_name)
-    msgs = [{"role": "system" if m.role == "developer" else m.role,
-             "content": (m.content if isinstance(m.content, str) or m.content is None else
-                         "".join(part.text for part in m.content)) or ""} for m in body.messages]
-    if sum(len(m["content"]) for m in msgs) > st.limits.max_prompt_chars:
-        raise ApiError(400, f"the messages cannot fit the limit of {st.limits.max_prompt_tokens} tokens. Fix: "
-                       "shorten them", "messages", "context_length_exceeded")
+    msgs = chat_messages(body, st.limits)
     try:
         ids = await _off_loop(st, encode_prompt, st.tokenizer, msgs, True)
     except ValueError as e:
@@ -228,19 +201,21 @@ async def _run(request: Request, st: ServerState, body: Any, jobs: list[Job], *,
             queue.put_nowait((i, Event("done", finish_reason="length", prompt_tokens=len(j.ids))))
     answer = _Answer(st, jobs, chat, logprobs is not None)
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(request, reqs, queue, answer, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    left = len(jobs)
+    left, check_at = len(jobs), loop.time() + 0.25
     try:
         while left:
             try:
                 i, ev = await asyncio.wait_for(queue.get(), timeout=0.25)
             except asyncio.TimeoutError:
+                i, ev = -1, None
+            if loop.time() >= check_at:  # every 0.25 s, also while tokens keep coming
+                check_at = loop.time() + 0.25
                 if await request.is_disconnected():
-                    for r in reqs:
-                        r.cancel()  # the client went away: free the slots
-                    return JSONResponse({}, 499)
+                    return JSONResponse({}, 499)  # the client went away: ``finally`` frees the slots
+            if ev is None:
                 continue
             if ev.kind == "error":
                 raise ApiError(500, ev.text, type_="server_error")
