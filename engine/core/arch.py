@@ -74,6 +74,18 @@ def check_supported(model_type: str | None, where: str) -> None:
             "Fix: convert a model of one of these families, or open an issue for the architecture.")
 
 
+def check_not_quantized(cfg: Any, where: str) -> None:
+    """Refuse a quantized checkpoint (GPTQ, AWQ, bitsandbytes, FP8, ...) from its config, before its weights."""
+    quant = _get(cfg, "quantization_config")
+    how = str(_get(quant, "quant_method", type(quant).__name__) or "unknown method")
+    if quant and "gguf" not in how.lower():  # transformers marks a GGUF it has dequantized (GgufConfig): fp32 now
+        how = how.removeprefix("QuantizationMethod.").lower()
+        raise ValueError(f"{where}: the checkpoint is quantized ({how}); layerfold calibrates, prunes and runs "
+                         "full-precision weights (fp32, fp16, bf16). Fix: use the model's unquantized release, or "
+                         "dequantize it first (transformers: load it, then save_pretrained the dequantized model); "
+                         "a quantized GGUF file is dequantized by layerfold itself")
+
+
 def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     """Build the dense ModelSpec of an HF config (a PretrainedConfig or its dict)."""
     if not isinstance(cfg, dict) and not hasattr(cfg, "model_type"):
@@ -81,13 +93,7 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
                          "hold one JSON object with the model's settings; re-download or re-create it")
     mt = _get(cfg, "model_type")
     check_supported(mt, where)
-    quant = _get(cfg, "quantization_config")
-    if quant:
-        how = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else type(quant).__name__
-        raise ValueError(f"{where}: the checkpoint is quantized ({how}); layerfold calibrates, prunes and runs "
-                         "full-precision weights (fp32, fp16, bf16). Fix: use the model's unquantized release, or "
-                         "dequantize it first (transformers: load it, then save_pretrained the dequantized model); "
-                         "a quantized GGUF file is dequantized by layerfold itself")
+    check_not_quantized(cfg, where)
     missing = [k for k in REQUIRED_KEYS if not isinstance(_get(cfg, k), int) or isinstance(_get(cfg, k), bool)
                or _get(cfg, k) < 1]
     if missing:

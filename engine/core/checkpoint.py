@@ -76,7 +76,7 @@ def is_checkpoint(path: str | Path) -> bool:
         return False
     try:
         return json.loads(p.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # bad JSON or UTF-8, a 5000-digit number, not an object
         return False
 
 
@@ -87,7 +87,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
                               "`layerfold prune`")
     try:
         cfg = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{p}: corrupt JSON ({e}). Fix: re-create the checkpoint; the file was truncated "
                               "or edited by hand") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
@@ -100,6 +100,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{p}: format version {version} is newer than this layerfold "
                               f"({FORMAT_VERSION}). Fix: upgrade layerfold")
+    if not isinstance(cfg.get("provenance", {}), dict):
+        raise CheckpointError(f"{p}: \"provenance\" is a JSON {type(cfg['provenance']).__name__}, not an object. Fix: "
+                              "this file was edited by hand; restore the object (or {}) or re-create the checkpoint")
     try:
         cfg["spec"] = ModelSpec.from_dict(cfg.get("spec"))
     except (ValueError, TypeError) as e:
@@ -111,11 +114,28 @@ def read_config(path: str | Path) -> dict[str, Any]:
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
+MAX_HEADER = 100_000_000  # bytes of a safetensors header (the safetensors library's own limit)
 
 
 def _corrupt(p: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{p}: corrupt or truncated safetensors file ({why}). "
                            "Fix: re-create the checkpoint (convert or prune again)")
+
+
+def _entry(p: Path, name: str, info: Any) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, start, end) of one header entry: whole numbers only, no negative sizes."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise _corrupt(p, f"bad header entry for {name!r}")
+    if info["dtype"] not in _ST_DTYPES:
+        raise CheckpointError(f"{p}: tensor {name!r} is stored as {info['dtype'][:20]!r}, which layerfold does not "
+                              f"read (it reads {', '.join(_ST_DTYPES)}). Fix: save the weights as float32, float16 or "
+                              "bfloat16 safetensors (dequantise FP8 or packed formats first)")
+    shape, offs = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and isinstance(offs, list) and len(offs) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, *offs))):
+        raise _corrupt(p, f"bad header entry for {name!r}: shape {str(shape)[:60]} and data_offsets "
+                       f"{str(offs)[:60]} must be lists of whole numbers >= 0")
+    return _ST_DTYPES[info["dtype"]], shape, offs[0], offs[1]
 
 
 def open_weights(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
@@ -133,30 +153,29 @@ def open_weights(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
         if len(head) < 8:
             raise _corrupt(p, f"only {size} bytes")
         n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise _corrupt(p, f"header length {n} does not fit in {size} bytes")
+        if n <= 0 or 8 + n > size or n > MAX_HEADER:
+            raise _corrupt(p, f"header length {n} does not fit in {size} bytes or is over {MAX_HEADER}")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise _corrupt(p, f"header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise _corrupt(p, "header is not a JSON object")
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict) or not isinstance(header.pop("__metadata__", None) or {}, dict):
+        raise _corrupt(p, "header (or its __metadata__) is not a JSON object")
     data_len = size - 8 - n
-    blob = torch.from_file(str(p), shared=False, size=size, dtype=torch.uint8) if size else None
-    out: dict[str, Tensor] = {}
-    for name, info in header.items():
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            a, b = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise _corrupt(p, f"bad header entry for {name!r}") from None
+    entries = [(name, *_entry(p, name, info)) for name, info in header.items()]
+    end = 0
+    for name, dtype, shape, a, b in sorted(entries, key=lambda e: (e[3], e[4])):
         numel = 1
         for s in shape:
             numel *= s
-        if not (0 <= a <= b <= data_len) or b - a != numel * torch.empty((), dtype=dtype).element_size():
+        if not (a <= b <= data_len) or b - a != numel * torch.empty((), dtype=dtype).element_size():
             raise _corrupt(p, f"tensor {name!r} lies outside the file or has the wrong byte size")
+        if a < end:
+            raise _corrupt(p, f"tensor {name!r} overlaps the bytes of another tensor")
+        end = b
+    blob = torch.from_file(str(p), shared=False, size=size, dtype=torch.uint8) if size else None
+    out: dict[str, Tensor] = {}
+    for name, dtype, shape, a, b in entries:
         raw = blob[8 + n + a: 8 + n + b]
         try:
             t = raw.view(dtype)

@@ -13,7 +13,9 @@ basis); its MLP reads ``d_mid`` and writes ``d_out`` (MLP shortcut d_mid -> d_ou
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from numbers import Integral, Real
 from typing import Any
 
 BLOCK_KINDS = ("decoder", "mlp")
@@ -22,6 +24,39 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 def _err(where: str, msg: str, fix: str) -> ValueError:
     return ValueError(f"{where}: {msg}. Fix: {fix}")
+
+
+def _check_types(obj: Any, where: str) -> None:
+    """Each field of a spec holds its kind of value (a config.json edited by hand or from elsewhere may not): whole
+    numbers (not true/false, not 4.0) >= 0, finite positive real numbers, true/false, text, or null where allowed."""
+    for f in fields(obj):
+        v, kind = getattr(obj, f.name), _KINDS.get(f.name)
+        if kind is None or (v is None and f.name in ("sliding_window", "bos_token_id")):
+            continue
+        if kind == "int":
+            ok, want = isinstance(v, Integral) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"
+        elif kind == "real":
+            ok = isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            want = "a finite number > 0"
+        elif kind == "bool":
+            ok, want = isinstance(v, bool), "true or false"
+        elif kind == "ids":
+            ok = isinstance(v, tuple) and all(isinstance(x, Integral) and not isinstance(x, bool) and x >= 0 for x in v)
+            want = "a list of token ids (whole numbers >= 0)"
+        else:
+            ok, want = isinstance(v, str), "a string"
+        if not ok:
+            raise _err(where, f"{f.name}={v!r} is not {want}", f"set {f.name} to {want} (the source model's value)")
+
+
+_INTS = ("d_in", "d_mid", "d_out", "n_heads", "n_kv_heads", "head_dim", "d_ffn", "vocab_size", "d_model",
+         "rope_original_max_pos", "max_position", "sliding_window", "bos_token_id")
+_KINDS = {**dict.fromkeys(_INTS, "int"),
+          **dict.fromkeys(("has_attn", "has_mlp", "attn_shortcut", "mlp_shortcut", "tie_embeddings", "qkv_bias",
+                           "qk_norm"), "bool"),
+          **dict.fromkeys(("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"),
+                          "real"),
+          "kind": "str", "arch": "str", "rope_type": "str", "eos_token_ids": "ids"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +89,7 @@ class LayerSpec:
         return self.n_heads // self.n_kv_heads if self.n_kv_heads else 0
 
     def validate(self, where: str = "layer") -> None:
+        _check_types(self, where)
         for f in ("d_in", "d_mid", "d_out"):
             if getattr(self, f) <= 0:
                 raise _err(where, f"{f}={getattr(self, f)} must be positive", f"set {f} to the residual width")
@@ -126,12 +162,16 @@ class ModelSpec:
             and first.d_in == first.d_mid == first.d_out == self.d_model
 
     def validate(self) -> ModelSpec:
+        _check_types(self, "model")
         if self.vocab_size <= 0 or self.d_model <= 0:
             raise _err("model", "vocab_size and d_model must be positive", "check the source config")
         if self.rope_type not in ROPE_TYPES:
             raise _err("model", f"rope_type={self.rope_type!r} is unsupported", f"use one of {ROPE_TYPES}")
         if not self.layers:
             raise _err("model", "no layers", "keep at least one layer")
+        if self.max_position <= 0 or (self.sliding_window is not None and self.sliding_window <= 0):
+            raise _err("model", f"max_position={self.max_position} and sliding_window={self.sliding_window} must be "
+                       "positive", "set them to the source model's values (sliding_window null for full attention)")
         prev = self.d_model
         for i, l in enumerate(self.layers):
             if not isinstance(l, LayerSpec):
@@ -168,7 +208,12 @@ class ModelSpec:
             raise _err("model spec", "missing vocab_size, d_model or layers", "write a complete spec")
         lknown = {f.name for f in fields(LayerSpec)}
         layers = []
+        if not isinstance(d["layers"], list):
+            raise _err("model spec", f"layers is a JSON {type(d['layers']).__name__}", "give a list of layer objects")
         for i, ld in enumerate(d["layers"]):
+            if not isinstance(ld, dict):
+                raise _err(f"layers[{i}]", f"is a JSON {type(ld).__name__}, not an object", "give each layer as an "
+                           "object with d_in, d_mid, d_out, ...")
             bad = set(ld) - lknown
             if bad:
                 raise _err(f"layers[{i}]", f"unknown field(s) {sorted(bad)}", f"known: {sorted(lknown)}")
@@ -178,7 +223,8 @@ class ModelSpec:
                 raise _err(f"layers[{i}]", str(e), "give d_in, d_mid and d_out") from None
         kw = dict(d)
         kw["layers"] = tuple(layers)
-        kw["eos_token_ids"] = tuple(kw.get("eos_token_ids") or ())
+        eos = kw.get("eos_token_ids") or ()
+        kw["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else eos  # not a list: validate names it
         return cls(**kw).validate()
 
     @classmethod
