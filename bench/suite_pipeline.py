@@ -7,8 +7,8 @@
   time per stage and the device peak;
 - ``heal``: both healing stages of the ShortGPT-pruned 7B shape on the GPU (teacher in host memory, as
   ``layerfold heal`` holds a dense checkpoint), with the default configuration (the global stage's "auto"
-  picks LoRA on the unchanged layers where AdamW for every parameter does not fit); tokens/s per stage
-  and the device peak per stage.
+  picks LoRA on the unchanged layers where AdamW for every parameter does not fit), with the changed layers
+  only, and with the teacher kept in host memory (healing.teacher); tokens/s and the device peak per stage.
 
 Random weights and the embedded model's tokenizer (its vocabulary sets the embedding size); the data is
 the built-in pydoc text, so nothing is downloaded. ``tiny``: the same code on CPU with a 4-layer model.
@@ -114,14 +114,17 @@ def part_heal(rec: P.Recorder, tiny: bool) -> None:
     per_step = cfg.seq_len * cfg.micro_batch
     tokens = (10 if tiny else 40) * per_step  # layer stage 20% of it, the global stage the rest
     rows = []
-    for name, gp in (("default", "auto"), ("changed layers only", "changed")):
+    # the default, the changed layers only, and the default with the teacher kept in host memory (one pass over
+    # its layers per chunk of micro-batches: what a teacher that does not fit beside the student gets)
+    for name, gp, where in (("default", "auto", "auto"), ("changed layers only", "changed", "auto"),
+                            ("teacher in host memory", "auto", "host")):
         _reset(dev)
         t = time.perf_counter()
         student = drop_layers(dense, drop).to(dev)
         row: dict[str, Any] = {"config": name, "setup_s": time.perf_counter() - t}
         try:
             rep = heal_pruned(student, dense, layer_map, [], data=data, budget_minutes=None, tokens=tokens,
-                              progress=False, config=replace(cfg, global_params=gp))
+                              progress=False, config=replace(cfg, global_params=gp, teacher=where))
             sec = rep.stage_seconds
             row.update(global_params=rep.global_params, tokens=rep.stage_tokens, stage_seconds=sec,
                        tokens_s={s: rep.stage_tokens[s] / max(sec.get(s, 0.0), 1e-9) for s in sec},
@@ -130,6 +133,7 @@ def part_heal(rec: P.Recorder, tiny: bool) -> None:
                        device_peak_gb={s: m["cuda_peak_mib"] * 2**20 / 1e9 if "cuda_peak_mib" in m else None
                                        for s, m in rep.memory.items()},
                        teacher_held={s: m.get("teacher_held") for s, m in rep.memory.items()},
+                       teacher=rep.config["teacher"],
                        dtypes_after=sorted({str(p.dtype) for p in student.parameters()}))
         except Exception as e:
             row.update(error=f"{type(e).__name__}: {e}"[:500], wall_s=time.perf_counter() - t)

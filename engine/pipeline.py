@@ -85,12 +85,24 @@ def run_plan(model: Model, plan: DepthPlan, calib: torch.Tensor, options: dict[s
 
 
 def heal_result(res: PruneResult, teacher: Model, tokenizer: Any, *, data: str, device: str, progress: bool,
-                options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Heal the pruned model in place against ``teacher`` (layerfold.healing) and return its report."""
+                options: dict[str, Any] | None = None, host_teacher: bool = False) -> dict[str, Any]:
+    """Heal the pruned model in place against ``teacher`` (layerfold.healing) and return its report.
+    ``host_teacher``: both models are in host memory; the student trains on ``device`` (and comes back), the
+    teacher stays where it is (HealConfig.teacher "host": one pass over its layers per chunk of batches)."""
+    from dataclasses import replace
+
     from layerfold.healing import heal as heal_mod
+    from layerfold.healing.common import HealConfig
 
     kw: dict[str, Any] = {"data": data, "progress": progress, **(options or {})}
-    rep = heal_mod.heal_pruned(res.model, teacher, res.layer_map, res.changed_layers, tokenizer, **kw)  # in place
+    if host_teacher:
+        kw["config"] = replace(kw.get("config") or HealConfig(), teacher="host")
+        res.model.to(device)
+    try:
+        rep = heal_mod.heal_pruned(res.model, teacher, res.layer_map, res.changed_layers, tokenizer, **kw)  # in place
+    finally:
+        if host_teacher:
+            res.model.to("cpu")
     return rep.to_dict() if hasattr(rep, "to_dict") else dict(rep or {})
 
 
@@ -203,7 +215,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     tgt = Target.parse(target) if target is not None and not isinstance(target, Target) else target
     m = get_method(method) if plan is None else None
     dp = check_before_load(source, m, tgt, plan, data)
-    place = where_weights(source, m, weights, device, dtype, heal)
+    place = where_weights(source, m, weights, device, dtype, heal, tgt)
     t0 = time.time()
     model, tok = load(source, device="cpu" if place["place"] == "host" else device, dtype=dtype,
                       quiet=not progress, allow_nonfinite=allow_nonfinite)
@@ -248,12 +260,13 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
         return evaluation_model(mdl, device, place["place"])
 
     if heal and eval:  # the pruned model as surgery left it, for the before/after of healing
-        r = run_eval(res.model, tok, data, eval_options)
+        r = run_eval(scored(res.model), tok, data, eval_options)
         before_heal = {k: r[k] for k in EVAL_KEYS}
         times["eval_before_heal"] = r["seconds"]
     if heal:
         t0 = time.time()
-        heal_info = heal_result(res, model, tok, data=data, device=device, progress=progress, options=heal_options)
+        heal_info = heal_result(res, model, tok, data=data, device=device, progress=progress, options=heal_options,
+                                host_teacher=place["place"] == "host")
         times["heal"] = time.time() - t0
     dense = layer_counts(model)
     pruned = layer_counts(res.model)
@@ -299,10 +312,11 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
 
 
 def where_weights(source: str | Path, method: Any, weights: str, device: str, dtype: torch.dtype | None,
-                  heal: bool) -> dict[str, Any]:
+                  heal: bool, target: Target | None) -> dict[str, Any]:
     """Where ``prune`` holds the model ({"place": "device" | "host", "why", "bytes"}), checked before loading:
-    a method that runs the whole model at once, or healing, with the weights in host memory is refused."""
-    from layerfold.evaluation.streamed import weight_bytes, weights_place
+    with the weights in host memory, a method that runs the whole model at once is refused, and so is healing
+    when the pruned model (estimated from the target) would not fit the device it trains on."""
+    from layerfold.evaluation.streamed import DEVICE_SHARE, weight_bytes, weights_place
 
     nbytes = weight_bytes(source, dtype)
     place, why = weights_place(weights, device, nbytes)
@@ -310,11 +324,23 @@ def where_weights(source: str | Path, method: Any, weights: str, device: str, dt
         raise ValueError(f"{method.name} searches by running the whole model many times, which needs its weights on "
                          f"the device ({why}). Fix: use a GPU that holds the model, --device cpu, or a method that "
                          "streams a layer at a time: shortgpt, streamline, come, slicegpt, dynamic-slicing")
-    if place == "host" and heal:
-        raise ValueError(f"--heal trains the pruned model against the dense teacher held on the device ({why}). Fix: "
-                         "prune without --heal here, then run `layerfold heal` on a device that holds both, or "
-                         "heal with --device cpu")
+    if place == "host" and heal and torch.device(device).type == "cuda":
+        kept = 1.0 if target is None else 1 - (target.value if target.kind != "layers" else target.value / max(
+            1, _n_layers(source)))
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+        if kept * nbytes > DEVICE_SHARE * free:
+            gb = 1024 ** 3
+            raise ValueError(f"--heal trains the pruned model on {device} (the dense teacher stays in host memory): "
+                             f"about {kept * nbytes / gb:.1f} GiB for this target, more than {DEVICE_SHARE:.0%} of "
+                             f"the {free / gb:.1f} GiB free. Fix: prune without --heal and heal on a larger GPU, or "
+                             "prune more")
     return {"place": place, "why": why, "bytes": nbytes}
+
+
+def _n_layers(source: str | Path) -> int:
+    from layerfold.core.loading import load_spec_state
+
+    return load_spec_state(source, quiet=True)[0].n_layers
 
 
 def where_layers_went(report: dict[str, Any]) -> list[str]:

@@ -57,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "stays in the model's dtype); default: on where bf16 is native")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank with --global-params lora "
                    f"(default {d.lora_rank}; alpha {d.lora_alpha:g})")
+    p.add_argument("--teacher-weights", choices=("auto", "device", "host"), default=d.teacher,
+                   help="where the dense teacher is held: device (whole), host (host memory, one pass over its "
+                   "layers per chunk of upcoming micro-batches: a teacher that does not fit beside the student on "
+                   "the GPU); auto (default): host where it does not fit. The results are the same")
     p.add_argument("--layer-input", choices=("student", "teacher"), default=d.layer_input,
                    help="layer stage input: the student's own hidden state (default) or the teacher's")
 
@@ -87,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
                      lr_layer=args.lr_layer, layer_frac=args.layer_frac, hidden_weight=args.hidden_weight,
                      eval_every=args.eval_every, val_tokens=args.val_tokens, seed=args.seed, clock=args.clock,
                      layer_input=args.layer_input, autocast=args.autocast,
-                     global_params="all" if args.train_all else args.global_params, lora_rank=args.lora_rank)
+                     global_params="all" if args.train_all else args.global_params, lora_rank=args.lora_rank,
+                     teacher=args.teacher_weights)
     rep = heal_pruned(student, layerfold.resolve(teacher, quiet=True), prov["layer_map"],
                       prov.get("changed_layers", []), tok, data=args.data, budget_minutes=minutes, tokens=args.tokens,
                       stages=stages, out_dir=out, resume=args.resume,

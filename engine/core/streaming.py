@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from layerfold.core.checkpoint import check_state_dict
-from layerfold.core.model import Block, Model, attention_mask, build_model, rope_cos_sin, rope_inv_freq
+from layerfold.core.model import Block, Model, RMSNorm, attention_mask, build_model, rope_cos_sin, rope_inv_freq
 from layerfold.core.spec import ModelSpec
 
 Ropes = dict[int, tuple[Tensor, Tensor]]
@@ -49,6 +49,7 @@ class LayerStream:
         self._inv_freq: dict[tuple[int, torch.device], Tensor] = {}
         self._embed: Tensor | None = None
         self._full: Model | None = None
+        self._final: tuple[RMSNorm, Tensor | None] | None = None
         self._pending: dict[int, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._stream = None
@@ -134,6 +135,17 @@ class LayerStream:
     def positions(self, valid: Tensor) -> Tensor:
         """Position ids that count valid tokens only (left or right padding), (B, T)."""
         return (valid.long().cumsum(-1) - 1).clamp_min(0)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """The final norm and LM head on the device (built once: a device copy of the head on CUDA; a tied
+        head is the embedding table), as ``Model.logits``."""
+        if self._final is None:
+            norm = RMSNorm(self.spec.d_final, self.spec.norm_eps)
+            norm.load_state_dict({"weight": self.state["norm.weight"]})
+            head = self.state.get("lm_head.weight", self.embed_weight())  # tied: the (device) embedding table
+            self._final = (norm.to(self.device, self.dtype).requires_grad_(False), head.to(self.device, self.dtype))
+        norm, head = self._final
+        return F.linear(norm(h), head)
 
     # ---- whole model ------------------------------------------------------------------------------
     def model(self) -> Model:

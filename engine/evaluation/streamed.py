@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from layerfold.core.model import Model, RMSNorm
+from layerfold.core.model import Model
 from layerfold.core.streaming import LayerStream
 
 WEIGHTS = ("auto", "device", "host")
@@ -74,17 +73,6 @@ class StreamedLM:
         self.src = LayerStream(model, device, dtype or model.dtype)
         self.device = self.src.device
         self.dtype = self.src.dtype
-        self.norm = RMSNorm(self.spec.d_final, self.spec.norm_eps).to(self.device, self.dtype)
-        self.norm.weight.data.copy_(model.norm.weight.detach())
-        self.norm.requires_grad_(False)
-        self._head: Tensor | None = None if model.lm_head is None else model.lm_head.weight.detach()
-
-    def head_weight(self) -> Tensor:
-        if self._head is None:  # tied: the stream's embedding table (a device copy on CUDA)
-            return self.src.embed_weight().to(self.device, self.dtype)
-        if self._head.device != self.device or self._head.dtype != self.dtype:
-            self._head = self._head.to(self.device, self.dtype)
-        return self._head
 
     @torch.inference_mode()
     def __call__(self, ids: Tensor, key_valid: Tensor | None = None) -> Tensor:
@@ -114,10 +102,9 @@ class StreamedLM:
                 cos, sin = run[1].get(ls.head_dim, (None, None)) if ls.has_attn else (None, None)
                 run[0] = block(run[0], cos, sin, run[2])
             del block
-        head = self.head_weight()
         for run in runs:
             h, run[0] = run[0], None
-            yield F.linear(self.norm(h), head)
+            yield self.src.logits(h)
 
     def num_params(self) -> int:
         return sum(t.numel() for t in self.src.state.values())

@@ -56,12 +56,18 @@ class HealConfig:
     lora_rank: int = 8  # the SLM paper and SliceGPT heal with rank 8, alpha 16
     lora_alpha: float = 16.0
     stop_after_steps: int | None = None  # pause (state saved) after this many optimizer steps in this call
+    # where the global stage holds the teacher: "device" (built whole there), "host" (host memory, one pass
+    # over its layers per chunk of upcoming micro-batches: healing.teacher), "auto" (host where it does not
+    # fit beside the student: healing.teacher.teacher_place). The results are the same either way.
+    teacher: str = "auto"
 
     def check(self) -> HealConfig:
         if self.layer_input not in ("student", "teacher"):
             raise ValueError(f"layer_input={self.layer_input!r}. Fix: use 'student' or 'teacher'")
         if self.clock not in ("auto", "wall", "cpu"):
             raise ValueError(f"clock={self.clock!r}. Fix: use 'auto', 'wall' or 'cpu'")
+        if self.teacher not in ("auto", "device", "host"):
+            raise ValueError(f"teacher={self.teacher!r}. Fix: use 'auto', 'device' or 'host'")
         if self.global_params not in GLOBAL_PARAMS:
             raise ValueError(f"global_params={self.global_params!r}. Fix: use one of {', '.join(GLOBAL_PARAMS)}")
         if min(self.seq_len, self.micro_batch, self.accum, self.eval_every) < 1 or not 0 <= self.layer_frac <= 1:

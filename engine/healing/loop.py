@@ -44,15 +44,15 @@ from layerfold.healing.common import (
     relative_mse,
     restore_dtypes,
     shared_prefix,
-    teacher_states,
     upcast_masters,
 )
 from layerfold.healing.lora import add_lora, merge_lora
 from layerfold.healing.resume import ResumableRun
 from layerfold.healing.state import optimizer_state_by_index
+from layerfold.healing.teacher import FeedsTeacher, TeacherFeed, teacher_place
 
 
-class HealRun(ResumableRun):
+class HealRun(ResumableRun, FeedsTeacher):
     def __init__(self, student: Model, teacher: LayerStream, layer_map: list[list[int]], changed: list[int],
                  train: Tensor, val: Tensor, cfg: HealConfig, stages: list[str], minutes: float | None,
                  tokens: int | None, state_dir: Path | None, progress: bool):
@@ -62,7 +62,8 @@ class HealRun(ResumableRun):
         if mode == "auto":
             mode = auto_global_params(student, sum(v.numel() for v in teacher.state.values()), dev, masters=amp)
         cfg = replace(cfg, clock=auto_clock(dev) if cfg.clock == "auto" else cfg.clock, global_params=mode,
-                      autocast=amp)
+                      autocast=amp, teacher=teacher_place(cfg.teacher, teacher, student, dev, mode))
+        self.feed = TeacherFeed(teacher, self._upcoming) if cfg.teacher == "host" else None
         self.s, self.t, self.map, self.changed, self.cfg = student, teacher, layer_map, changed, cfg
         train_all = mode == "all"
         self.train, self.val, self.stages, self.train_all = train, val, stages, train_all
@@ -182,8 +183,10 @@ class HealRun(ResumableRun):
             g = torch.Generator().manual_seed(self.cfg.seed * 100003 + self.st["epoch"])
             self._perm = (self.st["epoch"], torch.randperm(n, generator=g).to(self.train.device))
         idx = self._perm[1][self.st["pos"]: self.st["pos"] + mb]
+        self._key = (self.st["epoch"], self.st["pos"])
         self.st["pos"] += mb
-        return self.train[idx]
+        self._drawn = self.train[idx]
+        return self._drawn
 
     def _target_depth(self, k: int) -> int:
         return self.Lt if k == self.Ls - 1 else max(self.map[k]) + 1
@@ -194,11 +197,11 @@ class HealRun(ResumableRun):
             _, ropes, mask = s.prepare(ids)
             if self.cfg.layer_input == "teacher":
                 src = min(self.map[k])
-                hs, _ = teacher_states(self.t, ids, {src, tgt})
+                hs, _ = self._teacher(ids, {src, tgt})
                 x = hs[src]
             else:
                 p = min(self.prefix_layer, k)
-                hs, _ = teacher_states(self.t, ids, {p, tgt})
+                hs, _ = self._teacher(ids, {p, tgt})
                 x = hs[p]
                 for j in range(p, k):
                     x = s.run_layer(j, x, ropes, mask)
@@ -207,7 +210,7 @@ class HealRun(ResumableRun):
     def global_loss(self, ids: Tensor) -> Tensor:
         s, p, hw = self.s, self.prefix_global, self.cfg.hidden_weight
         corr = {k: self._target_depth(k) for k in self.global_layers if k in self.changed} if hw > 0 else {}
-        hs, t_logits = teacher_states(self.t, ids, {p, *corr.values()}, logits=True)
+        hs, t_logits = self._teacher(ids, {p, *corr.values()}, logits=True)
         if p == 0:
             h, ropes, mask = s.prepare(ids)
         else:
@@ -263,8 +266,9 @@ class HealRun(ResumableRun):
             m = mem.setdefault("layer", {"params_trained": 0})
             m["params_trained"] = max(m["params_trained"], n_params)
             blk = max(sum(self.t.state[n].numel() for n in self.t.keys[i]) for i in range(self.Lt))
-            m["teacher_held"] = (f"whole model on {self.t.device}" if self.t.materialized else
-                                 f"embeddings + one block at a time (<= {blk:,} block parameters)")
+            m["teacher_held"] = self.feed.describe() if self.feed else (
+                f"whole model on {self.t.device}" if self.t.materialized else
+                f"embeddings + one block at a time (<= {blk:,} block parameters)")
             m["peak_rss_mib"] = round(peak_rss_mib(), 1)
             if self.st["phase"] + 1 >= len(self.phases) or self.phases[self.st["phase"] + 1][0] != "layer":
                 self._evaluate()
@@ -272,8 +276,9 @@ class HealRun(ResumableRun):
             if st["curve"][-1][0] != st["tokens"]:
                 self._evaluate()
             mem["global"] = {"params_trained": n_params, "peak_rss_mib": round(peak_rss_mib(), 1),
-                             "teacher_held": f"whole model ({sum(v.numel() for v in self.t.state.values()):,} "
-                                             f"parameters, {self.t.dtype}, on {self.t.device})"}
+                             "teacher_held": self.feed.describe() if self.feed else "whole model ("
+                             f"{sum(v.numel() for v in self.t.state.values()):,} parameters, {self.t.dtype}, on "
+                             f"{self.t.device})"}
         if torch.cuda.is_available() and self.s.device.type == "cuda":
             mem.setdefault(kind, {})["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         st["phase"] += 1
@@ -305,7 +310,7 @@ class HealRun(ResumableRun):
         try:
             while self.st["phase"] < len(self.phases):
                 kind, k = self.phases[self.st["phase"]]
-                if kind == "global" or self.s.device.type == "cuda" and "global" in self.stages:
+                if self.feed is None and (kind == "global" or self.s.device.type == "cuda" and "global" in self.stages):
                     self.t.model()  # on a GPU the global stage's whole teacher serves the layer stage too
                 if not self.st["pstarted"]:
                     self._start_phase(kind, k)

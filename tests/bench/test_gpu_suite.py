@@ -42,6 +42,7 @@ def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
     assert prune["shortgpt", "host"]["ppl"]["pruned"] > 0 and "eval_pruned" in prune["shortgpt", "host"]["times"]
     heal = {r["config"]: r for r in res["parts"]["heal"]["rows"]}
     assert heal["changed layers only"]["global_params"] == "changed"
+    assert heal["teacher in host memory"]["teacher"] == "host" and heal["default"]["teacher"] == "device"
     for r in heal.values():  # both stages ran and report their rate; the student is back in its own dtype
         assert set(r["tokens_s"]) == {"layer", "global"} and min(r["tokens_s"].values()) > 0, r
         assert r["dtypes_after"] == ["torch.float32"]

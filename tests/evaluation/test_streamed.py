@@ -91,19 +91,36 @@ def test_prune_with_host_weights_gives_the_same_checkpoint(method: str, dense: P
         assert_close(b[k], a[k], torch.float32)
 
 
-def test_host_weights_refuse_what_needs_the_whole_model_before_loading(dense: Path, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_host_weights_refuse_a_whole_model_search_before_loading(dense: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import layerfold.pipeline as P
 
     def no_load(*a: Any, **k: Any) -> None:
         raise AssertionError("loaded the model before refusing")
 
     monkeypatch.setattr(P, "load", no_load)
-    with pytest.raises(ValueError, match="laco searches by running the whole model many times.*Fix:"):
-        prune(dense, "laco", "2", tmp_path / "a", weights="host", progress=False)
-    with pytest.raises(ValueError, match="--heal trains the pruned model.*Fix: prune without --heal"):
-        prune(dense, "shortgpt", "2", tmp_path / "b", weights="host", heal=True, progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    for method in ("laco", "slm"):
+        with pytest.raises(ValueError, match=f"{method} searches by running the whole model many times.*Fix:"):
+            prune(dense, method, "2", tmp_path / method, weights="host", progress=False)
+        assert not (tmp_path / method).exists()
+
+
+def test_prune_and_heal_with_host_weights(dense: Path, tmp_path: Path) -> None:
+    """The student heals on the device while the teacher stays in host memory (healing.teacher): the same
+    healed checkpoint, bit for bit, as with both on the device."""
+    from layerfold.healing.common import HealConfig
+
+    heal = {"tokens": 1536, "budget_minutes": None,
+            "config": HealConfig(seq_len=32, micro_batch=2, val_tokens=256, eval_every=4)}
+    kw: dict[str, Any] = dict(samples=4, seq_len=32, eval_options=EVAL, progress=False, heal=True, heal_options=heal)
+    ref = prune(dense, "shortgpt", "2", tmp_path / "device", weights="device", **kw)
+    got = prune(dense, "shortgpt", "2", tmp_path / "host", weights="host", **kw)
+    assert ref["heal"]["config"]["teacher"] == "device" and got["heal"]["config"]["teacher"] == "host"
+    assert got["heal"]["curve"] == ref["heal"]["curve"] and got["heal"]["tokens"] == 1536
+    assert got["pruned"]["ppl"] == pytest.approx(ref["pruned"]["ppl"], rel=1e-4)
+    assert got["pruned_before_heal"]["ppl"] == pytest.approx(ref["pruned_before_heal"]["ppl"], rel=1e-4)
+    a, b = load_checkpoint(tmp_path / "device")[1], load_checkpoint(tmp_path / "host")[1]
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_eval_cli_streams_host_weights(dense: Path, capsys: pytest.CaptureFixture) -> None:

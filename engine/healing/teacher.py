@@ -1,0 +1,158 @@
+"""The teacher's outputs for healing, with the dense model held on the device or kept in host memory.
+
+On the device (``teacher="device"``; a CPU's mmap'd checkpoint counts as one) the global stage builds
+the whole teacher once and runs it on every micro-batch (``common.teacher_states``). A teacher that does
+not fit beside the student (a 7B teacher and its pruned student on a 24 GB GPU) stays in host memory
+(``teacher="host"``): streaming all of it for every micro-batch would move the whole model across the bus
+per step, several times the step's compute. Instead the next ``chunk`` micro-batches the loop will
+draw (known in advance: the data order is a seeded permutation) run through the teacher together, layer
+by layer, so its weights cross the bus once per chunk; their hidden states at the depths the phase
+needs, and their logits in the global stage, are kept (in host memory on a GPU) until the loop asks for
+them. Every micro-batch still runs through every block on its own, with the same operations in the same
+dtype and autocast, so the outputs are the ones ``teacher_states`` gives, bit for bit on one device
+(tests/healing/test_heal_teacher.py checks whole runs).
+
+The chunk is as many micro-batches as fit ``HOST_BUDGET`` bytes (logits dominate: micro-batch x
+seq_len x vocab x 2 bytes in bf16, 65 MB for 4 x 256 tokens of a 32K vocabulary), at most ``MAX_CHUNK``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layerfold.core.streaming import LayerStream
+from layerfold.healing.common import teacher_states
+
+TEACHER = ("auto", "device", "host")
+HOST_BUDGET = 4 * 1024 ** 3  # bytes of one chunk's kept outputs
+MAX_CHUNK = 64  # micro-batches per teacher pass
+Key = tuple[int, int]  # (epoch, position) of a micro-batch in the data order
+Upcoming = Callable[[int], list[tuple[Key, Tensor]]]
+
+
+def teacher_place(choice: str, teacher: LayerStream, student: Any, device: torch.device, mode: str) -> str:
+    """Where the global stage holds the teacher: ``choice`` unless "auto". On CUDA "device" when training
+    every parameter was chosen (that memory rule counted the whole teacher) or when the teacher and one
+    and a half students' worth of bytes (weights, the changed layers' AdamW state, activations) fit 70%
+    of the device; "host" otherwise. Elsewhere "device": host memory is the device."""
+    if choice not in TEACHER:
+        raise ValueError(f"teacher={choice!r}. Fix: use one of {', '.join(TEACHER)}")
+    if choice != "auto":
+        return choice
+    if device.type != "cuda" or mode == "all":
+        return "device"
+    t_bytes = sum(v.numel() for v in teacher.state.values()) * teacher.dtype.itemsize
+    s_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    have = free + torch.cuda.memory_allocated(device)
+    return "device" if t_bytes + 1.5 * s_bytes <= 0.7 * have else "host"
+
+
+class FeedsTeacher:
+    """HealRun's side of the feed: which micro-batch was drawn (its key), the ones it will draw next, and
+    the dispatch between the held teacher and the feed (attributes: t, feed, st, _perm, _batch)."""
+
+    feed: TeacherFeed | None
+    _key: Key | None = None
+    _drawn: Tensor | None = None
+
+    def _teacher(self, ids: Tensor, depths: set[int], logits: bool = False) -> tuple[dict[int, Tensor], Tensor | None]:
+        if self.feed is None:
+            return teacher_states(self.t, ids, depths, logits)
+        return self.feed.states(self._key if ids is self._drawn else None, ids, depths, logits)
+
+    def _upcoming(self, n: int) -> list[tuple[Key, Tensor]]:
+        """The next n micro-batches ``_batch`` will draw, with their keys; the data position is left as it was."""
+        saved = (self.st["epoch"], self.st["pos"], self._perm, self._key, self._drawn)
+        out = []
+        for _ in range(n):
+            ids = self._batch()
+            out.append((self._key, ids))
+        self.st["epoch"], self.st["pos"], self._perm, self._key, self._drawn = saved
+        return out
+
+
+class TeacherFeed:
+    """The teacher's hidden states and logits per micro-batch, one teacher pass per chunk of upcoming
+    micro-batches (see the module docstring)."""
+
+    def __init__(self, teacher: LayerStream, upcoming: Upcoming, budget: int | None = None,
+                 max_chunk: int | None = None):
+        self.t, self.upcoming = teacher, upcoming
+        self.budget = HOST_BUDGET if budget is None else budget
+        self.max_chunk = MAX_CHUNK if max_chunk is None else max_chunk
+        self.store = torch.device("cpu")  # where kept outputs wait: host memory (the device is what is short)
+        self._kept: dict[Key, tuple[dict[int, Tensor], Tensor | None]] = {}
+        self._what: tuple[frozenset[int], bool] | None = None
+        self.passes = 0
+        self.chunk = 0
+
+    def describe(self) -> str:
+        return (f"host memory; {self.passes} passes over its layers on {self.t.device}, each for up to "
+                f"{self.chunk or '-'} micro-batches")
+
+    def _chunk_size(self, mb: Tensor, depths: frozenset[int], logits: bool) -> int:
+        B, T = mb.shape
+        width = max(l.d_out for l in self.t.spec.layers)
+        per = (len(depths) * width + (self.t.spec.vocab_size if logits else 0)) * B * T * self.t.dtype.itemsize
+        return max(1, min(self.max_chunk, self.budget // max(per, 1)))
+
+    def states(self, key: Key | None, ids: Tensor, depths: set[int],
+               logits: bool = False) -> tuple[dict[int, Tensor], Tensor | None]:
+        """(hidden states at ``depths``, logits or None) of micro-batch ``ids`` drawn at ``key``; a one-off
+        batch (key None: a probe) streams the teacher through ``teacher_states``."""
+        if key is None:
+            return teacher_states(self.t, ids, depths, logits)
+        what = (frozenset(depths), logits)
+        if what != self._what:  # another phase: other depths
+            self._kept.clear()
+            self._what = what
+        if key not in self._kept:
+            self._kept.clear()
+            n = self._chunk_size(ids, what[0], logits)
+            self.chunk = max(self.chunk, n)
+            items = [(key, ids), *self.upcoming(n - 1)] if n > 1 else [(key, ids)]
+            self._pass(items, what[0], logits)
+        hs, lg = self._kept.pop(key)
+        dev = ids.device
+        return {d: h.to(dev, non_blocking=True) for d, h in hs.items()}, None if lg is None else lg.to(dev)
+
+    @torch.no_grad()
+    def _pass(self, items: list[tuple[Key, Tensor]], depths: frozenset[int], logits: bool) -> None:
+        """Run every item through the teacher, layer by layer (as teacher_states does for one)."""
+        t = self.t
+        hs, ropes = [], []
+        for _, ids in items:
+            B, T = ids.shape
+            h = t.embed(ids)
+            hs.append(h)
+            ropes.append(t.ropes(torch.arange(T, device=ids.device)[None].expand(B, T), h.dtype))
+        masks = [t.mask(ids.shape[1]) for _, ids in items]
+        out: list[dict[int, Tensor]] = [{0: self._keep(h)} if 0 in depths else {} for h in hs]
+        last = t.spec.n_layers if logits else max(depths)
+        t.prefetch(0)
+        for i in range(last):
+            block = t.block(i)
+            if i + 1 < last:
+                t.prefetch(i + 1)
+            ls = t.spec.layers[i]
+            for j in range(len(items)):
+                cos, sin = ropes[j].get(ls.head_dim, (None, None)) if ls.has_attn else (None, None)
+                hs[j] = block(hs[j], cos, sin, masks[j], None, i)
+                if i + 1 in depths:
+                    out[j][i + 1] = self._keep(hs[j])
+            del block
+        for j, (key, _) in enumerate(items):
+            self._kept[key] = (out[j], self._keep(t.logits(hs[j])) if logits else None)
+            hs[j] = None  # type: ignore[call-overload]
+        self.passes += 1
+
+    def _keep(self, x: Tensor) -> Tensor:
+        return x if x.device == self.store else x.to(self.store)
+
+
+__all__ = ["HOST_BUDGET", "MAX_CHUNK", "TEACHER", "FeedsTeacher", "TeacherFeed", "teacher_place"]

@@ -1,0 +1,89 @@
+"""The teacher kept in host memory (``HealConfig(teacher="host")``: one pass over its layers per chunk of
+upcoming micro-batches, healing.teacher) heals to the same weights, bit for bit, as the teacher held whole.
+
+On this CPU "host" and "device" are one memory, so the runs differ only in how the teacher's outputs are
+made: that is what must not change the result."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+from layerfold.healing import teacher as T
+from layerfold.healing.common import STATE_DIR, HealConfig
+from layerfold.healing.heal import heal_pruned
+from tests.healing.test_heal import CFG, MAP, TEACHER, data, drop_layer
+from tests.support.models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE = HealConfig(**CFG, lr_layer=2e-3, lr_global=2e-3, global_params="all")
+
+
+def run(cfg: HealConfig, out_dir: Any = None, tokens: int = 5120, changed: list[int] | None = None) -> tuple[Any, Any]:
+    t = tiny_model(**TEACHER)
+    s = drop_layer(t, 2)
+    rep = heal_pruned(s, t, MAP, changed or [], data=data(), budget_minutes=None, tokens=tokens, out_dir=out_dir,
+                      progress=False, config=cfg)
+    return s, rep
+
+
+def same(a: Any, b: Any) -> None:
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), k
+
+
+@pytest.mark.parametrize("change", [
+    {},  # both stages, every parameter in the global stage
+    {"global_params": "lora"},
+    {"accum": 2, "hidden_weight": 0.5},  # two micro-batches a step; the hidden-state term at the correspondences
+    {"layer_input": "teacher", "changed": [2]},  # the layer stage then trains the changed layers only
+])
+def test_host_teacher_heals_bit_identically(change: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(T, "MAX_CHUNK", 3)  # several chunks, and chunks that cross an epoch of the data
+    passes: list[int] = []
+    real = T.TeacherFeed._pass
+
+    def counted(self: Any, items: Any, depths: Any, logits: bool) -> None:
+        passes.append(len(items))
+        real(self, items, depths, logits)
+
+    monkeypatch.setattr(T.TeacherFeed, "_pass", counted)
+    changed = change.pop("changed", None)
+    ref, rep_ref = run(replace(BASE, teacher="device", **change), changed=changed)
+    got, rep = run(replace(BASE, teacher="host", **change), changed=changed)
+    assert rep_ref.config["teacher"] == "device" and rep.config["teacher"] == "host"
+    assert rep.curve == rep_ref.curve and rep.tokens == rep_ref.tokens
+    same(ref, got)
+    steps = rep.steps * rep.config["accum"]  # micro-batches drawn
+    assert len(passes) >= steps / 3 and max(passes) == 3 and sum(passes) >= steps, passes
+    assert "host memory" in rep.memory["global"]["teacher_held"]
+    assert "host memory" in rep.memory["layer"]["teacher_held"]
+
+
+def test_host_teacher_resumes_to_the_identical_result(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(T, "MAX_CHUNK", 4)
+    ref, rep_ref = run(replace(BASE, teacher="device"))
+    _, paused = run(replace(BASE, teacher="host", stop_after_steps=9), tmp_path)  # inside the global stage
+    assert paused.status == "paused" and (tmp_path / STATE_DIR / "latest.json").is_file()
+    got, rep = run(replace(BASE, teacher="host"), tmp_path)
+    assert rep.resumed and rep.curve == rep_ref.curve
+    same(ref, got)
+
+
+def test_chunk_size_follows_the_budget() -> None:
+    from layerfold.core.streaming import LayerStream
+
+    t = LayerStream(tiny_model(**TEACHER))
+    feed = T.TeacherFeed(t, lambda n: [], budget=10 * 4 * 32 * 53 * 4)  # ten micro-batches' logits (fp32)
+    mb = torch.zeros(4, 32, dtype=torch.long)
+    assert feed._chunk_size(mb, frozenset(), logits=True) == 10
+    assert feed._chunk_size(mb, frozenset({3}), logits=False) == 10 * 53 // 24  # one 24-wide state instead
+    feed.budget = 10**12
+    assert feed._chunk_size(mb, frozenset({3}), logits=True) == T.MAX_CHUNK
+    with pytest.raises(ValueError, match="teacher='disk'. Fix: use one of auto, device, host"):
+        T.teacher_place("disk", t, None, torch.device("cpu"), "all")
+    assert T.teacher_place("auto", t, None, torch.device("cpu"), "lora") == "device"
