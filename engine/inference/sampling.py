@@ -92,7 +92,8 @@ def sample_row(logits: Tensor, temperature: float, top_p: float, generator: torc
     probs = torch.softmax((x - x.max()) / temperature, dim=-1)  # max 0: no overflow at small temperatures
     if top_p < 1.0:
         sp, idx = probs.sort(descending=True)
-        keep = sp.cumsum(0) - sp < top_p  # tokens whose preceding mass is below p (the first always)
+        keep = sp.cumsum(0) - sp < top_p  # tokens whose preceding mass is below p
+        keep[0] = True  # the first always, also for a p that rounds to 0 in float32
         sp = sp * keep
         return int(idx[torch.multinomial(sp / sp.sum(), 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))

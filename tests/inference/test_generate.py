@@ -63,6 +63,16 @@ def test_sampling_is_seeded_per_prompt(model: Model, tok: Any) -> None:
     assert greedy.token_ids != generate(model, tok, PROMPTS[0], max_new_tokens=8, temperature=5.0, seed=1)[0].token_ids
 
 
+@pytest.mark.parametrize("top_p", [1e-320, 1e-45, 1e-9])
+def test_tiny_top_p_keeps_the_most_likely_token(top_p: float) -> None:
+    """A nucleus below every probability (down to a p that float32 rounds to 0) is the top token alone."""
+    from layerfold.inference.sampling import sample_row
+
+    logits = torch.tensor([0.5, 3.0, 1.0, 2.9])
+    g = torch.Generator().manual_seed(0)
+    assert {sample_row(logits, 1.0, top_p, g) for _ in range(20)} == {1}
+
+
 def test_sample_next_rules() -> None:
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
     g = [torch.Generator().manual_seed(0), None]
