@@ -313,20 +313,25 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
 
 def where_weights(source: str | Path, method: Any, weights: str, device: str, dtype: torch.dtype | None,
                   heal: bool, target: Target | None) -> dict[str, Any]:
-    """Where ``prune`` holds the model ({"place": "device" | "host", "why", "bytes"}), checked before loading:
-    with the weights in host memory, a method that runs the whole model at once is refused, and so is healing
-    when the pruned model (estimated from the target) would not fit the device it trains on."""
+    """Where ``prune`` holds the model ({"place": "device" | "host", "why", "bytes"}), checked before loading.
+
+    With ``heal``, "auto" counts the pruned student (estimated from the target) beside the dense model: it
+    trains on the device, so the dense model goes to host memory when both would not fit. With the weights in
+    host memory, a method that runs the whole model at once is refused, and so is healing when the student
+    alone would not fit the device."""
     from layerfold.evaluation.streamed import DEVICE_SHARE, weight_bytes, weights_place
 
     nbytes = weight_bytes(source, dtype)
-    place, why = weights_place(weights, device, nbytes)
+    kept = 1.0 if target is None else 1 - (target.value if target.kind != "layers" else target.value / max(
+        1, _n_layers(source)))
+    place, why = weights_place(weights, device, int(nbytes * (1 + kept)) if heal else nbytes)
+    if heal and weights == "auto" and torch.device(device).type == "cuda":
+        why += " (the dense model and, with --heal, the pruned student beside it)"
     if place == "host" and method is not None and not method.streams:
         raise ValueError(f"{method.name} searches by running the whole model many times, which needs its weights on "
                          f"the device ({why}). Fix: use a GPU that holds the model, --device cpu, or a method that "
                          "streams a layer at a time: shortgpt, streamline, come, slicegpt, dynamic-slicing")
     if place == "host" and heal and torch.device(device).type == "cuda":
-        kept = 1.0 if target is None else 1 - (target.value if target.kind != "layers" else target.value / max(
-            1, _n_layers(source)))
         free = torch.cuda.mem_get_info(torch.device(device))[0]
         if kept * nbytes > DEVICE_SHARE * free:
             gb = 1024 ** 3

@@ -105,6 +105,32 @@ def test_host_weights_refuse_a_whole_model_search_before_loading(dense: Path, tm
         assert not (tmp_path / method).exists()
 
 
+def test_auto_places_the_weights_by_free_device_memory(dense: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU "auto" keeps the weights on the device while they fit 60% of its free memory; with --heal the
+    pruned student (estimated from the target: 4 of 6 layers) must fit beside them. (The free memory is
+    stubbed: this machine has no GPU.)"""
+    import layerfold.pipeline as P
+    from layerfold.methods import Target, get_method
+
+    nbytes = weight_bytes(dense)
+
+    def free(n: float) -> None:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(n), 10**12))
+
+    two = Target.parse("2")
+    free(nbytes / 0.6 * 1.05)  # the dense model fits, with 5% to spare
+    assert P.where_weights(dense, None, "auto", "cuda", None, False, two)["place"] == "device"
+    healing = P.where_weights(dense, None, "auto", "cuda", None, True, two)
+    assert healing["place"] == "host" and "the pruned student beside it" in healing["why"]
+    assert P.where_weights(dense, None, "device", "cuda", None, True, two)["place"] == "device"  # as asked
+    with pytest.raises(ValueError, match="laco searches by running the whole model"):
+        P.where_weights(dense, get_method("laco"), "auto", "cuda", None, True, two)
+    free(nbytes / 0.6 * 0.6)  # the student alone (about 2/3 of the model) does not fit either
+    with pytest.raises(ValueError, match="--heal trains the pruned model on cuda .*more than 60%.*Fix: prune without"):
+        P.where_weights(dense, None, "auto", "cuda", None, True, two)
+    assert P.where_weights(dense, None, "auto", "cuda", None, False, two)["place"] == "host"  # no --heal: fine
+
+
 def test_prune_and_heal_with_host_weights(dense: Path, tmp_path: Path) -> None:
     """The student heals on the device while the teacher stays in host memory (healing.teacher): the same
     healed checkpoint, bit for bit, as with both on the device."""
