@@ -87,3 +87,22 @@ def test_chunk_size_follows_the_budget() -> None:
     with pytest.raises(ValueError, match="teacher='disk'. Fix: use one of auto, device, host"):
         T.teacher_place("disk", t, None, torch.device("cpu"), "all")
     assert T.teacher_place("auto", t, None, torch.device("cpu"), "lora") == "device"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_host_teacher_heals_like_a_held_one() -> None:
+    """On CUDA the feed keeps the teacher's outputs in host memory and copies each micro-batch's back."""
+    def go(where: str) -> tuple[Any, Any]:
+        t = tiny_model(**TEACHER)
+        s = drop_layer(t, 2).cuda()
+        rep = heal_pruned(s, t, MAP, [], data=data(), budget_minutes=None, tokens=3072, progress=False,
+                          config=replace(BASE, teacher=where, autocast=False))
+        return s, rep
+
+    ref, rep_ref = go("device")
+    got, rep = go("host")
+    assert rep.config["teacher"] == "host" and "host memory" in rep.memory["global"]["teacher_held"]
+    assert rep.curve[-1][1] == pytest.approx(rep_ref.curve[-1][1], rel=1e-3)
+    for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=k)
