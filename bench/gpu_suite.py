@@ -218,6 +218,10 @@ def markdown(res: dict[str, Any]) -> str:
              f"{r['pct_of_bound']:.0f}%", f"{r['device_peak_gb']:.2f}", r.get("buffers") or "-"] for r in c["rows"]])
         if c.get("plain_weights_on_device_s"):
             lines += ["", f"plain loop with the weights already on the device: {c['plain_weights_on_device_s']:.2f} s"]
+        if (c.get("host_syncs") or {}).get("total") is not None:
+            hs = c["host_syncs"]
+            lines += ["", f"host synchronisations in the default statistics over 2 micro-batches: {hs['total']} ("
+                      + ", ".join(f"{k} x{v}" for k, v in hs["by_line"].items()) + ")"]
     cb = p.get("calibration-big", {})
     if cb.get("rows"):
         lines += ["", "## Big calibrations on one GPU (default statistics)"]

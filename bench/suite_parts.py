@@ -477,7 +477,32 @@ def part_calibration(rec: Recorder, tiny: bool) -> None:
         model = gpu_model.to("cpu")
         del gpu_model
         free()
+    if dev.type == "cuda":
+        try:  # a diagnosis: its failure must not lose the profile below
+            rec.save(host_syncs=_syncs(lambda: calibrate(model, ids[:2 * mb], micro_batch=mb, device=dev)))
+        except Exception as e:
+            rec.save(host_syncs={"error": f"{type(e).__name__}: {e}"[:300], "total": None, "by_line": {}})
     rec.save(profile=_profile(lambda: calibrate(model, ids, micro_batch=mb, device=dev), dev), status="done")
+
+
+def _syncs(fn) -> dict[str, Any]:
+    """The host synchronisations of one call (torch.cuda.set_sync_debug_mode "warn"), counted per calling
+    line of Python: where the statistics still wait for the device."""
+    import warnings
+    from collections import Counter
+
+    where: Counter[str] = Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    return {"total": sum(where.values()), "by_line": dict(where.most_common(12))}
 
 
 def _profile(fn, dev: torch.device) -> dict[str, str]:
