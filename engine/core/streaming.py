@@ -15,6 +15,7 @@ the caching allocator cannot hand their memory to the next prefetch too early.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,6 +136,37 @@ class LayerStream:
     def positions(self, valid: Tensor) -> Tensor:
         """Position ids that count valid tokens only (left or right padding), (B, T)."""
         return (valid.long().cumsum(-1) - 1).clamp_min(0)
+
+    def prepare(self, ids: Tensor, key_valid: Tensor | None = None) -> tuple[Tensor, Ropes, Tensor | None]:
+        """(embeddings, rotary tables, attention mask) of a prefill of ids (B, T) on the device, as
+        ``Model.prepare`` makes them (positions count valid tokens only when ``key_valid`` is given)."""
+        ids = ids.to(self.device)
+        B, T = ids.shape
+        if key_valid is not None:
+            key_valid = key_valid.to(self.device)
+            positions = self.positions(key_valid)
+        else:
+            positions = torch.arange(T, device=self.device)[None].expand(B, T)
+        h = self.embed(ids)
+        return h, self.ropes(positions, h.dtype), self.mask(T, key_valid)
+
+    def blocks(self, last: int | None = None) -> Iterator[tuple[int, Block]]:
+        """(i, block i) for layers 0..last-1 in order, each built on the device while the previous one runs
+        (prefetch on CUDA): layer-major loops over many batches. ``cos_sin(ropes, i)`` gives a batch's
+        rotary tables for layer i."""
+        last = self.spec.n_layers if last is None else last
+        self.prefetch(0)
+        for i in range(last):
+            block = self.block(i)
+            if i + 1 < last:
+                self.prefetch(i + 1)
+            yield i, block
+            del block
+
+    def cos_sin(self, ropes: Ropes, i: int) -> tuple[Tensor | None, Tensor | None]:
+        """Layer i's rotary tables from ``ropes`` ((None, None) for a layer without attention)."""
+        ls = self.spec.layers[i]
+        return ropes.get(ls.head_dim, (None, None)) if ls.has_attn else (None, None)
 
     def logits(self, h: Tensor) -> Tensor:
         """The final norm and LM head on the device (built once: a device copy of the head on CUDA; a tied

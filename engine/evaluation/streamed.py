@@ -84,24 +84,10 @@ class StreamedLM:
         layers: every batch's hidden state (B x T x d, on the device) goes through layer i before layer
         i + 1 is built, so the weights cross the bus once for all of them. The logits are made one batch at a
         time as the caller takes them."""
-        runs = []
-        for ids, key_valid in batches:
-            ids = ids.to(self.device)
-            B, T = ids.shape
-            if key_valid is not None:
-                key_valid = key_valid.to(self.device)
-                positions = self.src.positions(key_valid)
-            else:
-                positions = torch.arange(T, device=self.device)[None].expand(B, T)
-            runs.append([self.src.embed(ids), self.src.ropes(positions), self.src.mask(T, key_valid)])
-        self.src.prefetch(0)
-        for i, ls in enumerate(self.spec.layers):
-            block = self.src.block(i)
-            self.src.prefetch(i + 1)
+        runs = [list(self.src.prepare(ids, key_valid)) for ids, key_valid in batches]
+        for i, block in self.src.blocks():
             for run in runs:
-                cos, sin = run[1].get(ls.head_dim, (None, None)) if ls.has_attn else (None, None)
-                run[0] = block(run[0], cos, sin, run[2])
-            del block
+                run[0] = block(run[0], *self.src.cos_sin(run[1], i), run[2])
         for run in runs:
             h, run[0] = run[0], None
             yield self.src.logits(h)

@@ -125,27 +125,15 @@ class TeacherFeed:
     def _pass(self, items: list[tuple[Key, Tensor]], depths: frozenset[int], logits: bool) -> None:
         """Run every item through the teacher, layer by layer (as teacher_states does for one)."""
         t = self.t
-        hs, ropes = [], []
-        for _, ids in items:
-            B, T = ids.shape
-            h = t.embed(ids)
-            hs.append(h)
-            ropes.append(t.ropes(torch.arange(T, device=ids.device)[None].expand(B, T), h.dtype))
-        masks = [t.mask(ids.shape[1]) for _, ids in items]
+        runs = [t.prepare(ids) for _, ids in items]
+        hs = [h for h, _, _ in runs]
         out: list[dict[int, Tensor]] = [{0: self._keep(h)} if 0 in depths else {} for h in hs]
-        last = t.spec.n_layers if logits else max(depths)
-        t.prefetch(0)
-        for i in range(last):
-            block = t.block(i)
-            if i + 1 < last:
-                t.prefetch(i + 1)
-            ls = t.spec.layers[i]
-            for j in range(len(items)):
-                cos, sin = ropes[j].get(ls.head_dim, (None, None)) if ls.has_attn else (None, None)
-                hs[j] = block(hs[j], cos, sin, masks[j], None, i)
+        for i, block in t.blocks(t.spec.n_layers if logits else max(depths)):
+            for j, (_, ropes, mask) in enumerate(runs):
+                hs[j] = block(hs[j], *t.cos_sin(ropes, i), mask, None, i)
                 if i + 1 in depths:
                     out[j][i + 1] = self._keep(hs[j])
-            del block
+        runs.clear()
         for j, (key, _) in enumerate(items):
             self._kept[key] = (out[j], self._keep(t.logits(hs[j])) if logits else None)
             hs[j] = None  # type: ignore[call-overload]

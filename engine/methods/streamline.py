@@ -113,22 +113,13 @@ class PairStream:
 
     @torch.no_grad()
     def _streamed(self, b0: int, b1: int) -> tuple[Tensor, Tensor]:
-        src, last = self._src, self.j + self.n
-        ids = self.ids[b0:b1].to(src.device)
-        B, T = ids.shape
-        h = src.embed(ids)
-        ropes, mask = src.ropes(torch.arange(T, device=src.device)[None].expand(B, T)), src.mask(T)
+        src = self._src
+        h, ropes, mask = src.prepare(self.ids[b0:b1])
         x = h
-        src.prefetch(0)
-        for i, ls in enumerate(self.dense.spec.layers[:last]):
+        for i, block in src.blocks(self.j + self.n):
             if i == self.j:
                 x = h
-            block = src.block(i)
-            if i + 1 < last:
-                src.prefetch(i + 1)
-            cos, sin = ropes.get(ls.head_dim, (None, None)) if ls.has_attn else (None, None)
-            h = block(h, cos, sin, mask)
-            del block
+            h = block(h, *src.cos_sin(ropes, i), mask)
         return x, h
 
     def epoch(self, shuffle: bool = False) -> Any:
