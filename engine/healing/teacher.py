@@ -18,6 +18,7 @@ seq_len x vocab x 2 bytes in bf16, 65 MB for 4 x 256 tokens of a 32K vocabulary)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +67,12 @@ class FeedsTeacher:
         return self.feed.states(self._key if ids is self._drawn else None, ids, depths, logits)
 
     def _upcoming(self, n: int) -> list[tuple[Key, Tensor]]:
-        """The next n micro-batches ``_batch`` will draw, with their keys; the data position is left as it was."""
+        """The next n micro-batches ``_batch`` will draw, with their keys; the data position is left as it was.
+        No more than the phase has left when its budget is in tokens (a layer phase always: its steps are
+        fixed up front): the next phase wants other depths, so a pass for them would be wasted."""
+        left = (self.st.get("pbudget") or [None])[0]
+        if left is not None and self._drawn is not None:  # the drawn micro-batch is not counted in ptok yet
+            n = min(n, max(0, math.ceil((left - self.st["ptok"]) / self._drawn.numel()) - 1))
         saved = (self.st["epoch"], self.st["pos"], self._perm, self._key, self._drawn)
         out = []
         for _ in range(n):

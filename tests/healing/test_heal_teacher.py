@@ -59,7 +59,8 @@ def test_host_teacher_heals_bit_identically(change: dict[str, Any], monkeypatch:
     assert rep.curve == rep_ref.curve and rep.tokens == rep_ref.tokens
     same(ref, got)
     steps = rep.steps * rep.config["accum"]  # micro-batches drawn
-    assert len(passes) >= steps / 3 and max(passes) == 3 and sum(passes) >= steps, passes
+    # chunks of at most 3, and no teacher work for a micro-batch the phase will not draw (its budget is in tokens)
+    assert len(passes) >= steps / 3 and max(passes) == 3 and sum(passes) == steps, passes
     assert "host memory" in rep.memory["global"]["teacher_held"]
     assert "host memory" in rep.memory["layer"]["teacher_held"]
 
