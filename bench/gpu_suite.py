@@ -39,8 +39,8 @@ PARTS: dict[str, tuple[float, float]] = {
     "decode-compile": (200, 30),
     "calibration-big": (150, 60),
     "serve": (150, 120),
-    "prune": (240, 120),
-    "heal": (180, 120),
+    "prune": (300, 150),
+    "heal": (240, 150),
 }
 
 
