@@ -216,6 +216,8 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     m = get_method(method) if plan is None else None
     dp = check_before_load(source, m, tgt, plan, data)
     place = where_weights(source, m, weights, device, dtype, heal, tgt)
+    if progress and place["place"] == "host":
+        print(f"[prune] weights in host memory, streamed to {device} a layer at a time: {place['why']}", flush=True)
     t0 = time.time()
     model, tok = load(source, device="cpu" if place["place"] == "host" else device, dtype=dtype,
                       quiet=not progress, allow_nonfinite=allow_nonfinite)

@@ -160,6 +160,11 @@ def summary(report: dict[str, Any]) -> str:
                   f"budget clock {h['budget']['clock']}; global stage trains: {h.get('global_params')}; "
                   f"val ppl {h['start_val_ppl']:.2f} -> best {h['best_val_ppl']:.2f}"
                   + (f"; layer-stage steps per layer: {per_layer}" if per_layer else "")]
+    w = report.get("weights") or {}
+    if w.get("place") == "host":
+        lines += ["", f"weights: host memory, streamed to {report['device']} a layer at a time ({w.get('why')})"
+                  + (f"; healing's teacher: {h['memory']['global'].get('teacher_held')}"
+                     if h and "global" in h.get("memory", {}) else "")]
     t = report.get("times", {})
     lines.append("")
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
