@@ -324,8 +324,7 @@ def where_weights(source: str | Path, method: Any, weights: str, device: str, dt
     from layerfold.evaluation.streamed import DEVICE_SHARE, weight_bytes, weights_place
 
     nbytes = weight_bytes(source, dtype)
-    kept = 1.0 if target is None else 1 - (target.value if target.kind != "layers" else target.value / max(
-        1, _n_layers(source)))
+    kept = _kept_fraction(source, target)
     place, why = weights_place(weights, device, int(nbytes * (1 + kept)) if heal else nbytes)
     if heal and weights == "auto" and torch.device(device).type == "cuda":
         why += " (the dense model and, with --heal, the pruned student beside it)"
@@ -344,10 +343,15 @@ def where_weights(source: str | Path, method: Any, weights: str, device: str, dt
     return {"place": place, "why": why, "bytes": nbytes}
 
 
-def _n_layers(source: str | Path) -> int:
+def _kept_fraction(source: str | Path, target: Target | None) -> float:
+    """About how much of the model a target keeps (layers, or the fraction itself); 1 for a plan."""
+    if target is None:
+        return 1.0
+    if target.kind != "layers":
+        return 1 - target.value
     from layerfold.core.loading import load_spec_state
 
-    return load_spec_state(source, quiet=True)[0].n_layers
+    return 1 - target.value / load_spec_state(source, quiet=True)[0].n_layers
 
 
 def where_layers_went(report: dict[str, Any]) -> list[str]:
