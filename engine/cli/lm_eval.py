@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from layerfold.cli.util import add_common, emit
+from layerfold.cli.util import add_common, add_weights, emit
 from layerfold.core.console import table
 
 
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and LLM-Streamline models. Tasks are the harness's names (hellaswag, arc_easy, "
                                    "...) or your own YAML tasks in --include-path.")
     add_common(p)
+    add_weights(p)
     p.add_argument("--tasks", required=True, help="comma-separated task names")
     p.add_argument("--include-path", default=None, help="folder of your own task YAML files")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per item (task default)")
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def lm_eval(model: str, tasks: list[str], *, device: str = "cpu", dtype: str | None = None, batch_size: int = 8,
             num_fewshot: int | None = None, limit: float | None = None, include_path: str | None = None,
-            max_length: int | None = None, seed: int = 0, log_samples: bool = False) -> dict[str, Any]:
+            max_length: int | None = None, seed: int = 0, log_samples: bool = False,
+            weights: str = "auto") -> dict[str, Any]:
     """The harness's results dict (``lm_eval.simple_evaluate``) for ``model`` on ``tasks``."""
     from layerfold.core.extras import package_versions, require
 
@@ -50,7 +52,7 @@ def lm_eval(model: str, tasks: list[str], *, device: str = "cpu", dtype: str | N
     from layerfold.interop.harness import LayerfoldLM
 
     lm = LayerfoldLM(pretrained=model, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
-                     seed=seed)
+                     seed=seed, weights=weights)
     # indexing the harness's own thousands of task files takes seconds: skip it when --include-path has them all
     tm = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
     if tm is None or any(t not in tm.all_tasks for t in tasks):
@@ -63,6 +65,7 @@ def lm_eval(model: str, tasks: list[str], *, device: str = "cpu", dtype: str | N
                           log_samples=log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                           fewshot_random_seed=seed)
     res["layerfold"] = {"model": model, "device": device, "dtype": dtype, "batch_size": batch_size,
+                        "weights": lm.weights,
                         "max_length": lm.max_length, "versions": package_versions(("torch", "transformers", "triton",
                                                                                    "lm_eval"))}
     return res
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--tasks is empty. Fix: name at least one task, e.g. --tasks arc_easy")
     res = lm_eval(args.model, tasks, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                   num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path,
-                  max_length=args.max_length, seed=args.seed)
+                  max_length=args.max_length, seed=args.seed, weights=args.weights)
     out = {k: res.get(k) for k in ("results", "versions", "n-shot", "config", "layerfold")}
     if args.output:
         from layerfold.core.paths import write_json_atomic

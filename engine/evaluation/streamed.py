@@ -29,6 +29,10 @@ WEIGHTS = ("auto", "device", "host")
 # Share of the device's free memory the weights may take for ``auto`` to keep them there: the rest holds
 # what the job adds on top (calibration buffers, a trained block and its AdamW state, evaluation logits).
 DEVICE_SHARE = 0.6
+# Bytes of hidden states one pass over the layers carries on the device (``StreamedLM.many``): 2 GiB is 250K
+# tokens at 4,096 wide in bf16 (a default evaluation is 8K-36K); an lm-eval task of millions of tokens takes
+# several passes instead of more memory than the device has.
+HIDDEN_BUDGET = 2 * 1024 ** 3
 
 
 def weight_bytes(source: str | Path | Model, dtype: torch.dtype | None = None) -> int:
@@ -73,6 +77,8 @@ class StreamedLM:
         self.src = LayerStream(model, device, dtype or model.dtype)
         self.device = self.src.device
         self.dtype = self.src.dtype
+        self.hidden_budget = HIDDEN_BUDGET
+        self.passes = 0  # passes over the layers so far
 
     @torch.inference_mode()
     def __call__(self, ids: Tensor, key_valid: Tensor | None = None) -> Tensor:
@@ -80,14 +86,30 @@ class StreamedLM:
 
     @torch.inference_mode()
     def many(self, batches: Sequence[tuple[Tensor, Tensor | None]]) -> Iterator[Tensor]:
-        """Logits of each (ids (B, T), key_valid (B, T) or None) batch, in order, from one pass over the
-        layers: every batch's hidden state (B x T x d, on the device) goes through layer i before layer
-        i + 1 is built, so the weights cross the bus once for all of them. The logits are made one batch at a
-        time as the caller takes them."""
+        """Logits of each (ids (B, T), key_valid (B, T) or None) batch, in order, from as few passes over the
+        layers as ``hidden_budget`` allows: every batch of a pass has its hidden state (B x T x d) on the
+        device and goes through layer i before layer i + 1 is built, so the weights cross the bus once per
+        pass. The logits are made one batch at a time as the caller takes them."""
+        batches = list(batches)
+        width = max([self.spec.d_model] + [ls.d_out for ls in self.spec.layers])
+        start = 0
+        while start < len(batches):
+            end, used = start, 0
+            while end < len(batches):
+                cost = batches[end][0].numel() * width * self.dtype.itemsize
+                if end > start and used + cost > self.hidden_budget:
+                    break
+                used += cost
+                end += 1
+            yield from self._pass(batches[start:end])
+            start = end
+
+    def _pass(self, batches: Sequence[tuple[Tensor, Tensor | None]]) -> Iterator[Tensor]:
         runs = [list(self.src.prepare(ids, key_valid)) for ids, key_valid in batches]
         for i, block in self.src.blocks():
             for run in runs:
                 run[0] = block(run[0], *self.src.cos_sin(run[1], i), run[2])
+        self.passes += 1
         for run in runs:
             h, run[0] = run[0], None
             yield self.src.logits(h)
@@ -101,4 +123,5 @@ def evaluation_model(model: Model, device: str | torch.device, place: str) -> An
     return StreamedLM(model, device) if place == "host" else model
 
 
-__all__ = ["DEVICE_SHARE", "WEIGHTS", "StreamedLM", "evaluation_model", "weight_bytes", "weights_place"]
+__all__ = ["DEVICE_SHARE", "HIDDEN_BUDGET", "WEIGHTS", "StreamedLM", "evaluation_model", "weight_bytes",
+           "weights_place"]

@@ -11,6 +11,11 @@ Width-pruned models, SliceGPT shortcut matrices and LLM-Streamline replacement b
   decode), plain text (no chat template), requests grouped by their generation settings, stop strings
   ``until`` plus the EOS text, contexts cut from the left to leave room for ``max_gen_toks``.
 
+``weights=host`` (``auto`` on a GPU the model does not fit): the model stays in host memory and the
+log-likelihood requests stream it to the device a layer at a time (``evaluation.streamed.StreamedLM``:
+each request its own right-padded row, one pass over the weights per 2 GiB of hidden states); generation
+tasks are refused with the fix.
+
 Tokenisation follows the ``hf`` model's defaults (``add_bos_token`` None: the tokenizer's own), so on an HF
 export the two models give the same numbers (tests/interop/test_harness.py).
 """
@@ -28,7 +33,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from layerfold.core.dtypes import parse_dtype
 from layerfold.core.loading import DEFAULT_MODEL, load
-from layerfold.evaluation.evaluate import grouped_scores
+from layerfold.evaluation.evaluate import grouped_scores, scored_loglikelihoods
+from layerfold.evaluation.streamed import StreamedLM
 from layerfold.inference.generate import generate
 
 MODEL_NAME = "layerfold"
@@ -48,15 +54,22 @@ class LayerfoldLM(TemplateLM):
     def __init__(self, pretrained: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | None = None,
                  batch_size: int | str = 8, max_length: int | None = None, add_bos_token: bool | str | None = None,
                  max_gen_toks: int = 256, seed: int | None = None, model: Any = None, tokenizer: Any = None,
-                 **_: Any):
+                 weights: str = "auto", **_: Any):
         super().__init__()
+        device = device or "cpu"
+        place = "device"
         if model is None:
-            model, tokenizer = load(pretrained, device=device or "cpu", dtype=parse_dtype(dtype) if dtype else None,
-                                    quiet=True)
+            from layerfold.evaluation.streamed import weight_bytes, weights_place
+
+            dt = parse_dtype(dtype) if dtype else None
+            place = weights_place(weights, device, lambda: weight_bytes(pretrained, dt))[0]
+            model, tokenizer = load(pretrained, device="cpu" if place == "host" else device, dtype=dt, quiet=True)
         if tokenizer is None:
             raise ValueError(f"{pretrained}: no tokenizer, and lm-eval tasks are text. Fix: evaluate a checkpoint "
                              "saved with its tokenizer (every `layerfold prune` output has one)")
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.weights = place  # "host": scored streamed to the device a layer at a time (evaluation.streamed)
+        self.streamed = StreamedLM(model, device) if place == "host" else None
         self.batch_size_per_gpu = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length or model.spec.max_position)
         self.add_bos_token = _flag(add_bos_token)
@@ -106,8 +119,13 @@ class LayerfoldLM(TemplateLM):
             groups[pairs[-1][0]].append(i)
         keys = list(groups)
         pad = self.eot_token_id
-        scores = grouped_scores(self.model, [(list(k), [pairs[i][1] for i in groups[k]]) for k in keys],
-                                batch_size=self.batch_size_per_gpu, pad_id=pad, progress=not disable_tqdm)
+        if self.streamed is not None:  # no KV cache to share contexts: each request its own row, few weight passes
+            flat = scored_loglikelihoods(self.streamed, [(list(c), t) for c, t in pairs],
+                                         batch_size=self.batch_size_per_gpu, pad_id=pad, progress=not disable_tqdm)
+            scores = [[flat[i] for i in groups[k]] for k in keys]
+        else:
+            scores = grouped_scores(self.model, [(list(k), [pairs[i][1] for i in groups[k]]) for k in keys],
+                                    batch_size=self.batch_size_per_gpu, pad_id=pad, progress=not disable_tqdm)
         out: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
         for k, sc in zip(keys, scores, strict=True):
             for i, s in zip(groups[k], sc, strict=True):
@@ -134,6 +152,10 @@ class LayerfoldLM(TemplateLM):
 
     # ---- generation --------------------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        if self.streamed is not None:
+            raise ValueError("generation tasks decode token by token, which needs the model on the device; its "
+                             "weights are in host memory here (weights=host). Fix: run them on a GPU that holds the "
+                             "model (weights=device), or choose log-likelihood tasks")
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         by_settings: dict[str, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):

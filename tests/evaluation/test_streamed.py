@@ -42,6 +42,16 @@ def test_streamed_logits_equal_the_model(name: str) -> None:
     assert s.num_params() == m.num_params()
 
 
+def test_many_takes_several_passes_within_its_hidden_budget() -> None:
+    m = tiny_model(tiny_spec(n_layers=3), norm_gains=True)
+    ids = torch.randint(0, m.spec.vocab_size, (6, 16), generator=torch.Generator().manual_seed(4))
+    s = StreamedLM(m, "cpu")
+    s.hidden_budget = 2 * 16 * m.spec.d_model * 4  # two one-row batches of 16 tokens a pass
+    got = list(s.many([(ids[i:i + 1], None) for i in range(6)]))
+    assert s.passes == 3
+    assert_close(torch.cat(got), m(ids), torch.float32)
+
+
 def test_weights_place_rules() -> None:
     assert weights_place("auto", "cpu", 10**12) == ("device", "cpu: host and device memory are one")
     assert weights_place("host", "cpu", 1)[0] == "host"

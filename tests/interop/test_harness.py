@@ -124,3 +124,27 @@ def test_cli_runs_a_local_task_on_a_streamline_model(setup, tmp_path, capsys) ->
     assert res["results"]["lf_mc"]["acc,none"] is not None and res["layerfold"]["versions"]["lm_eval"]
     assert main(["lm-eval", str(setup["stream"][1]), "--tasks", "no_such_task", "--include-path",
                  str(setup["tasks"])]) == 2
+
+
+def test_host_weights_score_the_same_and_refuse_generation(setup, monkeypatch) -> None:
+    """weights=host: the model stays in host memory and log-likelihoods stream it (evaluation.streamed), in
+    several passes when the hidden states exceed the budget; generation is refused with the fix."""
+    from lm_eval.api.instance import Instance
+
+    from layerfold.evaluation import streamed
+    from layerfold.interop.harness import LayerfoldLM
+
+    model, ckpt = setup["stream"]
+    monkeypatch.setattr(streamed, "HIDDEN_BUDGET", 64 * 40 * 4 * 8)  # about 8 short rows a pass
+    res = run_task("layerfold", {"pretrained": str(ckpt), "batch_size": 4, "weights": "host"}, setup["tasks"])
+    check_equals_layerfold_eval(res, model, setup)
+    plain = run_task("layerfold", {"pretrained": str(ckpt), "batch_size": 4}, setup["tasks"])
+    assert torch.allclose(torch.tensor(lls(res)), torch.tensor(lls(plain)), rtol=1e-5, atol=1e-5)
+    lm = LayerfoldLM(pretrained=str(ckpt), weights="host", batch_size=1)
+    assert lm.weights == "host" and lm.streamed is not None
+    roll = [Instance("loglikelihood_rolling", {}, (f"def f{i}(x):\n    return x + {i}\n" * 3,), i) for i in range(12)]
+    assert lm.loglikelihood_rolling(roll) == pytest.approx(LayerfoldLM(pretrained=str(ckpt)).loglikelihood_rolling(
+        roll), rel=1e-5)
+    assert lm.streamed.passes == 2  # twelve one-row batches of ~45 tokens: the budget holds about eight
+    with pytest.raises(ValueError, match="generation tasks decode token by token.*Fix: run them on a GPU"):
+        lm.generate_until([Instance("generate_until", {}, ("x = 1 +", {"until": ["\n"], "max_gen_toks": 4}), 0)])
