@@ -5,12 +5,13 @@
 block on the device from the host weights (``core.streaming.LayerStream``: pinned staging and the next
 block prefetched on a side stream on CUDA), runs the batch through it and frees it. Each call moves the
 whole model across the bus once, so ``many(batches)`` runs a whole evaluation's batches layer by layer
-instead: one pass over the weights for all of them (what ``evaluate``'s perplexity and multiple-choice
-scoring use when the model has ``many``). On the device: one or two blocks, the embedding table, the
-head, every batch's hidden state (8,192 tokens x 4,096 wide in bf16: 67 MB) and one batch's logits.
+instead: one pass over the weights for as many batches as ``HIDDEN_BUDGET`` of hidden states holds (what
+``evaluate``'s perplexity and multiple-choice scoring and the lm-eval adapter use when the model has
+``many``). On the device: one or two blocks, the embedding table, the head, the pass's hidden states (a
+default evaluation's 8,192 tokens x 4,096 wide in bf16: 67 MB) and one batch's logits.
 
 ``weights_place`` decides where a job keeps the weights: on the device when they fit a share of its free
-memory, else in host memory, streamed like this (``prune --weights``, ``eval --weights``).
+memory, else in host memory, streamed like this (``--weights`` of ``prune``, ``eval`` and ``lm-eval``).
 """
 
 from __future__ import annotations
