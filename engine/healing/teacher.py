@@ -98,8 +98,8 @@ class TeacherFeed:
         self.chunk = 0
 
     def describe(self) -> str:
-        return (f"host memory; {self.passes} passes over its layers on {self.t.device}, each for up to "
-                f"{self.chunk or '-'} micro-batches")
+        return (f"host memory; {self.passes} pass{'es' if self.passes != 1 else ''} over its layers on "
+                f"{self.t.device} so far, each for up to {self.chunk or '-'} micro-batches")
 
     def _chunk_size(self, mb: Tensor, depths: frozenset[int], logits: bool) -> int:
         B, T = mb.shape
