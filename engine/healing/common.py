@@ -226,6 +226,12 @@ def shared_prefix(student: Model, teacher: LayerStream, layer_map: Sequence[Sequ
     return p
 
 
+def layer_of(name: str) -> int:
+    """Layer index of a parameter name ``layers.{i}....``; -1 for embeddings, final norm and head."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "layers" else -1
+
+
 def chunks(tokens: Tensor, T: int, what: str) -> Tensor:
     n = tokens.numel() // T
     if n < 1:
@@ -235,4 +241,4 @@ def chunks(tokens: Tensor, T: int, what: str) -> Tensor:
 
 
 __all__ = ["STAGES", "STATE_DIR", "HealConfig", "HealData", "HealReport", "chunks", "heal_targets",
-           "kl_teacher_student", "relative_mse", "shared_prefix", "teacher_states"]
+           "kl_teacher_student", "layer_of", "relative_mse", "shared_prefix", "teacher_states"]

@@ -41,6 +41,7 @@ from layerfold.healing.common import (
     auto_global_params,
     heal_targets,
     kl_teacher_student,
+    layer_of,
     relative_mse,
     restore_dtypes,
     shared_prefix,
@@ -84,7 +85,7 @@ class HealRun(ResumableRun, FeedsTeacher):
             add_lora(student, [i for i in range(self.Ls) if i not in set(targets)], rank=cfg.lora_rank,
                      alpha=cfg.lora_alpha)
         self.names = [n for n, _ in student.named_parameters()
-                      if train_all and "global" in stages or _layer_of(n) in set(targets) or ".lora_" in n]
+                      if train_all and "global" in stages or layer_of(n) in set(targets) or ".lora_" in n]
         self.params = dict(student.named_parameters())
         # fp32 masters of narrower trained weights under autocast (restored when the run ends); the model then
         # mixes dtypes, so its no-grad passes (validation, probes) run under autocast too
@@ -148,8 +149,9 @@ class HealRun(ResumableRun, FeedsTeacher):
             loss.backward()
             for n in names:
                 self.params[n].grad = None
-            self._tick()
-            costs.append(max(self._secs(False) - t0, 1e-6))
+            self._tick()  # a host teacher (the feed) shares one transfer per chunk in training, not per step
+            cost = self._secs(False) - t0 - self._chunked_teacher_saving(self.probe, set(self._layer_depths(k)))
+            costs.append(max(cost, 1e-6))
         frac = self.cfg.layer_frac if "global" in self.stages else 1.0
         stage_s = frac * self.budget_s - self._secs(False)
         per_probe = self.probe.numel() / self._tokens_per_step()  # the probe is one micro-batch
@@ -191,19 +193,20 @@ class HealRun(ResumableRun, FeedsTeacher):
     def _target_depth(self, k: int) -> int:
         return self.Lt if k == self.Ls - 1 else max(self.map[k]) + 1
 
+    def _layer_depths(self, k: int) -> tuple[int, int]:
+        """(the teacher depth a step of layer k starts from, its target depth)."""
+        src = min(self.map[k]) if self.cfg.layer_input == "teacher" else min(self.prefix_layer, k)
+        return src, self._target_depth(k)
+
     def layer_loss(self, k: int, ids: Tensor) -> Tensor:
-        tgt, s = self._target_depth(k), self.s
+        s = self.s
+        src, tgt = self._layer_depths(k)
         with torch.no_grad():
             _, ropes, mask = s.prepare(ids)
-            if self.cfg.layer_input == "teacher":
-                src = min(self.map[k])
-                hs, _ = self._teacher(ids, {src, tgt})
-                x = hs[src]
-            else:
-                p = min(self.prefix_layer, k)
-                hs, _ = self._teacher(ids, {p, tgt})
-                x = hs[p]
-                for j in range(p, k):
+            hs, _ = self._teacher(ids, {src, tgt})
+            x = hs[src]
+            if self.cfg.layer_input == "student":  # the student's own layers from the shared prefix up to k
+                for j in range(src, k):
                     x = s.run_layer(j, x, ropes, mask)
         return relative_mse(s.run_layer(k, x, ropes, mask), hs[tgt])
 
@@ -229,8 +232,8 @@ class HealRun(ResumableRun, FeedsTeacher):
     def _phase_params(self, kind: str, k: int) -> list[str]:
         layers = {k} if kind == "layer" else set(self.global_layers)
         if kind == "layer":
-            return [n for n in self.names if _layer_of(n) in layers and ".lora_" not in n]
-        return [n for n in self.names if self.train_all or _layer_of(n) in layers or ".lora_" in n]
+            return [n for n in self.names if layer_of(n) in layers and ".lora_" not in n]
+        return [n for n in self.names if self.train_all or layer_of(n) in layers or ".lora_" in n]
 
     def _start_phase(self, kind: str, k: int) -> None:
         st = self.st
@@ -409,9 +412,3 @@ class HealRun(ResumableRun, FeedsTeacher):
             global_params=c.global_params, resumed=self.resumed, notes=self.notes + [
                 f"student layers 0..{self.prefix_layer - 1} are the teacher's: they start from its hidden state"
                 if self.prefix_layer else "no student layer is shared with the teacher"])
-
-
-def _layer_of(name: str) -> int:
-    """Layer index of a parameter name ``layers.{i}....``; -1 for embeddings, final norm and head."""
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "layers" else -1

@@ -107,3 +107,37 @@ def test_gpu_host_teacher_heals_like_a_held_one() -> None:
     assert rep.curve[-1][1] == pytest.approx(rep_ref.curve[-1][1], rel=1e-3)
     for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_layer_stage_plan_counts_a_host_teachers_transfer_once_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A time budget splits the layer stage in steps from a timed probe. The probe streams the teacher for its
+    one micro-batch; with a feed, training shares that transfer across a chunk, so the plan must not count
+    it per step. Every block build sleeps 20 ms here, as weights crossing a bus would."""
+    import time
+
+    from layerfold.core.streaming import LayerStream
+    from layerfold.healing.common import chunks
+    from layerfold.healing.loop import HealRun
+
+    real = LayerStream.block
+
+    def slow(self: Any, i: int) -> Any:
+        time.sleep(0.02)
+        return real(self, i)
+
+    monkeypatch.setattr(LayerStream, "block", slow)
+
+    def plan(where: str) -> list[float]:
+        t = tiny_model(**TEACHER)
+        d = data()
+        run = HealRun(drop_layer(t, 2), LayerStream(t), MAP, [], chunks(d.train, 32, "training"),
+                      chunks(d.val, 32, "validation")[-8:], replace(BASE, teacher=where, clock="wall"),
+                      ["layer", "global"], 10.0, None, None, False)
+        run._w, run._c = time.monotonic(), time.process_time()
+        run._plan_layer_stage()
+        return run.st["layer_step_cost_s"]
+
+    streamed, fed = plan("device"), plan("host")  # on a CPU the layer stage streams a "device" teacher per step
+    assert len(streamed) == len(fed) >= 1
+    for a, b in zip(streamed, fed, strict=True):  # each probe built >= 3 blocks: >= 60 ms of "transfer"
+        assert b < a - 0.04, (streamed, fed)
