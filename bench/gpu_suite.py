@@ -67,6 +67,22 @@ def run_part(name: str, out: Path, tiny: bool) -> None:
         raise
 
 
+def _attn_pick(rows: list[dict[str, Any]]) -> list[str]:
+    """Per batch size, the decode attention's default launch against the fastest swept variant (what the
+    next change of the default reads)."""
+    out = []
+    attn = [r for r in rows if r.get("kernel") == "attn_decode" and "ms" in r]
+    for b in sorted({r["rows"] for r in attn}):
+        base = next((r for r in attn if r["rows"] == b and r["impl"] == "layerfold"), None)
+        swept = [r for r in attn if r["rows"] == b and r["impl"].startswith("layerfold s")]
+        if base and swept:
+            best = min(swept, key=lambda r: r["ms"])
+            out.append(f"- attention, {b} rows: default {base['ms']:.4f} ms ({base['pct_bw']:.0f}% bw); fastest "
+                       f"variant `{best['impl']}` {best['ms']:.4f} ms ({best['pct_bw']:.0f}% bw, "
+                       f"{base['ms'] / best['ms']:.2f}x, max diff {best.get('max_diff_vs_default', 0):.1e})")
+    return ([""] + out) if out else []
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory for the JSON and markdown results")
@@ -202,6 +218,7 @@ def markdown(res: dict[str, Any]) -> str:
              + (f" [max diff {r['max_diff_vs_default']:.1e}]" if "max_diff_vs_default" in r else ""),
              r.get("shape", ""), _f(r.get("ms"), "{:.4f}"),
              _f(r.get("gb_s"), "{:.0f}"), _f(r.get("pct_bw"), "{:.0f}%")] for r in k["decode_kernels"]], right_from=4)
+        lines += _attn_pick(k["decode_kernels"])
     if k.get("widths"):
         lines += ["", "## GEMV against the width's rounding multiple (O = 4096)"]
         lines += _table(["K", "largest power-of-2 divisor", "rows", "impl", "ms", "% bw"], [

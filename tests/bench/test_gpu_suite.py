@@ -47,6 +47,7 @@ def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
         assert set(r["tokens_s"]) == {"layer", "global"} and min(r["tokens_s"].values()) > 0, r
         assert r["dtypes_after"] == ["torch.float32"]
     md = (out / "gpu_suite.md").read_text()
+    assert "- attention, 2 rows: default" in md and "fastest variant `layerfold s16 w1 p2`" in md  # the sweep's pick
     for heading in ("## Decode", "## Calibration kernels", "## Decode kernels", "## Serving", "## Big calibrations",
                     "## layerfold prune on the GPU", "## layerfold heal on the GPU"):
         assert heading in md, heading
