@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from layerfold.cli.util import add_common, emit
+from layerfold.cli.util import add_common, count_arg, emit, finite_arg
 from layerfold.core.console import human_bytes, table
-from layerfold.healing.heal import STAGES, STATE_DIR, HealConfig, heal_pruned, save_healed
+from layerfold.core.paths import check_output
+from layerfold.healing.heal import STAGES, STATE_DIR, HealConfig, check_budget, heal_pruned, save_healed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
     p.add_argument("--teacher", help="the dense model (default: provenance['teacher'] of the pruned checkpoint)")
     p.add_argument("--out", required=True, help="directory of the healed checkpoint (heal_state/ is kept in it)")
-    p.add_argument("--minutes", type=float, default=None, help="time budget of the whole healing (default 15 "
+    p.add_argument("--minutes", type=finite_arg, default=None, help="time budget of the whole healing (default 15 "
                    "unless --tokens is given)")
-    p.add_argument("--tokens", type=int, default=None, help="training-token budget (both stages)")
+    p.add_argument("--tokens", type=count_arg(1), default=None, help="training-token budget (both stages)")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                    help="what --minutes measures: wall time, or process CPU time / threads (the same work on a "
                    "busy or an idle machine); auto (default): cpu on a CPU, wall on a GPU")
@@ -72,6 +73,13 @@ def main(args: argparse.Namespace) -> int:
     if not stages or any(s not in STAGES for s in stages):
         raise ValueError(f"--stage {args.stage!r}: unknown stage. Fix: use a comma-separated subset of {STAGES}")
     minutes = args.minutes if args.minutes is not None or args.tokens is not None else 15.0
+    check_budget(minutes, args.tokens)
+    cfg = HealConfig(seq_len=args.seq_len, micro_batch=args.micro_batch, accum=args.accum, lr_global=args.lr_global,
+                     lr_layer=args.lr_layer, layer_frac=args.layer_frac, hidden_weight=args.hidden_weight,
+                     eval_every=args.eval_every, val_tokens=args.val_tokens, seed=args.seed, clock=args.clock,
+                     layer_input=args.layer_input, autocast=args.autocast,
+                     global_params="all" if args.train_all else args.global_params, lora_rank=args.lora_rank,
+                     teacher=args.teacher_weights).check()
     out = Path(args.out)
     if out.exists():
         if not (out / STATE_DIR).exists():
@@ -79,6 +87,13 @@ def main(args: argparse.Namespace) -> int:
         if not args.resume:
             raise ValueError(f"{out}: holds a healing run ({STATE_DIR}/). Fix: pass --resume to continue it, or "
                              "choose another --out")
+    sources = [args.model, layerfold.resolve(args.model, quiet=True)]
+    if args.teacher:
+        sources += [args.teacher, layerfold.resolve(args.teacher, quiet=True)]
+    check_output(out, sources=sources, overwrite=(out / STATE_DIR).is_dir())  # as save_healed will, before training
+    if args.data != "pydoc" and not Path(args.data).is_file():
+        raise FileNotFoundError(f"--data {args.data}: no such file. Fix: use --data pydoc (built-in text) or the path "
+                                "of a .txt or .jsonl file")
     student, tok = layerfold.load(args.model, device=args.device, allow_nonfinite=args.allow_nonfinite)
     prov: dict[str, Any] = dict(getattr(student, "provenance", {}) or {})
     if "layer_map" not in prov:
@@ -87,12 +102,9 @@ def main(args: argparse.Namespace) -> int:
     teacher = args.teacher or prov.get("teacher") or prov.get("source")
     if not teacher:
         raise ValueError(f"{args.model}: no teacher recorded. Fix: pass --teacher MODEL (the dense source)")
-    cfg = HealConfig(seq_len=args.seq_len, micro_batch=args.micro_batch, accum=args.accum, lr_global=args.lr_global,
-                     lr_layer=args.lr_layer, layer_frac=args.layer_frac, hidden_weight=args.hidden_weight,
-                     eval_every=args.eval_every, val_tokens=args.val_tokens, seed=args.seed, clock=args.clock,
-                     layer_input=args.layer_input, autocast=args.autocast,
-                     global_params="all" if args.train_all else args.global_params, lora_rank=args.lora_rank,
-                     teacher=args.teacher_weights)
+    if not args.teacher:
+        check_output(out, sources=[teacher, layerfold.resolve(teacher, quiet=True)],
+                     overwrite=(out / STATE_DIR).is_dir())
     rep = heal_pruned(student, layerfold.resolve(teacher, quiet=True), prov["layer_map"],
                       prov.get("changed_layers", []), tok, data=args.data, budget_minutes=minutes, tokens=args.tokens,
                       stages=stages, out_dir=out, resume=args.resume,

@@ -6,6 +6,7 @@ state dict for the layer stage, the whole model once ``stream.model()`` is built
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -73,6 +74,16 @@ class HealConfig:
         if min(self.seq_len, self.micro_batch, self.accum, self.eval_every) < 1 or not 0 <= self.layer_frac <= 1:
             raise ValueError("seq_len, micro_batch, accum, eval_every must be >= 1 and layer_frac in [0, 1]. "
                              "Fix: correct the heal configuration")
+        for name, lo, strict in (("lr_layer", 0.0, True), ("lr_global", 0.0, True), ("min_lr_frac", 0.0, False),
+                                 ("weight_decay", 0.0, False), ("grad_clip", 0.0, True), ("hidden_weight", 0.0, False),
+                                 ("lora_alpha", 0.0, True), ("save_every_s", 0.0, True), ("val_tokens", 1, False),
+                                 ("warmup_steps", 0, False), ("lora_rank", 1, False)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < lo or (strict and v == lo) or (name == "min_lr_frac" and v > 1):
+                need = "in [0, 1]" if name == "min_lr_frac" else f"{'>' if strict else '>='} {lo}"
+                raise ValueError(f"heal: {name}={v!r} must be a finite number {need}. Fix: correct {name} "
+                                 f"(--{name.replace('_', '-')} on the command line)")
         return self
 
 

@@ -46,6 +46,7 @@ pydoc's 18K val tokens (embedded tokenizer), the selection's 4,096 and the evalu
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -85,8 +86,7 @@ def heal_pruned(student: Model, teacher_source: str | Path | Model, layer_map: S
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise ValueError(f"heal: unknown stage(s) {bad or stages}. Fix: use a subset of {STAGES}, e.g. layer,global")
-    if budget_minutes is None and tokens is None:
-        raise ValueError("heal: no budget. Fix: give --minutes and/or --tokens")
+    check_budget(budget_minutes, tokens)
     if len(layer_map) != student.spec.n_layers:
         raise ValueError(f"heal: layer_map has {len(layer_map)} entries, the student {student.spec.n_layers} layers. "
                          "Fix: pass the pruned checkpoint's own provenance['layer_map']")
@@ -116,6 +116,18 @@ def heal_pruned(student: Model, teacher_source: str | Path | Model, layer_map: S
     run = HealRun(student, teacher, [list(g) for g in layer_map], list(changed_layers), train.to(dev), val.to(dev),
                   cfg, list(stages), budget_minutes, tokens, state_dir, progress)
     return _with_sigint(run)
+
+
+def check_budget(budget_minutes: float | None, tokens: int | None) -> None:
+    """A healing budget: minutes (finite, > 0) and/or training tokens (a whole number >= 1)."""
+    if budget_minutes is None and tokens is None:
+        raise ValueError("heal: no budget. Fix: give --minutes and/or --tokens")
+    if budget_minutes is not None and (isinstance(budget_minutes, bool) or not isinstance(budget_minutes, (int, float))
+                                       or not math.isfinite(budget_minutes) or budget_minutes <= 0):
+        raise ValueError(f"heal: a budget of {budget_minutes!r} minutes. Fix: give a positive, finite number of "
+                         "minutes (e.g. --minutes 15)")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise ValueError(f"heal: a budget of {tokens!r} tokens. Fix: give --tokens as a whole number >= 1")
 
 
 def _with_sigint(run: Any) -> HealReport:
@@ -173,4 +185,4 @@ def load_curve(path: str | Path) -> list[tuple[int, float]]:
     return [(int(t), float(v)) for t, v in heal["curve"]]
 
 
-__all__ = ["HealConfig", "HealData", "HealReport", "STAGES", "heal_pruned", "load_curve", "save_healed"]
+__all__ = ["HealConfig", "HealData", "HealReport", "STAGES", "check_budget", "heal_pruned", "load_curve", "save_healed"]

@@ -57,9 +57,9 @@ def load_optimizer(d: Path) -> tuple[dict[str, Any] | None, Tensor]:
         raise ValueError(f"{d}: the healing state has no {OPTIM_TENSORS} / {OPTIM_JSON}.{old} Fix: start over "
                          f"without --resume (remove {d.parent} or choose another --out)")
     try:
-        meta = json.loads(jf.read_text())
+        meta = json.loads(jf.read_text(encoding="utf-8"))
         tensors = load_file(str(tf))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, SafetensorError) as e:
+    except (ValueError, RecursionError, OSError, SafetensorError) as e:  # ValueError: bad JSON or UTF-8
         raise ValueError(f"{d}: damaged healing state ({type(e).__name__}: {e}). Fix: start over without "
                          "--resume") from None
     if not isinstance(meta, dict) or meta.get("format") != "layerfold-heal-optim" or RNG_KEY not in tensors:
@@ -67,12 +67,36 @@ def load_optimizer(d: Path) -> tuple[dict[str, Any] | None, Tensor]:
     opt = meta.get("optimizer")
     if opt is None:
         return None, tensors[RNG_KEY]
+    if not _optimizer_meta_ok(opt):
+        raise ValueError(f"{jf}: damaged healing state (the optimizer's param_groups / scalars are not what layerfold "
+                         "writes). Fix: start over without --resume")
     state: dict[str, dict[str, Any]] = {n: dict(v) for n, v in opt.get("scalars", {}).items()}
     for key, t in tensors.items():
         if key.startswith("optim."):
             name, _, field = key[len("optim."):].rpartition(".")
             state.setdefault(name, {})[field] = t
     return {"state": state, "param_groups": opt["param_groups"]}, tensors[RNG_KEY]
+
+
+def _optimizer_meta_ok(opt: Any) -> bool:
+    """optim.json's "optimizer": param groups (objects naming their parameters, numeric hyperparameters) and
+    per-parameter scalar state (objects)."""
+    if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list):
+        return False
+    scalars = opt.get("scalars", {})
+    if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
+        return False
+    for g in opt["param_groups"]:
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list) \
+                or not all(isinstance(n, str) for n in g["params"]):
+            return False
+        for k in ("lr", "weight_decay", "eps"):
+            if k in g and (isinstance(g[k], bool) or not isinstance(g[k], (int, float))):
+                return False
+        if "betas" in g and not (isinstance(g["betas"], list) and len(g["betas"]) == 2
+                                 and all(isinstance(b, (int, float)) for b in g["betas"])):
+            return False
+    return True
 
 
 __all__ = ["OPTIM_JSON", "OPTIM_TENSORS", "RNG_KEY", "load_optimizer", "optimizer_state_by_index",
