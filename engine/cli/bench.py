@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from layerfold.cli.util import add_dtype, device_arg, emit, parse_sizes, torch_dtype
 
@@ -55,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plot:
         require("plot", "--plot")
+        check_plot_path(args.plot)
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads {args.threads} must be >= 1. Fix: pass a positive thread count")
+        cpus = os.cpu_count() or 1
+        if not 1 <= args.threads <= cpus:  # more threads than CPUs only slows torch; 10**5 crashes it
+            raise ValueError(f"--threads {args.threads}: this machine has {cpus} CPUs. Fix: pass a thread count "
+                             f"from 1 to {cpus}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -77,3 +81,18 @@ def run(args: argparse.Namespace) -> int:
         res["plot"] = args.plot
     emit(args, res, format_table(res) + (f"\nchart: {args.plot}" if args.plot else ""))
     return 0
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
+
+
+def check_plot_path(path: str) -> None:
+    """--plot checked before the benchmark runs (minutes), not when the chart is written after it."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix.lower() not in PLOT_SUFFIXES:
+        raise ValueError(f"--plot {path}: not an image file name. Fix: end it in one of {', '.join(PLOT_SUFFIXES)}")
+    if p.is_dir() or not p.parent.is_dir():
+        what = "is a directory" if p.is_dir() else f"its folder {p.parent} does not exist"
+        raise ValueError(f"--plot {path}: {what}. Fix: name an image file in an existing folder")

@@ -33,10 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from layerfold.core.loading import load
-    from layerfold.inference.generate import generate
+    from layerfold.inference.generate import check_sampling, generate
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1. Fix: ask for at least one token")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before loading the model
     model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype),
                       allow_nonfinite=args.allow_nonfinite)
     live = not args.json and len(args.prompt) == 1

@@ -166,7 +166,23 @@ def _prompts(m: Model, bmax: int, prompt_len: int, max_len: int, label: str, gen
     if max_len > m.spec.max_position:
         raise ValueError(f"{label}: prompt_len + new_tokens = {max_len} exceeds its {m.spec.max_position} "
                          "positions. Fix: shorten them")
+    kv = bmax * max_len * sum(2 * ls.kv_dim for ls in m.spec.layers) * m.dtype.itemsize  # the largest batch's cache
+    total = _memory_total(m.device)
+    if total and kv > total:
+        raise ValueError(f"{label}: batch {bmax} x {max_len} tokens needs a {kv / 2**30:.1f} GiB KV cache, more than "
+                         f"the {total / 2**30:.1f} GiB of memory here. Fix: lower --batch-sizes (or --prompt-len / "
+                         "--new-tokens)")
     return torch.randint(3, m.spec.vocab_size, (bmax, prompt_len), generator=gen).tolist()
+
+
+def _memory_total(device: torch.device) -> int:
+    """Bytes of memory on ``device`` (the GPU's, or the host's physical memory); 0 where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _timed(u: dict[str, Any], new_tokens: int, device: torch.device) -> dict[str, float]:

@@ -10,6 +10,7 @@ prompt's sample does not depend on the other prompts in the batch).
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from layerfold.core.model import Model
 from layerfold.inference.runtime import Runtime
 from layerfold.inference.sampling import Completion, TextStream, eos_ids, sample_next
 
-__all__ = ["GenerationResult", "StreamEvent", "encode_prompt", "generate", "get_runtime", "stream_generate"]
+__all__ = ["GenerationResult", "StreamEvent", "check_sampling", "encode_prompt", "generate", "get_runtime",
+           "stream_generate"]
 
 
 @dataclass
@@ -93,6 +95,17 @@ class _Seq:
     gen: torch.Generator | None
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
+    """Generation settings checked before any work: a ValueError naming the setting and the fix."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1. Fix: ask for at least one token")
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
+        raise ValueError(f"temperature={temperature}, top_p={top_p}: need a finite temperature >= 0 and 0 < top_p "
+                         "<= 1. Fix: use temperature 0 for greedy decoding and top_p 1 for no nucleus cut")
+    if seed is not None and not -(2 ** 63) <= seed < 2 ** 64:
+        raise ValueError(f"seed={seed} is out of range. Fix: use a seed in [-2**63, 2**64 - 1]")
+
+
 def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, max_new_tokens: int = 128,
                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                     stop: Sequence[str] | None = None, chat: bool = True,
@@ -102,12 +115,12 @@ def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, m
     plist = [prompts] if isinstance(prompts, str) else list(prompts)
     if not plist:
         return
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1. Fix: ask for at least one token")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1. "
-                         "Fix: use temperature 0 for greedy decoding and top_p 1 for no nucleus cut")
+    check_sampling(max_new_tokens, temperature, top_p, seed)
     ids = [encode_prompt(tokenizer, p, chat) for p in plist]
+    empty = [i for i, x in enumerate(ids) if not len(x)]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} is empty: it has no tokens to continue. Fix: give a non-empty prompt (or "
+                         "use the chat template, which adds the turn's own tokens)")
     longest = max(len(x) for x in ids)
     rt = runtime or get_runtime(model, len(plist), min(longest + max_new_tokens, model.spec.max_position))
     if len(plist) > rt.max_batch:
