@@ -30,12 +30,11 @@ def layer_counts(model: Model) -> dict[str, Any]:
 
 
 def load_stats(path: str | Path, model: Model, window: int) -> Any:
+    """Saved statistics checked against ``model`` (a built or a meta-device Model: only its spec is read)."""
     from layerfold.calibration.stats import Stats
 
     st = Stats.load(path)
-    if st.n_layers != model.spec.n_layers:
-        raise ValueError(f"{path}: statistics of a {st.n_layers}-layer model, this model has {model.spec.n_layers}. "
-                         "Fix: calibrate this model (layerfold calibrate MODEL --out DIR) or drop --stats")
+    st.check_model(model.spec, path)
     if st.window < window:
         raise ValueError(f"{path}: calibrated with window {st.window}, this prune needs cosines {window} layers "
                          f"apart. Fix: recalibrate with --window {window}, or drop --stats to calibrate here")
@@ -215,6 +214,13 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     tgt = Target.parse(target) if target is not None and not isinstance(target, Target) else target
     m = get_method(method) if plan is None else None
     dp = check_before_load(source, m, tgt, plan, data)
+    stats_path = None
+    if m is not None and m.needs_stats and isinstance(stats, (str, Path)):  # read and checked before the model
+        from layerfold.core.loading import load_spec_state
+
+        with torch.device("meta"):
+            meta_model = Model(load_spec_state(source, quiet=True)[0])
+        stats_path, stats = stats, load_stats(stats, meta_model, needed_window(meta_model, tgt))
     place = where_weights(source, m, weights, device, dtype, heal, tgt)
     if progress and place["place"] == "host":
         print(f"[prune] weights in host memory, streamed to {device} a layer at a time: {place['why']}", flush=True)
@@ -232,11 +238,10 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     if m is not None and m.needs_stats:
         t0 = time.time()
         window = needed_window(model, tgt)
-        if stats is not None and not isinstance(stats, (str, Path)):
+        if stats is not None:  # a Stats object: given, or read from --stats above
             st = stats
-        elif stats is not None:
-            st = load_stats(stats, model, window)
-            calibration["stats"] = str(stats)
+            if stats_path is not None:
+                calibration["stats"] = str(stats_path)
         else:
             from layerfold.calibration.calibrate import calibrate
 

@@ -57,7 +57,8 @@ def _even(idx: Tensor, m: int) -> Tensor:
 
 
 def _check_args(batches: Tensor, mask: Tensor | None, window: int, cka_tokens: int, micro_batch: int,
-                offload: str, skip_positions: int, skip_in: Sequence[str], vocab: int) -> None:
+                offload: str, skip_positions: int, skip_in: Sequence[str], vocab: int, n_layers: int,
+                offload_dir: str | Path | None) -> None:
     if not isinstance(batches, Tensor) or batches.dim() != 2 or batches.dtype not in (torch.int64, torch.int32):
         raise ValueError("batches must be an integer tensor (n_samples, seq_len). Fix: pass token ids such as "
                          "layerfold.core.data.calib_batches(...) returns")
@@ -67,12 +68,25 @@ def _check_args(batches: Tensor, mask: Tensor | None, window: int, cka_tokens: i
     if mask is not None and tuple(mask.shape) != tuple(batches.shape):
         raise ValueError(f"mask has shape {tuple(mask.shape)}, batches {tuple(batches.shape)}. Fix: give one "
                          "bool per token (True = valid)")
+    check_options(n_layers, window, cka_tokens, micro_batch, offload, skip_positions, skip_in, offload_dir)
+
+
+def check_options(n_layers: int, window: int, cka_tokens: int, micro_batch: int, offload: str, skip_positions: int,
+                  skip_in: Sequence[str], offload_dir: str | Path | None = None) -> None:
+    """The options of :func:`calibrate` that need no data, checked before any work (the CLI calls it first)."""
     for name, v, lo in (("window", window, 0), ("cka_tokens", cka_tokens, K.cka.MIN_TOKENS),
                         ("micro_batch", micro_batch, 1), ("skip_positions", skip_positions, 0)):
         if v < lo:
             raise ValueError(f"{name}={v} must be >= {lo}. Fix: pass a larger {name}")
+    most = max(n_layers, 8)  # cos(h_i, h_i+k) exists for k <= L; 8 is every method's default
+    if window > most:
+        raise ValueError(f"window={window}: more than the model's {n_layers} layers (and than 8, every method's "
+                         f"default). Fix: pass --window {most} or less")
     if offload not in ("host", "disk"):
         raise ValueError(f"offload={offload!r} is unknown. Fix: use 'host' or 'disk'")
+    if offload_dir is not None and not Path(offload_dir).is_dir():
+        raise ValueError(f"--offload-dir {offload_dir}: not an existing directory. Fix: create it, or give the path "
+                         "of a directory with room for the hidden states")
     bad = set(skip_in) - set(SKIP_TARGETS)
     if bad:
         raise ValueError(f"skip_in names unknown statistics {sorted(bad)}. Fix: choose from {SKIP_TARGETS}")
@@ -301,7 +315,8 @@ def calibrate(source: str | Path | Model, batches: Tensor, *, mask: Tensor | Non
     dev = torch.device(device)
     src = LayerStream(source, dev, dtype)
     spec, L = src.spec, src.spec.n_layers
-    _check_args(batches, mask, window, cka_tokens, micro_batch, offload, skip_positions, skip_in, spec.vocab_size)
+    _check_args(batches, mask, window, cka_tokens, micro_batch, offload, skip_positions, skip_in, spec.vocab_size, L,
+                offload_dir)
     n_global = batches.shape[0]
     ids, valid, gidx, world, rank = _shard(batches.cpu(), None if mask is None else mask.cpu(), dist)
     skip = set(skip_in)

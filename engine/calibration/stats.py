@@ -45,6 +45,28 @@ CONFIG = "stats.json"
 COUNT_KEYS = ("samples", "tokens", "gram_tokens", "chan_tokens", "cka_batches", "cka_tokens")
 
 
+def _check_header(cfg: dict[str, Any], where: Path) -> None:
+    """stats.json's fields, typed as Stats.save writes them: a ValueError naming the first one that is not."""
+    def whole(v: Any, lo: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    ver = cfg.get("version", 0)
+    if not whole(ver, 0):
+        raise ValueError(f"{where}: \"version\" is {ver!r}, not a whole number. Fix: calibrate again")
+    if ver > STATS_VERSION:
+        raise ValueError(f"{where}: statistics format version {ver} is newer than this layerfold reads "
+                         f"({STATS_VERSION}). Fix: upgrade layerfold")
+    for key, lo in (("n_layers", 1), ("window", 0)):
+        if not whole(cfg.get(key), lo):
+            raise ValueError(f"{where}: \"{key}\" is {cfg.get(key)!r}, not a whole number >= {lo}. Fix: the file is "
+                             "damaged or hand-edited; calibrate again")
+    counts, meta = cfg.setdefault("counts", {}), cfg.setdefault("meta", {})
+    if not isinstance(counts, dict) or not all(whole(counts.get(k, 0), 0) for k in COUNT_KEYS) \
+            or not isinstance(meta, dict):
+        raise ValueError(f"{where}: \"counts\" / \"meta\" are not what calibrate writes. Fix: the file is damaged "
+                         "or hand-edited; calibrate again")
+
+
 def _merge_err(what: str) -> ValueError:
     return ValueError(f"cannot merge statistics: {what}. Fix: merge only pieces calibrated from the same model "
                       "with the same options (window, cka, grams, channels, position skip)")
@@ -211,15 +233,14 @@ class Stats:
             raise FileNotFoundError(f"{p}: no {CONFIG} there. Fix: point to a directory written by "
                                     "`layerfold calibrate --out` (or Stats.save)")
         try:
-            cfg = json.loads((p / CONFIG).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{p / CONFIG}: corrupt JSON ({e}). Fix: calibrate again") from None
+            cfg = json.loads((p / CONFIG).read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting deeper than Python's stack
+            raise ValueError(f"{p / CONFIG}: corrupt JSON ({type(e).__name__}: {str(e)[:200]}). Fix: calibrate "
+                             "again") from None
         if not isinstance(cfg, dict) or cfg.get("format") != STATS_FORMAT:
             raise ValueError(f"{p / CONFIG}: not a layerfold statistics file. Fix: point to the --out directory "
                              "of `layerfold calibrate`")
-        if cfg.get("version", 0) > STATS_VERSION:
-            raise ValueError(f"{p / CONFIG}: statistics format version {cfg.get('version')} is newer than this "
-                             f"layerfold reads ({STATS_VERSION}). Fix: upgrade layerfold")
+        _check_header(cfg, p / CONFIG)
         if not (p / TENSORS).is_file():
             raise FileNotFoundError(f"{p / TENSORS}: missing. Fix: the directory is incomplete; calibrate again")
         try:
@@ -235,8 +256,32 @@ class Stats:
         if "hsic" in ts and tuple(ts["hsic"].shape) != (L + 1, L + 1):
             raise ValueError(f"{p / TENSORS}: hsic has shape {tuple(ts['hsic'].shape)}, expected {(L + 1, L + 1)}. "
                              "Fix: calibrate again")
-        counts = {k: cfg.get("counts", {}).get(k, 0) for k in COUNT_KEYS}
+        counts = {k: cfg["counts"].get(k, 0) for k in COUNT_KEYS}
         return cls._from_tensors(L, W, ts, counts, cfg.get("meta", {}))
+
+    def check_model(self, spec: Any, where: str | Path) -> None:
+        """Raise naming the cause when these statistics cannot be of the model ``spec`` (its layer count, and the
+        widths of the stored Grams and channel sums)."""
+        fix = "Fix: calibrate this model (layerfold calibrate MODEL --out DIR) or drop --stats"
+        if self.n_layers != spec.n_layers:
+            raise ValueError(f"{where}: statistics of a {self.n_layers}-layer model, this model has {spec.n_layers}. "
+                             + fix)
+        L, ls = spec.n_layers, spec.layers
+        width = {"attn_in": lambda i: ls[i].d_in, "mlp_in": lambda i: ls[i].d_mid, "ffn_abs": lambda i: ls[i].d_ffn,
+                 "ffn_sq": lambda i: ls[i].d_ffn, "o_abs": lambda i: ls[i].q_dim, "o_sq": lambda i: ls[i].q_dim}
+        for group, square in ((self.grams, True), (self.gram_sum, False), (self.gram_sq, False), (self.chan, False)):
+            for key, t in group.items():
+                kind, _, idx = key.partition(".")
+                if key == "final":
+                    d = spec.d_final
+                elif kind in width and idx.isdigit() and int(idx) < L:
+                    d = width[kind](int(idx))
+                else:
+                    raise ValueError(f"{where}: statistics hold {key!r}, which this model has no place for. {fix}")
+                want = (d, d) if square else (d,)
+                if tuple(t.shape) != want:
+                    raise ValueError(f"{where}: statistics of another model ({key!r} is {tuple(t.shape)}, this model's "
+                                     f"is {want}). {fix}")
 
     @classmethod
     def _from_tensors(cls, L: int, W: int, ts: dict[str, Tensor], counts: dict[str, int],

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from layerfold.cli.util import add_common, emit, torch_dtype
+from layerfold.cli.util import add_common, count_arg, emit, torch_dtype
 from layerfold.core.console import human_bytes, table
 from layerfold.core.extras import require
 
@@ -31,17 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "and one micro-batch are on the device at a time.")
     add_common(p)
     p.add_argument("--data", default="pydoc", help="'pydoc' (Python's documentation, built in) or a .txt/.jsonl file")
-    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--samples", type=count_arg(1), default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=count_arg(2), default=256, help="tokens per sequence (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed for the sequence offsets (default 0)")
     p.add_argument("--out", required=True, metavar="STATS", help="output directory for the statistics")
     p.add_argument("--overwrite", action="store_true", help="replace an existing STATS directory")
-    p.add_argument("--window", type=int, default=8, help="largest k of cos(h_i, h_i+k) (default 8)")
+    p.add_argument("--window", type=count_arg(0), default=8, help="largest k of cos(h_i, h_i+k) (default 8)")
     p.add_argument("--grams", action="store_true", help="also accumulate residual Grams X^T X (SliceGPT, d^2 each)")
     p.add_argument("--no-cka", action="store_true", help="skip the layer x layer CKA")
     p.add_argument("--no-channels", action="store_true", help="skip the FFN / attention channel magnitudes")
-    p.add_argument("--cka-tokens", type=int, default=128, help="tokens per CKA minibatch (one per sequence)")
-    p.add_argument("--skip-positions", type=int, default=1,
+    p.add_argument("--cka-tokens", type=count_arg(4), default=128, help="tokens per CKA minibatch (one per sequence)")
+    p.add_argument("--skip-positions", type=count_arg(0), default=1,
                    help="leave the first N positions of each sequence out of Grams and channel statistics "
                    "(massive activations at position 0; default 1)")
     p.add_argument("--skip-in", default="grams,channels",
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", choices=("host", "disk"), default="host",
                    help="where the hidden states of the set live between layers (default host memory)")
     p.add_argument("--offload-dir", default=None, help="directory for --offload disk files (default: temp dir)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward call (default 8)")
+    p.add_argument("--micro-batch", type=count_arg(1), default=8, help="sequences per forward call (default 8)")
     p.add_argument("--plot", action="store_true", help="write cka.png, bi.png, cos_window.png into STATS")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -86,7 +86,7 @@ def summarize(stats: Any, top: int = 5) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfold.calibration.calibrate import calibrate
+    from layerfold.calibration.calibrate import calibrate, check_options
     from layerfold.core.checkpoint import check_finite
     from layerfold.core.loading import load_spec_state, load_tokenizer, resolve
     from layerfold.core.paths import check_output
@@ -96,8 +96,12 @@ def run(args: argparse.Namespace) -> int:
         require("plot", "--plot")
     distributed, rank, device = _init_distributed(args.device)
     t0 = time.perf_counter()
+    skip_in = [x for x in args.skip_in.split(",") if x]
     check_output(args.out, sources=[args.model], overwrite=args.overwrite)
     path = resolve(args.model, quiet=rank != 0)
+    check_output(args.out, sources=[args.model, path], overwrite=args.overwrite)
+    check_options(load_spec_state(path, quiet=True)[0].n_layers, args.window, args.cka_tokens, args.micro_batch,
+                  args.offload, args.skip_positions, skip_in, args.offload_dir)  # before reading any weight
     check_finite(load_spec_state(path, quiet=True)[1], str(args.model), allow=args.allow_nonfinite)
     tok = load_tokenizer(path)
     ids = calibration_set(tok, args.data, args.samples, args.seq_len, args.seed)
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                       grams=args.grams, channels=not args.no_channels, micro_batch=args.micro_batch,
                       offload=args.offload, offload_dir=args.offload_dir, device=device,
                       dtype=torch_dtype(args.dtype), skip_positions=args.skip_positions,
-                      skip_in=[x for x in args.skip_in.split(",") if x],
+                      skip_in=skip_in,
                       progress=not args.no_progress and not args.json, dist=distributed,
                       meta={"model": str(args.model), **data})
     if rank != 0:

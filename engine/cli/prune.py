@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from layerfold.cli.util import add_common, add_weights, emit, torch_dtype
+from layerfold.cli.util import add_common, add_weights, count_arg, emit, finite_arg, torch_dtype
 from layerfold.core.console import table
 
 EPILOG = """\
@@ -69,12 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", default=None, help="apply this plan JSON instead of running a method")
     p.add_argument("--stats", default=None, help="statistics directory from `layerfold calibrate` (skip calibration)")
     p.add_argument("--data", default="pydoc", help="calibration and evaluation text: pydoc (built in) or a file")
-    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--samples", type=count_arg(1), default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=count_arg(2), default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling and training seed")
     p.add_argument("--heal", action="store_true", help="heal the pruned model against the dense one")
-    p.add_argument("--heal-minutes", type=float, default=None, help="healing budget in minutes (default 15)")
-    p.add_argument("--heal-tokens", type=int, default=None, help="healing budget in training tokens instead")
+    p.add_argument("--heal-minutes", type=finite_arg, default=None, help="healing budget in minutes (default 15)")
+    p.add_argument("--heal-tokens", type=count_arg(1), default=None, help="healing budget in training tokens instead")
     p.add_argument("--heal-global-params", choices=("auto", "all", "lora", "changed"), default=None,
                    help="what healing's global stage trains besides the changed layers (see `layerfold heal -h`)")
     p.add_argument("--no-eval", action="store_true", help="skip the dense vs pruned evaluation")
@@ -114,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
 def heal_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """The healing budget and global-stage choice given on the prune command line (None: the defaults)."""
     from layerfold.healing.common import HealConfig
+    from layerfold.healing.heal import check_budget
 
+    if getattr(args, "heal", False):  # checked here, before the model is loaded and calibrated
+        check_budget(15.0 if args.heal_minutes is None and args.heal_tokens is None else args.heal_minutes,
+                     args.heal_tokens)
     kw: dict[str, Any] = {}
     if args.heal_tokens is not None:
         kw.update(tokens=args.heal_tokens, budget_minutes=args.heal_minutes)

@@ -74,3 +74,32 @@ def parse_sizes(text: str, flag: str = "--batch-sizes", empty: bool = False, exa
         raise ValueError(f"{flag} {text!r} is not a comma-separated list of positive integers. Fix: e.g. "
                          f"{flag} {example}")
     return sizes
+
+
+def count_arg(low: int = 1) -> Any:
+    """An argparse type: a whole number >= ``low``, checked before any work (argparse exits 2 naming the flag)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number. Fix: pass a whole number >= {low}"
+                                             ) from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {low}. Fix: pass a whole number >= {low}")
+        return v
+
+    parse.__name__ = "count"
+    return parse
+
+
+def finite_arg(text: str) -> float:
+    """An argparse type: a finite number (NaN and infinities are refused)."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number. Fix: pass a number such as 0.5") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number. Fix: pass a number such as 0.5")
+    return v

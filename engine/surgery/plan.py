@@ -29,6 +29,7 @@ from typing import Any
 MERGE_HOW = ("consolidate", "mean", "keep-top")
 BLOCKS = ("mlp", "decoder")
 KIND = "depth"
+MAX_LAYERS = 100_000  # far above any model's depth: a plan's n_layers above it is a typo (and would be walked)
 
 
 def _bad(msg: str, fix: str) -> ValueError:
@@ -84,8 +85,8 @@ class DepthPlan:
         if n_layers is not None and n_layers != L:
             raise _bad(f"written for a {L}-layer model, applied to one with {n_layers} layers",
                        f"set \"n_layers\": {n_layers} and check every index against that model")
-        if L < 1:
-            raise _bad(f"n_layers = {L}", "give the source model's layer count")
+        if not 1 <= L <= MAX_LAYERS:
+            raise _bad(f"n_layers = {L}", f"give the source model's layer count (1..{MAX_LAYERS})")
         owner: dict[int, str] = {}
 
         def claim(i: int, what: str) -> None:
@@ -102,6 +103,9 @@ class DepthPlan:
                 raise _bad(f"{kind} {g.first}-{g.last}: {field}={value!r} is unknown", f"use one of {allowed}")
             if g.last < g.first:
                 raise _bad(f"{kind} first={g.first} > last={g.last}", "write the lower index as first")
+            if g.first < 0 or g.last >= L:  # named before the range is walked (a last of 10**12 is not a list)
+                raise _bad(f"{kind} {g.first}-{g.last} names layers out of range for a {L}-layer model",
+                           f"use indices 0..{L - 1}")
             for i in g.layers:
                 claim(i, f"{kind} {g.first}-{g.last}")
 
@@ -198,8 +202,12 @@ class DepthPlan:
         merges = tuple(_group(Merge, g, "merge", ("first", "last", "how")) for g in _list(d, "merge"))
         reps = tuple(_group(Replace, r, "replace", ("first", "last", "block", "init")) for r in _list(d, "replace"))
         drop = tuple(_int(i, "drop entry") for i in _list(d, "drop"))
+        notes = d.get("notes") or {}
+        if not isinstance(notes, dict):
+            raise _bad(f"\"notes\" must be an object, got {type(notes).__name__}",
+                       "write \"notes\": {...} or leave it out")
         plan = cls(n_layers=_int(d["n_layers"], "n_layers"), drop=drop, merge=merges, replace=reps,
-                   method=str(d.get("method", "")), notes=dict(d.get("notes") or {}))
+                   method=str(d.get("method", "")), notes=dict(notes))
         plan.validate()
         res = d.get("result")
         if isinstance(res, dict) and "n_layers" in res and res["n_layers"] != plan.n_layers_after():
@@ -209,10 +217,7 @@ class DepthPlan:
 
     @classmethod
     def from_json(cls, s: str) -> DepthPlan:
-        try:
-            return cls.from_dict(json.loads(s))
-        except json.JSONDecodeError as e:
-            raise _bad(f"not valid JSON ({e})", "check commas and brackets") from None
+        return cls.from_dict(_parse(s, "the plan"))
 
     @classmethod
     def load(cls, path: str | Path) -> DepthPlan:
@@ -220,11 +225,11 @@ class DepthPlan:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: plan file not found. Fix: write one (see `layerfold prune --help`) or "
                                     "take report.json's \"plan\" from an earlier prune")
-        text = p.read_text()
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise _bad(f"{p} is not valid JSON ({e})", "check commas and brackets") from None
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise _bad(f"{p} is not UTF-8 text (a binary file?)", "give the plan's JSON file") from None
+        obj = _parse(text, str(p))
         if isinstance(obj, dict) and "plan" in obj and "kind" not in obj:  # a report.json
             obj = obj["plan"]
         return cls.from_dict(obj)
@@ -233,6 +238,15 @@ class DepthPlan:
         from layerfold.core.paths import write_json_atomic
 
         write_json_atomic(path, self.to_dict())
+
+
+def _parse(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise _bad(f"{what} nests JSON deeper than Python can read", "write the flat plan object") from None
+    except ValueError as e:  # JSONDecodeError, or an integer of thousands of digits
+        raise _bad(f"{what} is not valid JSON ({str(e)[:200]})", "check commas, brackets and numbers") from None
 
 
 def _list(d: dict[str, Any], key: str) -> list[Any]:
