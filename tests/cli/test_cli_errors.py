@@ -16,23 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from layerfold.cli.main import main
-from layerfold.core.checkpoint import save_checkpoint
-from layerfold.core.loading import load_tokenizer, resolve, resolve_alias
+from layerfold.core.loading import resolve_alias
 from tests.support.models import smollm2_vocab_spec, tiny_hf, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok() -> Any:
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> Path:
-    """A 3-layer checkpoint with the SmolLM2 tokenizer."""
-    m = tiny_model(smollm2_vocab_spec(n_layers=3), seed=0)
-    return save_checkpoint(tmp_path_factory.mktemp("ck") / "model", m.spec, m.state_dict(), tokenizer=tok)
 
 
 def copy_of(ckpt: Path, tmp_path: Path) -> Path:

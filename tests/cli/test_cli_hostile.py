@@ -14,23 +14,10 @@ import pytest
 
 import layerfold
 from layerfold.core.checkpoint import save_checkpoint
-from layerfold.core.loading import load_tokenizer, resolve
 from tests.cli.test_cli_errors import cli, fails
 from tests.support.models import SMOLLM2_VOCAB, smollm2_vocab_spec, tiny_model, tiny_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok() -> Any:
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> Path:
-    """A 3-layer checkpoint with the SmolLM2 tokenizer."""
-    m = tiny_model(smollm2_vocab_spec(n_layers=3), seed=0)
-    return save_checkpoint(tmp_path_factory.mktemp("ck") / "model", m.spec, m.state_dict(), tokenizer=tok)
 
 
 def _calibrate(capsys: pytest.CaptureFixture, model: Path, out: Path) -> Path:
