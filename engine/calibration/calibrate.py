@@ -68,11 +68,12 @@ def _check_args(batches: Tensor, mask: Tensor | None, window: int, cka_tokens: i
     if mask is not None and tuple(mask.shape) != tuple(batches.shape):
         raise ValueError(f"mask has shape {tuple(mask.shape)}, batches {tuple(batches.shape)}. Fix: give one "
                          "bool per token (True = valid)")
-    check_options(n_layers, window, cka_tokens, micro_batch, offload, skip_positions, skip_in, offload_dir)
+    check_options(n_layers, window, cka_tokens, micro_batch, offload, skip_positions, skip_in, offload_dir,
+                  seq_len=batches.shape[1])
 
 
 def check_options(n_layers: int, window: int, cka_tokens: int, micro_batch: int, offload: str, skip_positions: int,
-                  skip_in: Sequence[str], offload_dir: str | Path | None = None) -> None:
+                  skip_in: Sequence[str], offload_dir: str | Path | None = None, seq_len: int | None = None) -> None:
     """The options of :func:`calibrate` that need no data, checked before any work (the CLI calls it first)."""
     for name, v, lo in (("window", window, 0), ("cka_tokens", cka_tokens, K.cka.MIN_TOKENS),
                         ("micro_batch", micro_batch, 1), ("skip_positions", skip_positions, 0)):
@@ -90,6 +91,10 @@ def check_options(n_layers: int, window: int, cka_tokens: int, micro_batch: int,
     bad = set(skip_in) - set(SKIP_TARGETS)
     if bad:
         raise ValueError(f"skip_in names unknown statistics {sorted(bad)}. Fix: choose from {SKIP_TARGETS}")
+    if skip_in and seq_len is not None and skip_positions >= seq_len:
+        raise ValueError(f"skip_positions={skip_positions} leaves none of a sequence's {seq_len} positions to the "
+                         f"statistics it skips them in ({', '.join(sorted(skip_in))}): they would be empty. Fix: "
+                         "pass a smaller --skip-positions or a longer --seq-len")
 
 
 def _shard(batches: Tensor, mask: Tensor | None, dist: bool) -> tuple[Tensor, Tensor, Tensor, int, int]:

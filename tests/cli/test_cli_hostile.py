@@ -60,6 +60,7 @@ PRUNE = ("--method", "shortgpt", "--target", "1", "--no-eval", "--samples", "2",
     ("calibrate", "--window", str(10**12), "window=1000000000000: more than the model's 3 layers.*--window 8 or less"),
     ("calibrate", "--micro-batch", "0", "argument --micro-batch: 0 must be >= 1"),
     ("calibrate", "--offload-dir", "AFILE", "--offload-dir .*afile: not an existing directory"),
+    ("calibrate", "--skip-positions", "16", "skip_positions=16 leaves none of a sequence's 16 positions.*Fix"),
 ])
 def test_bad_numbers_before_loading(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture, no_load: None,
                                     cmd: str, flag: str, value: str, match: str) -> None:
