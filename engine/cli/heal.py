@@ -16,6 +16,7 @@ from typing import Any
 from layerfold.cli.util import add_common, count_arg, emit, finite_arg
 from layerfold.core.console import human_bytes, table
 from layerfold.core.paths import check_output
+from layerfold.healing.common import TEACHER
 from layerfold.healing.heal import STAGES, STATE_DIR, HealConfig, check_budget, heal_pruned, save_healed
 
 
@@ -58,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "stays in the model's dtype); default: on where bf16 is native")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank with --global-params lora "
                    f"(default {d.lora_rank}; alpha {d.lora_alpha:g})")
-    p.add_argument("--teacher-weights", choices=("auto", "device", "host"), default=d.teacher,
+    p.add_argument("--teacher-weights", choices=TEACHER, default=d.teacher,
                    help="where the dense teacher is held: device (whole), host (host memory, one pass over its "
                    "layers per chunk of upcoming micro-batches: a teacher that does not fit beside the student on "
                    "the GPU); auto (default): host where it does not fit. The results are the same")

@@ -21,6 +21,7 @@ from layerfold.core.streaming import LayerStream
 STAGES = ("layer", "global")
 STATE_DIR = "heal_state"
 GLOBAL_PARAMS = ("auto", "all", "lora", "changed")
+TEACHER = ("auto", "device", "host")  # HealConfig.teacher: where the global stage holds the teacher
 
 
 @dataclass
@@ -67,8 +68,8 @@ class HealConfig:
             raise ValueError(f"layer_input={self.layer_input!r}. Fix: use 'student' or 'teacher'")
         if self.clock not in ("auto", "wall", "cpu"):
             raise ValueError(f"clock={self.clock!r}. Fix: use 'auto', 'wall' or 'cpu'")
-        if self.teacher not in ("auto", "device", "host"):
-            raise ValueError(f"teacher={self.teacher!r}. Fix: use 'auto', 'device' or 'host'")
+        if self.teacher not in TEACHER:
+            raise ValueError(f"teacher={self.teacher!r}. Fix: use one of {', '.join(TEACHER)}")
         if self.global_params not in GLOBAL_PARAMS:
             raise ValueError(f"global_params={self.global_params!r}. Fix: use one of {', '.join(GLOBAL_PARAMS)}")
         if min(self.seq_len, self.micro_batch, self.accum, self.eval_every) < 1 or not 0 <= self.layer_frac <= 1:
@@ -251,5 +252,5 @@ def chunks(tokens: Tensor, T: int, what: str) -> Tensor:
     return tokens[: n * T].view(n, T).long()
 
 
-__all__ = ["STAGES", "STATE_DIR", "HealConfig", "HealData", "HealReport", "chunks", "heal_targets",
+__all__ = ["STAGES", "STATE_DIR", "TEACHER", "HealConfig", "HealData", "HealReport", "chunks", "heal_targets",
            "kl_teacher_student", "layer_of", "relative_mse", "shared_prefix", "teacher_states"]

@@ -26,9 +26,8 @@ import torch
 from torch import Tensor
 
 from layerfold.core.streaming import LayerStream
-from layerfold.healing.common import teacher_states
+from layerfold.healing.common import TEACHER, teacher_states
 
-TEACHER = ("auto", "device", "host")
 HOST_BUDGET = 4 * 1024 ** 3  # bytes of one chunk's kept outputs
 MAX_CHUNK = 64  # micro-batches per teacher pass
 Key = tuple[int, int]  # (epoch, position) of a micro-batch in the data order
