@@ -233,6 +233,14 @@ def markdown(res: dict[str, Any]) -> str:
         lines += _table(["config", "wall s", "tokens/s", "over plain", "% of bound", "device peak GB", "buffers"], [
             [r["config"], f"{r['wall_s']:.2f}", f"{r['tokens_s']:.0f}", _f(r.get("over_plain"), "{:.2f}x"),
              f"{r['pct_of_bound']:.0f}%", f"{r['device_peak_gb']:.2f}", r.get("buffers") or "-"] for r in c["rows"]])
+        if c.get("warmup_s") is not None:
+            lines += ["", f"warm-up (one micro-batch of every row; compiles every kernel the rows launch): "
+                      f"{c['warmup_s']:.2f} s"]
+        pp, pd = c.get("profile_plain") or {}, c.get("profile") or {}
+        if pp.get("device_s") and pd.get("device_s"):
+            lines += ["", f"device time under the profiler: plain {pp['device_s']:.2f} s, default "
+                      f"{pd['device_s']:.2f} s ({pd['device_s'] / pp['device_s']:.2f}x); walls {pp['wall_s']:.2f} s, "
+                      f"{pd['wall_s']:.2f} s"]
         if c.get("plain_weights_on_device_s"):
             lines += ["", f"plain loop with the weights already on the device: {c['plain_weights_on_device_s']:.2f} s"]
         if (c.get("host_syncs") or {}).get("total") is not None:

@@ -28,7 +28,9 @@ def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
         assert all(v["predicted"] > 1 and v["speedup"] > 0 for v in by_batch.values())
     assert all(v["best_torch"] == "torch-eager" and v["vs_hf"] > 0 for v in s["batches"].values())
     calib = {r["config"]: r for r in res["parts"]["calibration"]["rows"]}
-    assert set(calib) == {"plain", "default", "default+grams"} and calib["plain"]["over_plain"] == 1.0
+    assert set(calib) == {"plain", "default", "default+grams", "window only", "cka only", "channels only"}
+    assert calib["plain"]["over_plain"] == 1.0 and res["parts"]["calibration"]["warmup_s"] > 0
+    assert res["parts"]["calibration"]["profile_plain"]["wall_s"] > 0  # both profiles, for the difference
     serve = res["parts"]["serve"]["rows"]
     assert [r["clients"] for r in serve] == [1, 2] and all(r["tokens_s"] > 0 for r in serve)
     prune = {(r["method"], r["weights"]): r for r in res["parts"]["prune"]["rows"]}  # the whole pipeline

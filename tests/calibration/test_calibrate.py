@@ -137,6 +137,51 @@ def test_heterogeneous_widths_and_fp16_ring(triton_interp):
     assert "ffn_abs.3" not in st.chan and "o_abs.2" not in st.chan
 
 
+# Tensor reads that make the host wait for a CUDA device (a sync inside the micro-batch loop stalls the
+# launch queue); the layer loop must do none, whatever the statistics and masks.
+_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+          torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.cpu,
+          torch.Tensor.numpy, torch.Tensor.masked_select, torch.masked_select, torch.unique}
+
+
+class _ReadBacks(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        hit = func in _READS
+        if func is torch.Tensor.__getitem__:  # boolean-mask indexing has a data-dependent shape
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            hit = any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in idx)
+        if hit:
+            self.seen.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_layer_loop_reads_nothing_back(triton_interp, monkeypatch):
+    """The per-layer loop (every statistic, padding masks, per-layer widths) launches work only: no value
+    goes back to the host until the end, so on a GPU it never waits inside the loop."""
+    from layerfold.calibration import calibrate as cal
+
+    seen: list[str] = []
+    layer = cal._Run.layer
+
+    def watched(self, i):
+        with _ReadBacks() as mode:
+            layer(self, i)
+        seen.extend(mode.seen)
+
+    monkeypatch.setattr(cal._Run, "layer", watched)
+    model, ids = tiny_model(hetero_calib_spec(), norm_gains=True), token_batch(5, 9)
+    mask = left_pad_mask(5, 9)
+    st = calibrate(model, ids, mask=mask, window=4, cka_tokens=6, grams=True, micro_batch=2)
+    assert st.counts["tokens"] == int(mask.sum()) and seen == []
+    with _ReadBacks() as probe:  # the probe sees a read where there is one
+        bool(torch.ones(1))
+    assert probe.seen == ["__bool__"]
+
+
 def test_padding_equals_unpadded(torch_ref):
     """Left-padded sequences (random pad ids) give the statistics of the same sequences unpadded."""
     model = tiny_model(n_layers=4, **DENSE)
