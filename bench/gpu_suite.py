@@ -41,6 +41,7 @@ PARTS: dict[str, tuple[float, float]] = {
     "serve": (150, 120),
     "prune": (300, 150),
     "heal": (240, 150),
+    "host-generate": (90, 60),
 }
 
 
@@ -57,7 +58,8 @@ def run_part(name: str, out: Path, tiny: bool) -> None:
     fn = {"env": P.part_env, "tests": P.part_tests, "decode": P.part_decode,
           "decode-baselines": P.part_decode_baselines, "decode-compile": P.part_decode_compile,
           "kernels": P.part_kernels, "calibration": P.part_calibration, "serve": P.part_serve,
-          "calibration-big": P.part_calibration_big, "prune": W.part_prune, "heal": W.part_heal}[name]
+          "calibration-big": P.part_calibration_big, "prune": W.part_prune, "heal": W.part_heal,
+          "host-generate": W.part_host_generate}[name]
     try:
         fn(rec, tiny)
     except BaseException as e:

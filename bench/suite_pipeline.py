@@ -41,6 +41,11 @@ def _peak_gb(dev: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
 
 
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def _reset(dev: torch.device) -> None:
     P.free()
     if dev.type == "cuda":
@@ -143,6 +148,42 @@ def part_heal(rec: P.Recorder, tiny: bool) -> None:
     rec.save(status="done" if all("error" not in r for r in rows) else "failed")
 
 
+def part_host_generate(rec: P.Recorder, tiny: bool) -> None:
+    """Greedy generation with the 7B shape's weights in host memory (``StreamedRuntime``: every step streams
+    the layers to the GPU once for all rows): seconds per step, tokens/s, and the step's share of its bound,
+    the weight bytes over the pinned host-to-device bandwidth that the env part measured."""
+    import json
+
+    from layerfold.inference.decode_net import decode_weight_bytes
+    from layerfold.inference.streamed_decode import StreamedRuntime
+
+    dev = P.device(tiny)
+    env_f = rec.path.parent / "env.json"
+    env = json.loads(env_f.read_text()) if env_f.exists() else {}
+    model, _ = _dense(tiny)
+    wbytes = decode_weight_bytes(model.spec, model.dtype)
+    bound_s = wbytes / ((env.get("h2d_pinned_gbs") or 1.0) * 1e9)
+    prompt, new = (16, 4) if tiny else (128, 8)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in ([1, 2] if tiny else [1, 16]):
+        _reset(dev)
+        prompts = torch.randint(3, model.spec.vocab_size, (batch, prompt), generator=g).tolist()
+        rt = StreamedRuntime(model, dev, max_batch=batch, max_len=prompt + new + 1)
+        t = time.perf_counter()
+        logits = rt.prefill(prompts)
+        _sync(dev)
+        prefill_s, t = time.perf_counter() - t, time.perf_counter()
+        for _ in range(new):
+            logits = rt.decode(logits.argmax(-1).tolist())
+        _sync(dev)
+        step_s = (time.perf_counter() - t) / new
+        rows.append({"batch": batch, "prefill_s": prefill_s, "step_s": step_s, "tok_s": batch / step_s,
+                     "pct_of_bound": 100 * bound_s / step_s, "device_peak_gb": _peak_gb(dev)})
+        rec.save(rows=rows, weight_gb=wbytes / 1e9, bound_s=bound_s, prompt=prompt, new_tokens=new)
+    rec.save(status="done")
+
+
 def markdown(p: dict[str, Any], _f: Any, _table: Any) -> list[str]:
     """The two parts' tables for gpu_suite.md (``_f`` and ``_table``: gpu_suite's formatters)."""
     lines: list[str] = []
@@ -174,4 +215,13 @@ def markdown(p: dict[str, Any], _f: Any, _table: Any) -> list[str]:
                              _f(r["device_peak_gb"].get(s), "{:.1f}")])
         lines += _table(["config", "stage", "tokens", "tokens/s", "params trained", "device peak GB"], rows,
                           right_from=2)
+    hg = p.get("host-generate", {})
+    if hg.get("rows"):
+        lines += ["", f"## Generation with the weights in host memory ({_f(hg.get('weight_gb'))} GB streamed per "
+                  f"step; bound {_f(hg.get('bound_s'), '{:.3f}')} s a step at the pinned H2D bandwidth; prompt "
+                  f"{hg.get('prompt')}, {hg.get('new_tokens')} new tokens)"]
+        lines += _table(["batch", "prefill s", "s / step", "tokens/s", "% of bound", "device peak GB"], [
+            [r["batch"], _f(r["prefill_s"], "{:.2f}"), _f(r["step_s"], "{:.3f}"), _f(r["tok_s"]),
+             _f(r["pct_of_bound"], "{:.0f}%"), _f(r.get("device_peak_gb"), "{:.1f}")] for r in hg["rows"]],
+            right_from=0)
     return lines

@@ -21,7 +21,7 @@ def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
     assert status.pop("decode-compile") == "skipped"  # compiling takes minutes on a CPU; the GPU run measures it
     assert status == {name: "done" for name in status}, status
     assert set(status) >= {"env", "tests", "decode", "decode-baselines", "kernels", "calibration", "serve",
-                           "calibration-big", "prune", "heal"}
+                           "calibration-big", "prune", "heal", "host-generate"}
     s = res["decode_summary"]
     assert set(s["pruned"]) == {"shortgpt", "streamline", "dynamic-slicing", "come"}
     for by_batch in s["pruned"].values():  # a pruned shape reads fewer bytes per step than the dense one
@@ -48,8 +48,11 @@ def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
     for r in heal.values():  # both stages ran and report their rate; the student is back in its own dtype
         assert set(r["tokens_s"]) == {"layer", "global"} and min(r["tokens_s"].values()) > 0, r
         assert r["dtypes_after"] == ["torch.float32"]
+    gen = res["parts"]["host-generate"]["rows"]  # generation with the weights streamed from host memory
+    assert [r["batch"] for r in gen] == [1, 2] and all(r["tok_s"] > 0 and r["pct_of_bound"] > 0 for r in gen)
     md = (out / "gpu_suite.md").read_text()
     assert "- attention, 2 rows: default" in md and "fastest variant `layerfold s16 w1 p2`" in md  # the sweep's pick
     for heading in ("## Decode", "## Calibration kernels", "## Decode kernels", "## Serving", "## Big calibrations",
-                    "## layerfold prune on the GPU", "## layerfold heal on the GPU"):
+                    "## layerfold prune on the GPU", "## layerfold heal on the GPU",
+                    "## Generation with the weights in host memory"):
         assert heading in md, heading
