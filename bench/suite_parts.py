@@ -357,6 +357,11 @@ def _decode_kernels(dev: torch.device, tiny: bool, env: dict[str, float]) -> lis
         cands = [("layerfold", lambda a=a: attn_decode(*a)),
                  ("layerfold-1split", lambda a=a: attn_decode(*a, splits=1)),
                  ("sdpa", lambda a=a, c=ctx: F.scaled_dot_product_attention(a[0], a[1][:, :, :c], a[2][:, :, :c]))]
+        # what the runtime would have to run instead of its kernel: SDPA over the whole static cache with a
+        # per-row length mask (static shapes for the CUDA graph); against "sdpa", the mask's cost
+        am = (torch.arange(smax, device=dev)[None, :] < lengths[:, None])[:, None, None]
+        cands.append(("sdpa-masked", lambda a=a, am=am: F.scaled_dot_product_attention(a[0], a[1], a[2],
+                                                                                        attn_mask=am)))
         if b > 1:  # the batched rows run at 49% of bandwidth (the H200 run): a sweep of tiles, warps, pipelining
             grid = [(16, 1, 2)] if tiny else [(bs, w, st) for bs in (32, 64) for w in (4, 8) for st in (1, 2, 3)]
             cands += [(f"layerfold s{bs} w{w} p{st}", lambda a=a, bs=bs, w=w, st=st:
