@@ -25,7 +25,7 @@ from .cka import (
     ucentered_gram_ref,
     ucentered_grams,
 )
-from .cosine import COS_EPS, cosine_pairs_ref, cosine_window_sum, cosine_window_sum_ref
+from .cosine import COS_EPS, cosine_pairs_ref, cosine_window_sum, cosine_window_sum_ref, unit_rows, unit_rows_ref
 from .gram import gram_accumulate, gram_accumulate_ref
 
 __all__ = [
@@ -48,5 +48,7 @@ __all__ = [
     "ucentered_gram",
     "ucentered_gram_ref",
     "ucentered_grams",
+    "unit_rows",
+    "unit_rows_ref",
     "use_triton",
 ]

@@ -23,7 +23,7 @@ from ._inputs import (
 )
 from ._triton import tl, triton
 
-__all__ = ["COS_EPS", "cosine_pairs_ref", "cosine_window_sum", "cosine_window_sum_ref"]
+__all__ = ["COS_EPS", "cosine_pairs_ref", "cosine_window_sum", "cosine_window_sum_ref", "unit_rows", "unit_rows_ref"]
 
 # Floor on the product of the two norms: cos = <a, b> / max(||a|| ||b||, COS_EPS). A zero vector
 # (or a padded token) thus has cosine 0 with everything instead of nan.
@@ -83,6 +83,73 @@ def _cosine_window_kernel(
     cos = dots / tl.maximum(tl.sqrt(sq_b)[None, :] * tl.sqrt(sq_o), eps)
     cos = tl.where(valid[None, :], cos, 0.0)
     tl.store(part_ptr + pid_n * K + offs_k, tl.sum(cos, axis=1), mask=in_k)
+
+
+@triton.jit
+def _unit_rows_kernel(
+    x_ptr,  # *T [N, D] rows; row stride stride_x, unit column stride
+    y_ptr,  # *U [N, D] out: rows; row stride stride_y, unit column stride
+    D,
+    stride_x,
+    stride_y,
+    eps,
+    BLOCK_D: tl.constexpr,  # >= D, power of two: one program holds a whole row
+):
+    """y[n] = x[n] / max(||x[n]||, eps), fp32 math, rounded once to y's dtype; one program per row."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < D
+    x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)
+    tl.store(y_ptr + row * stride_y + cols, (x / norm).to(y_ptr.dtype.element_ty), mask=inside)
+
+
+def _rows(t: Tensor, name: str) -> Tensor:
+    """``t`` (..., D) as (N, D) rows sharing one row stride, without a copy (a slice of a wider buffer is
+    fine); a ValueError when its leading dims are not evenly strided or its last stride is not 1."""
+    d = t.shape[-1]
+    n = math.prod(t.shape[:-1])
+    lead = [(s, st) for s, st in zip(t.shape[:-1], t.stride()[:-1], strict=True) if s > 1]  # size-1: any stride
+    even = all(st == lead[j + 1][0] * lead[j + 1][1] for j, (_, st) in enumerate(lead[:-1]))
+    if t.stride(-1) != 1 or not even:
+        raise ValueError(f"{name}: rows of shape {tuple(t.shape)} with strides {t.stride()} are not evenly "
+                         "strided. Fix: pass a contiguous tensor or a slice of one along its last dim")
+    rs = lead[-1][1] if lead else d
+    return t.as_strided((n, d), (rs, 1), t.storage_offset())
+
+
+def unit_rows(x: Tensor, dtype: torch.dtype | None = None, *, out: Tensor | None = None,
+              eps: float = COS_EPS) -> Tensor:
+    """x / max(||x||, eps) over the last dim, computed in fp32 and written once in ``dtype`` (default x's),
+    or into ``out`` (x's shape, on x's device; a slice of a wider buffer such as calibration's window ring).
+
+    One read of x and one write: what the torch chain (to fp32, norm, divide, cast) takes five passes for.
+    """
+    if out is not None:
+        if tuple(out.shape) != tuple(x.shape) or out.device != x.device:
+            raise ValueError(f"unit_rows: out {tuple(out.shape)} on {out.device} does not match x "
+                             f"{tuple(x.shape)} on {x.device}. Fix: pass a tensor of x's shape on its device")
+        dtype = out.dtype
+    dtype = dtype or x.dtype
+    if not use_triton(x):
+        y = unit_rows_ref(x, dtype)
+        return y if out is None else out.copy_(y)
+    check_kernel_dtype(x, "x")
+    y = torch.empty(x.shape, device=x.device, dtype=dtype) if out is None else out
+    x2, y2 = _rows(unit_stride(x), "x"), _rows(y, "out")
+    if x2.shape[0] == 0:
+        return y
+    block = triton.next_power_of_2(x2.shape[1])
+    warps = 1 if interpreting() else (4 if block <= 2048 else 8)  # kernels/rmsnorm.py's rule for a row
+    launchable(_unit_rows_kernel)[(x2.shape[0],)](x2, y2, x2.shape[1], x2.stride(0), y2.stride(0), float(eps),
+                                                  BLOCK_D=block, num_warps=warps)
+    return y
+
+
+def unit_rows_ref(x: Tensor, dtype: torch.dtype | None = None, eps: float = COS_EPS) -> Tensor:
+    """Torch reference of :func:`unit_rows` (fp64 math for fp64 input)."""
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return (xf / torch.linalg.vector_norm(xf, dim=-1, keepdim=True).clamp_min(eps)).to(dtype or x.dtype)
 
 
 def _cosine_blocks(n: int, d: int, k: int) -> tuple[int, int, int, int]:

@@ -270,7 +270,8 @@ class _Run:
             t1 = time.perf_counter()
             acc.update(out, taps, mm["grams"], mm["channels"])
             insert = bool(self.n_ring) and i < L - 1
-            u_out = _unit(out) if (insert or (W >= 1 and not K.use_triton(out))) else None
+            fused = K.use_triton(out)  # the kernels normalise as they stream: no unit vectors needed but the ring's
+            u_out = _unit(out) if not fused and (insert or W >= 1) else None  # the CPU path's hints
             u_ring = u_out.to(self.o["ring_dtype"]) if u_out is not None and (insert or use) else None
             ring_mb = self.ring[:, b0:b1, :, :ls.d_out].to(self.dev, non_blocking=True) if use else None
             if exact:  # k = 1 from the exact input; k >= 2 from the ring's unit directions
@@ -284,7 +285,13 @@ class _Run:
                     acc.cka_points(self.store, slots, 0, h[rows[:, None], tok])
                 acc.cka_points(self.store, slots, i + 1, out[rows[:, None], tok])
             if insert:  # over h_{i+1-W}, whose last use was just above (stream order)
-                self.ring[(i + 1) % self.n_ring, b0:b1, :, :ls.d_out].copy_(u_ring, non_blocking=True)
+                slot = self.ring[(i + 1) % self.n_ring, b0:b1, :, :ls.d_out]
+                if not fused:
+                    slot.copy_(u_ring)
+                elif slot.device == out.device:  # one read of h_{i+1}, one write of its directions
+                    K.unit_rows(out, out=slot)
+                else:
+                    slot.copy_(K.unit_rows(out, self.o["ring_dtype"]), non_blocking=True)
             self.split["forward"] += t1 - t0
             self.split["statistics"] += time.perf_counter() - t1
             self.hidden[b0:b1, :, :ls.d_out].copy_(out, non_blocking=True)  # last: h may be a view of this slice

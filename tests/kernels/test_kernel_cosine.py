@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerfold.kernels import COS_EPS, cosine_pairs_ref, cosine_window_sum, cosine_window_sum_ref
+from layerfold.kernels import (
+    COS_EPS,
+    cosine_pairs_ref,
+    cosine_window_sum,
+    cosine_window_sum_ref,
+    unit_rows,
+    unit_rows_ref,
+)
 from tests.support.inputs import DTYPES, MASKS, make_mask, make_x, poison_padding
 from tests.support.tolerances import assert_close
 
@@ -80,3 +87,35 @@ def test_cosine_non_contiguous() -> None:
 def test_cosine_rejects_mismatched_others() -> None:
     with pytest.raises(ValueError, match="others must be"):
         cosine_window_sum(torch.zeros(4, 8), torch.zeros(2, 5, 8))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 7), (33, 100), (2, 5, 130)])
+def test_unit_rows_matches_ref(shape: tuple[int, ...], dtype: torch.dtype, out_dtype: torch.dtype) -> None:
+    x = make_x(shape, dtype, seed=3)
+    x[..., 0, :] = 0  # a zero row (padding) comes out zero, not nan
+    got = unit_rows(x, out_dtype)
+    assert got.dtype == out_dtype and got.shape == x.shape
+    want = unit_rows_ref(x.double(), out_dtype)
+    torch.testing.assert_close(got, want, atol=1e-3 if out_dtype == torch.float16 else 1e-6, rtol=0)
+    assert got[..., 0, :].eq(0).all()
+    norms = torch.linalg.vector_norm(got[..., 1:, :].double(), dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=2e-3, rtol=0)
+
+
+def test_unit_rows_into_a_slice_of_a_wider_buffer() -> None:
+    """Calibration writes each layer's directions straight into its window-ring slot: a (n, T, d) slice of a
+    (slots, n, T, d_max) buffer, rows d_max apart; the rest of the buffer is left alone."""
+    x = make_x((3, 4, 20), torch.bfloat16, seed=4)
+    ring = torch.full((2, 5, 4, 32), 7.0, dtype=torch.float16)
+    dst = ring[1, 1:4, :, :20]
+    assert unit_rows(x, out=dst) is dst
+    torch.testing.assert_close(dst, unit_rows_ref(x, torch.float16), atol=1e-3, rtol=0)
+    rest = ring.clone()
+    rest[1, 1:4, :, :20] = 7.0
+    assert rest.eq(7.0).all()
+    with pytest.raises(ValueError, match="does not match x"):
+        unit_rows(x, out=ring[0, :3, :, :21])
+    with pytest.raises(ValueError, match="not evenly strided"):
+        unit_rows(x, out=torch.zeros(4, 3, 20, dtype=torch.float16).transpose(0, 1))

@@ -36,6 +36,16 @@ def test_gpu_gram(n: int, d: int, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "d"), [(1, 7), (2051, 576), (300, 4096), (17, 8192)])
+def test_gpu_unit_rows(n: int, d: int, dtype: torch.dtype) -> None:
+    x = make_x((n, d), dtype, seed=n)
+    ring = torch.zeros((2, n, d + 64), device=CUDA, dtype=torch.float16)  # a slot of a wider ring
+    got = kernels.unit_rows(_cuda(x), out=ring[1, :, :d])
+    torch.testing.assert_close(got.cpu(), kernels.unit_rows_ref(x.double(), torch.float16), atol=1e-3, rtol=0)
+    assert ring[0].eq(0).all() and ring[1, :, d:].eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "d", "k"), [(33, 7, 1), (2051, 576, 8), (300, 1000, 13)])
 def test_gpu_cosine(n: int, d: int, k: int, dtype: torch.dtype) -> None:
     base = make_x((n, d), dtype, seed=n)
