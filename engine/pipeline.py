@@ -18,6 +18,7 @@ from layerfold.core.extras import package_versions
 from layerfold.core.loading import load, resolve
 from layerfold.core.model import Model
 from layerfold.core.paths import check_output
+from layerfold.evaluation.evaluate import check_eval_args, whole
 from layerfold.evaluation.streamed import evaluation_model
 from layerfold.methods import PruneContext, PruneResult, Target, get_method
 from layerfold.surgery.plan import DepthPlan
@@ -134,6 +135,23 @@ def eval_settings(raw: dict[str, Any], options: dict[str, Any] | None) -> dict[s
                        "and standard errors sqrt(p(1-p)/(n-1))"}
 
 
+def check_args(source: Any, out: Any, samples: Any, seq_len: Any, device: Any, dtype: Any) -> torch.dtype | None:
+    """``prune``'s arguments that need no file: a TypeError / ValueError naming the argument and the fix. Returns
+    ``dtype`` as a torch dtype (a name such as "bfloat16" is accepted)."""
+    from layerfold.core.devices import check_device
+    from layerfold.core.dtypes import check_dtype
+    from layerfold.core.paths import check_source
+
+    check_source(source)
+    if not isinstance(out, (str, Path)):
+        raise TypeError(f"out must be a directory path (str or Path), not {type(out).__name__}. Fix: pass where to "
+                        "write the pruned checkpoint")
+    whole("samples", samples, 1)
+    whole("seq_len", seq_len, 2)
+    check_device(device)
+    return None if dtype is None else check_dtype(dtype)
+
+
 def check_before_load(source: str | Path, method: Any, target: Target | None, plan: str | Path | DepthPlan | None,
                       data: str) -> DepthPlan | None:
     """What can be checked from the model's spec alone (no weights read, no model built): the target of a
@@ -171,11 +189,14 @@ def calibration_set(tokenizer: Any, data: str, samples: int, seq_len: int, seed:
                               "file") from None
 
 
-def check_data(tokenizer: Any, data: str, eval_options: dict[str, Any] | None) -> None:
-    """The evaluation's data checked before calibration (prune evaluates on the 'val' split)."""
+def check_data(tokenizer: Any, data: str, eval_options: dict[str, Any] | None, model: Model | None = None) -> None:
+    """The evaluation's data checked before calibration (prune evaluates on the 'val' split); with ``model``, its
+    options too (their types, the window against the model's context)."""
     from layerfold.core.data import NotEnoughData
     from layerfold.evaluation.evaluate import check_eval_data
 
+    if model is not None:
+        check_eval_args(model, tokenizer, data, **(eval_options or {}))
     kw = {k: v for k, v in (eval_options or {}).items() if k in ("tasks", "seq_len", "mc_items")}
     try:
         check_eval_data(tokenizer, data, **kw)
@@ -205,6 +226,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     when the weights fit a share of its free memory; evaluation.streamed.weights_place)."""
     t_all = time.time()
     times: dict[str, float] = {}
+    dtype = check_args(source, out, samples, seq_len, device, dtype)
     out = check_output(out, sources=[str(source), resolve(source, quiet=True)], overwrite=overwrite)
     if plan is None and method is None:
         raise ValueError("nothing to do: no --method and no --plan. Fix: pass --method M --target T, or --plan FILE")
@@ -231,7 +253,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     times["load"] = time.time() - t0
     calib = calibration_set(tok, data, samples, seq_len, seed)
     if eval:
-        check_data(tok, data, eval_options)
+        check_data(tok, data, eval_options, model)
     calibration = {"data": data, "split": "calib", "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
                    "tokens": int(calib.numel()), "seed": seed}
     st = None

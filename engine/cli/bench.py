@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from layerfold.cli.util import add_dtype, device_arg, emit, parse_sizes, torch_dtype
+from layerfold.cli.util import add_dtype, count_arg, device_arg, emit, parse_sizes, torch_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", choices=["hf", "none"], default="none",
                    help="also run HF transformers generate() on the same weights (uniform models only)")
     p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated batch sizes (default 1,4,16)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of every unit, interleaved (default 3)")
+    p.add_argument("--new-tokens", type=count_arg(2), default=128,
+                   help="tokens generated per sequence, 2 or more (default 128)")
+    p.add_argument("--prompt-len", type=count_arg(1), default=128, help="prompt tokens per sequence (default 128)")
+    p.add_argument("--repeats", type=count_arg(1), default=3,
+                   help="timed repeats of every unit, interleaved (default 3)")
     add_dtype(p, default="bfloat16")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--threads", type=int, default=None,

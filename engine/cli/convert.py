@@ -32,12 +32,12 @@ def convert(src: str, out: str, *, dtype: torch.dtype | None = None, overwrite: 
     check_output(out, sources=[src], overwrite=overwrite)  # before a GGUF's slow dequantisation, not after
     path = resolve(src, quiet=False)
     spec, state, cfg = load_spec_state(path, quiet=True)
+    tokenizer = load_tokenizer(path)  # a missing tokenizer is refused before the weights are cast
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     prov = dict(cfg.get("provenance", {}))
     prov.update(source=str(src), source_format=kind)
-    save_checkpoint(out, spec, state, tokenizer=load_tokenizer(path), provenance=prov,
-                    sources=[src, path], overwrite=overwrite)
+    save_checkpoint(out, spec, state, tokenizer=tokenizer, provenance=prov, sources=[src, path], overwrite=overwrite)
     n = sum(v.numel() for v in state.values())
     return {"out": str(out), "source": str(src), "source_format": kind, "layers": spec.n_layers, "params": n,
             "seconds": round(time.perf_counter() - t0, 2)}

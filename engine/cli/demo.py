@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
-from layerfold.cli.util import emit
+from layerfold.cli.util import count_arg, emit
 from layerfold.core.console import table
 from layerfold.core.loading import DEFAULT_MODEL, cache_dir
+
+STAGES = ("generate", "eval", "prune", "bench")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,11 +33,30 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: <cache>/demo-<method>-<target>, replaced on each run)")
     p.add_argument("--prompt", default="What is a Python list comprehension? Answer in two sentences.",
                    help="prompt for the generation stage")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=count_arg(1), default=64, help="tokens to generate (default 64)")
     p.add_argument("--quick", action="store_true", help="smaller evaluation and calibration (a smoke run)")
-    p.add_argument("--skip", default="", help="comma list of stages to skip: generate,eval,prune,bench")
+    p.add_argument("--skip", default="", help="comma list of stages to skip: " + ",".join(STAGES))
     p.add_argument("--json", action="store_true", help="print one JSON summary at the end instead of tables")
     p.set_defaults(func=run)
+
+
+def check_before_work(args: argparse.Namespace, skip: set[str], out: Path) -> None:
+    """--skip, --method, --target and --out checked before stage 1: a typo must not surface at stage 5, after
+    the generation and the dense evaluation (minutes), nor --out be found to hold a user's files only then."""
+    from layerfold.core.loading import resolve
+    from layerfold.core.paths import check_output
+    from layerfold.methods import get_method
+    from layerfold.methods.base import Target
+    from layerfold.pipeline import check_before_load
+
+    unknown = sorted(skip - set(STAGES))
+    if unknown:
+        raise ValueError(f"--skip {','.join(unknown)}: no such stage. Fix: name stages among {','.join(STAGES)}")
+    if "prune" in skip:
+        return
+    method = get_method(args.method)
+    check_output(out, sources=[args.model, resolve(args.model, quiet=args.json)], overwrite=True)
+    check_before_load(args.model, method, Target.parse(args.target), None, "pydoc")
 
 
 def _stage(title: str, cmd: str, quiet: bool) -> float:
@@ -53,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     summary: dict[str, Any] = {"model": args.model}
     eval_kw: dict[str, Any] = dict(max_tokens=2048, mc_items=40) if args.quick else {}
+    out = Path(args.out) if args.out else cache_dir() / f"demo-{args.method}-{args.target}"
+    check_before_work(args, skip, out)
 
     t = _stage("1. convert (cached after the first run)", f"layerfold convert {args.model} --out DIR", quiet)
     model, tok = load(args.model, quiet=quiet)
@@ -90,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"   perplexity {dense_eval['ppl']['ppl']:.3f}, continuation accuracy "
                   f"{dense_eval['mc']['acc']:.3f} (acc_norm {dense_eval['mc']['acc_norm']:.3f})")
 
-    out = Path(args.out) if args.out else cache_dir() / f"demo-{args.method}-{args.target}"
     if "prune" not in skip:
         from layerfold.evaluation.evaluate import evaluate
         from layerfold.pipeline import prune, where_layers_went

@@ -5,32 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from layerfold.cli.util import add_common, add_weights, emit, torch_dtype
+from layerfold.cli.util import add_common, add_weights, count_arg, emit, torch_dtype
 from layerfold.core.console import table
-from layerfold.core.data import PYDOC, SPLITS
-from layerfold.core.loading import load
-from layerfold.evaluation.evaluate import DEFAULT_MAX_TOKENS, DEFAULT_MC_ITEMS, TASKS, evaluate
-
-
-def _positive(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} is not a positive integer")
-    return v
-
-
-def _nonnegative(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is negative")
-    return v
+from layerfold.core.data import PYDOC, SPLITS, token_stream
+from layerfold.core.loading import load, load_spec_state, load_tokenizer, resolve
+from layerfold.evaluation.evaluate import DEFAULT_MAX_TOKENS, DEFAULT_MC_ITEMS, TASKS, check_eval_data, evaluate
 
 
 def _tasks(s: str) -> tuple[str, ...]:
     tasks = tuple(t.strip() for t in s.split(",") if t.strip())
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
-        raise argparse.ArgumentTypeError(f"unknown task(s) {bad or s!r}; choose from {','.join(TASKS)}")
+        raise argparse.ArgumentTypeError(f"unknown task(s) {bad or s!r}. Fix: choose from {','.join(TASKS)}, "
+                                         "e.g. --task ppl,mc")
     return tasks
 
 
@@ -51,25 +38,47 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "default val")
     p.add_argument("--task", default=",".join(TASKS), type=_tasks, metavar="ppl,mc",
                    help="comma-separated tasks: ppl (perplexity), mc (multiple-choice accuracy); default ppl,mc")
-    p.add_argument("--seq-len", type=_positive, default=512,
+    p.add_argument("--seq-len", type=count_arg(2), default=512,
                    help="perplexity window length in tokens (non-overlapping windows); default 512")
-    p.add_argument("--max-tokens", type=_nonnegative, default=DEFAULT_MAX_TOKENS,
+    p.add_argument("--max-tokens", type=count_arg(0), default=DEFAULT_MAX_TOKENS,
                    help="perplexity reads at most this many tokens of the split, 0 = all (pydoc val: ~18K); "
                         "default %(default)s")
-    p.add_argument("--mc-items", type=_positive, default=DEFAULT_MC_ITEMS,
+    p.add_argument("--mc-items", type=count_arg(1), default=DEFAULT_MC_ITEMS,
                    help="number of multiple-choice items (pydoc val holds at most ~450); the standard error of acc "
                         "is about 0.045 at 100 items; default %(default)s")
-    p.add_argument("--batch-size", type=_positive, default=8,
+    p.add_argument("--batch-size", type=count_arg(1), default=8,
                    help="windows per forward pass for perplexity (mc: twice as many short sequences); default 8")
     p.set_defaults(func=run)
 
 
+def check_before_load(args: argparse.Namespace) -> None:
+    """The data and the window checked against the model's spec and tokenizer (no weight read): a missing or too
+    short --data, or a --seq-len past the model's context, must not cost a model load first."""
+    if args.data != PYDOC and not Path(args.data).is_file():
+        what = "is a directory, not a file" if Path(args.data).is_dir() else "no such file"
+        raise FileNotFoundError(f"{args.data}: {what}. Fix: use --data pydoc (built-in text) or the path of a .txt "
+                                "or .jsonl file")
+    try:
+        path = resolve(args.model, quiet=args.json)
+    except (FileNotFoundError, ValueError):
+        return  # a source that cannot be found or read: load() raises the same error at once, before any work
+    spec = load_spec_state(path, quiet=True)[0]
+    if "ppl" in args.task and args.seq_len > spec.max_position:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than {args.model}'s context of {spec.max_position} "
+                         f"positions. Fix: pass --seq-len {spec.max_position} or less")
+    tok = load_tokenizer(path)
+    check_eval_data(tok, args.data, args.task, args.seq_len, args.mc_items, args.split,
+                    max_tokens=args.max_tokens or None)
+    top = int(token_stream(tok, args.data, args.split).max()) if "ppl" in args.task else -1
+    if top >= spec.vocab_size:  # tokenizer files of another model: an IndexError after the load else
+        raise ValueError(f"{args.model}: its tokenizer gives token id {top}, past the model's vocabulary of "
+                         f"{spec.vocab_size}. Fix: copy the tokenizer files of the model it came from into it")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.data != PYDOC and not Path(args.data).is_file():  # before the model load, not after it
-        raise FileNotFoundError(f"{args.data}: no such file. Fix: use --data pydoc (built-in text) or the path of "
-                                "a .txt or .jsonl file")
     from layerfold.evaluation.streamed import evaluation_model, weight_bytes, weights_place
 
+    check_before_load(args)
     dtype = torch_dtype(args.dtype)
     place, why = weights_place(args.weights, args.device, lambda: weight_bytes(args.model, dtype))
     model, tok = load(args.model, device="cpu" if place == "host" else args.device, dtype=dtype, quiet=args.json,

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from layerfold.cli.util import add_common, emit, torch_dtype
+from layerfold.cli.util import add_common, add_weights, emit, torch_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,8 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "the tokenizer's chat template as a user turn unless --no-chat. Tokens are printed as they "
                        "come unless --json. Greedy by default; --temperature > 0 samples.")
     add_common(p)
+    add_weights(p)
     p.add_argument("prompt", nargs="+", help="the prompt(s); several prompts are generated as one batch")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most tokens to generate (default 128, fewer when the model's context is shorter)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 (default) is greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0,
@@ -32,13 +34,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfold.core.loading import load
-    from layerfold.inference.generate import check_sampling, generate
+    from layerfold.core.loading import load, load_spec_state
+    from layerfold.inference.generate import check_length, check_sampling, generate
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1. Fix: ask for at least one token")
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before loading the model
-    model, tok = load(args.model, device=args.device, dtype=torch_dtype(args.dtype),
+    asked = args.max_new_tokens
+    if asked is not None and asked < 1:
+        raise ValueError(f"--max-new-tokens {asked} must be >= 1. Fix: ask for at least one token")
+    check_sampling(asked or 1, args.temperature, args.top_p, args.seed, args.stop)  # before loading the model
+    context = load_spec_state(args.model)[0].max_position  # the config and the weights' header only
+    args.max_new_tokens = min(128, context - 1) if asked is None else asked
+    check_length(context, args.max_new_tokens)
+    from layerfold.evaluation.streamed import weight_bytes, weights_place
+
+    dtype = torch_dtype(args.dtype)
+    place, why = weights_place(args.weights, args.device, lambda: weight_bytes(args.model, dtype))
+    if place == "host":  # every step streams the layers to --device: prompts together cost one pass a step
+        print(f"weights in host memory ({why}); each step streams them to {args.device}", file=sys.stderr)
+    model, tok = load(args.model, device="cpu" if place == "host" else args.device, dtype=dtype,
                       allow_nonfinite=args.allow_nonfinite)
     live = not args.json and len(args.prompt) == 1
     t0 = time.perf_counter()
@@ -49,16 +61,23 @@ def run(args: argparse.Namespace) -> int:
 
     res = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, stop=args.stop, chat=not args.no_chat,
-                   stream=show if live else None)
+                   stream=show if live else None, stream_to=args.device if place == "host" else None)
     dt = time.perf_counter() - t0
     out = [{"prompt": r.prompt, "text": r.text, "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": len(r.token_ids), "finish_reason": r.finish_reason} for r in res]
+            "completion_tokens": len(r.token_ids), "finish_reason": r.finish_reason, "context_full": r.context_full}
+           for r in res]
     n = sum(len(r.token_ids) for r in res)
     if args.json:
-        emit(args, {"model": args.model, "results": out, "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 2)})
+        emit(args, {"model": args.model, "results": out, "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 2),
+                    "weights": {"place": place, "why": why}})
     elif live:
         print(f"\n[{n} tokens in {dt:.2f} s, {n / dt:.1f} tokens/s, finish: {res[0].finish_reason}]", file=sys.stderr)
     else:
         for r in res:
             print(f"### {r.prompt}\n{r.text}\n")
+    for i, r in enumerate(res):
+        if r.context_full:  # stopped early, not at --max-new-tokens: say why
+            print(f"note: prompt {i} stopped after {len(r.token_ids)} of the {args.max_new_tokens} new tokens asked "
+                  f"for: its {r.prompt_tokens} prompt tokens and the completion filled the model's context of "
+                  f"{context} positions (shorten the prompt for a longer completion)", file=sys.stderr)
     return 0

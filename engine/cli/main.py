@@ -9,12 +9,18 @@ cause and the fix, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 
 COMMANDS = ("convert", "inspect", "eval", "lm_eval", "generate", "calibrate", "prune", "heal", "export", "bench",
             "serve", "demo")
+
+_SPACE = "free space on that disk, or write to another one"
+_ACCESS = "check the permissions of that path, or use one you can read and write"
+OS_FIXES = {errno.ENOSPC: _SPACE, errno.EDQUOT: _SPACE, errno.EACCES: _ACCESS, errno.EPERM: _ACCESS,
+            errno.EROFS: _ACCESS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         return 0
+    except OSError as e:  # a full disk or a path it may not write, met while writing (nothing half-written is kept)
+        fix = OS_FIXES.get(e.errno or 0)
+        if fix is None or os.environ.get("LAYERFOLD_DEBUG"):
+            raise
+        print(f"layerfold {args.command}: error: {e}. Fix: {fix}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"layerfold {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,8 @@ Qwen3 (q/k norm). Everything else gets a clear error listing these.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Any
 
 from torch import Tensor
@@ -66,6 +68,20 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
 
 
+def _number(v: Any, key: str, where: str, whole: bool = False) -> Any:
+    """A numeric config setting as int (``whole``) or float. JSON true/false is refused (Python reads true as 1:
+    max_position_embeddings 1, rms_norm_eps 1.0), and so are fractions where a whole number belongs."""
+    try:
+        x = float(v) if isinstance(v, str) else v
+        ok = isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) and (not whole or x == int(x))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: {key}={v!r} is not {'a whole number' if whole else 'a finite number'}. Fix: write "
+                         "it as a JSON number (no quotes, not true/false), the model's own value")
+    return int(x) if whole else float(x)
+
+
 def check_supported(model_type: str | None, where: str) -> None:
     if model_type not in SUPPORTED:
         raise ValueError(
@@ -107,8 +123,10 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
                          "is known to need it); open an issue with the model name")
     d = _get(cfg, "hidden_size")
     nh = _get(cfg, "num_attention_heads")
-    nkv = _get(cfg, "num_key_value_heads") or nh
-    hd = _get(cfg, "head_dim") or d // nh
+    opt = {k: _get(cfg, k) for k in ("num_key_value_heads", "head_dim")}  # null: the default
+    opt = {k: v if v is None else _number(v, k, where, whole=True) for k, v in opt.items()}
+    nkv = opt["num_key_value_heads"] or nh
+    hd = opt["head_dim"] or d // nh
     ffn = _get(cfg, "intermediate_size")
     layer = LayerSpec(d_in=d, d_mid=d, d_out=d, n_heads=nh, n_kv_heads=nkv, head_dim=hd, d_ffn=ffn)
     # rope: transformers >= 5 stores rope_parameters, older versions rope_theta + rope_scaling
@@ -123,22 +141,24 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     sw = _get(cfg, "sliding_window") if mt == "mistral" or _get(cfg, "use_sliding_window", False) else None
+    sw = None if sw is None else _number(sw, "sliding_window", where, whole=True)
     return ModelSpec(
         vocab_size=_get(cfg, "vocab_size"),
         d_model=d,
         layers=tuple(layer for _ in range(_get(cfg, "num_hidden_layers"))),
-        norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
+        norm_eps=_number(_get(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
+        rope_theta=_number(theta, "rope_theta", where),
         rope_type=rtype,
-        rope_factor=float(src.get("factor", 1.0)),
-        rope_low_freq_factor=float(src.get("low_freq_factor", 1.0)),
-        rope_high_freq_factor=float(src.get("high_freq_factor", 4.0)),
-        rope_original_max_pos=int(src.get("original_max_position_embeddings", 8192)),
-        max_position=int(_get(cfg, "max_position_embeddings", 8192)),
+        rope_factor=_number(src.get("factor", 1.0), "factor", where),
+        rope_low_freq_factor=_number(src.get("low_freq_factor", 1.0), "low_freq_factor", where),
+        rope_high_freq_factor=_number(src.get("high_freq_factor", 4.0), "high_freq_factor", where),
+        rope_original_max_pos=_number(src.get("original_max_position_embeddings", 8192),
+                                      "original_max_position_embeddings", where, whole=True),
+        max_position=_number(_get(cfg, "max_position_embeddings", 8192), "max_position_embeddings", where, whole=True),
         tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
         qkv_bias=mt == "qwen2" or bool(_get(cfg, "attention_bias", False)) and mt != "llama",
         qk_norm=mt == "qwen3",
-        sliding_window=int(sw) if sw else None,
+        sliding_window=sw or None,
         arch=mt,
         bos_token_id=_get(cfg, "bos_token_id"),
         eos_token_ids=eos_ids,

@@ -8,6 +8,7 @@ Weights load by mmap (safetensors); every tensor is checked for presence and sha
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,6 +54,20 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]], state: Mapping[str
             raise CheckpointError(f"{where}: tensor {k!r} is stored as {str(dt).removeprefix('torch.')}; model "
                                   "weights are floating point. Fix: re-create the checkpoint (convert or prune "
                                   "again); a quantised or hand-edited file is not a layerfold checkpoint")
+
+
+def check_state(state: Any, what: str = "state") -> None:
+    """A TypeError unless ``state`` is None or a mapping of tensor names to tensors (a state dict)."""
+    if state is None:
+        return
+    if not isinstance(state, Mapping):
+        got = f"a {type(state).__name__}"
+    else:
+        bad = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)), None)
+        got = None if bad is None else f"{bad[0]!r}: a {type(bad[1]).__name__}"
+    if got is not None:
+        raise TypeError(f"{what} must map tensor names to tensors (a state dict), got {got}. Fix: pass "
+                        "model.state_dict() or the dict layerfold.load_spec_state returns")
 
 
 def check_finite(state: Mapping[str, Tensor], where: str, *, allow: bool = False) -> list[str]:
@@ -187,6 +202,9 @@ def open_weights(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Tensor]]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a checkpoint directory (str or Path), not {type(path).__name__}. Fix: pass the "
+                        "directory save_checkpoint wrote")
     cfg = read_config(path)
     state = open_weights(Path(path) / WEIGHTS, device)
     return cfg, state
@@ -196,7 +214,19 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
                     provenance: dict[str, Any] | None = None, report: dict[str, Any] | None = None,
                     sources: list[str | Path] = (), overwrite: bool = False,
                     extra_files: Mapping[str, str] | None = None) -> Path:
-    """Write a checkpoint atomically. ``sources`` are paths the model came from: never written over."""
+    """Write a checkpoint atomically. ``sources`` are paths the model came from: never written over. The arguments'
+    types are checked before anything is written."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a directory path (str or Path), not {type(out).__name__}. Fix: pass where to "
+                        "write the checkpoint, e.g. 'out/model'")
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a ModelSpec, not {type(spec).__name__}. Fix: pass model.spec")
+    check_state(state)
+    if state is None:
+        raise TypeError("state is None. Fix: pass the weights, model.state_dict()")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, not {type(tokenizer).__name__}. Fix: pass the "
+                        "tokenizer layerfold.load returns, or None")
     try:
         out = check_output(out, sources=sources, overwrite=overwrite)
     except OutputError as e:

@@ -376,7 +376,7 @@ def load_mc_file(path: str | Path) -> list[MCItem]:
               and isinstance(rec.get("delimiter", " "), str))
         if not ok:
             raise ValueError(f"{p}:{i}: not a multiple-choice record. Fix: write {{\"context\": str, \"choices\": "
-                             "[str, str, ...], \"label\": index of the right choice}} on every line")
+                             "[str, str, ...], \"label\": index of the right choice} on every line")
         items.append(MCItem(rec["context"], list(rec["choices"]), rec["label"], rec.get("delimiter", " ")))
     if not items:
         raise ValueError(f"{p}: no records. Fix: write one JSON object per line")

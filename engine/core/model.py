@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +223,9 @@ class Model(nn.Module):
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
+        if not isinstance(spec, ModelSpec):
+            raise TypeError(f"spec must be a ModelSpec, not {type(spec).__name__}. Fix: pass the spec of a model "
+                            "(model.spec, layerfold.load_spec_state(path)[0], or ModelSpec.from_json(text))")
         spec.validate()
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
@@ -306,11 +310,19 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
 
+def require_model(model: Any, what: str = "model") -> None:
+    """A TypeError naming the fix when ``model`` is not a layerfold Model (a path, a tokenizer, an HF model)."""
+    if not isinstance(model, Model):
+        raise TypeError(f"{what} must be a layerfold Model, not {type(model).__name__}. Fix: load one first: model, "
+                        "tok = layerfold.load(path)")
+
+
 def build_model(spec: ModelSpec, state: dict[str, Tensor] | None = None, *, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None, strict: bool = True) -> Model:
     """Allocate a Model on the meta device and fill it from ``state`` (shape-checked), or init randomly."""
-    from layerfold.core.checkpoint import check_state_dict
+    from layerfold.core.checkpoint import check_state, check_state_dict
 
+    check_state(state)
     if state is None:
         m = Model(spec)
         init_weights(m)

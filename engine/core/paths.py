@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAYERFOLD_CACHE") or Path.home() / ".cache" / "layerfold")
 
 
+def check_source(src: Any) -> None:
+    """A TypeError naming the fix when ``src`` is not a model source (a path, alias or Hub id): a Model, None, a
+    number would otherwise be taken for a file name."""
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"a model source must be a path, alias or Hub id (str or Path), not {type(src).__name__}. Fix: "
+                        "pass e.g. 'smollm2-135m' or a checkpoint directory (a Model in memory: write it with "
+                        "layerfold.save_checkpoint first)")
+
+
+def check_cache() -> Path:
+    """``cache_dir()``, created; an OutputError naming LAYERFOLD_CACHE when it is a file or cannot be written (checked
+    before a conversion is made, not when it is saved after it)."""
+    d = cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        why = "it is a file, not a directory" if d.is_file() else e.strerror or str(e)
+        where = "set by LAYERFOLD_CACHE" if os.environ.get("LAYERFOLD_CACHE") else "the default"
+        raise OutputError(f"the model cache {d} ({where}) cannot be written: {why}. Fix: set LAYERFOLD_CACHE to a "
+                          "writable directory") from None
+    return d
+
+
 def _cached_conversion(out: Path) -> Path | None:
     """The converted-model folder of the cache that ``out`` is, is inside of, or holds (None: no such folder).
     Writing there would make an alias silently load another model (or break the model being read)."""
@@ -95,6 +121,7 @@ def check_output(out: str | Path, *, sources: Sequence[str | Path] = (), overwri
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"{out}: {parent} is a file, not a directory. Fix: choose another {what}")
+            _check_writable(out, parent, what)
             break
     if out.exists():
         if not out.is_dir():
@@ -109,6 +136,39 @@ def check_output(out: str | Path, *, sources: Sequence[str | Path] = (), overwri
                                   f"it (it could hold your files). Fix: choose a new {what}, or empty or remove "
                                   "that directory yourself")
     return out
+
+
+def check_output_file(path: str | Path, *, sources: Sequence[str | Path] = (), what: str = "--output",
+                      replace: Callable[[Path], bool] = lambda p: False) -> Path:
+    """Raise :class:`OutputError` unless layerfold may write the file ``path`` once its work is done: its folder
+    exists and may be written, it is no directory, not inside a source, and an existing file is replaced only when
+    ``replace(path)`` says layerfold wrote it (a user's file is never overwritten)."""
+    p = Path(path)
+    for s in sources:
+        if s and Path(s).exists() and _related(p, Path(s)):
+            raise OutputError(f"{what} {p}: refusing to write into the source {s}. Fix: choose a file outside it")
+    if p.is_dir():
+        raise OutputError(f"{what} {p}: is a directory. Fix: name a file, e.g. {p / 'results.json'}")
+    if not p.absolute().parent.is_dir():
+        raise OutputError(f"{what} {p}: its folder {p.parent} does not exist. Fix: create it, or name a file in an "
+                          "existing folder")
+    if p.exists() and not replace(p):
+        raise OutputError(f"{what} {p}: exists and is not an earlier result of this command, so it is not replaced. "
+                          "Fix: choose a new file name, or remove that file yourself")
+    _check_writable(p, p.absolute().parent, what)
+    return p
+
+
+def _check_writable(out: Path, parent: Path, what: str) -> None:
+    """Make and remove a temporary folder in ``parent`` (where ``atomic_dir`` writes), so that a folder the process
+    may not write (permissions, a read-only or virtual file system) is refused now, not after the work."""
+    try:
+        probe = parent / f".{out.name}.tmp-{os.getpid()}-probe{time.time_ns()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write in {parent} ({e.strerror or e}). Fix: choose a {what} in a folder you "
+                          "can write to") from None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -198,5 +258,5 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     tmp.replace(p)
 
 
-__all__ = ["OutputError", "atomic_dir", "cache_dir", "check_output", "clean_stale", "json_safe", "json_text",
-           "layerfold_wrote", "write_json_atomic"]
+__all__ = ["OutputError", "atomic_dir", "cache_dir", "check_cache", "check_output", "check_output_file", "check_source",
+           "clean_stale", "json_safe", "json_text", "layerfold_wrote", "write_json_atomic"]

@@ -169,6 +169,12 @@ class ModelSpec:
             raise _err("model", f"rope_type={self.rope_type!r} is unsupported", f"use one of {ROPE_TYPES}")
         if not self.layers:
             raise _err("model", "no layers", "keep at least one layer")
+        special = [t for t in (self.bos_token_id, *self.eos_token_ids) if t is not None and t >= self.vocab_size]
+        if special:  # a token the head never scores: generation would never stop at it (or start from it)
+            raise _err("model", f"bos_token_id={self.bos_token_id}, eos_token_ids={list(self.eos_token_ids)} name "
+                       f"token {special[0]}, outside the vocabulary of {self.vocab_size} tokens (ids 0.."
+                       f"{self.vocab_size - 1})", f"set bos_token_id / eos_token_id (eos_token_ids in a layerfold "
+                       f"config) to the model's own token ids, below {self.vocab_size}")
         if self.max_position <= 0 or (self.sliding_window is not None and self.sliding_window <= 0):
             raise _err("model", f"max_position={self.max_position} and sliding_window={self.sliding_window} must be "
                        "positive", "set them to the source model's values (sliding_window null for full attention)")

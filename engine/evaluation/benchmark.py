@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from layerfold.core.devices import check_device
+from layerfold.core.dtypes import check_dtype
 from layerfold.core.model import Model
 from layerfold.core.spec import ModelSpec
 from layerfold.evaluation.bench_report import format_table, plot
@@ -55,25 +57,55 @@ def step_bytes(spec: ModelSpec, dtype: torch.dtype, batch: int, context: float) 
 
 
 def _sources(models: Sequence[str | Path | Model], device: torch.device, dtype: torch.dtype | None,
-             random_llama7b: bool, pruned: bool) -> list[tuple[str, Builder]]:
-    from layerfold.core.loading import load
+             random_llama7b: bool, pruned: bool) -> list[tuple[str, Builder, ModelSpec, torch.dtype]]:
+    """(label, builder, spec, dtype) of every model: each source is found and its spec read (no weight) here,
+    before the first model is built, so that a missing second model does not cost the first one's load."""
+    from layerfold.core.loading import load, load_spec_state
 
-    out: list[tuple[str, Builder]] = []
+    out: list[tuple[str, Builder, ModelSpec, torch.dtype]] = []
     for i, src in enumerate(models):
         if isinstance(src, Model):
             name = str(getattr(src, "source", f"model{i}"))
-            out.append((name, lambda src=src: src if dtype in (None, src.dtype) else copy.deepcopy(src).to(dtype)))
+            out.append((name, lambda src=src: src if dtype in (None, src.dtype) else copy.deepcopy(src).to(dtype),
+                        src.spec, dtype or src.dtype))
         else:
+            spec, state, _ = load_spec_state(src, quiet=True)
+            stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
             out.append((str(src), lambda src=src: load(src, device=device, dtype=dtype, tokenizer=False,
-                                                       quiet=True)[0]))
+                                                       quiet=True)[0], spec, dtype or stored))
     if random_llama7b or pruned:
         dense = llama7b_spec()
         dt = dtype or torch.bfloat16
-        out.append(("random-llama7b", lambda: random_model(dense, device, dt)))
+        out.append(("random-llama7b", lambda: random_model(dense, device, dt), dense, dt))
         if pruned:
             for name, spec in pruned_shapes(dense).items():
-                out.append((f"random-llama7b/{name}", lambda spec=spec: random_model(spec, device, dt)))
+                out.append((f"random-llama7b/{name}", lambda spec=spec: random_model(spec, device, dt), spec, dt))
     return out
+
+
+def _check_args(models: Any, engines: Any, batch_sizes: Any, new_tokens: Any, prompt_len: Any, repeats: Any,
+                static_batches: Any) -> None:
+    """``bench_models``' arguments checked before any model is read: TypeError / ValueError naming the argument."""
+    from layerfold.evaluation.evaluate import whole
+
+    if isinstance(models, (str, Path, Model)) or not isinstance(models, Sequence):
+        raise TypeError(f"models must be a list of models, not {type(models).__name__}. Fix: pass a list, e.g. "
+                        "bench_models(['smollm2-135m']) or bench_models([model])")
+    bad = [type(m).__name__ for m in models if not isinstance(m, (str, Path, Model))]
+    if bad:
+        raise TypeError(f"models holds a {bad[0]}. Fix: list sources (paths, aliases, Hub ids) or layerfold Models")
+    if engines is not None and (isinstance(engines, str) or not isinstance(engines, Sequence)):
+        raise TypeError(f"engines must be a list, not {type(engines).__name__}. Fix: e.g. engines=['layerfold', 'hf']")
+    for name, sizes in (("batch_sizes", batch_sizes), ("static_batches", static_batches)):
+        if isinstance(sizes, (str, int)) or not isinstance(sizes, Sequence):
+            raise TypeError(f"{name} must be a list, not {type(sizes).__name__}. Fix: pass whole numbers, e.g. [1, 4]")
+        for b in sizes:
+            whole(f"{name} entry", b, 1)
+    if not batch_sizes:
+        raise ValueError("batch_sizes is empty. Fix: pass at least one batch size, e.g. [1]")
+    whole("new_tokens", new_tokens, 2)  # a prefill token and at least one decode step
+    whole("prompt_len", prompt_len, 1)
+    whole("repeats", repeats, 1)
 
 
 def _engine(name: str, m: Model, *, max_batch: int, max_len: int, compile: bool, native: bool | None,
@@ -114,10 +146,9 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
     compile: the layerfold engine compiles its torch step (None: on CPU, where it pays; on CUDA the
     step is a CUDA graph). static_batches / native / kernels: the layerfold engine's (see ``Runtime``).
     schedule: "interleaved" (default on CPU) or "sequential" (default on CUDA), see the module docstring."""
-    device = torch.device(device)
-    if new_tokens < 2 or prompt_len < 1 or repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError("need new_tokens >= 2, prompt_len >= 1, repeats >= 1 and batch sizes >= 1. Fix: check "
-                         "the benchmark arguments")
+    device = check_device(device)
+    dtype = None if dtype is None else check_dtype(dtype)
+    _check_args(models, engines, batch_sizes, new_tokens, prompt_len, repeats, static_batches)
     if baseline not in (None, "none", "hf"):
         raise ValueError(f"baseline={baseline!r} is unknown. Fix: use 'hf' or none")
     engines = list(engines or ["layerfold"]) + (["hf"] if baseline == "hf" and "hf" not in (engines or []) else [])
@@ -135,6 +166,8 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
     sources = _sources(models, device, dtype, random_llama7b, pruned_shapes)
     if not sources:
         raise ValueError("nothing to benchmark. Fix: name at least one model (or --random-llama7b)")
+    for label, _, spec, dt in sources:  # every model sized before the first is built (and compiled: minutes)
+        _check_fits(label, spec, dt, max(batch_sizes), prompt_len + new_tokens, device)
     ctx = dict(batch_sizes=sorted(set(batch_sizes)), new_tokens=new_tokens, prompt_len=prompt_len,
                repeats=repeats, seed=seed, progress=progress, compile=compile, native=native,
                static_batches=static_batches, kernels=kernels)
@@ -162,16 +195,22 @@ def _unit(label: str, engine: str, b: int, obj: Any, prompts: list[list[int]], m
             "params": m.num_params(), "dtype": m.dtype, "setup_mem": setup_mem, "runs": []}
 
 
-def _prompts(m: Model, bmax: int, prompt_len: int, max_len: int, label: str, gen: torch.Generator) -> list[list[int]]:
-    if max_len > m.spec.max_position:
-        raise ValueError(f"{label}: prompt_len + new_tokens = {max_len} exceeds its {m.spec.max_position} "
-                         "positions. Fix: shorten them")
-    kv = bmax * max_len * sum(2 * ls.kv_dim for ls in m.spec.layers) * m.dtype.itemsize  # the largest batch's cache
-    total = _memory_total(m.device)
+def _check_fits(label: str, spec: ModelSpec, dtype: torch.dtype, bmax: int, max_len: int,
+                device: torch.device) -> None:
+    """A ValueError when prompt + new tokens pass the model's context, or the largest batch's KV cache its memory."""
+    if max_len > spec.max_position:
+        raise ValueError(f"{label}: prompt_len + new_tokens = {max_len} exceeds its {spec.max_position} positions. "
+                         f"Fix: lower --prompt-len / --new-tokens to sum to at most {spec.max_position}")
+    kv = bmax * max_len * sum(2 * ls.kv_dim for ls in spec.layers) * dtype.itemsize  # the largest batch's cache
+    total = _memory_total(device)
     if total and kv > total:
         raise ValueError(f"{label}: batch {bmax} x {max_len} tokens needs a {kv / 2**30:.1f} GiB KV cache, more than "
                          f"the {total / 2**30:.1f} GiB of memory here. Fix: lower --batch-sizes (or --prompt-len / "
                          "--new-tokens)")
+
+
+def _prompts(m: Model, bmax: int, prompt_len: int, max_len: int, label: str, gen: torch.Generator) -> list[list[int]]:
+    _check_fits(label, m.spec, m.dtype, bmax, max_len, m.device)
     return torch.randint(3, m.spec.vocab_size, (bmax, prompt_len), generator=gen).tolist()
 
 
@@ -203,9 +242,9 @@ class _Setup:
         self.bmax, self.max_len, self.prompt_len = max(batch_sizes), prompt_len + new_tokens, prompt_len
         self.opts = dict(compile=compile, native=native, static_batches=static_batches, kernels=kernels)
 
-    def models(self, sources: list[tuple[str, Builder]]):
+    def models(self, sources: list[tuple[str, Builder, ModelSpec, torch.dtype]]):
         """(label, model, prompts) for each source, built when the caller asks for it."""
-        for label, build in sources:
+        for label, build, *_ in sources:
             t = time.perf_counter()
             m = build()
             self.times[f"load {label}"] = time.perf_counter() - t

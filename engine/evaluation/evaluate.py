@@ -36,11 +36,42 @@ from layerfold.core.model import KVCache, Model
 
 LogitsFn = Callable[[Tensor], Tensor]
 TASKS = ("ppl", "mc")
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # what token ids may be stored as
 # Defaults that keep an eval of a small model short on a CPU (``evaluate`` returns its seconds): ~8K tokens of
 # perplexity, 100 MC items (~88 tokens each: 24 of context read once + 4 x 16 of continuation; acc's standard
 # error about 0.045). Raise them for tighter error bars.
 DEFAULT_MAX_TOKENS = 8192
 DEFAULT_MC_ITEMS = 100
+
+
+def whole(name: str, v: Any, low: int) -> None:
+    """A TypeError unless ``v`` is an int (not a bool or a float), a ValueError unless it is >= ``low``."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}={v!r} must be a whole number, not {type(v).__name__}. Fix: pass an int >= {low}")
+    if v < low:
+        raise ValueError(f"{name}={v} must be >= {low}. Fix: pass a whole number >= {low}")
+
+
+def check_model(model: Any) -> None:
+    if not callable(model):
+        raise TypeError(f"model must be a model, not {type(model).__name__}. Fix: pass a layerfold Model (model, tok = "
+                        "layerfold.load(path)) or a callable ids (B, T) -> logits (B, T, V)")
+
+
+def check_context(model: Any, n: int, name: str) -> None:
+    """A ValueError when ``n`` positions are more than the model's context (when it has a spec to say so)."""
+    ctx = getattr(getattr(model, "spec", None), "max_position", None)
+    if isinstance(ctx, int) and n > ctx:
+        raise ValueError(f"{name}={n} is longer than the model's context of {ctx} positions. Fix: use {name} <= {ctx}")
+
+
+def check_ids(model: Any, ids: Tensor) -> None:
+    """A ValueError when a token id is negative or past the model's vocabulary (an IndexError deep in torch else)."""
+    vocab = getattr(getattr(model, "spec", None), "vocab_size", None)
+    if ids.numel() and (int(ids.min()) < 0 or isinstance(vocab, int) and int(ids.max()) >= vocab):
+        raise ValueError(f"token ids span {int(ids.min())}..{int(ids.max())}, outside the model's vocabulary "
+                         f"0..{vocab - 1 if isinstance(vocab, int) else '?'}. Fix: use the tokenizer that came with "
+                         "the model (layerfold.load returns both)")
 
 
 def _device(model: Any) -> torch.device:
@@ -61,10 +92,19 @@ def perplexity(model: LogitsFn, tokens: Tensor, seq_len: int = 512, batch_size: 
 
     Returns {"ppl", "nll" (nats per predicted token), "tokens" (predicted), "windows", "seq_len"}.
     """
-    if seq_len < 2 or batch_size < 1:
-        raise ValueError(f"seq_len={seq_len}, batch_size={batch_size}. Fix: use seq_len >= 2 and batch_size >= 1")
+    check_model(model)
+    whole("seq_len", seq_len, 2)
+    whole("batch_size", batch_size, 1)
+    if max_tokens is not None:
+        whole("max_tokens", max_tokens, 1)
+    if not isinstance(tokens, Tensor) or tokens.dtype not in ID_DTYPES:
+        what = f"a {tokens.dtype} tensor" if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise TypeError(f"tokens must be token ids, not {what}. Fix: pass an integer tensor, e.g. torch.tensor(ids) or "
+                        "layerfold.core.data.token_stream(tokenizer)")
+    check_context(model, seq_len, "seq_len")
     tokens = tokens.reshape(-1)
     n = tokens.numel() if max_tokens is None else min(tokens.numel(), max_tokens)
+    check_ids(model, tokens[:n])
     n_win = n // seq_len
     if n_win == 0:
         raise ValueError(f"{n} tokens are fewer than one window of seq_len={seq_len}. Fix: lower the sequence length"
@@ -236,12 +276,15 @@ def mc_accuracy(model: LogitsFn, tokenizer: Any, items: Sequence[MCItem], batch_
     An ``layerfold.Model`` reads each context once (``grouped_loglikelihoods``); any other callable gets every
     context + choice as its own right-padded row (``loglikelihoods``). Both give the same numbers.
     """
+    check_model(model)
+    whole("batch_size", batch_size, 1)
     if not items:
         raise ValueError("no multiple-choice items to score. Fix: ask for at least one item")
     groups = []
     for it in items:
         pairs = [encode_pair(tokenizer, it.context, it.delimiter + c) for c in it.choices]
         groups.append((pairs[0][0], [cont for _, cont in pairs]))  # the context tokens do not depend on the choice
+    check_ids(model, torch.tensor([t for ctx, conts in groups for t in ctx + [x for c in conts for x in c]]))
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     if isinstance(model, Model):
         lls_per = grouped_loglikelihoods(model, groups, batch_size=batch_size, pad_id=pad, progress=progress)
@@ -264,16 +307,51 @@ def mc_accuracy(model: LogitsFn, tokenizer: Any, items: Sequence[MCItem], batch_
 
 
 def check_eval_data(tokenizer: Any, data: str | Path = PYDOC, tasks: Sequence[str] = TASKS, seq_len: int = 512,
-                    mc_items: int = DEFAULT_MC_ITEMS, split: str = "val") -> None:
+                    mc_items: int = DEFAULT_MC_ITEMS, split: str = "val", max_tokens: int | None = None) -> None:
     """Raise the ValueError ``evaluate`` would raise for too little or unusable data, without a model (it
     tokenizes only): commands check their evaluation data before long work, not after it."""
+    if "ppl" in tasks and max_tokens is not None and max_tokens < seq_len:
+        raise ValueError(f"max_tokens={max_tokens} is fewer than one perplexity window of seq_len={seq_len}. Fix: "
+                         "allow more tokens (--max-tokens, 0 = all) or shorten the window (--seq-len)")
     if "ppl" in tasks:
         n = token_stream(tokenizer, data, split).numel()
         if n < seq_len:
             raise NotEnoughData(f"{data} ({split!r} split) has {n} tokens, fewer than one perplexity window of "
-                             f"{seq_len}. Fix: give more text")
+                             f"{seq_len}. Fix: give more text, or shorten the window (--seq-len)")
     if "mc" in tasks:
         mc_task(tokenizer, data, split, n=mc_items)
+
+
+def check_eval_args(model: Any, tokenizer: Any, data: Any = PYDOC, tasks: Any = TASKS, seq_len: Any = 512,
+                    max_tokens: Any = DEFAULT_MAX_TOKENS, mc_items: Any = DEFAULT_MC_ITEMS, batch_size: Any = 8,
+                    split: str = "val", progress: bool = False) -> tuple[str, ...]:
+    """``evaluate``'s arguments (the same, with its defaults) checked before any work: a TypeError or ValueError
+    naming the argument and the fix. Returns the tasks as a tuple (a string "ppl,mc" is split at its commas)."""
+    check_model(model)
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a tokenizer, not {type(tokenizer).__name__}. Fix: pass the tokenizer "
+                        "that layerfold.load returns with the model")
+    if not isinstance(data, (str, Path)):
+        raise TypeError(f"data must be a str or Path, not {type(data).__name__}. Fix: pass 'pydoc' or the path of a "
+                        ".txt or .jsonl file")
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    if not isinstance(tasks, (list, tuple)):
+        raise TypeError(f"tasks must be a list of task names, not {type(tasks).__name__}. Fix: e.g. tasks=('ppl', "
+                        "'mc')")
+    tasks = tuple(t.strip() if isinstance(t, str) else t for t in tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {unknown or list(tasks)}. Fix: choose from {', '.join(TASKS)}")
+    whole("batch_size", batch_size, 1)
+    if "ppl" in tasks:
+        whole("seq_len", seq_len, 2)
+        check_context(model, seq_len, "seq_len")
+        if max_tokens is not None:
+            whole("max_tokens", max_tokens, 1)
+    if "mc" in tasks:
+        whole("mc_items", mc_items, 1)
+    return tasks
 
 
 def evaluate(model: LogitsFn, tokenizer: Any, data: str | Path = PYDOC, tasks: Sequence[str] = TASKS,
@@ -286,9 +364,7 @@ def evaluate(model: LogitsFn, tokenizer: Any, data: str | Path = PYDOC, tasks: S
     (only the tasks asked for). ``max_tokens=None`` reads the whole split. A multiple-choice .jsonl file
     serves the mc task only.
     """
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise ValueError(f"unknown task(s) {unknown or list(tasks)}. Fix: choose from {', '.join(TASKS)}")
+    tasks = check_eval_args(model, tokenizer, data, tasks, seq_len, max_tokens, mc_items, batch_size)
     if "ppl" in tasks and str(data) != PYDOC and Path(data).is_file() and is_mc_file(Path(data)):
         raise ValueError(f"{data} holds multiple-choice items, not text, so it has no perplexity. Fix: evaluate it "
                          "with the mc task only (--task mc)")
@@ -309,6 +385,6 @@ def evaluate(model: LogitsFn, tokenizer: Any, data: str | Path = PYDOC, tasks: S
     return out
 
 
-__all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_MC_ITEMS", "TASKS", "check_eval_data", "encode_pair", "evaluate",
-           "grouped_loglikelihoods", "grouped_scores", "loglikelihoods", "mc_accuracy", "perplexity",
-           "scored_loglikelihoods"]
+__all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_MC_ITEMS", "TASKS", "check_context", "check_eval_args", "check_eval_data",
+           "check_ids", "check_model", "encode_pair", "evaluate", "grouped_loglikelihoods", "grouped_scores",
+           "loglikelihoods", "mc_accuracy", "perplexity", "scored_loglikelihoods", "whole"]

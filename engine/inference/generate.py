@@ -22,8 +22,8 @@ from layerfold.core.model import Model
 from layerfold.inference.runtime import Runtime
 from layerfold.inference.sampling import Completion, TextStream, eos_ids, sample_next
 
-__all__ = ["GenerationResult", "StreamEvent", "check_sampling", "encode_prompt", "generate", "get_runtime",
-           "stream_generate"]
+__all__ = ["GenerationResult", "StreamEvent", "check_length", "check_sampling", "check_text", "encode_prompt",
+           "generate", "get_runtime", "stop_list", "stream_generate"]
 
 
 @dataclass
@@ -33,6 +33,7 @@ class GenerationResult:
     token_ids: list[int]  # generated tokens (EOS excluded)
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_new_tokens or the cache)
+    context_full: bool = False  # the model's context (the cache row) ended it before max_new_tokens
 
 
 @dataclass
@@ -95,7 +96,8 @@ class _Seq:
     gen: torch.Generator | None
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+                   stop: Sequence[str] | str | None = None) -> None:
     """Generation settings checked before any work: a ValueError naming the setting and the fix."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1. Fix: ask for at least one token")
@@ -104,31 +106,74 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: 
                          "<= 1. Fix: use temperature 0 for greedy decoding and top_p 1 for no nucleus cut")
     if seed is not None and not -(2 ** 63) <= seed < 2 ** 64:
         raise ValueError(f"seed={seed} is out of range. Fix: use a seed in [-2**63, 2**64 - 1]")
+    for i, s in enumerate(stop_list(stop)):
+        if not isinstance(s, str):
+            raise ValueError(f"stop string {i} is {s!r}, not text. Fix: pass the stop strings as a list of strings")
+        if not s:
+            raise ValueError(f"stop string {i} is empty (''): it matches everywhere, so it cannot say "
+                             "where a completion ends. Fix: give the text that should end it (e.g. --stop '\\n\\n'), "
+                             "or leave it out")
+        check_text(s, f"stop string {i}")
+
+
+def check_length(context: int, max_new_tokens: int) -> None:
+    """Refuse ``max_new_tokens`` that no prompt leaves room for in a context of ``context`` positions (prompt and
+    completion share it; a prompt takes at least one)."""
+    if max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens={max_new_tokens} cannot fit: the model's context holds {context} positions "
+                         f"for the prompt and the completion together. Fix: ask for fewer new tokens (--max-new-tokens "
+                         f"{context - 1} at most; the prompt's tokens count too)")
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not Unicode (an unpaired surrogate: bytes that were not UTF-8, escaped by Python)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not UTF-8 text ({text[e.start]!a} at character {e.start}: bytes that are not "
+                         "UTF-8). Fix: pass UTF-8 text (convert it, e.g. iconv -t UTF-8)") from None
+
+
+def stop_list(stop: Sequence[str] | str | None) -> list[str]:
+    """Stop strings as a list: one string is one stop string (not one per character)."""
+    return [stop] if isinstance(stop, str) else list(stop or ())
 
 
 def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, max_new_tokens: int = 128,
                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                     stop: Sequence[str] | None = None, chat: bool = True,
-                    runtime: Runtime | None = None) -> Iterator[StreamEvent]:
+                    runtime: Runtime | None = None, stream_to: str | torch.device | None = None
+                    ) -> Iterator[StreamEvent]:
     """Generate for every prompt at once, yielding a StreamEvent whenever text becomes final and one
-    final event (``finished=True``, with the GenerationResult) per prompt."""
+    final event (``finished=True``, with the GenerationResult) per prompt. ``stream_to``: compute on this
+    device while the model's weights stay where they are (host memory): a ``StreamedRuntime``, one pass
+    of the weights over the bus per step for all prompts (``--weights host``)."""
     plist = [prompts] if isinstance(prompts, str) else list(prompts)
     if not plist:
         return
-    check_sampling(max_new_tokens, temperature, top_p, seed)
+    stop = stop_list(stop)
+    check_sampling(max_new_tokens, temperature, top_p, seed, stop)
+    context = min(model.spec.max_position, runtime.max_len) if runtime else model.spec.max_position
+    check_length(context, max_new_tokens)
+    for i, p in enumerate(plist):
+        for text in [p] if isinstance(p, str) else [m.get("content") for m in p if isinstance(m, dict)]:
+            if isinstance(text, str):
+                check_text(text, f"prompt {i}")
     ids = [encode_prompt(tokenizer, p, chat) for p in plist]
-    empty = [i for i, x in enumerate(ids) if not len(x)]
-    if empty:
-        raise ValueError(f"prompt {empty[0]} is empty: it has no tokens to continue. Fix: give a non-empty prompt (or "
-                         "use the chat template, which adds the turn's own tokens)")
+    _check_ids(model, tokenizer, ids, context, chat)
     longest = max(len(x) for x in ids)
+    if runtime is None and stream_to is not None:
+        from layerfold.inference.streamed_decode import StreamedRuntime
+
+        runtime = StreamedRuntime(model, stream_to, max_batch=len(plist),
+                                  max_len=min(longest + max_new_tokens, model.spec.max_position))
     rt = runtime or get_runtime(model, len(plist), min(longest + max_new_tokens, model.spec.max_position))
     if len(plist) > rt.max_batch:
         raise ValueError(f"{len(plist)} prompts for a Runtime of {rt.max_batch} rows. Fix: build it with "
                          f"max_batch={len(plist)} or pass fewer prompts")
     rt.reset()
     eos = eos_ids(model, tokenizer)
-    seqs = [_Seq(i, p, len(x), Completion(TextStream(tokenizer, stop or ()), eos, max_new_tokens),
+    seqs = [_Seq(i, p, len(x), Completion(TextStream(tokenizer, stop), eos, max_new_tokens),
                  torch.Generator().manual_seed(seed) if seed is not None else None)
             for i, (p, x) in enumerate(zip(plist, ids, strict=True))]
     temps, tops = [temperature] * len(seqs), [top_p] * len(seqs)
@@ -143,29 +188,55 @@ def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, m
             if delta:
                 yield StreamEvent(s.index, delta)
             if c.done:
-                res = GenerationResult(s.prompt, c.text, list(c.tokens), s.n_prompt, c.finish_reason or "length")
+                res = GenerationResult(s.prompt, c.text, list(c.tokens), s.n_prompt, c.finish_reason or "length",
+                                       c.finish_reason == "length" and len(c.tokens) < max_new_tokens)
                 yield StreamEvent(s.index, "", finished=True, result=res)
         if all(s.completion.done for s in seqs):
             return
         logits = rt.decode(nxt, active=[not s.completion.done for s in seqs])
 
 
+def _check_ids(model: Model, tokenizer: Any, ids: list[list[int]], context: int, chat: bool) -> None:
+    """Prompts the model can read and continue: not empty, no longer than its context, every token id (and the
+    tokenizer's EOS) inside its vocabulary (a tokenizer of another model gives ids its embedding lacks)."""
+    vocab = model.spec.vocab_size
+    for i, x in enumerate(ids):
+        if not x:
+            raise ValueError(f"prompt {i} is empty: it has no tokens to continue. Fix: give a non-empty prompt (or "
+                             "use the chat template, which adds the turn's own tokens)")
+        if len(x) >= context:
+            raise ValueError(f"prompt {i} has {len(x)} tokens{' (with the chat template)' if chat else ''}; the "
+                             f"model's context holds {context} positions, which leaves none to generate into. Fix: "
+                             f"shorten the prompt to at most {context - 1} tokens")
+        bad = next((t for t in x if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i} holds token id {bad}, outside the model's vocabulary of {vocab} tokens. "
+                             "Fix: tokenize with this model's own tokenizer (copy its tokenizer files into the model "
+                             "folder)")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int) and not 0 <= eos < vocab:
+        raise ValueError(f"the tokenizer's end-of-sequence token {eos} is outside the model's vocabulary of {vocab} "
+                         "tokens, so no completion could end at it. Fix: use this model's own tokenizer (copy its "
+                         "tokenizer files into the model folder)")
+
+
 def generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop: Sequence[str] | None = None, chat: bool = True,
              stream: Callable[[int, str], None] | None = None,
-             runtime: Runtime | None = None) -> list[GenerationResult]:
+             runtime: Runtime | None = None, stream_to: str | torch.device | None = None) -> list[GenerationResult]:
     """Generate a completion for each prompt (one batch); returns results in prompt order.
 
     stream: called as ``stream(index, text_delta)`` whenever new text of prompt ``index`` is final.
     chat: wrap each prompt as a user turn in the tokenizer's chat template (with the generation prompt).
     stop: strings that end a completion (not included in its text); EOS tokens of the model and the
-    tokenizer always do. runtime: reuse a Runtime (default: one cached per model).
+    tokenizer always do. runtime: reuse a Runtime (default: one cached per model). stream_to: a device to
+    compute on while the weights stay in host memory (see :func:`stream_generate`).
     """
     n = 1 if isinstance(prompts, str) else len(prompts)
     results: list[GenerationResult | None] = [None] * n
     for ev in stream_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, seed=seed, stop=stop, chat=chat, runtime=runtime):
+                              top_p=top_p, seed=seed, stop=stop, chat=chat, runtime=runtime, stream_to=stream_to):
         if ev.delta and stream is not None:
             stream(ev.index, ev.delta)
         if ev.finished:

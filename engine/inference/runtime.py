@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from layerfold.core.model import Model
+from layerfold.core.model import Model, require_model
 from layerfold.inference.decode_net import BACKENDS, DecodeNet, can_pack, decode_weight_bytes
 from layerfold.inference.native import NativeDecode, native_unavailable
 
@@ -61,6 +61,7 @@ class Runtime:
                  kernels: str | None = None, cuda_graphs: bool | None = None, compile: bool = False,
                  pack_weights: bool | None = None, autotune: bool = True, static_batches: Sequence[int] = (),
                  native: bool | None = None):
+        require_model(model)
         spec = model.spec
         self.spec = spec
         self.device = torch.device(device) if device is not None else model.device

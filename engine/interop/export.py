@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from layerfold.core.paths import check_output
 from layerfold.interop.common import export_dtype, read_source
 from layerfold.interop.formats import FORMATS
 
@@ -17,6 +18,7 @@ def export(src: str | Path, out: str | Path, *, format: str = "hf", dtype: str |
     Returns what the format's exporter reports, plus "verify" when asked."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}. Fix: use one of {', '.join(FORMATS)}")
+    check_output(out, sources=[src], overwrite=overwrite)  # before a GGUF source's slow conversion, not after
     s = read_source(src)
     if format == "hf":
         from layerfold.interop.hf import export_hf as fn

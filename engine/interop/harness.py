@@ -14,7 +14,8 @@ Width-pruned models, SliceGPT shortcut matrices and LLM-Streamline replacement b
 ``weights=host`` (``auto`` on a GPU the model does not fit): the model stays in host memory and the
 log-likelihood requests stream it to the device a layer at a time (``evaluation.streamed.StreamedLM``:
 each request its own right-padded row, one pass over the weights per 2 GiB of hidden states); generation
-tasks are refused with the fix.
+requests decode on ``inference.streamed_decode.StreamedRuntime`` (one pass over the weights per step for
+a whole chunk of ``batch_size`` requests, so a larger batch_size is faster there).
 
 Tokenisation follows the ``hf`` model's defaults (``add_bos_token`` None: the tokenizer's own), so on an HF
 export the two models give the same numbers (tests/interop/test_harness.py).
@@ -40,6 +41,19 @@ from layerfold.inference.generate import generate
 MODEL_NAME = "layerfold"
 
 
+def _whole(v: Any, name: str, low: int) -> int:
+    """A whole-number model argument (an int, or its text from ``--model_args``), at least ``low``."""
+    try:
+        n = int(v) if isinstance(v, str) else v
+        ok = isinstance(n, int) and not isinstance(n, bool) and n >= low
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}={v!r} is not a whole number >= {low}. Fix: pass {name} as a whole number >= {low} "
+                         "(or leave it out for the default)")
+    return n
+
+
 def _flag(v: Any) -> bool | None:
     if v is None or isinstance(v, bool):
         return v
@@ -57,6 +71,9 @@ class LayerfoldLM(TemplateLM):
                  weights: str = "auto", **_: Any):
         super().__init__()
         device = device or "cpu"
+        batch = 8 if str(batch_size).startswith("auto") else _whole(batch_size, "batch_size", 1)  # before loading
+        length = None if max_length is None else _whole(max_length, "max_length", 2)
+        max_gen_toks = _whole(max_gen_toks, "max_gen_toks", 1)
         place = "device"
         if model is None:
             from layerfold.evaluation.streamed import weight_bytes, weights_place
@@ -70,10 +87,14 @@ class LayerfoldLM(TemplateLM):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.weights = place  # "host": scored streamed to the device a layer at a time (evaluation.streamed)
         self.streamed = StreamedLM(model, device) if place == "host" else None
-        self.batch_size_per_gpu = 8 if str(batch_size).startswith("auto") else int(batch_size)
-        self._max_length = int(max_length or model.spec.max_position)
+        self.batch_size_per_gpu = batch
+        if length is not None and length > model.spec.max_position:  # positions it was never trained at
+            raise ValueError(f"max_length={length} is more than the model's context of {model.spec.max_position} "
+                             f"positions. Fix: pass max_length {model.spec.max_position} or less (--max-length), or "
+                             "leave it out for the model's own")
+        self._max_length = length or model.spec.max_position
         self.add_bos_token = _flag(add_bos_token)
-        self.max_gen_toks = int(max_gen_toks)
+        self.max_gen_toks = max_gen_toks
         self.seed = seed
 
     # ---- tokens ------------------------------------------------------------------------------------
@@ -152,10 +173,6 @@ class LayerfoldLM(TemplateLM):
 
     # ---- generation --------------------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        if self.streamed is not None:
-            raise ValueError("generation tasks decode token by token, which needs the model on the device; its "
-                             "weights are in host memory here (weights=host). Fix: run them on a GPU that holds the "
-                             "model (weights=device), or choose log-likelihood tasks")
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         by_settings: dict[str, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
@@ -163,7 +180,7 @@ class LayerfoldLM(TemplateLM):
         out = [""] * len(requests)
         for key, idx in by_settings.items():
             kw = normalize_gen_kwargs(json.loads(key), self.max_gen_toks)
-            until = handle_stop_sequences(kw.pop("until", None), eos=eos)
+            until = [u for u in handle_stop_sequences(kw.pop("until", None), eos=eos) if u]  # "" stops nothing
             n_new = int(kw.pop("max_gen_toks"))
             if n_new >= self.max_length:
                 raise ValueError(f"max_gen_toks={n_new} leaves no room for a context in {self.max_length} tokens. "
@@ -176,7 +193,7 @@ class LayerfoldLM(TemplateLM):
                 chunk = order[s:s + self.batch_size_per_gpu]
                 res = generate(self.model, self.tokenizer, [prompts[i] for i in chunk], max_new_tokens=n_new,
                                temperature=temp, top_p=float(kw.get("top_p", 1.0)), seed=self.seed, stop=until,
-                               chat=False)
+                               chat=False, stream_to=self.streamed.device if self.streamed is not None else None)
                 for i, r in zip(chunk, res, strict=True):
                     out[i] = r.text
                     self.cache_hook.add_partial("generate_until", requests[i].args, r.text)

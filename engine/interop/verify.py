@@ -13,6 +13,7 @@ above ``tol`` (relative to the largest reference logit) verification fails loudl
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor
 
 from layerfold.core.model import build_model
-from layerfold.interop.common import Source
+from layerfold.core.paths import json_text
+from layerfold.interop.common import PROVENANCE_FILE, Source
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Pruned models are")
 TOL = 1e-4
@@ -83,18 +85,36 @@ def verify_export(fmt: str, out: str | Path, s: Source, dt: torch.dtype, tol: fl
     out = Path(out)
     ids = prompt_ids(s)
     want = _reference(s, dt, ids)
-    got, how = _exported(fmt, out, s, ids)
+    keep = (f"The export is left at {out} for inspection, marked as failed in its {PROVENANCE_FILE}. Fix: report this "
+            "with the model's config.json (a format mismatch), and do not ship this export")
+    try:
+        got, how = _exported(fmt, out, s, ids)
+    except Exception as e:  # transformers or the format's reader cannot read what was written: that fails too
+        raise _record(out, f"export verification failed: the export could not be read back ({type(e).__name__}: "
+                           f"{str(e)[:300]}). {keep}") from None
     diff = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
     scale = max(float(b.abs().max()) for b in want)
     rel = diff / max(scale, 1e-30)
     res = {"max_abs_diff": diff, "max_rel_diff": rel, "tol": tol, "prompts": len(ids),
            "tokens": sum(int(x.numel()) for x in ids), "reader": how}
     if not rel <= tol:
-        raise ValueError(f"export verification failed: {how} gives logits up to {diff:.3g} away from layerfold's "
-                         f"({rel:.3g} of the largest logit {scale:.3g}; tolerance {tol:g}). The export is left at "
-                         f"{out} for inspection. Fix: report this with the model's config.json (a format "
-                         "mismatch), and do not ship this export")
+        raise _record(out, f"export verification failed: {how} gives logits up to {diff:.3g} away from layerfold's "
+                           f"({rel:.3g} of the largest logit {scale:.3g}; tolerance {tol:g}). {keep}")
+    _record(out, "", res)
     return res
+
+
+def _record(out: Path, error: str, res: dict[str, Any] | None = None) -> ValueError:
+    """Write the outcome into the export's provenance file (a failed export must not pass for a verified one);
+    returns the error to raise when there is one."""
+    f = out / PROVENANCE_FILE
+    try:
+        prov = json.loads(f.read_text())
+        prov["verify"] = {"passed": True, **res} if res is not None else {"passed": False, "error": error}
+        f.write_text(json_text(prov))
+    except (OSError, ValueError, TypeError):
+        pass  # the error itself still says it all
+    return ValueError(error)
 
 
 __all__ = ["PROMPTS", "TOL", "verify_export"]

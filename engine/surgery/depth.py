@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from layerfold.core.model import Block, Model, build_model
+from layerfold.core.model import Block, Model, build_model, require_model
 from layerfold.core.spec import LayerSpec, ModelSpec
 from layerfold.surgery.plan import MERGE_HOW, DepthPlan, Merge, Replace
 
@@ -122,6 +122,10 @@ def layer_spec_from_state(local: dict[str, Tensor], head_dim: int, kind: str) ->
 # ---- apply ----------------------------------------------------------------------------------------
 def apply_depth_plan(model: Model, plan: DepthPlan) -> Model:
     """Build the pruned model the plan describes: new compact weights, spec derived from them and checked."""
+    require_model(model)
+    if not isinstance(plan, DepthPlan):
+        raise TypeError(f"plan must be a DepthPlan, not {type(plan).__name__}. Fix: DepthPlan.load(path) or a "
+                        "method's plan (layerfold.get_method(name))")
     spec = model.spec
     plan.validate(spec.n_layers)
     layers: list[dict[str, Tensor]] = []

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layerfold.core.model import MLP, Attention, Model, RMSNorm, build_model
+from layerfold.core.model import MLP, Attention, Model, RMSNorm, build_model, require_model
 from layerfold.core.spec import ModelSpec
 from layerfold.core.streaming import LayerStream
 from layerfold.surgery.slice_plan import (
@@ -111,6 +111,12 @@ def slice_model(model: Model, calib: Tensor, plan: SlicePlan, *, device: str | t
     sliced model (the input's dtype, on its device) and a report (energy kept per point, times, params)."""
     from layerfold.core.console import progress as bar
 
+    require_model(model)
+    if not isinstance(plan, SlicePlan):
+        raise TypeError(f"plan must be a SlicePlan, not {type(plan).__name__}. Fix: build one with plan_widths()")
+    if not isinstance(calib, Tensor) or calib.is_floating_point() or calib.dim() != 2:
+        raise TypeError("calib must be token ids, an integer tensor (n, T). Fix: pass "
+                        "layerfold.core.data.calib_batches(tokenizer) or the like")
     spec = model.spec
     L, dims, w = spec.n_layers, point_dims(spec), plan.widths
     if len(w) != 2 * L + 1 or any(not 0 < wi <= di for wi, di in zip(w, dims, strict=False)):

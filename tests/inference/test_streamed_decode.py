@@ -66,6 +66,26 @@ def test_generate_through_it_equals_the_default_runtime() -> None:
     assert [r.token_ids for r in a] == [r.token_ids for r in b]  # the same seeded draws
 
 
+def test_cli_generate_with_host_weights(tmp_path, capsys) -> None:
+    """`layerfold generate --weights host`: the same completions as with the weights on the device, reported."""
+    import json
+
+    from layerfold import save_checkpoint
+    from layerfold.cli.main import main
+
+    tok = load_tokenizer(resolve("smollm2-135m", quiet=True))
+    model = tiny_model(smollm2_vocab_spec(max_position=512))
+    ckpt = save_checkpoint(tmp_path / "m", model.spec, model.state_dict(), tokenizer=tok)
+    runs = {}
+    for w in ("device", "host"):
+        assert main(["generate", str(ckpt), "Hi", "What is 2+2?", "--max-new-tokens", "6", "--json",
+                     "--weights", w]) == 0
+        runs[w] = json.loads(capsys.readouterr().out)
+    assert runs["host"]["weights"]["place"] == "host" and runs["device"]["weights"]["place"] == "device"
+    assert [r["text"] for r in runs["host"]["results"]] == [r["text"] for r in runs["device"]["results"]]
+    assert all(r["completion_tokens"] == 6 or r["finish_reason"] == "stop" for r in runs["host"]["results"])
+
+
 def test_refusals_name_the_fix() -> None:
     spec = RUNTIME_SPECS["hetero"]
     model = tiny_model(spec)

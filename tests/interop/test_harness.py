@@ -126,9 +126,10 @@ def test_cli_runs_a_local_task_on_a_streamline_model(setup, tmp_path, capsys) ->
                  str(setup["tasks"])]) == 2
 
 
-def test_host_weights_score_the_same_and_refuse_generation(setup, monkeypatch) -> None:
+def test_host_weights_score_and_generate_the_same(setup, monkeypatch) -> None:
     """weights=host: the model stays in host memory and log-likelihoods stream it (evaluation.streamed), in
-    several passes when the hidden states exceed the budget; generation is refused with the fix."""
+    several passes when the hidden states exceed the budget; generation decodes on the StreamedRuntime with
+    the same greedy completions."""
     from lm_eval.api.instance import Instance
 
     from layerfold.evaluation import streamed
@@ -146,5 +147,8 @@ def test_host_weights_score_the_same_and_refuse_generation(setup, monkeypatch) -
     assert lm.loglikelihood_rolling(roll) == pytest.approx(LayerfoldLM(pretrained=str(ckpt)).loglikelihood_rolling(
         roll), rel=1e-5)
     assert lm.streamed.passes == 2  # twelve one-row batches of ~45 tokens: the budget holds about eight
-    with pytest.raises(ValueError, match="generation tasks decode token by token.*Fix: run them on a GPU"):
-        lm.generate_until([Instance("generate_until", {}, ("x = 1 +", {"until": ["\n"], "max_gen_toks": 4}), 0)])
+    gk = {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}
+    gen = [Instance("generate_until", {}, (t, dict(gk)), i) for i, t in enumerate(["Once upon a time", "x = 1 +"])]
+    lm.batch_size_per_gpu = 2  # both prompts in one streamed batch (left-padded there)
+    texts = lm.generate_until(gen)
+    assert texts == LayerfoldLM(pretrained=str(ckpt)).generate_until(gen) and any(texts)
