@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -28,4 +30,30 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-__all__ = ["check_device"]
+def memory_total(device: torch.device) -> int:
+    """Bytes of memory on ``device`` (the GPU's, or the host's physical memory); 0 where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def kv_cache_bytes(spec, batch: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes of a static KV cache of ``batch`` rows x ``max_len`` slots (K and V of every attention layer, each
+    sized by its own KV heads): what the Runtime, the StreamedRuntime and bench allocate."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return batch * max_len * sum(2 * l.n_kv_heads * l.head_dim for l in spec.layers if l.has_attn) * size
+
+
+def check_kv_fits(spec, batch: int, max_len: int, dtype: torch.dtype, device: torch.device, fix: str) -> None:
+    """A ValueError naming ``fix`` when that cache alone is larger than the device's memory (it could only end in
+    an out-of-memory crash after the model is loaded)."""
+    kv, total = kv_cache_bytes(spec, batch, max_len, dtype), memory_total(device)
+    if total and kv > total:
+        raise ValueError(f"{batch} rows x {max_len} tokens need a {kv / 2**30:.1f} GiB KV cache, more than the "
+                         f"{total / 2**30:.1f} GiB of memory of {device}. Fix: {fix}")
+
+
+__all__ = ["check_device", "check_kv_fits", "kv_cache_bytes", "memory_total"]

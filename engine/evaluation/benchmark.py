@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from layerfold.core.devices import check_device
+from layerfold.core.devices import check_device, check_kv_fits
 from layerfold.core.dtypes import check_dtype
 from layerfold.core.model import Model
 from layerfold.core.spec import ModelSpec
@@ -201,27 +201,15 @@ def _check_fits(label: str, spec: ModelSpec, dtype: torch.dtype, bmax: int, max_
     if max_len > spec.max_position:
         raise ValueError(f"{label}: prompt_len + new_tokens = {max_len} exceeds its {spec.max_position} positions. "
                          f"Fix: lower --prompt-len / --new-tokens to sum to at most {spec.max_position}")
-    kv = bmax * max_len * sum(2 * ls.kv_dim for ls in spec.layers) * dtype.itemsize  # the largest batch's cache
-    total = _memory_total(device)
-    if total and kv > total:
-        raise ValueError(f"{label}: batch {bmax} x {max_len} tokens needs a {kv / 2**30:.1f} GiB KV cache, more than "
-                         f"the {total / 2**30:.1f} GiB of memory here. Fix: lower --batch-sizes (or --prompt-len / "
-                         "--new-tokens)")
+    try:  # the largest batch's cache
+        check_kv_fits(spec, bmax, max_len, dtype, device, "lower --batch-sizes (or --prompt-len / --new-tokens)")
+    except ValueError as e:
+        raise ValueError(f"{label}: {e}") from None
 
 
 def _prompts(m: Model, bmax: int, prompt_len: int, max_len: int, label: str, gen: torch.Generator) -> list[list[int]]:
     _check_fits(label, m.spec, m.dtype, bmax, max_len, m.device)
     return torch.randint(3, m.spec.vocab_size, (bmax, prompt_len), generator=gen).tolist()
-
-
-def _memory_total(device: torch.device) -> int:
-    """Bytes of memory on ``device`` (the GPU's, or the host's physical memory); 0 where unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1]
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def _timed(u: dict[str, Any], new_tokens: int, device: torch.device) -> dict[str, float]:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from layerfold.core.devices import check_kv_fits
 from layerfold.core.model import Model, require_model
 from layerfold.inference.decode_net import BACKENDS, DecodeNet, can_pack, decode_weight_bytes
 from layerfold.inference.native import NativeDecode, native_unavailable
@@ -66,11 +67,16 @@ class Runtime:
         self.spec = spec
         self.device = torch.device(device) if device is not None else model.device
         self.dtype = dtype or model.dtype
-        self.max_batch = int(max_batch)
-        self.max_len = int(max_len or min(spec.max_position, 2048))
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (max_batch, max_len or 2)):
+            raise TypeError(f"max_batch={max_batch!r}, max_len={max_len!r}: whole numbers of rows and slots. Fix: pass "
+                            "ints")
+        self.max_batch = max_batch
+        self.max_len = max_len or min(spec.max_position, 2048)
         if self.max_batch < 1 or self.max_len < 2:
             raise ValueError(f"max_batch={max_batch}, max_len={max_len}: the cache needs at least one row of two "
                              "slots. Fix: pass max_batch >= 1 and max_len >= 2")
+        check_kv_fits(spec, self.max_batch, self.max_len, self.dtype, self.device,
+                      "generate for fewer prompts at a time, or ask for fewer tokens (a shorter prompt + new tokens)")
         self.backend = kernels or ("triton" if self.device.type == "cuda" else "torch")
         if self.backend not in BACKENDS:
             raise ValueError(f"kernels={kernels!r} is unknown. Fix: use one of {sorted(BACKENDS)}")

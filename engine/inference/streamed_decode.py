@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from layerfold.core.devices import check_kv_fits, kv_cache_bytes
 from layerfold.core.model import KVCache, Model, attention_mask
 from layerfold.core.streaming import LayerStream
 
@@ -38,8 +39,7 @@ KV_SHARE = 0.5
 
 def kv_bytes_per_row(spec, max_len: int, dtype: torch.dtype) -> int:
     """Bytes of one row's KV cache of ``max_len`` slots (every attention layer's K and V)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * l.n_kv_heads * l.head_dim * max_len * size for l in spec.layers if l.has_attn)
+    return kv_cache_bytes(spec, 1, max_len, dtype)
 
 
 def rows_that_fit(spec, max_len: int, device: str | torch.device, dtype: torch.dtype) -> int | None:
@@ -67,6 +67,8 @@ class StreamedRuntime:
             raise ValueError(f"max_len={self.max_len} is past the model's {spec.max_position} positions. Fix: "
                              f"ask for at most {spec.max_position} prompt + new tokens")
         self.src = LayerStream(model, device, dtype or model.dtype)
+        check_kv_fits(spec, self.max_batch, self.max_len, self.src.dtype, self.src.device,
+                      "generate for fewer prompts at a time, or ask for fewer new tokens")
         self.device, self.dtype = self.src.device, self.src.dtype
         fit = rows_that_fit(spec, self.max_len, self.device, self.dtype)
         if fit is not None and fit < self.max_batch:

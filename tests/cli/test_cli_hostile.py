@@ -247,7 +247,7 @@ def test_empty_prompt_names_the_fix(ckpt: Path, capsys: pytest.CaptureFixture) -
 
 @pytest.mark.parametrize("args,match", [
     (("--threads", "100000"), "--threads 100000: this machine has \\d+ CPUs"),
-    (("--batch-sizes", str(10**8)), "batch 100000000 x 6 tokens needs a .* GiB KV cache, more than the"),
+    (("--batch-sizes", str(10**8)), "100000000 rows x 6 tokens need a .* GiB KV cache, more than the"),
 ])
 def test_bench_sizes_the_machine_cannot_hold(ckpt: Path, capsys: pytest.CaptureFixture, args: tuple[str, ...],
                                              match: str) -> None:

@@ -138,3 +138,16 @@ def test_cuda_steps_match_the_host_forward(name: str) -> None:
         if step < 6:
             logits = rt.decode([s[len(p) + step] for p, s in zip(prompts, seqs, strict=True)]).cpu()
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_before_allocating() -> None:
+    """Both runtimes (and so generate() with that many prompts) refuse a cache the machine cannot hold, naming
+    its size and the fix, instead of dying out of memory; the Runtime refuses fractional sizes."""
+    model = tiny_model(RUNTIME_SPECS["hetero"])
+    rows = 10 ** 7  # 10M rows x 256 slots of this model's fp32 cache: about 1.8 TiB
+    with pytest.raises(ValueError, match=r"10000000 rows x 256 tokens need a .* GiB KV cache.*Fix: generate for fewer"):
+        Runtime(model, max_batch=rows, max_len=256)
+    with pytest.raises(ValueError, match=r"10000000 rows x 256 tokens need a .* GiB KV cache.*Fix: generate for fewer"):
+        StreamedRuntime(model, "cpu", max_batch=rows, max_len=256)
+    with pytest.raises(TypeError, match="whole numbers of rows and slots"):
+        Runtime(model, max_batch=2.5)
