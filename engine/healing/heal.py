@@ -58,8 +58,8 @@ from pathlib import Path
 from typing import Any
 
 from layerfold.core.checkpoint import save_checkpoint
-from layerfold.core.model import Model
-from layerfold.core.paths import check_output
+from layerfold.core.model import Model, require_model
+from layerfold.core.paths import check_output, check_source
 from layerfold.core.streaming import LayerStream
 from layerfold.healing.common import STAGES, STATE_DIR, HealConfig, HealData, HealReport, chunks
 from layerfold.healing.loop import HealRun
@@ -80,6 +80,7 @@ def heal_pruned(student: Model, teacher_source: str | Path | Model, layer_map: S
     (None: no resumable state). resume: continue from out_dir/heal_state when it exists. train_all: True or
     False sets ``config.global_params`` to "all" or "changed" (None: the config's, "auto" by default).
     """
+    stages = _check_args(student, teacher_source, layer_map, changed_layers, stages, data)
     cfg = (config or HealConfig()).check()
     if train_all is not None:
         cfg = replace(cfg, global_params="all" if train_all else "changed")
@@ -116,6 +117,27 @@ def heal_pruned(student: Model, teacher_source: str | Path | Model, layer_map: S
     run = HealRun(student, teacher, [list(g) for g in layer_map], list(changed_layers), train.to(dev), val.to(dev),
                   cfg, list(stages), budget_minutes, tokens, state_dir, progress)
     return _with_sigint(run)
+
+
+def _check_args(student: Any, teacher_source: Any, layer_map: Any, changed_layers: Any, stages: Any,
+                data: Any) -> list[str]:
+    """heal_pruned's arguments by type, before anything is read: a TypeError / ValueError naming the fix. Returns
+    the stages as a list ("layer,global" as one string is accepted)."""
+    require_model(student, "student")
+    if not isinstance(teacher_source, Model):
+        check_source(teacher_source)
+    ints = lambda xs: isinstance(xs, Sequence) and not isinstance(xs, str) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in xs)
+    if not (isinstance(layer_map, Sequence) and all(ints(g) for g in layer_map)):
+        raise TypeError("layer_map must list, per student layer, the teacher layers (ints) it stands for. Fix: pass "
+                        "the pruned checkpoint's provenance['layer_map']")
+    if not ints(changed_layers) or any(not 0 <= i < student.spec.n_layers for i in changed_layers):
+        raise ValueError(f"changed_layers={changed_layers!r} must list student layers 0..{student.spec.n_layers - 1}. "
+                         "Fix: pass the pruned checkpoint's provenance['changed_layers']")
+    if not isinstance(data, (str, HealData)):
+        raise TypeError(f"data must be a text source (str: 'pydoc' or a file path) or HealData, not "
+                        f"{type(data).__name__}. Fix: pass data='pydoc' or HealData(train_ids, val_ids)")
+    return [x.strip() for x in stages.split(",")] if isinstance(stages, str) else list(stages)
 
 
 def check_budget(budget_minutes: float | None, tokens: int | None) -> None:

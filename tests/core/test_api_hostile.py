@@ -215,3 +215,35 @@ def test_prune_eval_options_before_calibrating(model: layerfold.Model, tok: Any,
     _raises(exc, match, lambda: layerfold.prune(src, "shortgpt", "1", tmp_path / "o", samples=2, seq_len=16,
                                                 eval_options=opts, progress=False))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("kw", "err", "match"), [
+    ({"window": 2.5}, TypeError, "window=2.5 must be a whole number"),
+    ({"micro_batch": "4"}, TypeError, "micro_batch='4' must be a whole number"),
+    ({"skip_in": "grams"}, TypeError, "is one string"),
+    ({"device": "tpu"}, ValueError, "'tpu' is not a device"),
+    ({"dtype": torch.int8}, ValueError, "not one layerfold computes in"),
+])
+def test_calibrate_arguments(model: layerfold.Model, kw: dict[str, Any], err: type, match: str,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from layerfold.calibration import calibrate as cal
+
+    monkeypatch.setattr(cal, "LayerStream", lambda *a, **k: pytest.fail("streamed the model before the check"))
+    with pytest.raises(err, match=match):
+        cal.calibrate(model, torch.zeros(2, 8, dtype=torch.long), **kw)
+
+
+@pytest.mark.parametrize(("args", "kw", "err", "match"), [
+    (("not a model", "x", [[0]], []), {}, TypeError, "student must be a layerfold Model"),
+    ((None, None, [[0], [1]], [0]), {}, TypeError, "a model source must be a path"),
+    ((None, "x", [[0], ["a"]], [0]), {}, TypeError, "layer_map must list"),
+    ((None, "x", [[0], [1]], [5]), {}, ValueError, r"changed_layers=\[5\] must list student layers 0..1"),
+    ((None, "x", [[0], [1]], [0]), {"data": [1, 2]}, TypeError, "data must be a text source"),
+])
+def test_heal_pruned_arguments(model: layerfold.Model, args: tuple, kw: dict[str, Any], err: type, match: str,
+                               nothing_read: None) -> None:
+    from layerfold.healing.heal import heal_pruned
+
+    args = tuple(model if a is None and i == 0 else a for i, a in enumerate(args))
+    with pytest.raises(err, match=match):
+        heal_pruned(*args, tokens=10, progress=False, **kw)
