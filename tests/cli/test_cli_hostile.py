@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-import layerfold
 from layerfold.core.checkpoint import save_checkpoint
 from tests.cli.test_cli_errors import cli, fails
 from tests.support.models import SMOLLM2_VOCAB, smollm2_vocab_spec, tiny_model, tiny_spec
@@ -25,24 +24,6 @@ def _calibrate(capsys: pytest.CaptureFixture, model: Path, out: Path) -> Path:
                      "--no-progress", "--json")
     assert rc == 0, err
     return out
-
-
-@pytest.fixture
-def no_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every way a command loads a model (or reads all its weights) fails the test: errors must come first."""
-    import layerfold.core.checkpoint as C
-    import layerfold.core.loading as L
-    import layerfold.pipeline as P
-    from layerfold.cli.main import build_parser
-
-    build_parser()  # the CLI modules bind their imports now, not to the patched functions below
-    assert layerfold.load is L.load  # resolved (and cached) by the lazy package before L.load is patched
-
-    def boom(*a: Any, **k: Any) -> Any:
-        pytest.fail("loaded the model before checking the input")
-
-    for mod, name in ((P, "load"), (L, "load"), (layerfold, "load"), (C, "check_finite")):
-        monkeypatch.setattr(mod, name, boom)
 
 
 PRUNE = ("--method", "shortgpt", "--target", "1", "--no-eval", "--samples", "2", "--seq-len", "16")

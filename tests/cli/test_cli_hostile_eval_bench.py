@@ -18,18 +18,6 @@ from tests.support.models import tiny_model, tiny_spec
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def no_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reading every weight or building the model fails the test: the errors must come before either."""
-    import layerfold.core.loading as L
-
-    def boom(*a: Any, **k: Any) -> Any:
-        pytest.fail("loaded the model before checking the input")
-
-    monkeypatch.setattr(L, "check_finite", boom)
-    monkeypatch.setattr(L, "build_model", boom)
-
-
 @pytest.fixture(scope="module")
 def other_tok(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> Path:
     """A 61-token model saved with the SmolLM2 tokenizer (49,152 tokens): the tokenizer files of another model."""

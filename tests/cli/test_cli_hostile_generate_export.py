@@ -14,7 +14,6 @@ import pytest
 
 from layerfold.core.checkpoint import save_checkpoint
 from tests.cli.test_cli_errors import cli, fails
-from tests.cli.test_cli_hostile import no_load  # noqa: F401  (a fixture)
 from tests.support.models import SMOLLM2_VOCAB, smollm2_vocab_spec, tiny_hf, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
