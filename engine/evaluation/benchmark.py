@@ -163,6 +163,10 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
     if static_batches and not compile:
         raise ValueError("static batch graphs belong to the compiled runtime. Fix: drop --static-batches or "
                          "compile (--compile)")
+    outside = [b for b in static_batches if not 2 <= b <= max(batch_sizes)]
+    if outside:  # a graph no measured batch would use: refused rather than dropped without a word
+        raise ValueError(f"--static-batches {outside}: a static graph serves batch sizes 2..{max(batch_sizes)} (the "
+                         "largest of --batch-sizes). Fix: drop those sizes, or add them to --batch-sizes")
     sources = _sources(models, device, dtype, random_llama7b, pruned_shapes)
     if not sources:
         raise ValueError("nothing to benchmark. Fix: name at least one model (or --random-llama7b)")

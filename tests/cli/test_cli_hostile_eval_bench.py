@@ -85,6 +85,8 @@ def test_bench_every_model_checked_before_the_first_is_built(ckpt: Path, tmp_pat
     (("--prompt-len", "0"), "argument --prompt-len: 0 must be >= 1"),
     (("--repeats", "0"), "argument --repeats: 0 must be >= 1"),
     (("--repeats", "two"), "argument --repeats: 'two' is not a whole number"),
+    (("--compile", "--batch-sizes", "1,4", "--static-batches", "4,8"),  # was silently dropped
+     r"--static-batches \[8\]: a static graph serves batch sizes 2..4.*Fix: drop those sizes"),
 ])
 def test_bench_counts_name_the_flag(ckpt: Path, capsys: pytest.CaptureFixture, no_load: None,
                                     args: tuple[str, ...], match: str) -> None:
