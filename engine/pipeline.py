@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
+from layerfold.core.args import whole
 from layerfold.core.checkpoint import save_checkpoint
 from layerfold.core.extras import package_versions
 from layerfold.core.loading import load, resolve
 from layerfold.core.model import Model
 from layerfold.core.paths import check_output
-from layerfold.evaluation.evaluate import check_eval_args, whole
+from layerfold.evaluation.evaluate import check_eval_args
 from layerfold.evaluation.streamed import evaluation_model
 from layerfold.methods import PruneContext, PruneResult, Target, get_method
 from layerfold.surgery.plan import DepthPlan

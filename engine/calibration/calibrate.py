@@ -42,6 +42,7 @@ from torch import Tensor
 from layerfold import kernels as K
 from layerfold.calibration.buffers import allocate, place
 from layerfold.calibration.stats import Stats
+from layerfold.core.args import whole
 from layerfold.core.console import progress as progress_bar
 from layerfold.core.devices import check_device
 from layerfold.core.dtypes import check_dtype
@@ -77,11 +78,7 @@ def _check_args(batches: Tensor, mask: Tensor | None, window: int, cka_tokens: i
 def check_options(n_layers: int, window: int, cka_tokens: int, micro_batch: int, offload: str, skip_positions: int,
                   skip_in: Sequence[str], offload_dir: str | Path | None = None, seq_len: int | None = None) -> None:
     """The options of :func:`calibrate` that need no data, checked before any work (the CLI calls it first)."""
-    _check_types(window, cka_tokens, micro_batch, skip_positions, skip_in)
-    for name, v, lo in (("window", window, 0), ("cka_tokens", cka_tokens, K.cka.MIN_TOKENS),
-                        ("micro_batch", micro_batch, 1), ("skip_positions", skip_positions, 0)):
-        if v < lo:
-            raise ValueError(f"{name}={v} must be >= {lo}. Fix: pass a larger {name}")
+    _check_numbers(window, cka_tokens, micro_batch, skip_positions, skip_in)
     most = max(n_layers, 8)  # cos(h_i, h_i+k) exists for k <= L; 8 is every method's default
     if window > most:
         raise ValueError(f"window={window}: more than the model's {n_layers} layers (and than 8, every method's "
@@ -100,11 +97,10 @@ def check_options(n_layers: int, window: int, cka_tokens: int, micro_batch: int,
                          "pass a smaller --skip-positions or a longer --seq-len")
 
 
-def _check_types(window: Any, cka_tokens: Any, micro_batch: Any, skip_positions: Any, skip_in: Any) -> None:
-    for name, v in (("window", window), ("cka_tokens", cka_tokens), ("micro_batch", micro_batch),
-                    ("skip_positions", skip_positions)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name}={v!r} must be a whole number. Fix: pass an int")
+def _check_numbers(window: Any, cka_tokens: Any, micro_batch: Any, skip_positions: Any, skip_in: Any) -> None:
+    for name, v, lo in (("window", window, 0), ("cka_tokens", cka_tokens, K.cka.MIN_TOKENS),
+                        ("micro_batch", micro_batch, 1), ("skip_positions", skip_positions, 0)):
+        whole(name, v, lo)
     if isinstance(skip_in, str):
         raise TypeError(f"skip_in={skip_in!r} is one string. Fix: pass a list of statistics, e.g. ['grams']")
 
@@ -336,7 +332,7 @@ def calibrate(source: str | Path | Model, batches: Tensor, *, mask: Tensor | Non
     memory, then disk; ``offload="disk"`` sends whatever is not on the device to disk.
     """
     t_start = time.perf_counter()
-    _check_types(window, cka_tokens, micro_batch, skip_positions, skip_in)  # before reading anything
+    _check_numbers(window, cka_tokens, micro_batch, skip_positions, skip_in)  # before reading anything
     dev = check_device(device)
     dtype = None if dtype is None else check_dtype(dtype)
     src = LayerStream(source, dev, dtype)

@@ -86,7 +86,7 @@ def _sources(models: Sequence[str | Path | Model], device: torch.device, dtype: 
 def _check_args(models: Any, engines: Any, batch_sizes: Any, new_tokens: Any, prompt_len: Any, repeats: Any,
                 static_batches: Any) -> None:
     """``bench_models``' arguments checked before any model is read: TypeError / ValueError naming the argument."""
-    from layerfold.evaluation.evaluate import whole
+    from layerfold.core.args import whole
 
     if isinstance(models, (str, Path, Model)) or not isinstance(models, Sequence):
         raise TypeError(f"models must be a list of models, not {type(models).__name__}. Fix: pass a list, e.g. "

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from layerfold.core.args import whole
 from layerfold.core.console import progress as _progress
 from layerfold.core.data import PYDOC, MCItem, NotEnoughData, is_mc_file, mc_task, token_stream
 from layerfold.core.model import KVCache, Model
@@ -42,14 +43,6 @@ ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # 
 # error about 0.045). Raise them for tighter error bars.
 DEFAULT_MAX_TOKENS = 8192
 DEFAULT_MC_ITEMS = 100
-
-
-def whole(name: str, v: Any, low: int) -> None:
-    """A TypeError unless ``v`` is an int (not a bool or a float), a ValueError unless it is >= ``low``."""
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}={v!r} must be a whole number, not {type(v).__name__}. Fix: pass an int >= {low}")
-    if v < low:
-        raise ValueError(f"{name}={v} must be >= {low}. Fix: pass a whole number >= {low}")
 
 
 def check_model(model: Any) -> None:
