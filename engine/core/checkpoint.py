@@ -18,56 +18,16 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from layerfold.core.model import expected_shapes
 from layerfold.core.paths import OutputError, atomic_dir, check_output, json_text
 from layerfold.core.spec import ModelSpec
+from layerfold.core.state import CheckpointError, check_state, check_state_dict
 
 FORMAT = "layerfold"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 REPORT = "report.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not match its spec."""
-
-
-def check_state_dict(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], *,
-                     strict: bool = True, where: str = "checkpoint") -> None:
-    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise CheckpointError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} missing in all). "
-                              "Fix: the weights do not match config.json; re-run the conversion or surgery")
-    if strict:
-        extra = [k for k in state if k not in expected]
-        if extra:
-            raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all). "
-                                  "Fix: the weights belong to a different model than config.json describes")
-    for k, shape in expected.items():
-        got = tuple(state[k].shape)
-        if got != tuple(shape):
-            raise CheckpointError(f"{where}: tensor {k!r} has shape {got}, the spec says {tuple(shape)}. "
-                                  "Fix: config.json and model.safetensors come from different models")
-        dt = getattr(state[k], "dtype", None)
-        if dt is not None and not dt.is_floating_point:
-            raise CheckpointError(f"{where}: tensor {k!r} is stored as {str(dt).removeprefix('torch.')}; model "
-                                  "weights are floating point. Fix: re-create the checkpoint (convert or prune "
-                                  "again); a quantised or hand-edited file is not a layerfold checkpoint")
-
-
-def check_state(state: Any, what: str = "state") -> None:
-    """A TypeError unless ``state`` is None or a mapping of tensor names to tensors (a state dict)."""
-    if state is None:
-        return
-    if not isinstance(state, Mapping):
-        got = f"a {type(state).__name__}"
-    else:
-        bad = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)), None)
-        got = None if bad is None else f"{bad[0]!r}: a {type(bad[1]).__name__}"
-    if got is not None:
-        raise TypeError(f"{what} must map tensor names to tensors (a state dict), got {got}. Fix: pass "
-                        "model.state_dict() or the dict layerfold.load_spec_state returns")
 
 
 def check_finite(state: Mapping[str, Tensor], where: str, *, allow: bool = False) -> list[str]:
@@ -213,9 +173,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[dict[str, An
 def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor], *, tokenizer: Any = None,
                     provenance: dict[str, Any] | None = None, report: dict[str, Any] | None = None,
                     sources: list[str | Path] = (), overwrite: bool = False,
-                    extra_files: Mapping[str, str] | None = None) -> Path:
+                    extra_files: Mapping[str, str] | None = None, check: bool = True) -> Path:
     """Write a checkpoint atomically. ``sources`` are paths the model came from: never written over. The arguments'
-    types are checked before anything is written."""
+    types, and (``check``) every tensor's name and shape against ``spec``, are checked before anything is written:
+    a state that does not fit its spec would only fail when the checkpoint is loaded."""
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a directory path (str or Path), not {type(out).__name__}. Fix: pass where to "
                         "write the checkpoint, e.g. 'out/model'")
@@ -224,6 +185,12 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
     check_state(state)
     if state is None:
         raise TypeError("state is None. Fix: pass the weights, model.state_dict()")
+    if check:
+        try:
+            check_state_dict(expected_shapes(spec), state, where="save_checkpoint: state")
+        except CheckpointError as e:
+            raise CheckpointError(f"{str(e).split(' Fix:')[0]} Fix: save the state of a model of this spec "
+                                  "(model.state_dict() with model.spec); check=False writes it anyway") from None
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise TypeError(f"tokenizer must be a transformers tokenizer, not {type(tokenizer).__name__}. Fix: pass the "
                         "tokenizer layerfold.load returns, or None")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from layerfold.core.spec import LayerSpec, ModelSpec
+from layerfold.core.state import check_state, check_state_dict
 
 
 class RMSNorm(nn.Module):
@@ -320,7 +321,6 @@ def require_model(model: Any, what: str = "model") -> None:
 def build_model(spec: ModelSpec, state: dict[str, Tensor] | None = None, *, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None, strict: bool = True) -> Model:
     """Allocate a Model on the meta device and fill it from ``state`` (shape-checked), or init randomly."""
-    from layerfold.core.checkpoint import check_state, check_state_dict
 
     check_state(state)
     if state is None:

@@ -85,20 +85,22 @@ def test_bf16_round_trip(tmp_path):
 
 
 def test_missing_unexpected_misshaped(saved, tmp_path):
+    """save_checkpoint refuses a state that does not fit its spec before writing anything; written anyway
+    (check=False, as a hand-edited file would be), the loader names the tensor."""
     m, out = saved
-    sd = dict(m.state_dict())
-    sd.pop("layers.1.attn_shortcut.weight")
-    bad = save_checkpoint(tmp_path / "missing", m.spec, sd)
-    with pytest.raises(CheckpointError, match="layers.1.attn_shortcut.weight"):
-        layerfold.load(bad, tokenizer=False)
-    sd = dict(m.state_dict(), **{"layers.0.extra.weight": torch.zeros(2)})
-    bad = save_checkpoint(tmp_path / "extra", m.spec, sd)
-    with pytest.raises(CheckpointError, match="layers.0.extra.weight"):
-        layerfold.load(bad, tokenizer=False)
-    sd = dict(m.state_dict(), **{"layers.3.attn.q.weight": torch.zeros(3, 3)})
-    bad = save_checkpoint(tmp_path / "shape", m.spec, sd)
-    with pytest.raises(CheckpointError, match=r"layers.3.attn.q.weight.*shape"):
-        layerfold.load(bad, tokenizer=False)
+    missing = dict(m.state_dict())
+    missing.pop("layers.1.attn_shortcut.weight")
+    cases = (("missing", missing, "layers.1.attn_shortcut.weight"),
+             ("extra", dict(m.state_dict(), **{"layers.0.extra.weight": torch.zeros(2)}), "layers.0.extra.weight"),
+             ("shape", dict(m.state_dict(), **{"layers.3.attn.q.weight": torch.zeros(3, 3)}),
+              r"layers.3.attn.q.weight.*shape"))
+    for name, sd, match in cases:
+        with pytest.raises(CheckpointError, match=f"save_checkpoint: state: .*{match}.*Fix: save the state of a"):
+            save_checkpoint(tmp_path / name, m.spec, sd)
+        assert not (tmp_path / name).exists() and not list(tmp_path.glob(f".{name}*"))
+        bad = save_checkpoint(tmp_path / name, m.spec, sd, check=False)
+        with pytest.raises(CheckpointError, match=match):
+            layerfold.load(bad, tokenizer=False)
 
 
 def test_truncated_and_corrupt_files(saved):
