@@ -7,6 +7,7 @@ Qwen3 (q/k norm). Everything else gets a clear error listing these.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from numbers import Real
 from typing import Any
 
@@ -82,8 +83,13 @@ def _number(v: Any, key: str, where: str, whole: bool = False) -> Any:
     return int(x) if whole else float(x)
 
 
+# DeciLM / Nemotron-NAS (``export --format decilm``, what vLLM serves): Llama blocks with per-layer KV heads and FFN
+# widths, or either part absent, in ``block_configs``; read back as a Llama-family spec of those layers.
+DECI_TYPE = "nemotron-nas"
+
+
 def check_supported(model_type: str | None, where: str) -> None:
-    if model_type not in SUPPORTED:
+    if model_type not in SUPPORTED and model_type != DECI_TYPE:
         raise ValueError(
             f"{where}: architecture {model_type!r} is not supported. layerfold supports "
             f"{', '.join(sorted(SUPPORTED))} ({', '.join(SUPPORTED.values())}). "
@@ -110,6 +116,8 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     mt = _get(cfg, "model_type")
     check_supported(mt, where)
     check_not_quantized(cfg, where)
+    if mt == DECI_TYPE:
+        return _deci_spec(cfg, where)
     missing = [k for k in REQUIRED_KEYS if not isinstance(_get(cfg, k), int) or isinstance(_get(cfg, k), bool)
                or _get(cfg, k) < 1]
     if missing:
@@ -163,6 +171,45 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
         bos_token_id=_get(cfg, "bos_token_id"),
         eos_token_ids=eos_ids,
     ).validate()
+
+
+def ffn_mult_width(ffn_mult: float, hidden: int) -> int:
+    """The FFN width vLLM (and NVIDIA's DeciLM code) derive from ``ffn_mult``."""
+    n = int(2 * ffn_mult * hidden / 3)
+    return n if n % 256 == 0 else n + 256 - n % 256
+
+
+def _deci_spec(cfg: Any, where: str) -> ModelSpec:
+    """The spec of a DeciLM config: its global settings read as a Llama config's, then one layer per block_configs
+    entry (no-op attention: an MLP block; no-op FFN: an attention-only layer)."""
+    blocks = _get(cfg, "block_configs")
+    if not isinstance(blocks, list) or len(blocks) != _get(cfg, "num_hidden_layers"):
+        raise ValueError(f"{where}: block_configs must list one block per layer (num_hidden_layers). Fix: restore the "
+                         "export's own config.json")
+    base = spec_from_hf_config({**(cfg if isinstance(cfg, dict) else cfg.to_dict()), "model_type": "llama",
+                                "attention_bias": False, "mlp_bias": False}, where)
+    d, first = base.d_model, base.layers[0]
+    layers = []
+    for i, b in enumerate(blocks):
+        a, f = (b.get(k) if isinstance(b, dict) else None for k in ("attention", "ffn"))
+        if not isinstance(a, dict) or not isinstance(f, dict) or a.get("replace_with_linear") or \
+                f.get("replace_with_linear") or not isinstance(a.get("no_op"), bool) or \
+                not isinstance(f.get("no_op"), bool):
+            raise ValueError(f"{where}: block {i} is {b!r}; layerfold reads blocks whose attention and ffn are each "
+                             "present or no_op (replace_with_linear is not supported). Fix: load a model layerfold "
+                             "exported, or open an issue for this model")
+        group = 1 if a["no_op"] else _number(a.get("n_heads_in_group"), "n_heads_in_group", where, whole=True)
+        width = 0 if f["no_op"] else (ffn_mult_width(_number(f["ffn_mult"], "ffn_mult", where), d)
+                                      if f.get("ffn_mult") is not None else
+                                      _number(f.get("intermediate_size"), "intermediate_size", where, whole=True))
+        if first.n_heads % group:
+            raise ValueError(f"{where}: block {i}: n_heads_in_group={group} does not divide the "
+                             f"{first.n_heads} heads. Fix: restore the export's own config.json")
+        layers.append(LayerSpec(d, d, d, n_heads=0 if a["no_op"] else first.n_heads,
+                                n_kv_heads=0 if a["no_op"] else first.n_heads // group,
+                                head_dim=0 if a["no_op"] else first.head_dim, d_ffn=width, has_attn=not a["no_op"],
+                                has_mlp=not f["no_op"], kind="mlp" if a["no_op"] else "decoder"))
+    return replace(base, layers=tuple(layers), qkv_bias=_get(cfg, "qkv_bias", False) is True).validate()
 
 
 def state_from_hf(hf_state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tensor]:

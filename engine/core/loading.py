@@ -199,8 +199,8 @@ def _check_sizes(cfg: dict[str, Any], where: Path, weight_bytes: int) -> None:
     before building a spec of, say, 10**9 layers."""
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
     v = [cfg.get(k) for k in keys]
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
-        return  # spec_from_hf_config names the missing or mistyped one
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v) or "block_configs" in cfg:
+        return  # spec_from_hf_config names the missing or mistyped one; DeciLM layers have their own widths
     vocab, d, ffn, n = v
     need = vocab * d + n * (3 * d * ffn + 2 * d)  # embeddings, each layer's MLP and norms (a lower bound)
     if need > weight_bytes:

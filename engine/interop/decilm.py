@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layerfold.core.arch import hf_name_to_layerfold, rope_scaling, state_to_hf
+from layerfold.core.arch import ffn_mult_width, hf_name_to_layerfold, rope_scaling, spec_from_hf_config, state_to_hf
 from layerfold.core.checkpoint import open_weights, save_tokenizer
 from layerfold.core.dtypes import dtype_name
 from layerfold.core.paths import atomic_dir, check_output
-from layerfold.core.spec import LayerSpec, ModelSpec
+from layerfold.core.spec import ModelSpec
 from layerfold.interop.common import Source, cast, eos_value, export_dtype, read_source, write_provenance
 from layerfold.interop.decilm_config import AUTO_MAP, CONFIG_FILE, SOURCE
 from layerfold.interop.formats import check_format
@@ -38,12 +38,6 @@ from layerfold.interop.hf import write_generation_config
 
 MODEL_TYPE = "nemotron-nas"
 ARCHITECTURE = "DeciLMForCausalLM"
-
-
-def ffn_mult_width(ffn_mult: float, hidden: int) -> int:
-    """The FFN width vLLM (and NVIDIA's DeciLM code) derive from ``ffn_mult``."""
-    n = int(2 * ffn_mult * hidden / 3)
-    return n if n % 256 == 0 else n + 256 - n % 256
 
 
 def exact_ffn_mult(width: int, hidden: int) -> float | None:
@@ -123,29 +117,7 @@ def read_decilm(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor]]:
     """The layerfold (spec, state) of a decilm export, read from its config.json and safetensors
     (``export --verify`` runs it against the source; tests check the format against an independent reading)."""
     p = Path(path)
-    cfg = json.loads((p / "config.json").read_text())
-    d, heads, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_dim"]
-    layers = []
-    for b in cfg["block_configs"]:
-        a, f = b["attention"], b["ffn"]
-        width = 0
-        if not f["no_op"]:
-            width = ffn_mult_width(f["ffn_mult"], d) if f.get("ffn_mult") is not None else f["intermediate_size"]
-        kv = heads // a["n_heads_in_group"] if not a["no_op"] else 0
-        layers.append(LayerSpec(d, d, d, n_heads=0 if a["no_op"] else heads, n_kv_heads=kv,
-                                head_dim=0 if a["no_op"] else hd, d_ffn=width, has_attn=not a["no_op"],
-                                has_mlp=not f["no_op"], kind="mlp" if a["no_op"] else "decoder"))
-    rs = cfg.get("rope_scaling") or {}
-    eos = cfg.get("eos_token_id")
-    spec = ModelSpec(vocab_size=cfg["vocab_size"], d_model=d, layers=tuple(layers), norm_eps=cfg["rms_norm_eps"],
-                     rope_theta=cfg["rope_theta"], rope_type=rs.get("rope_type", "default"),
-                     rope_factor=rs.get("factor", 1.0), rope_low_freq_factor=rs.get("low_freq_factor", 1.0),
-                     rope_high_freq_factor=rs.get("high_freq_factor", 4.0),
-                     rope_original_max_pos=rs.get("original_max_position_embeddings", 8192),
-                     max_position=cfg["max_position_embeddings"], tie_embeddings=cfg["tie_word_embeddings"],
-                     qkv_bias=bool(cfg.get("qkv_bias")), bos_token_id=cfg.get("bos_token_id"),
-                     eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
-                     ).validate()
+    spec = spec_from_hf_config(json.loads((p / "config.json").read_text()), str(p))
     state = {}
     for name, t in open_weights(p / "model.safetensors").items():
         lf = hf_name_to_layerfold(name)

@@ -212,13 +212,15 @@ def test_verify_records_its_outcome_in_the_export(uniform: Path, tmp_path: Path,
 
 def test_verify_of_an_export_it_cannot_read_back(uniform: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A decilm config.json without head_dim made --verify die in a KeyError traceback."""
+    """A decilm config.json the reader cannot read (here: one block for a model of several) made --verify die in a
+    traceback."""
     import layerfold.interop.decilm as D
 
     real = D.decilm_config
-    monkeypatch.setattr(D, "decilm_config", lambda spec: {k: v for k, v in real(spec).items() if k != "head_dim"})
+    monkeypatch.setattr(D, "decilm_config",
+                        lambda spec: {**real(spec), "block_configs": real(spec)["block_configs"][:1]})
     fails(capsys, "export", uniform, "--format", "decilm", "--out", tmp_path / "d", "--verify",
-          match="could not be read back \\(KeyError: 'head_dim'\\).*marked as failed")
+          match="could not be read back \\(ValueError: .*block_configs must list.*marked as failed")
     prov = json.loads((tmp_path / "d" / "layerfold_provenance.json").read_text())
     assert prov["verify"]["passed"] is False
 

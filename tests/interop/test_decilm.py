@@ -93,3 +93,39 @@ def test_what_block_configs_cannot_say_is_refused_with_the_formats_that_can(tmp_
     assert "cannot be exported as decilm" in msg and "Fix:" in msg
     assert ("layerfold serve" in msg) if what != "first-layer-mlp" else ("--format gguf" in msg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_decilm_export_loads_back_in_layerfold(tmp_path, case: str) -> None:
+    """`layerfold.load` (and so inspect, eval, generate, bench, prune, export) reads a DeciLM directory: the same
+    layers and the same logits as the checkpoint it was exported from."""
+    import layerfold
+
+    m = tiny_model(CASES[case](), std=0.1, norm_gains=True)
+    ckpt = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict())
+    export_decilm(ckpt, tmp_path / "vllm")
+    back, _ = layerfold.load(tmp_path / "vllm", tokenizer=False)
+    assert [(l.has_attn, l.has_mlp, l.n_kv_heads, l.d_ffn) for l in back.spec.layers] == \
+        [(l.has_attn, l.has_mlp, l.n_kv_heads if l.has_attn else 0, l.d_ffn if l.has_mlp else 0)
+         for l in m.spec.layers]
+    ids = torch.randint(0, 61, (2, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), m(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_decilm_blocks_layerfold_cannot_read_are_refused(tmp_path) -> None:
+    import layerfold
+    from layerfold.core.state import CheckpointError
+
+    m = tiny_model(streamline_spec(), std=0.1)
+    export_decilm(save_checkpoint(tmp_path / "ck", m.spec, m.state_dict()), tmp_path / "vllm")
+    cfg_file = tmp_path / "vllm" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["block_configs"][0]["attention"]["replace_with_linear"] = True  # Nemotron-51B's linear attention blocks
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="block 0 .*replace_with_linear is not supported.*Fix"):
+        layerfold.load(tmp_path / "vllm", tokenizer=False)
+    cfg["block_configs"] = cfg["block_configs"][:2]
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="block_configs must list one block per layer"):
+        layerfold.load(tmp_path / "vllm", tokenizer=False)
