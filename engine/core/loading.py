@@ -249,7 +249,7 @@ def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # never runs code from a folder
     except (ValueError, TypeError, AttributeError, KeyError, OSError, RecursionError) as e:
         raise CheckpointError(f"{p}: its tokenizer files could not be read ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}). Fix: copy the tokenizer files "

@@ -129,3 +129,24 @@ def test_decilm_blocks_layerfold_cannot_read_are_refused(tmp_path) -> None:
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="block_configs must list one block per layer"):
         layerfold.load(tmp_path / "vllm", tokenizer=False)
+
+
+def test_a_decilm_export_loads_with_its_tokenizer_without_running_its_code(tmp_path, capfd) -> None:
+    """The export's config.json points transformers at the configuration_decilm.py it carries (auto_map); loading the
+    tokenizer asked on stdin whether to run that code. layerfold never runs a folder's code: it reads tokenizer.json."""
+    from dataclasses import replace
+
+    import layerfold
+    from layerfold.core.loading import load_tokenizer, resolve
+    from tests.support.models import smollm2_vocab_spec
+
+    tok = load_tokenizer(resolve("smollm2-135m", quiet=True))
+    spec = smollm2_vocab_spec(n_layers=1)
+    m = tiny_model(replace(spec, layers=spec.layers + (spec.layers[0],)), std=0.1)
+    export_decilm(save_checkpoint(tmp_path / "ck", m.spec, m.state_dict(), tokenizer=tok), tmp_path / "vllm")
+    assert "auto_map" in json.loads((tmp_path / "vllm" / "config.json").read_text())
+    capfd.readouterr()
+    back, tok2 = layerfold.load(tmp_path / "vllm")
+    out, err = capfd.readouterr()
+    assert "custom code" not in out + err  # transformers asked "Do you wish to run the custom code? [y/N]"
+    assert tok2("Hello world")["input_ids"] == tok("Hello world")["input_ids"] and back.spec.n_layers == 2
