@@ -125,25 +125,49 @@ def unit_rows(x: Tensor, dtype: torch.dtype | None = None, *, out: Tensor | None
 
     One read of x and one write: what the torch chain (to fp32, norm, divide, cast) takes five passes for.
     """
-    if out is not None:
-        if tuple(out.shape) != tuple(x.shape) or out.device != x.device:
-            raise ValueError(f"unit_rows: out {tuple(out.shape)} on {out.device} does not match x "
-                             f"{tuple(x.shape)} on {x.device}. Fix: pass a tensor of x's shape on its device")
-        dtype = out.dtype
-    dtype = dtype or x.dtype
+    _check_unit_rows(x, dtype, out, eps)
+    dtype = out.dtype if out is not None else dtype or x.dtype
     if not use_triton(x):
-        y = unit_rows_ref(x, dtype)
+        y = unit_rows_ref(x, dtype, eps)
         return y if out is None else out.copy_(y)
     check_kernel_dtype(x, "x")
     y = torch.empty(x.shape, device=x.device, dtype=dtype) if out is None else out
-    x2, y2 = _rows(unit_stride(x), "x"), _rows(y, "out")
-    if x2.shape[0] == 0:
+    if y.numel() == 0:  # no rows, or rows of no channels: nothing to launch
         return y
+    x2, y2 = _rows(unit_stride(x), "x"), _rows(y, "out")
+    if x2.shape[0] > 1 and y2.stride(0) < y2.shape[1]:
+        raise ValueError(f"out: rows of shape {tuple(y.shape)} with strides {y.stride()} overlap (an expanded or "
+                         "broadcast tensor), so every row would be written over the others. Fix: pass a tensor that "
+                         "owns its elements (torch.empty_like(x), or .clone() it)")
     block = triton.next_power_of_2(x2.shape[1])
     warps = 1 if interpreting() else (4 if block <= 2048 else 8)  # kernels/rmsnorm.py's rule for a row
     launchable(_unit_rows_kernel)[(x2.shape[0],)](x2, y2, x2.shape[1], x2.stride(0), y2.stride(0), float(eps),
                                                   BLOCK_D=block, num_warps=warps)
     return y
+
+
+def _check_unit_rows(x: Tensor, dtype: torch.dtype | None, out: Tensor | None, eps: float) -> None:
+    """unit_rows' arguments, checked alike on both paths: a TypeError or ValueError naming the fix."""
+    if not isinstance(x, Tensor) or not (out is None or isinstance(out, Tensor)):
+        raise TypeError(f"unit_rows: x and out must be tensors, not {type(x).__name__} and {type(out).__name__}. Fix: "
+                        "pass torch tensors (out=None for a new one)")
+    if x.dim() == 0 or not x.is_floating_point():
+        raise TypeError(f"unit_rows: x is a {x.dim()}-d {x.dtype} tensor; it takes rows of floating-point numbers (at "
+                        "least one dim: rows over the last). Fix: pass x.float() with a row dim")
+    if out is not None:
+        if tuple(out.shape) != tuple(x.shape) or out.device != x.device:
+            raise ValueError(f"unit_rows: out {tuple(out.shape)} on {out.device} does not match x "
+                             f"{tuple(x.shape)} on {x.device}. Fix: pass a tensor of x's shape on its device")
+        if dtype is not None and dtype != out.dtype:
+            raise ValueError(f"unit_rows: dtype={dtype} but out is {out.dtype}. Fix: give one of them (out's dtype "
+                             "is the result's)")
+    want = out.dtype if out is not None else dtype or x.dtype
+    if not isinstance(want, torch.dtype) or not want.is_floating_point:
+        raise TypeError(f"unit_rows: the result dtype {want!r} is not a floating-point torch dtype (unit vectors "
+                        "round to 0 in integers). Fix: use torch.float32, float16 or bfloat16")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"unit_rows: eps={eps!r} must be a finite number > 0 (a zero row would give 0/0). Fix: "
+                         "leave it at COS_EPS")
 
 
 def unit_rows_ref(x: Tensor, dtype: torch.dtype | None = None, eps: float = COS_EPS) -> Tensor:

@@ -182,10 +182,16 @@ def ffn_mult_width(ffn_mult: float, hidden: int) -> int:
 def _deci_spec(cfg: Any, where: str) -> ModelSpec:
     """The spec of a DeciLM config: its global settings read as a Llama config's, then one layer per block_configs
     entry (no-op attention: an MLP block; no-op FFN: an attention-only layer)."""
-    blocks = _get(cfg, "block_configs")
-    if not isinstance(blocks, list) or len(blocks) != _get(cfg, "num_hidden_layers"):
-        raise ValueError(f"{where}: block_configs must list one block per layer (num_hidden_layers). Fix: restore the "
-                         "export's own config.json")
+    blocks, n = _get(cfg, "block_configs"), _get(cfg, "num_hidden_layers")
+    if not isinstance(blocks, list) or len(blocks) != n:
+        got = f"{len(blocks)} blocks" if isinstance(blocks, list) else f"a JSON {type(blocks).__name__}"
+        raise ValueError(f"{where}: block_configs must list one block per layer (num_hidden_layers={n!r}), not {got}. "
+                         "Fix: restore the export's own config.json")
+    bias = {k: _get(cfg, k, False) for k in ("qkv_bias", "attention_bias", "mlp_bias")}
+    if any(not isinstance(v, bool) for v in bias.values()) or bias["attention_bias"] or bias["mlp_bias"]:
+        raise ValueError(f"{where}: {bias}: layerfold reads DeciLM blocks with q/k/v biases at most (qkv_bias), no "
+                         "o_proj or MLP biases, each flag a JSON true or false. Fix: restore the export's own "
+                         "config.json")
     base = spec_from_hf_config({**(cfg if isinstance(cfg, dict) else cfg.to_dict()), "model_type": "llama",
                                 "attention_bias": False, "mlp_bias": False}, where)
     d, first = base.d_model, base.layers[0]
@@ -198,18 +204,24 @@ def _deci_spec(cfg: Any, where: str) -> ModelSpec:
             raise ValueError(f"{where}: block {i} is {b!r}; layerfold reads blocks whose attention and ffn are each "
                              "present or no_op (replace_with_linear is not supported). Fix: load a model layerfold "
                              "exported, or open an issue for this model")
+        if a["no_op"] and f["no_op"]:
+            raise ValueError(f"{where}: block {i}: attention and ffn are both no_op (a layer that does nothing), which "
+                             "layerfold has no layer for. Fix: restore the export's own config.json")
         group = 1 if a["no_op"] else _number(a.get("n_heads_in_group"), "n_heads_in_group", where, whole=True)
-        width = 0 if f["no_op"] else (ffn_mult_width(_number(f["ffn_mult"], "ffn_mult", where), d)
-                                      if f.get("ffn_mult") is not None else
-                                      _number(f.get("intermediate_size"), "intermediate_size", where, whole=True))
-        if first.n_heads % group:
-            raise ValueError(f"{where}: block {i}: n_heads_in_group={group} does not divide the "
-                             f"{first.n_heads} heads. Fix: restore the export's own config.json")
+        key = "ffn_mult" if f.get("ffn_mult") is not None else "intermediate_size"
+        width = 0 if f["no_op"] else (ffn_mult_width(_number(f[key], key, where), d) if key == "ffn_mult" else
+                                      _number(f.get(key), key, where, whole=True))
+        if group < 1 or first.n_heads % group:
+            raise ValueError(f"{where}: block {i}: n_heads_in_group={group} is not a whole number >= 1 that divides "
+                             f"the {first.n_heads} heads. Fix: restore the export's own config.json")
+        if not f["no_op"] and width < 1:
+            raise ValueError(f"{where}: block {i}: ffn {key}={f[key]!r} gives an FFN width of {width}. Fix: a block "
+                             "without an FFN says \"no_op\": true; restore the export's own config.json")
         layers.append(LayerSpec(d, d, d, n_heads=0 if a["no_op"] else first.n_heads,
                                 n_kv_heads=0 if a["no_op"] else first.n_heads // group,
                                 head_dim=0 if a["no_op"] else first.head_dim, d_ffn=width, has_attn=not a["no_op"],
                                 has_mlp=not f["no_op"], kind="mlp" if a["no_op"] else "decoder"))
-    return replace(base, layers=tuple(layers), qkv_bias=_get(cfg, "qkv_bias", False) is True).validate()
+    return replace(base, layers=tuple(layers), qkv_bias=bias["qkv_bias"]).validate()
 
 
 def state_from_hf(hf_state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tensor]:

@@ -21,7 +21,7 @@ from torch import Tensor
 from layerfold.core.model import expected_shapes
 from layerfold.core.paths import OutputError, atomic_dir, check_output, json_text
 from layerfold.core.spec import ModelSpec
-from layerfold.core.state import CheckpointError, check_state, check_state_dict
+from layerfold.core.state import CheckpointError, check_state, check_state_dict, check_writable
 
 FORMAT = "layerfold"
 FORMAT_VERSION = 1
@@ -185,12 +185,17 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
     check_state(state)
     if state is None:
         raise TypeError("state is None. Fix: pass the weights, model.state_dict()")
+    check_writable(state, "save_checkpoint: state")
     if check:
         try:
             check_state_dict(expected_shapes(spec), state, where="save_checkpoint: state")
         except CheckpointError as e:
             raise CheckpointError(f"{str(e).split(' Fix:')[0]} Fix: save the state of a model of this spec "
                                   "(model.state_dict() with model.spec); check=False writes it anyway") from None
+    if provenance is not None and not isinstance(provenance, Mapping):
+        raise TypeError(f"provenance must be a dict (config.json's \"provenance\" object), not "
+                        f"{type(provenance).__name__}. Fix: pass a dict, or None")
+    _check_extra_files(extra_files)
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise TypeError(f"tokenizer must be a transformers tokenizer, not {type(tokenizer).__name__}. Fix: pass the "
                         "tokenizer layerfold.load returns, or None")
@@ -199,7 +204,15 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
     except OutputError as e:
         raise CheckpointError(str(e)) from None
     with atomic_dir(out) as tmp:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        tensors: dict[str, Tensor] = {}
+        spans: list[tuple[int, int]] = []
+        for k, v in state.items():  # a tensor whose bytes overlap an earlier one's (a tied head) gets its own copy;
+            t = v.detach().to("cpu").contiguous()  # views of one buffer side by side (an mmapped file) need none
+            a = t.data_ptr()
+            b = a + t.numel() * t.element_size()
+            overlaps = t.numel() > 0 and any(a < e and s < b for s, e in spans)
+            tensors[k] = t.clone() if overlaps else t
+            spans.append((a, b))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         cfg = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": _dtype_name(tensors),
                "spec": spec.to_dict(), "provenance": provenance or {}}
@@ -209,8 +222,25 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
         for name, text in (extra_files or {}).items():
+            if (tmp / name).exists():  # the tokenizer wrote it: refused, and nothing is left behind
+                raise CheckpointError(f"extra_files: {name!r} is a file the checkpoint itself holds. Fix: give the "
+                                      "extra file another name")
             (tmp / name).write_text(text)
     return out
+
+
+def _check_extra_files(extra_files: Mapping[str, str] | None) -> None:
+    """extra_files: plain file names (they land in the checkpoint folder, nowhere else) to text."""
+    if extra_files is None:
+        return
+    if not isinstance(extra_files, Mapping):
+        raise TypeError(f"extra_files must map file names to text, not {type(extra_files).__name__}. Fix: pass a dict")
+    for name, text in extra_files.items():
+        plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+        if not plain or name in (WEIGHTS, CONFIG, REPORT) or not isinstance(text, str):
+            raise ValueError(f"extra_files: {name!r} -> a {type(text).__name__}: each entry must be a plain file name "
+                             f"(no folders; not {WEIGHTS}, {CONFIG} or {REPORT}) mapped to text. Fix: pass "
+                             "{\"notes.txt\": \"...\"}")
 
 
 # tokenizer classes that only transformers >= 5 knows, and the class every supported version (>= 4.56) loads

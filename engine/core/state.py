@@ -6,7 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
+
+# the dtypes weights are held and stored in (what layerfold's safetensors reader reads as floating point)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class CheckpointError(ValueError):
@@ -31,10 +35,11 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]], state: Mapping[str
             raise CheckpointError(f"{where}: tensor {k!r} has shape {got}, the spec says {tuple(shape)}. "
                                   "Fix: config.json and model.safetensors come from different models")
         dt = getattr(state[k], "dtype", None)
-        if dt is not None and not dt.is_floating_point:
+        if dt is not None and dt not in WEIGHT_DTYPES:  # float8 is floating point, but no layerfold file holds it
             raise CheckpointError(f"{where}: tensor {k!r} is stored as {str(dt).removeprefix('torch.')}; model "
-                                  "weights are floating point. Fix: re-create the checkpoint (convert or prune "
-                                  "again); a quantised or hand-edited file is not a layerfold checkpoint")
+                                  "weights are float32, float16, bfloat16 or float64. Fix: re-create the checkpoint "
+                                  "(convert or prune again); a quantised or hand-edited file is not a layerfold "
+                                  "checkpoint")
 
 
 def check_state(state: Any, what: str = "state") -> None:
@@ -51,4 +56,14 @@ def check_state(state: Any, what: str = "state") -> None:
                         "model.state_dict() or the dict layerfold.load_spec_state returns")
 
 
-__all__ = ["CheckpointError", "check_state", "check_state_dict"]
+def check_writable(state: Mapping[str, Tensor], where: str) -> None:
+    """A CheckpointError naming the first tensor that holds no data a file could take (a meta tensor: built but
+    never loaded; a sparse or quantised layout)."""
+    for k, t in state.items():
+        if t.is_meta or t.layout != torch.strided or t.is_quantized:
+            how = "on the meta device (shapes, no data)" if t.is_meta else f"in the {t.layout} layout"
+            raise CheckpointError(f"{where}: tensor {k!r} is {how}. Fix: save the weights themselves: load or build "
+                                  "the model with its state (a dense tensor, t.to_dense())")
+
+
+__all__ = ["WEIGHT_DTYPES", "CheckpointError", "check_state", "check_state_dict", "check_writable"]

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from layerfold.core.devices import check_kv_fits, kv_cache_bytes
-from layerfold.core.model import KVCache, Model, attention_mask
+from layerfold.core.devices import check_device, check_kv_fits, kv_cache_bytes
+from layerfold.core.model import KVCache, Model, attention_mask, require_model
 from layerfold.core.streaming import LayerStream
 
 __all__ = ["StreamedRuntime", "kv_bytes_per_row", "rows_that_fit"]
@@ -57,9 +57,18 @@ class StreamedRuntime:
 
     def __init__(self, model: Model, device: str | torch.device, *, max_batch: int = 1, max_len: int | None = None,
                  dtype: torch.dtype | None = None):
+        require_model(model)
+        sizes = (max_batch, 2 if max_len is None else max_len)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+            raise TypeError(f"max_batch={max_batch!r}, max_len={max_len!r}: whole numbers of rows and slots. Fix: pass "
+                            "ints (max_len=None: the model's context, at most 2048)")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype={dtype!r} is not a floating-point torch dtype. Fix: pass torch.float32, "
+                            "torch.bfloat16 or torch.float16, or None for the model's own")
+        device = check_device(device)  # "nope", "meta", a GPU that is not there: refused before any work
         spec = self.spec = model.spec
-        self.max_batch = int(max_batch)
-        self.max_len = int(max_len or min(spec.max_position, 2048))
+        self.max_batch = max_batch
+        self.max_len = min(spec.max_position, 2048) if max_len is None else max_len
         if self.max_batch < 1 or self.max_len < 2:
             raise ValueError(f"max_batch={max_batch}, max_len={max_len}: the cache needs at least one row of two "
                              "slots. Fix: pass max_batch >= 1 and max_len >= 2")
@@ -96,22 +105,19 @@ class StreamedRuntime:
         if rows is not None and list(rows) != list(range(n)):
             raise ValueError("a StreamedRuntime fills rows 0..n-1 together. Fix: pass rows=None")
         if not 1 <= n <= self.max_batch:
-            raise ValueError(f"{n} prompts for a StreamedRuntime of {self.max_batch} rows. Fix: build it with "
-                             f"max_batch={max(n, 1)} or pass fewer prompts")
-        lens = [len(p) for p in prompts]
+            fix = "pass at least one prompt" if n == 0 else f"build it with max_batch={n} or pass fewer prompts"
+            raise ValueError(f"{n} prompts for a StreamedRuntime of {self.max_batch} rows. Fix: {fix}")
+        toks = [self._token_ids(p, f"prompt {r}", flat=True) for r, p in enumerate(prompts)]
+        lens = [len(t) for t in toks]
         if min(lens) < 1 or max(lens) >= self.max_len:
             raise ValueError(f"prompt lengths {min(lens)}..{max(lens)}: each needs 1 to {self.max_len - 1} tokens "
                              "(room for one new token). Fix: shorten the prompt or build with a larger max_len")
-        vocab = self.spec.vocab_size
-        if any(not 0 <= t < vocab for p in prompts for t in p):
-            raise ValueError(f"a prompt holds a token id outside [0, {vocab}). Fix: tokenize with the model's own "
-                             "tokenizer")
         T = max(lens)
         ids = torch.zeros((n, T), dtype=torch.long)
         valid = torch.zeros((n, T), dtype=torch.bool)
-        for r, p in enumerate(prompts):  # left padding: every row's next token goes to slot T
-            ids[r, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            valid[r, T - len(p):] = True
+        for r, t in enumerate(toks):  # left padding: every row's next token goes to slot T
+            ids[r, T - len(t):] = t
+            valid[r, T - len(t):] = True
         self._cache = KVCache.allocate(self.spec, n, self.max_len, self.device, self.dtype)
         self._valid = torch.ones((n, self.max_len), dtype=torch.bool, device=self.device)
         self._valid[:, :T] = valid.to(self.device)
@@ -126,13 +132,35 @@ class StreamedRuntime:
         if self._cache is None:
             raise ValueError("decode before prefill. Fix: call prefill(prompts) first")
         n = self._rows
-        tok = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)[:n]
-        if tok.numel() != n:
-            raise ValueError(f"{tok.numel()} tokens for {n} rows. Fix: pass one token per prefilled row")
+        tok = self._token_ids(tokens, "decode's tokens")
+        if tok.numel() != n or (active is not None and len(active) != n):
+            flags = "" if active is None else f" and {len(active)} active flags"
+            raise ValueError(f"{tok.numel()} tokens{flags} for {n} rows. Fix: pass one token per prefilled row (and "
+                             "one active flag each)")
         if self._cache.length >= self.max_len:
             raise ValueError(f"the cache's {self.max_len} slots are full. Fix: build with a larger max_len")
         self.lengths = [self._cache.length + 1] * n + [0] * (self.max_batch - n)
         return self._step(tok.to(self.device)[:, None])
+
+    def _token_ids(self, ids: Sequence[int] | Tensor, what: str, flat: bool = False) -> Tensor:
+        """``ids`` as a flat LongTensor on the host: whole numbers in [0, vocab) (an id past the embedding is a
+        device-side assert on CUDA, which ends the process's use of the GPU), or a ValueError naming ``what``;
+        ``flat``: a prompt, one list of ids (not a list of lists)."""
+        vocab = self.spec.vocab_size
+        try:
+            t = ids.detach().cpu() if isinstance(ids, Tensor) else torch.as_tensor(list(ids))
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            t = None
+        if t is None or (flat and t.dim() != 1) or (t.numel() and (t.dtype == torch.bool or t.is_floating_point()
+                                                                   or t.is_complex())):
+            raise ValueError(f"{what} is {str(ids)[:60]}, not a list of token ids (whole numbers). Fix: tokenize the "
+                             "text with the model's own tokenizer and pass the ids")
+        t = t.reshape(-1).long()
+        bad = t[(t < 0) | (t >= vocab)]
+        if bad.numel():
+            raise ValueError(f"{what} holds token id {int(bad[0])}, outside [0, {vocab}). Fix: tokenize with the "
+                             "model's own tokenizer")
+        return t
 
     def _step(self, ids: Tensor) -> Tensor:
         """ids (n, T) at cache slot ``cache.length``: every layer streamed once; logits of the last position."""
