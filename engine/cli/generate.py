@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a completion for a prompt",
                        description="Generate text with the lean runtime (static KV cache). The prompt goes through "
                        "the tokenizer's chat template as a user turn unless --no-chat. Tokens are printed as they "
-                       "come unless --json. Greedy by default; --temperature > 0 samples.")
+                       "come unless --json. Greedy by default; --temperature > 0 samples (with --top-p, --top-k, "
+                       "--min-p); the penalties apply to greedy decoding too.")
     add_common(p)
     add_weights(p)
     p.add_argument("prompt", nargs="+", help="the prompt(s); several prompts are generated as one batch")
@@ -23,6 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sampling temperature; 0 (default) is greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling: keep the smallest set of tokens with this much probability (default 1)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens only (default 0: all)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below this fraction of the most likely one's probability (default 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the positive logits (multiply the negative) of every token already in the prompt or "
+                   "the completion by this, as HF and vLLM do; 1.1-1.3 curbs the loops a pruned model can fall into "
+                   "(default 1: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI's: subtract this from the logit of every token the completion holds (-2..2)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's: subtract this once per time the completion holds a token (-2..2)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: not reproducible)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="a string that ends the completion (repeatable); EOS always does")
@@ -35,12 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from layerfold.core.loading import load, load_spec_state
+    from layerfold.inference.controls import SamplingParams
     from layerfold.inference.generate import check_length, check_sampling, generate
 
     asked = args.max_new_tokens
     if asked is not None and asked < 1:
         raise ValueError(f"--max-new-tokens {asked} must be >= 1. Fix: ask for at least one token")
-    check_sampling(asked or 1, args.temperature, args.top_p, args.seed, args.stop)  # before loading the model
+    controls = {"top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+                "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty}
+    check_sampling(asked or 1, args.temperature, args.top_p, args.seed, args.stop,  # before loading the model
+                   SamplingParams.make(temperature=args.temperature, top_p=args.top_p, **controls))
     context = load_spec_state(args.model)[0].max_position  # the config and the weights' header only
     args.max_new_tokens = min(128, context - 1) if asked is None else asked
     check_length(context, args.max_new_tokens)
@@ -61,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     res = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, stop=args.stop, chat=not args.no_chat,
-                   stream=show if live else None, stream_to=args.device if place == "host" else None)
+                   stream=show if live else None, stream_to=args.device if place == "host" else None, **controls)
     dt = time.perf_counter() - t0
     out = [{"prompt": r.prompt, "text": r.text, "prompt_tokens": r.prompt_tokens,
             "completion_tokens": len(r.token_ids), "finish_reason": r.finish_reason, "context_full": r.context_full}

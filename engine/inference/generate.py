@@ -13,17 +13,18 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from layerfold.core.model import Model
+from layerfold.inference.controls import SamplingParams
 from layerfold.inference.runtime import Runtime
-from layerfold.inference.sampling import Completion, TextStream, eos_ids, sample_next
+from layerfold.inference.sampling import Completion, TextStream, eos_ids, sample_next, shaper_for
 
 __all__ = ["GenerationResult", "StreamEvent", "check_length", "check_sampling", "check_text", "encode_prompt",
-           "generate", "get_runtime", "stop_list", "stream_generate"]
+           "generate", "get_runtime", "sampling_params", "stop_list", "stream_generate"]
 
 
 @dataclass
@@ -97,13 +98,20 @@ class _Seq:
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-                   stop: Sequence[str] | str | None = None) -> None:
-    """Generation settings checked before any work: a ValueError naming the setting and the fix."""
+                   stop: Sequence[str] | str | None = None, params: SamplingParams | None = None,
+                   vocab_size: int | None = None) -> None:
+    """Generation settings checked before any work: a ValueError naming the setting and the fix. ``params``:
+    the other sampling controls (top-k, min-p, penalties, logit bias, min_tokens)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1. Fix: ask for at least one token")
     if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
         raise ValueError(f"temperature={temperature}, top_p={top_p}: need a finite temperature >= 0 and 0 < top_p "
                          "<= 1. Fix: use temperature 0 for greedy decoding and top_p 1 for no nucleus cut")
+    if params is not None:
+        params.check(vocab_size)
+        if params.min_tokens > max_new_tokens:
+            raise ValueError(f"min_tokens={params.min_tokens} is more than max_new_tokens={max_new_tokens}. Fix: "
+                             "ask for at most as many tokens as can be generated")
     if seed is not None and not -(2 ** 63) <= seed < 2 ** 64:
         raise ValueError(f"seed={seed} is out of range. Fix: use a seed in [-2**63, 2**64 - 1]")
     for i, s in enumerate(stop_list(stop)):
@@ -142,17 +150,20 @@ def stop_list(stop: Sequence[str] | str | None) -> list[str]:
 def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, max_new_tokens: int = 128,
                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                     stop: Sequence[str] | None = None, chat: bool = True,
-                    runtime: Runtime | None = None, stream_to: str | torch.device | None = None
-                    ) -> Iterator[StreamEvent]:
+                    runtime: Runtime | None = None, stream_to: str | torch.device | None = None,
+                    **controls: Any) -> Iterator[StreamEvent]:
     """Generate for every prompt at once, yielding a StreamEvent whenever text becomes final and one
     final event (``finished=True``, with the GenerationResult) per prompt. ``stream_to``: compute on this
     device while the model's weights stay where they are (host memory): a ``StreamedRuntime``, one pass
-    of the weights over the bus per step for all prompts (``--weights host``)."""
+    of the weights over the bus per step for all prompts (``--weights host``). ``controls``: the other
+    sampling settings of :class:`layerfold.inference.controls.SamplingParams` (top_k, min_p,
+    repetition_penalty, presence_penalty, frequency_penalty, logit_bias as {token id: bias}, min_tokens)."""
     plist = [prompts] if isinstance(prompts, str) else list(prompts)
     if not plist:
         return
     stop = stop_list(stop)
-    check_sampling(max_new_tokens, temperature, top_p, seed, stop)
+    params = sampling_params(temperature, top_p, controls)
+    check_sampling(max_new_tokens, temperature, top_p, seed, stop, params, model.spec.vocab_size)
     context = min(model.spec.max_position, runtime.max_len) if runtime else model.spec.max_position
     check_length(context, max_new_tokens)
     for i, p in enumerate(plist):
@@ -173,13 +184,13 @@ def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, m
                          f"max_batch={len(plist)} or pass fewer prompts")
     rt.reset()
     eos = eos_ids(model, tokenizer)
-    seqs = [_Seq(i, p, len(x), Completion(TextStream(tokenizer, stop), eos, max_new_tokens),
+    seqs = [_Seq(i, p, len(x), Completion(TextStream(tokenizer, stop), eos, max_new_tokens,
+                                          min_tokens=params.min_tokens, shaper=shaper_for(params, x, eos)),
                  torch.Generator().manual_seed(seed) if seed is not None else None)
             for i, (p, x) in enumerate(zip(plist, ids, strict=True))]
-    temps, tops = [temperature] * len(seqs), [top_p] * len(seqs)
     logits = rt.prefill(ids)
     while True:
-        nxt = sample_next(logits, temps, tops, [s.gen for s in seqs])
+        nxt = sample_next(logits, [params] * len(seqs), [s.gen for s in seqs], [s.completion.shaper for s in seqs])
         for s, t in zip(seqs, nxt, strict=True):
             c = s.completion
             if c.done:
@@ -194,6 +205,16 @@ def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, m
         if all(s.completion.done for s in seqs):
             return
         logits = rt.decode(nxt, active=[not s.completion.done for s in seqs])
+
+
+def sampling_params(temperature: float, top_p: float, controls: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from generate's keyword arguments; an unknown one is a TypeError naming the known."""
+    known = {f.name for f in fields(SamplingParams)} - {"temperature", "top_p"}
+    unknown = sorted(set(controls) - known)
+    if unknown:
+        raise TypeError(f"generate() got unknown keyword argument(s) {', '.join(unknown)}. Fix: use the sampling "
+                        f"controls {', '.join(sorted(known))}")
+    return SamplingParams.make(temperature=temperature, top_p=top_p, **controls)
 
 
 def _check_ids(model: Model, tokenizer: Any, ids: list[list[int]], context: int, chat: bool) -> None:
@@ -224,19 +245,23 @@ def generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, max_new_
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop: Sequence[str] | None = None, chat: bool = True,
              stream: Callable[[int, str], None] | None = None,
-             runtime: Runtime | None = None, stream_to: str | torch.device | None = None) -> list[GenerationResult]:
+             runtime: Runtime | None = None, stream_to: str | torch.device | None = None,
+             **controls: Any) -> list[GenerationResult]:
     """Generate a completion for each prompt (one batch); returns results in prompt order.
 
     stream: called as ``stream(index, text_delta)`` whenever new text of prompt ``index`` is final.
     chat: wrap each prompt as a user turn in the tokenizer's chat template (with the generation prompt).
     stop: strings that end a completion (not included in its text); EOS tokens of the model and the
     tokenizer always do. runtime: reuse a Runtime (default: one cached per model). stream_to: a device to
-    compute on while the weights stay in host memory (see :func:`stream_generate`).
+    compute on while the weights stay in host memory (see :func:`stream_generate`). ``controls``: top_k,
+    min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias ({token id: bias}), min_tokens
+    (:class:`layerfold.inference.controls.SamplingParams`).
     """
     n = 1 if isinstance(prompts, str) else len(prompts)
     results: list[GenerationResult | None] = [None] * n
     for ev in stream_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, seed=seed, stop=stop, chat=chat, runtime=runtime, stream_to=stream_to):
+                              top_p=top_p, seed=seed, stop=stop, chat=chat, runtime=runtime, stream_to=stream_to,
+                              **controls):
         if ev.delta and stream is not None:
             stream(ev.index, ev.delta)
         if ev.finished:

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TEMPERATURE_FLOOR", "Completion", "SamplingError", "TextStream", "TokenLogprob", "eos_ids", "sample_each",
-           "sample_next", "sample_row", "token_logprobs"]
+from layerfold.inference.controls import TEMPERATURE_FLOOR, LogitShaper, SamplingParams
+
+__all__ = ["TEMPERATURE_FLOOR", "Completion", "LogitShaper", "SamplingError", "SamplingParams", "TextStream",
+           "TokenLogprob", "eos_ids", "sample_each", "sample_next", "sample_row", "shaper_for", "token_logprobs"]
 
 
 def eos_ids(model_or_spec: Any, tokenizer: Any) -> set[int]:
@@ -32,6 +34,15 @@ class TextStream:
 
     Text is released only when it can no longer change: not while the decoded tail is an incomplete
     UTF-8 character (U+FFFD) and not while it could still be the beginning of a stop string.
+
+    Each token decodes a short window (from the commit point before last: every commit point ends a whole
+    character, so the window starts a clean UTF-8 sequence even amid byte-fallback tokens) and appends the
+    window's new text, so a token costs the same at position 10 and at 10,000; decoding every id again each
+    token made a 4,000-token completion spend 0.6 ms a token on this alone, which at batch 64 is longer than
+    a GPU decode step. The window's context tokens make tokenizers that change a sequence's first piece
+    (SentencePiece drops its leading space) decode the new tokens as in the whole text; where the window
+    cannot be trusted (its context decodes to nothing, or its text does not begin with the context's) the
+    whole sequence is decoded instead.
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
@@ -41,12 +52,31 @@ class TextStream:
         self.text = ""  # decoded so far (truncated at a stop string once found)
         self.sent = 0  # characters released
         self.stopped = False
+        self._done = ""  # the text of ids[:_read], which ends in a whole character
+        self._prefix = 0  # ids[_prefix:_read]: the next window's context (_prefix: the previous commit point)
+        self._read = 0
 
-    def push(self, token: int) -> str:
-        """Add a token; return the newly releasable text (``stopped`` turns True at a stop string)."""
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def _decoded(self) -> str:
+        """The text of every id so far, decoding only the window after ``_prefix``."""
+        ids, p, r = self.ids, self._prefix, self._read
+        window, head = self._decode(ids[p:]), self._decode(ids[p:r])
+        # the window's new text is what follows its context's, unless the context decodes to nothing (a
+        # run of special tokens: the window's first piece would lose its leading space) or is not a prefix
+        ok = window.startswith(head) and (head or p == 0)
+        full = self._done + window[len(head):] if ok else self._decode(ids)
+        if not full.endswith("\ufffd"):  # a whole character: commit it
+            self._done, self._prefix, self._read = full, r, len(ids)
+        return full
+
+    def push(self, token: int, stops: bool = True) -> str:
+        """Add a token; return the newly releasable text (``stopped`` turns True at a stop string; with
+        ``stops`` False, stop strings are neither searched nor held back: a completion's min_tokens)."""
         self.ids.append(int(token))
-        full = self.tok.decode(self.ids, skip_special_tokens=True)
-        for s in self.stop:
+        full = self._decoded()
+        for s in self.stop if stops else ():
             at = full.find(s, max(0, self.sent - len(s)))
             if at != -1:
                 full, self.stopped = full[:at], True
@@ -55,7 +85,7 @@ class TextStream:
         if not self.stopped:
             if full.endswith("\ufffd"):
                 return ""
-            hold = max((k for s in self.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+            hold = max((k for s in self.stop if stops for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
             end -= hold
         if end <= self.sent:
             return ""
@@ -69,60 +99,76 @@ class TextStream:
 
 
 # ---- sampling --------------------------------------------------------------------------------------
-# Temperatures below this sample greedily (vLLM's rule): the scaled logits of a smaller one overflow,
-# and its distribution is the argmax anyway.
-TEMPERATURE_FLOOR = 1e-5
-
-
 class SamplingError(ValueError):
     """One row could not be sampled (its logits hold NaN or Inf); the other rows are unaffected."""
 
 
-def sample_row(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+NONFINITE = ("the model produced NaN or Inf logits for this sequence (its weights or inputs overflowed). Fix: check "
+             "the model with `layerfold eval`; re-create it if it is damaged")
+
+
+def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
                greedy: int | None = None) -> int:
-    """The next token of one row of logits (V,): the argmax (``greedy`` when already known) at a temperature
-    below TEMPERATURE_FLOOR, else a draw from the temperature-scaled distribution restricted to the
-    smallest top-p nucleus. Raises SamplingError for non-finite logits."""
-    if not bool(torch.isfinite(logits).all()):
-        raise SamplingError("the model produced NaN or Inf logits for this sequence (its weights or inputs "
-                            "overflowed). Fix: check the model with `layerfold eval`; re-create it if it is damaged")
-    if not temperature >= TEMPERATURE_FLOOR:
+    """The next token of one row of (shaped) logits (V,): the argmax (``greedy`` when already known) at a
+    temperature below TEMPERATURE_FLOOR, else a draw from the temperature-scaled distribution cut by min-p,
+    top-k and the smallest top-p nucleus. Raises SamplingError for logits that hold NaN or +Inf."""
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+        raise SamplingError(NONFINITE)
+    if params.greedy:
         return int(logits.argmax()) if greedy is None else greedy
     x = logits.float()
-    probs = torch.softmax((x - x.max()) / temperature, dim=-1)  # max 0: no overflow at small temperatures
-    if top_p < 1.0:
+    probs = torch.softmax((x - x.max()) / params.temperature, dim=-1)  # max 0: no overflow at small temperatures
+    if params.min_p > 0:
+        probs = torch.where(probs >= params.min_p * probs.max(), probs, 0.0)
+    k = params.top_k if 0 < params.top_k < probs.shape[-1] else 0
+    if params.top_p < 1.0 or k:
         sp, idx = probs.sort(descending=True)
-        keep = sp.cumsum(0) - sp < top_p  # tokens whose preceding mass is below p
-        keep[0] = True  # the first always, also for a p that rounds to 0 in float32
-        sp = sp * keep
+        if k:
+            sp[k:] = 0
+        if params.top_p < 1.0:  # the nucleus of what min-p and top-k kept (vLLM renormalises before top-p)
+            keep = sp.cumsum(0) - sp < params.top_p * sp.sum()  # tokens whose preceding mass is below p
+            keep[0] = True  # the first always, also for a p that rounds to 0 in float32
+            sp = sp * keep
         return int(idx[torch.multinomial(sp / sp.sum(), 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample_each(logits: Tensor, temperature: Sequence[float], top_p: Sequence[float],
-                generators: Sequence[torch.Generator | None]) -> list[int | SamplingError]:
+def sample_each(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                shapers: Sequence[LogitShaper | None] | None = None) -> list[int | SamplingError]:
     """Next token per row of ``logits`` (n, V), or the SamplingError of a row that failed: one bad row
-    fails only itself (the server's scheduler answers that request with an error and keeps the others)."""
+    fails only itself (the server's scheduler answers that request with an error and keeps the others).
+    A row with a shaper (logit bias, penalties, min_tokens) is sampled from its shaped logits."""
+    shapers = shapers if shapers is not None else [None] * len(params)
     greedy = logits.argmax(-1).tolist()
     finite = torch.isfinite(logits).all(-1).tolist()
     out: list[int | SamplingError] = []
-    for i, (t, p, g) in enumerate(zip(temperature, top_p, generators, strict=True)):
+    for i, (p, g, sh) in enumerate(zip(params, generators, shapers, strict=True)):
         try:
-            out.append(greedy[i] if finite[i] and not t >= TEMPERATURE_FLOOR else
-                       sample_row(logits[i], t, p, g, greedy[i]))
+            if not finite[i]:
+                raise SamplingError(NONFINITE)
+            if sh is not None:
+                out.append(sample_row(sh(logits[i]), p, g))
+            else:
+                out.append(greedy[i] if p.greedy else sample_row(logits[i], p, g, greedy[i]))
         except SamplingError as e:
             out.append(e)
     return out
 
 
-def sample_next(logits: Tensor, temperature: Sequence[float], top_p: Sequence[float],
-                generators: Sequence[torch.Generator | None]) -> list[int]:
+def sample_next(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                shapers: Sequence[LogitShaper | None] | None = None) -> list[int]:
     """Next token per row of ``logits`` (n, V) (rules: :func:`sample_row`); raises the first row's error."""
-    out = sample_each(logits, temperature, top_p, generators)
+    out = sample_each(logits, params, generators, shapers)
     for x in out:
         if isinstance(x, SamplingError):
             raise x
     return out  # type: ignore[return-value]
+
+
+def shaper_for(params: SamplingParams, prompt_ids: Sequence[int], end_ids: Sequence[int] | set[int]
+               ) -> LogitShaper | None:
+    """A sequence's LogitShaper, or None when ``params`` leave the logits as they are."""
+    return LogitShaper(params, prompt_ids, end_ids) if params.shapes_logits else None
 
 
 def token_logprobs(logits: Tensor, token: int, top: int) -> TokenLogprob:
@@ -150,13 +196,16 @@ class TokenLogprob:
 class Completion:
     """One sequence being generated: accepts sampled tokens until EOS, a stop string, ``max_tokens`` or a
     full cache row ends it (``finish_reason`` "stop" or "length"). Tokens and text exclude the EOS token
-    and the stop string."""
+    and the stop string. Stop strings count from the ``min_tokens``-th token on; ``shaper`` (the sequence's
+    penalties) sees every accepted token."""
 
     stream: TextStream
     eos: set[int]
     max_tokens: int
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    min_tokens: int = 0
+    shaper: LogitShaper | None = None
 
     @property
     def done(self) -> bool:
@@ -171,7 +220,9 @@ class Completion:
             self.finish_reason = "stop"
             return self.stream.flush()
         self.tokens.append(int(token))
-        text = self.stream.push(token)
+        if self.shaper is not None:
+            self.shaper.observe(token)
+        text = self.stream.push(token, stops=len(self.tokens) >= self.min_tokens)
         if self.stream.stopped:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.max_tokens or cache_full:

@@ -1,11 +1,13 @@
 """The OpenAI request bodies the server accepts, its limits, and the checks a request passes before it
 takes a slot.
 
-Bodies are strict pydantic models ("12" is not an integer, "yes" is not a boolean, NaN is not a number);
-a field OpenAI defines that this server does not implement (tools, response_format, logit_bias,
-penalties, best_of, ...) answers 400 naming it, unless it holds its no-op value (a penalty of 0, an empty
-logit_bias, ...): silently ignoring it would give a different answer than the client asked for. A few
-fields that cannot change an answer (``user``, ``metadata``, ...) are accepted and ignored.
+Bodies are strict pydantic models ("12" is not an integer, "yes" is not a boolean, NaN is not a number).
+Sampling takes OpenAI's fields (temperature, top_p, seed, stop, presence_penalty, frequency_penalty,
+logit_bias) and vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos)
+with their meanings (layerfold.inference.controls). A field OpenAI defines that this server does not
+implement (tools, response_format, best_of, n > 1, ...) answers 400 naming it, unless it holds its no-op
+value: silently ignoring it would give a different answer than the client asked for. A few fields that
+cannot change an answer (``user``, ``metadata``, ...) are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from layerfold.inference.sampling import TEMPERATURE_FLOOR
-from layerfold.serving.scheduler import MAX_LOGPROBS, MAX_STOP, MAX_STOP_CHARS, SEED_RANGE
+from layerfold.inference.controls import MAX_LOGIT_BIAS, TEMPERATURE_FLOOR
+from layerfold.serving.request import MAX_LOGPROBS, MAX_STOP, MAX_STOP_CHARS, SEED_RANGE
 
 __all__ = ["ApiError", "ChatBody", "CompletionBody", "Limits", "chat_messages", "check_body", "check_prompt",
            "check_text", "error_response", "on_api_error", "on_crash", "on_http", "on_invalid", "prompt_list",
-           "stop_list"]
+           "sampling_fields", "stop_list"]
 
 
 class ApiError(Exception):
@@ -70,6 +72,8 @@ class Limits:
 # ---- request bodies ----------------------------------------------------------------------------------
 Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Float = Annotated[float, Field(allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 
 
 class StreamOptions(BaseModel):
@@ -88,6 +92,16 @@ class _Common(BaseModel):
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream_options: StreamOptions | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: Annotated[dict[str, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    # vLLM's extensions
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: every token")
+    min_p: Float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Float | None = Field(None, gt=0.0, le=100.0)
+    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP)] | None = None
+    ignore_eos: bool | None = None
 
 
 class CompletionBody(_Common):
@@ -118,10 +132,9 @@ class ChatBody(_Common):
 
 
 # Fields OpenAI defines that this server does not implement, with the values that ask for nothing.
-NOOP = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
-        "best_of": (1,), "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
-        "response_format": ({"type": "text"},), "suffix": ("",), "min_tokens": (0,), "prediction": (),
-        "audio": (), "modalities": (["text"],), "reasoning_effort": (), "web_search_options": ()}
+NOOP = {"best_of": (1,), "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
+        "response_format": ({"type": "text"},), "suffix": ("",), "prediction": (), "audio": (),
+        "modalities": (["text"],), "reasoning_effort": (), "web_search_options": ()}
 # Fields that cannot change an answer: accepted and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
                      "safety_identifier"})
@@ -145,6 +158,22 @@ def check_body(body: _Common, model_name: str) -> None:
 
 def stop_list(body: _Common) -> list[str]:
     return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+
+
+def sampling_fields(body: _Common, vocab_size: int) -> dict[str, Any]:
+    """The scheduler Request's sampling controls from a body (absent fields: their no-op values); logit_bias
+    keys must be token ids, as decimal text (JSON object keys are strings)."""
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 12) or int(key) >= vocab_size:
+            raise ApiError(400, f"logit_bias key {key[:40]!r} is not a token id in [0, {vocab_size}). Fix: key the "
+                           "biases by this model's token ids, e.g. {\"50256\": -100}", "logit_bias")
+        bias[int(key)] = value
+    return {"presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
+            "logit_bias": bias, "top_k": body.top_k or 0, "min_p": body.min_p or 0.0,
+            "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            "min_tokens": body.min_tokens or 0, "stop_token_ids": list(body.stop_token_ids or []),
+            "ignore_eos": bool(body.ignore_eos)}
 
 
 def prompt_list(body: CompletionBody, limits: Limits) -> list[str | list[int]]:

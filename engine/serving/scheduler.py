@@ -17,20 +17,36 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from layerfold.core.model import Model
 from layerfold.inference.runtime import Runtime
-from layerfold.inference.sampling import Completion, TextStream, TokenLogprob, eos_ids, sample_each, token_logprobs
+from layerfold.inference.sampling import (
+    Completion,
+    TextStream,
+    TokenLogprob,
+    eos_ids,
+    sample_each,
+    shaper_for,
+    token_logprobs,
+)
 from layerfold.inference.scoring import prompt_logprobs
+from layerfold.serving.request import (
+    MAX_LOGPROBS,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    SEED_RANGE,
+    Event,
+    Request,
+    RequestError,
+    check_request,
+)
 
 __all__ = ["MAX_LOGPROBS", "MAX_STOP", "MAX_STOP_CHARS", "SEED_RANGE", "Event", "QueueFull", "Request", "RequestError",
            "Scheduler", "check_request"]
@@ -40,95 +56,6 @@ log = logging.getLogger("layerfold.server")
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its limit; the caller should answer 429."""
-
-
-class RequestError(ValueError):
-    """A request that cannot be served; ``param`` names the field at fault (the caller answers 400)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
-MAX_STOP, MAX_STOP_CHARS = 16, 256  # stop strings a request may carry, characters each (each is searched per token)
-MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
-# top_p below this (down to denormals that float32 rounds to 0) is raised to it: it keeps the same single
-# token (the most likely has probability >= 1/vocab), where a p that rounds to 0 would keep none.
-TOP_P_FLOOR = 1e-30
-
-
-@dataclass
-class Event:
-    kind: str  # "prompt" (prompt logprobs) | "delta" | "done" | "error"
-    text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" on "done"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    logprobs: list[TokenLogprob] | None = None  # "prompt": every prompt token; "delta"/"done": tokens since the last
-    ttft_s: float | None = None  # on "done": submit -> first token (None when nothing was generated)
-    latency_s: float = 0.0  # on "done": submit -> done
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    max_tokens: int  # 0: score the prompt only (needs prompt_logprobs)
-    emit: Callable[[Event], None]  # called from the scheduler thread; must not block
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    logprobs: int | None = None  # None: no logprobs; k >= 0: each generated token's, with k alternatives
-    prompt_logprobs: bool = False  # also every prompt token's (first event "prompt"), with ``logprobs`` alternatives
-    id: int = 0
-    cancelled: bool = False  # set by any thread; the scheduler frees the slot before its next step
-    # filled by the scheduler
-    completion: Completion | None = None
-    gen: torch.Generator | None = None
-    submitted: float = 0.0
-    first_token: float | None = None
-    pending_lp: list[TokenLogprob] = field(default_factory=list)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-def check_request(r: Request, vocab_size: int, max_len: int) -> None:
-    """Raise RequestError (naming the field) for anything in ``r`` that would fail once it runs."""
-    p = r.prompt_ids
-    if not p:
-        raise RequestError("the prompt is empty. Fix: send at least one token of prompt", "prompt")
-    if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in p):
-        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size}). Fix: tokenize with this model's "
-                           "tokenizer", "prompt")
-    if not isinstance(r.max_tokens, int) or r.max_tokens < 0:
-        raise RequestError(f"max_tokens={r.max_tokens!r} must be a whole number >= 0. Fix: e.g. max_tokens=16",
-                           "max_tokens")
-    if r.max_tokens == 0 and not r.prompt_logprobs:
-        raise RequestError("max_tokens=0 generates nothing. Fix: ask for at least 1 token, or score the prompt with "
-                           "echo=true and logprobs", "max_tokens")
-    if r.max_tokens > 0 and len(p) + r.max_tokens > max_len:
-        raise RequestError(f"the prompt ({len(p)} tokens) plus max_tokens={r.max_tokens} exceeds the context of "
-                           f"{max_len} tokens. Fix: ask for at most {max(max_len - len(p), 0)} tokens or shorten the "
-                           "prompt", "max_tokens")
-    if len(p) > max_len:
-        raise RequestError(f"the prompt has {len(p)} tokens; the context holds {max_len}. Fix: shorten the prompt",
-                           "prompt")
-    if r.seed is not None and (not isinstance(r.seed, int) or not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]):
-        raise RequestError(f"seed={r.seed} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (a 64-bit integer). Fix: pass "
-                           "a smaller seed", "seed")
-    if not (isinstance(r.temperature, (int, float)) and math.isfinite(r.temperature) and r.temperature >= 0):
-        raise RequestError(f"temperature={r.temperature} must be a finite number >= 0. Fix: e.g. 0 (greedy) or 0.7",
-                           "temperature")
-    if not (isinstance(r.top_p, (int, float)) and math.isfinite(r.top_p) and 0 < r.top_p <= 1):
-        raise RequestError(f"top_p={r.top_p} must lie in (0, 1]. Fix: e.g. 0.9, or 1 for no nucleus", "top_p")
-    if len(r.stop) > MAX_STOP or any(not isinstance(x, str) or len(x) > MAX_STOP_CHARS for x in r.stop):
-        raise RequestError(f"stop holds {len(r.stop)} strings; at most {MAX_STOP} strings of at most "
-                           f"{MAX_STOP_CHARS} characters are accepted. Fix: send fewer, shorter stop strings", "stop")
-    if r.logprobs is not None and not (isinstance(r.logprobs, int) and 0 <= r.logprobs <= MAX_LOGPROBS):
-        raise RequestError(f"logprobs={r.logprobs} must be a whole number in [0, {MAX_LOGPROBS}]. Fix: ask for at "
-                           f"most {MAX_LOGPROBS} alternatives", "logprobs")
 
 
 class Scheduler:
@@ -265,7 +192,10 @@ class Scheduler:
         ready: list[tuple[int, Request]] = []
         for slot, r in batch:
             try:
-                r.completion = Completion(TextStream(self.tokenizer, r.stop), self.eos, r.max_tokens)
+                end = (set() if r.ignore_eos else set(self.eos)) | set(r.stop_token_ids)
+                params = r.params()
+                r.completion = Completion(TextStream(self.tokenizer, r.stop), end, r.max_tokens,
+                                          min_tokens=params.min_tokens, shaper=shaper_for(params, r.prompt_ids, end))
                 r.gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
             except (ValueError, RuntimeError, OverflowError, TypeError) as e:
                 self._fail(None, r, f"the request could not start: {type(e).__name__}: {e}")
@@ -326,8 +256,8 @@ class Scheduler:
 
     def _sample(self, slots: list[int], reqs: list[Request], logits: torch.Tensor) -> None:
         """Sample and accept one token per row; a row whose sampling or text fails fails alone."""
-        top_ps = [max(r.top_p, TOP_P_FLOOR) for r in reqs]  # a tinier p keeps the same (first) token
-        nxt = sample_each(logits, [r.temperature for r in reqs], top_ps, [r.gen for r in reqs])
+        nxt = sample_each(logits, [r.params() for r in reqs], [r.gen for r in reqs],
+                          [r.completion.shaper if r.completion is not None else None for r in reqs])
         for j, (slot, r, t) in enumerate(zip(slots, reqs, nxt, strict=True)):
             if r.cancelled:  # e.g. during its prefill: free the slot now, before a step reads its (no) tokens
                 if self.slots[slot] is r:

@@ -51,6 +51,7 @@ from layerfold.serving.protocol import (
     on_http,
     on_invalid,
     prompt_list,
+    sampling_fields,
     stop_list,
 )
 from layerfold.serving.scheduler import Event, QueueFull, RequestError, Scheduler
@@ -184,9 +185,10 @@ async def _run(request: Request, st: ServerState, body: Any, jobs: list[Job], *,
                 pass
         return emit
 
+    controls = sampling_fields(body, st.vocab_size)
     reqs = [GenRequest(j.ids, j.max_tokens, emitter(i), temperature=body.temperature, top_p=body.top_p,
                        seed=body.seed, stop=stop_list(body), logprobs=logprobs,
-                       prompt_logprobs=logprobs is not None and j.echo is not None)
+                       prompt_logprobs=logprobs is not None and j.echo is not None, **controls)
             for i, j in enumerate(jobs)]
     todo = [r for r, j in zip(reqs, jobs, strict=True) if j.max_tokens > 0 or r.prompt_logprobs]
     try:

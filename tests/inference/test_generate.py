@@ -13,6 +13,7 @@ from layerfold import build_model, save_checkpoint
 from layerfold.cli.main import main
 from layerfold.core.loading import load_tokenizer, resolve
 from layerfold.core.model import Model
+from layerfold.inference.controls import SamplingParams
 from layerfold.inference.generate import encode_prompt, generate, stream_generate
 from layerfold.inference.sampling import TextStream, sample_next
 from tests.support.models import smollm2_vocab_spec, tiny_model
@@ -70,16 +71,17 @@ def test_tiny_top_p_keeps_the_most_likely_token(top_p: float) -> None:
 
     logits = torch.tensor([0.5, 3.0, 1.0, 2.9])
     g = torch.Generator().manual_seed(0)
-    assert {sample_row(logits, 1.0, top_p, g) for _ in range(20)} == {1}
+    assert {sample_row(logits, SamplingParams(1.0, top_p), g) for _ in range(20)} == {1}
 
 
 def test_sample_next_rules() -> None:
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
     g = [torch.Generator().manual_seed(0), None]
-    assert sample_next(logits, [0.0, 0.0], [1.0, 1.0], g) == [1, 0]
+    P = SamplingParams
+    assert sample_next(logits, [P(0.0, 1.0), P(0.0, 1.0)], g) == [1, 0]
     # a nucleus this small keeps only the most likely token
-    assert all(sample_next(logits, [1.0, 1.0], [1e-6, 1e-6], g) == [1, 0] for _ in range(20))
-    draws = {sample_next(logits, [1.0, 1.0], [0.8, 1.0], g)[0] for _ in range(200)}
+    assert all(sample_next(logits, [P(1.0, 1e-6), P(1.0, 1e-6)], g) == [1, 0] for _ in range(20))
+    draws = {sample_next(logits, [P(1.0, 0.8), P(1.0, 1.0)], g)[0] for _ in range(200)}
     assert draws == {1, 3}  # tokens 1 and 3 hold ~80% together; 0 and 2 are cut
 
 

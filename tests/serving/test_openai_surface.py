@@ -162,5 +162,7 @@ def test_official_client_reads_logprobs_and_echo(base: str, tok: Any) -> None:
     chat = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                      logprobs=True, top_logprobs=1, temperature=0)
     assert chat.choices[0].logprobs.content[0].top_logprobs[0].logprob == chat.choices[0].logprobs.content[0].logprob
-    with pytest.raises(openai.BadRequestError, match="logit_bias"):
-        c.completions.create(model=NAME, prompt="x", logit_bias={"1": 3})
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        c.completions.create(model=NAME, prompt="x", best_of=3)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):  # a bias key that is no token id
+        c.completions.create(model=NAME, prompt="x", logit_bias={"abc": 3})

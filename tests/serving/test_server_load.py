@@ -32,7 +32,7 @@ POISON = [  # (path, body, status)
     ("/v1/completions", {"prompt": "x" * 70_000}, 413),
     ("/v1/completions", {"prompt": [1, 2, 10 ** 9]}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"7": 9}}, 400),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"7": 900}}, 400),
     ("/v1/completions", '{"prompt": ', 400),
     ("/v1/completions", {"prompt": "x", "max_tokens": 10 ** 6}, 400),
 ]
