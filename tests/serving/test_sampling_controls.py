@@ -1,0 +1,105 @@
+"""The server's sampling controls: each request's own (a shaped row never changes another row), equal to
+``generate`` with the same controls, and the vLLM extensions ignore_eos, stop_token_ids and min_tokens."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+httpx = pytest.importorskip("httpx", reason="the dev extra (pip install -e '.[dev]') brings the HTTP clients")
+openai = pytest.importorskip("openai", reason="the dev extra brings the openai client")
+pytest.importorskip("uvicorn", reason="the serve extra brings uvicorn")
+
+from layerfold import build_model  # noqa: E402
+from layerfold.core.model import Model  # noqa: E402
+from layerfold.inference.generate import generate  # noqa: E402
+from layerfold.serving.scheduler import Event, Request, Scheduler  # noqa: E402
+from layerfold.serving.server import create_app  # noqa: E402
+from tests.support.models import server_model, smollm2_vocab_spec  # noqa: E402
+from tests.support.server import running  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return server_model(seed=3)
+
+
+def run(sched: Scheduler, reqs: list[Request]) -> list[list[int]]:
+    """Submit the requests together; each one's generated token ids (from its logprobs)."""
+    done = threading.Semaphore(0)
+    events: list[list[Event]] = [[] for _ in reqs]
+    for i, r in enumerate(reqs):
+        def emit(ev: Event, i: int = i) -> None:
+            events[i].append(ev)
+            if ev.kind in ("done", "error"):
+                done.release()
+        r.emit, r.logprobs = emit, 0
+    sched.start()
+    try:
+        sched.submit_all(reqs)
+        for _ in reqs:
+            assert done.acquire(timeout=60)
+    finally:
+        sched.stop()
+    assert all(ev[-1].kind == "done" for ev in events), [ev[-1] for ev in events]
+    return [[lp.token for e in ev for lp in (e.logprobs or [])] for ev in events]
+
+
+def test_each_request_keeps_its_own_controls(model: Model, tok: Any) -> None:
+    p = tok.encode("The cat sat on the")
+    plain = generate(model, tok, [p], max_new_tokens=10)[0].token_ids
+    shaped_kw = dict(repetition_penalty=1.8, frequency_penalty=1.0, presence_penalty=0.5,
+                     logit_bias={plain[0]: -100.0})
+    shaped = generate(model, tok, [p], max_new_tokens=10, **shaped_kw)[0].token_ids
+    assert shaped != plain
+    reqs = [Request(list(p), 10, None, **shaped_kw), Request(list(p), 10, None),  # type: ignore[arg-type]
+            Request(list(p), 10, None, top_k=1, temperature=1.5, seed=4)]  # type: ignore[arg-type]
+    got = run(Scheduler(model, tok, max_batch=3, max_len=128), reqs)
+    assert got[0] == shaped and got[1] == plain and got[2] == plain  # (top_k 1 at any temperature: the argmax)
+
+
+def test_ignore_eos_stop_token_ids_and_min_tokens(model: Model, tok: Any) -> None:
+    p = tok.encode("Once upon a time")
+    kw = dict(temperature=1.0, seed=7)  # seeded draws: the same tokens wherever nothing bans one
+    free = generate(model, tok, [p], max_new_tokens=12, **kw)[0].token_ids
+    assert len(set(free)) >= 8
+    eos = free[2]
+    first = free.index(eos)
+    m2 = build_model(smollm2_vocab_spec(n_layers=2, max_position=2048, eos_token_ids=(eos,)),
+                     state=model.state_dict()).eval()
+    sched = Scheduler(m2, tok, max_batch=4, max_len=128)
+    j = next(j for j in range(first + 2, 12) if free[j] not in free[:j])
+    got = run(sched, [Request(list(p), 12, None, **kw),  # type: ignore[arg-type]
+                      Request(list(p), 12, None, ignore_eos=True, **kw),  # type: ignore[arg-type]
+                      Request(list(p), 12, None, ignore_eos=True, stop_token_ids=[free[j]], **kw),  # type: ignore
+                      Request(list(p), 12, None, min_tokens=first + 3, **kw)])  # type: ignore[arg-type]
+    assert got[0] == free[:first + 1]  # ends at the EOS (which has its logprob entry, as in vLLM)
+    assert got[1] == free and len(got[1]) == 12
+    assert got[2] == free[:j + 1]
+    assert len(got[3]) >= first + 3 and eos not in got[3][:first + 3]
+
+
+@pytest.fixture(scope="module")
+def base(model: Model, tok: Any) -> Iterator[str]:
+    with running(create_app(model, tok, model_name="tiny", max_batch=4, max_len=256)) as url:
+        yield url
+
+
+def test_openai_client_sends_the_controls(base: str, model: Model, tok: Any) -> None:
+    c = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=60, max_retries=0)
+    p = "The cat sat on the"
+    want = generate(model, tok, p, chat=False, max_new_tokens=8, presence_penalty=1.5, frequency_penalty=0.5,
+                    repetition_penalty=1.3, logit_bias={11: 5.0}, top_k=3)[0].text
+    r = c.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0, presence_penalty=1.5,
+                             frequency_penalty=0.5, logit_bias={"11": 5}, extra_body={"repetition_penalty": 1.3,
+                                                                                       "top_k": 3})
+    assert r.choices[0].text == want
+    r = c.completions.create(model="tiny", prompt=p, max_tokens=7, logit_bias={"1234": 100})
+    assert r.choices[0].text == tok.decode([1234] * 7) and r.usage.completion_tokens == 7
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        c.completions.create(model="tiny", prompt=p, max_tokens=2, extra_body={"min_tokens": 3})
