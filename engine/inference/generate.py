@@ -102,8 +102,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: 
                    vocab_size: int | None = None) -> None:
     """Generation settings checked before any work: a ValueError naming the setting and the fix. ``params``:
     the other sampling controls (top-k, min-p, penalties, logit bias, min_tokens)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1. Fix: ask for at least one token")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 1. Fix: ask for at least one "
+                         "token, e.g. max_new_tokens=64")
     if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
         raise ValueError(f"temperature={temperature}, top_p={top_p}: need a finite temperature >= 0 and 0 < top_p "
                          "<= 1. Fix: use temperature 0 for greedy decoding and top_p 1 for no nucleus cut")
@@ -161,6 +162,9 @@ def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, m
     plist = [prompts] if isinstance(prompts, str) else list(prompts)
     if not plist:
         return
+    if runtime is not None and stream_to is not None:
+        raise ValueError("runtime and stream_to were both given; stream_to builds a StreamedRuntime of its own. Fix: "
+                         "pass one of them (runtime=StreamedRuntime(model, device, ...) to reuse one)")
     stop = stop_list(stop)
     params = sampling_params(temperature, top_p, controls)
     check_sampling(max_new_tokens, temperature, top_p, seed, stop, params, model.spec.vocab_size)

@@ -15,8 +15,10 @@ rows' caches the device holds.
 
 Prompts are left-padded to a common length (padding is masked out of attention and positions count valid
 tokens only, as ``Model.forward`` with ``key_valid`` does), so all rows write each new token at the same
-cache slot. Logits equal the in-memory model's up to the device's arithmetic (tests/inference/
-test_streamed_decode.py checks greedy completions token for token against the Runtime's).
+cache slot; the padding gets slots of its own beyond ``max_len``, which (as in the Runtime) bounds each
+row's own tokens, and ``lengths`` counts them. Logits equal the in-memory model's up to the device's
+arithmetic (tests/inference/test_streamed_decode.py checks greedy completions token for token against the
+Runtime's).
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class StreamedRuntime:
             raise ValueError(f"the KV cache of {self.max_batch} rows x {self.max_len} slots ({need:.1f} GiB) does not "
                              f"fit {KV_SHARE:.0%} of the free memory of {self.device} (room for {fit} rows). Fix: "
                              "generate for fewer prompts at a time, or ask for fewer new tokens")
-        self.lengths: list[int] = [0] * self.max_batch  # slots filled per row (padding included)
+        self.lengths: list[int] = [0] * self.max_batch  # tokens per row (its prompt and what followed; no padding)
+        self._pad: list[int] = []  # each row's left padding
         self.steps = 0  # passes over the weights so far (each crosses the bus once)
         self._cache: KVCache | None = None
         self._valid: Tensor | None = None  # (n, slots) bool: False for the left padding
@@ -118,10 +121,16 @@ class StreamedRuntime:
         for r, t in enumerate(toks):  # left padding: every row's next token goes to slot T
             ids[r, T - len(t):] = t
             valid[r, T - len(t):] = True
-        self._cache = KVCache.allocate(self.spec, n, self.max_len, self.device, self.dtype)
-        self._valid = torch.ones((n, self.max_len), dtype=torch.bool, device=self.device)
+        # max_len bounds each row's own tokens (as the Runtime's rows); the padding takes slots beyond it, so a
+        # short prompt beside a long one gets the same room as alone (its positions count its own tokens only)
+        self._pad = [T - k for k in lens]
+        slots = self.max_len + max(self._pad)
+        check_kv_fits(self.spec, n, slots, self.dtype, self.device, "pass prompts of more even lengths together, or "
+                      "fewer prompts")
+        self._cache = KVCache.allocate(self.spec, n, slots, self.device, self.dtype)
+        self._valid = torch.ones((n, slots), dtype=torch.bool, device=self.device)
         self._valid[:, :T] = valid.to(self.device)
-        self.lengths = [T] * n + [0] * (self.max_batch - n)
+        self.lengths = lens + [0] * (self.max_batch - n)
         self._rows = n
         return self._step(ids.to(self.device))
 
@@ -137,9 +146,9 @@ class StreamedRuntime:
             flags = "" if active is None else f" and {len(active)} active flags"
             raise ValueError(f"{tok.numel()} tokens{flags} for {n} rows. Fix: pass one token per prefilled row (and "
                              "one active flag each)")
-        if self._cache.length >= self.max_len:
-            raise ValueError(f"the cache's {self.max_len} slots are full. Fix: build with a larger max_len")
-        self.lengths = [self._cache.length + 1] * n + [0] * (self.max_batch - n)
+        if self._cache.length >= self._cache.capacity:  # every row holds max_len tokens
+            raise ValueError(f"every row holds max_len={self.max_len} tokens. Fix: build with a larger max_len")
+        self.lengths = [self._cache.length + 1 - p for p in self._pad] + [0] * (self.max_batch - n)
         return self._step(tok.to(self.device)[:, None])
 
     def _token_ids(self, ids: Sequence[int] | Tensor, what: str, flat: bool = False) -> Tensor:

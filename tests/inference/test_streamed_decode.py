@@ -47,8 +47,22 @@ def test_greedy_tokens_and_logits_equal_the_runtime(name: str) -> None:
     assert toks == ref_toks
     for a, b in zip(logits, ref_logits, strict=True):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
-    assert srt.steps == 11 and srt.lengths == [11 + 10] * 3  # one pass over the layers per step
+    ref_rt = Runtime(model, max_batch=3, max_len=32, native=False)
+    _greedy(ref_rt, prompts, 10)
+    assert srt.steps == 11 and srt.lengths == ref_rt.lengths[:3] == [3 + 10, 11 + 10, 7 + 10]  # one pass a step
     assert all(p.device.type == "cpu" for p in model.parameters())  # the model is left where it was
+
+
+def test_a_short_prompt_beside_a_long_one_gets_its_whole_context() -> None:
+    """The padding has slots of its own: near the context's end a short prompt gets as many tokens as with the
+    Runtime (and ``context_full`` the same), not fewer because the long prompt's padding took its room."""
+    tok = load_tokenizer(resolve("smollm2-135m", quiet=True))
+    model = tiny_model(smollm2_vocab_spec(max_position=64), seed=4)
+    prompts = [[5], [7, 8, 9, 10, 11, 12]]
+    ref = generate(model, tok, prompts, max_new_tokens=62, chat=False, temperature=1.0, seed=1)
+    got = generate(model, tok, prompts, max_new_tokens=62, chat=False, temperature=1.0, seed=1, stream_to="cpu")
+    assert [len(r.token_ids) for r in ref] == [62, 59] and [r.context_full for r in ref] == [False, True]
+    assert [(r.token_ids, r.context_full) for r in got] == [(r.token_ids, r.context_full) for r in ref]
 
 
 def test_generate_through_it_equals_the_default_runtime() -> None:
@@ -103,9 +117,10 @@ def test_refusals_name_the_fix() -> None:
     srt.prefill([[1, 2, 3], [4]])
     with pytest.raises(ValueError, match="one token per prefilled row"):
         srt.decode([5])
-    for _ in range(5):
+    for _ in range(7):  # the short row (1 token, 2 of padding) has room until it holds 8 tokens of its own
         srt.decode([5, 6])
-    with pytest.raises(ValueError, match="slots are full"):
+    assert srt.lengths == [10, 8]
+    with pytest.raises(ValueError, match="every row holds max_len=8 tokens"):
         srt.decode([5, 6])
     with pytest.raises(ValueError, match="resets all its rows"):
         srt.reset([0])
@@ -151,3 +166,14 @@ def test_a_kv_cache_larger_than_memory_is_refused_before_allocating() -> None:
         StreamedRuntime(model, "cpu", max_batch=rows, max_len=256)
     with pytest.raises(TypeError, match="whole numbers of rows and slots"):
         Runtime(model, max_batch=2.5)
+
+
+def test_generate_refuses_odd_lengths_and_two_runtimes() -> None:
+    tok = load_tokenizer(resolve("smollm2-135m", quiet=True))
+    model = tiny_model(smollm2_vocab_spec(max_position=64))
+    for n in (2.5, True, "3", 0):
+        with pytest.raises(ValueError, match="max_new_tokens=.* whole number >= 1. Fix"):
+            generate(model, tok, [[5, 6]], max_new_tokens=n, chat=False)
+    rt = StreamedRuntime(model, "cpu", max_batch=1, max_len=16)
+    with pytest.raises(ValueError, match="runtime and stream_to were both given.*Fix"):
+        generate(model, tok, [[5, 6]], max_new_tokens=2, chat=False, runtime=rt, stream_to="cpu")
