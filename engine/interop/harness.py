@@ -186,6 +186,7 @@ class LayerfoldLM(TemplateLM):
                 raise ValueError(f"max_gen_toks={n_new} leaves no room for a context in {self.max_length} tokens. "
                                  "Fix: lower max_gen_toks or pass a larger max_length")
             temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
+            controls = gen_controls(kw)
             prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - n_new):] or [self.prefix_token_id]
                        for i in idx}
             order = sorted(idx, key=lambda i: -len(prompts[i]))
@@ -193,11 +194,37 @@ class LayerfoldLM(TemplateLM):
                 chunk = order[s:s + self.batch_size_per_gpu]
                 res = generate(self.model, self.tokenizer, [prompts[i] for i in chunk], max_new_tokens=n_new,
                                temperature=temp, top_p=float(kw.get("top_p", 1.0)), seed=self.seed, stop=until,
-                               chat=False, stream_to=self.streamed.device if self.streamed is not None else None)
+                               chat=False, stream_to=self.streamed.device if self.streamed is not None else None,
+                               **controls)
                 for i, r in zip(chunk, res, strict=True):
                     out[i] = r.text
                     self.cache_hook.add_partial("generate_until", requests[i].args, r.text)
         return out
 
 
-__all__ = ["MODEL_NAME", "LayerfoldLM"]
+# HF generate() settings that change a task's answers and layerfold's generation does not have, with their no-op
+# values: any other value is refused rather than ignored
+UNSUPPORTED_GEN = {"num_beams": (1,), "num_return_sequences": (1,), "typical_p": (1, 1.0), "penalty_alpha": (None, 0),
+                   "no_repeat_ngram_size": (0,), "epsilon_cutoff": (0, 0.0), "eta_cutoff": (0, 0.0),
+                   "encoder_repetition_penalty": (1, 1.0), "diversity_penalty": (0, 0.0), "num_beam_groups": (1,)}
+
+
+def gen_controls(kw: dict[str, Any]) -> dict[str, Any]:
+    """The sampling controls of a task's generation kwargs (after lm-eval's normalize_gen_kwargs): top_k and
+    min_p when it samples, repetition_penalty always (HF applies it to greedy decoding too); a setting in
+    UNSUPPORTED_GEN at another value than its no-op is a ValueError naming it."""
+    for k, noop in UNSUPPORTED_GEN.items():
+        if k in kw and kw[k] not in noop:
+            raise ValueError(f"the task's generation_kwargs set {k}={kw[k]!r}, which layerfold's generation does not "
+                             f"implement (ignoring it would change the answers). Fix: remove {k} from the task's "
+                             "generation_kwargs (--gen-kwargs), or evaluate with lm-eval's hf model")
+    out: dict[str, Any] = {}
+    if kw.get("do_sample"):
+        out.update({k: kw[k] for k in ("top_k", "min_p") if kw.get(k) is not None})
+        out["top_k"] = int(out["top_k"]) if "top_k" in out else 0
+    if kw.get("repetition_penalty") is not None:
+        out["repetition_penalty"] = float(kw["repetition_penalty"])
+    return out
+
+
+__all__ = ["MODEL_NAME", "UNSUPPORTED_GEN", "LayerfoldLM", "gen_controls"]

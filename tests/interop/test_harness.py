@@ -152,3 +152,16 @@ def test_host_weights_score_and_generate_the_same(setup, monkeypatch) -> None:
     lm.batch_size_per_gpu = 2  # both prompts in one streamed batch (left-padded there)
     texts = lm.generate_until(gen)
     assert texts == LayerfoldLM(pretrained=str(ckpt)).generate_until(gen) and any(texts)
+
+
+def test_task_generation_kwargs_reach_the_sampler_or_are_refused() -> None:
+    from layerfold.interop.harness import gen_controls
+
+    assert gen_controls({"do_sample": True, "temperature": 0.7, "top_k": 40, "min_p": 0.05}) == {"top_k": 40,
+                                                                                                 "min_p": 0.05}
+    # HF applies the repetition penalty to greedy decoding too; top_k means nothing without sampling
+    assert gen_controls({"do_sample": False, "top_k": 40, "repetition_penalty": 1.2}) == {"repetition_penalty": 1.2}
+    assert gen_controls({"num_beams": 1, "num_return_sequences": 1}) == {}
+    for bad in ({"num_beams": 4}, {"no_repeat_ngram_size": 3}, {"typical_p": 0.9}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.*Fix"):
+            gen_controls(bad)
