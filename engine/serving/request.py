@@ -69,6 +69,7 @@ class Request:
     cancelled: bool = False  # set by any thread; the scheduler frees the slot before its next step
     # filled by the scheduler
     completion: Completion | None = None
+    sampling: SamplingParams | None = None  # params(), when the request starts
     gen: torch.Generator | None = None
     submitted: float = 0.0
     first_token: float | None = None

@@ -193,7 +193,7 @@ class Scheduler:
         for slot, r in batch:
             try:
                 end = (set() if r.ignore_eos else set(self.eos)) | set(r.stop_token_ids)
-                params = r.params()
+                params = r.sampling = r.params()  # built once: _sample reads it every step
                 r.completion = Completion(TextStream(self.tokenizer, r.stop), end, r.max_tokens,
                                           min_tokens=params.min_tokens, shaper=shaper_for(params, r.prompt_ids, end))
                 r.gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
@@ -256,7 +256,7 @@ class Scheduler:
 
     def _sample(self, slots: list[int], reqs: list[Request], logits: torch.Tensor) -> None:
         """Sample and accept one token per row; a row whose sampling or text fails fails alone."""
-        nxt = sample_each(logits, [r.params() for r in reqs], [r.gen for r in reqs],
+        nxt = sample_each(logits, [r.sampling or r.params() for r in reqs], [r.gen for r in reqs],
                           [r.completion.shaper if r.completion is not None else None for r in reqs])
         for j, (slot, r, t) in enumerate(zip(slots, reqs, nxt, strict=True)):
             if r.cancelled:  # e.g. during its prefill: free the slot now, before a step reads its (no) tokens
