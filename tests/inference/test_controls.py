@@ -176,3 +176,19 @@ def test_cli_generate_takes_the_controls(model: Model, tok: Any, tmp_path: Any, 
         assert main([*args, flag, value]) == 2
         err = capsys.readouterr().err
         assert flag.lstrip("-").replace("-", "_") in err and "Fix:" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shaping_on_cuda_equals_the_cpu() -> None:
+    torch.manual_seed(3)
+    row = torch.randn(1000) * 4
+    p = SamplingParams.make(repetition_penalty=1.4, presence_penalty=0.7, frequency_penalty=0.3,
+                            logit_bias={1: 9.0, 999: -50.0}, min_tokens=5)
+    cpu, gpu = LogitShaper(p, [4, 5, 5, 900], end_ids=[2]), LogitShaper(p, [4, 5, 5, 900], end_ids=[2])
+    for t in (5, 17, 17, 3):
+        cpu.observe(t)
+        gpu.observe(t)
+    a, b = cpu(row), gpu(row.cuda())
+    assert b.device.type == "cuda" and gpu.counts is not None and gpu.counts.device.type == "cuda"
+    torch.testing.assert_close(b.cpu(), a)
