@@ -31,6 +31,11 @@ __all__ = ["MAX_LOGIT_BIAS", "TEMPERATURE_FLOOR", "LogitShaper", "SamplingParamE
 # and its distribution is the argmax anyway.
 TEMPERATURE_FLOOR = 1e-5
 MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
+# A repetition_penalty below this divides and multiplies as this: float32 rounds a smaller one towards 0
+# (1e-300 is 0: a positive logit became +Inf and a banned one -Inf * 0 = NaN, failing the request as if the
+# model had overflowed), while this still lifts every seen positive logit above every other one, in order.
+REPETITION_PENALTY_FLOOR = 1e-30
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 class SamplingParamError(ValueError):
@@ -130,6 +135,7 @@ class LogitShaper:
 
     def _make(self, row: Tensor) -> None:
         V, dev, p = row.shape[-1], row.device, self.p
+        self.end = [t for t in self.end if 0 <= t < V]  # (a tokenizer's EOS past the model's vocabulary: never drawn)
         if p.presence_penalty or p.frequency_penalty:
             self.counts = torch.zeros(V, dtype=torch.float32, device=dev)
         if p.repetition_penalty != 1:
@@ -169,7 +175,8 @@ class LogitShaper:
         if self.generated < p.min_tokens and self.end:
             x[self.end] = -math.inf
         if self.seen is not None:
-            x = torch.where(self.seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+            rp = max(p.repetition_penalty, REPETITION_PENALTY_FLOOR)
+            x = torch.where(self.seen, torch.where(x > 0, x / rp, x * rp), x)
         if self.counts is not None:
             x -= self.counts * p.frequency_penalty + (self.counts > 0).float() * p.presence_penalty
-        return x
+        return x.clamp_(max=_F32_MAX)  # a huge logit lifted further stays finite (the ban's -Inf stays)

@@ -29,6 +29,20 @@ def eos_ids(model_or_spec: Any, tokenizer: Any) -> set[int]:
     return out
 
 
+def cleans_up(tokenizer: Any) -> bool:
+    """Whether ``tokenizer.decode`` cleans up the whole decoded text (transformers' clean_up_tokenization_spaces,
+    which transformers 5 skips for BPE models): tried on a text it would change, as the flag alone does not tell.
+    (A decoder's own per-token cleanup, as WordPiece's, is no concern: each window decodes it as the whole does.)"""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    try:
+        ids = tokenizer.encode("a ' a . a", add_special_tokens=False)
+        return bool(tokenizer.decode(ids, skip_special_tokens=True) !=
+                    tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    except (TypeError, ValueError, AttributeError):  # cannot tell: decode the whole text, which is always right
+        return True
+
+
 class TextStream:
     """Incremental detokenisation of one sequence with stop strings.
 
@@ -42,7 +56,9 @@ class TextStream:
     a GPU decode step. The window's context tokens make tokenizers that change a sequence's first piece
     (SentencePiece drops its leading space) decode the new tokens as in the whole text; where the window
     cannot be trusted (its context decodes to nothing, or its text does not begin with the context's) the
-    whole sequence is decoded instead.
+    whole sequence is decoded instead. So it is for a tokenizer that cleans up the whole text after decoding
+    (``clean_up_tokenization_spaces``: " ' s" becomes "'s" only with the space before it in view), whose
+    stream also holds back a space near the end, which that cleanup could still drop.
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
@@ -55,12 +71,15 @@ class TextStream:
         self._done = ""  # the text of ids[:_read], which ends in a whole character
         self._prefix = 0  # ids[_prefix:_read]: the next window's context (_prefix: the previous commit point)
         self._read = 0
+        self._whole = cleans_up(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True) if ids else ""
 
     def _decoded(self) -> str:
         """The text of every id so far, decoding only the window after ``_prefix``."""
+        if self._whole:
+            return self._decode(self.ids)
         ids, p, r = self.ids, self._prefix, self._read
         window, head = self._decode(ids[p:]), self._decode(ids[p:r])
         # the window's new text is what follows its context's, unless the context decodes to nothing (a
@@ -86,6 +105,9 @@ class TextStream:
             if full.endswith("\ufffd"):
                 return ""
             hold = max((k for s in self.stop if stops for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+            if self._whole:  # the cleanup drops a space before up to 5 characters (" n ' t" -> "n't"): not final yet
+                at = full.find(" ", max(0, len(full) - 6))
+                hold = max(hold, len(full) - at if at != -1 else 0)
             end -= hold
         if end <= self.sent:
             return ""
@@ -147,7 +169,11 @@ def sample_each(logits: Tensor, params: Sequence[SamplingParams], generators: Se
             if not finite[i]:
                 raise SamplingError(NONFINITE)
             if sh is not None:
-                out.append(sample_row(sh(logits[i]), p, g))
+                try:
+                    row = sh(logits[i])
+                except (RuntimeError, IndexError, ValueError) as e:  # this row's own settings: fail it alone
+                    raise SamplingError(f"shaping the logits failed: {type(e).__name__}: {e}") from e
+                out.append(sample_row(row, p, g))
             else:
                 out.append(greedy[i] if p.greedy else sample_row(logits[i], p, g, greedy[i]))
         except SamplingError as e:

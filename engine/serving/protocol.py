@@ -169,6 +169,9 @@ def sampling_fields(body: _Common, vocab_size: int) -> dict[str, Any]:
             raise ApiError(400, f"logit_bias key {key[:40]!r} is not a token id in [0, {vocab_size}). Fix: key the "
                            "biases by this model's token ids, e.g. {\"50256\": -100}", "logit_bias")
         bias[int(key)] = value
+    if any(not 0 <= t < vocab_size for t in body.stop_token_ids or ()):  # here too: an echo-only request is not queued
+        raise ApiError(400, f"stop_token_ids must hold token ids in [0, {vocab_size}). Fix: use this model's "
+                       "tokenizer's ids", "stop_token_ids")
     return {"presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
             "logit_bias": bias, "top_k": body.top_k or 0, "min_p": body.min_p or 0.0,
             "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
