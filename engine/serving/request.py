@@ -93,7 +93,7 @@ def check_request(r: Request, vocab_size: int, max_len: int) -> None:
     if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in p):
         raise RequestError(f"prompt token ids must be integers in [0, {vocab_size}). Fix: tokenize with this model's "
                            "tokenizer", "prompt")
-    if not isinstance(r.max_tokens, int) or r.max_tokens < 0:
+    if not isinstance(r.max_tokens, int) or isinstance(r.max_tokens, bool) or r.max_tokens < 0:
         raise RequestError(f"max_tokens={r.max_tokens!r} must be a whole number >= 0. Fix: e.g. max_tokens=16",
                            "max_tokens")
     if r.max_tokens == 0 and not r.prompt_logprobs:
@@ -127,8 +127,11 @@ def check_request(r: Request, vocab_size: int, max_len: int) -> None:
     except (SamplingParamError, TypeError) as e:
         raise RequestError(str(e), getattr(e, "param", None)) from None
     if r.max_tokens > 0 and r.min_tokens > r.max_tokens:
-        raise RequestError(f"min_tokens={r.min_tokens} is more than max_tokens={r.max_tokens}. Fix: ask for at most "
-                           "max_tokens", "min_tokens")
+        raise RequestError(f"min_tokens={r.min_tokens} is more than the {r.max_tokens} tokens this request can "
+                           "generate (its max_tokens, or the room its prompt leaves in the context). Fix: ask for at "
+                           f"most {r.max_tokens}", "min_tokens")
+    if not isinstance(r.stop_token_ids, list):
+        raise RequestError("stop_token_ids must be a list of token ids. Fix: e.g. [2]", "stop_token_ids")
     if len(r.stop_token_ids) > MAX_STOP or any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size
                                                for t in r.stop_token_ids):
         raise RequestError(f"stop_token_ids must hold at most {MAX_STOP} token ids in [0, {vocab_size}). Fix: use this "

@@ -103,3 +103,17 @@ def test_openai_client_sends_the_controls(base: str, model: Model, tok: Any) -> 
     assert r.choices[0].text == tok.decode([1234] * 7) and r.usage.completion_tokens == 7
     with pytest.raises(openai.BadRequestError, match="min_tokens"):
         c.completions.create(model="tiny", prompt=p, max_tokens=2, extra_body={"min_tokens": 3})
+
+
+@pytest.mark.parametrize("field,value,match", [("max_tokens", True, "whole number"),
+                                               ("stop_token_ids", None, "list of token ids"),
+                                               ("min_tokens", 9, "the 4 tokens this request can generate")])
+def test_python_requests_are_checked_as_http_ones(model: Model, tok: Any, field: str, value: Any, match: str) -> None:
+    from layerfold.serving.scheduler import RequestError
+
+    sched = Scheduler(model, tok, max_batch=1, max_len=64)
+    req = Request([1, 2, 3], 4, lambda ev: None)
+    setattr(req, field, value)
+    with pytest.raises(RequestError, match=match + ".*Fix") as e:
+        sched.submit(req)
+    assert e.value.param == field and not sched.pending
