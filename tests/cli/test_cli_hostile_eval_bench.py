@@ -202,11 +202,11 @@ def test_demo_after_an_interrupted_conversion(tmp_path: Path, capsys: pytest.Cap
     monkeypatch.setenv("LAYERFOLD_CACHE", str(cache))
     key = L.content_key(L.resolve_alias("smollm2-135m"))
     stem = L.resolve_alias("smollm2-135m").stem
-    half = cache / f".{stem}-{key}.tmp-999999-abc"
+    half = cache / f".{stem}-{key}{L.CONVERSION}.tmp-999999-abc"
     half.mkdir(parents=True)
     (half / "model.safetensors").write_bytes(b"\0" * 100)
     (cache / "keys.json").write_text("{torn")
     rc, _, err = cli(capsys, "demo", "--quick", "--json", "--skip", "generate,eval,prune,bench")
     assert rc == 0, err
-    assert not half.exists() and (cache / f"{stem}-{key}" / "config.json").is_file()
+    assert not half.exists() and (cache / f"{stem}-{key}{L.CONVERSION}" / "config.json").is_file()
     assert json.loads((cache / "keys.json").read_text())  # rewritten whole

@@ -70,3 +70,39 @@ def test_cache_keys_on_content_and_removes_superseded(tmp_path, monkeypatch):
     new = resolve(g, quiet=True)
     assert new != first and not first.exists() and kept.is_dir() and (mine / "notes.txt").read_text() == "mine"
     assert json.loads((new / "config.json").read_text())["provenance"]["source"] == str(g.resolve())
+
+
+def test_the_embedded_tokenizer_adds_what_its_gguf_says() -> None:
+    """SmolLM2's GGUF says add_bos_token false; transformers 4.x converted it to a tokenizer adding <|im_start|>
+    to every encoding (transformers 5 did not), so scores depended on the transformers version."""
+    from layerfold.core.tokenizer import gguf_special_flags
+
+    flags = gguf_special_flags(loading.resolve_alias("smollm2-135m"))
+    assert flags.get("add_bos_token") is False and flags["model"] == "gpt2"
+    path = resolve("smollm2-135m", quiet=True)
+    tok = load_tokenizer(path)
+    assert tok("Hello")["input_ids"] == [19556] and tok("")["input_ids"] == []
+    # 4.x also took <|im_start|> for EOS, cleaned up spaces after decoding and saved a LlamaTokenizer
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (flags["bos_token_id"], flags["eos_token_id"],
+                                                                      flags["padding_token_id"]) == (1, 2, 2)
+    ids = tok("it ' s fine . ok ?")["input_ids"]
+    assert tok.decode(ids) == "it ' s fine . ok ?"
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and not cfg.get("clean_up_tokenization_spaces")
+
+
+@pytest.mark.parametrize("flags,first,last", [({"add_bos_token": False}, 7, 7), ({"add_bos_token": True}, 1, 7),
+                                              ({"add_bos_token": True, "add_eos_token": True}, 1, 2), ({}, 1, 7)])
+def test_special_token_flags_are_honoured(flags: dict, first: int, last: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from layerfold.core.tokenizer import honour_special_flags
+
+    tk = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "a": 7}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B:1",
+                                                      special_tokens=[("<s>", 1)])  # adds BOS, as 4.x built it
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    ids = honour_special_flags(tok, flags)("a a")["input_ids"]
+    assert ids[0] == first and ids[-1] == last and ids.count(7) == 2
