@@ -5,7 +5,7 @@ Bodies are strict pydantic models ("12" is not an integer, "yes" is not a boolea
 Sampling takes OpenAI's fields (temperature, top_p, seed, stop, presence_penalty, frequency_penalty,
 logit_bias) and vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos)
 with their meanings (layerfold.inference.controls). A field OpenAI defines that this server does not
-implement (tools, response_format, best_of, n > 1, ...) answers 400 naming it, unless it holds its no-op
+implement (tools, response_format, best_of, ...) answers 400 naming it, unless it holds its no-op
 value: silently ignoring it would give a different answer than the client asked for. A few fields that
 cannot change an answer (``user``, ``metadata``, ...) are accepted and ignored.
 """
@@ -26,7 +26,7 @@ from layerfold.serving.request import MAX_LOGPROBS, MAX_STOP, MAX_STOP_CHARS, SE
 
 __all__ = ["ApiError", "ChatBody", "CompletionBody", "Limits", "chat_messages", "check_body", "check_prompt",
            "check_text", "error_response", "on_api_error", "on_crash", "on_http", "on_invalid", "prompt_list",
-           "sampling_fields", "stop_list"]
+           "check_choices", "sampling_fields", "stop_list"]
 
 
 class ApiError(Exception):
@@ -70,6 +70,7 @@ class Limits:
 
 
 # ---- request bodies ----------------------------------------------------------------------------------
+MAX_N = 128  # choices per prompt in a body (prompts x n is bounded by Limits.max_prompts)
 Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Float = Annotated[float, Field(allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
@@ -87,7 +88,7 @@ class _Common(BaseModel):
     model: str | None = None
     temperature: Float = Field(1.0, ge=0.0, le=2.0, description=f"below {TEMPERATURE_FLOOR}: greedy")
     top_p: Float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt; prompts x n at most max_prompts")
     stream: bool = False
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
@@ -177,6 +178,13 @@ def sampling_fields(body: _Common, vocab_size: int) -> dict[str, Any]:
             "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
             "min_tokens": body.min_tokens or 0, "stop_token_ids": list(body.stop_token_ids or []),
             "ignore_eos": bool(body.ignore_eos)}
+
+
+def check_choices(prompts: int, n: int, limits: Limits) -> None:
+    """400 when a request asks for more sequences (prompts x n) than one request may run."""
+    if prompts * n > limits.max_prompts:
+        raise ApiError(400, f"{prompts} prompt(s) x n={n} asks for {prompts * n} sequences; this server runs at most "
+                       f"{limits.max_prompts} for one request. Fix: ask for fewer choices or split the request", "n")
 
 
 def prompt_list(body: CompletionBody, limits: Limits) -> list[str | list[int]]:

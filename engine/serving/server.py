@@ -45,6 +45,7 @@ from layerfold.serving.protocol import (
     Limits,
     chat_messages,
     check_body,
+    check_choices,
     check_prompt,
     on_api_error,
     on_crash,
@@ -54,6 +55,7 @@ from layerfold.serving.protocol import (
     sampling_fields,
     stop_list,
 )
+from layerfold.serving.request import SEED_RANGE
 from layerfold.serving.scheduler import Event, QueueFull, RequestError, Scheduler
 from layerfold.serving.scheduler import Request as GenRequest
 
@@ -99,6 +101,7 @@ class Job:
     ids: list[int]
     max_tokens: int
     echo: str | None = None  # the prompt's text, returned before the completion (completions' echo)
+    sample: int = 0  # which of the prompt's n choices: its seed is the request's + sample; the first counts the prompt
 
 
 def _state(request: Request) -> ServerState:
@@ -145,6 +148,7 @@ async def completions(request: Request, body: CompletionBody) -> Any:
     st = _state(request)
     check_body(body, st.model_name)
     prompts = prompt_list(body, st.limits)
+    check_choices(len(prompts), body.n, st.limits)
     ids = await _off_loop(st, _encode_texts, st.tokenizer, prompts)
     if body.max_tokens == 0 and not body.echo:
         raise ApiError(400, "max_tokens=0 generates nothing. Fix: ask for at least 1 token, or add echo=true to "
@@ -153,7 +157,7 @@ async def completions(request: Request, body: CompletionBody) -> Any:
     for p, x in zip(prompts, ids, strict=True):
         n = check_prompt(x, body.max_tokens, st.limits, st.vocab_size)
         echo = (p if isinstance(p, str) else await _off_loop(st, _decode, st.tokenizer, x)) if body.echo else None
-        jobs.append(Job(x, n, echo))
+        jobs += [Job(x, n, echo, j) for j in range(body.n)]  # choices in prompt order, then by sample
     return await _run(request, st, body, jobs, chat=False, logprobs=body.logprobs)
 
 
@@ -162,13 +166,15 @@ async def chat_completions(request: Request, body: ChatBody) -> Any:
     st = _state(request)
     check_body(body, st.model_name)
     msgs = chat_messages(body, st.limits)
+    check_choices(1, body.n, st.limits)
     try:
         ids = await _off_loop(st, encode_prompt, st.tokenizer, msgs, True)
     except ValueError as e:
         raise ApiError(400, str(e), "messages") from None
     mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    job = Job(ids, check_prompt(ids, mt, st.limits, st.vocab_size))
-    return await _run(request, st, body, [job], chat=True, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    n = check_prompt(ids, mt, st.limits, st.vocab_size)
+    jobs = [Job(ids, n, None, j) for j in range(body.n)]
+    return await _run(request, st, body, jobs, chat=True, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 
 async def _run(request: Request, st: ServerState, body: Any, jobs: list[Job], *, chat: bool,
@@ -187,7 +193,7 @@ async def _run(request: Request, st: ServerState, body: Any, jobs: list[Job], *,
 
     controls = sampling_fields(body, st.vocab_size)
     reqs = [GenRequest(j.ids, j.max_tokens, emitter(i), temperature=body.temperature, top_p=body.top_p,
-                       seed=body.seed, stop=stop_list(body), logprobs=logprobs,
+                       seed=_seed(body.seed, j.sample), stop=stop_list(body), logprobs=logprobs,
                        prompt_logprobs=logprobs is not None and j.echo is not None, **controls)
             for i, j in enumerate(jobs)]
     todo = [r for r, j in zip(reqs, jobs, strict=True) if j.max_tokens > 0 or r.prompt_logprobs]
@@ -229,8 +235,17 @@ async def _run(request: Request, st: ServerState, body: Any, jobs: list[Job], *,
     return answer.body()
 
 
+def _seed(seed: int | None, sample: int) -> int | None:
+    """The seed of a prompt's ``sample``-th choice: the request's plus the sample (minus, past the top of the
+    range), so n choices of one seeded request differ and each is reproducible."""
+    if seed is None or sample == 0:
+        return seed
+    return seed + sample if seed + sample <= SEED_RANGE[1] else seed - sample
+
+
 class _Answer:
-    """The choices of one request, built from its prompts' events (index = the prompt's position)."""
+    """The choices of one request, built from its prompts' events (index = the job's position: prompt by prompt,
+    n choices each)."""
 
     def __init__(self, st: ServerState, jobs: list[Job], chat: bool, logprobs: bool):
         self.st, self.jobs, self.chat, self.want_lp = st, jobs, chat, logprobs
@@ -260,7 +275,7 @@ class _Answer:
             self.text[i] += ev.text
         elif ev.kind == "done":
             self.finish[i] = ev.finish_reason
-            self.tokens[0] += ev.prompt_tokens
+            self.tokens[0] += ev.prompt_tokens if self.jobs[i].sample == 0 else 0  # a prompt counts once, as OpenAI
             self.tokens[1] += ev.completion_tokens
             self.st.metrics.finished(ev.prompt_tokens, ev.completion_tokens, ev.ttft_s, ev.latency_s)
         return (ev.text if ev.kind == "delta" else ""), lp
@@ -289,8 +304,10 @@ async def _stream(request: Request, reqs: Sequence[GenRequest], queue: asyncio.Q
     left = len(reqs)
     try:
         if answer.chat:
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            yield sse({**answer.head(obj), "choices": [first]})
+            for i in range(len(answer.jobs)):
+                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}
+                yield sse({**answer.head(obj), "choices": [first]})
         for i, j in enumerate(answer.jobs):
             if j.echo and not reqs[i].prompt_logprobs:
                 yield sse({**answer.head(obj), "choices": [answer.choice(i, j.echo, None, None)]})

@@ -117,3 +117,32 @@ def test_python_requests_are_checked_as_http_ones(model: Model, tok: Any, field:
     with pytest.raises(RequestError, match=match + ".*Fix") as e:
         sched.submit(req)
     assert e.value.param == field and not sched.pending
+
+
+def test_n_choices_per_prompt(base: str, model: Model, tok: Any) -> None:
+    """n samples of each prompt: choices prompt by prompt, the j-th seeded with seed + j (so they differ and each
+    is generate()'s with that seed), the prompt counted once in usage."""
+    prompts = ["The cat sat on the", "Once upon a time"]
+    r = httpx.post(base + "/v1/completions", json={"prompt": prompts, "n": 3, "max_tokens": 6, "temperature": 1.0,
+                                                   "seed": 5}, timeout=60).json()
+    assert [c["index"] for c in r["choices"]] == list(range(6))
+    for c in r["choices"]:
+        p, j = prompts[c["index"] // 3], c["index"] % 3
+        assert c["text"] == generate(model, tok, p, chat=False, max_new_tokens=6, temperature=1.0, seed=5 + j)[0].text
+    assert len({c["text"] for c in r["choices"][:3]}) > 1
+    assert r["usage"]["prompt_tokens"] == sum(len(tok.encode(p)) for p in prompts)
+    assert r["usage"]["completion_tokens"] == 6 * 6
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "n": 2, "max_tokens": 5, "temperature": 1.0, "seed": 1}
+    whole = httpx.post(base + "/v1/chat/completions", json=chat, timeout=60).json()
+    texts, roles = {0: "", 1: ""}, set()
+    with httpx.stream("POST", base + "/v1/chat/completions", json={**chat, "stream": True}, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                for c in __import__("json").loads(line[6:])["choices"]:
+                    texts[c["index"]] += c["delta"].get("content") or ""
+                    roles |= {c["index"]} if c["delta"].get("role") == "assistant" else set()
+    assert roles == {0, 1} and [texts[0], texts[1]] == [c["message"]["content"] for c in whole["choices"]]
+    c = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=60, max_retries=0)
+    assert len(c.completions.create(model="tiny", prompt="x", n=4, max_tokens=2).choices) == 4
+    with pytest.raises(openai.BadRequestError, match="sequences"):  # 3 x 30 over the 64 a request may run
+        c.completions.create(model="tiny", prompt=["a", "b", "c"], n=30, max_tokens=2)

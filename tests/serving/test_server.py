@@ -122,7 +122,7 @@ HI = [{"role": "user", "content": "hi"}]
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 300}]}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": HI, "max_tokens": 951}, 400, "max_tokens"),
-    ("/v1/chat/completions", {"messages": HI, "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"messages": HI, "n": 0}, 400, "n"),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": HI}, 404, "model"),
     ("/v1/completions", {"prompt": 5}, 400, None),
     ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),

@@ -94,7 +94,7 @@ POISON = [
     ({"prompt": P, "logprobs": 21}, 400, "logprobs"),
     ({"prompt": P, "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": P, "max_tokens": 481}, 400, "max_tokens"),
-    ({"prompt": P, "n": 2}, 400, "n"),
+    ({"prompt": P, "n": 9}, 400, "n"),  # 1 prompt x 9 choices: over max_prompts (8)
     ({"prompt": P, "best_of": 3}, 400, "best_of"),
     ({"prompt": P, "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"prompt": P, "logit_bias": {"49152": 1}}, 400, "logit_bias"),  # past the vocabulary
@@ -161,7 +161,7 @@ FIELDS = [
         ("max_tokens", ["10", 1.5, -1, True]),
         ("temperature", ["hot", -0.1, 2.01, None and 0, [1]]),
         ("top_p", ["1", 0.0, 1.01, {}]),
-        ("n", ["1", 0, 2, 1.0]),
+        ("n", ["1", 0, 129, 1.0]),
         ("stream", ["yes", 1, []]),
         ("stop", [5, [1, 2], {"a": "b"}, ["x"] * 17]),
         ("seed", ["1", 1.5, 2 ** 64, True]),
@@ -269,7 +269,7 @@ def test_metrics_in_prometheus_format(base: str) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     assert post(base, "/v1/completions", {"prompt": "count", "max_tokens": 5, "temperature": 0}).status_code == 200
-    assert post(base, "/v1/completions", {"prompt": "x", "n": 2}).status_code == 400
+    assert post(base, "/v1/completions", {"prompt": "x", "n": 0}).status_code == 400
     r = httpx.get(base + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     fams = {f.name: f for f in text_string_to_metric_families(r.text)}
