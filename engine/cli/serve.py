@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=float, default=4.0,
                    help="largest request body in MiB (default 4); larger ones answer 413 before they are read whole")
     p.add_argument("--max-prompts", type=int, default=64,
-                   help="prompts one /v1/completions request may carry (default 64)")
+                   help="sequences one request may run: its prompts times n (default 64)")
     p.add_argument("--api-key", default=os.environ.get("LAYERFOLD_API_KEY"),
                    help="require \"Authorization: Bearer KEY\" on every endpoint but /health (default: "
                    "$LAYERFOLD_API_KEY; none: no key)")
