@@ -34,6 +34,7 @@ PARTS: dict[str, tuple[float, float]] = {
     "tests": (150, 120),
     "decode": (200, 240),
     "decode-baselines": (120, 120),
+    "decode-sdpa": (100, 120),
     "kernels": (120, 120),
     "calibration": (120, 120),
     "decode-compile": (200, 30),
@@ -57,6 +58,7 @@ def run_part(name: str, out: Path, tiny: bool) -> None:
     rec = P.Recorder(out, name, tiny)
     fn = {"env": P.part_env, "tests": P.part_tests, "decode": P.part_decode,
           "decode-baselines": P.part_decode_baselines, "decode-compile": P.part_decode_compile,
+          "decode-sdpa": P.part_decode_sdpa,
           "kernels": P.part_kernels, "calibration": P.part_calibration, "serve": P.part_serve,
           "calibration-big": P.part_calibration_big, "prune": W.part_prune, "heal": W.part_heal,
           "host-generate": W.part_host_generate}[name]
@@ -185,7 +187,8 @@ def markdown(res: dict[str, Any]) -> str:
     if "tests" in p:
         lines += ["", f"**gpu tests**: {p['tests'].get('summary', '-')}"]
         lines += [f"- {f}" for f in p["tests"].get("failures", [])[:20]]
-    dec = [r for k in ("decode", "decode-baselines", "decode-compile") for r in p.get(k, {}).get("rows", [])]
+    dec_parts = ("decode", "decode-baselines", "decode-sdpa", "decode-compile")
+    dec = [r for k in dec_parts for r in p.get(k, {}).get("rows", [])]
     if dec:
         lines += ["", "## Decode (prompt 128 + 128 new tokens; % bound = rate x bytes per step / probed bandwidth)"]
         lines += _table(["model", "engine", "batch", "tok/s", "% bound", "TTFT ms", "peak GB"], [
@@ -199,7 +202,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines += _table(["pruned shape", "batch", "speedup", "predicted (bytes)", "speedup / predicted", "% bound"], [
             [m, b, f"{v['speedup']:.2f}x", f"{v['predicted']:.2f}x", f"{v['speedup_over_predicted']:.2f}",
              f"{v['pct_of_bound']:.0f}%"] for m, by_b in s.get("pruned", {}).items() for b, v in by_b.items()])
-        for part in ("decode", "decode-baselines", "decode-compile"):
+        for part in dec_parts:
             lines += [f"- note ({part}): {n}" for n in p.get(part, {}).get("notes", [])]
     k = p.get("kernels", {})
     if k.get("calibration_kernels"):

@@ -181,7 +181,18 @@ def part_decode_baselines(rec: Recorder, tiny: bool) -> None:
                              ("dense", dense, ["hf"], batches[:2], 2)])
 
 
-def _decode_jobs(rec: Recorder, tiny: bool, jobs: list[tuple[str, Any, list[str], list[int], int | None]]) -> None:
+def part_decode_sdpa(rec: Recorder, tiny: bool) -> None:
+    """layerfold on the dense shape with its decode attention replaced by torch SDPA over the whole cache
+    (LAYERFOLD_DECODE_ATTN=sdpa, kernels.attn_decode.attn_decode_sdpa): the end-to-end A/B of the attention
+    kernel, which the kernels part measured at 49% of the bandwidth at 64 rows against 81% for SDPA. Its
+    rows are the engine ``layerfold-sdpa-attn``."""
+    os.environ["LAYERFOLD_DECODE_ATTN"] = "sdpa"  # this part's own process
+    batches = [1, 2] if tiny else [1, 16, 64]
+    _decode_jobs(rec, tiny, [("dense", dense_spec(tiny), ["layerfold"], batches, None)], engine="layerfold-sdpa-attn")
+
+
+def _decode_jobs(rec: Recorder, tiny: bool, jobs: list[tuple[str, Any, list[str], list[int], int | None]],
+                engine: str | None = None) -> None:
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     setup: dict[str, float] = {}
@@ -195,6 +206,7 @@ def _decode_jobs(rec: Recorder, tiny: bool, jobs: list[tuple[str, Any, list[str]
             continue
         for r in res["rows"]:
             r.pop("decode_runs", None)
+            r["engine"] = engine or r["engine"]
         rows += res["rows"]
         notes += res["notes"]
         setup.update({f"{k} ({engines[0]})": v for k, v in res["setup_s"].items()})

@@ -20,13 +20,14 @@ plain CPU, so its structure is tested without a GPU.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from layerfold.kernels.attn_decode import attn_decode
+from layerfold.kernels.attn_decode import attn_decode, attn_decode_sdpa
 from layerfold.kernels.gemv import Linear, gemv, pick_linear
 from layerfold.kernels.heuristics import GEMV_MAX_ROWS
 from layerfold.kernels.rmsnorm import add_rmsnorm, rmsnorm
@@ -64,6 +65,9 @@ class FusedDecode:
         self.next_norm = [s.norm for s in stages[1:]] + [net.final_norm]
         self.first_norm = stages[0].norm if stages else net.final_norm
         self.choice: dict[tuple[int, int], tuple[Linear, str]] = {}  # (rows, id(weight)) -> GEMV and its name
+        # the decode attention: the kernel over each row's slots (default), or torch SDPA over the whole cache
+        # with a length mask (LAYERFOLD_DECODE_ATTN=sdpa: the alternative gpu_suite's decode-sdpa part measures)
+        self.attn = attn_decode_sdpa if os.environ.get("LAYERFOLD_DECODE_ATTN") == "sdpa" else attn_decode
 
     # ---- GEMV choice ---------------------------------------------------------------------------------
     def weights(self) -> list[Tensor]:
@@ -111,7 +115,7 @@ class FusedDecode:
                 qkv = self._lin(x, l.wqkv, l.bqkv)
                 q = rope_cache(qkv, getattr(net, f"cos{l.hd}"), getattr(net, f"sin{l.hd}"), pos, l.k, l.v,
                                n_heads=l.n_heads, n_kv=l.n_kv, q_norm=l.q_norm, k_norm=l.k_norm, eps=eps)
-                y = attn_decode(q.view(n, l.n_kv, l.n_heads // l.n_kv, l.hd), l.k, l.v, lengths, window=net.window)
+                y = self.attn(q.view(n, l.n_kv, l.n_heads // l.n_kv, l.hd), l.k, l.v, lengths, window=net.window)
                 h, x = self._out(y.reshape(n, l.n_heads * l.hd), l.wo, h, l.fused_attn_sc, nxt)
             elif s.kind == "mlp":
                 a = swiglu(self._lin(x, l.wgu))

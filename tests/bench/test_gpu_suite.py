@@ -20,8 +20,11 @@ def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
     status = {name: part["status"] for name, part in res["parts"].items()}
     assert status.pop("decode-compile") == "skipped"  # compiling takes minutes on a CPU; the GPU run measures it
     assert status == {name: "done" for name in status}, status
-    assert set(status) >= {"env", "tests", "decode", "decode-baselines", "kernels", "calibration", "serve",
-                           "calibration-big", "prune", "heal", "host-generate"}
+    assert set(status) >= {"env", "tests", "decode", "decode-baselines", "decode-sdpa", "kernels", "calibration",
+                           "serve", "calibration-big", "prune", "heal", "host-generate"}
+    sdpa = res["parts"]["decode-sdpa"]["rows"]  # the attention A/B: the same step, SDPA over the whole cache
+    assert {r["engine"] for r in sdpa} == {"layerfold-sdpa-attn"} and all(r["decode_tok_s"] > 0 for r in sdpa)
+    assert "layerfold-sdpa-attn" in (out / "gpu_suite.md").read_text()
     s = res["decode_summary"]
     assert set(s["pruned"]) == {"shortgpt", "streamline", "dynamic-slicing", "come"}
     for by_batch in s["pruned"].values():  # a pruned shape reads fewer bytes per step than the dense one

@@ -59,6 +59,18 @@ def test_runtime_matches_forward(name: str, kernels: str) -> None:
     assert rt.lengths == [len(s) for s in seqs]
 
 
+def test_sdpa_attention_switch_matches_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAYERFOLD_DECODE_ATTN=sdpa (the whole-cache SDPA the GPU suite measures against the kernel) decodes as the
+    forward does, GQA and a sliding window included (the fused Triton step, interpreted)."""
+    monkeypatch.setenv("LAYERFOLD_DECODE_ATTN", "sdpa")
+    m = tiny_model(RUNTIME_SPECS["sliding+llama3rope"], norm_gains=True)
+    rt = Runtime(m, max_batch=3, max_len=48, kernels="triton")
+    assert rt.backend == "triton" and rt.net.fused.attn.__name__ == "attn_decode_sdpa"
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    seqs, last = greedy_with_runtime(rt, prompts, steps=3)
+    check_against_forward(m, prompts, seqs, last)
+
+
 def test_rows_are_independent() -> None:
     """Batched (different lengths, scattered rows, idle rows in between) equals one row at a time."""
     m = tiny_model(hetero_runtime_spec(), seed=1, norm_gains=True)

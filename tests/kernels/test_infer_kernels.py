@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from layerfold.kernels.attn_decode import attn_decode, attn_decode_ref
+from layerfold.kernels.attn_decode import attn_decode, attn_decode_ref, attn_decode_sdpa
 from layerfold.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from layerfold.kernels.rotary import rotary, rotary_ref
 from layerfold.kernels.swiglu import swiglu, swiglu_ref
@@ -110,6 +110,17 @@ def test_attn_decode_sliding_window(window: int) -> None:
     q, k, v, lengths = _attn_case(3, 2, 2, 16, 40, torch.float32, seed=window)
     want = attn_decode_ref(q.double(), k.double(), v.double(), lengths, window=window)
     close(attn_decode(q, k, v, lengths, window=window), want, torch.float32, f"window {window}")
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("b,kv,g,hd,s", [(1, 1, 1, 16, 1), (3, 2, 3, 20, 50), (4, 1, 7, 8, 33)])
+def test_attn_decode_sdpa_equals_the_reference(b: int, kv: int, g: int, hd: int, s: int, window: int | None) -> None:
+    """The whole-cache SDPA alternative (LAYERFOLD_DECODE_ATTN=sdpa): G query heads as G query positions of a KV
+    head, the length (and window) mask built from ``lengths``; a spare cache row is not read."""
+    q, k, v, lengths = _attn_case(b, kv, g, hd, s, torch.float32, seed=s + 3)
+    k, v = torch.cat([k, torch.randn_like(k[:1]) * 1e3]), torch.cat([v, torch.randn_like(v[:1]) * 1e3])
+    want = attn_decode_ref(q.double(), k.double(), v.double(), lengths, window=window)
+    close(attn_decode_sdpa(q, k, v, lengths, window=window), want, torch.float32, f"sdpa b={b} s={s} w={window}")
 
 
 def test_attn_decode_ref_is_plain_softmax_attention() -> None:
