@@ -261,9 +261,10 @@ def markdown(res: dict[str, Any]) -> str:
     s = p.get("serve", {})
     if s.get("rows"):
         lines += ["", f"## Serving (startup {_f(s.get('startup_s'))} s)"]
-        lines += _table(["clients", "requests", "tokens/s", "TTFT p50 s", "latency p95 s", "largest batch"], [
-            [r["clients"], r["requests"], f"{r['tokens_s']:.0f}", f"{r['ttft_p50_s']:.3f}", f"{r['latency_p95_s']:.2f}",
-             r.get("max_rows_in_step")] for r in s["rows"]], right_from=0)
+        head = ["clients", "sampling", "requests", "tokens/s", "TTFT p50 s", "latency p95 s", "largest batch"]
+        lines += _table(head, [
+            [r["clients"], r.get("sampling", "greedy"), r["requests"], f"{r['tokens_s']:.0f}", f"{r['ttft_p50_s']:.3f}",
+             f"{r['latency_p95_s']:.2f}", r.get("max_rows_in_step")] for r in s["rows"]], right_from=2)
     import suite_pipeline as W
 
     lines += W.markdown(p, _f, _table)

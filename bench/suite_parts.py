@@ -602,7 +602,10 @@ def part_serve(rec: Recorder, tiny: bool) -> None:
             h = _get(base + "/health") or {}
             rows[-1]["max_rows_in_step"] = h.get("max_rows_in_step")
             rec.save(rows=rows)
-        rec.save(status="done")
+        # the largest level again with sampling and every penalty on: what shaping each row costs a step
+        rows.append(_clients(base, levels[-1], requests=1 if tiny else 2, max_tokens=max_tokens, extra=SAMPLED))
+        rows[-1]["max_rows_in_step"] = (_get(base + "/health") or {}).get("max_rows_in_step")
+        rec.save(rows=rows, status="done")
     finally:
         proc.terminate()
         try:
@@ -622,14 +625,19 @@ def _get(url: str) -> dict[str, Any] | None:
         return None
 
 
-def _stream_one(base: str, prompt: str, max_tokens: int) -> dict[str, float]:
+# a sampled request with every shaping control on (each row then has its own LogitShaper on the device)
+SAMPLED = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.1, "frequency_penalty": 0.5,
+           "presence_penalty": 0.3}
+
+
+def _stream_one(base: str, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None) -> dict[str, float]:
     import http.client
     import urllib.parse
 
     u = urllib.parse.urlparse(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
     body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}})
+                       "stream": True, "stream_options": {"include_usage": True}, **(extra or {})})
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -650,20 +658,21 @@ def _stream_one(base: str, prompt: str, max_tokens: int) -> dict[str, float]:
     return {"ttft_s": first if first is not None else end, "latency_s": end, "tokens": tokens}
 
 
-def _clients(base: str, c: int, requests: int, max_tokens: int) -> dict[str, Any]:
+def _clients(base: str, c: int, requests: int, max_tokens: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
     prompts = [f"Request {i}: tell me about the number {i * 7 + 3} and what follows it." for i in range(c * requests)]
     t0 = time.perf_counter()
 
     def client(i: int) -> list[dict[str, float]]:
-        return [_stream_one(base, prompts[i * requests + j], max_tokens) for j in range(requests)]
+        return [_stream_one(base, prompts[i * requests + j], max_tokens, extra) for j in range(requests)]
 
     with ThreadPoolExecutor(c) as ex:
         res = [r for rs in ex.map(client, range(c)) for r in rs]
     wall = time.perf_counter() - t0
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]
-    return {"clients": c, "requests": len(res), "tokens_s": sum(r["tokens"] for r in res) / wall,
+    return {"clients": c, "requests": len(res), "sampling": "shaped" if extra else "greedy",
+            "tokens_s": sum(r["tokens"] for r in res) / wall,
             "ttft_p50_s": statistics.median(r["ttft_s"] for r in res),
             "latency_p95_s": q([r["latency_s"] for r in res], 0.95), "wall_s": wall}
 

@@ -35,7 +35,8 @@ def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
     assert calib["plain"]["over_plain"] == 1.0 and res["parts"]["calibration"]["warmup_s"] > 0
     assert res["parts"]["calibration"]["profile_plain"]["wall_s"] > 0  # both profiles, for the difference
     serve = res["parts"]["serve"]["rows"]
-    assert [r["clients"] for r in serve] == [1, 2] and all(r["tokens_s"] > 0 for r in serve)
+    assert [(r["clients"], r["sampling"]) for r in serve] == [(1, "greedy"), (2, "greedy"), (2, "shaped")]
+    assert all(r["tokens_s"] > 0 for r in serve)
     prune = {(r["method"], r["weights"]): r for r in res["parts"]["prune"]["rows"]}  # the whole pipeline
     assert set(prune) == {("shortgpt", "device"), ("streamline", "device"), ("dynamic-slicing", "device"),
                           ("shortgpt", "host"), ("streamline", "host")}
