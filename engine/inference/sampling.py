@@ -134,7 +134,7 @@ def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generato
     """The next token of one row of (shaped) logits (V,): the argmax (``greedy`` when already known) at a
     temperature below TEMPERATURE_FLOOR, else a draw from the temperature-scaled distribution cut by min-p,
     top-k and the smallest top-p nucleus. Raises SamplingError for logits that hold NaN or +Inf."""
-    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+    if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):  # one read-back (-Inf: a banned token)
         raise SamplingError(NONFINITE)
     if params.greedy:
         return int(logits.argmax()) if greedy is None else greedy
