@@ -196,6 +196,22 @@ class Runtime:
         for r in range(self.max_batch) if rows is None else rows:
             self.lengths[r] = 0
 
+    @torch.inference_mode()
+    def copy_rows(self, src: int, dsts: Sequence[int]) -> None:
+        """Give rows ``dsts`` the cache and length of row ``src`` (a prompt prefilled once for several
+        sequences: the server's n choices, or the same prompt sent twice), copying its used slots only."""
+        n = self.lengths[src]
+        if not 0 < n <= self.max_len or any(not 0 <= d < self.max_batch or d == src for d in dsts):
+            raise ValueError(f"copy_rows({src}, {list(dsts)}): the source must hold a prompt and the targets be other "
+                             f"rows below max_batch={self.max_batch}. Fix: prefill the source row first")
+        idx = torch.tensor(list(dsts), device=self.device)
+        for l in self.net.layers:
+            if l.k is not None:
+                l.k[idx, :, :n] = l.k[src, :, :n]
+                l.v[idx, :, :n] = l.v[src, :, :n]
+        for d in dsts:
+            self.lengths[d] = n
+
     def weight_bytes(self) -> int:
         return decode_weight_bytes(self.spec, self.dtype)
 

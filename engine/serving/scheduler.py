@@ -206,6 +206,22 @@ class Scheduler:
             ready.append((slot, r))
         if not ready:
             return
+        # a prompt in the batch twice (n choices of one request) is prefilled once; its copies get its cache
+        src_of: dict[tuple[int, ...], int] = {}  # a prompt -> the position in ready of its first request
+        for j, (_, r) in enumerate(ready):
+            src_of.setdefault(tuple(r.prompt_ids), j)
+        if len(src_of) < len(ready):
+            firsts = sorted(src_of.values())
+            logits = self._prefill([ready[j] for j in firsts])
+            if logits is not None:  # (else: the whole batch below, then each prompt alone)
+                src = [src_of[tuple(r.prompt_ids)] for _, r in ready]
+                for j in firsts:
+                    dup = [ready[i][0] for i in range(len(ready)) if src[i] == j and i != j]
+                    if dup:
+                        self.runtime.copy_rows(ready[j][0], dup)
+                row = {j: k for k, j in enumerate(firsts)}
+                self._sample([s for s, _ in ready], [r for _, r in ready], logits[[row[i] for i in src]])
+                return
         logits = self._prefill(ready)
         if logits is None:  # the batch failed as a whole: each prompt alone, so only a faulty one fails
             for slot, r in list(ready):

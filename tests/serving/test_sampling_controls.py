@@ -146,3 +146,23 @@ def test_n_choices_per_prompt(base: str, model: Model, tok: Any) -> None:
     assert len(c.completions.create(model="tiny", prompt="x", n=4, max_tokens=2).choices) == 4
     with pytest.raises(openai.BadRequestError, match="sequences"):  # 3 x 30 over the 64 a request may run
         c.completions.create(model="tiny", prompt=["a", "b", "c"], n=30, max_tokens=2)
+
+
+def test_a_prompt_sent_n_times_is_prefilled_once(model: Model, tok: Any) -> None:
+    p = tok.encode("Once upon a time")
+    sched = Scheduler(model, tok, max_batch=4, max_len=128)
+    seen: list[int] = []
+    real = sched.runtime.prefill
+
+    def counting(prompts: Any, rows: Any = None) -> Any:
+        seen.append(len(prompts))
+        return real(prompts, rows=rows)
+
+    sched.runtime.prefill = counting  # type: ignore[method-assign]
+    kw = dict(temperature=1.0)
+    got = run(sched, [Request(list(p), 8, None, seed=5 + j, **kw) for j in range(3)]  # type: ignore[arg-type]
+              + [Request(tok.encode("Hello"), 8, None, seed=9, **kw)])  # type: ignore[arg-type]
+    assert seen == [2]  # two distinct prompts, one prefill of both
+    for j in range(3):
+        assert got[j] == generate(model, tok, [p], max_new_tokens=8, seed=5 + j, **kw)[0].token_ids
+    assert got[3] == generate(model, tok, [tok.encode("Hello")], max_new_tokens=8, seed=9, **kw)[0].token_ids
