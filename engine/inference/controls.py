@@ -131,11 +131,13 @@ class LogitShaper:
         self.counts: Tensor | None = None  # (V,) times each token was generated
         self.seen: Tensor | None = None  # (V,) in the prompt or generated
         self._bias: tuple[Tensor, Tensor] | None = None
+        self._end_idx: Tensor | None = None
         self._made = False
 
     def _make(self, row: Tensor) -> None:
         V, dev, p = row.shape[-1], row.device, self.p
         self.end = [t for t in self.end if 0 <= t < V]  # (a tokenizer's EOS past the model's vocabulary: never drawn)
+        self._end_idx = torch.tensor(self.end, dtype=torch.long, device=dev)  # made once, not copied every step
         if p.presence_penalty or p.frequency_penalty:
             self.counts = torch.zeros(V, dtype=torch.float32, device=dev)
         if p.repetition_penalty != 1:
@@ -173,7 +175,7 @@ class LogitShaper:
         if self._bias is not None:
             x.index_add_(0, self._bias[0], self._bias[1])
         if self.generated < p.min_tokens and self.end:
-            x[self.end] = -math.inf
+            x[self._end_idx] = -math.inf
         if self.seen is not None:
             rp = max(p.repetition_penalty, REPETITION_PENALTY_FLOOR)
             x = torch.where(self.seen, torch.where(x > 0, x / rp, x * rp), x)
