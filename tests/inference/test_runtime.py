@@ -264,24 +264,24 @@ def test_compiled_runtime_matches_forward() -> None:
         check_against_forward(m, batch, seqs, last)
 
 
-@pytest.mark.parametrize("native", [None, False])
-def test_copy_rows_gives_the_prefilled_cache_to_other_rows(native: bool | None) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the native CPU step, where built
+def test_copy_rows_gives_the_prefilled_cache_to_other_rows(dtype: torch.dtype) -> None:
     """A prompt prefilled once and copied (the server's n choices) decodes as if each row had prefilled it."""
     m = tiny_model(hetero_runtime_spec(), seed=2, norm_gains=True)
     p = [5, 6, 7, 8, 9, 10]
-    rt = Runtime(m, max_batch=4, max_len=32, native=native)
+    rt = Runtime(m, max_batch=4, max_len=32, dtype=dtype)
     rt.prefill([[40, 41, 42, 43, 44, 45, 46, 47]], rows=[1])  # stale slots past the copy's length stay unread
     first = rt.prefill([p], rows=[0])
     rt.copy_rows(0, [1, 3])
     assert rt.lengths[:4] == [6, 6, 0, 6]
-    ref = Runtime(m, max_batch=1, max_len=32, native=native)
+    ref = Runtime(m, max_batch=1, max_len=32, dtype=dtype)
     ref.prefill([p])
     toks = [int(first[0].argmax())] * 4
     for _ in range(3):
         got = rt.decode(toks, active=[True, True, False, True])
         want = ref.decode(toks[:1])
         for r in (0, 1, 3):
-            assert_close(got[r], want[0], torch.float32, f"row {r}")
+            assert_close(got[r], want[0], dtype, f"row {r}")
         toks = [int(want[0].argmax())] * 4
     with pytest.raises(ValueError, match="Fix"):
         rt.copy_rows(2, [0])  # row 2 holds nothing
