@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
                    stream=show if live else None, stream_to=args.device if place == "host" else None, **controls)
     dt = time.perf_counter() - t0
     out = [{"prompt": r.prompt, "text": r.text, "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": len(r.token_ids), "finish_reason": r.finish_reason, "context_full": r.context_full}
+            "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason, "context_full": r.context_full}
            for r in res]
-    n = sum(len(r.token_ids) for r in res)
+    n = sum(r.completion_tokens for r in res)
     if args.json:
         emit(args, {"model": args.model, "results": out, "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 2),
                     "weights": {"place": place, "why": why}})
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"### {r.prompt}\n{r.text}\n")
     for i, r in enumerate(res):
         if r.context_full:  # stopped early, not at --max-new-tokens: say why
-            print(f"note: prompt {i} stopped after {len(r.token_ids)} of the {args.max_new_tokens} new tokens asked "
+            print(f"note: prompt {i} stopped after {r.completion_tokens} of the {args.max_new_tokens} new tokens asked "
                   f"for: its {r.prompt_tokens} prompt tokens and the completion filled the model's context of "
                   f"{context} positions (shorten the prompt for a longer completion)", file=sys.stderr)
     return 0

@@ -35,6 +35,7 @@ class GenerationResult:
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_new_tokens or the cache)
     context_full: bool = False  # the model's context (the cache row) ended it before max_new_tokens
+    completion_tokens: int = 0  # tokens sampled: token_ids plus the EOS that ended it (vLLM's and OpenAI's usage)
 
 
 @dataclass
@@ -204,7 +205,7 @@ def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, m
                 yield StreamEvent(s.index, delta)
             if c.done:
                 res = GenerationResult(s.prompt, c.text, list(c.tokens), s.n_prompt, c.finish_reason or "length",
-                                       c.finish_reason == "length" and len(c.tokens) < max_new_tokens)
+                                       c.finish_reason == "length" and len(c.tokens) < max_new_tokens, c.sampled)
                 yield StreamEvent(s.index, "", finished=True, result=res)
         if all(s.completion.done for s in seqs):
             return

@@ -222,8 +222,8 @@ class TokenLogprob:
 class Completion:
     """One sequence being generated: accepts sampled tokens until EOS, a stop string, ``max_tokens`` or a
     full cache row ends it (``finish_reason`` "stop" or "length"). Tokens and text exclude the EOS token
-    and the stop string. Stop strings count from the ``min_tokens``-th token on; ``shaper`` (the sequence's
-    penalties) sees every accepted token."""
+    and the stop string; ``sampled`` counts the EOS too (the usage vLLM and OpenAI report). Stop strings count
+    from the ``min_tokens``-th token on; ``shaper`` (the sequence's penalties) sees every accepted token."""
 
     stream: TextStream
     eos: set[int]
@@ -232,10 +232,16 @@ class Completion:
     finish_reason: str | None = None
     min_tokens: int = 0
     shaper: LogitShaper | None = None
+    ended_on_eos: bool = False
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def sampled(self) -> int:
+        """Tokens sampled for this sequence: ``tokens`` plus the EOS that ended it, if one did."""
+        return len(self.tokens) + self.ended_on_eos
 
     def accept(self, token: int, cache_full: bool = False) -> str:
         """Take a sampled token; return the text it makes final (with the held-back tail when it ends the
@@ -243,7 +249,7 @@ class Completion:
         if self.done:
             raise RuntimeError("accept() after the completion finished")
         if token in self.eos:
-            self.finish_reason = "stop"
+            self.finish_reason, self.ended_on_eos = "stop", True
             return self.stream.flush()
         self.tokens.append(int(token))
         if self.shaper is not None:

@@ -303,7 +303,7 @@ class Scheduler:
             self._free(slot)
             now = time.perf_counter()
             r.emit(Event("done", finish_reason=c.finish_reason, prompt_tokens=len(r.prompt_ids),
-                         completion_tokens=len(c.tokens), logprobs=self._logprobs(r),
+                         completion_tokens=c.sampled, logprobs=self._logprobs(r),
                          ttft_s=r.first_token - r.submitted, latency_s=now - r.submitted))
 
     @staticmethod

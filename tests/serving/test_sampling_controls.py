@@ -47,7 +47,10 @@ def run(sched: Scheduler, reqs: list[Request]) -> list[list[int]]:
     finally:
         sched.stop()
     assert all(ev[-1].kind == "done" for ev in events), [ev[-1] for ev in events]
-    return [[lp.token for e in ev for lp in (e.logprobs or [])] for ev in events]
+    got = [[lp.token for e in ev for lp in (e.logprobs or [])] for ev in events]
+    # usage counts every sampled token, an ending EOS included (as vLLM and OpenAI do)
+    assert [ev[-1].completion_tokens for ev in events] == [len(g) for g in got]
+    return got
 
 
 def test_each_request_keeps_its_own_controls(model: Model, tok: Any) -> None:
@@ -78,7 +81,9 @@ def test_ignore_eos_stop_token_ids_and_min_tokens(model: Model, tok: Any) -> Non
                       Request(list(p), 12, None, ignore_eos=True, **kw),  # type: ignore[arg-type]
                       Request(list(p), 12, None, ignore_eos=True, stop_token_ids=[free[j]], **kw),  # type: ignore
                       Request(list(p), 12, None, min_tokens=first + 3, **kw)])  # type: ignore[arg-type]
-    assert got[0] == free[:first + 1]  # ends at the EOS (which has its logprob entry, as in vLLM)
+    assert got[0] == free[:first + 1]  # ends at the EOS (which has its logprob entry and counts in usage, as in vLLM)
+    ended = generate(m2, tok, [p], max_new_tokens=12, **kw)[0]
+    assert ended.token_ids == free[:first] and ended.completion_tokens == first + 1
     assert got[1] == free and len(got[1]) == 12
     assert got[2] == free[:j + 1]
     assert len(got[3]) >= first + 3 and eos not in got[3][:first + 3]
