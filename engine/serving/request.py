@@ -117,6 +117,9 @@ def check_request(r: Request, vocab_size: int, max_len: int) -> None:
     if len(r.stop) > MAX_STOP or any(not isinstance(x, str) or len(x) > MAX_STOP_CHARS for x in r.stop):
         raise RequestError(f"stop holds {len(r.stop)} strings; at most {MAX_STOP} strings of at most "
                            f"{MAX_STOP_CHARS} characters are accepted. Fix: send fewer, shorter stop strings", "stop")
+    if any(x == "" for x in r.stop):
+        raise RequestError("stop holds an empty string, which would match before any text (vLLM refuses it too). Fix: "
+                           "leave it out", "stop")
     if r.logprobs is not None and not (isinstance(r.logprobs, int) and 0 <= r.logprobs <= MAX_LOGPROBS):
         raise RequestError(f"logprobs={r.logprobs} must be a whole number in [0, {MAX_LOGPROBS}]. Fix: ask for at "
                            f"most {MAX_LOGPROBS} alternatives", "logprobs")

@@ -84,6 +84,8 @@ POISON = [
     ({"prompt": P, "stop": [str(i) for i in range(17)]}, 400, "stop"),
     ({"prompt": P, "stop": "s" * 257}, 400, "stop"),
     ({"prompt": P, "stop": ["a", "b" * 300]}, 400, "stop"),
+    ({"prompt": P, "stop": ""}, 400, "stop"),
+    ({"prompt": P, "stop": ["a", ""]}, 400, "stop"),
     ({"prompt": "word " * 3000}, 400, "prompt"),  # over the char bound: refused before tokenising
     ({"prompt": "hi " * 300}, 400, "prompt"),  # over max_prompt_tokens
     ({"prompt": [1, -5, 3]}, 400, "prompt"),
