@@ -93,6 +93,12 @@ def lm_eval(model: str, tasks: list[str], *, device: str = "cpu", dtype: str | N
         raise ValueError(f"a task's data could not be fetched ({str(e)[:300]}). Fix: run it once where there is "
                          "network (the datasets cache keeps it; HF_DATASETS_CACHE says where), or use your own "
                          "local task files with --include-path") from None
+    except ValueError as e:  # random.sample: a task has fewer documents to draw the few-shot examples from
+        if "sample larger than population" not in str(e).lower():
+            raise
+        raise ValueError(f"a task has too few items to draw {num_fewshot} few-shot examples for each item from its "
+                         "few-shot split (or, without one, from the other items of its test split). Fix: lower "
+                         "--num-fewshot, or give the task a larger fewshot_split") from None
     res["layerfold"] = {"model": model, "device": device, "dtype": dtype, "batch_size": batch_size,
                         "weights": lm.weights,
                         "max_length": lm.max_length, "versions": package_versions(("torch", "transformers", "triton",
@@ -119,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for task, metrics in (res.get("results") or {}).items():
         for key, v in metrics.items():
-            name, _, filt = key.partition(",")
-            if isinstance(v, (int, float)) and not name.endswith("_stderr"):
+            name, comma, filt = key.partition(",")
+            if comma and isinstance(v, (int, float)) and not name.endswith("_stderr"):  # "metric,filter" keys only
                 se = metrics.get(f"{name}_stderr,{filt}")
                 rows.append([task, name, f"{v:.4f}", f"{se:.4f}" if isinstance(se, (int, float)) else "-"])
     emit(args, json.loads(json.dumps(out, default=str)), table(rows, ["task", "metric", "value", "stderr"]))

@@ -119,11 +119,19 @@ def test_cli_runs_a_local_task_on_a_streamline_model(setup, tmp_path, capsys) ->
     out = tmp_path / "res.json"
     assert main(["lm-eval", str(setup["stream"][1]), "--tasks", "lf_mc", "--include-path", str(setup["tasks"]),
                  "--limit", "8", "--output", str(out)]) == 0
-    assert "lf_mc" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "lf_mc" in shown and "acc_norm" in shown and "sample_len" not in shown  # metrics only
     res = json.loads(out.read_text())
     assert res["results"]["lf_mc"]["acc,none"] is not None and res["layerfold"]["versions"]["lm_eval"]
     assert main(["lm-eval", str(setup["stream"][1]), "--tasks", "no_such_task", "--include-path",
                  str(setup["tasks"])]) == 2
+    # more few-shot examples than the task's other items: the harness's bare "Sample larger than population"
+    # becomes an error naming --num-fewshot, and --output is not written
+    capsys.readouterr()
+    assert main(["lm-eval", str(setup["stream"][1]), "--tasks", "lf_mc", "--include-path", str(setup["tasks"]),
+                 "--num-fewshot", "30", "--limit", "2", "--output", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert "30 few-shot examples" in err and "Fix: lower --num-fewshot" in err and not (tmp_path / "none.json").exists()
 
 
 def test_host_weights_score_and_generate_the_same(setup, monkeypatch) -> None:
