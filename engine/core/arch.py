@@ -1,7 +1,7 @@
 """Architecture knowledge in one declarative place: HF config <-> ModelSpec and the weight-name map.
 
-Supported: Llama (SmolLM, TinyLlama, Llama-2/3 with rope scaling), Mistral, Qwen2 (qkv bias),
-Qwen3 (q/k norm). Everything else gets a clear error listing these.
+Supported: Llama (SmolLM, TinyLlama, Llama-2/3 with rope scaling: linear, llama3, yarn), Mistral, Qwen2
+(qkv bias), Qwen3 (q/k norm). Everything else gets a clear error listing these.
 """
 
 from __future__ import annotations
@@ -143,9 +143,11 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     theta = rp.get("rope_theta", _get(cfg, "rope_theta", 10000.0))
     rtype = rp.get("rope_type") or rs.get("rope_type") or rs.get("type") or "default"
     src = rp if rp.get("rope_type") not in (None, "default") else rs
-    if rtype not in ("default", "linear", "llama3"):
-        raise ValueError(f"{where}: rope scaling {rtype!r} is not supported; supported: default, linear, llama3. "
+    if rtype not in ("default", "linear", "llama3", "yarn"):
+        raise ValueError(f"{where}: rope scaling {rtype!r} is not supported; supported: default, linear, llama3, yarn. "
                          "Fix: use a model with one of those, or open an issue for this scaling")
+    max_pos = _number(_get(cfg, "max_position_embeddings", 8192), "max_position_embeddings", where, whole=True)
+    rope = _rope_fields(rtype, src, max_pos, where)
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     sw = _get(cfg, "sliding_window") if mt == "mistral" or _get(cfg, "use_sliding_window", False) else None
@@ -156,13 +158,8 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
         layers=tuple(layer for _ in range(_get(cfg, "num_hidden_layers"))),
         norm_eps=_number(_get(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
         rope_theta=_number(theta, "rope_theta", where),
-        rope_type=rtype,
-        rope_factor=_number(src.get("factor", 1.0), "factor", where),
-        rope_low_freq_factor=_number(src.get("low_freq_factor", 1.0), "low_freq_factor", where),
-        rope_high_freq_factor=_number(src.get("high_freq_factor", 4.0), "high_freq_factor", where),
-        rope_original_max_pos=_number(src.get("original_max_position_embeddings", 8192),
-                                      "original_max_position_embeddings", where, whole=True),
-        max_position=_number(_get(cfg, "max_position_embeddings", 8192), "max_position_embeddings", where, whole=True),
+        **rope,
+        max_position=max_pos,
         tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
         qkv_bias=mt == "qwen2" or bool(_get(cfg, "attention_bias", False)) and mt != "llama",
         qk_norm=mt == "qwen3",
@@ -171,6 +168,40 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
         bos_token_id=_get(cfg, "bos_token_id"),
         eos_token_ids=eos_ids,
     ).validate()
+
+
+def _rope_fields(rtype: str, src: dict[str, Any], max_pos: int, where: str) -> dict[str, Any]:
+    """The spec's rope_* fields of a config's rope scaling entry (HF's meanings and defaults)."""
+    out: dict[str, Any] = {"rope_type": rtype}
+    if rtype != "yarn":
+        return {**out, "rope_factor": _number(src.get("factor", 1.0), "factor", where),
+                "rope_low_freq_factor": _number(src.get("low_freq_factor", 1.0), "low_freq_factor", where),
+                "rope_high_freq_factor": _number(src.get("high_freq_factor", 4.0), "high_freq_factor", where),
+                "rope_original_max_pos": _number(src.get("original_max_position_embeddings", 8192),
+                                                 "original_max_position_embeddings", where, whole=True)}
+    old = src.get("original_max_position_embeddings")
+    old = max_pos if old is None else _number(old, "original_max_position_embeddings", where, whole=True)
+    # DeepSeek-style configs leave the factor out: it is then the ratio of the two contexts
+    factor = max_pos / old if src.get("factor") is None else _number(src["factor"], "factor", where)
+    truncate = src.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ValueError(f"{where}: rope scaling truncate={truncate!r} is not true or false. Fix: write it as a JSON "
+                         "boolean, the model's own value")
+
+    def mscale(scale: float, m: float = 1.0) -> float:  # YaRN's attention temperature
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = src.get("attention_factor")
+    if attn is not None:
+        attn = _number(attn, "attention_factor", where)
+    elif src.get("mscale") and src.get("mscale_all_dim"):
+        attn = mscale(factor, _number(src["mscale"], "mscale", where)) / \
+            mscale(factor, _number(src["mscale_all_dim"], "mscale_all_dim", where))
+    else:
+        attn = mscale(factor)
+    return {**out, "rope_factor": factor, "rope_original_max_pos": old, "rope_truncate": truncate,
+            "rope_beta_fast": _number(src.get("beta_fast") or 32.0, "beta_fast", where),
+            "rope_beta_slow": _number(src.get("beta_slow") or 1.0, "beta_slow", where), "rope_attention_factor": attn}
 
 
 def ffn_mult_width(ffn_mult: float, hidden: int) -> int:
@@ -241,11 +272,16 @@ def state_from_hf(hf_state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Ten
 
 
 def rope_scaling(spec: ModelSpec) -> dict[str, Any]:
-    """HF's ``rope_scaling`` entry for a spec whose rotary embedding is scaled ("linear" or "llama3")."""
+    """HF's ``rope_scaling`` entry for a spec whose rotary embedding is scaled ("linear", "llama3" or "yarn")."""
     scaling: dict[str, Any] = {"rope_type": spec.rope_type, "factor": spec.rope_factor}
     if spec.rope_type == "llama3":
         scaling.update(low_freq_factor=spec.rope_low_freq_factor, high_freq_factor=spec.rope_high_freq_factor,
                        original_max_position_embeddings=spec.rope_original_max_pos)
+    if spec.rope_type == "yarn":  # the attention factor as a number: no reader has to re-derive it
+        scaling.update(original_max_position_embeddings=spec.rope_original_max_pos, beta_fast=spec.rope_beta_fast,
+                       beta_slow=spec.rope_beta_slow, attention_factor=spec.rope_attention_factor)
+        if not spec.rope_truncate:
+            scaling["truncate"] = False
     return scaling
 
 

@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
 
 # ---- rotary ----------------------------------------------------------------------------------------
 def rope_inv_freq(spec: ModelSpec, head_dim: int) -> Tensor:
-    """Inverse frequencies, with linear or Llama-3 ("llama3") scaling applied as HF does."""
+    """Inverse frequencies, with linear, Llama-3 ("llama3") or YaRN ("yarn") scaling applied as HF does."""
     inv = 1.0 / (spec.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if spec.rope_type == "linear":
         inv = inv / spec.rope_factor
@@ -62,13 +62,34 @@ def rope_inv_freq(spec: ModelSpec, head_dim: int) -> Tensor:
         smoothed = (1 - smooth) * scaled / spec.rope_factor + smooth * scaled
         medium = (wl >= high_wl) & (wl <= low_wl)
         inv = torch.where(medium, smoothed, scaled)
+    elif spec.rope_type == "yarn":
+        inv = _yarn(inv.float(), spec, head_dim)  # (HF computes YaRN's frequencies in fp32)
     return inv.float()
 
 
-def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """positions (B, T) -> cos, sin (B, 1, T, hd) in the rotate-half layout HF Llama uses."""
+def _yarn(inv: Tensor, spec: ModelSpec, head_dim: int) -> Tensor:
+    """YaRN: frequency pair i keeps its frequency where it turns more than beta_fast times over the pretraining
+    context, is divided by rope_factor where it turns fewer than beta_slow times, and blends linearly between."""
+    def dim_at(rotations: float) -> float:  # the pair index whose wavelength fits `rotations` times in the context
+        turns = spec.rope_original_max_pos / (rotations * 2 * math.pi)
+        return head_dim * math.log(turns) / (2 * math.log(spec.rope_theta))
+
+    lo, hi = dim_at(spec.rope_beta_fast), dim_at(spec.rope_beta_slow)
+    if spec.rope_truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - lo) / ((hi - lo) or 0.001)).clamp(0, 1)
+    return inv / spec.rope_factor * ramp + inv * (1 - ramp)
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype,
+                 scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """positions (B, T) -> cos, sin (B, 1, T, hd) in the rotate-half layout HF Llama uses, times ``scale``
+    (YaRN's attention factor: spec.rope_attention_factor)."""
     ang = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)[None, None, :]  # (B,T,hd/2)
     emb = torch.cat([ang, ang], dim=-1)[:, None]  # (B,1,T,hd)
+    if scale != 1.0:
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -247,7 +268,7 @@ class Model(nn.Module):
                 inv = self._inv_freq.get(l.head_dim)
                 if inv is None:
                     inv = self._inv_freq[l.head_dim] = rope_inv_freq(self.spec, l.head_dim)
-                out[l.head_dim] = rope_cos_sin(inv, positions, dtype)
+                out[l.head_dim] = rope_cos_sin(inv, positions, dtype, self.spec.rope_attention_factor)
         return out
 
     def run_layer(self, i: int, h: Tensor, ropes: dict[int, tuple[Tensor, Tensor]], mask: Tensor | None,

@@ -19,7 +19,7 @@ from numbers import Integral, Real
 from typing import Any
 
 BLOCK_KINDS = ("decoder", "mlp")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def _err(where: str, msg: str, fix: str) -> ValueError:
@@ -53,9 +53,9 @@ _INTS = ("d_in", "d_mid", "d_out", "n_heads", "n_kv_heads", "head_dim", "d_ffn",
          "rope_original_max_pos", "max_position", "sliding_window", "bos_token_id")
 _KINDS = {**dict.fromkeys(_INTS, "int"),
           **dict.fromkeys(("has_attn", "has_mlp", "attn_shortcut", "mlp_shortcut", "tie_embeddings", "qkv_bias",
-                           "qk_norm"), "bool"),
-          **dict.fromkeys(("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"),
-                          "real"),
+                           "qk_norm", "rope_truncate"), "bool"),
+          **dict.fromkeys(("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                           "rope_beta_fast", "rope_beta_slow", "rope_attention_factor"), "real"),
           "kind": "str", "arch": "str", "rope_type": "str", "eos_token_ids": "ids"}
 
 
@@ -129,11 +129,15 @@ class ModelSpec:
     layers: tuple[LayerSpec, ...]
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    rope_type: str = "default"  # "default" | "linear" | "llama3" | "yarn"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3 scaling
     rope_high_freq_factor: float = 4.0  # llama3 scaling
-    rope_original_max_pos: int = 8192  # llama3 scaling
+    rope_original_max_pos: int = 8192  # llama3 and yarn scaling: the context the model was pretrained with
+    rope_beta_fast: float = 32.0  # yarn: rotations per context above which a frequency is kept as it is
+    rope_beta_slow: float = 1.0  # yarn: rotations below which it is interpolated by rope_factor
+    rope_truncate: bool = True  # yarn: round the ramp's ends to whole dimensions (HF's default)
+    rope_attention_factor: float = 1.0  # yarn: cos and sin are scaled by it (0.1 ln(factor) + 1 unless given)
     max_position: int = 8192
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2

@@ -123,7 +123,7 @@ class LayerStream:
         key = (head_dim, positions.device)  # cached where the positions are: no host copy per call
         if key not in self._inv_freq:
             self._inv_freq[key] = rope_inv_freq(self.spec, head_dim).to(positions.device)
-        return rope_cos_sin(self._inv_freq[key], positions, dtype or self.dtype)
+        return rope_cos_sin(self._inv_freq[key], positions, dtype or self.dtype, self.spec.rope_attention_factor)
 
     def ropes(self, positions: Tensor, dtype: torch.dtype | None = None) -> Ropes:
         """cos/sin per distinct head size (what Model.run_layer takes)."""

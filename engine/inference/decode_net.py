@@ -167,8 +167,9 @@ class DecodeNet(nn.Module):
         for hd in self.hds:  # the model's own formula (fp32 angle, cast to the compute dtype), every slot
             ang = pos[:, None] * rope_inv_freq(spec, hd)[None, :]
             emb = torch.cat([ang, ang], dim=-1)
-            self.register_buffer(f"cos{hd}", emb.cos().to(device, dtype))
-            self.register_buffer(f"sin{hd}", emb.sin().to(device, dtype))
+            a = spec.rope_attention_factor  # YaRN's; 1 otherwise
+            self.register_buffer(f"cos{hd}", (emb.cos() * a).to(device, dtype))
+            self.register_buffer(f"sin{hd}", (emb.sin() * a).to(device, dtype))
         self.register_buffer("rows", torch.arange(max_batch, device=device))
         # the Triton backend decodes with the fused kernels (inference/fused_step.py); prefill stays unfused
         self.fused = FusedDecode(self) if backend == "triton" else None

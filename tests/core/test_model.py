@@ -32,6 +32,35 @@ def test_family_features_are_used():
     assert to_layerfold(tiny_hf("qwen3")).spec.qk_norm
     assert to_layerfold(tiny_hf("mistral")).spec.sliding_window == 8
     assert to_layerfold(tiny_hf("llama3")).spec.rope_type == "llama3"
+    yarn = to_layerfold(tiny_hf("qwen3-yarn")).spec
+    assert (yarn.rope_type, yarn.rope_factor, yarn.rope_original_max_pos) == ("yarn", 4.0, 32)
+    assert yarn.rope_attention_factor == pytest.approx(0.1 * math.log(4.0) + 1)
+    from layerfold.core.arch import spec_from_hf_config
+
+    yarn_cfg = {"type": "yarn", "original_max_position_embeddings": 32}
+    cfg = {**tiny_hf("qwen3").config.to_dict(), "rope_scaling": yarn_cfg}
+    cfg.pop("rope_parameters", None)
+    assert spec_from_hf_config(cfg).rope_factor == 128 / 32  # no factor (older, DeepSeek-style configs): the ratio
+
+
+@pytest.mark.parametrize("scaling,factor,attn", [
+    ({"factor": 4.0, "original_max_position_embeddings": 32, "attention_factor": 0.7}, 4.0, 0.7),
+    ({"factor": 4.0, "original_max_position_embeddings": 32, "mscale": 0.5, "mscale_all_dim": 1.0,
+      "beta_fast": 16, "beta_slow": 2, "truncate": False}, 4.0, (0.05 * math.log(4.0) + 1) / (0.1 * math.log(4.0) + 1)),
+])
+def test_yarn_settings_match_transformers(scaling: dict, factor: float, attn: float) -> None:
+    """Each YaRN setting HF reads (attention_factor, mscale / mscale_all_dim, beta_fast/slow, truncate, a factor
+    left out) gives transformers' logits, and survives an HF export read back by transformers."""
+    from layerfold.core.arch import rope_scaling
+
+    hf = tiny_hf("qwen3", rope_scaling={"rope_type": "yarn", **scaling})
+    lf = to_layerfold(hf)
+    assert lf.spec.rope_factor == pytest.approx(factor) and lf.spec.rope_attention_factor == pytest.approx(attn)
+    ids = torch.randint(0, 97, (2, 100), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(lf(ids), hf(ids).logits, torch.float32, f"yarn {scaling} vs transformers")
+    again = to_layerfold(tiny_hf("qwen3", rope_scaling=rope_scaling(lf.spec)))
+    assert again.spec == lf.spec
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])

@@ -111,6 +111,8 @@ RUNTIME_SPECS = {
     "qk_norm+bias": hetero_runtime_spec(qk_norm=True, qkv_bias=True, arch="qwen3"),
     "sliding+llama3rope": hetero_runtime_spec(sliding_window=5, rope_type="llama3", rope_factor=8.0,
                                               rope_original_max_pos=64, arch="mistral"),
+    "yarn": hetero_runtime_spec(rope_type="yarn", rope_factor=4.0, rope_original_max_pos=32,
+                                rope_attention_factor=1.25),
 }
 
 
@@ -138,7 +140,7 @@ def smollm2_vocab_spec(n_layers: int = 3, **fields: Any) -> ModelSpec:
 
 
 # ---- tiny Hugging Face models ----------------------------------------------------------------------------
-HF_FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+HF_FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3-yarn"]
 
 
 def tiny_hf(family: str, *, seed: int = 0, tie: bool = False, **over: Any) -> Any:
@@ -161,6 +163,9 @@ def tiny_hf(family: str, *, seed: int = 0, tie: bool = False, **over: Any) -> An
         cfg = Qwen2Config(**base, **over)
     elif family == "qwen3":
         cfg = Qwen3Config(**base, head_dim=24, **over)
+    elif family == "qwen3-yarn":  # (as Qwen3 and DeepSeek-R1-0528-Qwen3 ship it; a short pretraining context)
+        cfg = Qwen3Config(**base, head_dim=24, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                             "original_max_position_embeddings": 32}, **over)
     else:
         raise ValueError(family)
     cfg._attn_implementation = "eager"
