@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from layerfold.calibration.calibrate import check_context
 from layerfold.core.args import whole
 from layerfold.core.checkpoint import save_checkpoint
 from layerfold.core.extras import package_versions
@@ -154,15 +155,16 @@ def check_args(source: Any, out: Any, samples: Any, seq_len: Any, device: Any, d
 
 
 def check_before_load(source: str | Path, method: Any, target: Target | None, plan: str | Path | DepthPlan | None,
-                      data: str) -> DepthPlan | None:
+                      data: str, seq_len: int | None = None) -> DepthPlan | None:
     """What can be checked from the model's spec alone (no weights read, no model built): the target of a
-    depth method, the plan, the data file. Returns the plan, validated."""
+    depth method, the plan, the data file, the calibration length. Returns the plan, validated."""
     from layerfold.core.loading import load_spec_state
 
     if data != "pydoc" and not Path(data).is_file():
         raise FileNotFoundError(f"--data {data}: no such file. Fix: use --data pydoc (built-in text) or the path of "
                                 "a .txt or .jsonl file")
     spec = load_spec_state(source, quiet=True)[0]
+    check_context(seq_len, spec.max_position)
     if plan is not None:
         dp = plan if isinstance(plan, DepthPlan) else DepthPlan.load(plan)
         dp.validate(spec.n_layers)
@@ -236,7 +238,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
                          "--target params:0.2")
     tgt = Target.parse(target) if target is not None and not isinstance(target, Target) else target
     m = get_method(method) if plan is None else None
-    dp = check_before_load(source, m, tgt, plan, data)
+    dp = check_before_load(source, m, tgt, plan, data, seq_len)
     stats_path = None
     if m is not None and m.needs_stats and isinstance(stats, (str, Path)):  # read and checked before the model
         from layerfold.core.loading import load_spec_state

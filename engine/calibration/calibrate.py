@@ -61,7 +61,7 @@ def _even(idx: Tensor, m: int) -> Tensor:
 
 def _check_args(batches: Tensor, mask: Tensor | None, window: int, cka_tokens: int, micro_batch: int,
                 offload: str, skip_positions: int, skip_in: Sequence[str], vocab: int, n_layers: int,
-                offload_dir: str | Path | None) -> None:
+                offload_dir: str | Path | None, context: int | None = None) -> None:
     if not isinstance(batches, Tensor) or batches.dim() != 2 or batches.dtype not in (torch.int64, torch.int32):
         raise ValueError("batches must be an integer tensor (n_samples, seq_len). Fix: pass token ids such as "
                          "layerfold.core.data.calib_batches(...) returns")
@@ -72,13 +72,16 @@ def _check_args(batches: Tensor, mask: Tensor | None, window: int, cka_tokens: i
         raise ValueError(f"mask has shape {tuple(mask.shape)}, batches {tuple(batches.shape)}. Fix: give one "
                          "bool per token (True = valid)")
     check_options(n_layers, window, cka_tokens, micro_batch, offload, skip_positions, skip_in, offload_dir,
-                  seq_len=batches.shape[1])
+                  seq_len=batches.shape[1], context=context)
 
 
 def check_options(n_layers: int, window: int, cka_tokens: int, micro_batch: int, offload: str, skip_positions: int,
-                  skip_in: Sequence[str], offload_dir: str | Path | None = None, seq_len: int | None = None) -> None:
-    """The options of :func:`calibrate` that need no data, checked before any work (the CLI calls it first)."""
+                  skip_in: Sequence[str], offload_dir: str | Path | None = None, seq_len: int | None = None,
+                  context: int | None = None) -> None:
+    """The options of :func:`calibrate` that need no data, checked before any work (the CLI calls it first).
+    ``context``: the model's positions (spec.max_position), which a sequence may not exceed."""
     _check_numbers(window, cka_tokens, micro_batch, skip_positions, skip_in)
+    check_context(seq_len, context)
     most = max(n_layers, 8)  # cos(h_i, h_i+k) exists for k <= L; 8 is every method's default
     if window > most:
         raise ValueError(f"window={window}: more than the model's {n_layers} layers (and than 8, every method's "
@@ -95,6 +98,15 @@ def check_options(n_layers: int, window: int, cka_tokens: int, micro_batch: int,
         raise ValueError(f"skip_positions={skip_positions} leaves none of a sequence's {seq_len} positions to the "
                          f"statistics it skips them in ({', '.join(sorted(skip_in))}): they would be empty. Fix: "
                          "pass a smaller --skip-positions or a longer --seq-len")
+
+
+def check_context(seq_len: int | None, context: int | None) -> None:
+    """Statistics of positions past the model's context describe a model that was never trained there (and
+    rope scalings that depend on the length would differ from the source's): refused."""
+    if seq_len is not None and context is not None and seq_len > context:
+        raise ValueError(f"sequences of {seq_len} tokens (--seq-len) are longer than the model's context of {context} "
+                         f"positions (max_position_embeddings). Fix: use at most {context} tokens a sequence "
+                         f"(--seq-len {context})")
 
 
 def _check_numbers(window: Any, cka_tokens: Any, micro_batch: Any, skip_positions: Any, skip_in: Any) -> None:
@@ -338,7 +350,7 @@ def calibrate(source: str | Path | Model, batches: Tensor, *, mask: Tensor | Non
     src = LayerStream(source, dev, dtype)
     spec, L = src.spec, src.spec.n_layers
     _check_args(batches, mask, window, cka_tokens, micro_batch, offload, skip_positions, skip_in, spec.vocab_size, L,
-                offload_dir)
+                offload_dir, spec.max_position)
     n_global = batches.shape[0]
     ids, valid, gidx, world, rank = _shard(batches.cpu(), None if mask is None else mask.cpu(), dist)
     skip = set(skip_in)

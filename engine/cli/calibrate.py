@@ -100,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, sources=[args.model], overwrite=args.overwrite)
     path = resolve(args.model, quiet=rank != 0)
     check_output(args.out, sources=[args.model, path], overwrite=args.overwrite)
-    check_options(load_spec_state(path, quiet=True)[0].n_layers, args.window, args.cka_tokens, args.micro_batch,
-                  args.offload, args.skip_positions, skip_in, args.offload_dir,
-                  seq_len=args.seq_len)  # before reading any weight
+    spec = load_spec_state(path, quiet=True)[0]
+    check_options(spec.n_layers, args.window, args.cka_tokens, args.micro_batch, args.offload, args.skip_positions,
+                  skip_in, args.offload_dir, seq_len=args.seq_len, context=spec.max_position)  # before any weight
     check_finite(load_spec_state(path, quiet=True)[1], str(args.model), allow=args.allow_nonfinite)
     tok = load_tokenizer(path)
     ids = calibration_set(tok, args.data, args.samples, args.seq_len, args.seed)

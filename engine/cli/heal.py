@@ -95,6 +95,10 @@ def main(args: argparse.Namespace) -> int:
     if args.data != "pydoc" and not Path(args.data).is_file():
         raise FileNotFoundError(f"--data {args.data}: no such file. Fix: use --data pydoc (built-in text) or the path "
                                 "of a .txt or .jsonl file")
+    from layerfold.calibration.calibrate import check_context
+    from layerfold.core.loading import load_spec_state
+
+    check_context(args.seq_len, load_spec_state(args.model, quiet=True)[0].max_position)  # the header only
     student, tok = layerfold.load(args.model, device=args.device, allow_nonfinite=args.allow_nonfinite)
     prov: dict[str, Any] = dict(getattr(student, "provenance", {}) or {})
     if "layer_map" not in prov:

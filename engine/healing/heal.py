@@ -57,6 +57,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from layerfold.calibration.calibrate import check_context
 from layerfold.core.checkpoint import save_checkpoint
 from layerfold.core.model import Model, require_model
 from layerfold.core.paths import check_output, check_source
@@ -88,6 +89,7 @@ def heal_pruned(student: Model, teacher_source: str | Path | Model, layer_map: S
     if bad or not stages:
         raise ValueError(f"heal: unknown stage(s) {bad or stages}. Fix: use a subset of {STAGES}, e.g. layer,global")
     check_budget(budget_minutes, tokens)
+    check_context(cfg.seq_len, student.spec.max_position)
     if len(layer_map) != student.spec.n_layers:
         raise ValueError(f"heal: layer_map has {len(layer_map)} entries, the student {student.spec.n_layers} layers. "
                          "Fix: pass the pruned checkpoint's own provenance['layer_map']")

@@ -30,6 +30,9 @@ PRUNE = ("--method", "shortgpt", "--target", "1", "--no-eval", "--samples", "2",
 
 
 # ---- numbers -------------------------------------------------------------------------------------------
+PAST_CONTEXT = r"sequences of 100000 tokens \(--seq-len\) are longer than the model's context of \d+ positions.*Fix"
+
+
 @pytest.mark.parametrize("cmd,flag,value,match", [
     ("prune", "--samples", "0", "argument --samples: 0 must be >= 1"),
     ("prune", "--samples", "-3", "argument --samples: -3 must be >= 1"),
@@ -42,6 +45,9 @@ PRUNE = ("--method", "shortgpt", "--target", "1", "--no-eval", "--samples", "2",
     ("calibrate", "--micro-batch", "0", "argument --micro-batch: 0 must be >= 1"),
     ("calibrate", "--offload-dir", "AFILE", "--offload-dir .*afile: not an existing directory"),
     ("calibrate", "--skip-positions", "16", "skip_positions=16 leaves none of a sequence's 16 positions.*Fix"),
+    # past the model's context: statistics of positions it was never trained at (it used to run)
+    ("calibrate", "--seq-len", "100000", PAST_CONTEXT),
+    ("prune", "--seq-len", "100000", PAST_CONTEXT),
 ])
 def test_bad_numbers_before_loading(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture, no_load: None,
                                     cmd: str, flag: str, value: str, match: str) -> None:
@@ -178,6 +184,7 @@ def pruned(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (("--tokens", "64", "--lr-layer", "-1"), "lr_layer=-1.0 must be a finite number > 0"),
     (("--tokens", "64", "--val-tokens", "0"), "val_tokens=0 must be a finite number >= 1"),
     (("--tokens", "64", "--data", "nowhere.txt"), "--data nowhere.txt: no such file"),
+    (("--tokens", "64", "--seq-len", "100000"), PAST_CONTEXT),
 ])
 def test_heal_budget_and_settings_before_loading(pruned: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                  no_load: None, args: tuple[str, ...], match: str) -> None:
