@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "above 1e-4 of the largest logit)")
     add_dtype(p, default=None, help="weight dtype of the export (float32, float16, bfloat16)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the source)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export weights that hold NaN or Inf (a warning instead of an error)")
     add_common(p, model=False, dtype=False)
     p.set_defaults(func=run)
 
@@ -40,10 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from layerfold.interop.export import export
 
     info = export(args.model, args.out, format=args.format, dtype=args.dtype, verify=args.verify,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
     arch = info["architecture"]
     text = (f"exported {info['layers']}-layer {arch} ({info['params'] / 1e6:.1f}M params, {info['dtype']}) as "
             f"{info['format']} to {info['out']}" + ("" if info["tokenizer"] else " (no tokenizer)"))
+    if "note" in info:
+        text += f"\nnote: {info['note']}"
     if "serve" in info:
         text += f"\nserve it: {info['serve']}"
     if "run" in info:

@@ -29,9 +29,18 @@ from torch import Tensor
 from layerfold.core.arch import ffn_mult_width, hf_name_to_layerfold, rope_scaling, spec_from_hf_config, state_to_hf
 from layerfold.core.checkpoint import open_weights, save_tokenizer
 from layerfold.core.dtypes import dtype_name
-from layerfold.core.paths import atomic_dir, check_output
+from layerfold.core.paths import atomic_dir
 from layerfold.core.spec import ModelSpec
-from layerfold.interop.common import Source, cast, eos_value, export_dtype, read_source, write_provenance
+from layerfold.interop.common import (
+    Source,
+    cast,
+    check_export_out,
+    check_weights,
+    eos_value,
+    export_dtype,
+    read_source,
+    write_provenance,
+)
 from layerfold.interop.decilm_config import AUTO_MAP, CONFIG_FILE, SOURCE
 from layerfold.interop.formats import check_format
 from layerfold.interop.hf import write_generation_config
@@ -70,7 +79,7 @@ def decilm_config(spec: ModelSpec) -> dict[str, Any]:
         "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "auto_map": dict(AUTO_MAP),
         "vocab_size": spec.vocab_size, "hidden_size": spec.d_model, "num_hidden_layers": spec.n_layers,
         "num_attention_heads": first.n_heads, "num_key_value_heads": first.n_kv_heads, "head_dim": first.head_dim,
-        "intermediate_size": max(l.d_ffn for l in spec.layers), "hidden_act": "silu",
+        "intermediate_size": max((l.d_ffn for l in spec.layers if l.has_mlp), default=1), "hidden_act": "silu",
         "max_position_embeddings": spec.max_position, "rms_norm_eps": spec.norm_eps, "rope_theta": spec.rope_theta,
         "attention_bias": False, "mlp_bias": False,
         "tie_word_embeddings": spec.tie_embeddings, "bos_token_id": spec.bos_token_id, "eos_token_id": eos_value(spec),
@@ -83,14 +92,15 @@ def decilm_config(spec: ModelSpec) -> dict[str, Any]:
     return cfg
 
 
-def export_decilm(src: str | Path | Source, out: str | Path, *, dtype: str | None = None, overwrite: bool = False
-                  ) -> dict[str, Any]:
+def export_decilm(src: str | Path | Source, out: str | Path, *, dtype: str | None = None, overwrite: bool = False,
+                  allow_nonfinite: bool = False) -> dict[str, Any]:
     """Write ``src`` as a DeciLM (Nemotron-NAS) directory for vLLM; returns what was written."""
     s = src if isinstance(src, Source) else read_source(src)
-    out = check_output(out, sources=[s.name, s.path], overwrite=overwrite)
+    out = check_export_out(out, [s.name, s.path], overwrite)
     check_format(s.spec, "decilm", s.name)
     cfg = decilm_config(s.spec)
     dt = export_dtype(s.state, dtype)
+    check_weights(s, dt, allow_nonfinite)
     cfg["torch_dtype"] = dtype_name(dt)
     tensors = cast(state_to_hf(s.state, s.spec), dt)
     tokenizer = s.tokenizer()

@@ -5,20 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from layerfold.core.paths import check_output
-from layerfold.interop.common import export_dtype, read_source
+from layerfold.interop.common import check_export_out, export_dtype, read_source
 from layerfold.interop.formats import FORMATS
 
 
 def export(src: str | Path, out: str | Path, *, format: str = "hf", dtype: str | None = None, verify: bool = False,
-           overwrite: bool = False) -> dict[str, Any]:
+           overwrite: bool = False, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Write ``src`` (a layerfold checkpoint or anything ``layerfold.load`` reads) to ``out`` in ``format``
     (hf | decilm | gguf); with ``verify``, load the export back and compare logits (``layerfold.interop.verify``).
+    Weights holding NaN or Inf are refused unless ``allow_nonfinite``.
 
     Returns what the format's exporter reports, plus "verify" when asked."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}. Fix: use one of {', '.join(FORMATS)}")
-    check_output(out, sources=[src], overwrite=overwrite)  # before a GGUF source's slow conversion, not after
+    check_export_out(out, [src], overwrite)  # before a GGUF source's slow conversion, not after
     s = read_source(src)
     if format == "hf":
         from layerfold.interop.hf import export_hf as fn
@@ -26,7 +26,7 @@ def export(src: str | Path, out: str | Path, *, format: str = "hf", dtype: str |
         from layerfold.interop.decilm import export_decilm as fn
     else:
         from layerfold.interop.gguf_file import export_gguf as fn
-    info = fn(s, out, dtype=dtype, overwrite=overwrite)
+    info = fn(s, out, dtype=dtype, overwrite=overwrite, allow_nonfinite=allow_nonfinite)
     if verify:
         from layerfold.interop.verify import verify_export
 

@@ -1,7 +1,8 @@
 """Which export formats can carry a model: one place that reads a ModelSpec and says yes, or why not.
 
 - ``hf``: plain transformers (Llama, Mistral, Qwen2, Qwen3): every layer the same plain decoder layer at
-  the embedding width (depth pruning by dropping or merging, constant-width global-basis SliceGPT).
+  the embedding width (depth pruning by dropping or merging, constant-width global-basis SliceGPT), written as
+  the class that computes its attention exactly (``hf_arch``: q/k/v biases, q/k norms, a sliding window).
 - ``decilm``: the DeciLM / Nemotron-NAS ``block_configs`` config that vLLM serves (``DeciLMForCausalLM``):
   per layer, attention present or a no-op, its KV heads, the FFN present or a no-op and its width; one
   hidden size, one query-head count and one head size for every layer; no shortcut matrices.
@@ -14,16 +15,61 @@ Each ``*_problem`` returns None when the format carries the model, else the firs
 
 from __future__ import annotations
 
-from layerfold.core.arch import SUPPORTED, describe_nonuniform
+from layerfold.core.arch import SUPPORTED
 from layerfold.core.spec import ModelSpec
 
 FORMATS = ("hf", "decilm", "gguf")
 
 
+# the transformers classes an ``hf`` export may write, and what their attention has: q/k/v biases ("bias": Qwen2 always,
+# written as zeros for a model without), q/k norms ("norm": Qwen3 always) and a sliding window over every layer
+# ("window": Mistral; Qwen2/Qwen3 apply theirs only from max_window_layers on, so they are not used for one)
+HF_CLASSES = {"llama": (), "mistral": ("window",), "qwen2": ("bias",), "qwen3": ("norm",)}
+
+
+def _attention_features(spec: ModelSpec) -> set[str]:
+    on = {"bias": spec.qkv_bias, "norm": spec.qk_norm, "window": spec.sliding_window is not None}
+    return {f for f, v in on.items() if v}
+
+
+def hf_arch(spec: ModelSpec) -> str | None:
+    """The transformers model type an ``hf`` export of ``spec`` is written as: its own family when that class computes
+    exactly its attention, else the first one that does (a Llama with q/k/v biases is a Qwen2, one with a sliding
+    window a Mistral, a Qwen3 without q/k norms a Llama); None when none does."""
+    need = _attention_features(spec)
+
+    def fits(cls: str) -> bool:
+        has = set(HF_CLASSES[cls])
+        return need <= has and ("norm" in has) == ("norm" in need)  # q/k norms cannot be switched off
+
+    order = [spec.arch] if spec.arch in HF_CLASSES else []
+    return next((c for c in order + list(HF_CLASSES) if fits(c)), None)
+
+
+def _layer_problem(spec: ModelSpec) -> str | None:
+    first = spec.layers[0]
+    for i, l in enumerate(spec.layers):
+        if l.kind == "mlp":
+            return f"layer {i} is an LLM-Streamline MLP replacement block (attention-free), not a decoder layer"
+        if l.attn_shortcut or l.mlp_shortcut:
+            return f"layer {i} carries SliceGPT shortcut matrices"
+        if not (l.has_attn and l.has_mlp):
+            return f"layer {i} lacks {'attention' if not l.has_attn else 'an MLP'}"
+        if l != first:
+            return f"layer {i} has a different shape from layer 0 (an HF config holds one shape for every layer)"
+    return None if spec.uniform else "the residual width differs from the embedding width"
+
+
 def hf_problem(spec: ModelSpec) -> str | None:
     if spec.arch not in SUPPORTED:
         return f"its source architecture {spec.arch!r} has no transformers class here"
-    return None if spec.uniform else describe_nonuniform(spec)
+    why = _layer_problem(spec)
+    if why is None and hf_arch(spec) is None:
+        feats = {"bias": "q/k/v biases", "norm": "q/k norms", "window": "sliding-window attention"}
+        why = (f"its attention combines {' and '.join(feats[f] for f in sorted(_attention_features(spec)))}, which no "
+               "transformers class here computes together (Llama: none of them; Mistral: a sliding window; Qwen2: "
+               "q/k/v biases; Qwen3: q/k norms)")
+    return why
 
 
 def decilm_problem(spec: ModelSpec) -> str | None:
@@ -60,8 +106,8 @@ def gguf_problem(spec: ModelSpec) -> str | None:
     if spec.sliding_window is not None:
         return "it uses sliding-window attention, which the llama and deci GGUF archs do not apply"
     if spec.rope_type not in ("default", "linear", "llama3"):
-        return f"rope scaling {spec.rope_type!r}"
-    if hf_problem(spec) is None:
+        return f"its rotary embedding uses {spec.rope_type!r} scaling, which this GGUF export does not write"
+    if spec.uniform:
         return None
     why = _block_problem(spec)
     if why is not None:
@@ -94,18 +140,19 @@ def check_format(spec: ModelSpec, fmt: str, src: str = "the model") -> None:
     if why is None:
         return
     others = [f for f in carriers(spec) if f != fmt]
-    if any(l.kind == "mlp" for l in spec.layers) and fmt == "hf":
-        why += " (an LLM-Streamline MLP replacement block: attention-free)"
     if others:
         fix = (f"export it with --format {others[0]}" + (f" (or {', '.join(others[1:])})" if others[1:] else "")
                + "; formats that carry this model: " + ", ".join(others))
     else:
         fix = ("no export format carries it: run it with layerfold itself (`layerfold serve`, `layerfold generate`, "
-               "`layerfold lm-eval`), or prune with a method that keeps layers alike (depth methods; "
-               "`--method streamline --replacement decoder`; slicegpt `--basis global --slice-ends`)")
-    if fmt == "hf" and any(l.kind == "mlp" for l in spec.layers):
+               "`layerfold lm-eval`)")
+        if _layer_problem(spec) is not None:
+            fix += (", or prune with a method that keeps layers alike (depth methods; `--method streamline "
+                    "--replacement decoder`; slicegpt `--basis global --slice-ends`)")
+    if fmt == "hf" and "MLP replacement block" in why:
         fix += "; for a plain HF model, prune with `--method streamline --replacement decoder`"
     raise ValueError(f"{src} cannot be exported as {fmt}: {why}. Fix: {fix}")
 
 
-__all__ = ["FORMATS", "carriers", "check_format", "decilm_problem", "gguf_arch", "gguf_problem", "hf_problem"]
+__all__ = ["FORMATS", "HF_CLASSES", "carriers", "check_format", "decilm_problem", "gguf_arch", "gguf_problem",
+           "hf_arch", "hf_problem"]

@@ -28,9 +28,16 @@ import torch
 from torch import Tensor
 
 from layerfold.core.dtypes import dtype_name
-from layerfold.core.paths import atomic_dir, check_output
+from layerfold.core.paths import atomic_dir
 from layerfold.core.spec import LayerSpec, ModelSpec
-from layerfold.interop.common import Source, export_dtype, read_source, write_provenance
+from layerfold.interop.common import (
+    Source,
+    check_export_out,
+    check_weights,
+    export_dtype,
+    read_source,
+    write_provenance,
+)
 from layerfold.interop.formats import check_format, gguf_arch
 
 FILE_NAME = "model.gguf"
@@ -134,16 +141,17 @@ def _add_tensor(w: Any, name: str, t: Tensor, dt: torch.dtype) -> None:
         w.add_tensor(name, t.to(torch.bfloat16).view(torch.int16).numpy(), raw_dtype=gguf.GGMLQuantizationType.BF16)
 
 
-def export_gguf(src: str | Path | Source, out: str | Path, *, dtype: str | None = None, overwrite: bool = False
-                ) -> dict[str, Any]:
+def export_gguf(src: str | Path | Source, out: str | Path, *, dtype: str | None = None, overwrite: bool = False,
+                allow_nonfinite: bool = False) -> dict[str, Any]:
     """Write ``src`` as OUT/model.gguf (arch llama or deci); returns what was written."""
     import gguf
 
     s = src if isinstance(src, Source) else read_source(src)
-    out = check_output(out, sources=[s.name, s.path], overwrite=overwrite)
+    out = check_export_out(out, [s.name, s.path], overwrite)
     check_format(s.spec, "gguf", s.name)
     spec, arch = s.spec, gguf_arch(s.spec)
     dt = export_dtype(s.state, dtype)
+    check_weights(s, dt, allow_nonfinite)
     with atomic_dir(out) as tmp:
         w = gguf.GGUFWriter(str(tmp / FILE_NAME), arch)
         _metadata(w, spec, arch, dt)
@@ -166,9 +174,12 @@ def export_gguf(src: str | Path | Source, out: str | Path, *, dtype: str | None 
         w.write_tensors_to_file()
         w.close()
         write_provenance(tmp, s, "gguf", {"gguf_arch": arch, "tokenizer": tok})
-    return {"out": str(out), "file": str(out / FILE_NAME), "format": "gguf", "architecture": arch,
+    info = {"out": str(out), "file": str(out / FILE_NAME), "format": "gguf", "architecture": arch,
             "layers": spec.n_layers, "params": n, "dtype": dtype_name(dt), "tokenizer": tok is not None,
             "tokenizer_source": tok, "run": f"llama-cli -m {out / FILE_NAME}"}
+    if tok is None:
+        info["note"] = NO_TOKENIZER + NO_TOKENIZER_WHY[s.has_tokenizer]
+    return info
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------------
@@ -239,19 +250,45 @@ def _tokenizer_from_json(w: Any, path: Path, vocab: int) -> bool:
 
 
 def write_tokenizer(w: Any, s: Source) -> str | None:
-    """Write the tokenizer metadata; returns where it came from ('gguf:PATH' | 'tokenizer.json') or None."""
+    """Write the tokenizer metadata; returns where it came from ('gguf:PATH' | 'tokenizer.json') or None. Without
+    one the file says ``tokenizer.ggml.model = "none"``: llama.cpp refuses a file without that key, and with it runs
+    the model on token ids ({arch}.vocab_size gives the vocabulary)."""
     origin = _origin_gguf(s)
     if origin is not None and _copy_tokenizer(w, origin, s.spec.vocab_size):
         return f"gguf:{origin}"
     if s.has_tokenizer and _tokenizer_from_json(w, s.path, s.spec.vocab_size):
         return "tokenizer.json"
+    w.add_tokenizer_model("none")
     return None
+
+
+NO_TOKENIZER = "the GGUF file has no tokenizer (tokenizer.ggml.model \"none\": llama.cpp runs it on token ids only), "
+NO_TOKENIZER_WHY = {
+    False: "as the source has none. Fix: for text, save the checkpoint with its tokenizer (layerfold keeps the source "
+           "model's when it prunes) and export again",
+    True: "as its tokenizer is not a byte-level BPE whose vocabulary matches the model's. Fix: for text, export "
+          "--format hf and convert that with llama.cpp's convert_hf_to_gguf.py, which knows more tokenizers"}
 
 
 # ---- reading an export back ---------------------------------------------------------------------------
 def gguf_field(r: Any, key: str) -> Any:
     f = r.fields.get(key)
     return None if f is None else f.contents()
+
+
+def gguf_rope_inv_freq(path: str | Path) -> Tensor:
+    """The inverse rotary frequencies llama.cpp computes from a GGUF file: ``freq_base ** (-2i / n_rot)``, times
+    ``1 / rope.scaling.factor`` (its freq_scale) and divided by the ``rope_freqs`` tensor (Llama-3 scaling)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    arch = gguf_field(r, "general.architecture")
+    n_rot = int(gguf_field(r, f"{arch}.rope.dimension_count"))
+    inv = float(gguf_field(r, f"{arch}.rope.freq_base")) ** (-torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)
+    factor = gguf_field(r, f"{arch}.rope.scaling.factor")
+    inv = inv / float(factor) if factor else inv
+    t = next((t for t in r.tensors if t.name == "rope_freqs.weight"), None)
+    return inv if t is None else inv / torch.from_numpy(np.array(t.data, dtype=np.float64)).reshape(-1)
 
 
 def read_gguf_export(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], str]:
@@ -298,5 +335,5 @@ def read_gguf_export(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], st
     return spec, state, arch
 
 
-__all__ = ["FILE_NAME", "export_gguf", "gguf_field", "gguf_name", "llama3_rope_factors", "permute_rope",
-           "read_gguf_export", "unpermute_rope"]
+__all__ = ["FILE_NAME", "export_gguf", "gguf_field", "gguf_name", "gguf_rope_inv_freq", "llama3_rope_factors",
+           "permute_rope", "read_gguf_export", "unpermute_rope"]

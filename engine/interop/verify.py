@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layerfold.core.model import build_model
+from layerfold.core.model import build_model, rope_inv_freq
 from layerfold.core.paths import json_text
 from layerfold.interop.common import PROVENANCE_FILE, Source
 
@@ -61,10 +61,16 @@ def _exported(fmt: str, out: Path, s: Source, ids: list[Tensor]) -> tuple[list[T
         spec, state = read_decilm(out)
         how = "config.json block_configs + safetensors read back"
     else:
-        from layerfold.interop.gguf_file import FILE_NAME, read_gguf_export
+        from layerfold.interop.gguf_file import FILE_NAME, gguf_rope_inv_freq, read_gguf_export
 
         spec, state, arch = read_gguf_export(out / FILE_NAME)
-        # rope scaling travels as GGUF keys / a rope_freqs tensor that the read-back does not parse
+        # rope scaling travels as GGUF keys / a rope_freqs tensor: llama.cpp's frequencies from them must be the
+        # model's, and then the read-back takes the model's rope settings
+        hd = next(l.head_dim for l in s.spec.layers if l.has_attn)
+        got, want = gguf_rope_inv_freq(out / FILE_NAME), rope_inv_freq(s.spec, hd).double()
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=0):
+            raise ValueError(f"llama.cpp's rotary frequencies from the file ({got.tolist()}) are not the model's "
+                             f"({want.tolist()})")
         spec = replace(spec, rope_type=s.spec.rope_type, rope_factor=s.spec.rope_factor,
                        rope_low_freq_factor=s.spec.rope_low_freq_factor,
                        rope_high_freq_factor=s.spec.rope_high_freq_factor,
