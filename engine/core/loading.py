@@ -36,6 +36,7 @@ from layerfold.core.checkpoint import (
 )
 from layerfold.core.devices import check_device
 from layerfold.core.dtypes import check_dtype
+from layerfold.core.gguf_rope import gguf_rope
 from layerfold.core.model import Model, build_model, expected_shapes
 from layerfold.core.paths import cache_dir, check_cache, check_source, clean_stale, layerfold_wrote, write_json_atomic
 from layerfold.core.spec import ModelSpec
@@ -227,6 +228,8 @@ def read_gguf(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
         raise ValueError(f"{path}: the GGUF file is damaged ({type(e).__name__}: {e}). Fix: download it again"
                          ) from None
     spec = spec_from_hf_config(hf.config, str(path))
+    if spec.rope_type == "default":  # transformers drops llama.cpp's rope scaling keys and rope_freqs tensor
+        spec = gguf_rope(path, spec)
     if spec.bos_token_id is None and tok.bos_token_id is not None:
         spec = ModelSpec.from_dict({**spec.to_dict(), "bos_token_id": tok.bos_token_id})
     return spec, state_from_hf(dict(hf.state_dict()), spec), tok
@@ -295,8 +298,9 @@ def _files_stat(d: Path) -> tuple:
 
 # Bumped when a conversion made by an earlier layerfold is wrong; the new name supersedes the old folders.
 # "-c2": tokenizers converted under transformers 4.x added a BOS the GGUF file does not ask for and cleaned
-# up spaces after decoding (core.tokenizer.gguf_tokenizer).
-CONVERSION = "-c2"
+# up spaces after decoding (core.tokenizer.gguf_tokenizer). "-c3": rope-scaled GGUFs (Llama 3.1-3.3's
+# rope_freqs, linear, YaRN) were converted with plain rotary embeddings (core.gguf_rope).
+CONVERSION = "-c3"
 
 
 def _cached_gguf(path: Path, quiet: bool = False) -> Path:

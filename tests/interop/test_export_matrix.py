@@ -408,9 +408,6 @@ def test_deci_gguf_is_refused_by_layerfold_import_naming_the_arch(tmp_path: Path
         layerfold.load(info["file"])
 
 
-@pytest.mark.xfail(strict=True, reason="layerfold.core.loading.read_gguf reads GGUF files through transformers' GGUF "
-                   "reader, which ignores rope.scaling.* and rope_freqs for llama: a Llama-3-scaled GGUF loads with "
-                   "plain rotary embeddings (needs a fix in core/loading.py)")
 def test_rope_scaled_gguf_loads_back_in_layerfold(tmp_path: Path, cache: Path) -> None:
     m, tok, info = gguf_with_tokenizer(tmp_path, U(vocab=300, rope_type="llama3", rope_factor=8.0,
                                                    rope_original_max_pos=16))
