@@ -253,7 +253,27 @@ def check_prompt(ids: list[int], max_tokens: int | None, limits: Limits, vocab_s
 
 
 # ---- the app's exception handlers -------------------------------------------------------------------
+MAX_DEPTH = 64  # lists/objects nested in a request (a chat request with content parts is 5 deep)
+
+
+def nesting(obj: Any, stop: int = MAX_DEPTH + 1) -> int:
+    """How deep ``obj`` (parsed JSON) nests lists and dicts, counted level by level (no recursion) up to ``stop``."""
+    depth, level = 0, [obj]
+    while depth < stop:
+        boxes = [x for x in level if isinstance(x, (list, dict))]
+        if not boxes:
+            break
+        depth += 1
+        level = [v for x in boxes for v in (x.values() if isinstance(x, dict) else x)]
+    return depth
+
+
 async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    depth = nesting(getattr(exc, "body", None))
+    if depth > MAX_DEPTH:  # (Python's parser refuses such a body itself at a depth its version decides: 3.11 at
+        # 3,000 levels, not 3.13; this answer does not depend on it)
+        return error_response(400, "the request body nests lists or objects too deeply to parse (more than "
+                              f"{MAX_DEPTH} levels). Fix: send the request's flat JSON object")
     errs = exc.errors()
     first = errs[0] if errs else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
