@@ -134,22 +134,27 @@ def test_tokenizer_comes_from_the_origin_gguf_or_tokenizer_json(tmp_path) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "deci"])
-def test_gguf_runs_in_llama_cpp(tmp_path, arch: str) -> None:
-    """llama.cpp (through llama-cpp-python) computes the same logits as layerfold from the exported file."""
+@pytest.mark.parametrize("case", ["llama", "deci", "llama3-rope", "no-tokenizer"])
+def test_gguf_runs_in_llama_cpp(tmp_path, case: str) -> None:
+    """llama.cpp (through llama-cpp-python) computes the same logits as layerfold from the exported file: both
+    archs, Llama-3 rope scaling (its rope_freqs tensor), and a file without a tokenizer (token ids only)."""
     llama_cpp = pytest.importorskip("llama_cpp")
+    rope = dict(rope_type="llama3", rope_factor=8.0, rope_original_max_pos=16) if case == "llama3-rope" else {}
     spec = tiny_spec(d_model=64, n_layers=4, heads=4, kv_heads=2, ffn=128, vocab=SMOLLM2_VOCAB, tie=True,
-                     mlp_blocks=(2,) if arch == "deci" else ())
+                     mlp_blocks=(2,) if case == "deci" else (), **rope)
     m, ckpt = smollm2_checkpoint(tmp_path, spec)
+    if case == "no-tokenizer":
+        ckpt = save_checkpoint(tmp_path / "bare", m.spec, m.state_dict())
     info = export(ckpt, tmp_path / "g", format="gguf")
-    assert info["architecture"] == arch
+    arch = "deci" if case == "deci" else "llama"
+    assert info["architecture"] == arch and info["tokenizer"] == (case != "no-tokenizer")
     llm = llama_cpp.Llama(model_path=info["file"], n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     toks = ids(12, SMOLLM2_VOCAB)[0].tolist()
     llm.eval(toks)
     got = torch.tensor(llm.scores[:len(toks)], dtype=torch.float32)
     with torch.no_grad():
         want = m(torch.tensor([toks]))[0]
-    assert_close(got, want, torch.float16, f"llama.cpp ({arch}) vs layerfold logits")
+    assert_close(got, want, torch.float16, f"llama.cpp ({case}) vs layerfold logits")
 
 
 def test_sliding_window_models_are_refused_for_gguf(tmp_path) -> None:
