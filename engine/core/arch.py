@@ -150,8 +150,7 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     rope = _rope_fields(rtype, src, max_pos, where)
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    sw = _get(cfg, "sliding_window") if mt == "mistral" or _get(cfg, "use_sliding_window", False) else None
-    sw = None if sw is None else _number(sw, "sliding_window", where, whole=True)
+    sw = _window(cfg, mt, where)
     return ModelSpec(
         vocab_size=_get(cfg, "vocab_size"),
         d_model=d,
@@ -168,6 +167,31 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
         bos_token_id=_get(cfg, "bos_token_id"),
         eos_token_ids=eos_ids,
     ).validate()
+
+
+def _window(cfg: Any, mt: str, where: str) -> int | None:
+    """The sliding window every layer applies, or None. Qwen2/Qwen3 apply theirs from layer max_window_layers
+    on (or where layer_types says "sliding_attention"); layerfold has one window for all layers, so a model whose
+    layers differ is refused rather than run with the window everywhere."""
+    sw = _get(cfg, "sliding_window") if mt == "mistral" or _get(cfg, "use_sliding_window", False) else None
+    if sw is None:
+        return None
+    sw = _number(sw, "sliding_window", where, whole=True)
+    n, types = _get(cfg, "num_hidden_layers"), _get(cfg, "layer_types")
+    if types is None and mt in ("qwen2", "qwen3"):
+        first = _number(_get(cfg, "max_window_layers", 28), "max_window_layers", where, whole=True)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if types is None:
+        return sw
+    windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not windowed:
+        return None
+    if len(windowed) != n:
+        raise ValueError(f"{where}: layers {windowed[0]}..{windowed[-1]} ({len(windowed)} of {n}) attend through a "
+                         f"sliding window of {sw} tokens and the others to every token; layerfold applies one "
+                         "attention span to every layer. Fix: use the model with use_sliding_window false (its "
+                         "released setting for Qwen2/Qwen3), or open an issue for per-layer windows")
+    return sw
 
 
 def _rope_fields(rtype: str, src: dict[str, Any], max_pos: int, where: str) -> dict[str, Any]:

@@ -27,6 +27,22 @@ def test_parity_with_hf_tiny(family, tie):
     assert_close(got, ref, torch.float32, f"{family} logits vs transformers")
 
 
+@pytest.mark.parametrize("first_windowed,window", [(0, 8), (3, None)])
+def test_qwen_sliding_window_from_max_window_layers(first_windowed: int, window: int | None) -> None:
+    """Qwen2 applies use_sliding_window from layer max_window_layers on: all layers (0) or none (3 of 3)."""
+    hf = tiny_hf("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=first_windowed)
+    lf = to_layerfold(hf)
+    assert lf.spec.sliding_window == window
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_close(lf(ids), hf(ids).logits, torch.float32, f"qwen2 window from layer {first_windowed}")
+
+
+def test_qwen_window_on_some_layers_only_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"layers 1\.\.2 \(2 of 3\) attend through a sliding window of 8.*Fix"):
+        to_layerfold(tiny_hf("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1))
+
+
 def test_family_features_are_used():
     assert to_layerfold(tiny_hf("qwen2")).spec.qkv_bias
     assert to_layerfold(tiny_hf("qwen3")).spec.qk_norm
