@@ -6,14 +6,18 @@
 - ``decilm``: the DeciLM / Nemotron-NAS ``block_configs`` config that vLLM serves (``DeciLMForCausalLM``):
   per layer, attention present or a no-op, its KV heads, the FFN present or a no-op and its width; one
   hidden size, one query-head count and one head size for every layer; no shortcut matrices.
-- ``gguf``: llama.cpp. Arch ``llama`` for an ``hf``-uniform model, arch ``deci`` (per-layer head counts,
-  KV-head counts and FFN lengths) for the rest of what ``decilm`` carries, except attention-only layers:
-  llama.cpp's ``deci`` graph skips the residual add of a layer without FFN, so their attention would be lost.
+- ``gguf``: llama.cpp. Arch ``llama`` for an ``hf``-uniform model (``qwen2`` with q/k/v biases, ``qwen3``
+  with q/k norms), arch ``deci`` (per-layer head counts, KV-head counts and FFN lengths) for the rest of what
+  ``decilm`` carries, except attention-only layers: llama.cpp's ``deci`` graph skips the residual add of a
+  layer without FFN, so their attention would be lost. Rope: linear, Llama-3 (a ``rope_freqs`` tensor) and
+  YaRN with HF's default knobs.
 
 Each ``*_problem`` returns None when the format carries the model, else the first reason it cannot.
 """
 
 from __future__ import annotations
+
+import math
 
 from layerfold.core.arch import SUPPORTED
 from layerfold.core.spec import ModelSpec
@@ -100,13 +104,30 @@ def _block_problem(spec: ModelSpec) -> str | None:
     return None
 
 
+# YaRN as llama.cpp computes it from the GGUF keys it reads (type, factor, original context): HF's defaults
+YARN_DEFAULTS = {"rope_beta_fast": 32.0, "rope_beta_slow": 1.0, "rope_truncate": True}
+
+
 def gguf_problem(spec: ModelSpec) -> str | None:
-    if spec.qkv_bias or spec.qk_norm:
-        return "its attention has q/k/v biases or q/k norms (Qwen2/Qwen3), which the llama and deci GGUF archs lack"
+    if spec.qkv_bias and spec.qk_norm:
+        return "its attention has both q/k/v biases and q/k norms, which no llama.cpp arch computes together"
+    if (spec.qkv_bias or spec.qk_norm) and not spec.uniform:
+        return ("its attention has q/k/v biases or q/k norms (Qwen2/Qwen3), which llama.cpp's qwen2/qwen3 archs "
+                "carry only for layers all alike (the deci arch, for per-layer shapes, has neither)")
     if spec.sliding_window is not None:
         return "it uses sliding-window attention, which the llama and deci GGUF archs do not apply"
-    if spec.rope_type not in ("default", "linear", "llama3"):
+    if (spec.qkv_bias or spec.qk_norm) and spec.rope_type == "llama3":
+        return "its Llama-3 rope scaling, which llama.cpp's qwen2/qwen3 archs do not apply (no rope_freqs tensor)"
+    if spec.rope_type not in ("default", "linear", "llama3", "yarn"):
         return f"its rotary embedding uses {spec.rope_type!r} scaling, which this GGUF export does not write"
+    if spec.rope_type == "yarn":
+        odd = [k for k, v in YARN_DEFAULTS.items() if getattr(spec, k) != v]
+        default_attn = 0.1 * math.log(spec.rope_factor) + 1 if spec.rope_factor > 1 else 1.0
+        if abs(spec.rope_attention_factor - default_attn) > 1e-6:
+            odd.append("rope_attention_factor")
+        if odd:
+            return (f"its YaRN scaling sets {', '.join(odd)} away from the defaults, which the GGUF keys llama.cpp "
+                    "reads (type, factor, original context) cannot say")
     if spec.uniform:
         return None
     why = _block_problem(spec)
@@ -128,7 +149,12 @@ def carriers(spec: ModelSpec) -> list[str]:
 
 
 def gguf_arch(spec: ModelSpec) -> str:
-    """'llama' for a uniform model, 'deci' for per-layer shapes (call after gguf_problem returned None)."""
+    """'qwen2' (q/k/v biases) or 'qwen3' (q/k norms) for a uniform model with them, else 'llama' for a uniform
+    model and 'deci' for per-layer shapes (call after gguf_problem returned None)."""
+    if spec.qkv_bias:
+        return "qwen2"
+    if spec.qk_norm:
+        return "qwen3"
     return "llama" if spec.uniform else "deci"
 
 

@@ -1,13 +1,15 @@
 """``--format gguf``: one GGUF file for llama.cpp, written with the ``gguf`` package.
 
-Uniform models go out as arch ``llama``; models with per-layer shapes as arch ``deci`` (llama.cpp's
+Uniform models go out as arch ``llama`` (``qwen2`` with q/k/v biases, ``qwen3`` with q/k norms, as llama.cpp's
+converter writes Qwen models); models with per-layer shapes as arch ``deci`` (llama.cpp's
 DeciLM / Nemotron-NAS graph), whose ``attention.head_count``, ``attention.head_count_kv`` and
 ``feed_forward_length`` are per-layer arrays: 0 heads = attention-free layer (an LLM-Streamline MLP block).
 Tensors are f32, f16 or bf16 (norm gains always f32, as llama.cpp's converter writes them); quantise the
 file with llama.cpp's ``llama-quantize``.
 
 llama.cpp applies rotary embeddings to adjacent pairs, transformers (and layerfold) to the two halves of
-each head, so q and k rows are permuted per head as llama.cpp's ``convert_hf_to_gguf.py`` does::
+each head for the llama and deci archs (qwen2 and qwen3 rotate halves, as transformers), so for those q and
+k rows are permuted per head as llama.cpp's ``convert_hf_to_gguf.py`` does::
 
     W (n*hd, d) -> W.reshape(n, 2, hd/2, d).swapaxes(1, 2).reshape(n*hd, d)    (n = heads, KV heads for k)
 
@@ -50,7 +52,10 @@ TENSORS = {
     "layers.{i}.attn.o.weight": "ATTN_OUT", "layers.{i}.mlp_norm.weight": "FFN_NORM",
     "layers.{i}.mlp.gate.weight": "FFN_GATE", "layers.{i}.mlp.up.weight": "FFN_UP",
     "layers.{i}.mlp.down.weight": "FFN_DOWN",
+    "layers.{i}.attn.q.bias": "ATTN_Q", "layers.{i}.attn.k.bias": "ATTN_K", "layers.{i}.attn.v.bias": "ATTN_V",
+    "layers.{i}.attn.q_norm.weight": "ATTN_Q_NORM", "layers.{i}.attn.k_norm.weight": "ATTN_K_NORM",
 }
+PAIRED = ("llama", "deci")  # the archs that rotate adjacent pairs: their q and k rows are permuted
 
 
 def gguf_name(name: str) -> str:
@@ -64,7 +69,7 @@ def gguf_name(name: str) -> str:
     if member is None:
         raise ValueError(f"tensor {name!r} has no GGUF name. Fix: export a model without it (see docs/INTEROP.md)")
     base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[member]]
-    return (base.format(bid=bid) if bid is not None else base) + ".weight"
+    return (base.format(bid=bid) if bid is not None else base) + (".bias" if name.endswith(".bias") else ".weight")
 
 
 def permute_rope(w: Tensor, n_heads: int) -> Tensor:
@@ -107,7 +112,7 @@ def _metadata(w: Any, spec: ModelSpec, arch: str, dt: torch.dtype) -> None:
     w.add_context_length(spec.max_position)
     w.add_embedding_length(spec.d_model)
     w.add_block_count(spec.n_layers)
-    if arch == "llama":
+    if arch != "deci":
         l = spec.layers[0]
         w.add_feed_forward_length(l.d_ffn)
         w.add_head_count(l.n_heads)
@@ -123,6 +128,10 @@ def _metadata(w: Any, spec: ModelSpec, arch: str, dt: torch.dtype) -> None:
     if spec.rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(spec.rope_factor)
+    if spec.rope_type == "yarn":  # llama.cpp derives the rest (attention factor, ramp) as HF's defaults do
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(spec.rope_factor)
+        w.add_rope_scaling_orig_ctx_len(spec.rope_original_max_pos)
     w.add_layer_norm_rms_eps(spec.norm_eps)
     w.add_vocab_size(spec.vocab_size)
     ftype = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
@@ -163,9 +172,9 @@ def export_gguf(src: str | Path | Source, out: str | Path, *, dtype: str | None 
         for name, t in s.state.items():
             t = t.detach().to("cpu", torch.float32)
             l = _layer_of(name, spec)
-            if name.endswith("attn.q.weight"):
+            if name.endswith("attn.q.weight") and arch in PAIRED:
                 t = permute_rope(t, l.n_heads)
-            elif name.endswith("attn.k.weight"):
+            elif name.endswith("attn.k.weight") and arch in PAIRED:
                 t = permute_rope(t, l.n_kv_heads)
             _add_tensor(w, gguf_name(name), t.contiguous(), dt)
             n += t.numel()
@@ -323,7 +332,7 @@ def read_gguf_export(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], st
         arr = gguf.dequantize(t.data, t.tensor_type).reshape(list(reversed([int(x) for x in t.shape])))
         x = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the reader maps the file read-only
         name = back[t.name]
-        if name.endswith("attn.q.weight") or name.endswith("attn.k.weight"):
+        if (name.endswith("attn.q.weight") or name.endswith("attn.k.weight")) and arch in PAIRED:
             i = int(name.split(".")[1])
             x = unpermute_rope(x, heads[i] if ".q." in name else kvs[i])
         state[name] = x
@@ -331,7 +340,8 @@ def read_gguf_export(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], st
                      norm_eps=float(gguf_field(r, f"{arch}.attention.layer_norm_rms_epsilon")),
                      rope_theta=float(gguf_field(r, f"{arch}.rope.freq_base")),
                      max_position=int(gguf_field(r, f"{arch}.context_length")),
-                     tie_embeddings="lm_head.weight" not in state).validate()
+                     tie_embeddings="lm_head.weight" not in state, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+                     arch=arch if arch in ("qwen2", "qwen3") else "llama").validate()
     return spec, state, arch
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from layerfold.core.gguf_rope import gguf_rope
 from layerfold.core.model import build_model, rope_inv_freq
 from layerfold.core.paths import json_text
 from layerfold.interop.common import PROVENANCE_FILE, Source
@@ -64,24 +64,25 @@ def _exported(fmt: str, out: Path, s: Source, ids: list[Tensor]) -> tuple[list[T
         from layerfold.interop.gguf_file import FILE_NAME, gguf_rope_inv_freq, read_gguf_export
 
         spec, state, arch = read_gguf_export(out / FILE_NAME)
-        # rope scaling travels as GGUF keys / a rope_freqs tensor: llama.cpp's frequencies from them must be the
-        # model's, and then the read-back takes the model's rope settings
+        # rope scaling travels as GGUF keys / a rope_freqs tensor: read as layerfold's GGUF import reads it, and
+        # (but for YaRN, whose ramp llama.cpp computes itself) the frequencies llama.cpp's formula gives from them
+        spec = gguf_rope(out / FILE_NAME, spec)
         hd = next(l.head_dim for l in s.spec.layers if l.has_attn)
         got, want = gguf_rope_inv_freq(out / FILE_NAME), rope_inv_freq(s.spec, hd).double()
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=0):
+        if spec.rope_type != "yarn" and (got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=0)):
             raise ValueError(f"llama.cpp's rotary frequencies from the file ({got.tolist()}) are not the model's "
                              f"({want.tolist()})")
-        spec = replace(spec, rope_type=s.spec.rope_type, rope_factor=s.spec.rope_factor,
-                       rope_low_freq_factor=s.spec.rope_low_freq_factor,
-                       rope_high_freq_factor=s.spec.rope_high_freq_factor,
-                       rope_original_max_pos=s.spec.rope_original_max_pos)
         how = f"GGUF ({arch}) read back with gguf.GGUFReader"
     m = build_model(spec, state, dtype=torch.float32).eval()
     return [m(x)[0] for x in ids], how
 
 
 def _gguf_via_transformers(out: Path, s: Source) -> bool:
-    return s.spec.uniform and s.spec.rope_type == "default"
+    """Whether transformers' GGUF reader reads the export right: plain rotary embeddings (it drops rope scaling),
+    and not arch qwen3, whose head size it takes from its Qwen3 default (128), not the file's key_length."""
+    from layerfold.interop.formats import gguf_arch
+
+    return s.spec.uniform and s.spec.rope_type == "default" and gguf_arch(s.spec) != "qwen3"
 
 
 def verify_export(fmt: str, out: str | Path, s: Source, dt: torch.dtype, tol: float = TOL) -> dict[str, Any]:

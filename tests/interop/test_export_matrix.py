@@ -24,6 +24,7 @@ from layerfold.core.checkpoint import save_checkpoint
 from layerfold.core.model import build_model
 from layerfold.core.spec import LayerSpec, ModelSpec
 from layerfold.interop.export import export
+from layerfold.interop.formats import gguf_arch
 from layerfold.surgery.depth import apply_depth_plan
 from layerfold.surgery.plan import DepthPlan, Merge
 from tests.support.decilm_ref import DeciLMReference
@@ -85,12 +86,16 @@ CASES = {
     "slicegpt-shortcuts": (lambda: sliced("point"), dict.fromkeys(FORMATS, r"shortcut matrices.*" + NONE_CARRY +
                                                                  r".*--basis global --slice-ends"), None),
     "slicegpt-global": (lambda: sliced("global"), {}, "LlamaForCausalLM"),
-    "qwen2": (U(arch="qwen2", qkv_bias=True), {"gguf": r"q/k/v biases.*--format hf \(or decilm\)"},
-              "Qwen2ForCausalLM"),
+    "qwen2": (U(arch="qwen2", qkv_bias=True), {}, "Qwen2ForCausalLM"),
     "qwen2-come": (layers(*COME, arch="qwen2", qkv_bias=True), {"hf": r"different shape.*--format decilm;",
                                                                  "gguf": r"q/k/v biases.*--format decilm;"}, None),
-    "qwen3": (U(arch="qwen3", qk_norm=True, head_dim=16), {"decilm": r"normalises q and k.*--format hf;",
-                                                           "gguf": r"q/k norms.*--format hf;"}, "Qwen3ForCausalLM"),
+    "qwen3": (U(arch="qwen3", qk_norm=True, head_dim=16), {"decilm": r"normalises q and k.*--format hf \(or gguf\)"},
+              "Qwen3ForCausalLM"),
+    "qwen3-come": (layers(*COME, arch="qwen3", qk_norm=True), dict.fromkeys(
+        ("hf", "decilm", "gguf"), r"(different shape|normalises q and k|q/k norms).*" + NONE_CARRY), None),
+    "qwen3+bias": (U(arch="qwen3", qk_norm=True, qkv_bias=True), {
+        "hf": "combines q/k/v biases and q/k norms.*" + NONE_CARRY, "decilm": "normalises q and k.*" + NONE_CARRY,
+        "gguf": "both q/k/v biases and q/k norms.*" + NONE_CARRY}, None),
     "mistral-window": (U(arch="mistral", sliding_window=5), {"decilm": r"sliding-window.*--format hf;",
                                                              "gguf": r"sliding-window.*--format hf;"},
                        "MistralForCausalLM"),
@@ -102,19 +107,27 @@ CASES = {
                         {"hf": r"MLP replacement block.*--format decilm \(or gguf\)"}, None),
     # a spec's family and its attention features disagree (a ModelSpec built by hand): the export picks the class
     # that computes that attention (these four were written as the family's class, with wrong logits)
-    "llama+qkv-bias": (U(qkv_bias=True), {"gguf": r"q/k/v biases.*--format hf \(or decilm\)"}, "Qwen2ForCausalLM"),
+    "llama+qkv-bias": (U(qkv_bias=True), {}, "Qwen2ForCausalLM"),
     "llama+window": (U(sliding_window=5), {"decilm": r"sliding-window.*--format hf;",
                                            "gguf": r"sliding-window.*--format hf;"}, "MistralForCausalLM"),
-    "llama+qk-norm": (U(qk_norm=True), {"decilm": r"normalises q and k.*--format hf;",
-                                        "gguf": r"q/k norms.*--format hf;"}, "Qwen3ForCausalLM"),
+    "llama+qk-norm": (U(qk_norm=True), {"decilm": r"normalises q and k.*--format hf \(or gguf\)"}, "Qwen3ForCausalLM"),
     "qwen3-no-qk-norm": (U(arch="qwen3"), {}, "LlamaForCausalLM"),
     "qwen2-no-bias": (U(arch="qwen2"), {}, "Qwen2ForCausalLM"),  # zero biases written: none left to initialise
     "qwen2+window": (U(arch="qwen2", qkv_bias=True, sliding_window=5), {
         "hf": r"combines q/k/v biases and sliding-window(?!.*prune with).*" + NONE_CARRY,
-        "decilm": "sliding-window.*" + NONE_CARRY, "gguf": "q/k/v biases.*" + NONE_CARRY}, None),
+        "decilm": "sliding-window.*" + NONE_CARRY, "gguf": "sliding-window.*" + NONE_CARRY}, None),
 }
-CASES["yarn-rope"] = (U(rope_type="yarn", rope_factor=4.0, rope_original_max_pos=16),  # this GGUF export: no YaRN
-                      {"gguf": r"'yarn' scaling.*--format hf \(or decilm\)"}, "LlamaForCausalLM")
+CASES["yarn-rope"] = (U(rope_type="yarn", rope_factor=4.0, rope_original_max_pos=16,
+                        rope_attention_factor=0.1 * math.log(4.0) + 1), {}, "LlamaForCausalLM")
+CASES["qwen3-yarn"] = (U(arch="qwen3", qk_norm=True, rope_type="yarn", rope_factor=4.0, rope_original_max_pos=16,
+                         rope_attention_factor=0.1 * math.log(4.0) + 1), {"decilm": r"normalises q and k"},
+                       "Qwen3ForCausalLM")
+CASES["yarn-odd"] = (U(rope_type="yarn", rope_factor=4.0, rope_original_max_pos=16, rope_attention_factor=0.7),
+                     {"gguf": r"YaRN scaling sets rope_attention_factor.*--format hf \(or decilm\)"},
+                     "LlamaForCausalLM")
+CASES["qwen2-llama3-rope"] = (U(arch="qwen2", qkv_bias=True, rope_type="llama3", rope_factor=8.0,
+                                rope_original_max_pos=16), {"gguf": r"Llama-3 rope scaling.*--format hf"},
+                              "Qwen2ForCausalLM")
 
 
 def _model(case: str, dtype: torch.dtype = torch.float32) -> layerfold.Model:
@@ -155,25 +168,47 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> torch.Tensor:
     hd, eps = key("attention.key_length"), key("attention.layer_norm_rms_epsilon")
     w = {t.name: torch.from_numpy(np.array(gguf.dequantize(t.data, t.tensor_type), dtype=np.float64))
          .reshape([int(x) for x in reversed(t.shape)]) for t in r.tensors}
-    freqs = key("rope.freq_base") ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd) \
-        / key("rope.scaling.factor", 1.0) / w.get("rope_freqs.weight", torch.ones(1, dtype=torch.float64))
+    base = key("rope.freq_base") ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    scale, mscale = 1 / key("rope.scaling.factor", 1.0), 1.0
+    if key("rope.scaling.type") == "yarn":  # ggml_rope_yarn: a ramp between the corrected dims, and mscale
+        def corr(rot: float) -> float:
+            return hd * math.log(key("rope.scaling.original_context_length") / (rot * 2 * math.pi)) / (
+                2 * math.log(key("rope.freq_base")))
+        lo, hi = max(0, math.floor(corr(32))), min(hd - 1, math.ceil(corr(1)))
+        keep = 1 - ((torch.arange(hd // 2, dtype=torch.float64) - lo) / max(0.001, hi - lo)).clamp(0, 1)
+        freqs = base * scale * (1 - keep) + base * keep
+        mscale = 1 + 0.1 * math.log(1 / scale)
+    else:
+        freqs = base * scale / w.get("rope_freqs.weight", torch.ones(1, dtype=torch.float64))
     T = len(ids)
     ang = torch.arange(T, dtype=torch.float64)[:, None, None] * freqs  # (T, 1, hd/2)
+    cos, sin = ang.cos() * mscale, ang.sin() * mscale
+    neox = arch in ("qwen2", "qwen3")
 
-    def rope(x: torch.Tensor) -> torch.Tensor:  # LLAMA_ROPE_TYPE_NORM: pairs (x[2i], x[2i+1]) rotate together
+    def rope(x: torch.Tensor) -> torch.Tensor:  # NORM: pairs (x[2i], x[2i+1]); NEOX (qwen): (x[i], x[i + hd/2])
+        if neox:
+            x0, x1 = x[..., :hd // 2], x[..., hd // 2:]
+            return torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1)
         x0, x1 = x[..., 0::2], x[..., 1::2]
-        return torch.stack([x0 * ang.cos() - x1 * ang.sin(), x0 * ang.sin() + x1 * ang.cos()], -1).flatten(-2)
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2)
 
     def rms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
     h = w["token_embd.weight"][torch.tensor(ids)]
     for i in range(n):
-        b = {k.split(".")[2]: v for k, v in w.items() if k.startswith(f"blk.{i}.")}.__getitem__
+        blk = {k[len(f"blk.{i}."):]: v for k, v in w.items() if k.startswith(f"blk.{i}.")}
+
+        def b(n: str, blk: dict = blk) -> torch.Tensor:
+            return blk[n + ".weight"]
+
+        def proj(x: torch.Tensor, n: str, heads: int, blk: dict = blk) -> torch.Tensor:  # (+ bias, + norm: qwen)
+            y = (x @ blk[n + ".weight"].T + blk.get(n + ".bias", 0)).view(T, heads, hd)
+            return rms(y, blk[n + "_norm.weight"]) if n + "_norm.weight" in blk else y
         cur = h
         if heads[i]:
             x = rms(h, b("attn_norm"))
-            q = rope((x @ b("attn_q").T).view(T, heads[i], hd))
-            k, v = rope((x @ b("attn_k").T).view(T, kvs[i], hd)), (x @ b("attn_v").T).view(T, kvs[i], hd)
+            q = rope(proj(x, "attn_q", heads[i]))
+            k, v = rope(proj(x, "attn_k", kvs[i])), proj(x, "attn_v", kvs[i])
             k, v = k.repeat_interleave(heads[i] // kvs[i], 1), v.repeat_interleave(heads[i] // kvs[i], 1)
             s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
             p = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
@@ -226,10 +261,10 @@ def check_consumers(fmt: str, info: dict, m: layerfold.Model, hf_class: str | No
         if spec.rope_type == "default":  # the reference knows plain rotary embeddings only
             assert_close(DeciLMReference(out)(IDS[0]), want, torch.float32, "vLLM-semantics reference")
     else:
-        assert info["architecture"] == ("llama" if spec.uniform else "deci")
+        assert info["architecture"] == gguf_arch(spec)
         got = llama_cpp_logits(Path(info["file"]), IDS[0].tolist())
         assert_close(got, want, torch.float32, "llama.cpp's graph on the GGUF file")
-        if spec.uniform and spec.rope_type == "default":  # transformers' GGUF reader ignores rope scaling
+        if spec.uniform and spec.rope_type == "default" and info["architecture"] != "qwen3":  # (verify.py says why)
             from transformers import AutoModelForCausalLM
 
             hf = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()

@@ -3,6 +3,8 @@ and (slow, when llama-cpp-python is installed) both run in llama.cpp itself."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -133,20 +135,31 @@ def test_tokenizer_comes_from_the_origin_gguf_or_tokenizer_json(tmp_path) -> Non
     assert [r.fields["tokenizer.ggml.tokens"].contents(i) for i in range(3)] == first
 
 
+YARN = dict(rope_type="yarn", rope_factor=4.0, rope_original_max_pos=8, rope_attention_factor=0.1 * math.log(4) + 1)
+LLAMA_CPP_CASES = {  # case -> (spec fields, the GGUF arch)
+    "llama": ({}, "llama"), "deci": ({"mlp_blocks": (2,)}, "deci"), "no-tokenizer": ({}, "llama"),
+    "llama3-rope": (dict(rope_type="llama3", rope_factor=8.0, rope_original_max_pos=16), "llama"),
+    "yarn-rope": (YARN, "llama"),
+    "qwen2": (dict(arch="qwen2", qkv_bias=True), "qwen2"),
+    "qwen3": (dict(arch="qwen3", qk_norm=True, head_dim=32), "qwen3"),
+    "qwen3-yarn": (dict(arch="qwen3", qk_norm=True, **YARN), "qwen3"),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["llama", "deci", "llama3-rope", "no-tokenizer"])
+@pytest.mark.parametrize("case", list(LLAMA_CPP_CASES))
 def test_gguf_runs_in_llama_cpp(tmp_path, case: str) -> None:
-    """llama.cpp (through llama-cpp-python) computes the same logits as layerfold from the exported file: both
-    archs, Llama-3 rope scaling (its rope_freqs tensor), and a file without a tokenizer (token ids only)."""
+    """llama.cpp (through llama-cpp-python) computes the same logits as layerfold from the exported file: the
+    llama, deci, qwen2 (q/k/v biases) and qwen3 (q/k norms) archs, Llama-3 rope scaling (its rope_freqs tensor),
+    YaRN, and a file without a tokenizer (token ids only)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    rope = dict(rope_type="llama3", rope_factor=8.0, rope_original_max_pos=16) if case == "llama3-rope" else {}
-    spec = tiny_spec(d_model=64, n_layers=4, heads=4, kv_heads=2, ffn=128, vocab=SMOLLM2_VOCAB, tie=True,
-                     mlp_blocks=(2,) if case == "deci" else (), **rope)
+    fields, arch = LLAMA_CPP_CASES[case]
+    spec = tiny_spec(**{"d_model": 64, "n_layers": 4, "heads": 4, "kv_heads": 2, "ffn": 128, "vocab": SMOLLM2_VOCAB,
+                        "tie": True, **fields})
     m, ckpt = smollm2_checkpoint(tmp_path, spec)
     if case == "no-tokenizer":
         ckpt = save_checkpoint(tmp_path / "bare", m.spec, m.state_dict())
     info = export(ckpt, tmp_path / "g", format="gguf")
-    arch = "deci" if case == "deci" else "llama"
     assert info["architecture"] == arch and info["tokenizer"] == (case != "no-tokenizer")
     llm = llama_cpp.Llama(model_path=info["file"], n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     toks = ids(12, SMOLLM2_VOCAB)[0].tolist()
