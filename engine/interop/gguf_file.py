@@ -233,6 +233,40 @@ def _copy_tokenizer(w: Any, path: Path, vocab: int) -> bool:
     return True
 
 
+# tokenizer.json pre-tokenizers -> the llama.cpp pre-tokenizer (tokenizer.ggml.pre) that splits text the same way;
+# llama.cpp's own converter identifies them by hashing a tokenisation, this by the pre-tokenizer's definition
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+PRE_TOKENIZERS = {
+    (("ByteLevel", True),): "gpt-2",
+    (("Digits", True), ("ByteLevel", True)): "smollm",
+    (("Split", LLAMA3_SPLIT), ("ByteLevel", False)): "llama-bpe",
+    (("Split", QWEN2_SPLIT), ("ByteLevel", False)): "qwen2",
+}
+
+
+def pre_tokenizer(tj: dict[str, Any]) -> str | None:
+    """The llama.cpp pre-tokenizer name for a tokenizer.json's ``pre_tokenizer``, or None when none is known to
+    split text the same way (then the export writes no tokenizer rather than one that tokenizes differently)."""
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    sig = []
+    for st in steps:
+        kind = st.get("type")
+        if kind == "ByteLevel":
+            if st.get("add_prefix_space"):
+                return None
+            sig.append((kind, bool(st.get("use_regex", True))))
+        elif kind == "Digits":
+            sig.append((kind, bool(st.get("individual_digits"))))
+        elif kind == "Split" and st.get("behavior") == "Isolated" and not st.get("invert"):
+            sig.append((kind, (st.get("pattern") or {}).get("Regex")))
+        else:
+            return None
+    return PRE_TOKENIZERS.get(tuple(sig))
+
+
 def _tokenizer_from_json(w: Any, path: Path, vocab: int) -> bool:
     import gguf
 
@@ -243,15 +277,21 @@ def _tokenizer_from_json(w: Any, path: Path, vocab: int) -> bool:
     model = tj.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
         return False  # only byte-level BPE (GPT-2 style) here; other tokenizers: llama.cpp's converter
+    pre = pre_tokenizer(tj)
+    if pre is None:
+        return False
     tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types = {i: int(gguf.TokenType.NORMAL) for i in tokens}
     for a in tj.get("added_tokens", []):
         tokens[a["id"]] = a["content"]
         types[a["id"]] = int(gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
-    if sorted(tokens) != list(range(vocab)):
+    if not tokens or min(tokens) < 0 or max(tokens) >= vocab or len(tokens) < vocab // 2:
         return False
+    for i in range(vocab):  # ids the embedding has and the tokenizer never produces (Qwen pads its vocabulary)
+        if i not in tokens:
+            tokens[i], types[i] = f"[PAD{i}]", int(gguf.TokenType.UNUSED)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
     w.add_token_list([tokens[i] for i in range(vocab)])
     w.add_token_types([types[i] for i in range(vocab)])
     gguf.SpecialVocab(path, load_merges=True).add_to_gguf(w, quiet=True)
@@ -275,8 +315,9 @@ NO_TOKENIZER = "the GGUF file has no tokenizer (tokenizer.ggml.model \"none\": l
 NO_TOKENIZER_WHY = {
     False: "as the source has none. Fix: for text, save the checkpoint with its tokenizer (layerfold keeps the source "
            "model's when it prunes) and export again",
-    True: "as its tokenizer is not a byte-level BPE whose vocabulary matches the model's. Fix: for text, export "
-          "--format hf and convert that with llama.cpp's convert_hf_to_gguf.py, which knows more tokenizers"}
+    True: "as its tokenizer is not a byte-level BPE whose vocabulary matches the model's and whose pre-tokenizer "
+          "layerfold maps to llama.cpp's (gpt-2, smollm, llama-bpe, qwen2). Fix: for text, export --format hf and "
+          "convert that with llama.cpp's convert_hf_to_gguf.py, which knows more tokenizers"}
 
 
 # ---- reading an export back ---------------------------------------------------------------------------

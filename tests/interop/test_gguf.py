@@ -175,3 +175,68 @@ def test_sliding_window_models_are_refused_for_gguf(tmp_path) -> None:
     ckpt = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict())
     with pytest.raises(ValueError, match="sliding-window.*Fix: export it with --format hf"):
         export(ckpt, tmp_path / "g", format="gguf")
+
+
+def _split(regex: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def _pre_tokenizers() -> dict[str, dict]:
+    from layerfold.interop.gguf_file import LLAMA3_SPLIT, QWEN2_SPLIT
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {"gpt-2": byte_level, "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, byte_level]},
+        "llama-bpe": _split(LLAMA3_SPLIT), "qwen2": _split(QWEN2_SPLIT)}
+
+
+TEXTS = ["Hello world.", "x = 12345 + 678;", "Wait... what?! (yes)", "  two  spaces\n\nnew\r\nline", "naïve café 東京",
+         "it's we'll I'M", "a.b.c", "$100,000.50", "tabs\tand  \t mixed", "def f(x):\n    return x**2  # sq"]
+
+
+def _tokenizer_with_pre(tmp_path, pre: dict | None) -> object:
+    """The embedded model's tokenizer, saved as tokenizer.json, with another pre-tokenizer (or its own)."""
+    import json
+
+    from layerfold.core.loading import load_tokenizer, resolve
+
+    d = tmp_path / "tok"
+    load_tokenizer(resolve("smollm2-135m", quiet=True)).save_pretrained(d)
+    if pre is not None:
+        tj = json.loads((d / "tokenizer.json").read_text())
+        tj["pre_tokenizer"] = pre
+        (d / "tokenizer.json").write_text(json.dumps(tj))
+    return load_tokenizer(d)
+
+
+def test_pre_tokenizers_map_to_llama_cpp_names(tmp_path) -> None:
+    """tokenizer.json's pre-tokenizer picks tokenizer.ggml.pre; one llama.cpp has no name for gets no tokenizer (the
+    file used to say "default", which splits punctuation, digits and contractions otherwise: 3 of 8 texts differed)."""
+    from layerfold.interop.gguf_file import pre_tokenizer
+
+    for name, pre in _pre_tokenizers().items():
+        assert pre_tokenizer({"pre_tokenizer": pre}) == name
+    assert pre_tokenizer({"pre_tokenizer": _split(r"\p{L}+|\s+")}) is None
+    assert pre_tokenizer({"pre_tokenizer": {"type": "Metaspace"}}) is None
+    tok = _tokenizer_with_pre(tmp_path, _split(r"\p{L}+|\s+"))
+    m = tiny_model(**{**LLAMA, "vocab": SMOLLM2_VOCAB})
+    ckpt = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict(), tokenizer=tok)
+    info = export(ckpt, tmp_path / "g", format="gguf")
+    assert not info["tokenizer"] and "pre-tokenizer" in info["note"] and "convert_hf_to_gguf.py" in info["note"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_llama_cpp_tokenizes_as_the_model_does(tmp_path, name: str) -> None:
+    """The GGUF's tokenizer, built from tokenizer.json, splits every text into the ids the model's tokenizer gives."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok = _tokenizer_with_pre(tmp_path, _pre_tokenizers()[name])
+    m = tiny_model(**{**LLAMA, "vocab": SMOLLM2_VOCAB + 64})  # a padded vocabulary, as Qwen's: [PAD] ids
+    ckpt = save_checkpoint(tmp_path / "ck", m.spec, m.state_dict(), tokenizer=tok)
+    info = export(ckpt, tmp_path / "g", format="gguf")
+    assert info["tokenizer_source"] == "tokenizer.json"
+    llm = llama_cpp.Llama(model_path=info["file"], vocab_only=True, verbose=False)
+    for t in TEXTS:
+        assert llm.tokenize(t.encode(), add_bos=False, special=False) == tok.encode(t, add_special_tokens=False), t
