@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from layerfold.core.dtypes import dtype_name
+from layerfold.core.gguf_weights import PAIRED, dequantized, gguf_name, layerfold_names, permute_rope, unpermute_rope
 from layerfold.core.paths import atomic_dir
 from layerfold.core.spec import LayerSpec, ModelSpec
 from layerfold.interop.common import (
@@ -43,43 +44,6 @@ from layerfold.interop.common import (
 from layerfold.interop.formats import check_format, gguf_arch
 
 FILE_NAME = "model.gguf"
-
-# layerfold name -> gguf.MODEL_TENSOR member name (the gguf package formats it as blk.{bid}.attn_q etc.)
-TENSORS = {
-    "embed.weight": "TOKEN_EMBD", "norm.weight": "OUTPUT_NORM", "lm_head.weight": "OUTPUT",
-    "layers.{i}.attn_norm.weight": "ATTN_NORM", "layers.{i}.attn.q.weight": "ATTN_Q",
-    "layers.{i}.attn.k.weight": "ATTN_K", "layers.{i}.attn.v.weight": "ATTN_V",
-    "layers.{i}.attn.o.weight": "ATTN_OUT", "layers.{i}.mlp_norm.weight": "FFN_NORM",
-    "layers.{i}.mlp.gate.weight": "FFN_GATE", "layers.{i}.mlp.up.weight": "FFN_UP",
-    "layers.{i}.mlp.down.weight": "FFN_DOWN",
-    "layers.{i}.attn.q.bias": "ATTN_Q", "layers.{i}.attn.k.bias": "ATTN_K", "layers.{i}.attn.v.bias": "ATTN_V",
-    "layers.{i}.attn.q_norm.weight": "ATTN_Q_NORM", "layers.{i}.attn.k_norm.weight": "ATTN_K_NORM",
-}
-PAIRED = ("llama", "deci")  # the archs that rotate adjacent pairs: their q and k rows are permuted
-
-
-def gguf_name(name: str) -> str:
-    import gguf
-
-    parts = name.split(".")
-    key, bid = name, None
-    if parts[0] == "layers":
-        key, bid = ".".join(["layers", "{i}", *parts[2:]]), int(parts[1])
-    member = TENSORS.get(key)
-    if member is None:
-        raise ValueError(f"tensor {name!r} has no GGUF name. Fix: export a model without it (see docs/INTEROP.md)")
-    base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[member]]
-    return (base.format(bid=bid) if bid is not None else base) + (".bias" if name.endswith(".bias") else ".weight")
-
-
-def permute_rope(w: Tensor, n_heads: int) -> Tensor:
-    """HF rotate-half rows -> llama.cpp adjacent-pair rows, per head (n_heads: KV heads for k)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_rope(w: Tensor, n_heads: int) -> Tensor:
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 def _layer_of(name: str, spec: ModelSpec) -> LayerSpec | None:
     parts = name.split(".")
@@ -359,30 +323,15 @@ def read_gguf_export(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], st
     layers = tuple(LayerSpec(d, d, d, n_heads=h, n_kv_heads=k, head_dim=hd if h else 0, d_ffn=f, has_attn=h > 0,
                              has_mlp=f > 0, kind="decoder" if h else "mlp") for h, k, f in zip(heads, kvs, ffns,
                                                                                                 strict=True))
-    back = {}
-    for lf in TENSORS:
-        if "{i}" in lf:
-            for i in range(L):
-                back[gguf_name(lf.replace("{i}", str(i)))] = lf.replace("{i}", str(i))
-        else:
-            back[gguf_name(lf)] = lf
-    state: dict[str, Tensor] = {}
-    for t in r.tensors:
-        if t.name not in back:
-            continue
-        arr = gguf.dequantize(t.data, t.tensor_type).reshape(list(reversed([int(x) for x in t.shape])))
-        x = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the reader maps the file read-only
-        name = back[t.name]
-        if (name.endswith("attn.q.weight") or name.endswith("attn.k.weight")) and arch in PAIRED:
-            i = int(name.split(".")[1])
-            x = unpermute_rope(x, heads[i] if ".q." in name else kvs[i])
-        state[name] = x
+    names = {t.name for t in r.tensors}
     spec = ModelSpec(vocab_size=int(gguf_field(r, f"{arch}.vocab_size")), d_model=d, layers=layers,
                      norm_eps=float(gguf_field(r, f"{arch}.attention.layer_norm_rms_epsilon")),
                      rope_theta=float(gguf_field(r, f"{arch}.rope.freq_base")),
                      max_position=int(gguf_field(r, f"{arch}.context_length")),
-                     tie_embeddings="lm_head.weight" not in state, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
-                     arch=arch if arch in ("qwen2", "qwen3") else "llama").validate()
+                     tie_embeddings=gguf_name("lm_head.weight") not in names, qkv_bias=arch == "qwen2",
+                     qk_norm=arch == "qwen3", arch=arch if arch in ("qwen2", "qwen3") else "llama").validate()
+    back = layerfold_names(L)
+    state = {back[t.name]: dequantized(t, back[t.name], spec, arch) for t in r.tensors if t.name in back}
     return spec, state, arch
 
 

@@ -1,0 +1,134 @@
+"""GGUF tensor names and layouts, and a GGUF file's weights dequantised tensor by tensor into safetensors.
+
+Both directions share one map: ``--format gguf`` (layerfold.interop.gguf_file) writes through it, and a GGUF
+given as a model is converted through it. The conversion streams: each tensor is dequantised (numpy, by the
+``gguf`` package), put back in layerfold's layout and written to the weights file before the next one is
+read, so converting a quantised 70B model needs the memory of its largest tensor, not of the whole model in
+float32 (transformers' GGUF reader, used before, dequantised every tensor into memory first: about 32 GB
+for an 8B model). The result is float32, which holds every dequantised value exactly.
+
+llama.cpp rotates adjacent pairs of each head for archs llama and deci, transformers (and layerfold) the two
+halves, so llama.cpp's converter permutes q and k rows per head for those archs (``permute_rope``); qwen2 and
+qwen3 rotate halves as transformers does and are stored as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from layerfold.core.spec import ModelSpec
+
+# layerfold name -> gguf.MODEL_TENSOR member name (the gguf package formats it as blk.{bid}.attn_q etc.)
+TENSORS = {
+    "embed.weight": "TOKEN_EMBD", "norm.weight": "OUTPUT_NORM", "lm_head.weight": "OUTPUT",
+    "layers.{i}.attn_norm.weight": "ATTN_NORM", "layers.{i}.attn.q.weight": "ATTN_Q",
+    "layers.{i}.attn.k.weight": "ATTN_K", "layers.{i}.attn.v.weight": "ATTN_V",
+    "layers.{i}.attn.o.weight": "ATTN_OUT", "layers.{i}.mlp_norm.weight": "FFN_NORM",
+    "layers.{i}.mlp.gate.weight": "FFN_GATE", "layers.{i}.mlp.up.weight": "FFN_UP",
+    "layers.{i}.mlp.down.weight": "FFN_DOWN",
+    "layers.{i}.attn.q.bias": "ATTN_Q", "layers.{i}.attn.k.bias": "ATTN_K", "layers.{i}.attn.v.bias": "ATTN_V",
+    "layers.{i}.attn.q_norm.weight": "ATTN_Q_NORM", "layers.{i}.attn.k_norm.weight": "ATTN_K_NORM",
+}
+PAIRED = ("llama", "deci")  # the archs that rotate adjacent pairs: their q and k rows are permuted
+SKIPPED = ("rope_freqs.weight",)  # read as the spec's rope scaling (core.gguf_rope), not a weight
+
+
+def gguf_name(name: str) -> str:
+    """The GGUF tensor name of layerfold tensor ``name``."""
+    import gguf
+
+    parts = name.split(".")
+    key, bid = name, None
+    if parts[0] == "layers":
+        key, bid = ".".join(["layers", "{i}", *parts[2:]]), int(parts[1])
+    member = TENSORS.get(key)
+    if member is None:
+        raise ValueError(f"tensor {name!r} has no GGUF name. Fix: export a model without it (see docs/INTEROP.md)")
+    base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[member]]
+    return (base.format(bid=bid) if bid is not None else base) + (".bias" if name.endswith(".bias") else ".weight")
+
+
+def layerfold_names(n_layers: int) -> dict[str, str]:
+    """GGUF tensor name -> layerfold name, for a model of ``n_layers`` layers."""
+    back = {}
+    for lf in TENSORS:
+        for i in range(n_layers) if "{i}" in lf else (None,):
+            name = lf if i is None else lf.replace("{i}", str(i))
+            back[gguf_name(name)] = name
+    return back
+
+
+def permute_rope(w: Tensor, n_heads: int) -> Tensor:
+    """HF rotate-half rows -> llama.cpp adjacent-pair rows, per head (n_heads: KV heads for k)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rope(w: Tensor, n_heads: int) -> Tensor:
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantized(t: Any, name: str, spec: ModelSpec, arch: str) -> Tensor:
+    """One GGUF tensor (a gguf.ReaderTensor) as a float32 tensor in layerfold's layout."""
+    import gguf
+
+    arr = gguf.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
+    x = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the reader maps the file read-only
+    if arch in PAIRED and (name.endswith("attn.q.weight") or name.endswith("attn.k.weight")):
+        layer = spec.layers[int(name.split(".")[1])]
+        x = unpermute_rope(x, layer.n_heads if ".q." in name else layer.n_kv_heads)
+    return x
+
+
+def write_gguf_weights(path: str | Path, spec: ModelSpec, arch: str, out_file: str | Path) -> dict[str, list[int]]:
+    """Dequantise every weight of the GGUF at ``path`` (a model of ``spec``; its general.architecture ``arch``)
+    into the safetensors file ``out_file``, float32, one tensor in memory at a time. Every tensor must be one
+    ``spec`` has, of its shape, and every tensor ``spec`` needs must be there; else a ValueError names it
+    before anything is written. Returns {name: shape}."""
+    from gguf import GGUFReader
+
+    from layerfold.core.model import expected_shapes
+
+    r = GGUFReader(str(path))
+    back, want = layerfold_names(spec.n_layers), expected_shapes(spec)
+    plan: list[tuple[str, Any, list[int]]] = []
+    for t in r.tensors:
+        if t.name in SKIPPED:
+            continue
+        name = back.get(t.name)
+        if name is None or name not in want:
+            raise ValueError(f"{path}: tensor {t.name!r} is not one a {arch} model of this shape has. Fix: convert "
+                             "the model from its HF directory, or open an issue with the file's name")
+        shape = [int(x) for x in reversed(t.shape)]
+        if tuple(shape) != tuple(want[name]):
+            raise ValueError(f"{path}: tensor {t.name!r} has shape {shape}, the metadata says {list(want[name])}. "
+                             "Fix: download the file again (it does not match its own header)")
+        plan.append((name, t, shape))
+    missing = sorted(set(want) - {n for n, _, _ in plan})
+    if missing:
+        raise ValueError(f"{path}: the file lacks tensor(s) {missing[:4]} that its metadata implies. Fix: download "
+                         "the file again, or convert the model from its HF directory")
+    plan.sort(key=lambda p: p[0])
+    offsets, start = {}, 0
+    for name, _, shape in plan:
+        n = 4 * int(np.prod(shape, dtype=np.int64))
+        offsets[name] = {"dtype": "F32", "shape": shape, "data_offsets": [start, start + n]}
+        start += n
+    header = json.dumps({"__metadata__": {"format": "pt"}, **offsets}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+    with open(out_file, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for name, t, _ in plan:
+            f.write(dequantized(t, name, spec, arch).numpy().tobytes())
+    return {name: shape for name, _, shape in plan}
+
+
+__all__ = ["PAIRED", "SKIPPED", "TENSORS", "dequantized", "gguf_name", "layerfold_names", "permute_rope",
+           "unpermute_rope", "write_gguf_weights"]
