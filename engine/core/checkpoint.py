@@ -173,10 +173,13 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[dict[str, An
 def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor], *, tokenizer: Any = None,
                     provenance: dict[str, Any] | None = None, report: dict[str, Any] | None = None,
                     sources: list[str | Path] = (), overwrite: bool = False,
-                    extra_files: Mapping[str, str] | None = None, check: bool = True) -> Path:
+                    extra_files: Mapping[str, str] | None = None, check: bool = True,
+                    weights_file: str | Path | None = None) -> Path:
     """Write a checkpoint atomically. ``sources`` are paths the model came from: never written over. The arguments'
     types, and (``check``) every tensor's name and shape against ``spec``, are checked before anything is written:
-    a state that does not fit its spec would only fail when the checkpoint is loaded."""
+    a state that does not fit its spec would only fail when the checkpoint is loaded. ``weights_file``: a
+    safetensors file already holding ``state`` (``state = open_weights(weights_file)``, written a tensor at a
+    time by a converter), moved in as the weights on the same filesystem instead of written again."""
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a directory path (str or Path), not {type(out).__name__}. Fix: pass where to "
                         "write the checkpoint, e.g. 'out/model'")
@@ -204,16 +207,12 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
     except OutputError as e:
         raise CheckpointError(str(e)) from None
     with atomic_dir(out) as tmp:
-        tensors: dict[str, Tensor] = {}
-        spans: list[tuple[int, int]] = []
-        for k, v in state.items():  # a tensor whose bytes overlap an earlier one's (a tied head) gets its own copy;
-            t = v.detach().to("cpu").contiguous()  # views of one buffer side by side (an mmapped file) need none
-            a = t.data_ptr()
-            b = a + t.numel() * t.element_size()
-            overlaps = t.numel() > 0 and any(a < e and s < b for s, e in spans)
-            tensors[k] = t.clone() if overlaps else t
-            spans.append((a, b))
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if weights_file is not None:
+            tensors = dict(state)
+            os.replace(weights_file, tmp / WEIGHTS)
+        else:
+            tensors = _own_copies(state)
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         cfg = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": _dtype_name(tensors),
                "spec": spec.to_dict(), "provenance": provenance or {}}
         (tmp / CONFIG).write_text(json_text(cfg))
@@ -227,6 +226,21 @@ def save_checkpoint(out: str | Path, spec: ModelSpec, state: Mapping[str, Tensor
                                       "extra file another name")
             (tmp / name).write_text(text)
     return out
+
+
+def _own_copies(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The state on the CPU, contiguous; a tensor whose bytes overlap an earlier one's (a tied head) gets its own
+    copy, while views of one buffer side by side (an mmapped file) need none."""
+    tensors: dict[str, Tensor] = {}
+    spans: list[tuple[int, int]] = []
+    for k, v in state.items():
+        t = v.detach().to("cpu").contiguous()
+        a = t.data_ptr()
+        b = a + t.numel() * t.element_size()
+        overlaps = t.numel() > 0 and any(a < e and s < b for s, e in spans)
+        tensors[k] = t.clone() if overlaps else t
+        spans.append((a, b))
+    return tensors
 
 
 def _check_extra_files(extra_files: Mapping[str, str] | None) -> None:
