@@ -49,7 +49,7 @@ def check_against_forward(m: Model, prompts: list[list[int]], seqs: list[list[in
 
 
 @pytest.mark.parametrize("name,kernels", [(n, "torch") for n in RUNTIME_SPECS] + [
-    ("qk_norm+bias", "triton"), ("sliding+llama3rope", "triton")])  # Triton: every kernel, interpreted
+    ("qk_norm+bias", "triton"), ("sliding+llama3rope", "triton"), ("yarn", "triton")])  # Triton: interpreted
 def test_runtime_matches_forward(name: str, kernels: str) -> None:
     m = tiny_model(RUNTIME_SPECS[name], norm_gains=True)
     rt = Runtime(m, max_batch=3, max_len=48, kernels=kernels)
