@@ -352,16 +352,17 @@ def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
 
 
 def describe_nonuniform(spec: ModelSpec) -> str:
+    """Why ``spec`` is not uniform (its first layer that is not the same plain decoder layer as layer 0)."""
     first = spec.layers[0]
     for i, l in enumerate(spec.layers):
-        if l.kind != "decoder":
-            return f"layer {i} is a '{l.kind}' replacement block, not a decoder layer"
+        if l.kind == "mlp":
+            return f"layer {i} is an LLM-Streamline MLP replacement block (attention-free), not a decoder layer"
         if l.attn_shortcut or l.mlp_shortcut:
             return f"layer {i} carries SliceGPT shortcut matrices"
         if not (l.has_attn and l.has_mlp):
             return f"layer {i} lacks {'attention' if not l.has_attn else 'an MLP'}"
         if l != first:
-            return f"layer {i} has a different shape from layer 0"
+            return f"layer {i} has a different shape from layer 0 (an HF config holds one shape for every layer)"
     return "the residual width differs from the embedding width"
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from layerfold.core.arch import SUPPORTED
+from layerfold.core.arch import SUPPORTED, describe_nonuniform
 from layerfold.core.spec import ModelSpec
 
 FORMATS = ("hf", "decilm", "gguf")
@@ -51,17 +51,7 @@ def hf_arch(spec: ModelSpec) -> str | None:
 
 
 def _layer_problem(spec: ModelSpec) -> str | None:
-    first = spec.layers[0]
-    for i, l in enumerate(spec.layers):
-        if l.kind == "mlp":
-            return f"layer {i} is an LLM-Streamline MLP replacement block (attention-free), not a decoder layer"
-        if l.attn_shortcut or l.mlp_shortcut:
-            return f"layer {i} carries SliceGPT shortcut matrices"
-        if not (l.has_attn and l.has_mlp):
-            return f"layer {i} lacks {'attention' if not l.has_attn else 'an MLP'}"
-        if l != first:
-            return f"layer {i} has a different shape from layer 0 (an HF config holds one shape for every layer)"
-    return None if spec.uniform else "the residual width differs from the embedding width"
+    return None if spec.uniform else describe_nonuniform(spec)
 
 
 def hf_problem(spec: ModelSpec) -> str | None:
