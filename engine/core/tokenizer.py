@@ -56,21 +56,35 @@ def _unreadable(f: Path) -> str | None:
     return None if isinstance(obj, dict) else f"{f.name} holds a JSON {type(obj).__name__}, not an object"
 
 
-def gguf_special_flags(path: str | Path) -> dict[str, Any]:
-    """The GGUF file's own ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` (the keys it holds), its
-    tokenizer ``model`` ("gpt2": byte-level BPE; "llama": SentencePiece; ...) and its special token ids
-    (``bos_token_id``, ``eos_token_id``, ``unknown_token_id``, ``padding_token_id``)."""
-    from gguf import GGUFReader
+def gguf_special_flags(path: str | Path, fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The GGUF file's own ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` / ``add_space_prefix`` (the keys it
+    holds), its tokenizer ``model`` ("gpt2": byte-level BPE; "llama": SentencePiece; ...) and ``pre``-tokenizer,
+    and its special token ids (``bos_token_id``, ``eos_token_id``, ``unknown_token_id``, ``padding_token_id``).
+    ``fields``: the file's metadata already read (``layerfold.core.gguf_input.read_header``), else read here."""
+    if fields is None:
+        from gguf import GGUFReader
 
-    fields = GGUFReader(str(path)).fields
+        fields = {k: f.contents() for k, f in GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.ggml.")
+                  and f.data and len(f.data) == 1}
     out: dict[str, Any] = {}
-    for name in ("add_bos_token", "add_eos_token", "model", "bos_token_id", "eos_token_id", "unknown_token_id",
-                 "padding_token_id"):
-        f = fields.get(f"tokenizer.ggml.{name}")
-        if f is not None and f.data:
-            value = f.parts[f.data[0]][0]
-            out[name] = f.contents() if name == "model" else bool(value) if name.startswith("add_") else int(value)
+    for name in ("add_bos_token", "add_eos_token", "add_space_prefix", "model", "pre", "bos_token_id", "eos_token_id",
+                 "unknown_token_id", "padding_token_id"):
+        value = fields.get(f"tokenizer.ggml.{name}")
+        if value is None or isinstance(value, list):
+            continue
+        if name in ("model", "pre"):
+            out[name] = str(value)
+        elif name.startswith("add_"):
+            out[name] = bool(value)
+        elif isinstance(value, int):
+            out[name] = int(value)
     return out
+
+
+# byte-level BPE pre-tokenizers (tokenizer.ggml.pre) for which llama.cpp adds BOS when the file has no
+# add_bos_token (checked with llama-cpp-python 0.3.36; SentencePiece files always default to BOS)
+BOS_BY_DEFAULT = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "tekken",
+                  "chameleon")
 
 
 def gguf_tokenizer(tok: Any, meta: dict[str, Any]) -> Any:
@@ -80,6 +94,8 @@ def gguf_tokenizer(tok: Any, meta: dict[str, Any]) -> Any:
     a byte-level vocabulary in SentencePiece pieces (byte fallback, a "\u2581" replacement in its decoder);
     llama.cpp and transformers 5 do none of that. The conversion is cached, so this also keeps a cached model
     the same whichever transformers made it."""
+    if "add_bos_token" not in meta:  # llama.cpp's default where the file does not say (its llm_tokenizer setup)
+        meta = {**meta, "add_bos_token": meta.get("model") == "llama" or meta.get("pre") in BOS_BY_DEFAULT}
     tok.clean_up_tokenization_spaces = False  # llama.cpp's text is the pieces, concatenated
     bt = getattr(tok, "backend_tokenizer", None)
     if meta.get("model") == "gpt2" and bt is not None:  # byte-level BPE: the plain byte-level decoder
@@ -90,6 +106,8 @@ def gguf_tokenizer(tok: Any, meta: dict[str, Any]) -> Any:
             bt.decoder = decoders.ByteLevel()
             if getattr(bt.model, "byte_fallback", False):
                 bt.model.byte_fallback = False
+    if meta.get("model") == "llama" and bt is not None:  # SentencePiece: llama.cpp's space prefix
+        _sentencepiece_spaces(bt, meta.get("add_space_prefix", True))
     tok = honour_special_flags(tok, meta)
     if bt is None:
         return tok
@@ -108,17 +126,38 @@ def gguf_tokenizer(tok: Any, meta: dict[str, Any]) -> Any:
                                    clean_up_tokenization_spaces=False, **special)
 
 
+def _sentencepiece_spaces(bt: Any, prefix: bool) -> None:
+    """Spaces as llama.cpp (and SentencePiece itself) encode them: a "\u2581" before every text (after each
+    special token too, when the file says ``add_space_prefix``: the default), then every space a "\u2581".
+    transformers builds a Metaspace pre-tokenizer that adds the prefix only where the text does not start with a
+    space: " hello" was "\u2581hello", not "\u2581\u2581hello", one space lost at the start of every such text."""
+    from tokenizers import decoders, normalizers
+
+    space = [normalizers.Replace(" ", "\u2581")]
+    bt.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), *space] if prefix else space)
+    bt.pre_tokenizer = None
+    if not prefix:  # no prefix to take off again when decoding
+        bt.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+
+
 def honour_special_flags(tok: Any, flags: dict[str, bool]) -> Any:
     """Make ``tok`` add BOS / EOS to an encoding exactly as ``flags`` say. transformers 4.x builds a GGUF's
     Llama-style tokenizer that adds BOS whatever the file says (SmolLM2's says false): every prompt then
-    began with an extra <|im_start|> under transformers 4.56 and not under 5, changing every score."""
+    began with an extra <|im_start|> under transformers 4.56 and not under 5, changing every score. And a special
+    token whose text starts with "$" ("$" as BOS) reads as "$A" in transformers' template: it encoded every text
+    twice, without the BOS."""
     want_bos, want_eos = flags.get("add_bos_token"), flags.get("add_eos_token")
     bos, eos = tok.bos_token_id, tok.eos_token_id
+    plain = tok("a", add_special_tokens=False)["input_ids"]
     ids = tok("a")["input_ids"]
     has_bos, has_eos = bool(ids) and ids[0] == bos, bool(ids) and ids[-1] == eos and len(ids) > 1
     add_bos = has_bos if want_bos is None or bos is None else want_bos
     add_eos = has_eos if want_eos is None or eos is None else want_eos
-    if (add_bos, add_eos) == (has_bos, has_eos):
+
+    def right() -> bool:
+        return tok("a")["input_ids"] == [bos] * add_bos + plain + [eos] * add_eos
+
+    if right():
         return tok
     for name, value in (("add_bos_token", add_bos), ("add_eos_token", add_eos)):
         if name in getattr(tok, "init_kwargs", {}) or hasattr(type(tok), name):
@@ -126,13 +165,12 @@ def honour_special_flags(tok: Any, flags: dict[str, bool]) -> Any:
                 setattr(tok, name, value)  # LlamaTokenizerFast: rebuilds its post-processor, saved in its config
             except AttributeError:
                 pass
-    ids = tok("a")["input_ids"]
-    if (bool(ids) and ids[0] == bos, bool(ids) and ids[-1] == eos and len(ids) > 1) != (add_bos, add_eos):
+    if not right():  # the template names the tokens by alias: a token's own text may read as a sequence ("$A")
         from tokenizers.processors import TemplateProcessing
 
-        head = [(tok.bos_token, bos)] if add_bos else []
-        tail = [(tok.eos_token, eos)] if add_eos else []
-        one = " ".join([t for t, _ in head] + ["$A:0"] + [t for t, _ in tail])
-        two = one + " " + " ".join([t for t, _ in head] + ["$B:1"] + [t for t, _ in tail])
+        head = [{"id": "__bos__", "ids": [bos], "tokens": [tok.bos_token]}] if add_bos else []
+        tail = [{"id": "__eos__", "ids": [eos], "tokens": [tok.eos_token]}] if add_eos else []
+        one = " ".join([t["id"] for t in head] + ["$A:0"] + [t["id"] for t in tail])
+        two = one + " " + " ".join([t["id"] + ":1" for t in head] + ["$B:1"] + [t["id"] + ":1" for t in tail])
         tok.backend_tokenizer.post_processor = TemplateProcessing(single=one, pair=two, special_tokens=head + tail)
     return tok

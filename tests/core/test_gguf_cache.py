@@ -70,6 +70,7 @@ def test_cache_keys_on_content_and_removes_superseded(tmp_path, monkeypatch):
     new = resolve(g, quiet=True)
     assert new != first and not first.exists() and kept.is_dir() and (mine / "notes.txt").read_text() == "mine"
     assert json.loads((new / "config.json").read_text())["provenance"]["source"] == str(g.resolve())
+    assert not list((tmp_path / "cache").glob(".*.lock"))  # the conversion lock goes with the conversion
 
 
 def test_the_embedded_tokenizer_adds_what_its_gguf_says() -> None:
