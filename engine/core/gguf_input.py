@@ -3,7 +3,8 @@
 transformers' GGUF reader builds the model from a few metadata keys, gives a weight the file lacks fresh random
 values (a missing tensor, a layer more in ``block_count`` than in the tensors) and drops a tensor it has no place
 for (a Llama file's q/k/v biases, layers past ``block_count``): such a file converted into another model than the
-one llama.cpp runs, with no error. It reads neither ``attention.key_length`` for Qwen3 (head size 128 assumed)
+one llama.cpp runs, with no error (and it dequantised every tensor into memory at once: core.gguf_weights now
+streams them). It reads neither ``attention.key_length`` for Qwen3 (head size 128 assumed)
 nor a file's own vocabulary size. So :func:`read_header` parses the header here (fast: no tensor is read, no
 token list built) and :func:`check_header` checks the architecture, the tokenizer and every tensor's name and
 shape against the metadata, refusing with the tensor or key and the fix before anything is dequantised; the
@@ -16,14 +17,17 @@ import hashlib
 import json
 import mmap
 import struct
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from layerfold.core.arch import spec_from_hf_config, state_from_hf
+from layerfold.core.arch import spec_from_hf_config
+from layerfold.core.checkpoint import open_weights
 from layerfold.core.gguf_rope import gguf_rope
+from layerfold.core.gguf_weights import write_gguf_weights
 from layerfold.core.paths import cache_dir, write_json_atomic
 from layerfold.core.spec import ModelSpec
 from layerfold.core.tokenizer import gguf_special_flags, gguf_tokenizer, quiet_transformers
@@ -354,25 +358,26 @@ def content_key(path: Path, strict: bool = True) -> str | None:
 
 
 # ---- the conversion -----------------------------------------------------------------------------------------
-def read_gguf(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
-    """Dequantise a GGUF file through transformers' GGUF reader (needs the ``gguf`` package), once
-    :func:`check_header` passes; the model gets the file's own sizes."""
+def read_gguf(path: Path, weights_file: Path | None = None) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
+    """The spec, float32 weights and tokenizer of a GGUF file, once :func:`check_header` passes: the config and
+    tokenizer through transformers' GGUF reader (with the file's own sizes), the weights dequantised a tensor at a
+    time into the safetensors file ``weights_file`` (core.gguf_weights; a temporary file when None) and returned
+    memory-mapped from it, so a quantised 8B file converts in the memory of its largest tensor."""
     h = read_header(path)
     s = check_header(path, h)
     quiet_transformers()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     d, f = str(path.parent), path.name
     try:
         cfg = _file_sizes(AutoConfig.from_pretrained(d, gguf_file=f), h, s)
-        hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, config=cfg, dtype=torch.float32)
         tok = gguf_tokenizer(AutoTokenizer.from_pretrained(d, gguf_file=f), gguf_special_flags(path, h.fields))
     except GGUF_ERRORS as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise ValueError(f"{path}: transformers' GGUF reader could not convert the file ({type(e).__name__}: {first})"
                          ", though its header and tensor table are whole. Fix: update transformers and gguf (pip "
                          "install -U transformers gguf), or convert the model from its HF directory") from None
-    spec = spec_from_hf_config(hf.config, str(path))
+    spec = replace(spec_from_hf_config(cfg, str(path)), tie_embeddings="output.weight" not in h.tensors)
     rope = h.get(f"{h.arch}.rope.scaling.type") is not None or "rope_freqs.weight" in h.tensors
     if spec.rope_type == "default" and rope:  # transformers drops llama.cpp's rope scaling keys and rope_freqs
         spec = gguf_rope(path, spec)
@@ -384,7 +389,12 @@ def read_gguf(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], Any]:
     if got != want or spec.qkv_bias != (h.arch == "qwen2") or spec.qk_norm != (h.arch == "qwen3"):
         raise ValueError(f"{path}: transformers' GGUF reader built another model ({got}) than the file describes "
                          f"({want}). Fix: convert the model from its HF directory, and report the file")
-    return spec, state_from_hf(dict(hf.state_dict()), spec), tok
+    if weights_file is None:
+        with tempfile.TemporaryDirectory() as tmp:  # (the mapping outlives the file's name)
+            write_gguf_weights(path, spec, h.arch, Path(tmp) / "w.safetensors")
+            return spec, open_weights(Path(tmp) / "w.safetensors"), tok
+    write_gguf_weights(path, spec, h.arch, weights_file)
+    return spec, open_weights(weights_file), tok
 
 
 def _file_sizes(cfg: Any, h: Header, s: dict[str, int]) -> Any:

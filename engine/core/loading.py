@@ -318,13 +318,18 @@ def _cached_gguf(path: Path, quiet: bool = False) -> Path:
             if not _usable(out):  # (else another process converted it while this one waited)
                 if not quiet:
                     print(f"[layerfold] converting {path.name} once (cached in {out})", file=sys.stderr, flush=True)
-                spec, state, tok = read_gguf(path)
-                if stat_ident(path) != before:
-                    raise ValueError(f"{path}: the file changed while it was being converted (a copy or download "
-                                     "still running?); nothing was cached. Fix: wait until it is complete, then run "
-                                     "again")
-                save_checkpoint(out, spec, state, tokenizer=tok, overwrite=True,
-                                provenance={"source": me, "source_format": "gguf", "dequantized_to": "float32"})
+                w = out.parent / f".{out.name}.tmp-{os.getpid()}-weights"  # (clean_stale removes one a kill left)
+                try:
+                    spec, state, tok = read_gguf(path, weights_file=w)
+                    if stat_ident(path) != before:
+                        raise ValueError(f"{path}: the file changed while it was being converted (a copy or download "
+                                         "still running?); nothing was cached. Fix: wait until it is complete, then "
+                                         "run again")
+                    save_checkpoint(out, spec, state, tokenizer=tok, overwrite=True, weights_file=w if w.is_file()
+                                    else None, provenance={"source": me, "source_format": "gguf",
+                                                           "dequantized_to": "float32"})
+                finally:
+                    w.unlink(missing_ok=True)
                 _VERIFIED[out] = _files_stat(out)
     _drop_superseded(out, me, key)  # (on a cache hit too: copies older versions of layerfold left)
     return out
@@ -337,7 +342,6 @@ def _drop_superseded(out: Path, me: str, key: str) -> None:
         src = _converted_from(old) if old != out and not old.name.startswith(".") else None
         if src is not None and (src == me or not Path(src).is_file() or content_key(Path(src), strict=False) == key):
             shutil.rmtree(old, ignore_errors=True)
-
 
 
 def _converted_from(d: Path) -> str | None:

@@ -258,7 +258,7 @@ def test_damaged_cached_conversion_is_rebuilt(tmp_path: Path, monkeypatch: pytes
     m = tiny_model(smollm2_vocab_spec(n_layers=2), seed=3)
     calls = []
 
-    def fake_read(path: Path) -> tuple[Any, Any, Any]:
+    def fake_read(path: Path, **kw: Any) -> tuple[Any, Any, Any]:
         calls.append(path)
         return m.spec, m.state_dict(), tok
 

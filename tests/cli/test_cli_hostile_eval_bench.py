@@ -197,7 +197,7 @@ def test_demo_after_an_interrupted_conversion(tmp_path: Path, capsys: pytest.Cap
     import layerfold.core.loading as L
 
     m = tiny_model(tiny_spec(vocab=len(tok), n_layers=2), seed=1)
-    monkeypatch.setattr(L, "read_gguf", lambda path: (m.spec, m.state_dict(), tok))
+    monkeypatch.setattr(L, "read_gguf", lambda path, **kw: (m.spec, m.state_dict(), tok))
     cache = tmp_path / "cache"
     monkeypatch.setenv("LAYERFOLD_CACHE", str(cache))
     key = L.content_key(L.resolve_alias("smollm2-135m"))

@@ -34,7 +34,7 @@ def test_cache_keys_on_content_and_removes_superseded(tmp_path, monkeypatch):
     st = g.stat()
     os.utime(g, ns=(st.st_atime_ns, st.st_mtime_ns + 10**10))  # reinstalled: same bytes, new mtime
 
-    def no_conversion(path):
+    def no_conversion(path, **kw):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(loading, "read_gguf", no_conversion)

@@ -353,7 +353,7 @@ def test_bos_and_eos_as_the_file_says(tmp_path: Path, base: Path, flags: dict) -
 def _count(monkeypatch: pytest.MonkeyPatch) -> list:
     calls: list = []
     real = L.read_gguf
-    monkeypatch.setattr(L, "read_gguf", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(L, "read_gguf", lambda p, **kw: calls.append(p) or real(p, **kw))
     return calls
 
 
@@ -386,8 +386,8 @@ def test_a_file_changed_while_converting_is_not_cached(tmp_path: Path, base: Pat
     f = write(tmp_path / "m.gguf", base)
     real = L.read_gguf
 
-    def grows(p: Path) -> Any:
-        out = real(p)
+    def grows(p: Path, **kw: Any) -> Any:
+        out = real(p, **kw)
         with open(p, "ab") as fh:
             fh.write(b"\0" * 32)
         return out
@@ -402,7 +402,7 @@ def test_concurrent_conversions_of_one_file(tmp_path: Path, base: Path, cache: P
     """Two processes converting one file: the second used to fail ("refusing to write over ... cache"), or swap
     the folder under the first; now it waits and uses the first one's conversion."""
     code = ("import sys, time, layerfold.core.loading as L\nreal = L.read_gguf\n"
-            "L.read_gguf = lambda p: (real(p), time.sleep(2))[0]\n"
+            "L.read_gguf = lambda p, **kw: (real(p, **kw), time.sleep(2))[0]\n"
             "m, _ = L.load(sys.argv[1])\nprint(L.resolve(sys.argv[1], quiet=True).name)")
     f = write(tmp_path / "m.gguf", base)
     env = {**os.environ, "LAYERFOLD_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
