@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +76,8 @@ def unpermute_rope(w: Tensor, n_heads: int) -> Tensor:
 
 
 def dequantized(t: Any, name: str, spec: ModelSpec, arch: str) -> Tensor:
-    """One GGUF tensor (a gguf.ReaderTensor) as a float32 tensor in layerfold's layout."""
-    import gguf
-
-    arr = gguf.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
-    x = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the reader maps the file read-only
-    if arch in PAIRED and (name.endswith("attn.q.weight") or name.endswith("attn.k.weight")):
-        layer = spec.layers[int(name.split(".")[1])]
-        x = unpermute_rope(x, layer.n_heads if ".q." in name else layer.n_kv_heads)
-    return x
+    """One GGUF tensor (a gguf.ReaderTensor) as a float32 tensor of its own (writable) in layerfold's layout."""
+    return _layout(_float32(t, [int(x) for x in reversed(t.shape)]), name, spec, arch).clone()
 
 
 def write_gguf_weights(path: str | Path, spec: ModelSpec, arch: str, out_file: str | Path) -> dict[str, list[int]]:
@@ -122,12 +116,35 @@ def write_gguf_weights(path: str | Path, spec: ModelSpec, arch: str, out_file: s
         start += n
     header = json.dumps({"__metadata__": {"format": "pt"}, **offsets}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
-    with open(out_file, "wb") as f:
+    with open(out_file, "wb") as f, open(path, "rb") as src:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
-        for name, t, _ in plan:
-            f.write(dequantized(t, name, spec, arch).numpy().tobytes())
+        for name, t, shape in plan:
+            f.write(_layout(_float32(t, shape, src), name, spec, arch).numpy().data)  # (no copy of the bytes)
     return {name: shape for name, _, shape in plan}
+
+
+def _float32(t: Any, shape: list[int], src: Any = None) -> Tensor:
+    """The tensor's values as float32. From ``src`` (the file, open) its bytes are read into memory of their own,
+    so that the pages of the file the reader maps never count in this process's memory; else from the map."""
+    import gguf
+
+    data = t.data
+    if src is not None:
+        src.seek(int(t.data_offset))
+        data = np.frombuffer(src.read(int(t.n_bytes)), dtype=np.uint8).view(data.dtype).reshape(data.shape)
+    arr = np.ascontiguousarray(gguf.dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
+    with warnings.catch_warnings():  # (a read-only buffer: only read, never written)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def _layout(x: Tensor, name: str, spec: ModelSpec, arch: str) -> Tensor:
+    """``x`` in layerfold's layout: q and k rows back from llama.cpp's adjacent pairs for the paired archs."""
+    if arch in PAIRED and (name.endswith("attn.q.weight") or name.endswith("attn.k.weight")):
+        layer = spec.layers[int(name.split(".")[1])]
+        x = unpermute_rope(x, layer.n_heads if ".q." in name else layer.n_kv_heads).contiguous()
+    return x
 
 
 __all__ = ["PAIRED", "SKIPPED", "TENSORS", "dequantized", "gguf_name", "layerfold_names", "permute_rope",
