@@ -23,7 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PEAK = "; import resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+# the child's own high-water mark (VmHWM, in KiB): ru_maxrss would carry over the forking parent's (Linux keeps it
+# across exec), and the parent holds the whole model while it makes the file
+PEAK = ("; print('PEAK', next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))")
 CHILD = {
     "layerfold": "import layerfold.core.loading as L, sys; from pathlib import Path; L.resolve(Path(sys.argv[1]), "
                  "quiet=True)",
@@ -53,8 +55,7 @@ def make_file(work: Path, args: argparse.Namespace) -> Path:
 
 
 def measure(engine: str, f: Path, cache: Path) -> dict[str, float]:
-    """Wall time and the child's own peak RSS (it reports ru_maxrss of itself: a fork of a large parent would
-    otherwise count the parent's pages)."""
+    """Wall time and the child's own peak RSS."""
     env = {**os.environ, "LAYERFOLD_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD[engine] + PEAK, str(f)], check=True, env=env,
