@@ -372,7 +372,8 @@ def read_gguf(path: Path, weights_file: Path | None = None) -> tuple[ModelSpec, 
     try:
         cfg = _file_sizes(AutoConfig.from_pretrained(d, gguf_file=f), h, s)
         tok = gguf_tokenizer(AutoTokenizer.from_pretrained(d, gguf_file=f), gguf_special_flags(path, h.fields))
-    except GGUF_ERRORS as e:
+    except (*GGUF_ERRORS, ImportError) as e:  # (4.x: a failed fast conversion falls back to needing protobuf)
+        e = e.__context__ if isinstance(e, ImportError) and e.__context__ is not None else e  # the first failure
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise ValueError(f"{path}: transformers' GGUF reader could not convert the file ({type(e).__name__}: {first})"
                          ", though its header and tensor table are whole. Fix: update transformers and gguf (pip "

@@ -108,9 +108,8 @@ def gguf_tokenizer(tok: Any, meta: dict[str, Any]) -> Any:
                 bt.model.byte_fallback = False
     if meta.get("model") == "llama" and bt is not None:  # SentencePiece: llama.cpp's space prefix
         _sentencepiece_spaces(bt, meta.get("add_space_prefix", True))
-    tok = honour_special_flags(tok, meta)
     if bt is None:
-        return tok
+        return honour_special_flags(tok, meta)
     # saved as the plain class over its tokenizer.json (not 4.x's LlamaTokenizer, which rebuilds BOS handling
     # from its config): every transformers version then reads the cache's tokenizer the same way
     from transformers import PreTrainedTokenizerFast
@@ -122,8 +121,9 @@ def gguf_tokenizer(tok: Any, meta: dict[str, Any]) -> Any:
                       ("pad_token", "padding_token_id")):  # the file's ids (transformers 4.x took <|im_start|> as EOS)
         if isinstance(meta.get(name), int) and 0 <= meta[name] < n:
             special[key] = bt.id_to_token(meta[name])
-    return PreTrainedTokenizerFast(tokenizer_object=bt, chat_template=getattr(tok, "chat_template", None),
-                                   clean_up_tokenization_spaces=False, **special)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bt, chat_template=getattr(tok, "chat_template", None),
+                                  clean_up_tokenization_spaces=False, **special)
+    return honour_special_flags(tok, meta)  # (after the file's ids: 4.x's BOS-as-EOS went into its template)
 
 
 def _sentencepiece_spaces(bt: Any, prefix: bool) -> None:
