@@ -270,8 +270,9 @@ def attn_decode_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tenso
     ``decode-sdpa`` part measures both end to end (the kernels part measured torch's SDPA over a full cache
     at 81% of the bandwidth against 49% for this module's kernel at 64 rows, run 2). The G query heads of
     a KV head are its G query positions, so no K/V head is repeated. Its unused slots must hold finite
-    values (a masked weight of 0 times a NaN is NaN); the Runtime's slots do unless a row once overflowed, so
-    it stays an experiment until a GPU run decides.
+    values (a masked weight of 0 times a NaN is NaN): the Runtime zeroes a failed sequence's row
+    (``Runtime.reset(rows, scrub=True)``, as the server and ``generate`` do), as its torch path needs too.
+    It stays an experiment until a GPU run decides.
     """
     b, kv, g, hd = q.shape
     s_max = k_cache.shape[2]

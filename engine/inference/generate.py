@@ -193,6 +193,15 @@ def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, m
                                           min_tokens=params.min_tokens, shaper=shaper_for(params, x, eos)),
                  torch.Generator().manual_seed(seed) if seed is not None else None)
             for i, (p, x) in enumerate(zip(plist, ids, strict=True))]
+    try:
+        yield from _steps(rt, ids, seqs, params, max_new_tokens)
+    except Exception:  # e.g. NaN logits: the rows' caches may hold NaN/Inf, zeroed for the Runtime's next use
+        rt.reset(scrub=True)
+        raise
+
+
+def _steps(rt: Any, ids: list[list[int]], seqs: list[_Seq], params: SamplingParams, max_new_tokens: int
+           ) -> Iterator[StreamEvent]:
     logits = rt.prefill(ids)
     while True:
         nxt = sample_next(logits, [params] * len(seqs), [s.gen for s in seqs], [s.completion.shaper for s in seqs])

@@ -191,10 +191,24 @@ class Runtime:
         self.reset()
 
     # ---- bookkeeping ---------------------------------------------------------------------------
-    def reset(self, rows: Sequence[int] | None = None) -> None:
-        """Mark rows (default all) empty; their cache slots are overwritten by the next prefill."""
-        for r in range(self.max_batch) if rows is None else rows:
+    def reset(self, rows: Sequence[int] | None = None, *, scrub: bool = False) -> None:
+        """Mark rows (default all) empty; their cache slots are overwritten by the next prefill.
+
+        scrub: also zero the rows' cache slots. For a row whose sequence failed: its slots may hold NaN or
+        Inf, and the torch decode paths attend over the batch's longest row with a mask, where a masked
+        weight of 0 times a stale NaN is NaN, so a later, shorter sequence in that row would fail too (the
+        Triton and native steps read only a row's valid slots). Costs one write of the rows' caches.
+        """
+        rows = range(self.max_batch) if rows is None else [int(r) for r in rows]
+        for r in rows:
             self.lengths[r] = 0
+        if scrub:
+            with torch.inference_mode():
+                idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+                for l in self.net.layers:
+                    if l.k is not None:
+                        l.k.index_fill_(0, idx, 0)
+                        l.v.index_fill_(0, idx, 0)
 
     @torch.inference_mode()
     def copy_rows(self, src: int, dsts: Sequence[int]) -> None:

@@ -94,8 +94,9 @@ class StreamedRuntime:
         self._valid: Tensor | None = None  # (n, slots) bool: False for the left padding
         self._rows = 0
 
-    def reset(self, rows: Sequence[int] | None = None) -> None:
-        """Forget every row (a streamed batch starts and ends together: ``rows`` must be None or all rows)."""
+    def reset(self, rows: Sequence[int] | None = None, *, scrub: bool = False) -> None:
+        """Forget every row (a streamed batch starts and ends together: ``rows`` must be None or all rows).
+        ``scrub`` is the Runtime's; here the cache is dropped anyway (the next prefill allocates a new one)."""
         if rows is not None and sorted(rows) != list(range(self.max_batch)):
             raise ValueError("a StreamedRuntime resets all its rows at once. Fix: call reset() without rows")
         self.lengths = [0] * self.max_batch

@@ -159,7 +159,7 @@ class Scheduler:
     def _fail(self, slot: int | None, r: Request, message: str) -> None:
         """End one request with an error event (freeing its slot); the others go on."""
         if slot is not None and self.slots[slot] is r:
-            self._free(slot)
+            self._free(slot, scrub=True)  # its cache may hold NaN/Inf: zeroed, so the row's next sequence is unharmed
         r.emit(Event("error", text=message))
 
     def _take(self) -> tuple[list[Request], list[tuple[int, Request]]]:
@@ -316,6 +316,6 @@ class Scheduler:
         r.pending_lp.clear()
         return out
 
-    def _free(self, slot: int) -> None:
+    def _free(self, slot: int, scrub: bool = False) -> None:
         self.slots[slot] = None
-        self.runtime.reset([slot])
+        self.runtime.reset([slot], scrub=scrub)

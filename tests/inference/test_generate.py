@@ -150,3 +150,26 @@ def test_cli_generate(model: Model, tok: Any, tmp_path: Path, capsys: pytest.Cap
     assert main(["generate", str(out), PROMPTS[0], "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith(want)
     assert main(["generate", str(out), "x", "--max-new-tokens", "0"]) == 2
+
+
+def test_a_failed_generate_leaves_its_runtime_clean(model: Model, tok: Any) -> None:
+    """generate() that fails on NaN logits zeroes the runtime's cache rows (it may be reused: the cached one
+    is), so the next call's shorter row beside a longer one is unharmed on the torch path."""
+    from layerfold.inference.runtime import Runtime
+    from layerfold.inference.sampling import SamplingError
+
+    prompts = [PROMPTS[1], PROMPTS[0]]
+    want = [r.text for r in generate(model, tok, prompts, max_new_tokens=6)]
+    rt = Runtime(model, max_batch=2, max_len=256, kernels="torch", native=False)
+    real = rt.decode
+
+    def spoiled(*a: Any, **k: Any) -> torch.Tensor:
+        for layer in rt.net.layers:
+            if layer.k is not None:
+                layer.k.fill_(float("nan"))
+        return real(*a, **k)
+    rt.decode = spoiled  # type: ignore[method-assign]
+    with pytest.raises(SamplingError):
+        generate(model, tok, [PROMPTS[1] * 3, PROMPTS[1]], max_new_tokens=6, runtime=rt)
+    rt.decode = real  # type: ignore[method-assign]
+    assert [r.text for r in generate(model, tok, prompts, max_new_tokens=6, runtime=rt)] == want

@@ -285,3 +285,27 @@ def test_copy_rows_gives_the_prefilled_cache_to_other_rows(dtype: torch.dtype) -
         toks = [int(want[0].argmax())] * 4
     with pytest.raises(ValueError, match="Fix"):
         rt.copy_rows(2, [0])  # row 2 holds nothing
+
+
+@pytest.mark.parametrize("kind", ["eager", "triton"])
+def test_scrubbed_row_gives_a_failed_sequences_nan_to_nobody(kind: str) -> None:
+    """A sequence that failed may leave NaN in its row's cache; the torch path attends over the batch's longest
+    row with a mask (a masked weight of 0 times NaN is NaN), so reset(scrub=True) zeroes the row, and the
+    next, shorter sequence in it decodes as in a fresh Runtime. (The Triton step reads valid slots only.)"""
+    model = tiny_model().eval()
+    kw = {"kernels": "torch", "native": False} if kind == "eager" else {"kernels": "triton"}
+    prompts = [list(range(1, 30)), [5, 6, 7]]
+    ref = Runtime(model, max_batch=2, max_len=64, **kw)
+    ref.prefill(prompts)
+    want = ref.decode([3, 4])
+    rt = Runtime(model, max_batch=2, max_len=64, **kw)
+    rt.prefill([list(range(1, 30)), list(range(2, 31))])
+    for l in rt.net.layers:  # row 1's sequence went non-finite
+        l.k[1] = float("nan")
+        l.v[1] = float("inf")
+    rt.reset([1], scrub=True)
+    assert rt.lengths == [29, 0]
+    rt.prefill([prompts[1]], rows=[1])
+    got = rt.decode([3, 4])
+    assert torch.isfinite(got).all()
+    assert_close(got, want, torch.float32, "row 1 after a scrub, beside a longer row 0")

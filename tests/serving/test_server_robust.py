@@ -340,6 +340,39 @@ def test_nonfinite_logits_fail_only_their_row(model: Model, tok: Any, where: str
         assert got[i][-1].kind == "done" and texts(got[i]) == texts(ref[i])
 
 
+def test_a_failed_rows_nan_cache_never_reaches_its_next_request(model: Model, tok: Any) -> None:
+    """B's sequence goes non-finite (NaN logits, NaN left in its cache row) and fails; C then takes B's row
+    beside the longer A. C's text must be what it is alone: the failed row was zeroed, so the masked stale
+    slots C's attention skips hold no NaN (torch path: a masked 0 times NaN is NaN)."""
+    a, b, c = tok.encode("A long prompt that keeps its row busy " * 3), tok.encode("B is about to fail " * 3), \
+        tok.encode("C:")
+    alone = run_scheduler(Scheduler(model, tok, max_batch=2, max_len=128), [(c, 8)], lambda s: None)
+    assert alone[0][-1].kind == "done"
+
+    def poison(s: Scheduler) -> None:
+        f = s.runtime.decode
+
+        def spoiled(*args: Any, **kw: Any) -> torch.Tensor:
+            logits = f(*args, **kw).clone()
+            row = next((i for i, r in enumerate(s.slots) if r is not None and r.prompt_ids == b), None)
+            if row is not None and row < logits.shape[0]:
+                for layer in s.runtime.net.layers:
+                    if layer.k is not None:
+                        layer.k[row] = float("nan")
+                        layer.v[row] = float("nan")
+                logits[row] = float("nan")
+            return logits
+        s.runtime.decode = spoiled  # type: ignore[method-assign]
+
+    sched = Scheduler(model, tok, max_batch=2, max_len=128)
+    assert sched.runtime.native is None, "this checks the torch path (the fp32 test model has no native step)"
+    got = run_scheduler(sched, [(a, 40), (b, 20), (c, 8)], poison)
+    assert got[1][-1].kind == "error" and "NaN or Inf" in got[1][-1].text
+    assert got[0][-1].kind == "done"
+    assert got[2][-1].kind == "done", texts(got[2]) + got[2][-1].text
+    assert texts(got[2]) == texts(alone[0])
+
+
 def test_prefill_error_fails_only_its_prompt(model: Model, tok: Any) -> None:
     prompts = [tok.encode(f"Prompt {i} is") for i in range(3)]
 
