@@ -11,6 +11,7 @@ prompt's sample does not depend on the other prompts in the batch).
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -64,7 +65,15 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]] | list[int]
 
 
 # ---- runtime reuse ---------------------------------------------------------------------------------
-_RUNTIMES: weakref.WeakKeyDictionary[Model, tuple[tuple, Runtime]] = weakref.WeakKeyDictionary()
+@dataclass
+class _Cached:
+    key: tuple
+    rt: Runtime
+    busy: bool = False  # lent to a generation that has not ended
+
+
+_RUNTIMES: weakref.WeakKeyDictionary[Model, _Cached] = weakref.WeakKeyDictionary()
+_RUNTIMES_LOCK = threading.Lock()
 
 
 def _fingerprint(model: Model) -> tuple:
@@ -73,19 +82,46 @@ def _fingerprint(model: Model) -> tuple:
     return tuple((id(p), p._version) for p in model.parameters())
 
 
+def _fits(c: _Cached | None, key: tuple, max_batch: int, max_len: int) -> bool:
+    return c is not None and c.key == key and c.rt.max_batch >= max_batch and c.rt.max_len >= max_len
+
+
+def _new_runtime(model: Model, max_batch: int, max_len: int) -> Runtime:
+    return Runtime(model, max_batch=max_batch, max_len=min(max(max_len, 256), model.spec.max_position))
+
+
 def get_runtime(model: Model, max_batch: int, max_len: int) -> Runtime:
     """A Runtime for ``model`` with at least this many rows and slots, reused across calls while the
     model's weights are unchanged."""
-    fp = _fingerprint(model)
-    hit = _RUNTIMES.get(model)
-    if hit is not None:
-        key, rt = hit
-        if key == fp and rt.max_batch >= max_batch and rt.max_len >= max_len:
-            rt.reset()
-            return rt
-    rt = Runtime(model, max_batch=max_batch, max_len=min(max(max_len, 256), model.spec.max_position))
-    _RUNTIMES[model] = (fp, rt)
-    return rt
+    key = _fingerprint(model)
+    with _RUNTIMES_LOCK:
+        hit = _RUNTIMES.get(model)
+        if _fits(hit, key, max_batch, max_len):
+            hit.rt.reset()
+            return hit.rt
+        rt = _new_runtime(model, max_batch, max_len)
+        _RUNTIMES[model] = _Cached(key, rt)
+        return rt
+
+
+def _borrow_runtime(model: Model, max_batch: int, max_len: int) -> tuple[Runtime, Callable[[], None]]:
+    """The cached Runtime, lent to one generation at a time, and the call that gives it back. While it is
+    lent (another thread's generate, or a stream_generate not yet finished) a call gets a Runtime of its own,
+    not cached: two generations sharing one cache would overwrite each other's rows."""
+    key = _fingerprint(model)
+    with _RUNTIMES_LOCK:
+        hit = _RUNTIMES.get(model)
+        if hit is None or not hit.busy:
+            if not _fits(hit, key, max_batch, max_len):
+                hit = _Cached(key, _new_runtime(model, max_batch, max_len))
+                _RUNTIMES[model] = hit
+            hit.busy = True
+
+            def give_back() -> None:
+                with _RUNTIMES_LOCK:
+                    hit.busy = False
+            return hit.rt, give_back
+    return _new_runtime(model, max_batch, max_len), lambda: None
 
 
 # ---- generation ------------------------------------------------------------------------------------
@@ -159,7 +195,9 @@ def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, m
     device while the model's weights stay where they are (host memory): a ``StreamedRuntime``, one pass
     of the weights over the bus per step for all prompts (``--weights host``). ``controls``: the other
     sampling settings of :class:`layerfold.inference.controls.SamplingParams` (top_k, min_p,
-    repetition_penalty, presence_penalty, frequency_penalty, logit_bias as {token id: bias}, min_tokens)."""
+    repetition_penalty, presence_penalty, frequency_penalty, logit_bias as {token id: bias}, min_tokens).
+    Without ``runtime``, the model's cached Runtime is used, or, while another generation (another thread,
+    or an unfinished stream) holds it, a Runtime of this call's own: calls at once are safe, not shared."""
     plist = [prompts] if isinstance(prompts, str) else list(prompts)
     if not plist:
         return
@@ -183,21 +221,24 @@ def stream_generate(model: Model, tokenizer: Any, prompts: list[str] | str, *, m
 
         runtime = StreamedRuntime(model, stream_to, max_batch=len(plist),
                                   max_len=min(longest + max_new_tokens, model.spec.max_position))
-    rt = runtime or get_runtime(model, len(plist), min(longest + max_new_tokens, model.spec.max_position))
-    if len(plist) > rt.max_batch:
-        raise ValueError(f"{len(plist)} prompts for a Runtime of {rt.max_batch} rows. Fix: build it with "
+    if runtime is not None and len(plist) > runtime.max_batch:
+        raise ValueError(f"{len(plist)} prompts for a Runtime of {runtime.max_batch} rows. Fix: build it with "
                          f"max_batch={len(plist)} or pass fewer prompts")
-    rt.reset()
     eos = eos_ids(model, tokenizer)
     seqs = [_Seq(i, p, len(x), Completion(TextStream(tokenizer, stop), eos, max_new_tokens,
                                           min_tokens=params.min_tokens, shaper=shaper_for(params, x, eos)),
                  torch.Generator().manual_seed(seed) if seed is not None else None)
             for i, (p, x) in enumerate(zip(plist, ids, strict=True))]
+    rt, give_back = (runtime, lambda: None) if runtime is not None else \
+        _borrow_runtime(model, len(plist), min(longest + max_new_tokens, model.spec.max_position))
     try:
+        rt.reset()
         yield from _steps(rt, ids, seqs, params, max_new_tokens)
     except Exception:  # e.g. NaN logits: the rows' caches may hold NaN/Inf, zeroed for the Runtime's next use
         rt.reset(scrub=True)
         raise
+    finally:
+        give_back()
 
 
 def _steps(rt: Any, ids: list[list[int]], seqs: list[_Seq], params: SamplingParams, max_new_tokens: int

@@ -173,3 +173,38 @@ def test_a_failed_generate_leaves_its_runtime_clean(model: Model, tok: Any) -> N
         generate(model, tok, [PROMPTS[1] * 3, PROMPTS[1]], max_new_tokens=6, runtime=rt)
     rt.decode = real  # type: ignore[method-assign]
     assert [r.text for r in generate(model, tok, prompts, max_new_tokens=6, runtime=rt)] == want
+
+
+def test_generations_in_flight_together_do_not_share_a_cache(tok: Any) -> None:
+    """A stream not yet finished, and a generate() from the same thread or another one meanwhile, each get
+    their own text: the model's cached Runtime is lent to one generation at a time (they used to share
+    it, each overwriting the other's rows)."""
+    import threading
+
+    model = tiny_model(smollm2_vocab_spec(max_position=512), std=0.5)  # its texts differ with the prompt
+    a, b = "Tell me about the sea and the wind. " * 2, "What is 2+2?"
+    want = {p: generate(model, tok, p, max_new_tokens=16)[0].token_ids for p in (a, b)}
+    assert want[a] != want[b]
+
+    def text(events: Any) -> list[int]:
+        return next(e.result.token_ids for e in events if e.finished)
+
+    outer = stream_generate(model, tok, a, max_new_tokens=16)
+    first = next(outer)  # holds the cached runtime from here on
+    assert generate(model, tok, b, max_new_tokens=16)[0].token_ids == want[b]  # nested, same thread
+    assert text([first, *outer]) == want[a]
+
+    both = threading.Barrier(2, timeout=30)
+    got: dict[str, list[int]] = {}
+
+    def run(p: str) -> None:
+        it = stream_generate(model, tok, p, max_new_tokens=16)
+        head = next(it)
+        both.wait()  # both generations are in flight now
+        got[p] = text([head, *it])
+    threads = [threading.Thread(target=run, args=(p,)) for p in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == want
