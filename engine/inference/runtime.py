@@ -200,6 +200,9 @@ class Runtime:
         Triton and native steps read only a row's valid slots). Costs one write of the rows' caches.
         """
         rows = range(self.max_batch) if rows is None else [int(r) for r in rows]
+        if any(not 0 <= r < self.max_batch for r in rows):
+            raise ValueError(f"reset(rows={list(rows)}): rows are 0..{self.max_batch - 1}. Fix: pass rows of this "
+                             "Runtime (or none, for all)")
         for r in rows:
             self.lengths[r] = 0
         if scrub:

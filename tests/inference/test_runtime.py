@@ -309,3 +309,12 @@ def test_scrubbed_row_gives_a_failed_sequences_nan_to_nobody(kind: str) -> None:
     got = rt.decode([3, 4])
     assert torch.isfinite(got).all()
     assert_close(got, want, torch.float32, "row 1 after a scrub, beside a longer row 0")
+
+
+@pytest.mark.parametrize("rows", [[-1], [2], [0, 5]])
+def test_reset_refuses_rows_it_does_not_have(rows: list[int]) -> None:
+    rt = Runtime(tiny_model().eval(), max_batch=2, max_len=16, kernels="torch", native=False)
+    rt.prefill([[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match="rows are 0..1"):
+        rt.reset(rows, scrub=True)
+    assert rt.lengths == [3, 2]  # nothing was reset (-1 used to reset the last row)
