@@ -137,17 +137,12 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     hd = opt["head_dim"] or d // nh
     ffn = _get(cfg, "intermediate_size")
     layer = LayerSpec(d_in=d, d_mid=d, d_out=d, n_heads=nh, n_kv_heads=nkv, head_dim=hd, d_ffn=ffn)
-    # rope: transformers >= 5 stores rope_parameters, older versions rope_theta + rope_scaling
-    rp = _get(cfg, "rope_parameters") or {}
-    rs = _get(cfg, "rope_scaling") or {}
-    theta = rp.get("rope_theta", _get(cfg, "rope_theta", 10000.0))
-    rtype = rp.get("rope_type") or rs.get("rope_type") or rs.get("type") or "default"
-    src = rp if rp.get("rope_type") not in (None, "default") else rs
+    theta, rtype, src = _rope_source(cfg, where)
     if rtype not in ("default", "linear", "llama3", "yarn"):
         raise ValueError(f"{where}: rope scaling {rtype!r} is not supported; supported: default, linear, llama3, yarn. "
                          "Fix: use a model with one of those, or open an issue for this scaling")
     max_pos = _number(_get(cfg, "max_position_embeddings", 8192), "max_position_embeddings", where, whole=True)
-    rope = _rope_fields(rtype, src, max_pos, where)
+    rope = _rope_fields(rtype, src, max_pos if _get(cfg, "max_position_embeddings") is not None else None, where)
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     sw = _window(cfg, mt, where)
@@ -157,32 +152,63 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
         layers=tuple(layer for _ in range(_get(cfg, "num_hidden_layers"))),
         norm_eps=_number(_get(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
         rope_theta=_number(theta, "rope_theta", where),
-        **rope,
+        rope_type=rtype, **rope,
         max_position=max_pos,
         tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
         qkv_bias=mt == "qwen2" or bool(_get(cfg, "attention_bias", False)) and mt != "llama",
         qk_norm=mt == "qwen3",
-        sliding_window=sw or None,
+        sliding_window=sw,
         arch=mt,
         bos_token_id=_get(cfg, "bos_token_id"),
         eos_token_ids=eos_ids,
     ).validate()
 
 
+def _rope_source(cfg: Any, where: str) -> tuple[Any, str, dict[str, Any]]:
+    """(rope_theta, scaling type, scaling entry). transformers >= 5 writes rope_parameters (theta inside) and reads
+    rope_scaling first; 4.x reads rope_theta and rope_scaling only: a config they read differently is refused."""
+    thetas, says = [], []
+    for key in ("rope_parameters", "rope_scaling"):
+        d = _get(cfg, key) or {}
+        if not isinstance(d, dict) or any(isinstance(v, dict) for v in d.values()):
+            raise ValueError(f"{where}: {key}={d!r} is not one JSON object of rope settings (per-layer-type entries "
+                             "are not supported). Fix: restore the model's own config.json")
+        kinds = [d[k] for k in ("rope_type", "type") if d.get(k) is not None]
+        if len(kinds) == 2 and kinds[0] != kinds[1]:
+            raise ValueError(f"{where}: {key} says rope_type={kinds[0]!r} but type={kinds[1]!r}. Fix: keep one of the "
+                             "two keys, with the model's own scaling")
+        thetas += [d["rope_theta"]] if d.get("rope_theta") is not None else []
+        args = {k: v for k, v in d.items() if k not in ("rope_type", "type", "rope_theta")}
+        if kinds[:1] != ["default"] and (kinds or args):  # a scaling (an explicit default's factor: unused, as in HF)
+            says.append((kinds[0] if kinds else "default", args))
+    if len(says) == 2 and says[0] != says[1]:
+        raise ValueError(f"{where}: rope_parameters {says[0]} and rope_scaling {says[1]} disagree (transformers 5 "
+                         "reads rope_scaling, 4.x only it). Fix: keep one of them, with the model's own scaling")
+    thetas += [_get(cfg, "rope_theta")] if _get(cfg, "rope_theta") is not None else []
+    if any(t != thetas[0] for t in thetas[1:]):
+        raise ValueError(f"{where}: rope_theta is given as {' and '.join(map(repr, thetas))} (rope_parameters, "
+                         "rope_scaling, rope_theta). Fix: keep one of them, the model's own value")
+    return (thetas or [10000.0])[0], *(says or [("default", {})])[0]
+
+
 def _window(cfg: Any, mt: str, where: str) -> int | None:
-    """The sliding window every layer applies, or None. Qwen2/Qwen3 apply theirs from layer max_window_layers
-    on (or where layer_types says "sliding_attention"); layerfold has one window for all layers, so a model whose
-    layers differ is refused rather than run with the window everywhere."""
-    sw = _get(cfg, "sliding_window") if mt == "mistral" or _get(cfg, "use_sliding_window", False) else None
-    if sw is None:
+    """The sliding window every layer applies, or None (Llama has none). Qwen2/Qwen3 apply theirs from layer
+    max_window_layers on (or where layer_types says "sliding_attention"); layerfold has one window for all layers,
+    so a model whose layers differ is refused rather than run with the window everywhere."""
+    use = mt == "mistral" or mt in ("qwen2", "qwen3") and _get(cfg, "use_sliding_window", False)
+    if not use or _get(cfg, "sliding_window") is None:
         return None
-    sw = _number(sw, "sliding_window", where, whole=True)
+    sw = _number(_get(cfg, "sliding_window"), "sliding_window", where, whole=True)
     n, types = _get(cfg, "num_hidden_layers"), _get(cfg, "layer_types")
     if types is None and mt in ("qwen2", "qwen3"):
         first = _number(_get(cfg, "max_window_layers", 28), "max_window_layers", where, whole=True)
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     if types is None:
         return sw
+    known = isinstance(types, list) and all(t in ("full_attention", "sliding_attention") for t in types)
+    if not known or len(types) != n:
+        raise ValueError(f"{where}: layer_types={types!r} is not one \"full_attention\" or \"sliding_attention\" per "
+                         f"layer (num_hidden_layers={n}). Fix: restore the model's own layer_types, or remove it")
     windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
     if not windowed:
         return None
@@ -194,17 +220,30 @@ def _window(cfg: Any, mt: str, where: str) -> int | None:
     return sw
 
 
-def _rope_fields(rtype: str, src: dict[str, Any], max_pos: int, where: str) -> dict[str, Any]:
-    """The spec's rope_* fields of a config's rope scaling entry (HF's meanings and defaults)."""
-    out: dict[str, Any] = {"rope_type": rtype}
-    if rtype != "yarn":
-        return {**out, "rope_factor": _number(src.get("factor", 1.0), "factor", where),
-                "rope_low_freq_factor": _number(src.get("low_freq_factor", 1.0), "low_freq_factor", where),
-                "rope_high_freq_factor": _number(src.get("high_freq_factor", 4.0), "high_freq_factor", where),
-                "rope_original_max_pos": _number(src.get("original_max_position_embeddings", 8192),
-                                                 "original_max_position_embeddings", where, whole=True)}
+def _rope_fields(rtype: str, src: dict[str, Any], max_pos: int | None, where: str) -> dict[str, Any]:
+    """The spec's rope_* fields other than rope_type, from a config's scaling entry (HF's meanings and defaults);
+    ``max_pos``: the config's max_position_embeddings, None where it gives none."""
+    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rtype, ())
+    if any(src.get(k) is None for k in need):
+        raise ValueError(f"{where}: rope scaling {rtype!r} ({src}) lacks one of {', '.join(need)}. Fix: give the "
+                         "model's own value of each")
+    if rtype == "default":
+        if src.get("factor") not in (None, 1):  # no type at all: transformers 4.x fails, 5.x runs it unscaled
+            raise ValueError(f"{where}: rope scaling {src} has a factor but no scaling type, so nothing would use it. "
+                             "Fix: set rope_type to the model's scaling (linear, llama3 or yarn), or remove factor")
+        return {}
+    if rtype == "linear":
+        return {"rope_factor": _number(src["factor"], "factor", where)}
     old = src.get("original_max_position_embeddings")
+    if max_pos is None and (old is None or src.get("factor") is None):
+        raise ValueError(f"{where}: rope scaling {rtype!r} ({src}) leaves original_max_position_embeddings or factor "
+                         "to max_position_embeddings, which the config lacks. Fix: give it (the model's own value)")
     old = max_pos if old is None else _number(old, "original_max_position_embeddings", where, whole=True)
+    if old < 1:
+        raise ValueError(f"{where}: rope scaling original_max_position_embeddings={old} is not a context length. "
+                         "Fix: give the model's pretraining context (a whole number >= 1)")
+    if rtype == "llama3":
+        return {"rope_original_max_pos": old, **{f"rope_{k}": _number(src[k], k, where) for k in need}}
     # DeepSeek-style configs leave the factor out: it is then the ratio of the two contexts
     factor = max_pos / old if src.get("factor") is None else _number(src["factor"], "factor", where)
     truncate = src.get("truncate", True)
@@ -223,7 +262,7 @@ def _rope_fields(rtype: str, src: dict[str, Any], max_pos: int, where: str) -> d
             mscale(factor, _number(src["mscale_all_dim"], "mscale_all_dim", where))
     else:
         attn = mscale(factor)
-    return {**out, "rope_factor": factor, "rope_original_max_pos": old, "rope_truncate": truncate,
+    return {"rope_factor": factor, "rope_original_max_pos": old, "rope_truncate": truncate,
             "rope_beta_fast": _number(src.get("beta_fast") or 32.0, "beta_fast", where),
             "rope_beta_slow": _number(src.get("beta_slow") or 1.0, "beta_slow", where), "rope_attention_factor": attn}
 

@@ -45,7 +45,11 @@ def gguf_rope(path: str | Path, spec: ModelSpec) -> ModelSpec:
     r = GGUFReader(str(path))
     arch = _field(r.fields, "general.architecture")
     key = lambda k: _field(r.fields, f"{arch}.rope.scaling.{k}")  # noqa: E731
-    kind = str(key("type") or "none").lower()
+    # llama.cpp reads the factor from the older rope.scale_linear key too, and scales linearly where no type is named
+    factor = key("factor") if key("factor") is not None else _field(r.fields, f"{arch}.rope.scale_linear")
+    kind = str(key("type") or ("linear" if factor is not None else "none")).lower()
+    if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor == 0:
+        kind = "none"  # llama.cpp reads a factor of 0 as no scaling
     freqs = next((t for t in r.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:
         if kind not in ("none", "llama3"):
@@ -54,10 +58,11 @@ def gguf_rope(path: str | Path, spec: ModelSpec) -> ModelSpec:
         return _llama3(path, spec, torch.from_numpy(np.array(freqs.data, dtype=np.float64)).reshape(-1))
     if kind == "none":
         return spec
-    factor = key("factor")
-    if kind == "linear" and factor:
-        return replace(spec, rope_type="linear", rope_factor=float(factor)).validate()
-    if kind == "yarn" and factor:
+    if kind in ("linear", "yarn"):
+        factor = _positive(path, f"{arch}.rope.scaling.factor", factor)
+    if kind == "linear":
+        return replace(spec, rope_type="linear", rope_factor=factor).validate()
+    if kind == "yarn":
         extra = [k for k in YARN_UNMAPPED if key(k) not in (None, 1.0)]
         if key("yarn_log_multiplier") not in (None, 0.0):
             extra.append("yarn_log_multiplier")
@@ -65,14 +70,24 @@ def gguf_rope(path: str | Path, spec: ModelSpec) -> ModelSpec:
             raise ValueError(f"{path}: its YaRN scaling sets {', '.join(extra)}, which layerfold does not map to "
                              "HF's YaRN. Fix: convert the model from its HF directory (its config.json says the "
                              "same scaling in HF's terms)")
-        old = int(key("original_context_length") or spec.max_position)
-        factor = float(factor)
-        fast, slow = key("yarn_beta_fast"), key("yarn_beta_slow")
+        old = key("original_context_length") or spec.max_position  # (0: unset, as llama.cpp reads it)
+        old = int(_positive(path, f"{arch}.rope.scaling.original_context_length", old, whole=True))
+        fast, slow = (_positive(path, f"{arch}.rope.scaling.yarn_beta_{k}", key(f"yarn_beta_{k}") or default)
+                      for k, default in (("fast", 32.0), ("slow", 1.0)))
         return replace(spec, rope_type="yarn", rope_factor=factor, rope_original_max_pos=old,
-                       rope_beta_fast=float(fast or 32.0), rope_beta_slow=float(slow or 1.0),
+                       rope_beta_fast=fast, rope_beta_slow=slow,
                        rope_attention_factor=0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0).validate()
     raise ValueError(f"{path}: rope scaling {kind!r} (factor {factor}) is not supported; supported: linear, "
                      "yarn and Llama-3's rope_freqs. Fix: use a model with one of those, or open an issue")
+
+
+def _positive(path: str | Path, name: str, v: Any, whole: bool = False) -> float:
+    """A rope setting of the file as a finite number > 0 (a whole one where ``whole``), or a ValueError naming it."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    if not ok or (whole and v != int(v)):
+        raise ValueError(f"{path}: {name}={v!r} is not a {'whole ' if whole else ''}number > 0. Fix: download the file "
+                         "again, or convert the model from its HF directory (its config.json names the scaling)")
+    return float(v)
 
 
 def _llama3(path: str | Path, spec: ModelSpec, divisors: torch.Tensor) -> ModelSpec:

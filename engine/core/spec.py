@@ -171,6 +171,11 @@ class ModelSpec:
             raise _err("model", "vocab_size and d_model must be positive", "check the source config")
         if self.rope_type not in ROPE_TYPES:
             raise _err("model", f"rope_type={self.rope_type!r} is unsupported", f"use one of {ROPE_TYPES}")
+        if self.rope_type == "yarn" and (self.rope_theta == 1 or self.rope_original_max_pos < 1):
+            # YaRN's ramp divides by log(rope_theta) and takes the log of the original context
+            raise _err("model", f"YaRN rope scaling with rope_theta={self.rope_theta} and rope_original_max_pos="
+                       f"{self.rope_original_max_pos} has no frequency ramp", "set rope_theta (not 1) and "
+                       "rope_original_max_pos (>= 1) to the source model's values")
         if not self.layers:
             raise _err("model", "no layers", "keep at least one layer")
         special = [t for t in (self.bos_token_id, *self.eos_token_ids) if t is not None and t >= self.vocab_size]
