@@ -78,3 +78,28 @@ def test_long_context_split_attention() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert attn_decode_splits(1, 2, 256, sms, _attn_decode_block_s(16, 2)) > 1
     _teacher_forced(m, rt, [list(range(3, 150))], steps=3)
+
+
+@pytest.mark.parametrize("kw", [{}, {"kernels": "triton", "cuda_graphs": False}, {"kernels": "torch"}],
+                         ids=["triton-graphs", "triton-eager", "torch-eager"])
+def test_scrubbed_row_decodes_as_fresh_on_cuda(kw: dict) -> None:
+    """A failed sequence's NaN left in its row is zeroed by reset(scrub=True) on every CUDA path (in place, so
+    the captured graphs see it): the next, shorter sequence in that row decodes as in a fresh Runtime."""
+    m = _model(SPECS["hetero"], seed=4)
+    prompts = [list(range(1, 30)), [5, 6, 7]]
+    ref = Runtime(m, max_batch=2, max_len=64, **kw)
+    ref.prefill(prompts)
+    want = ref.decode([3, 4])
+    rt = Runtime(m, max_batch=2, max_len=64, **kw)
+    rt.prefill([list(range(1, 30)), list(range(2, 31))])
+    rt.decode([3, 4])  # builds the graph before the poison
+    for layer in rt.net.layers:
+        if layer.k is not None:
+            layer.k[1] = float("nan")
+            layer.v[1] = float("nan")
+    rt.reset([1], scrub=True)
+    rt.prefill([prompts[1]], rows=[1])
+    rt.lengths[0] = 29  # row 0 as in the reference: its prompt, before the decode above
+    got = rt.decode([3, 4])
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
