@@ -13,6 +13,7 @@ import torch
 
 from layerfold.core.gguf_rope import gguf_rope
 from layerfold.core.model import rope_inv_freq
+from tests.support.gguf_files import keys_file
 from tests.support.models import tiny_spec
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra reads GGUF files")
@@ -25,23 +26,8 @@ def base_spec() -> Any:
 
 
 def write(path: Path, keys: dict[str, Any], divisors: torch.Tensor | None = None) -> Path:
-    w = gguf.GGUFWriter(str(path), "llama")
-    for k, v in keys.items():
-        if isinstance(v, str):
-            w.add_string(f"llama.rope.scaling.{k}", v)
-        elif isinstance(v, int):
-            w.add_uint32(f"llama.rope.scaling.{k}", v)
-        else:
-            w.add_float32(f"llama.rope.scaling.{k}", v)
-    if divisors is not None:
-        w.add_tensor("rope_freqs.weight", divisors.float().numpy())
-    else:
-        w.add_tensor("token_embd.weight", torch.zeros(2, 2).numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    full = {f"llama.rope.scaling.{k}": v for k, v in keys.items()}
+    return keys_file(path, full, None if divisors is None else {"rope_freqs.weight": divisors.float().numpy()})
 
 
 def llama3_divisors(spec: Any, **rope: Any) -> torch.Tensor:

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import layerfold
 from layerfold.core.spec import ModelSpec
+from tests.support.gguf_files import keys_file
 from tests.support.models import tiny_hf, tiny_spec
 from tests.support.tolerances import assert_close
 
@@ -139,17 +140,8 @@ def test_layerfold_spec_with_yarn_theta_1_is_refused() -> None:
 
 # ---- GGUF rope keys ---------------------------------------------------------------------------------
 def gguf_file(path: Path, keys: dict[str, Any]) -> Path:
-    """A GGUF file of arch llama with ``keys`` (full names; str, int or float values) and one small tensor."""
-    gguf = pytest.importorskip("gguf", reason="the gguf extra reads GGUF files")
-    w = gguf.GGUFWriter(str(path), "llama")
-    for k, v in keys.items():
-        (w.add_string if isinstance(v, str) else w.add_uint32 if isinstance(v, int) else w.add_float32)(k, v)
-    w.add_tensor("token_embd.weight", torch.zeros(2, 2).numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    pytest.importorskip("gguf", reason="the gguf extra reads GGUF files")
+    return keys_file(path, keys)
 
 
 def gguf_spec() -> ModelSpec:

@@ -1,8 +1,10 @@
-"""GGUF files for tests, made offline: a copy of a GGUF file with its 2-D weights quantised (Q8_0, Q4_0, ...)."""
+"""GGUF files for tests, made offline: a copy of a GGUF file with its 2-D weights quantised (Q8_0, Q4_0, ...), and a
+small file of arch llama with given metadata keys (rope settings)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,3 +36,20 @@ def quantized_copy(src: Path, dst: Path, qtype: str = "Q8_0") -> Path:
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+def keys_file(path: Path, keys: dict[str, Any], tensors: dict[str, np.ndarray] | None = None) -> Path:
+    """A GGUF file of arch llama holding ``keys`` (full names; str, int as uint32, float as float32) and
+    ``tensors`` (default: one small token_embd.weight)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for k, v in keys.items():
+        (w.add_string if isinstance(v, str) else w.add_uint32 if isinstance(v, int) else w.add_float32)(k, v)
+    for name, arr in (tensors or {"token_embd.weight": np.zeros((2, 2), dtype=np.float32)}).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
