@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-from layerfold.cli.util import add_common, add_dtype, emit
+from layerfold.cli.util import add_common, emit
+from layerfold.core.dtypes import CANONICAL, DTYPES
 from layerfold.interop.formats import FORMATS
+from layerfold.interop.gguf_file import QUANT_DTYPES
 
 DESCRIPTION = """\
 Export a checkpoint for other runtimes:
@@ -16,8 +18,8 @@ Export a checkpoint for other runtimes:
           alike (shortgpt, laco, slm, streamline --replacement decoder, slicegpt --basis global --slice-ends)
   decilm  DeciLM / Nemotron-NAS block_configs directory for vLLM (`vllm serve DIR --trust-remote-code`):
           also per-layer FFN widths and KV heads, MLP replacement blocks, attention-only layers
-  gguf    DIR/model.gguf for llama.cpp: arch llama (uniform) or deci (per-layer shapes); f32/f16/bf16,
-          quantise it with llama.cpp's llama-quantize
+  gguf    DIR/model.gguf for llama.cpp: arch llama (uniform) or deci (per-layer shapes); f32/f16/bf16 or
+          q8_0; other quantisations: llama.cpp's llama-quantize on an f16 export
 A model a format cannot carry gets the reason and the formats that can."""
 
 
@@ -30,7 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true",
                    help="load the export back and compare its logits with layerfold's on a few prompts (fails "
                         "above 1e-4 of the largest logit)")
-    add_dtype(p, default=None, help="weight dtype of the export (float32, float16, bfloat16)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES) + list(QUANT_DTYPES),
+                   metavar="{" + ",".join((*CANONICAL, *QUANT_DTYPES)) + "}",
+                   help="weight dtype of the export (float32, float16, bfloat16; q8_0 for gguf: 2-D weights in "
+                        "Q8_0 blocks, the rest float16); default as stored")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the source)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="export weights that hold NaN or Inf (a warning instead of an error)")

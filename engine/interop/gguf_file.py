@@ -4,8 +4,9 @@ Uniform models go out as arch ``llama`` (``qwen2`` with q/k/v biases, ``qwen3`` 
 converter writes Qwen models); models with per-layer shapes as arch ``deci`` (llama.cpp's
 DeciLM / Nemotron-NAS graph), whose ``attention.head_count``, ``attention.head_count_kv`` and
 ``feed_forward_length`` are per-layer arrays: 0 heads = attention-free layer (an LLM-Streamline MLP block).
-Tensors are f32, f16 or bf16 (norm gains always f32, as llama.cpp's converter writes them); quantise the
-file with llama.cpp's ``llama-quantize``.
+Tensors are f32, f16 or bf16 (norm gains always f32, as llama.cpp's converter writes them), or Q8_0 (every
+2-D weight whose rows fill whole 32-value blocks; the rest f16); for other quantisations run llama.cpp's
+``llama-quantize`` on an f16 export.
 
 llama.cpp applies rotary embeddings to adjacent pairs, transformers (and layerfold) to the two halves of
 each head for the llama and deci archs (qwen2 and qwen3 rotate halves, as transformers), so for those q and
@@ -44,6 +45,15 @@ from layerfold.interop.common import (
 from layerfold.interop.formats import check_format, gguf_arch
 
 FILE_NAME = "model.gguf"
+# quantised types the export writes itself (as llama.cpp's converter's --outtype does): every 2-D weight whose rows
+# fill whole blocks, the rest float16 (norm gains float32); other types: llama.cpp's llama-quantize on an f16 export
+QUANT_DTYPES = ("q8_0",)
+
+
+def quant_dtype(dtype: str | None) -> str | None:
+    """``dtype`` as one of QUANT_DTYPES (any case), or None when it names a float dtype (or is None)."""
+    q = dtype.lower() if isinstance(dtype, str) else None
+    return q if q in QUANT_DTYPES else None
 
 def _layer_of(name: str, spec: ModelSpec) -> LayerSpec | None:
     parts = name.split(".")
@@ -67,7 +77,7 @@ def llama3_rope_factors(spec: ModelSpec, head_dim: int) -> Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _metadata(w: Any, spec: ModelSpec, arch: str, dt: torch.dtype) -> None:
+def _metadata(w: Any, spec: ModelSpec, arch: str, dt: torch.dtype, quant: str | None = None) -> None:
     import gguf
 
     attn = [l for l in spec.layers if l.has_attn]
@@ -99,14 +109,17 @@ def _metadata(w: Any, spec: ModelSpec, arch: str, dt: torch.dtype) -> None:
     w.add_layer_norm_rms_eps(spec.norm_eps)
     w.add_vocab_size(spec.vocab_size)
     ftype = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
-             torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}[dt]
+             torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}[dt] if quant is None else gguf.LlamaFileType.MOSTLY_Q8_0
     w.add_file_type(int(ftype))
 
 
-def _add_tensor(w: Any, name: str, t: Tensor, dt: torch.dtype) -> None:
+def _add_tensor(w: Any, name: str, t: Tensor, dt: torch.dtype, quant: str | None = None) -> None:
     import gguf
 
-    if t.ndim == 1 or dt == torch.float32:  # norm gains stay f32, as llama.cpp's converter writes them
+    qt = gguf.GGMLQuantizationType.Q8_0 if quant == "q8_0" else None
+    if qt is not None and t.ndim == 2 and t.shape[-1] % gguf.GGML_QUANT_SIZES[qt][0] == 0:
+        w.add_tensor(name, gguf.quants.quantize(t.to(torch.float32).numpy(), qt), raw_dtype=qt)
+    elif t.ndim == 1 or dt == torch.float32:  # norm gains stay f32, as llama.cpp's converter writes them
         w.add_tensor(name, t.to(torch.float32).numpy())
     elif dt == torch.float16:
         w.add_tensor(name, t.to(torch.float16).numpy())
@@ -116,18 +129,20 @@ def _add_tensor(w: Any, name: str, t: Tensor, dt: torch.dtype) -> None:
 
 def export_gguf(src: str | Path | Source, out: str | Path, *, dtype: str | None = None, overwrite: bool = False,
                 allow_nonfinite: bool = False) -> dict[str, Any]:
-    """Write ``src`` as OUT/model.gguf (arch llama or deci); returns what was written."""
+    """Write ``src`` as OUT/model.gguf (arch llama or deci); returns what was written. ``dtype``: float32 | float16 |
+    bfloat16 | q8_0 (2-D weights in Q8_0 blocks, the rest float16), default the source's own."""
     import gguf
 
     s = src if isinstance(src, Source) else read_source(src)
     out = check_export_out(out, [s.name, s.path], overwrite)
     check_format(s.spec, "gguf", s.name)
     spec, arch = s.spec, gguf_arch(s.spec)
-    dt = export_dtype(s.state, dtype)
+    quant = quant_dtype(dtype)
+    dt = torch.float16 if quant else export_dtype(s.state, dtype)
     check_weights(s, dt, allow_nonfinite)
     with atomic_dir(out) as tmp:
         w = gguf.GGUFWriter(str(tmp / FILE_NAME), arch)
-        _metadata(w, spec, arch, dt)
+        _metadata(w, spec, arch, dt, quant)
         tok = write_tokenizer(w, s)
         n = 0
         if spec.rope_type == "llama3":
@@ -140,7 +155,7 @@ def export_gguf(src: str | Path | Source, out: str | Path, *, dtype: str | None 
                 t = permute_rope(t, l.n_heads)
             elif name.endswith("attn.k.weight") and arch in PAIRED:
                 t = permute_rope(t, l.n_kv_heads)
-            _add_tensor(w, gguf_name(name), t.contiguous(), dt)
+            _add_tensor(w, gguf_name(name), t.contiguous(), dt, quant)
             n += t.numel()
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -148,7 +163,7 @@ def export_gguf(src: str | Path | Source, out: str | Path, *, dtype: str | None 
         w.close()
         write_provenance(tmp, s, "gguf", {"gguf_arch": arch, "tokenizer": tok})
     info = {"out": str(out), "file": str(out / FILE_NAME), "format": "gguf", "architecture": arch,
-            "layers": spec.n_layers, "params": n, "dtype": dtype_name(dt), "tokenizer": tok is not None,
+            "layers": spec.n_layers, "params": n, "dtype": quant or dtype_name(dt), "tokenizer": tok is not None,
             "tokenizer_source": tok, "run": f"llama-cli -m {out / FILE_NAME}"}
     if tok is None:
         info["note"] = NO_TOKENIZER + NO_TOKENIZER_WHY[s.has_tokenizer]
@@ -335,5 +350,5 @@ def read_gguf_export(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], st
     return spec, state, arch
 
 
-__all__ = ["FILE_NAME", "export_gguf", "gguf_field", "gguf_name", "gguf_rope_inv_freq", "llama3_rope_factors",
-           "permute_rope", "read_gguf_export", "unpermute_rope"]
+__all__ = ["FILE_NAME", "QUANT_DTYPES", "export_gguf", "gguf_field", "gguf_name", "gguf_rope_inv_freq",
+           "llama3_rope_factors", "permute_rope", "quant_dtype", "read_gguf_export", "unpermute_rope"]
