@@ -1,18 +1,20 @@
 """Architecture knowledge in one declarative place: HF config <-> ModelSpec and the weight-name map.
 
 Supported: Llama (SmolLM, TinyLlama, Llama-2/3 with rope scaling: linear, llama3, yarn), Mistral, Qwen2
-(qkv bias), Qwen3 (q/k norm). Everything else gets a clear error listing these.
+(qkv bias), Qwen3 (q/k norm), Phi-3 / Phi-4 (fused q/k/v and gate/up, split at load time). Everything else gets a
+clear error listing these. The rope and sliding-window settings are read by ``layerfold.core.rope_config``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
-from numbers import Real
 from typing import Any
 
 from torch import Tensor
 
+from layerfold.core.rope_config import number as _number
+from layerfold.core.rope_config import rope_fields, rope_scaling, rope_source, sliding_window
+from layerfold.core.rope_config import setting as _get
 from layerfold.core.spec import LayerSpec, ModelSpec
 
 SUPPORTED = {  # HF model_type -> HF architecture class name
@@ -20,6 +22,7 @@ SUPPORTED = {  # HF model_type -> HF architecture class name
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 # layerfold name -> HF name; "{i}" is the layer index.
@@ -44,6 +47,35 @@ KEY_MAP: dict[str, str] = {
 }
 
 
+# How each family's transformers class applies config.sliding_window (``rope_config.sliding_window``): "layers" to
+# every layer or those layer_types marks, "flag" only with use_sliding_window, "all" to every layer; else never.
+WINDOW_RULES = {"mistral": "layers", "qwen2": "flag", "qwen3": "flag", "phi3": "all"}
+
+# ---- Phi-3 / Phi-4 (model_type "phi3": Phi-3-mini/medium, Phi-3.5-mini, Phi-4, Phi-4-mini) -----------------------
+# Llama layers (RMSNorm, SwiGLU, rotary on halves, no biases) whose checkpoints fuse q/k/v and gate/up into one
+# matrix each. Read apart at load time, so nothing downstream knows: HF name -> the layerfold names it holds, in row
+# order, each with the LayerSpec size giving its rows.
+FUSED: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {"phi3": {
+    "model.layers.{i}.self_attn.qkv_proj.weight": (("attn.q.weight", "q_dim"), ("attn.k.weight", "kv_dim"),
+                                                   ("attn.v.weight", "kv_dim")),
+    "model.layers.{i}.mlp.gate_up_proj.weight": (("mlp.gate.weight", "d_ffn"), ("mlp.up.weight", "d_ffn")),
+}}
+# config defaults of a family's transformers class that change its output and differ from the ones read for Llama
+DEFAULTS: dict[str, dict[str, Any]] = {"phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096}}
+# rope scalings of a family other than the Llama ones (default, linear, llama3, yarn) and the fix for each; Phi3Config
+# rewrites "su" and "yarn" as "longrope" (Phi-3-*-128k, Phi-3.5, Phi-4-mini), whose short/long factors, switched by
+# sequence length, and attention scaling layerfold does not compute
+ROPE_REFUSED: dict[str, dict[str, str]] = {"phi3": dict.fromkeys(("longrope", "su", "yarn"), (
+    "use a release without long-context rope (Phi-3-mini-4k, Phi-3-medium-4k, Phi-4), or open an issue for "
+    "longrope"))}
+ROPE_ALLOWED: dict[str, tuple[str, ...]] = {"phi3": ("default",)}  # what Phi3Config accepts, besides longrope
+# bias flags a family's transformers class never reads (its layers have no biases): set, they are refused
+NO_BIAS = ("phi3",)
+# families whose transformers class rotates only partial_rotary_factor of each head: other than 1.0 is refused
+PARTIAL_ROTARY = ("phi3",)
+# the class an unfused copy of a family's weights is written as (no sliding window, one), e.g. by ``export --format hf``
+UNFUSED_AS = {"phi3": ("llama", "mistral")}
+
 # config keys every supported family needs (a config without them describes no model layerfold can build)
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -52,35 +84,21 @@ def _hf_to_lf_patterns() -> list[tuple[str, str]]:
     return [(hf, lf) for lf, hf in KEY_MAP.items()]
 
 
+def _layer_pattern(name: str) -> tuple[str, str | None]:
+    """An HF tensor name with its layer index replaced by "{i}", and the index (None outside the layers)."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return ".".join(parts[:2] + ["{i}"] + parts[3:]), parts[2]
+    return name, None
+
+
 def hf_name_to_layerfold(name: str) -> str | None:
     """Map one HF tensor name to its layerfold name (None for buffers such as rotary inv_freq)."""
-    parts = name.split(".")
-    idx = None
-    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        idx = parts[2]
-        name = ".".join(parts[:2] + ["{i}"] + parts[3:])
+    name, idx = _layer_pattern(name)
     for hf, lf in _hf_to_lf_patterns():
         if hf == name:
             return lf.replace("{i}", idx) if idx is not None else lf
     return None
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
-
-
-def _number(v: Any, key: str, where: str, whole: bool = False) -> Any:
-    """A numeric config setting as int (``whole``) or float. JSON true/false is refused (Python reads true as 1:
-    max_position_embeddings 1, rms_norm_eps 1.0), and so are fractions where a whole number belongs."""
-    try:
-        x = float(v) if isinstance(v, str) else v
-        ok = isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) and (not whole or x == int(x))
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{where}: {key}={v!r} is not {'a whole number' if whole else 'a finite number'}. Fix: write "
-                         "it as a JSON number (no quotes, not true/false), the model's own value")
-    return int(x) if whole else float(x)
 
 
 # DeciLM / Nemotron-NAS (``export --format decilm``, what vLLM serves): Llama blocks with per-layer KV heads and FFN
@@ -92,7 +110,7 @@ def check_supported(model_type: str | None, where: str) -> None:
     if model_type not in SUPPORTED and model_type != DECI_TYPE:
         raise ValueError(
             f"{where}: architecture {model_type!r} is not supported. layerfold supports "
-            f"{', '.join(sorted(SUPPORTED))} ({', '.join(SUPPORTED.values())}). "
+            f"{', '.join(SUPPORTED)} ({', '.join(SUPPORTED.values())}). "
             "Fix: convert a model of one of these families, or open an issue for the architecture.")
 
 
@@ -129,6 +147,7 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     if mt == "llama" and (_get(cfg, "attention_bias", False) or _get(cfg, "mlp_bias", False)):
         raise ValueError(f"{where}: Llama with attention_bias/mlp_bias is not supported (no such public model "
                          "is known to need it); open an issue with the model name")
+    _family_checks(cfg, mt, where)
     d = _get(cfg, "hidden_size")
     nh = _get(cfg, "num_attention_heads")
     opt = {k: _get(cfg, k) for k in ("num_key_value_heads", "head_dim")}  # null: the default
@@ -137,20 +156,28 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     hd = opt["head_dim"] or d // nh
     ffn = _get(cfg, "intermediate_size")
     layer = LayerSpec(d_in=d, d_mid=d, d_out=d, n_heads=nh, n_kv_heads=nkv, head_dim=hd, d_ffn=ffn)
-    theta, rtype, src = _rope_source(cfg, where)
+    theta, rtype, src = rope_source(cfg, where)
+    if rtype in ROPE_REFUSED.get(mt, {}):
+        raise ValueError(f"{where}: rope scaling {rtype!r} ({SUPPORTED[mt]}'s long-context rope) is not supported. "
+                         f"Fix: {ROPE_REFUSED[mt][rtype]}")
+    if mt in ROPE_ALLOWED and rtype not in ROPE_ALLOWED[mt]:
+        raise ValueError(f"{where}: rope scaling {rtype!r} is not one {SUPPORTED[mt]} computes (it takes "
+                         f"{', '.join(ROPE_ALLOWED[mt])}). Fix: restore the model's own rope_scaling")
     if rtype not in ("default", "linear", "llama3", "yarn"):
         raise ValueError(f"{where}: rope scaling {rtype!r} is not supported; supported: default, linear, llama3, yarn. "
                          "Fix: use a model with one of those, or open an issue for this scaling")
-    max_pos = _number(_get(cfg, "max_position_embeddings", 8192), "max_position_embeddings", where, whole=True)
-    rope = _rope_fields(rtype, src, max_pos if _get(cfg, "max_position_embeddings") is not None else None, where)
+    dflt = DEFAULTS.get(mt, {})
+    max_pos = _number(_get(cfg, "max_position_embeddings", dflt.get("max_position_embeddings", 8192)),
+                      "max_position_embeddings", where, whole=True)
+    rope = rope_fields(rtype, src, max_pos if _get(cfg, "max_position_embeddings") is not None else None, where)
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    sw = _window(cfg, mt, where)
+    sw = sliding_window(cfg, WINDOW_RULES.get(mt), where)
     return ModelSpec(
         vocab_size=_get(cfg, "vocab_size"),
         d_model=d,
         layers=tuple(layer for _ in range(_get(cfg, "num_hidden_layers"))),
-        norm_eps=_number(_get(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
+        norm_eps=_number(_get(cfg, "rms_norm_eps", dflt.get("rms_norm_eps", 1e-6)), "rms_norm_eps", where),
         rope_theta=_number(theta, "rope_theta", where),
         rope_type=rtype, **rope,
         max_position=max_pos,
@@ -164,107 +191,22 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     ).validate()
 
 
-def _rope_source(cfg: Any, where: str) -> tuple[Any, str, dict[str, Any]]:
-    """(rope_theta, scaling type, scaling entry). transformers >= 5 writes rope_parameters (theta inside) and reads
-    rope_scaling first; 4.x reads rope_theta and rope_scaling only: a config they read differently is refused."""
-    thetas, says = [], []
-    for key in ("rope_parameters", "rope_scaling"):
-        d = _get(cfg, key) or {}
-        if not isinstance(d, dict) or any(isinstance(v, dict) for v in d.values()):
-            raise ValueError(f"{where}: {key}={d!r} is not one JSON object of rope settings (per-layer-type entries "
-                             "are not supported). Fix: restore the model's own config.json")
-        kinds = [d[k] for k in ("rope_type", "type") if d.get(k) is not None]
-        if len(kinds) == 2 and kinds[0] != kinds[1]:
-            raise ValueError(f"{where}: {key} says rope_type={kinds[0]!r} but type={kinds[1]!r}. Fix: keep one of the "
-                             "two keys, with the model's own scaling")
-        thetas += [d["rope_theta"]] if d.get("rope_theta") is not None else []
-        args = {k: v for k, v in d.items() if k not in ("rope_type", "type", "rope_theta")}
-        if kinds[:1] != ["default"] and (kinds or args):  # a scaling (an explicit default's factor: unused, as in HF)
-            says.append((kinds[0] if kinds else "default", args))
-    if len(says) == 2 and says[0] != says[1]:
-        raise ValueError(f"{where}: rope_parameters {says[0]} and rope_scaling {says[1]} disagree (transformers 5 "
-                         "reads rope_scaling, 4.x only it). Fix: keep one of them, with the model's own scaling")
-    thetas += [_get(cfg, "rope_theta")] if _get(cfg, "rope_theta") is not None else []
-    if any(t != thetas[0] for t in thetas[1:]):
-        raise ValueError(f"{where}: rope_theta is given as {' and '.join(map(repr, thetas))} (rope_parameters, "
-                         "rope_scaling, rope_theta). Fix: keep one of them, the model's own value")
-    return (thetas or [10000.0])[0], *(says or [("default", {})])[0]
-
-
-def _window(cfg: Any, mt: str, where: str) -> int | None:
-    """The sliding window every layer applies, or None (Llama has none). Qwen2/Qwen3 apply theirs from layer
-    max_window_layers on (or where layer_types says "sliding_attention"); layerfold has one window for all layers,
-    so a model whose layers differ is refused rather than run with the window everywhere."""
-    use = mt == "mistral" or mt in ("qwen2", "qwen3") and _get(cfg, "use_sliding_window", False)
-    if not use or _get(cfg, "sliding_window") is None:
-        return None
-    sw = _number(_get(cfg, "sliding_window"), "sliding_window", where, whole=True)
-    n, types = _get(cfg, "num_hidden_layers"), _get(cfg, "layer_types")
-    if types is None and mt in ("qwen2", "qwen3"):
-        first = _number(_get(cfg, "max_window_layers", 28), "max_window_layers", where, whole=True)
-        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
-    if types is None:
-        return sw
-    known = isinstance(types, list) and all(t in ("full_attention", "sliding_attention") for t in types)
-    if not known or len(types) != n:
-        raise ValueError(f"{where}: layer_types={types!r} is not one \"full_attention\" or \"sliding_attention\" per "
-                         f"layer (num_hidden_layers={n}). Fix: restore the model's own layer_types, or remove it")
-    windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
-    if not windowed:
-        return None
-    if len(windowed) != n:
-        raise ValueError(f"{where}: layers {windowed[0]}..{windowed[-1]} ({len(windowed)} of {n}) attend through a "
-                         f"sliding window of {sw} tokens and the others to every token; layerfold applies one "
-                         "attention span to every layer. Fix: use the model with use_sliding_window false (its "
-                         "released setting for Qwen2/Qwen3), or open an issue for per-layer windows")
-    return sw
-
-
-def _rope_fields(rtype: str, src: dict[str, Any], max_pos: int | None, where: str) -> dict[str, Any]:
-    """The spec's rope_* fields other than rope_type, from a config's scaling entry (HF's meanings and defaults);
-    ``max_pos``: the config's max_position_embeddings, None where it gives none."""
-    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rtype, ())
-    if any(src.get(k) is None for k in need):
-        raise ValueError(f"{where}: rope scaling {rtype!r} ({src}) lacks one of {', '.join(need)}. Fix: give the "
-                         "model's own value of each")
-    if rtype == "default":
-        if src.get("factor") not in (None, 1):  # no type at all: transformers 4.x fails, 5.x runs it unscaled
-            raise ValueError(f"{where}: rope scaling {src} has a factor but no scaling type, so nothing would use it. "
-                             "Fix: set rope_type to the model's scaling (linear, llama3 or yarn), or remove factor")
-        return {}
-    if rtype == "linear":
-        return {"rope_factor": _number(src["factor"], "factor", where)}
-    old = src.get("original_max_position_embeddings")
-    if max_pos is None and (old is None or src.get("factor") is None):
-        raise ValueError(f"{where}: rope scaling {rtype!r} ({src}) leaves original_max_position_embeddings or factor "
-                         "to max_position_embeddings, which the config lacks. Fix: give it (the model's own value)")
-    old = max_pos if old is None else _number(old, "original_max_position_embeddings", where, whole=True)
-    if old < 1:
-        raise ValueError(f"{where}: rope scaling original_max_position_embeddings={old} is not a context length. "
-                         "Fix: give the model's pretraining context (a whole number >= 1)")
-    if rtype == "llama3":
-        return {"rope_original_max_pos": old, **{f"rope_{k}": _number(src[k], k, where) for k in need}}
-    # DeepSeek-style configs leave the factor out: it is then the ratio of the two contexts
-    factor = max_pos / old if src.get("factor") is None else _number(src["factor"], "factor", where)
-    truncate = src.get("truncate", True)
-    if not isinstance(truncate, bool):
-        raise ValueError(f"{where}: rope scaling truncate={truncate!r} is not true or false. Fix: write it as a JSON "
-                         "boolean, the model's own value")
-
-    def mscale(scale: float, m: float = 1.0) -> float:  # YaRN's attention temperature
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attn = src.get("attention_factor")
-    if attn is not None:
-        attn = _number(attn, "attention_factor", where)
-    elif src.get("mscale") and src.get("mscale_all_dim"):
-        attn = mscale(factor, _number(src["mscale"], "mscale", where)) / \
-            mscale(factor, _number(src["mscale_all_dim"], "mscale_all_dim", where))
-    else:
-        attn = mscale(factor)
-    return {"rope_factor": factor, "rope_original_max_pos": old, "rope_truncate": truncate,
-            "rope_beta_fast": _number(src.get("beta_fast") or 32.0, "beta_fast", where),
-            "rope_beta_slow": _number(src.get("beta_slow") or 1.0, "beta_slow", where), "rope_attention_factor": attn}
+def _family_checks(cfg: Any, mt: str, where: str) -> None:
+    """Refuse what a family's config may say that layerfold would not compute as its transformers class does."""
+    if mt in NO_BIAS and any(_get(cfg, k, False) for k in ("attention_bias", "mlp_bias")):
+        raise ValueError(f"{where}: attention_bias/mlp_bias set, but {SUPPORTED[mt]} has no biases (transformers "
+                         "would not load them). Fix: restore the model's own config.json (they are false or absent)")
+    if mt not in PARTIAL_ROTARY:
+        return
+    found = {"partial_rotary_factor": _get(cfg, "partial_rotary_factor")}
+    for k in ("rope_parameters", "rope_scaling"):
+        if isinstance(_get(cfg, k), dict):
+            found[f"{k}.partial_rotary_factor"] = _get(cfg, k).get("partial_rotary_factor")
+    for name, v in found.items():
+        if v is not None and _number(v, name, where) != 1.0:
+            raise ValueError(f"{where}: {name}={v} rotates only part of each head (Phi-4-mini: 0.75); layerfold "
+                             "rotates whole heads. Fix: use a model whose rotary embedding covers the whole head "
+                             "(partial_rotary_factor 1.0 or absent), or open an issue for partial rotary")
 
 
 def ffn_mult_width(ffn_mult: float, hidden: int) -> int:
@@ -319,9 +261,15 @@ def _deci_spec(cfg: Any, where: str) -> ModelSpec:
 
 
 def state_from_hf(hf_state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tensor]:
-    """Rename an HF state dict to layerfold names; drops the tied head and non-weight buffers."""
+    """Rename an HF state dict to layerfold names; drops the tied head and non-weight buffers, and splits a family's
+    fused tensors (``FUSED``) into row blocks (views: no copy), each checked against the spec's sizes first."""
     out: dict[str, Tensor] = {}
+    fused = FUSED.get(spec.arch, {})
     for name, t in hf_state.items():
+        key, idx = _layer_pattern(name)
+        if key in fused and idx is not None and int(idx) < spec.n_layers:
+            out.update(_split_fused(name, t, fused[key], idx, spec))
+            continue
         lf = hf_name_to_layerfold(name)
         if lf is None:
             if name.endswith("rotary_emb.inv_freq"):
@@ -334,18 +282,20 @@ def state_from_hf(hf_state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Ten
     return out
 
 
-def rope_scaling(spec: ModelSpec) -> dict[str, Any]:
-    """HF's ``rope_scaling`` entry for a spec whose rotary embedding is scaled ("linear", "llama3" or "yarn")."""
-    scaling: dict[str, Any] = {"rope_type": spec.rope_type, "factor": spec.rope_factor}
-    if spec.rope_type == "llama3":
-        scaling.update(low_freq_factor=spec.rope_low_freq_factor, high_freq_factor=spec.rope_high_freq_factor,
-                       original_max_position_embeddings=spec.rope_original_max_pos)
-    if spec.rope_type == "yarn":  # the attention factor as a number: no reader has to re-derive it
-        scaling.update(original_max_position_embeddings=spec.rope_original_max_pos, beta_fast=spec.rope_beta_fast,
-                       beta_slow=spec.rope_beta_slow, attention_factor=spec.rope_attention_factor)
-        if not spec.rope_truncate:
-            scaling["truncate"] = False
-    return scaling
+def _split_fused(name: str, t: Tensor, parts: tuple[tuple[str, str], ...], idx: str, spec: ModelSpec) -> \
+        dict[str, Tensor]:
+    """The layerfold tensors a fused HF tensor holds, one block of rows each (``FUSED``)."""
+    layer = spec.layers[int(idx)]
+    rows = [getattr(layer, size) for _, size in parts]
+    want = (sum(rows), layer.d_in)
+    if tuple(t.shape) != want:
+        sizes = " + ".join(f"{lf.split('.')[1]} {getattr(layer, size)}" for lf, size in parts)
+        raise ValueError(
+            f"tensor {name!r} has shape {tuple(t.shape)}, but the config asks for {want} (rows {sizes}: "
+            f"{layer.n_heads} heads and {layer.n_kv_heads} KV heads of {layer.head_dim}, FFN {layer.d_ffn}; "
+            f"hidden {layer.d_in}). Fix: config.json does not describe these weights (num_attention_heads, "
+            "num_key_value_heads, head_dim, intermediate_size or hidden_size edited?); restore the model's own")
+    return {f"layers.{idx}.{lf}": block for (lf, _), block in zip(parts, t.split(rows), strict=True)}
 
 
 def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
@@ -356,6 +306,8 @@ def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
             f"({describe_nonuniform(spec)}). HF configs hold one shape for every layer. Fix: keep the "
             "layerfold checkpoint and serve it with `layerfold serve`, or export a depth-pruned model whose "
             "remaining layers are plain decoder layers")
+    if spec.arch in UNFUSED_AS:  # the weights go out unfused (state_to_hf), as a class that computes the same
+        spec = replace(spec, arch=UNFUSED_AS[spec.arch][spec.sliding_window is not None])
     l = spec.layers[0]
     cfg: dict[str, Any] = {
         "architectures": [SUPPORTED[spec.arch]],

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from layerfold.core.arch import check_not_quantized, check_supported, spec_from_hf_config, state_from_hf
 from layerfold.core.checkpoint import (
     WEIGHTS,
     CheckpointError,
@@ -33,12 +32,12 @@ from layerfold.core.checkpoint import (
     check_state_dict,
     is_checkpoint,
     load_checkpoint,
-    open_weights,
     save_checkpoint,
 )
 from layerfold.core.devices import check_device
 from layerfold.core.dtypes import check_dtype
 from layerfold.core.gguf_input import content_key, read_gguf, stat_ident
+from layerfold.core.hf_dir import read_hf_dir
 from layerfold.core.model import Model, build_model, expected_shapes
 from layerfold.core.paths import cache_dir, check_cache, check_source, clean_stale, layerfold_wrote
 from layerfold.core.spec import ModelSpec
@@ -152,62 +151,6 @@ def source_kind(src: str | Path) -> str:
                          f"checkpoint directory, or one of the aliases {sorted(ALIASES)}")
     raise FileNotFoundError(f"{s}: no such file or directory, not an alias, and not a Hub id (org/name). Fix: check "
                             f"the path, or use one of {sorted(ALIASES)}")
-
-
-# ---- readers ---------------------------------------------------------------------------------------
-def read_hf_dir(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
-    where = path / "config.json"
-    try:
-        cfg = json.loads(where.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{where}: corrupt JSON ({e}). Fix: re-download or re-create the model directory") \
-            from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{where}: holds a JSON {type(cfg).__name__}, not an object. Fix: config.json must be "
-                              "one JSON object with the model's settings; re-download or re-create it")
-    if not isinstance(cfg.get("model_type"), (str, type(None))):
-        raise CheckpointError(f"{where}: model_type is {cfg['model_type']!r}, not a string. Fix: restore the model's "
-                              "own config.json")
-    flags = [k for k in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
-             if not isinstance(cfg.get(k, False), bool)]
-    if flags:  # bool("false") is True: a quoted flag would be read the wrong way round
-        raise CheckpointError(f"{where}: {flags[0]} is {cfg[flags[0]]!r}, not true or false. Fix: write it as a JSON "
-                              "true or false (no quotes), as in the model's own config.json")
-    check_supported(cfg.get("model_type"), str(path))
-    check_not_quantized(cfg, str(path))  # before the size check: quantized weights are smaller than their count
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        _check_sizes(cfg, where, sum(f.stat().st_size for f in files))
-    try:
-        spec = spec_from_hf_config(cfg, str(path))
-    except (ValueError, TypeError, AttributeError, KeyError) as e:  # a value of the wrong type or out of range
-        fix = "" if "Fix" in str(e) else ". Fix: a setting has the wrong type or value; restore the model's config.json"
-        raise CheckpointError(f"{where}: {e}{fix}") from None
-    if not files:
-        bins = list(path.glob("*.bin"))
-        hint = " (found only pytorch .bin files: convert them to safetensors first)" if bins else ""
-        raise CheckpointError(f"{path}: no *.safetensors weights{hint}. Fix: save the model with safetensors "
-                              "(save_pretrained(..., safe_serialization=True)); layerfold never loads pickles")
-    hf_state: dict[str, torch.Tensor] = {}
-    for f in files:
-        hf_state.update(open_weights(f))
-    return spec, state_from_hf(hf_state, spec)
-
-
-def _check_sizes(cfg: dict[str, Any], where: Path, weight_bytes: int) -> None:
-    """Refuse a config whose sizes need more parameters than its weight files could hold (at least one byte each),
-    before building a spec of, say, 10**9 layers."""
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
-    v = [cfg.get(k) for k in keys]
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v) or "block_configs" in cfg:
-        return  # spec_from_hf_config names the missing or mistyped one; DeciLM layers have their own widths
-    vocab, d, ffn, n = v
-    need = vocab * d + n * (3 * d * ffn + 2 * d)  # embeddings, each layer's MLP and norms (a lower bound)
-    if need > weight_bytes:
-        raise CheckpointError(f"{where}: {', '.join(f'{k}={x}' for k, x in zip(keys, v, strict=True))} describe at "
-                              f"least {need:,} parameters, but the *.safetensors files hold {weight_bytes:,} bytes. "
-                              "Fix: config.json does not belong to these weights (or a size in it was edited); "
-                              "restore the model's own config.json")
 
 
 def verify_checkpoint(path: str | Path) -> None:

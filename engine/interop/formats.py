@@ -39,7 +39,8 @@ def _attention_features(spec: ModelSpec) -> set[str]:
 def hf_arch(spec: ModelSpec) -> str | None:
     """The transformers model type an ``hf`` export of ``spec`` is written as: its own family when that class computes
     exactly its attention, else the first one that does (a Llama with q/k/v biases is a Qwen2, one with a sliding
-    window a Mistral, a Qwen3 without q/k norms a Llama); None when none does."""
+    window a Mistral, a Qwen3 without q/k norms a Llama, a Phi-3, its weights unfused, a Llama or a Mistral as
+    ``layerfold.core.arch.UNFUSED_AS`` says); None when none does."""
     need = _attention_features(spec)
 
     def fits(cls: str) -> bool:

@@ -146,7 +146,7 @@ HF_FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3-yarn"]
 def tiny_hf(family: str, *, seed: int = 0, tie: bool = False, **over: Any) -> Any:
     """A random-weight transformers model of ``family`` (vocab 97, 64 wide, 3 layers, GQA), eager attention,
     fp32, norms U(0.5, 1.5) and biases N(0, 0.1); ``over`` sets other config fields."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tie,
@@ -166,6 +166,9 @@ def tiny_hf(family: str, *, seed: int = 0, tie: bool = False, **over: Any) -> An
     elif family == "qwen3-yarn":  # (as Qwen3 and DeepSeek-R1-0528-Qwen3 ship it; a short pretraining context)
         cfg = Qwen3Config(**base, head_dim=24, rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                              "original_max_position_embeddings": 32}, **over)
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj; Phi3Config's own special tokens are outside vocab 97
+        cfg = Phi3Config(**{**base, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                            **over})
     else:
         raise ValueError(family)
     cfg._attn_implementation = "eager"
