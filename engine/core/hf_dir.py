@@ -22,6 +22,7 @@ from layerfold.core.checkpoint import CheckpointError, open_weights
 from layerfold.core.spec import ModelSpec
 
 GENERATION_CONFIG = "generation_config.json"
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"  # transformers' names, in its order
 
 
 def read_hf_dir(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
@@ -44,7 +45,7 @@ def read_hf_dir(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
                               "true or false (no quotes), as in the model's own config.json")
     check_supported(cfg.get("model_type"), str(path))
     check_not_quantized(cfg, str(path))  # before the size check: quantized weights are smaller than their count
-    files = sorted(path.glob("*.safetensors"))
+    files = weight_files(path)
     if files:
         _check_sizes(cfg, where, sum(f.stat().st_size for f in files))
     try:
@@ -61,11 +62,45 @@ def read_hf_dir(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     spec = replace(spec, eos_token_ids=spec.eos_token_ids + tuple(extra)) if extra else spec
     hf_state: dict[str, torch.Tensor] = {}
     for f in files:
-        hf_state.update(open_weights(f))
+        part = open_weights(f)
+        twice = next((k for k in part if k in hf_state), None)
+        if twice is not None:  # two copies of the weights (a stale file beside a re-download): which one is meant?
+            first = next(g for g in files if twice in open_weights(g))
+            raise CheckpointError(f"{path}: tensor {twice!r} is in both {first.name} and {f.name}, and no "
+                                  f"{SINGLE} or {INDEX} says which file holds the model. Fix: remove the files that "
+                                  f"do not belong to this model (or restore its {INDEX})")
+        hf_state.update(part)
     try:  # (headers only so far: a fused tensor of the wrong size is named before any weight is read)
         return spec, state_from_hf(hf_state, spec)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files that hold the model, chosen as transformers chooses: model.safetensors when there is
+    one, else the shards model.safetensors.index.json names (each must be there), else every *.safetensors file.
+    Other files beside them (Mistral's consolidated.safetensors, adapters, a stale shard set) are not read."""
+    if (path / SINGLE).is_file():
+        return [path / SINGLE]
+    index = path / INDEX
+    if not index.is_file():
+        return sorted(path.glob("*.safetensors"))
+    fix = f"Fix: re-download the model's {INDEX} (and its shards)"
+    try:
+        wm = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (ValueError, RecursionError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a JSON object with a weight_map ({e}). {fix}") from None
+    names = set(wm.values()) if isinstance(wm, dict) else None
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n and n.endswith(".safetensors")
+                            for n in names):
+        raise CheckpointError(f"{index}: its weight_map must map tensor names to .safetensors file names in this "
+                              f"folder. {fix}")
+    missing = sorted(n for n in names if not (path / n).is_file())
+    if missing:
+        raise CheckpointError(f"{path}: {INDEX} names {len(names)} shards, and {len(missing)} are not there "
+                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}). Fix: download "
+                              "the missing shards (the model is incomplete)")
+    return sorted(path / n for n in names)
 
 
 def _check_sizes(cfg: dict[str, Any], where: Path, weight_bytes: int) -> None:
@@ -109,4 +144,4 @@ def generation_eos(path: Path, vocab_size: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-__all__ = ["GENERATION_CONFIG", "generation_eos", "read_hf_dir"]
+__all__ = ["GENERATION_CONFIG", "generation_eos", "read_hf_dir", "weight_files"]
