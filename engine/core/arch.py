@@ -71,8 +71,9 @@ ROPE_REFUSED: dict[str, dict[str, str]] = {"phi3": dict.fromkeys(("longrope", "s
 ROPE_ALLOWED: dict[str, tuple[str, ...]] = {"phi3": ("default",)}  # what Phi3Config accepts, besides longrope
 # bias flags a family's transformers class never reads (its layers have no biases): set, they are refused
 NO_BIAS = ("phi3",)
-# families whose transformers class rotates only partial_rotary_factor of each head: other than 1.0 is refused
-PARTIAL_ROTARY = ("phi3",)
+# families whose config may set partial_rotary_factor (Phi-4-mini: 0.75; in the others transformers' rope tables
+# would not fit the heads): other than 1.0 is refused, as layerfold rotates whole heads
+PARTIAL_ROTARY = tuple(SUPPORTED)
 # the class an unfused copy of a family's weights is written as (no sliding window, one), e.g. by ``export --format hf``
 UNFUSED_AS = {"phi3": ("llama", "mistral")}
 

@@ -56,6 +56,8 @@ def hf_dir(tmp_path: Path, family: str, patch: dict[str, Any], drop: tuple[str, 
 REFUSED: dict[str, tuple[str, dict[str, Any], tuple[str, ...], str]] = {
     "factor without a type": ("llama", {"rope_scaling": {"factor": 4.0}}, ("rope_parameters",),
                               r"factor but no scaling type.*Fix: set rope_type"),
+    "partial rotary on a Qwen3": ("qwen3", {"partial_rotary_factor": 0.5}, (),
+                                  r"partial_rotary_factor=0.5 rotates only part of each head.*Fix"),
     "rope_type and type disagree": ("llama", {"rope_scaling": {"rope_type": "linear", "type": "yarn", "factor": 4.0}},
                                     ("rope_parameters",), r"rope_type='linear' but type='yarn'.*Fix: keep one"),
     "rope_parameters and rope_scaling disagree": (
