@@ -26,6 +26,7 @@ import torch
 
 from layerfold.core.arch import spec_from_hf_config
 from layerfold.core.checkpoint import open_weights
+from layerfold.core.gguf_arch import ARCHS, OPTIONAL, check_arch, expected_tensors, file_config
 from layerfold.core.gguf_rope import gguf_rope
 from layerfold.core.gguf_weights import write_gguf_weights
 from layerfold.core.paths import cache_dir, write_json_atomic
@@ -34,7 +35,6 @@ from layerfold.core.tokenizer import gguf_special_flags, gguf_tokenizer, quiet_t
 
 # what a damaged GGUF raises inside the gguf and transformers readers (struct unpacking, numpy views, indexing)
 GGUF_ERRORS = (ValueError, KeyError, OSError, EOFError, IndexError, TypeError, struct.error, RuntimeError)
-ARCHS = ("llama", "qwen2", "qwen3")  # llama.cpp's names of the architectures imported (Mistral, SmolLM: llama)
 TOKENIZERS = ("gpt2", "llama")  # byte-level BPE, SentencePiece: what transformers builds for these
 REDOWNLOAD = "Fix: download or copy the file again (compare its size and SHA-256 with the source's)"
 # GGUF value types: struct format of the scalars (8: string, 9: array)
@@ -193,18 +193,7 @@ def _parse(buf: Any, size: int) -> Header:
 def check_header(path: Path, h: Header) -> dict[str, Any]:
     """The file's sizes (layers, widths, heads, head size, vocabulary), once its architecture, tokenizer and
     tensors are ones layerfold converts exactly; else a ValueError naming what is wrong and the fix."""
-    arch = h.arch
-    if arch == "deci":
-        raise ValueError(
-            f"{path}: a GGUF of architecture 'deci' (DeciLM / Nemotron-NAS: layers of different shapes, as `layerfold "
-            "export --format gguf` writes a pruned model whose layers differ), which layerfold does not import from "
-            "GGUF. Fix: load the layerfold checkpoint the file was exported from, or a DeciLM HF directory "
-            "(`layerfold export --format decilm` writes one that layerfold loads)")
-    if arch not in ARCHS:
-        raise ValueError(
-            f"{path}: a GGUF of architecture {arch!r}, which layerfold does not import: it imports GGUF files of "
-            f"architecture {', '.join(ARCHS)} (Llama, Mistral, SmolLM, TinyLlama: llama; Qwen2 / 2.5: qwen2; Qwen3: "
-            "qwen3). Fix: use a model of one of these families, or open an issue for the architecture")
+    check_arch(path, h)
     _check_tokenizer(path, h)
     return _check_tensors(path, h, _sizes(path, h))
 
@@ -267,26 +256,10 @@ def _sizes(path: Path, h: Header) -> dict[str, int]:
     return s
 
 
-def expected_tensors(arch: str, s: dict[str, int]) -> dict[str, tuple[int, ...]]:
-    """The tensors (torch shapes) of a GGUF file of ``arch`` with sizes ``s``; output.weight is optional (tied)."""
-    d, q, kv, f = s["d"], s["heads"] * s["hd"], s["kv"] * s["hd"], s["ffn"]
-    out: dict[str, tuple[int, ...]] = {"token_embd.weight": (s["vocab"], d), "output_norm.weight": (d,)}
-    for i in range(s["layers"]):
-        b = f"blk.{i}."
-        out.update({b + "attn_norm.weight": (d,), b + "attn_q.weight": (q, d), b + "attn_k.weight": (kv, d),
-                    b + "attn_v.weight": (kv, d), b + "attn_output.weight": (d, q), b + "ffn_norm.weight": (d,),
-                    b + "ffn_gate.weight": (f, d), b + "ffn_up.weight": (f, d), b + "ffn_down.weight": (d, f)})
-        if arch == "qwen2":
-            out.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
-        if arch == "qwen3":
-            out.update({b + "attn_q_norm.weight": (s["hd"],), b + "attn_k_norm.weight": (s["hd"],)})
-    return out
-
-
 def _check_tensors(path: Path, h: Header, s: dict[str, int]) -> dict[str, int]:
     arch = h.arch
     want = expected_tensors(arch, s)
-    optional = {"output.weight": (s["vocab"], s["d"]), "rope_freqs.weight": None}  # (rope_freqs: core.gguf_rope)
+    optional = {"output.weight": (s["vocab"], s["d"]), **dict.fromkeys(OPTIONAL)}
     missing = [k for k in want if k not in h.tensors]
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensor(s) of the {arch} model its metadata describes ({s['layers']} "
@@ -370,7 +343,7 @@ def read_gguf(path: Path, weights_file: Path | None = None) -> tuple[ModelSpec, 
 
     d, f = str(path.parent), path.name
     try:
-        cfg = _file_sizes(AutoConfig.from_pretrained(d, gguf_file=f), h, s)
+        cfg = file_config(AutoConfig.from_pretrained(d, gguf_file=f), h, s)
         tok = gguf_tokenizer(AutoTokenizer.from_pretrained(d, gguf_file=f), gguf_special_flags(path, h.fields))
     except (*GGUF_ERRORS, ImportError) as e:  # (4.x: a failed fast conversion falls back to needing protobuf)
         e = e.__context__ if isinstance(e, ImportError) and e.__context__ is not None else e  # the first failure
@@ -396,24 +369,6 @@ def read_gguf(path: Path, weights_file: Path | None = None) -> tuple[ModelSpec, 
             return spec, open_weights(Path(tmp) / "w.safetensors"), tok
     write_gguf_weights(path, spec, h.arch, weights_file)
     return spec, open_weights(weights_file), tok
-
-
-def _file_sizes(cfg: Any, h: Header, s: dict[str, int]) -> Any:
-    """transformers' config of the file with the sizes llama.cpp reads from it: the head size (key_length: Qwen3's
-    reader assumes 128), the vocabulary (the embedding's rows), no sliding window (llama.cpp's llama and qwen2
-    graphs attend to every position) and, for a llama file named "mistral" (which transformers takes for a Mistral
-    it then cannot map), a Llama."""
-    if h.arch == "llama" and cfg.model_type != "llama":
-        from transformers import LlamaConfig
-
-        keep = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "sliding_window")}
-        cfg = LlamaConfig.from_dict(keep)
-    cfg.head_dim, cfg.num_key_value_heads, cfg.vocab_size = s["hd"], s["kv"], s["vocab"]
-    if getattr(cfg, "sliding_window", None) is not None:
-        cfg.sliding_window = None
-    if getattr(cfg, "use_sliding_window", False):
-        cfg.use_sliding_window = False
-    return cfg
 
 
 __all__ = ["ARCHS", "GGUF_ERRORS", "Header", "check_header", "content_key", "expected_tensors", "read_gguf",

@@ -59,14 +59,16 @@ def _unreadable(f: Path) -> str | None:
 def gguf_special_flags(path: str | Path, fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """The GGUF file's own ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` / ``add_space_prefix`` (the keys it
     holds), its tokenizer ``model`` ("gpt2": byte-level BPE; "llama": SentencePiece; ...) and ``pre``-tokenizer,
-    and its special token ids (``bos_token_id``, ``eos_token_id``, ``unknown_token_id``, ``padding_token_id``).
+    its special token ids (``bos_token_id``, ``eos_token_id``, ``unknown_token_id``, ``padding_token_id``), and
+    its general ``name`` and ``architecture``.
     ``fields``: the file's metadata already read (``layerfold.core.gguf_input.read_header``), else read here."""
     if fields is None:
         from gguf import GGUFReader
 
-        fields = {k: f.contents() for k, f in GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.ggml.")
-                  and f.data and len(f.data) == 1}
-    out: dict[str, Any] = {}
+        fields = {k: f.contents() for k, f in GGUFReader(str(path)).fields.items()
+                  if k.startswith(("tokenizer.ggml.", "general.")) and f.data and len(f.data) == 1}
+    out: dict[str, Any] = {k: str(fields[f"general.{k}"]) for k in ("name", "architecture")
+                           if isinstance(fields.get(f"general.{k}"), str)}
     for name in ("add_bos_token", "add_eos_token", "add_space_prefix", "model", "pre", "bos_token_id", "eos_token_id",
                  "unknown_token_id", "padding_token_id"):
         value = fields.get(f"tokenizer.ggml.{name}")
@@ -107,7 +109,11 @@ def gguf_tokenizer(tok: Any, meta: dict[str, Any]) -> Any:
             if getattr(bt.model, "byte_fallback", False):
                 bt.model.byte_fallback = False
     if meta.get("model") == "llama" and bt is not None:  # SentencePiece: llama.cpp's space prefix
+        bt = _file_vocabulary(bt)
         _sentencepiece_spaces(bt, meta.get("add_space_prefix", True))
+    if meta.get("architecture") == "phi3" and bt is not None and \
+            any(k in meta.get("name", "").lower() for k in ("phi-3", "phi3")):
+        _phi3_rstrip(bt)
     if bt is None:
         return honour_special_flags(tok, meta)
     # saved as the plain class over its tokenizer.json (not 4.x's LlamaTokenizer, which rebuilds BOS handling
@@ -138,6 +144,35 @@ def _sentencepiece_spaces(bt: Any, prefix: bool) -> None:
     bt.pre_tokenizer = None
     if not prefix:  # no prefix to take off again when decoding
         bt.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+
+
+def _file_vocabulary(bt: Any) -> Any:
+    """A SentencePiece file's tokenizer over the file's own tokens, with byte fallback. transformers 4.x converts a
+    phi3 file with neither: it adds Phi-3's chat tokens (``<|placeholder1|>``, ...) whatever the file holds (a token
+    the file lacks got an id past the model's embedding) and drops a character no piece covers ("T" in "The"),
+    where llama.cpp (and transformers 5) spell it in byte tokens ``<0x54>``."""
+    from tokenizers import Tokenizer
+
+    n = bt.get_vocab_size(with_added_tokens=False)  # (the BPE vocabulary: every token of the file)
+    if bt.get_vocab_size(with_added_tokens=True) > n:
+        j = json.loads(bt.to_str())
+        j["added_tokens"] = [t for t in j.get("added_tokens", []) if t["id"] < n]
+        bt = Tokenizer.from_str(json.dumps(j))
+    vocab = bt.get_vocab(with_added_tokens=False)
+    if not getattr(bt.model, "byte_fallback", True) and all(f"<0x{b:02X}>" in vocab for b in range(256)):
+        bt.model.byte_fallback = True
+    return bt
+
+
+def _phi3_rstrip(bt: Any) -> None:
+    """llama.cpp strips the whitespace after each special token of a file whose name says Phi-3 (as Phi-3's own
+    tokenizer.json does: "<|user|>\\nHi" is <|user|> Hi), except after <unk>, <s> and <|endoftext|>."""
+    from tokenizers import AddedToken
+
+    bt.add_special_tokens([AddedToken(t.content, rstrip=True, lstrip=t.lstrip, single_word=t.single_word,
+                                      normalized=t.normalized, special=True)
+                           for t in bt.get_added_tokens_decoder().values()
+                           if t.special and t.content not in ("<unk>", "<s>", "<|endoftext|>")])
 
 
 def honour_special_flags(tok: Any, flags: dict[str, bool]) -> Any:

@@ -216,7 +216,7 @@ def _drop_layer1(t: dict) -> None:
 BROKEN: dict[str, tuple[dict, str]] = {
     "deci": (dict(arch="deci"), r"architecture 'deci'.*does not import.*Fix: load the layerfold checkpoint"),
     "gemma": (dict(arch="gemma"), r"architecture 'gemma'.*llama, qwen2, qwen3.*Fix: use a model of one"),
-    "phi3": (dict(arch="phi3"), r"architecture 'phi3'.*Fix"),
+    "phi3-llama-layout": (dict(arch="phi3"), r"phi3 model .* not in the file \(first: blk.0.attn_qkv.weight.*Fix"),
     "no-tokenizer": (dict(keys={"tokenizer.ggml.model": ("none", V.STRING)}), r"has no tokenizer \(tokenizer.ggml.model"
                      r" is \"none\".*Fix: load the layerfold checkpoint or HF directory"),
     "no-tokenizer-key": (dict(keys={"tokenizer.ggml.model": None}), r"no tokenizer \(no tokenizer.ggml.model key.*Fix"),
