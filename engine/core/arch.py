@@ -1,7 +1,8 @@
 """Architecture knowledge in one declarative place: HF config <-> ModelSpec and the weight-name map.
 
-Supported: Llama (SmolLM, TinyLlama, Llama-2/3 with rope scaling: linear, llama3, yarn), Mistral, Qwen2
-(qkv bias), Qwen3 (q/k norm), Phi-3 / Phi-4 (fused q/k/v and gate/up, split at load time). Everything else gets a
+Supported: Llama (SmolLM, TinyLlama, Llama-2/3 with rope scaling: linear, llama3, yarn, longrope), Mistral, Qwen2
+(qkv bias), Qwen3 (q/k norm), Phi-3 / Phi-4 (fused q/k/v and gate/up, split at load time; longrope: Phi-3-*-128k,
+Phi-3.5). Everything else gets a
 clear error listing these. The rope and sliding-window settings are read by ``layerfold.core.rope_config``.
 """
 
@@ -12,8 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
+from layerfold.core.rope_config import longrope_fields, rope_fields, rope_scaling, rope_source, sliding_window
 from layerfold.core.rope_config import number as _number
-from layerfold.core.rope_config import rope_fields, rope_scaling, rope_source, sliding_window
 from layerfold.core.rope_config import setting as _get
 from layerfold.core.spec import LayerSpec, ModelSpec
 
@@ -61,14 +62,13 @@ FUSED: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {"phi3": {
     "model.layers.{i}.mlp.gate_up_proj.weight": (("mlp.gate.weight", "d_ffn"), ("mlp.up.weight", "d_ffn")),
 }}
 # config defaults of a family's transformers class that change its output and differ from the ones read for Llama
-DEFAULTS: dict[str, dict[str, Any]] = {"phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096}}
-# rope scalings of a family other than the Llama ones (default, linear, llama3, yarn) and the fix for each; Phi3Config
-# rewrites "su" and "yarn" as "longrope" (Phi-3-*-128k, Phi-3.5, Phi-4-mini), whose short/long factors, switched by
-# sequence length, and attention scaling layerfold does not compute
-ROPE_REFUSED: dict[str, dict[str, str]] = {"phi3": dict.fromkeys(("longrope", "su", "yarn"), (
-    "use a release without long-context rope (Phi-3-mini-4k, Phi-3-medium-4k, Phi-4), or open an issue for "
-    "longrope"))}
-ROPE_ALLOWED: dict[str, tuple[str, ...]] = {"phi3": ("default",)}  # what Phi3Config accepts, besides longrope
+DEFAULTS: dict[str, dict[str, Any]] = {"phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+                                                "original_max_position_embeddings": 4096}}
+# rope scalings of a family that its transformers class reads as another (Phi3Config rewrites the legacy "su" and
+# "yarn" of Phi-3-*-128k / Phi-3.5 configs as "longrope"), and what each family's class accepts
+ROPE_ALIASES: dict[str, dict[str, str]] = {"phi3": {"su": "longrope", "yarn": "longrope"}}
+ROPE_ALLOWED: dict[str, tuple[str, ...]] = {"phi3": ("default", "longrope")}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")  # the scalings read (transformers' rope utils)
 # bias flags a family's transformers class never reads (its layers have no biases): set, they are refused
 NO_BIAS = ("phi3",)
 # families whose config may set partial_rotary_factor (Phi-4-mini: 0.75; in the others transformers' rope tables
@@ -158,19 +158,22 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     ffn = _get(cfg, "intermediate_size")
     layer = LayerSpec(d_in=d, d_mid=d, d_out=d, n_heads=nh, n_kv_heads=nkv, head_dim=hd, d_ffn=ffn)
     theta, rtype, src = rope_source(cfg, where)
-    if rtype in ROPE_REFUSED.get(mt, {}):
-        raise ValueError(f"{where}: rope scaling {rtype!r} ({SUPPORTED[mt]}'s long-context rope) is not supported. "
-                         f"Fix: {ROPE_REFUSED[mt][rtype]}")
+    rtype = ROPE_ALIASES.get(mt, {}).get(rtype, rtype)
     if mt in ROPE_ALLOWED and rtype not in ROPE_ALLOWED[mt]:
         raise ValueError(f"{where}: rope scaling {rtype!r} is not one {SUPPORTED[mt]} computes (it takes "
                          f"{', '.join(ROPE_ALLOWED[mt])}). Fix: restore the model's own rope_scaling")
-    if rtype not in ("default", "linear", "llama3", "yarn"):
-        raise ValueError(f"{where}: rope scaling {rtype!r} is not supported; supported: default, linear, llama3, yarn. "
+    if rtype not in ROPE_TYPES:
+        raise ValueError(f"{where}: rope scaling {rtype!r} is not supported; supported: {', '.join(ROPE_TYPES)}. "
                          "Fix: use a model with one of those, or open an issue for this scaling")
     dflt = DEFAULTS.get(mt, {})
     max_pos = _number(_get(cfg, "max_position_embeddings", dflt.get("max_position_embeddings", 8192)),
                       "max_position_embeddings", where, whole=True)
-    rope = rope_fields(rtype, src, max_pos if _get(cfg, "max_position_embeddings") is not None else None, where)
+    given = max_pos if _get(cfg, "max_position_embeddings") is not None else None
+    if rtype == "longrope":  # (the class default counts here: Phi3Config's 4096 positions)
+        rope = longrope_fields(cfg, src, given or (max_pos if "max_position_embeddings" in dflt else None),
+                               dflt.get("original_max_position_embeddings"), hd, where)
+    else:
+        rope = rope_fields(rtype, src, given, where)
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     sw = sliding_window(cfg, WINDOW_RULES.get(mt), where)
@@ -332,6 +335,8 @@ def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
     }
     if spec.rope_type != "default":
         cfg["rope_scaling"] = rope_scaling(spec)
+    if spec.rope_type == "longrope":  # (where transformers 4.x reads it; 5 prefers it to the entry's)
+        cfg["original_max_position_embeddings"] = spec.rope_original_max_pos
     if spec.arch == "llama":
         cfg.update(attention_bias=False, mlp_bias=False)
     if spec.arch == "mistral":

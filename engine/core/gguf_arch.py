@@ -3,10 +3,16 @@
 llama.cpp names an architecture in ``general.architecture`` and keeps its settings under ``{arch}.*``. Imported:
 llama (Llama, Mistral, SmolLM, TinyLlama), qwen2 (q/k/v biases), qwen3 (q/k norms) and phi3 (Phi-3, Phi-4: q/k/v
 fused in ``attn_qkv``, gate and up in ``ffn_up``, split by core.gguf_weights.FUSED; rotary on halves as in qwen2,
-so no row permutation). A phi3 file whose rotary layerfold cannot compute is refused here, before anything is
-converted: longrope (the ``rope_factors_long`` / ``rope_factors_short`` tensors and ``rope.scaling.attn_factor``
-that llama.cpp's converter writes for Phi-3-*-128k, Phi-3.5-mini, Phi-4-mini) and partial rotary
-(``rope.dimension_count`` below the head size: Phi-4-mini).
+so no row permutation). A phi3 file's longrope (the ``rope_factors_long`` / ``rope_factors_short`` tensors and
+``rope.scaling.attn_factor`` that llama.cpp's converter writes for Phi-3-*-128k and Phi-3.5-mini) is read by
+core.gguf_rope.gguf_longrope; a phi3 file whose rotary layerfold cannot compute is refused here, before anything is
+converted: one factor tensor without the other, an attention factor without them, a rope.scaling.type, and
+partial rotary (``rope.dimension_count`` below the head size: Phi-4-mini).
+
+Longrope's switch: llama.cpp picks the long factors for every position when the context it is given (n_ctx per
+sequence) exceeds the original one, the short ones otherwise, whatever the sequence's length; layerfold follows
+transformers (the long factors once a sequence is longer than the original context: core.model.rope_tables), so
+the two agree on sequences that fall on the same side as llama.cpp's n_ctx.
 
 Sliding window: llama.cpp's phi3 converter writes the HF config's window (``phi3.attention.sliding_window``; 0 for
 none, as for Phi-4). transformers' Phi3 applies it to every layer, and so does layerfold for Phi-3 from an HF
@@ -19,13 +25,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from layerfold.core.arch import ROPE_REFUSED
 from layerfold.core.gguf_weights import FUSED
 
 ARCHS = ("llama", "qwen2", "qwen3", "phi3")  # llama.cpp's names of the architectures imported
 FAMILIES = "Llama, Mistral, SmolLM, TinyLlama: llama; Qwen2 / 2.5: qwen2; Qwen3: qwen3; Phi-3, Phi-4: phi3"
 LONGROPE = ("rope_factors_long.weight", "rope_factors_short.weight")  # llama.cpp's phi3 longrope tensors
 OPTIONAL = ("rope_freqs.weight",)  # tensors a file may hold besides its weights (rope_freqs: core.gguf_rope)
+
+
+def optional_tensors(arch: str, hd: int) -> dict[str, tuple[int, ...] | None]:
+    """Tensors a file of ``arch`` may hold besides its weights, with their shapes (None: checked where read)."""
+    return {**dict.fromkeys(OPTIONAL), **(dict.fromkeys(LONGROPE, (hd // 2,)) if arch == "phi3" else {})}
 
 
 def check_arch(path: Path, h: Any) -> None:
@@ -48,14 +58,20 @@ def check_arch(path: Path, h: Any) -> None:
 
 
 def _check_phi3(path: Path, h: Any) -> None:
-    found = [t for t in LONGROPE if t in h.tensors] + \
-        [k for k in ("phi3.rope.scaling.attn_factor",) if h.get(k) is not None]
+    found = [t for t in LONGROPE if t in h.tensors]
+    attn = h.get("phi3.rope.scaling.attn_factor")
     kind = h.get("phi3.rope.scaling.type")
-    if found or kind not in (None, "none"):
-        what = ", ".join(found) if found else f"phi3.rope.scaling.type={kind!r}"
-        raise ValueError(f"{path}: a Phi-3 GGUF with long-context rope scaling ({what}: Phi-3-*-128k, Phi-3.5-mini, "
-                         "Phi-4-mini), whose short and long factors, switched by sequence length, layerfold does not "
-                         f"compute. Fix: {ROPE_REFUSED['phi3']['longrope']}")
+    if len(found) == 1 or (attn is not None and not found) or kind not in (None, "none"):
+        what = (f"{found[0]} without {next(t for t in LONGROPE if t not in found)}" if len(found) == 1 else
+                f"phi3.rope.scaling.type={kind!r}" if kind not in (None, "none") else
+                "phi3.rope.scaling.attn_factor without the rope_factors_long / rope_factors_short tensors")
+        raise ValueError(f"{path}: a Phi-3 GGUF with rope scaling layerfold does not read ({what}; llama.cpp's "
+                         "converter writes longrope as both factor tensors and the attention factor). Fix: download "
+                         "the file again, or convert the model from its HF directory")
+    if attn is not None and (isinstance(attn, bool) or not isinstance(attn, (int, float)) or not attn > 0 or
+                             attn == float("inf")):
+        raise ValueError(f"{path}: phi3.rope.scaling.attn_factor is {attn!r}, not a finite number > 0. Fix: download "
+                         "the file again, or convert the model from its HF directory")
     window = h.get("phi3.attention.sliding_window")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
         raise ValueError(f"{path}: phi3.attention.sliding_window is {window!r}, not a whole number >= 0 (0: none). "
@@ -111,4 +127,5 @@ def file_config(cfg: Any, h: Any, s: dict[str, int]) -> Any:
     return cfg
 
 
-__all__ = ["ARCHS", "FAMILIES", "LONGROPE", "OPTIONAL", "check_arch", "expected_tensors", "file_config"]
+__all__ = ["ARCHS", "FAMILIES", "LONGROPE", "OPTIONAL", "check_arch", "expected_tensors", "file_config",
+           "optional_tensors"]

@@ -26,8 +26,8 @@ import torch
 
 from layerfold.core.arch import spec_from_hf_config
 from layerfold.core.checkpoint import open_weights
-from layerfold.core.gguf_arch import ARCHS, OPTIONAL, check_arch, expected_tensors, file_config
-from layerfold.core.gguf_rope import gguf_rope
+from layerfold.core.gguf_arch import ARCHS, LONGROPE, check_arch, expected_tensors, file_config, optional_tensors
+from layerfold.core.gguf_rope import gguf_longrope, gguf_rope
 from layerfold.core.gguf_weights import write_gguf_weights
 from layerfold.core.paths import cache_dir, write_json_atomic
 from layerfold.core.spec import ModelSpec
@@ -259,7 +259,7 @@ def _sizes(path: Path, h: Header) -> dict[str, int]:
 def _check_tensors(path: Path, h: Header, s: dict[str, int]) -> dict[str, int]:
     arch = h.arch
     want = expected_tensors(arch, s)
-    optional = {"output.weight": (s["vocab"], s["d"]), **dict.fromkeys(OPTIONAL)}
+    optional = {"output.weight": (s["vocab"], s["d"]), **optional_tensors(arch, s["hd"])}
     missing = [k for k in want if k not in h.tensors]
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensor(s) of the {arch} model its metadata describes ({s['layers']} "
@@ -355,6 +355,8 @@ def read_gguf(path: Path, weights_file: Path | None = None) -> tuple[ModelSpec, 
     rope = h.get(f"{h.arch}.rope.scaling.type") is not None or "rope_freqs.weight" in h.tensors
     if spec.rope_type == "default" and rope:  # transformers drops llama.cpp's rope scaling keys and rope_freqs
         spec = gguf_rope(path, spec)
+    if h.arch == "phi3" and LONGROPE[0] in h.tensors:  # (and its longrope factors: checked by check_arch)
+        spec = gguf_longrope(path, spec)
     if spec.bos_token_id is None and tok.bos_token_id is not None:
         spec = ModelSpec.from_dict({**spec.to_dict(), "bos_token_id": tok.bos_token_id})
     l0 = spec.layers[0]

@@ -81,6 +81,31 @@ def gguf_rope(path: str | Path, spec: ModelSpec) -> ModelSpec:
                      "yarn and Llama-3's rope_freqs. Fix: use a model with one of those, or open an issue")
 
 
+def gguf_longrope(path: str | Path, spec: ModelSpec) -> ModelSpec:
+    """``spec`` with the longrope of a phi3 file as llama.cpp reads it: the rope_factors_short / rope_factors_long
+    tensors, rope.scaling.original_context_length (else the context length) and rope.scaling.attn_factor (else 1),
+    which multiplies cos and sin. (The switch between the two differs from llama.cpp's: core.gguf_arch.)"""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = _field(r.fields, "general.architecture")
+    factors = {t.name: [float(x) for x in np.array(t.data, dtype=np.float64).reshape(-1)] for t in r.tensors
+               if t.name in ("rope_factors_short.weight", "rope_factors_long.weight")}
+    ctx = int(_positive(path, f"{arch}.context_length", _field(r.fields, f"{arch}.context_length") or
+                        spec.max_position, whole=True))
+    old = _field(r.fields, f"{arch}.rope.scaling.original_context_length") or ctx  # (0: unset, as llama.cpp reads it)
+    old = int(_positive(path, f"{arch}.rope.scaling.original_context_length", old, whole=True))
+    attn = _field(r.fields, f"{arch}.rope.scaling.attn_factor")
+    attn = 1.0 if attn is None else _positive(path, f"{arch}.rope.scaling.attn_factor", attn)
+    for name, v in factors.items():
+        if not all(math.isfinite(x) and x > 0 for x in v):
+            raise ValueError(f"{path}: tensor {name} holds factors that are not finite numbers > 0. Fix: download the "
+                             "file again, or convert the model from its HF directory")
+    return replace(spec, rope_type="longrope", rope_original_max_pos=old, rope_attention_factor=attn,
+                   max_position=ctx, rope_short_factor=tuple(factors["rope_factors_short.weight"]),
+                   rope_long_factor=tuple(factors["rope_factors_long.weight"])).validate()
+
+
 def _positive(path: str | Path, name: str, v: Any, whole: bool = False) -> float:
     """A rope setting of the file as a finite number > 0 (a whole one where ``whole``), or a ValueError naming it."""
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
@@ -133,4 +158,4 @@ def _fit_ramp(plain: torch.Tensor, divisors: torch.Tensor, factor: float) -> tup
     return 1.0, 1.0 + 1.0 / low_ratio, round(a / low_ratio)
 
 
-__all__ = ["gguf_rope"]
+__all__ = ["gguf_longrope", "gguf_rope"]

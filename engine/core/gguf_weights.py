@@ -47,7 +47,8 @@ FUSED: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {"phi3": {
     "FFN_UP": (("mlp.gate.weight", "d_ffn"), ("mlp.up.weight", "d_ffn")),
 }}
 PAIRED = ("llama", "deci")  # the archs that rotate adjacent pairs: their q and k rows are permuted
-SKIPPED = ("rope_freqs.weight",)  # read as the spec's rope scaling (core.gguf_rope), not a weight
+# read as the spec's rope scaling (core.gguf_rope), not weights: Llama-3's divisors, phi3's longrope factors
+SKIPPED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def gguf_name(name: str) -> str:

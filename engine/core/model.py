@@ -1,6 +1,6 @@
 """One model implementation for every ModelSpec: dense Llama/Mistral/Qwen2/Qwen3 and any pruned shape.
 
-Grouped-query attention, rotary embeddings (default / linear / Llama-3 scaling), RMSNorm, SwiGLU,
+Grouped-query attention, rotary embeddings (default / linear / Llama-3 / YaRN / longrope scaling), RMSNorm, SwiGLU,
 tied or untied head, optional qkv bias and q/k norm, per-layer widths and shortcut matrices.
 Calibration, surgery, healing, evaluation and the runtime all run this code.
 
@@ -47,10 +47,13 @@ class RMSNorm(nn.Module):
 
 
 # ---- rotary ----------------------------------------------------------------------------------------
-def rope_inv_freq(spec: ModelSpec, head_dim: int) -> Tensor:
-    """Inverse frequencies, with linear, Llama-3 ("llama3") or YaRN ("yarn") scaling applied as HF does."""
+def rope_inv_freq(spec: ModelSpec, head_dim: int, long: bool = False) -> Tensor:
+    """Inverse frequencies, with linear, Llama-3 ("llama3"), YaRN ("yarn") or longrope scaling applied as HF does
+    (longrope: frequency i divided by short_factor[i], or by long_factor[i] where ``long``)."""
     inv = 1.0 / (spec.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    if spec.rope_type == "linear":
+    if spec.rope_type == "longrope":
+        inv = inv / torch.tensor(spec.rope_long_factor if long else spec.rope_short_factor, dtype=torch.float64)
+    elif spec.rope_type == "linear":
         inv = inv / spec.rope_factor
     elif spec.rope_type == "llama3":
         old = spec.rope_original_max_pos
@@ -85,12 +88,37 @@ def _yarn(inv: Tensor, spec: ModelSpec, head_dim: int) -> Tensor:
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype,
                  scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """positions (B, T) -> cos, sin (B, 1, T, hd) in the rotate-half layout HF Llama uses, times ``scale``
-    (YaRN's attention factor: spec.rope_attention_factor)."""
-    ang = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)[None, None, :]  # (B,T,hd/2)
+    (YaRN's and longrope's attention factor: spec.rope_attention_factor). inv_freq: (hd/2,), or (B, 1, hd/2)
+    for frequencies chosen per row (longrope)."""
+    ang = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # (B,T,hd/2)
     emb = torch.cat([ang, ang], dim=-1)[:, None]  # (B,1,T,hd)
     if scale != 1.0:
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope_tables(spec: ModelSpec, cache: dict[Any, Tensor], head_dim: int, positions: Tensor,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (B, 1, T, hd) of ``spec``'s rotary for positions (B, T); ``cache`` keeps the frequencies per head
+    size and device (the caller's dict).
+
+    longrope, as transformers computes it: each forward picks the long factors when max(position_ids) + 1 exceeds
+    the original context, else the short ones, for all its positions. Here the pick is per row (a row's furthest
+    position), which for one sequence is exactly that, and for a batch is each sequence as if run alone. A
+    cached decode step at position p therefore uses the regime of p + 1; what keys already cached keep is the
+    caller's business (the Runtime recomputes a sequence that crosses the original context, as
+    Phi3ForCausalLM.generate does: inference.runtime)."""
+    key = (head_dim, positions.device)
+    if key not in cache:
+        inv = rope_inv_freq(spec, head_dim)
+        if spec.rope_type == "longrope":  # (2, hd/2): short, long
+            inv = torch.stack([inv, rope_inv_freq(spec, head_dim, long=True)])
+        cache[key] = inv.to(positions.device)
+    inv = cache[key]
+    if inv.dim() == 2:
+        long = (positions.amax(-1) + 1 > spec.rope_original_max_pos).long()  # (B,)
+        inv = inv[long][:, None, :]  # (B, 1, hd/2)
+    return rope_cos_sin(inv, positions, dtype, spec.rope_attention_factor)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -254,7 +282,7 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(Block(l, spec) for l in spec.layers)
         self.norm = RMSNorm(spec.d_final, spec.norm_eps)
         self.lm_head = None if spec.tie_embeddings else nn.Linear(spec.d_final, spec.vocab_size, bias=False)
-        self._inv_freq: dict[int, Tensor] = {}
+        self._inv_freq: dict[Any, Tensor] = {}
 
     # ---- pieces used by layer-by-layer code (calibration, healing) --------------------------------
     def head_weight(self) -> Tensor:
@@ -265,10 +293,7 @@ class Model(nn.Module):
         out = {}
         for l in self.spec.layers:
             if l.has_attn and l.head_dim not in out:
-                inv = self._inv_freq.get(l.head_dim)
-                if inv is None:
-                    inv = self._inv_freq[l.head_dim] = rope_inv_freq(self.spec, l.head_dim)
-                out[l.head_dim] = rope_cos_sin(inv, positions, dtype, self.spec.rope_attention_factor)
+                out[l.head_dim] = rope_tables(self.spec, self._inv_freq, l.head_dim, positions, dtype)
         return out
 
     def run_layer(self, i: int, h: Tensor, ropes: dict[int, tuple[Tensor, Tensor]], mask: Tensor | None,

@@ -2,9 +2,9 @@
 
 ``rope_source`` finds the scaling a config asks for (transformers 5's rope_parameters or 4.x's rope_scaling and
 rope_theta, refused where the two would read it differently), ``rope_fields`` turns it into ModelSpec's rope_*
-fields (HF's meanings and defaults), ``sliding_window`` the one window every layer applies, and ``rope_scaling``
-writes a spec's scaling back as HF's ``rope_scaling`` entry. Which family applies its window how is declared in
-``layerfold.core.arch``.
+fields (HF's meanings and defaults; ``longrope_fields`` for longrope), ``sliding_window`` the one window every
+layer applies, and ``rope_scaling`` writes a spec's scaling back as HF's ``rope_scaling`` entry. Which family
+applies its window how is declared in ``layerfold.core.arch``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def rope_source(cfg: Any, where: str) -> tuple[Any, str, dict[str, Any]]:
             raise ValueError(f"{where}: {key}={d!r} is not one JSON object of rope settings (per-layer-type entries "
                              "are not supported). Fix: restore the model's own config.json")
         kinds = [d[k] for k in ("rope_type", "type") if d.get(k) is not None]
+        if kinds[:1] == ["longrope"] and kinds[1:] in (["su"], ["yarn"]):  # Phi3Config renames its type only
+            kinds = kinds[:1]
         if len(kinds) == 2 and kinds[0] != kinds[1]:
             raise ValueError(f"{where}: {key} says rope_type={kinds[0]!r} but type={kinds[1]!r}. Fix: keep one of the "
                              "two keys, with the model's own scaling")
@@ -148,8 +150,75 @@ def rope_fields(rtype: str, src: dict[str, Any], max_pos: int | None, where: str
 
 
 
+def longrope_fields(cfg: Any, src: dict[str, Any], max_pos: int | None, top_default: int | None, head_dim: int,
+                    where: str) -> dict[str, Any]:
+    """The spec's rope_* fields of a longrope scaling entry, read as transformers 4.x and 5 both read it, or a
+    ValueError naming the setting. ``max_pos``: the config's max_position_embeddings (None where absent);
+    ``top_default``: the family's default for a top-level original_max_position_embeddings (Phi3Config: 4096).
+
+    original context: the top-level original_max_position_embeddings where the config (or its class) has one (4.x
+    reads only it, 5 prefers it), else max_position_embeddings (4.x; 5 reads the entry's own key first, so an entry
+    whose value differs is refused). Attention factor: the entry's attention_factor, else sqrt(1 + ln s / ln orig)
+    with s = max_position_embeddings / orig (1 for s <= 1); an entry ``factor`` is s for 5 but ignored by 4.x
+    beside a top-level original context, so one that differs from s is refused."""
+    lists = {}
+    for k in ("short_factor", "long_factor"):
+        v = src.get(k)
+        ok = isinstance(v, list) and all(isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) and
+                                         x > 0 for x in v)
+        if not ok or len(v) != head_dim // 2:
+            got = f"{len(v)} numbers" if ok else repr(v)[:80]
+            raise ValueError(f"{where}: longrope {k} is {got}, not a list of {head_dim // 2} finite numbers > 0 (one "
+                             f"per rotary frequency pair of the {head_dim}-wide heads). Fix: restore the model's own "
+                             f"rope_scaling (its {k})")
+        lists[k] = tuple(float(x) for x in v)
+    top = setting(cfg, "original_max_position_embeddings", top_default)
+    own = src.get("original_max_position_embeddings")
+    if top is not None:
+        orig = number(top, "original_max_position_embeddings", where, whole=True)
+    elif max_pos is None:
+        raise ValueError(f"{where}: longrope without original_max_position_embeddings or max_position_embeddings. "
+                         "Fix: give config.json the model's original_max_position_embeddings at the top level")
+    elif own is not None and number(own, "original_max_position_embeddings", where, whole=True) != max_pos:
+        raise ValueError(f"{where}: longrope's original_max_position_embeddings={own} sits inside the rope entry, "
+                         f"where transformers 5 reads it but 4.x reads max_position_embeddings={max_pos} instead. "
+                         "Fix: move original_max_position_embeddings to the top level of config.json (both read it)")
+    else:
+        orig = max_pos
+    if orig < 1 or max_pos is None and src.get("attention_factor") is None:
+        raise ValueError(f"{where}: longrope with original_max_position_embeddings={orig} and max_position_embeddings"
+                         f"={max_pos}: no context ratio for the attention factor. Fix: give both (the model's own "
+                         "values), the original one >= 1")
+    s = (max_pos or orig) / orig
+    if src.get("factor") is not None and top is not None and abs(number(src["factor"], "factor", where) - s) > 1e-9 * s:
+        raise ValueError(f"{where}: longrope factor={src['factor']} differs from max_position_embeddings / "
+                         f"original_max_position_embeddings = {s:g}: transformers 5 reads the factor, 4.x the ratio. "
+                         "Fix: remove factor (or set attention_factor, which both read)")
+    if src.get("factor") is not None and top is None:
+        s = number(src["factor"], "factor", where)
+    attn = src.get("attention_factor")
+    if attn is not None:
+        attn = number(attn, "attention_factor", where)
+    else:
+        if s > 1 and orig < 2:
+            raise ValueError(f"{where}: longrope's attention factor divides by ln(original_max_position_embeddings="
+                             f"{orig}) = 0. Fix: give attention_factor, or the model's own original context")
+        attn = math.sqrt(1 + math.log(s) / math.log(orig)) if s > 1 else 1.0
+    if not attn > 0:
+        raise ValueError(f"{where}: longrope attention_factor={attn} is not > 0. Fix: restore the model's own value")
+    return {"rope_original_max_pos": orig, "rope_attention_factor": attn, "rope_short_factor": lists["short_factor"],
+            "rope_long_factor": lists["long_factor"]}
+
+
 def rope_scaling(spec: ModelSpec) -> dict[str, Any]:
-    """HF's ``rope_scaling`` entry for a spec whose rotary embedding is scaled ("linear", "llama3" or "yarn")."""
+    """HF's ``rope_scaling`` entry for a spec whose rotary embedding is scaled ("linear", "llama3", "yarn" or
+    "longrope"; a longrope config also needs the top-level original_max_position_embeddings, which 4.x reads)."""
+    if spec.rope_type == "longrope":  # the attention factor as a number: transformers 4.x and 5 read it alike
+        s = spec.max_position / spec.rope_original_max_pos
+        return {"rope_type": "longrope", "short_factor": list(spec.rope_short_factor),
+                "long_factor": list(spec.rope_long_factor), "original_max_position_embeddings":
+                spec.rope_original_max_pos, "attention_factor": spec.rope_attention_factor, **({"factor": s} if s >= 1
+                                                                                              else {})}
     scaling: dict[str, Any] = {"rope_type": spec.rope_type, "factor": spec.rope_factor}
     if spec.rope_type == "llama3":
         scaling.update(low_freq_factor=spec.rope_low_freq_factor, high_freq_factor=spec.rope_high_freq_factor,

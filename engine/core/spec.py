@@ -19,7 +19,7 @@ from numbers import Integral, Real
 from typing import Any
 
 BLOCK_KINDS = ("decoder", "mlp")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def _err(where: str, msg: str, fix: str) -> ValueError:
@@ -43,6 +43,10 @@ def _check_types(obj: Any, where: str) -> None:
         elif kind == "ids":
             ok = isinstance(v, tuple) and all(isinstance(x, Integral) and not isinstance(x, bool) and x >= 0 for x in v)
             want = "a list of token ids (whole numbers >= 0)"
+        elif kind == "reals":
+            ok = isinstance(v, tuple) and all(isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+                                              and x > 0 for x in v)
+            want = "a list of finite numbers > 0"
         else:
             ok, want = isinstance(v, str), "a string"
         if not ok:
@@ -56,7 +60,10 @@ _KINDS = {**dict.fromkeys(_INTS, "int"),
                            "qk_norm", "rope_truncate"), "bool"),
           **dict.fromkeys(("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                            "rope_beta_fast", "rope_beta_slow", "rope_attention_factor"), "real"),
-          "kind": "str", "arch": "str", "rope_type": "str", "eos_token_ids": "ids"}
+          "kind": "str", "arch": "str", "rope_type": "str", "eos_token_ids": "ids",
+          "rope_short_factor": "reals", "rope_long_factor": "reals"}
+_LISTS = ("eos_token_ids", "rope_short_factor", "rope_long_factor")  # JSON lists, held as tuples
+_LONGROPE = ("rope_short_factor", "rope_long_factor")  # written to JSON only when set (older checkpoints lack them)
 
 
 @dataclass(frozen=True)
@@ -129,15 +136,19 @@ class ModelSpec:
     layers: tuple[LayerSpec, ...]
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_type: str = "default"  # "default" | "linear" | "llama3" | "yarn"
+    rope_type: str = "default"  # "default" | "linear" | "llama3" | "yarn" | "longrope"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3 scaling
     rope_high_freq_factor: float = 4.0  # llama3 scaling
-    rope_original_max_pos: int = 8192  # llama3 and yarn scaling: the context the model was pretrained with
+    rope_original_max_pos: int = 8192  # llama3, yarn, longrope: the context the model was pretrained with
     rope_beta_fast: float = 32.0  # yarn: rotations per context above which a frequency is kept as it is
     rope_beta_slow: float = 1.0  # yarn: rotations below which it is interpolated by rope_factor
     rope_truncate: bool = True  # yarn: round the ramp's ends to whole dimensions (HF's default)
-    rope_attention_factor: float = 1.0  # yarn: cos and sin are scaled by it (0.1 ln(factor) + 1 unless given)
+    rope_attention_factor: float = 1.0  # yarn, longrope: cos and sin are scaled by it (as HF reads the config)
+    # longrope (Phi-3-*-128k, Phi-3.5): per-frequency divisors, one per rotary pair (head_dim / 2); a row whose
+    # furthest position + 1 exceeds rope_original_max_pos uses the long ones (core.model.rope_tables)
+    rope_short_factor: tuple[float, ...] = ()
+    rope_long_factor: tuple[float, ...] = ()
     max_position: int = 8192
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
@@ -178,6 +189,7 @@ class ModelSpec:
                        "rope_original_max_pos (>= 1) to the source model's values")
         if not self.layers:
             raise _err("model", "no layers", "keep at least one layer")
+        self._check_longrope()
         special = [t for t in (self.bos_token_id, *self.eos_token_ids) if t is not None and t >= self.vocab_size]
         if special:  # a token the head never scores: generation would never stop at it (or start from it)
             raise _err("model", f"bos_token_id={self.bos_token_id}, eos_token_ids={list(self.eos_token_ids)} name "
@@ -201,11 +213,36 @@ class ModelSpec:
                        "set tie_embeddings=false and store lm_head.weight")
         return self
 
+    def _check_longrope(self) -> None:
+        """longrope needs one short and one long factor per rotary frequency pair of every attention layer; other
+        scalings carry none (a factor list nothing reads would hide a config mistake)."""
+        if self.rope_type != "longrope":
+            for f in _LONGROPE:
+                if getattr(self, f):
+                    raise _err("model", f"{f} is set but rope_type={self.rope_type!r} does not use it",
+                               f"set rope_type to \"longrope\" (the source model's scaling) or remove {f}")
+            return
+        if self.rope_original_max_pos < 1:
+            raise _err("model", f"longrope with rope_original_max_pos={self.rope_original_max_pos}", "set "
+                       "rope_original_max_pos to the source model's original_max_position_embeddings (>= 1)")
+        pairs = sorted({l.head_dim // 2 for l in self.layers if l.has_attn})
+        heads, counts = ", ".join(str(2 * p) for p in pairs), " and ".join(map(str, pairs))
+        for f in _LONGROPE:
+            n = len(getattr(self, f))
+            if pairs and pairs != [n]:
+                raise _err("model", f"{f} holds {n} factors, but the attention heads of {heads} have {counts} rotary "
+                           "frequency pairs (head_dim / 2)",
+                           f"give {f} one factor per pair (the source model's short_factor / long_factor), with one "
+                           "head size for every attention layer")
+
     # ---- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = [asdict(l) for l in self.layers]
-        d["eos_token_ids"] = list(self.eos_token_ids)
+        for f in _LISTS:
+            d[f] = list(d[f])
+            if f in _LONGROPE and not d[f]:
+                del d[f]
         return d
 
     def to_json(self) -> str:
@@ -238,8 +275,9 @@ class ModelSpec:
                 raise _err(f"layers[{i}]", str(e), "give d_in, d_mid and d_out") from None
         kw = dict(d)
         kw["layers"] = tuple(layers)
-        eos = kw.get("eos_token_ids") or ()
-        kw["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else eos  # not a list: validate names it
+        for f in _LISTS:
+            v = kw.get(f) or ()
+            kw[f] = tuple(v) if isinstance(v, list) else v  # not a list: validate names it
         return cls(**kw).validate()
 
     @classmethod

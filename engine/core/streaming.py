@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from layerfold.core.checkpoint import check_state_dict
-from layerfold.core.model import Block, Model, RMSNorm, attention_mask, build_model, rope_cos_sin, rope_inv_freq
+from layerfold.core.model import Block, Model, RMSNorm, attention_mask, build_model, rope_tables
 from layerfold.core.spec import ModelSpec
 
 Ropes = dict[int, tuple[Tensor, Tensor]]
@@ -120,10 +120,8 @@ class LayerStream:
         return self.rope_for(ls.head_dim, positions)
 
     def rope_for(self, head_dim: int, positions: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        key = (head_dim, positions.device)  # cached where the positions are: no host copy per call
-        if key not in self._inv_freq:
-            self._inv_freq[key] = rope_inv_freq(self.spec, head_dim).to(positions.device)
-        return rope_cos_sin(self._inv_freq[key], positions, dtype or self.dtype, self.spec.rope_attention_factor)
+        # frequencies cached where the positions are: no host copy per call
+        return rope_tables(self.spec, self._inv_freq, head_dim, positions, dtype or self.dtype)
 
     def ropes(self, positions: Tensor, dtype: torch.dtype | None = None) -> Ropes:
         """cos/sin per distinct head size (what Model.run_layer takes)."""

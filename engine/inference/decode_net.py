@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layerfold.core.model import Block, Model, rope_inv_freq
+from layerfold.core.model import Block, Model, rope_cos_sin, rope_inv_freq
 from layerfold.core.spec import ModelSpec
 from layerfold.inference.fused_step import FusedDecode
 from layerfold.kernels.attn_decode import attn_decode, attn_decode_ref
@@ -163,13 +163,22 @@ class DecodeNet(nn.Module):
             self.layers = nn.ModuleList(_Layer(b, cast, mat, (max_batch, max_len) if b.attn is not None else None,
                                                device, dtype) for b in model.layers)
         self.hds = sorted({l.hd for l in self.layers if l.wqkv is not None})
-        pos = torch.arange(max_len, dtype=torch.float32)
-        for hd in self.hds:  # the model's own formula (fp32 angle, cast to the compute dtype), every slot
-            ang = pos[:, None] * rope_inv_freq(spec, hd)[None, :]
-            emb = torch.cat([ang, ang], dim=-1)
-            a = spec.rope_attention_factor  # YaRN's; 1 otherwise
-            self.register_buffer(f"cos{hd}", (emb.cos() * a).to(device, dtype))
-            self.register_buffer(f"sin{hd}", (emb.sin() * a).to(device, dtype))
+        # rotary tables, every slot: the model's own formula (fp32 angle, times YaRN's / longrope's attention factor,
+        # cast to the compute dtype). longrope: a decode step at slot p uses the regime of p + 1 (the long factors
+        # from slot original_max on), a prefill that of its prompt's length (its rows of lcos/lsin when longer)
+        self.longrope = spec.rope_original_max_pos if spec.rope_type == "longrope" else None
+        pos = torch.arange(max_len)[None]
+        for hd in self.hds:
+            cos, sin = (t[0, 0].to(device) for t in rope_cos_sin(rope_inv_freq(spec, hd), pos, dtype,
+                                                                 spec.rope_attention_factor))
+            if self.longrope is not None:
+                lcos, lsin = (t[0, 0].to(device) for t in rope_cos_sin(rope_inv_freq(spec, hd, long=True), pos, dtype,
+                                                                       spec.rope_attention_factor))
+                cos[self.longrope:], sin[self.longrope:] = lcos[self.longrope:], lsin[self.longrope:]
+                self.register_buffer(f"lcos{hd}", lcos)
+                self.register_buffer(f"lsin{hd}", lsin)
+            self.register_buffer(f"cos{hd}", cos)
+            self.register_buffer(f"sin{hd}", sin)
         self.register_buffer("rows", torch.arange(max_batch, device=device))
         # the Triton backend decodes with the fused kernels (inference/fused_step.py); prefill stays unfused
         self.fused = FusedDecode(self) if backend == "triton" else None
@@ -218,10 +227,10 @@ class DecodeNet(nn.Module):
         if self.window is not None and T > self.window:
             i = torch.arange(T, device=ids.device)
             mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+        ropes = {hd: self._prefill_rope(hd, n, T, last) for hd in self.hds}
         for l in self.layers:
             if l.wqkv is not None:
-                cos = getattr(self, f"cos{l.hd}")[:T].repeat(n, 1)  # (n*T, hd)
-                sin = getattr(self, f"sin{l.hd}")[:T].repeat(n, 1)
+                cos, sin = ropes[l.hd]
                 qkv = self.lin(self.norm(h, l.attn_norm, self.eps), l.wqkv, l.bqkv)  # (n, T, q + 2 kv)
                 q, k, v = self._qkv(l, qkv.reshape(n * T, -1), cos, sin)
                 q = q.view(n, T, l.n_heads, l.hd).transpose(1, 2)  # (n, nh, T, hd)
@@ -238,6 +247,17 @@ class DecodeNet(nn.Module):
             h = self._mlp(l, h)
         h = h[torch.arange(n, device=ids.device), last]  # (n, d_final): the head runs on last tokens only
         return self.lin(self.norm(h, self.final_norm, self.eps), self.head).float()
+
+    def _prefill_rope(self, hd: int, n: int, T: int, last: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (n*T, hd) of n right-padded prompts of T slots; longrope: a prompt longer than the original
+        context (last + 1 > original_max) reads the long factors' table at every position, as transformers'
+        forward over that prompt does."""
+        cos, sin = getattr(self, f"cos{hd}")[:T], getattr(self, f"sin{hd}")[:T]  # (T, hd)
+        if self.longrope is None or T <= self.longrope:
+            return cos.repeat(n, 1), sin.repeat(n, 1)
+        long = (last + 1 > self.longrope)[:, None, None]  # (n, 1, 1)
+        pick = lambda short, lng: torch.where(long, lng[None], short[None]).reshape(n * T, hd)  # noqa: E731
+        return pick(cos, getattr(self, f"lcos{hd}")[:T]), pick(sin, getattr(self, f"lsin{hd}")[:T])
 
     # ---- shared pieces ---------------------------------------------------------------------------
     def _qkv(self, l: _Layer, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:

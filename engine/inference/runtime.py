@@ -17,6 +17,13 @@ oneDNN-packed weights, or the whole step is compiled (``compile=True``: torch.co
 freezing, which fuses the small ops and packs the weights itself). Steps of up to 4 rows in bf16 on
 x86 CPUs with AVX-512 BF16 run on the native step of ``layerfold.inference.native`` instead (one OpenMP region a
 step).
+
+longrope (Phi-3-*-128k, Phi-3.5): every step's logits are those of transformers' forward over the row's whole
+sequence, as Phi3ForCausalLM.generate gives them: a prompt reads the short or long factors by its length, a decode
+step at slot p those of p + 1, and the step that takes a row past the original context (its token at slot
+original_max) re-prefills the row's tokens, so that its cached keys, rotated with the short factors, are rotated
+again with the long ones (transformers drops its cache there and recomputes). For that the Runtime keeps each
+row's tokens (``_tokens``; only for longrope).
 """
 
 from __future__ import annotations
@@ -89,6 +96,9 @@ class Runtime:
         self.net = DecodeNet(model, max_batch=self.max_batch, max_len=self.max_len, device=self.device,
                              dtype=self.dtype, backend=self.backend, packed=self.packed, compiled=compile)
         self.lengths: list[int] = [0] * self.max_batch
+        # longrope: each row's tokens, for the re-prefill at the original context (module docstring)
+        self._tokens: list[list[int]] | None = [[] for _ in range(max_batch)] if self.net.longrope is not None \
+            else None
         off = "native=False"
         self.native_why = off if native is False else native_unavailable(self.net, self.device, self.dtype)
         if native and self.native_why:
@@ -205,6 +215,8 @@ class Runtime:
                              "Runtime (or none, for all)")
         for r in rows:
             self.lengths[r] = 0
+            if self._tokens is not None:
+                self._tokens[r] = []
         if scrub:
             with torch.inference_mode():
                 idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
@@ -228,6 +240,8 @@ class Runtime:
                 l.v[idx, :, :n] = l.v[src, :, :n]
         for d in dsts:
             self.lengths[d] = n
+            if self._tokens is not None:
+                self._tokens[d] = list(self._tokens[src])
 
     def weight_bytes(self) -> int:
         return decode_weight_bytes(self.spec, self.dtype)
@@ -259,8 +273,10 @@ class Runtime:
         row_idx = slice(rows[0], rows[0] + n) if contiguous else torch.tensor(rows, device=self.device)
         last = torch.tensor([x - 1 for x in lens], device=self.device)
         logits = self.net.prefill(ids.to(self.device), row_idx, last)
-        for r, x in zip(rows, lens, strict=True):
+        for r, x, p in zip(rows, lens, prompts, strict=True):
             self.lengths[r] = x
+            if self._tokens is not None:
+                self._tokens[r] = [int(t) for t in p]
         return logits
 
     @torch.inference_mode()
@@ -284,7 +300,7 @@ class Runtime:
             logits = self.native([int(t) for t in tokens], pos)
             for b in range(n):
                 self.lengths[b] += int(act[b])
-            return logits
+            return self._longrope_crossing(tokens, act, pos, logits)
         tok = torch.as_tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
         nb = self._graphs.bucket(n) if self._graphs is not None else self._graph_batch(n)
         if nb > n:  # idle rows n..nb-1 fill a static graph: each writes its next free slot, which its own
@@ -298,6 +314,23 @@ class Runtime:
             logits = self._step(tok, pos_t, None if self.backend == "triton" else max(pos) + 1)[:n]
         for b in range(n):
             self.lengths[b] += int(act[b])
+        return self._longrope_crossing(tokens, act, pos, logits)
+
+    def _longrope_crossing(self, tokens: Sequence[int] | Tensor, act: list[bool], pos: list[int],
+                           logits: Tensor) -> Tensor:
+        """longrope: record each active row's token; a row whose token went to slot original_max (its sequence now
+        longer than the original context, its cache rotated with the short factors) is prefilled again with all
+        its tokens, which rewrites its cache with the long factors and gives this step's logits (module
+        docstring). Other models: ``logits`` as they are."""
+        if self._tokens is None:
+            return logits
+        for b, t in enumerate(tokens):
+            if act[b]:
+                self._tokens[b].append(int(t))
+                if pos[b] == self.net.longrope:
+                    ids = torch.tensor([self._tokens[b]], dtype=torch.long, device=self.device)
+                    last = torch.tensor([ids.shape[1] - 1], device=self.device)
+                    logits[b] = self.net.prefill(ids, slice(b, b + 1), last)[0]
         return logits
 
 

@@ -19,6 +19,9 @@ cache slot; the padding gets slots of its own beyond ``max_len``, which (as in t
 row's own tokens, and ``lengths`` counts them. Logits equal the in-memory model's up to the device's
 arithmetic (tests/inference/test_streamed_decode.py checks greedy completions token for token against the
 Runtime's).
+
+longrope: as the Runtime, every step's logits are transformers' over the whole sequences; the step that takes a
+row past the original context runs every row's tokens again from slot 0 (one more crossing of the weights).
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ class StreamedRuntime:
         self.steps = 0  # passes over the weights so far (each crosses the bus once)
         self._cache: KVCache | None = None
         self._valid: Tensor | None = None  # (n, slots) bool: False for the left padding
+        self._ids: Tensor | None = None  # (n, slots) every token fed so far (longrope's recomputation)
         self._rows = 0
 
     def reset(self, rows: Sequence[int] | None = None, *, scrub: bool = False) -> None:
@@ -100,7 +104,7 @@ class StreamedRuntime:
         if rows is not None and sorted(rows) != list(range(self.max_batch)):
             raise ValueError("a StreamedRuntime resets all its rows at once. Fix: call reset() without rows")
         self.lengths = [0] * self.max_batch
-        self._cache, self._valid = None, None
+        self._cache, self._valid, self._ids = None, None, None
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> Tensor:
@@ -133,6 +137,7 @@ class StreamedRuntime:
         self._valid[:, :T] = valid.to(self.device)
         self.lengths = lens + [0] * (self.max_batch - n)
         self._rows = n
+        self._ids = ids
         return self._step(ids.to(self.device))
 
     @torch.inference_mode()
@@ -149,7 +154,12 @@ class StreamedRuntime:
                              "one active flag each)")
         if self._cache.length >= self._cache.capacity:  # every row holds max_len tokens
             raise ValueError(f"every row holds max_len={self.max_len} tokens. Fix: build with a larger max_len")
+        crossing = self.spec.rope_type == "longrope" and self.spec.rope_original_max_pos in self.lengths[:n]
         self.lengths = [self._cache.length + 1 - p for p in self._pad] + [0] * (self.max_batch - n)
+        self._ids = torch.cat([self._ids, tok[:, None]], 1)
+        if crossing:  # a row's token goes to position original_max: its keys get the long factors (docstring)
+            self._cache.length = 0
+            return self._step(self._ids.to(self.device))
         return self._step(tok.to(self.device)[:, None])
 
     def _token_ids(self, ids: Sequence[int] | Tensor, what: str, flat: bool = False) -> Tensor:

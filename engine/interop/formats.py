@@ -12,6 +12,8 @@
   layer without FFN, so their attention would be lost. Rope: linear, Llama-3 (a ``rope_freqs`` tensor) and
   YaRN with HF's default knobs.
 
+longrope goes to ``hf`` only (transformers reads it in every class here; ``LONGROPE_NOT`` says why not the others).
+
 Each ``*_problem`` returns None when the format carries the model, else the first reason it cannot.
 """
 
@@ -67,7 +69,19 @@ def hf_problem(spec: ModelSpec) -> str | None:
     return why
 
 
+# longrope (Phi-3-*-128k, Phi-3.5) in formats whose readers switch its factors otherwise than transformers (per
+# sequence: core.model.rope_tables): vLLM for a whole batch, llama.cpp by its context size (core.gguf_arch)
+LONGROPE_NOT = {
+    "decilm": "its longrope rotary (Phi-3-*-128k, Phi-3.5), whose factors vLLM switches per batch, not per sequence "
+              "as transformers and layerfold do",
+    "gguf": "its longrope rotary (Phi-3-*-128k, Phi-3.5), which this GGUF export does not write: llama.cpp switches "
+            "its factors by the context size it is given, not per sequence as transformers and layerfold do",
+}
+
+
 def decilm_problem(spec: ModelSpec) -> str | None:
+    if spec.rope_type == "longrope":
+        return LONGROPE_NOT["decilm"]
     why = _block_problem(spec)
     if why is None and not spec.layers[0].has_attn:
         return ("layer 0 has no attention: vLLM's DeciLM layer starts its residual in the first attention "
@@ -100,6 +114,8 @@ YARN_DEFAULTS = {"rope_beta_fast": 32.0, "rope_beta_slow": 1.0, "rope_truncate":
 
 
 def gguf_problem(spec: ModelSpec) -> str | None:
+    if spec.rope_type == "longrope":
+        return LONGROPE_NOT["gguf"]
     if spec.qkv_bias and spec.qk_norm:
         return "its attention has both q/k/v biases and q/k norms, which no llama.cpp arch computes together"
     if (spec.qkv_bias or spec.qk_norm) and not spec.uniform:

@@ -115,12 +115,15 @@ def _zeros(*shape: int) -> np.ndarray:
 
 
 REFUSED = {
-    "longrope-tensors": (dict(tensors={"rope_factors_long.weight": np.ones(8, np.float32),
-                                       "rope_factors_short.weight": np.ones(8, np.float32)}),
-                         r"long-context rope scaling \(rope_factors_long.weight, rope_factors_short.weight.*Fix: use a "
-                         r"release without long-context rope"),
+    # longrope converts (tests/core/test_longrope.py); what llama.cpp's converter never writes is refused
+    "longrope-one-tensor": (dict(tensors={"rope_factors_long.weight": np.ones(8, np.float32)}),
+                            r"rope scaling layerfold does not read \(rope_factors_long.weight without "
+                            r"rope_factors_short.weight;.*Fix:"),
     "longrope-key": (dict(keys={"phi3.rope.scaling.attn_factor": 1.19}),
-                     r"\(phi3.rope.scaling.attn_factor: Phi-3-\*-128k.*Fix:"),
+                     r"\(phi3.rope.scaling.attn_factor without the rope_factors_long.*Fix:"),
+    "longrope-short-tensors": (dict(tensors={"rope_factors_long.weight": np.ones(8, np.float32),
+                                             "rope_factors_short.weight": np.ones(7, np.float32)}),
+                               r"tensor rope_factors_short.weight has shape \[7\].*makes it \[8\]"),
     "rope-scaling-type": (dict(keys={"phi3.rope.scaling.type": "yarn"}), r"phi3.rope.scaling.type='yarn'.*Fix:"),
     "partial-rotary": (dict(keys={"phi3.rope.dimension_count": 12}),
                        r"phi3.rope.dimension_count is 12, below the head size 16: partial rotary.*Fix: use a Phi"),
