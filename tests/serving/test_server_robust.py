@@ -224,22 +224,31 @@ def test_body_limit_answers_413_before_reading(base: str) -> None:
     assert proc_status_bytes("VmRSS") - rss0 < 64 * 2 ** 20  # nothing of the rejected bodies is kept
 
 
+def health_times(base: str, n: int = 10) -> list[float]:
+    took = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        assert httpx.get(base + "/health", timeout=5).status_code == 200
+        took.append(time.perf_counter() - t0)
+        time.sleep(0.05)
+    return took
+
+
 def test_health_answers_fast_while_busy(base: str) -> None:
+    """/health is answered between the busy requests' steps, not after them: their 250 tokens take seconds, a
+    /health queued behind them as long. The bound is relative to /health on the idle server (a loaded CI machine
+    makes both slower), with a floor."""
+    idle = statistics.median(health_times(base))
     with ThreadPoolExecutor(6) as ex:
         busy = [ex.submit(post, base, "/v1/completions", {"prompt": f"Busy {i}", "max_tokens": 250, "temperature": 0})
                 for i in range(4)]
         big = [ex.submit(post, base, "/v1/completions", {"prompt": "long words " * 1100, "max_tokens": 1})
                for _ in range(2)]  # tokenised off the event loop (then refused: over max_prompt_tokens)
         time.sleep(0.3)
-        took = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            assert httpx.get(base + "/health", timeout=5).status_code == 200
-            took.append(time.perf_counter() - t0)
-            time.sleep(0.05)
+        took = health_times(base)
         assert all(f.result(timeout=120).status_code == 200 for f in busy)
         assert all(f.result(timeout=120).status_code == 400 for f in big)
-    assert statistics.median(took) < 0.1, f"/health took {took}"
+    assert statistics.median(took) < max(0.25, 5 * idle), f"/health took {took} (idle: {idle:.3f} s)"
 
 
 def test_api_key_cors_and_open_health(model: Model, tok: Any) -> None:
