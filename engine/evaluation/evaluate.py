@@ -209,10 +209,18 @@ def grouped_scores(model: Model, groups: Sequence[tuple[list[int], list[list[int
     masked with ``key_valid``; positions count valid tokens only, so each row sees exactly its own tokens.
     (A sliding-window model counts the padding slots inside its window: exact while contexts are shorter
     than the window, as the built-in items are by far.)
+
+    longrope (Phi-3-*-128k, Phi-3.5): a forward over context + continuation reads the long factors when it is
+    longer than the original context (core.model.rope_tables); a context within it, cached with the short ones,
+    would not give those logits, so an item whose continuation crosses the original context is scored by one
+    forward over each whole sequence instead (``_whole_scores``).
     """
     out: list[list[tuple[float, bool]]] = [[(0.0, True)] * len(conts) for _, conts in groups]
     per = max(1, batch_size // max(len(c) for _, c in groups))  # items per pass: ~batch_size continuation rows
-    order = sorted(range(len(groups)), key=lambda i: -len(groups[i][0]))
+    whole = _crossing(model.spec, groups)
+    for i in whole:
+        out[i] = [_whole_scores(model, groups[i][0], c) if c else (0.0, True) for c in groups[i][1]]
+    order = sorted((i for i in range(len(groups)) if i not in whole), key=lambda i: -len(groups[i][0]))
     dev, dtype = model.device, model.dtype
     starts = range(0, len(order), per)
     for s in _progress(starts, desc="mc", total=len(starts), enabled=progress):
@@ -247,6 +255,23 @@ def grouped_scores(model: Model, groups: Sequence[tuple[list[int], list[list[int
                 r += 1
         del first, rest, cache
     return out
+
+
+def _crossing(spec: Any, groups: Sequence[tuple[list[int], list[list[int]]]]) -> set[int]:
+    """The groups of a longrope model whose context is within the original context and a continuation is not."""
+    if getattr(spec, "rope_type", None) != "longrope":
+        return set()
+    n = spec.rope_original_max_pos
+    return {i for i, (ctx, conts) in enumerate(groups) if len(ctx) <= n and any(len(ctx) + len(c) - 1 > n
+                                                                                 for c in conts)}
+
+
+def _whole_scores(model: Model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """(sum log p(cont | ctx), cont is greedy) from one forward over ctx + cont (its last token is never read)."""
+    ids = torch.tensor([ctx + cont[:-1]], dtype=torch.long, device=model.device)
+    lp = model(ids)[0, len(ctx) - 1:].float().log_softmax(-1)  # (len(cont), V)
+    tgt = torch.tensor(cont, device=lp.device)
+    return lp.gather(-1, tgt[:, None]).sum().item(), bool((lp.argmax(-1) == tgt).all())
 
 
 def _repeat(t: Tensor | None, reps: Tensor) -> Tensor | None:
