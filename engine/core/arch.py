@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
+from layerfold.core.partial_rotary import permute_state, rotary_dim
 from layerfold.core.rope_config import longrope_fields, rope_fields, rope_scaling, rope_source, sliding_window
 from layerfold.core.rope_config import number as _number
 from layerfold.core.rope_config import setting as _get
@@ -71,9 +72,6 @@ ROPE_ALLOWED: dict[str, tuple[str, ...]] = {"phi3": ("default", "longrope")}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")  # the scalings read (transformers' rope utils)
 # bias flags a family's transformers class never reads (its layers have no biases): set, they are refused
 NO_BIAS = ("phi3",)
-# families whose config may set partial_rotary_factor (Phi-4-mini: 0.75; in the others transformers' rope tables
-# would not fit the heads): other than 1.0 is refused, as layerfold rotates whole heads
-PARTIAL_ROTARY = tuple(SUPPORTED)
 # the class an unfused copy of a family's weights is written as (no sliding window, one), e.g. by ``export --format hf``
 UNFUSED_AS = {"phi3": ("llama", "mistral")}
 
@@ -157,6 +155,7 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     hd = opt["head_dim"] or d // nh
     ffn = _get(cfg, "intermediate_size")
     layer = LayerSpec(d_in=d, d_mid=d, d_out=d, n_heads=nh, n_kv_heads=nkv, head_dim=hd, d_ffn=ffn)
+    rot = rotary_dim(cfg, mt, hd, where)  # (0: the whole head)
     theta, rtype, src = rope_source(cfg, where)
     rtype = ROPE_ALIASES.get(mt, {}).get(rtype, rtype)
     if mt in ROPE_ALLOWED and rtype not in ROPE_ALLOWED[mt]:
@@ -171,7 +170,7 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
     given = max_pos if _get(cfg, "max_position_embeddings") is not None else None
     if rtype == "longrope":  # (the class default counts here: Phi3Config's 4096 positions)
         rope = longrope_fields(cfg, src, given or (max_pos if "max_position_embeddings" in dflt else None),
-                               dflt.get("original_max_position_embeddings"), hd, where)
+                               dflt.get("original_max_position_embeddings"), rot or hd, where)
     else:
         rope = rope_fields(rtype, src, given, where)
     eos = _get(cfg, "eos_token_id")
@@ -183,7 +182,7 @@ def spec_from_hf_config(cfg: Any, where: str = "config") -> ModelSpec:
         layers=tuple(layer for _ in range(_get(cfg, "num_hidden_layers"))),
         norm_eps=_number(_get(cfg, "rms_norm_eps", dflt.get("rms_norm_eps", 1e-6)), "rms_norm_eps", where),
         rope_theta=_number(theta, "rope_theta", where),
-        rope_type=rtype, **rope,
+        rope_type=rtype, **rope, rotary_dim=rot,
         max_position=max_pos,
         tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
         qkv_bias=mt == "qwen2" or bool(_get(cfg, "attention_bias", False)) and mt != "llama",
@@ -200,17 +199,6 @@ def _family_checks(cfg: Any, mt: str, where: str) -> None:
     if mt in NO_BIAS and any(_get(cfg, k, False) for k in ("attention_bias", "mlp_bias")):
         raise ValueError(f"{where}: attention_bias/mlp_bias set, but {SUPPORTED[mt]} has no biases (transformers "
                          "would not load them). Fix: restore the model's own config.json (they are false or absent)")
-    if mt not in PARTIAL_ROTARY:
-        return
-    found = {"partial_rotary_factor": _get(cfg, "partial_rotary_factor")}
-    for k in ("rope_parameters", "rope_scaling"):
-        if isinstance(_get(cfg, k), dict):
-            found[f"{k}.partial_rotary_factor"] = _get(cfg, k).get("partial_rotary_factor")
-    for name, v in found.items():
-        if v is not None and _number(v, name, where) != 1.0:
-            raise ValueError(f"{where}: {name}={v} rotates only part of each head (Phi-4-mini: 0.75); layerfold "
-                             "rotates whole heads. Fix: use a model whose rotary embedding covers the whole head "
-                             "(partial_rotary_factor 1.0 or absent), or open an issue for partial rotary")
 
 
 def ffn_mult_width(ffn_mult: float, hidden: int) -> int:
@@ -266,7 +254,8 @@ def _deci_spec(cfg: Any, where: str) -> ModelSpec:
 
 def state_from_hf(hf_state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tensor]:
     """Rename an HF state dict to layerfold names; drops the tied head and non-weight buffers, and splits a family's
-    fused tensors (``FUSED``) into row blocks (views: no copy), each checked against the spec's sizes first."""
+    fused tensors (``FUSED``) into row blocks (views: no copy), each checked against the spec's sizes first. With
+    partial rotary (spec.rotary_dim) q/k rows are permuted (copies: core.partial_rotary)."""
     out: dict[str, Tensor] = {}
     fused = FUSED.get(spec.arch, {})
     for name, t in hf_state.items():
@@ -283,7 +272,7 @@ def state_from_hf(hf_state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Ten
         if lf == "lm_head.weight" and spec.tie_embeddings:
             continue
         out[lf] = t
-    return out
+    return permute_state(out, spec)  # (partial rotary: q/k rows into whole-head rotary's layout)
 
 
 def _split_fused(name: str, t: Tensor, parts: tuple[tuple[str, str], ...], idx: str, spec: ModelSpec) -> \
@@ -310,6 +299,10 @@ def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
             f"({describe_nonuniform(spec)}). HF configs hold one shape for every layer. Fix: keep the "
             "layerfold checkpoint and serve it with `layerfold serve`, or export a depth-pruned model whose "
             "remaining layers are plain decoder layers")
+    if spec.rotary_dim:  # (q/k rows held permuted: core.partial_rotary; interop.formats.PARTIAL_NOT)
+        raise ValueError(f"this model cannot be exported as a vanilla HF checkpoint: its partial rotary (rotary_dim "
+                         f"{spec.rotary_dim}) is held in a permuted q/k layout no class here reads. Fix: keep the "
+                         "layerfold checkpoint and serve it with `layerfold serve`")
     if spec.arch in UNFUSED_AS:  # the weights go out unfused (state_to_hf), as a class that computes the same
         spec = replace(spec, arch=UNFUSED_AS[spec.arch][spec.sliding_window is not None])
     l = spec.layers[0]

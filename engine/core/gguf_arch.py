@@ -81,9 +81,9 @@ def _check_phi3(path: Path, h: Any) -> None:
                                                 heads > 0 else None)
     if isinstance(dims, int) and isinstance(hd, int) and 0 < dims < hd:
         raise ValueError(f"{path}: phi3.rope.dimension_count is {dims}, below the head size {hd}: partial rotary "
-                         f"(Phi-4-mini's partial_rotary_factor {dims / hd:g}), and layerfold rotates whole heads. Fix: "
-                         "use a Phi release that rotates whole heads (Phi-3-mini-4k, Phi-3-medium-4k, Phi-4), or open "
-                         "an issue for partial rotary")
+                         f"(Phi-4-mini's partial_rotary_factor {dims / hd:g}), which layerfold reads from an HF "
+                         "directory, not yet from a GGUF file. Fix: load the model's HF directory (config.json and "
+                         "safetensors), or use a Phi release that rotates whole heads (Phi-3-mini-4k, Phi-4)")
 
 
 def expected_tensors(arch: str, s: dict[str, int]) -> dict[str, tuple[int, ...]]:

@@ -49,8 +49,11 @@ class RMSNorm(nn.Module):
 # ---- rotary ----------------------------------------------------------------------------------------
 def rope_inv_freq(spec: ModelSpec, head_dim: int, long: bool = False) -> Tensor:
     """Inverse frequencies, with linear, Llama-3 ("llama3"), YaRN ("yarn") or longrope scaling applied as HF does
-    (longrope: frequency i divided by short_factor[i], or by long_factor[i] where ``long``)."""
-    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    (longrope: frequency i divided by short_factor[i], or by long_factor[i] where ``long``); (head_dim / 2,).
+    Partial rotary (spec.rotary_dim): the frequencies of rotary_dim dims, as HF computes them for
+    partial_rotary_factor, then zeros (pairs that do not turn: the pass-through dims, core.partial_rotary)."""
+    rot = spec.rotary_dim or head_dim
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
     if spec.rope_type == "longrope":
         inv = inv / torch.tensor(spec.rope_long_factor if long else spec.rope_short_factor, dtype=torch.float64)
     elif spec.rope_type == "linear":
@@ -66,8 +69,8 @@ def rope_inv_freq(spec: ModelSpec, head_dim: int, long: bool = False) -> Tensor:
         medium = (wl >= high_wl) & (wl <= low_wl)
         inv = torch.where(medium, smoothed, scaled)
     elif spec.rope_type == "yarn":
-        inv = _yarn(inv.float(), spec, head_dim)  # (HF computes YaRN's frequencies in fp32)
-    return inv.float()
+        inv = _yarn(inv.float(), spec, rot)  # (HF computes YaRN's frequencies in fp32)
+    return F.pad(inv.float(), (0, head_dim // 2 - rot // 2))
 
 
 def _yarn(inv: Tensor, spec: ModelSpec, head_dim: int) -> Tensor:
@@ -90,10 +93,13 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype,
     """positions (B, T) -> cos, sin (B, 1, T, hd) in the rotate-half layout HF Llama uses, times ``scale``
     (YaRN's and longrope's attention factor: spec.rope_attention_factor). inv_freq: (hd/2,), or (B, 1, hd/2)
     for frequencies chosen per row (longrope)."""
-    ang = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # (B,T,hd/2)
+    f = inv_freq.to(positions.device)
+    ang = positions.to(torch.float32)[..., None] * f  # (B,T,hd/2)
     emb = torch.cat([ang, ang], dim=-1)[:, None]  # (B,1,T,hd)
-    if scale != 1.0:
-        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+    if scale != 1.0:  # (not the pairs of frequency 0: partial rotary's pass-through dims, which HF leaves unscaled)
+        s = torch.where(f == 0, 1.0, scale).expand_as(ang)
+        s = torch.cat([s, s], dim=-1)[:, None]
+        return (emb.cos() * s).to(dtype), (emb.sin() * s).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

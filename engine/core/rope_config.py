@@ -169,7 +169,7 @@ def longrope_fields(cfg: Any, src: dict[str, Any], max_pos: int | None, top_defa
         if not ok or len(v) != head_dim // 2:
             got = f"{len(v)} numbers" if ok else repr(v)[:80]
             raise ValueError(f"{where}: longrope {k} is {got}, not a list of {head_dim // 2} finite numbers > 0 (one "
-                             f"per rotary frequency pair of the {head_dim}-wide heads). Fix: restore the model's own "
+                             f"per rotary frequency pair of {head_dim} rotary dims). Fix: restore the model's own "
                              f"rope_scaling (its {k})")
         lists[k] = tuple(float(x) for x in v)
     top = setting(cfg, "original_max_position_embeddings", top_default)

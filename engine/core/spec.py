@@ -54,7 +54,7 @@ def _check_types(obj: Any, where: str) -> None:
 
 
 _INTS = ("d_in", "d_mid", "d_out", "n_heads", "n_kv_heads", "head_dim", "d_ffn", "vocab_size", "d_model",
-         "rope_original_max_pos", "max_position", "sliding_window", "bos_token_id")
+         "rope_original_max_pos", "max_position", "sliding_window", "bos_token_id", "rotary_dim")
 _KINDS = {**dict.fromkeys(_INTS, "int"),
           **dict.fromkeys(("has_attn", "has_mlp", "attn_shortcut", "mlp_shortcut", "tie_embeddings", "qkv_bias",
                            "qk_norm", "rope_truncate"), "bool"),
@@ -64,6 +64,7 @@ _KINDS = {**dict.fromkeys(_INTS, "int"),
           "rope_short_factor": "reals", "rope_long_factor": "reals"}
 _LISTS = ("eos_token_ids", "rope_short_factor", "rope_long_factor")  # JSON lists, held as tuples
 _LONGROPE = ("rope_short_factor", "rope_long_factor")  # written to JSON only when set (older checkpoints lack them)
+_OPTIONAL = ("rotary_dim",)  # written to JSON only when set (0): older checkpoints stay byte-for-byte the same
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,14 @@ class ModelSpec:
     rope_beta_slow: float = 1.0  # yarn: rotations below which it is interpolated by rope_factor
     rope_truncate: bool = True  # yarn: round the ramp's ends to whole dimensions (HF's default)
     rope_attention_factor: float = 1.0  # yarn, longrope: cos and sin are scaled by it (as HF reads the config)
-    # longrope (Phi-3-*-128k, Phi-3.5): per-frequency divisors, one per rotary pair (head_dim / 2); a row whose
-    # furthest position + 1 exceeds rope_original_max_pos uses the long ones (core.model.rope_tables)
+    # partial rotary (Phi-4-mini: 96 of 128): rotary on rotary_dim dims of each head, the rest passed through; 0 =
+    # the whole head. The rotary pairs sit where whole-head rotary has its first rotary_dim / 2 pairs (dims j and
+    # j + head_dim / 2, j < rotary_dim / 2), their frequencies computed over rotary_dim dims; the other pairs turn at
+    # frequency 0 (core.model.rope_inv_freq). An HF checkpoint's q/k rows are permuted into that layout at load time
+    # (core.partial_rotary): the weights of a layerfold checkpoint with rotary_dim set are stored permuted.
+    rotary_dim: int = 0
+    # longrope (Phi-3-*-128k, Phi-3.5): per-frequency divisors, one per rotary pair ((rotary_dim or head_dim) / 2); a
+    # row whose furthest position + 1 exceeds rope_original_max_pos uses the long ones (core.model.rope_tables)
     rope_short_factor: tuple[float, ...] = ()
     rope_long_factor: tuple[float, ...] = ()
     max_position: int = 8192
@@ -189,6 +196,7 @@ class ModelSpec:
                        "rope_original_max_pos (>= 1) to the source model's values")
         if not self.layers:
             raise _err("model", "no layers", "keep at least one layer")
+        self._check_rotary_dim()
         self._check_longrope()
         special = [t for t in (self.bos_token_id, *self.eos_token_ids) if t is not None and t >= self.vocab_size]
         if special:  # a token the head never scores: generation would never stop at it (or start from it)
@@ -213,6 +221,17 @@ class ModelSpec:
                        "set tie_embeddings=false and store lm_head.weight")
         return self
 
+    def rotary_pairs(self, head_dim: int) -> int:
+        """The rotary frequency pairs of a head of ``head_dim`` (rotary_dim / 2 with partial rotary)."""
+        return (self.rotary_dim or head_dim) // 2
+
+    def _check_rotary_dim(self) -> None:
+        dims = sorted({l.head_dim for l in self.layers if l.has_attn})
+        if self.rotary_dim and (self.rotary_dim % 2 or (dims and self.rotary_dim > dims[0])):
+            raise _err("model", f"rotary_dim={self.rotary_dim} is not an even number of dims within every attention "
+                       f"head (head_dim {', '.join(map(str, dims))})", "set rotary_dim to the source model's "
+                       "rotary width (head_dim * partial_rotary_factor, even), or 0 for rotary over the whole head")
+
     def _check_longrope(self) -> None:
         """longrope needs one short and one long factor per rotary frequency pair of every attention layer; other
         scalings carry none (a factor list nothing reads would hide a config mistake)."""
@@ -225,13 +244,15 @@ class ModelSpec:
         if self.rope_original_max_pos < 1:
             raise _err("model", f"longrope with rope_original_max_pos={self.rope_original_max_pos}", "set "
                        "rope_original_max_pos to the source model's original_max_position_embeddings (>= 1)")
-        pairs = sorted({l.head_dim // 2 for l in self.layers if l.has_attn})
-        heads, counts = ", ".join(str(2 * p) for p in pairs), " and ".join(map(str, pairs))
+        pairs = sorted({self.rotary_pairs(l.head_dim) for l in self.layers if l.has_attn})
+        what = f"rotary_dim {self.rotary_dim}" if self.rotary_dim else "head_dim"
+        heads = ", ".join(str(d) for d in sorted({l.head_dim for l in self.layers if l.has_attn}))
+        counts = " and ".join(map(str, pairs))
         for f in _LONGROPE:
             n = len(getattr(self, f))
             if pairs and pairs != [n]:
                 raise _err("model", f"{f} holds {n} factors, but the attention heads of {heads} have {counts} rotary "
-                           "frequency pairs (head_dim / 2)",
+                           f"frequency pairs ({what} / 2)",
                            f"give {f} one factor per pair (the source model's short_factor / long_factor), with one "
                            "head size for every attention layer")
 
@@ -242,6 +263,9 @@ class ModelSpec:
         for f in _LISTS:
             d[f] = list(d[f])
             if f in _LONGROPE and not d[f]:
+                del d[f]
+        for f in _OPTIONAL:
+            if not d[f]:
                 del d[f]
         return d
 

@@ -13,6 +13,7 @@
   YaRN with HF's default knobs.
 
 longrope goes to ``hf`` only (transformers reads it in every class here; ``LONGROPE_NOT`` says why not the others).
+Partial rotary (Phi-4-mini) goes to none (``PARTIAL_NOT``): keep the layerfold checkpoint and serve it with layerfold.
 
 Each ``*_problem`` returns None when the format carries the model, else the first reason it cannot.
 """
@@ -60,6 +61,8 @@ def _layer_problem(spec: ModelSpec) -> str | None:
 def hf_problem(spec: ModelSpec) -> str | None:
     if spec.arch not in SUPPORTED:
         return f"its source architecture {spec.arch!r} has no transformers class here"
+    if spec.rotary_dim:
+        return _partial_problem(spec, "transformers Llama-family")
     why = _layer_problem(spec)
     if why is None and hf_arch(spec) is None:
         feats = {"bias": "q/k/v biases", "norm": "q/k norms", "window": "sliding-window attention"}
@@ -79,7 +82,23 @@ LONGROPE_NOT = {
 }
 
 
+# partial rotary (Phi-4-mini): the model holds q/k rows permuted into whole-head rotary's layout
+# (core.partial_rotary); no export here un-permutes them and writes a class that rotates part of each head
+PARTIAL_NOT = ("its partial rotary (rotary_dim {rot} of {hd}-dim heads, Phi-4-mini's partial_rotary_factor), which "
+               "this export does not write: layerfold holds the q/k weights permuted for it, and the {fmt} reader "
+               "would rotate whole heads")
+
+
+def _partial_problem(spec: ModelSpec, fmt: str) -> str | None:
+    if not spec.rotary_dim:
+        return None
+    hd = next((l.head_dim for l in spec.layers if l.has_attn), 0)
+    return PARTIAL_NOT.format(rot=spec.rotary_dim, hd=hd, fmt=fmt)
+
+
 def decilm_problem(spec: ModelSpec) -> str | None:
+    if spec.rotary_dim:
+        return _partial_problem(spec, "vLLM DeciLM")
     if spec.rope_type == "longrope":
         return LONGROPE_NOT["decilm"]
     why = _block_problem(spec)
@@ -114,6 +133,8 @@ YARN_DEFAULTS = {"rope_beta_fast": 32.0, "rope_beta_slow": 1.0, "rope_truncate":
 
 
 def gguf_problem(spec: ModelSpec) -> str | None:
+    if spec.rotary_dim:
+        return _partial_problem(spec, "llama.cpp llama/deci")
     if spec.rope_type == "longrope":
         return LONGROPE_NOT["gguf"]
     if spec.qkv_bias and spec.qk_norm:

@@ -126,7 +126,8 @@ REFUSED = {
                                r"tensor rope_factors_short.weight has shape \[7\].*makes it \[8\]"),
     "rope-scaling-type": (dict(keys={"phi3.rope.scaling.type": "yarn"}), r"phi3.rope.scaling.type='yarn'.*Fix:"),
     "partial-rotary": (dict(keys={"phi3.rope.dimension_count": 12}),
-                       r"phi3.rope.dimension_count is 12, below the head size 16: partial rotary.*Fix: use a Phi"),
+                       r"phi3.rope.dimension_count is 12, below the head size 16: partial rotary.*not yet from a "
+                       r"GGUF file. Fix: load the model's HF directory"),
     "qkv-rows": (dict(tensors={"blk.1.attn_qkv.weight": _zeros(120, 64)}),
                  r"tensor blk.1.attn_qkv.weight has shape \[120, 64\].*makes it \[128, 64\]"),
     "ffn-up-unfused": (dict(tensors={"blk.0.ffn_up.weight": _zeros(96, 64)}),

@@ -222,10 +222,11 @@ def test_malformed_longrope_is_refused_by_name(case: str) -> None:
     assert "Fix:" in str(e.value)
 
 
-def test_partial_rotary_stays_refused_with_longrope() -> None:
+def test_partial_rotary_takes_a_factor_per_rotary_pair() -> None:
+    """(read, with factors for its rotary dims: tests/core/test_partial_rotary.py)"""
     cfg = {k: v for k, v in phi3().config.to_dict().items() if k != "rope_parameters"}
     cfg.update(rope_scaling={"type": "longrope", **factors()}, partial_rotary_factor=0.75)
-    with pytest.raises(ValueError, match=r"partial_rotary_factor=0.75 rotates only part of each head.*Fix"):
+    with pytest.raises(ValueError, match=r"short_factor is 8 numbers, not a list of 6 .* of 12 rotary dims.*Fix"):
         spec_from_hf_config(cfg, "cfg")
 
 

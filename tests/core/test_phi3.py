@@ -123,9 +123,9 @@ LONGROPE = {"long_factor": [1.0] * 8, "short_factor": [1.0] * 8}
     (dict(rope_scaling={"type": "su", **LONGROPE, "short_factor": [1.0] * 9}), r"short_factor is 9 numbers, not a"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"longrope short_factor is None"),  # yarn = longrope
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), r"'linear' is not one Phi3ForCausalLM computes"),
-    (dict(partial_rotary_factor=0.75), r"partial_rotary_factor=0.75 rotates only part of each head.*Fix:"),
+    # partial rotary is read (tests/core/test_partial_rotary.py); one only transformers 5 reads is refused
     (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
-     r"rope_parameters.partial_rotary_factor=0.5"),
+     r"partial_rotary_factor is given as .*'rope_parameters.partial_rotary_factor': 0.5.*Fix:"),
     (dict(attention_bias=True), r"attention_bias/mlp_bias set, but Phi3ForCausalLM has no biases.*Fix:"),
     (dict(layer_types=["full_attention"] * 3, sliding_window=5), r"layer_types=.*reads no layer_types.*Fix:"),
 ])
