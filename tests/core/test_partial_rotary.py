@@ -23,6 +23,7 @@ from layerfold.core.spec import ModelSpec
 from layerfold.inference.runtime import Runtime
 from layerfold.interop.export import export
 from layerfold.surgery.depth import drop_layers
+from tests.core.test_longrope import greedy, ids, logits, whole_sequence_greedy
 from tests.support.models import tiny_hf, to_layerfold
 from tests.support.tolerances import assert_close
 
@@ -43,23 +44,6 @@ def phi3(factor: float = 0.75, longrope: bool = False, seed: int = 0) -> Any:
         over.update(max_position_embeddings=MAX_POS, original_max_position_embeddings=ORIG,
                     rope_scaling={"type": "longrope", **factors(int(HD * factor), seed)})
     return tiny_hf("phi3", seed=seed, **over)
-
-
-def ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(m: Any, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = m(x)
-    return getattr(out, "logits", out)[0].float()
-
-
-def whole_sequence_greedy(hf: Any, prompt: list[int], steps: int) -> list[int]:
-    seq = list(prompt)
-    for _ in range(steps):
-        seq.append(int(logits(hf, torch.tensor([seq]))[-1].argmax()))
-    return seq[len(prompt):]
 
 
 # ---- the layout -------------------------------------------------------------------------------------------------
@@ -96,17 +80,6 @@ def test_longrope_logits_equal_transformers(n: int) -> None:
     m = to_layerfold(hf)
     assert m.spec.rope_type == "longrope" and len(m.spec.rope_short_factor) == 6
     assert_close(logits(m, ids(n)), logits(hf, ids(n)), torch.float32, f"phi3 partial longrope, {n} tokens")
-
-
-def greedy(rt: Any, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    out: list[list[int]] = [[] for _ in prompts]
-    lg = rt.prefill(prompts)
-    for _ in range(steps):
-        nxt = lg.argmax(-1).tolist()
-        for o, t in zip(out, nxt, strict=True):
-            o.append(t)
-        lg = rt.decode(nxt)
-    return out
 
 
 @pytest.mark.parametrize("longrope", [False, True])
