@@ -6,8 +6,11 @@ fused in ``attn_qkv``, gate and up in ``ffn_up``, split by core.gguf_weights.FUS
 so no row permutation). A phi3 file's longrope (the ``rope_factors_long`` / ``rope_factors_short`` tensors and
 ``rope.scaling.attn_factor`` that llama.cpp's converter writes for Phi-3-*-128k and Phi-3.5-mini) is read by
 core.gguf_rope.gguf_longrope; a phi3 file whose rotary layerfold cannot compute is refused here, before anything is
-converted: one factor tensor without the other, an attention factor without them, a rope.scaling.type, and
-partial rotary (``rope.dimension_count`` below the head size: Phi-4-mini).
+converted: one factor tensor without the other, an attention factor without them, a rope.scaling.type, a
+``rope.dimension_count`` that is not an even number up to the head size. Below the head size it is partial rotary
+(Phi-4-mini: 96 of 128), which llama.cpp's phi3 graph computes as transformers' Phi3 does (halves of the first dims):
+the config gets its ``partial_rotary_factor`` (transformers' GGUF reader drops the key) and the q/k rows are
+permuted as from an HF directory (core.partial_rotary, core.gguf_weights._layout).
 
 Longrope's switch: llama.cpp picks the long factors for every position when the context it is given (n_ctx per
 sequence) exceeds the original one, the short ones otherwise, whatever the sequence's length; layerfold follows
@@ -22,6 +25,7 @@ llama-cpp-python 0.3.36) and transformers' GGUF reader drop it: past the window 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +37,10 @@ LONGROPE = ("rope_factors_long.weight", "rope_factors_short.weight")  # llama.cp
 OPTIONAL = ("rope_freqs.weight",)  # tensors a file may hold besides its weights (rope_freqs: core.gguf_rope)
 
 
-def optional_tensors(arch: str, hd: int) -> dict[str, tuple[int, ...] | None]:
-    """Tensors a file of ``arch`` may hold besides its weights, with their shapes (None: checked where read)."""
-    return {**dict.fromkeys(OPTIONAL), **(dict.fromkeys(LONGROPE, (hd // 2,)) if arch == "phi3" else {})}
+def optional_tensors(arch: str, rot: int) -> dict[str, tuple[int, ...] | None]:
+    """Tensors a file of ``arch`` may hold besides its weights, with their shapes (None: checked where read);
+    ``rot``: the rotary dims of a head (longrope has a factor per pair of them)."""
+    return {**dict.fromkeys(OPTIONAL), **(dict.fromkeys(LONGROPE, (rot // 2,)) if arch == "phi3" else {})}
 
 
 def check_arch(path: Path, h: Any) -> None:
@@ -79,11 +84,10 @@ def _check_phi3(path: Path, h: Any) -> None:
     d, heads, dims = (h.get(f"phi3.{k}") for k in ("embedding_length", "attention.head_count", "rope.dimension_count"))
     hd = h.get("phi3.attention.key_length") or (d // heads if isinstance(d, int) and isinstance(heads, int) and
                                                 heads > 0 else None)
-    if isinstance(dims, int) and isinstance(hd, int) and 0 < dims < hd:
-        raise ValueError(f"{path}: phi3.rope.dimension_count is {dims}, below the head size {hd}: partial rotary "
-                         f"(Phi-4-mini's partial_rotary_factor {dims / hd:g}), which layerfold reads from an HF "
-                         "directory, not yet from a GGUF file. Fix: load the model's HF directory (config.json and "
-                         "safetensors), or use a Phi release that rotates whole heads (Phi-3-mini-4k, Phi-4)")
+    if isinstance(dims, int) and isinstance(hd, int) and dims != hd and not (0 < dims < hd and dims % 2 == 0):
+        raise ValueError(f"{path}: phi3.rope.dimension_count is {dims!r}, not an even number in 2..{hd} (the head "
+                         "size): rotary turns dims in pairs. Fix: download the file again, or convert the model from "
+                         "its HF directory")
 
 
 def expected_tensors(arch: str, s: dict[str, int]) -> dict[str, tuple[int, ...]]:
@@ -124,6 +128,15 @@ def file_config(cfg: Any, h: Any, s: dict[str, int]) -> Any:
         cfg.sliding_window = window or None
     if getattr(cfg, "use_sliding_window", False):
         cfg.use_sliding_window = False
+    dims = h.get("phi3.rope.dimension_count") if h.arch == "phi3" else None  # (checked: check_arch)
+    if isinstance(dims, int) and dims < s["hd"]:  # partial rotary (Phi-4-mini), which transformers' reader drops
+        factor = dims / s["hd"]
+        if int(s["hd"] * factor) != dims:  # (core.partial_rotary counts int(head_dim * factor) dims)
+            factor = math.nextafter(factor, 2.0)
+        cfg.partial_rotary_factor = factor
+        for k in ("rope_parameters", "rope_scaling"):
+            if isinstance(getattr(cfg, k, None), dict):
+                getattr(cfg, k)["partial_rotary_factor"] = factor
     return cfg
 
 

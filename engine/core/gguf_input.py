@@ -240,8 +240,8 @@ def _sizes(path: Path, h: Header) -> dict[str, int]:
     hd = num("attention.key_length", d // heads if d % heads == 0 else None)
     s = {"layers": n, "d": d, "heads": heads, "kv": num("attention.head_count_kv", heads), "hd": hd,
          "ffn": num("feed_forward_length")}
-    for key in ("attention.value_length", "rope.dimension_count"):
-        if num(key, hd) != hd:
+    for key in ("attention.value_length", "rope.dimension_count"):  # (phi3's partial rotary: core.gguf_arch)
+        if num(key, hd) != hd and not (arch == "phi3" and key == "rope.dimension_count"):
             raise ValueError(f"{path}: {arch}.{key} is {num(key)}, not the head size {hd} (attention.key_length): "
                              "a partial or asymmetric attention layerfold has no layer for. Fix: use a model of a "
                              "supported family as llama.cpp's converter writes it")
@@ -259,7 +259,9 @@ def _sizes(path: Path, h: Header) -> dict[str, int]:
 def _check_tensors(path: Path, h: Header, s: dict[str, int]) -> dict[str, int]:
     arch = h.arch
     want = expected_tensors(arch, s)
-    optional = {"output.weight": (s["vocab"], s["d"]), **optional_tensors(arch, s["hd"])}
+    rot = h.get(f"{arch}.rope.dimension_count") if arch == "phi3" else None  # (phi3: checked by check_arch)
+    rot = rot if isinstance(rot, int) and not isinstance(rot, bool) and 0 < rot <= s["hd"] else s["hd"]
+    optional = {"output.weight": (s["vocab"], s["d"]), **optional_tensors(arch, rot)}
     missing = [k for k in want if k not in h.tensors]
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensor(s) of the {arch} model its metadata describes ({s['layers']} "

@@ -48,6 +48,8 @@ FUSED: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {"phi3": {
 }}
 PAIRED = ("llama", "deci")  # the archs that rotate adjacent pairs: their q and k rows are permuted
 # read as the spec's rope scaling (core.gguf_rope), not weights: Llama-3's divisors, phi3's longrope factors
+# rows of each head that partial rotary permutes (core.partial_rotary; the file holds them as transformers does)
+ROTATED = ("attn.q.weight", "attn.k.weight", "attn.q.bias", "attn.k.bias", "attn.q_norm.weight", "attn.k_norm.weight")
 SKIPPED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
@@ -180,10 +182,16 @@ def _float32(t: Any, shape: list[int], src: Any = None, rows: tuple[int, int] | 
 
 
 def _layout(x: Tensor, name: str, spec: ModelSpec, arch: str) -> Tensor:
-    """``x`` in layerfold's layout: q and k rows back from llama.cpp's adjacent pairs for the paired archs."""
+    """``x`` in layerfold's layout: q and k rows back from llama.cpp's adjacent pairs for the paired archs; with
+    partial rotary (phi3's rope.dimension_count below the head size: halves of the first dims, as transformers)
+    each head's q/k rows in whole-head rotary's layout (core.partial_rotary)."""
     if arch in PAIRED and (name.endswith("attn.q.weight") or name.endswith("attn.k.weight")):
         layer = spec.layers[int(name.split(".")[1])]
         x = unpermute_rope(x, layer.n_heads if ".q." in name else layer.n_kv_heads).contiguous()
+    if spec.rotary_dim and name.endswith(ROTATED):
+        from layerfold.core.partial_rotary import permute_heads
+
+        x = permute_heads(x, spec.layers[int(name.split(".")[1])].head_dim, spec.rotary_dim).contiguous()
     return x
 
 

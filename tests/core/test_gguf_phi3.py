@@ -110,6 +110,33 @@ def test_the_files_sliding_window_applies(tmp_path: Path, window: int, n: int) -
         assert not torch.allclose(logits(transformers_reads(f)), logits(hf), atol=1e-3)
 
 
+@pytest.mark.parametrize("longrope", [False, True])
+def test_a_partial_rotary_file_gives_its_models_logits(tmp_path: Path, longrope: bool) -> None:
+    """Phi-4-mini's layout: phi3.rope.dimension_count 12 of 16 (transformers' GGUF reader drops the key and rotates
+    whole heads); with longrope, factors for the 6 rotary pairs, on both sides of the original context (16)."""
+    over: dict[str, Any] = {"partial_rotary_factor": 0.75}
+    extra: dict[str, Any] = {}
+    if longrope:
+        g = torch.Generator().manual_seed(0)
+        short, long = (torch.rand(6, generator=g) * 2 + 0.5).tolist(), (torch.rand(6, generator=g) * 6 + 1).tolist()
+        over.update(max_position_embeddings=64, original_max_position_embeddings=16,
+                    rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
+    hf = phi3(**over)
+    if longrope:
+        extra = dict(keys={"phi3.rope.scaling.attn_factor": float(hf.model.rotary_emb.attention_scaling)},
+                     tensors={"rope_factors_long.weight": np.array(long, np.float32),
+                              "rope_factors_short.weight": np.array(short, np.float32)})
+    f = phi3_file(tmp_path / "p.gguf", hf, **extra)
+    assert gguf.GGUFReader(str(f)).fields["phi3.rope.dimension_count"].contents() == 12
+    m, _ = layerfold.load(f, quiet=True)
+    assert m.spec.rotary_dim == 12 and m.spec.rope_type == ("longrope" if longrope else "default")
+    for n in (12, 30):
+        x = [(5 * i + 3) % 300 for i in range(n)]
+        assert_close(logits(m, x), logits(hf, x), torch.float32, f"partial rotary gguf, {n} tokens")
+    if not longrope:  # (what transformers' reader makes of the file: whole-head rotary, another model)
+        assert not torch.allclose(logits(transformers_reads(f)), logits(hf), atol=1e-3)
+
+
 def _zeros(*shape: int) -> np.ndarray:
     return np.zeros(shape, dtype=np.float32)
 
@@ -125,9 +152,10 @@ REFUSED = {
                                              "rope_factors_short.weight": np.ones(7, np.float32)}),
                                r"tensor rope_factors_short.weight has shape \[7\].*makes it \[8\]"),
     "rope-scaling-type": (dict(keys={"phi3.rope.scaling.type": "yarn"}), r"phi3.rope.scaling.type='yarn'.*Fix:"),
-    "partial-rotary": (dict(keys={"phi3.rope.dimension_count": 12}),
-                       r"phi3.rope.dimension_count is 12, below the head size 16: partial rotary.*not yet from a "
-                       r"GGUF file. Fix: load the model's HF directory"),
+    "odd-rotary-dims": (dict(keys={"phi3.rope.dimension_count": 7}),
+                        r"phi3.rope.dimension_count is 7, not an even number in 2..16 \(the head size\).*Fix:"),
+    "rotary-dims-past-the-head": (dict(keys={"phi3.rope.dimension_count": 20}),
+                                  r"phi3.rope.dimension_count is 20, not an even number in 2..16.*Fix:"),
     "qkv-rows": (dict(tensors={"blk.1.attn_qkv.weight": _zeros(120, 64)}),
                  r"tensor blk.1.attn_qkv.weight has shape \[120, 64\].*makes it \[128, 64\]"),
     "ffn-up-unfused": (dict(tensors={"blk.0.ffn_up.weight": _zeros(96, 64)}),
@@ -169,3 +197,16 @@ def test_llama_cpp_runs_the_file_with_the_same_logits_and_ids(tmp_path: Path) ->
     for text in ["The capital of France is Paris.", " hello  world\n\nx", "<|user|>\nthe capital<|end|>\n<|assistant|>",
                  "<s> hello</s> x", "<|endoftext|> the"]:
         assert tok(text)["input_ids"] == llm.tokenize(text.encode(), add_bos=False, special=True), text
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_a_partial_rotary_file_with_the_same_logits(tmp_path: Path) -> None:
+    """llama.cpp's phi3 graph rotates the first rope.dimension_count dims of each head in halves, as transformers:
+    its logits are layerfold's for the file (fp16 KV cache)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    f = phi3_file(tmp_path / "p.gguf", phi3(partial_rotary_factor=0.75))
+    m, _ = layerfold.load(f, quiet=True)
+    llm = llama_cpp.Llama(model_path=str(f), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(IDS)
+    got = torch.tensor(np.array(llm.scores[:len(IDS)]), dtype=torch.float32)
+    assert_close(logits(m), got, torch.float16, "layerfold vs llama.cpp (phi3, partial rotary)")
