@@ -1,6 +1,6 @@
 """Which export formats can carry a model: one place that reads a ModelSpec and says yes, or why not.
 
-- ``hf``: plain transformers (Llama, Mistral, Qwen2, Qwen3): every layer the same plain decoder layer at
+- ``hf``: plain transformers (Llama, Mistral, Qwen2, Qwen3, Phi3): every layer the same plain decoder layer at
   the embedding width (depth pruning by dropping or merging, constant-width global-basis SliceGPT), written as
   the class that computes its attention exactly (``hf_arch``: q/k/v biases, q/k norms, a sliding window).
 - ``decilm``: the DeciLM / Nemotron-NAS ``block_configs`` config that vLLM serves (``DeciLMForCausalLM``):
@@ -12,8 +12,10 @@
   layer without FFN, so their attention would be lost. Rope: linear, Llama-3 (a ``rope_freqs`` tensor) and
   YaRN with HF's default knobs.
 
+A uniform Phi-3 / Phi-4 spec goes to ``hf`` as transformers' own ``Phi3ForCausalLM`` (fused weights, partial rotary,
+longrope; ``layerfold.interop.phi3_hf``) where that class computes it exactly, else unfused as Llama / Mistral.
 longrope goes to ``hf`` only (transformers reads it in every class here; ``LONGROPE_NOT`` says why not the others).
-Partial rotary (Phi-4-mini) goes to none (``PARTIAL_NOT``): keep the layerfold checkpoint and serve it with layerfold.
+Partial rotary (Phi-4-mini) goes to ``hf`` as Phi3 only (``PARTIAL_NOT`` for the rest): decilm and gguf refuse it.
 
 Each ``*_problem`` returns None when the format carries the model, else the first reason it cannot.
 """
@@ -24,6 +26,7 @@ import math
 
 from layerfold.core.arch import SUPPORTED, describe_nonuniform
 from layerfold.core.spec import ModelSpec
+from layerfold.interop.phi3_hf import phi3_problem
 
 FORMATS = ("hf", "decilm", "gguf")
 
@@ -42,8 +45,11 @@ def _attention_features(spec: ModelSpec) -> set[str]:
 def hf_arch(spec: ModelSpec) -> str | None:
     """The transformers model type an ``hf`` export of ``spec`` is written as: its own family when that class computes
     exactly its attention, else the first one that does (a Llama with q/k/v biases is a Qwen2, one with a sliding
-    window a Mistral, a Qwen3 without q/k norms a Llama, a Phi-3, its weights unfused, a Llama or a Mistral as
-    ``layerfold.core.arch.UNFUSED_AS`` says); None when none does."""
+    window a Mistral, a Qwen3 without q/k norms a Llama); a uniform Phi-3 is a Phi3 where that class computes it
+    exactly (``interop.phi3_hf.phi3_problem``), else, its weights unfused, a Llama or a Mistral as
+    ``layerfold.core.arch.UNFUSED_AS`` says; None when none does."""
+    if phi3_problem(spec) is None:
+        return "phi3"
     need = _attention_features(spec)
 
     def fits(cls: str) -> bool:
@@ -61,8 +67,9 @@ def _layer_problem(spec: ModelSpec) -> str | None:
 def hf_problem(spec: ModelSpec) -> str | None:
     if spec.arch not in SUPPORTED:
         return f"its source architecture {spec.arch!r} has no transformers class here"
-    if spec.rotary_dim:
-        return _partial_problem(spec, "transformers Llama-family")
+    if spec.rotary_dim and phi3_problem(spec) is not None:  # (only transformers' Phi3 rotates part of each head)
+        why = _partial_problem(spec, "transformers Llama-family")
+        return why if not spec.uniform else f"{why} (nor can transformers' Phi3 carry it: {phi3_problem(spec)})"
     why = _layer_problem(spec)
     if why is None and hf_arch(spec) is None:
         feats = {"bias": "q/k/v biases", "norm": "q/k norms", "window": "sliding-window attention"}
@@ -83,7 +90,8 @@ LONGROPE_NOT = {
 
 
 # partial rotary (Phi-4-mini): the model holds q/k rows permuted into whole-head rotary's layout
-# (core.partial_rotary); no export here un-permutes them and writes a class that rotates part of each head
+# (core.partial_rotary); only the hf export as Phi3 (interop.phi3_hf) un-permutes them for a class that rotates part
+# of each head
 PARTIAL_NOT = ("its partial rotary (rotary_dim {rot} of {hd}-dim heads, Phi-4-mini's partial_rotary_factor), which "
                "this export does not write: layerfold holds the q/k weights permuted for it, and the {fmt} reader "
                "would rotate whole heads")

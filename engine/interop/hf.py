@@ -4,7 +4,8 @@ Only a model whose layers are all the same plain decoder layer fits an HF config
 for every layer: depth pruning by dropping or merging, Streamline with ``--replacement decoder``, and
 constant-width global-basis SliceGPT (``--basis global --slice-ends``). The class is the one whose attention
 computes the model's exactly (``layerfold.interop.formats.hf_arch``: a Llama with q/k/v biases goes out as a
-Qwen2, one with a sliding window as a Mistral); config.json comes from
+Qwen2, one with a sliding window as a Mistral, a Phi-3 as Phi3 where that class computes it: fused weights,
+partial rotary, longrope, ``layerfold.interop.phi3_hf``); config.json comes from
 ``layerfold.core.arch.hf_config_from_spec`` and the weights are renamed by the one key map there; the
 tokenizer is written so that every supported transformers version (>= 4.56) loads it
 (``layerfold.core.checkpoint.save_tokenizer``).
@@ -36,6 +37,7 @@ from layerfold.interop.common import (
     write_provenance,
 )
 from layerfold.interop.formats import check_format, hf_arch
+from layerfold.interop.phi3_hf import phi3_config, phi3_state
 
 
 def export_hf(src: str | Path | Source, out: str | Path, *, dtype: str | None = None, overwrite: bool = False,
@@ -49,8 +51,11 @@ def export_hf(src: str | Path | Source, out: str | Path, *, dtype: str | None = 
     dt = export_dtype(s.state, dtype)
     check_weights(s, dt, allow_nonfinite)
     spec = replace(s.spec, arch=hf_arch(s.spec))
-    hf_cfg = hf_config_from_spec(spec)
-    tensors = cast(state_to_hf(hf_state(s.state, spec), spec), dt)
+    if spec.arch == "phi3":  # transformers' own Phi3 class: fused weights, partial rotary, longrope (interop.phi3_hf)
+        hf_cfg, tensors = phi3_config(spec), cast(phi3_state(s.state, spec), dt)
+    else:
+        hf_cfg = hf_config_from_spec(spec)
+        tensors = cast(state_to_hf(hf_state(s.state, spec), spec), dt)
     hf_cfg["torch_dtype"] = dtype_name(dt)
     tokenizer = s.tokenizer()
     with atomic_dir(out) as tmp:

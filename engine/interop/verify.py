@@ -7,8 +7,9 @@
   ``read_gguf_export``). That checks what was written against what layerfold means by it; the tests check
   the formats' meaning against independent readers (a vLLM-semantics DeciLM reference, transformers, gguf).
 
-Both sides run in float32 on the export's own (rounded) weights, so the difference is arithmetic only;
-above ``tol`` (relative to the largest reference logit) verification fails loudly.
+A longrope model with a short original context (below ``LONGROPE_CHECK_MAX``) also gets a prompt one token past
+it (its long factors). Both sides run in float32 on the export's own (rounded) weights, so the difference is
+arithmetic only; above ``tol`` (relative to the largest reference logit) verification fails loudly.
 """
 
 from __future__ import annotations
@@ -30,12 +31,21 @@ PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Pruned models
 TOL = 1e-4
 
 
+# longrope: a random prompt one token past the original context too (the long factors), where that is this short
+LONGROPE_CHECK_MAX = 1024
+
+
 def prompt_ids(s: Source, n_random: int = 3) -> list[Tensor]:
     tok = s.tokenizer()
-    if tok is not None:
-        return [torch.tensor([tok(p, add_special_tokens=False)["input_ids"]]) for p in PROMPTS]
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, s.spec.vocab_size, (1, 9 + 4 * i), generator=g) for i in range(n_random)]
+    if tok is not None:
+        out = [torch.tensor([tok(p, add_special_tokens=False)["input_ids"]]) for p in PROMPTS]
+    else:
+        out = [torch.randint(0, s.spec.vocab_size, (1, 9 + 4 * i), generator=g) for i in range(n_random)]
+    orig = s.spec.rope_original_max_pos
+    if s.spec.rope_type == "longrope" and orig < min(LONGROPE_CHECK_MAX, s.spec.max_position):
+        out.append(torch.randint(0, s.spec.vocab_size, (1, orig + 1), generator=g))
+    return out
 
 
 @torch.inference_mode()
