@@ -305,10 +305,28 @@ def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
                          "layerfold checkpoint and serve it with `layerfold serve`")
     if spec.arch in UNFUSED_AS:  # the weights go out unfused (state_to_hf), as a class that computes the same
         spec = replace(spec, arch=UNFUSED_AS[spec.arch][spec.sliding_window is not None])
+    cfg = hf_base_config(spec, spec.arch)
+    if spec.rope_type != "default":
+        cfg["rope_scaling"] = rope_scaling(spec)
+    if spec.rope_type == "longrope":  # (where transformers 4.x reads it; 5 prefers it to the entry's)
+        cfg["original_max_position_embeddings"] = spec.rope_original_max_pos
+    if spec.arch == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False)
+    if spec.arch == "mistral":
+        cfg["sliding_window"] = spec.sliding_window
+    if spec.arch in ("qwen2", "qwen3"):
+        cfg["use_sliding_window"] = False
+    if spec.arch == "qwen3":
+        cfg["attention_bias"] = False
+    return cfg
+
+
+def hf_base_config(spec: ModelSpec, arch: str) -> dict[str, Any]:
+    """The config.json keys every HF class written here shares (class ``arch``; sizes from the first layer)."""
     l = spec.layers[0]
-    cfg: dict[str, Any] = {
-        "architectures": [SUPPORTED[spec.arch]],
-        "model_type": spec.arch,
+    return {
+        "architectures": [SUPPORTED[arch]],
+        "model_type": arch,
         "vocab_size": spec.vocab_size,
         "hidden_size": spec.d_model,
         "intermediate_size": l.d_ffn,
@@ -326,19 +344,6 @@ def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
         (spec.eos_token_ids[0] if spec.eos_token_ids else None),
         "torch_dtype": "float32",
     }
-    if spec.rope_type != "default":
-        cfg["rope_scaling"] = rope_scaling(spec)
-    if spec.rope_type == "longrope":  # (where transformers 4.x reads it; 5 prefers it to the entry's)
-        cfg["original_max_position_embeddings"] = spec.rope_original_max_pos
-    if spec.arch == "llama":
-        cfg.update(attention_bias=False, mlp_bias=False)
-    if spec.arch == "mistral":
-        cfg["sliding_window"] = spec.sliding_window
-    if spec.arch in ("qwen2", "qwen3"):
-        cfg["use_sliding_window"] = False
-    if spec.arch == "qwen3":
-        cfg["attention_bias"] = False
-    return cfg
 
 
 def describe_nonuniform(spec: ModelSpec) -> str:

@@ -29,10 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layerfold.core.arch import FUSED, SUPPORTED, state_to_hf
+from layerfold.core.arch import FUSED, hf_base_config, state_to_hf
 from layerfold.core.partial_rotary import permute_state
 from layerfold.core.spec import ModelSpec
-from layerfold.interop.common import eos_value
 
 
 def longrope_attention_factor(max_pos: int, orig: int) -> float:
@@ -73,33 +72,13 @@ def phi3_problem(spec: ModelSpec) -> str | None:
 def phi3_config(spec: ModelSpec) -> dict[str, Any]:
     """config.json of ``Phi3ForCausalLM`` for ``spec`` (after phi3_problem returned None)."""
     l = spec.layers[0]
-    cfg: dict[str, Any] = {
-        "architectures": [SUPPORTED["phi3"]],
-        "model_type": "phi3",
-        "vocab_size": spec.vocab_size,
-        "hidden_size": spec.d_model,
-        "intermediate_size": l.d_ffn,
-        "num_hidden_layers": spec.n_layers,
-        "num_attention_heads": l.n_heads,
-        "num_key_value_heads": l.n_kv_heads,
-        "head_dim": l.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": spec.max_position,
-        "original_max_position_embeddings": spec.rope_original_max_pos if spec.rope_type == "longrope" else
-        spec.max_position,
-        "rms_norm_eps": spec.norm_eps,
-        "tie_word_embeddings": spec.tie_embeddings,
-        "rope_theta": spec.rope_theta,
-        "partial_rotary_factor": spec.rotary_dim / l.head_dim if spec.rotary_dim else 1.0,
-        "sliding_window": spec.sliding_window,
-        "bos_token_id": spec.bos_token_id,
-        "eos_token_id": eos_value(spec),
-        "pad_token_id": None,  # (Phi3Config's default, 32000, lies beyond a smaller vocabulary)
-        "attention_dropout": 0.0,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "torch_dtype": "float32",
-    }
+    cfg = {**hf_base_config(spec, "phi3"),
+           "original_max_position_embeddings": spec.rope_original_max_pos if spec.rope_type == "longrope" else
+           spec.max_position,
+           "partial_rotary_factor": spec.rotary_dim / l.head_dim if spec.rotary_dim else 1.0,
+           "sliding_window": spec.sliding_window,
+           "pad_token_id": None,  # (Phi3Config's default, 32000, lies beyond a smaller vocabulary)
+           "attention_dropout": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
     if spec.rope_type == "longrope":
         cfg["rope_scaling"] = {"type": "longrope", "short_factor": list(spec.rope_short_factor),
                                "long_factor": list(spec.rope_long_factor)}
