@@ -125,14 +125,16 @@ def part_tests(rec: Recorder, tiny: bool) -> None:
     """The `gpu`-marked tests (tiny: a few interpreter kernel tests, to exercise the plumbing)."""
     sel = ["-m", "gpu", "tests"] if not tiny else ["tests/kernels", "-k", "dispatch and not fast_cpu"]
     cmd = [sys.executable, str(ROOT / "bench" / "checkout.py"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "-x" if tiny else "-rf", "--continue-on-collection-errors", *sel]
+           "-x" if tiny else "-rfEs", "--continue-on-collection-errors", *sel]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" or tiny}
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
     tail = (r.stdout + r.stderr).strip().splitlines()
     summary = next((l for l in reversed(tail) if " passed" in l or " failed" in l or " error" in l), "")
     fails = [l for l in tail if l.startswith(("FAILED", "ERROR"))]
-    rec.save(returncode=r.returncode, summary=summary, failures=fails[:40], seconds=time.perf_counter() - t,
+    skips = [l for l in tail if l.startswith("SKIPPED")]  # with their reasons (run 3 had 15 and no reasons)
+    rec.save(returncode=r.returncode, summary=summary, failures=fails[:40], skipped=skips[:40],
+             seconds=time.perf_counter() - t,
              tail=tail[-30:], status="done" if r.returncode == 0 else "failed")
 
 

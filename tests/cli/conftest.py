@@ -9,13 +9,12 @@ import pytest
 
 import layerfold
 from layerfold.core.checkpoint import save_checkpoint
-from layerfold.core.loading import load_tokenizer, resolve
-from tests.support.models import smollm2_vocab_spec, tiny_model
+from tests.support.models import embedded_tokenizer, smollm2_vocab_spec, tiny_model
 
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))
+    return embedded_tokenizer()
 
 
 @pytest.fixture(scope="module")

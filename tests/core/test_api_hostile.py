@@ -11,15 +11,14 @@ import pytest
 import torch
 
 import layerfold
-from layerfold.core.loading import load_tokenizer, resolve
-from tests.support.models import smollm2_vocab_spec, tiny_model
+from tests.support.models import embedded_tokenizer, smollm2_vocab_spec, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))
+    return embedded_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from layerfold.core import data as D
-from layerfold.core.loading import load_tokenizer, resolve
+from tests.support.models import embedded_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tok():
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))
+    return embedded_tokenizer()
 
 
 def test_pydoc_split_is_disjoint_complete_and_nontrivial():

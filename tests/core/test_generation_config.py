@@ -14,10 +14,9 @@ import layerfold
 from layerfold.cli.main import main
 from layerfold.core.checkpoint import CheckpointError, read_config, save_checkpoint
 from layerfold.core.hf_dir import read_hf_dir
-from layerfold.core.loading import load_tokenizer, resolve
 from layerfold.inference.generate import generate
 from layerfold.interop.hf import export_hf
-from tests.support.models import smollm2_vocab_spec, tiny_hf, tiny_model
+from tests.support.models import embedded_tokenizer, smollm2_vocab_spec, tiny_hf, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,7 +73,7 @@ def test_eos_ids_outside_the_vocabulary_are_refused(tmp_path: Path, bad: Any) ->
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))  # the first call converts the GGUF (~25 s)
+    return embedded_tokenizer()
 
 
 def test_generate_stops_at_any_of_them(tmp_path: Path, tok: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,15 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from layerfold.core.data import MCItem
-from layerfold.core.loading import load_tokenizer, resolve
 from layerfold.evaluation import evaluate as E
-from tests.support.models import tiny_model
+from tests.support.models import embedded_tokenizer, tiny_model
 from tests.support.tolerances import approx
 
 
 @pytest.fixture(scope="session")
 def tok():
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))
+    return embedded_tokenizer()
 
 
 # 32 wide, GQA 4/2 heads of 8, FFN 48, two layers; N(0, 0.3) weights, larger than torch's init: logits far

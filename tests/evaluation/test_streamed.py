@@ -14,12 +14,18 @@ import pytest
 import torch
 
 from layerfold.core.checkpoint import load_checkpoint, save_checkpoint
-from layerfold.core.loading import load_tokenizer, resolve
 from layerfold.core.spec import ModelSpec, dense_layer
 from layerfold.evaluation.evaluate import perplexity
 from layerfold.evaluation.streamed import StreamedLM, weight_bytes, weights_place
 from layerfold.pipeline import prune
-from tests.support.models import RUNTIME_SPECS, SMOLLM2_VOCAB, hetero_reference_spec, tiny_model, tiny_spec
+from tests.support.models import (
+    RUNTIME_SPECS,
+    SMOLLM2_VOCAB,
+    embedded_tokenizer,
+    hetero_reference_spec,
+    tiny_model,
+    tiny_spec,
+)
 from tests.support.tolerances import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,7 +72,7 @@ def test_weights_place_rules() -> None:
 # ---- the whole prune pipeline with the weights in host memory -----------------------------------------
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))
+    return embedded_tokenizer()
 
 
 @pytest.fixture(scope="module")

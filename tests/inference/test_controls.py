@@ -9,19 +9,18 @@ from typing import Any
 import pytest
 import torch
 
-from layerfold.core.loading import load_tokenizer, resolve
 from layerfold.core.model import Model
 from layerfold.inference.controls import LogitShaper, SamplingParamError, SamplingParams
 from layerfold.inference.generate import generate
 from layerfold.inference.sampling import sample_each, sample_row
-from tests.support.models import smollm2_vocab_spec, tiny_model
+from tests.support.models import embedded_tokenizer, smollm2_vocab_spec, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))
+    return embedded_tokenizer()
 
 
 @pytest.fixture(scope="module")

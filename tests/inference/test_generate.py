@@ -11,12 +11,11 @@ import torch
 
 from layerfold import build_model, save_checkpoint
 from layerfold.cli.main import main
-from layerfold.core.loading import load_tokenizer, resolve
 from layerfold.core.model import Model
 from layerfold.inference.controls import SamplingParams
 from layerfold.inference.generate import encode_prompt, generate, stream_generate
 from layerfold.inference.sampling import TextStream, sample_next
-from tests.support.models import smollm2_vocab_spec, tiny_model
+from tests.support.models import embedded_tokenizer, smollm2_vocab_spec, tiny_model
 
 PROMPTS = ["Hi", "Write a haiku about the sea and the wind over it.", "What is 2+2?"]
 
@@ -26,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))  # the first call converts the GGUF (~25 s)
+    return embedded_tokenizer()
 
 
 @pytest.fixture(scope="module")

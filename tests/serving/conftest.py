@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from layerfold.core.loading import load_tokenizer, resolve
+from tests.support.models import embedded_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tok() -> Any:
-    return load_tokenizer(resolve("smollm2-135m", quiet=True))
+    return embedded_tokenizer()

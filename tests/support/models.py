@@ -28,6 +28,23 @@ from layerfold.core.spec import LayerSpec, ModelSpec, dense_layer
 SMOLLM2_VOCAB = 49152  # the tokenizer of the embedded default model (smollm2-135m)
 
 
+def embedded_tokenizer() -> Any:
+    """The embedded default model's tokenizer: from its package (the alias), or, where that package is
+    missing (a GPU machine with no package registry), from the copy ``make gpu-prep`` saves in
+    ``.gpu_assets/tokenizer`` and the device call carries (GPU run 3 lost a gpu test to the missing package)."""
+    from pathlib import Path
+
+    from layerfold.core.loading import load_tokenizer, resolve
+
+    carried = Path(__file__).resolve().parents[2] / ".gpu_assets" / "tokenizer"
+    try:
+        return load_tokenizer(resolve("smollm2-135m", quiet=True))
+    except FileNotFoundError:
+        if not carried.is_dir():
+            raise
+        return load_tokenizer(carried)
+
+
 def tiny_spec(*, d_model: int = 48, n_layers: int = 4, heads: int = 4, kv_heads: int = 2, head_dim: int | None = None,
               ffn: int = 72, vocab: int = 61, tie: bool = False, mlp_blocks: tuple[int, ...] = (),
               **fields: Any) -> ModelSpec:
