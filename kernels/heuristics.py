@@ -67,10 +67,14 @@ class ReduceConfig:
 
 # A bandwidth-bound reduction over tokens: each program's loop has one load in flight at a time, so the
 # parallelism that hides the memory latency comes from many programs (token splits), not from long
-# loops. bench/gpu_suite.py's kernels part times the variants in CHANNEL_VARIANTS on the card.
-CHANNEL_STATS = ReduceConfig(block_n=32, block_c=128, programs_per_sm=16, warps=4)
-CHANNEL_VARIANTS = (ReduceConfig(32, 128, 4, 4), CHANNEL_STATS, ReduceConfig(64, 128, 16, 8),
-                    ReduceConfig(32, 256, 32, 8), ReduceConfig(16, 128, 32, 4))
+# loops. bench/gpu_suite.py's kernels part times the variants in CHANNEL_VARIANTS on the card. GPU run 3
+# (H200, 7B shapes, 16,384 tokens; docs/PERFORMANCE.md) chose 16 tokens x 128 channels at 32 programs per
+# SM: channel_stats 62% and swiglu_channel_stats 78% of the bandwidth, against 36% / 52% for the former
+# (32, 128, 16, 4) and at most 52% / 58% for the other variants. The sweep goes on past it (more programs,
+# shorter steps) for the next run.
+CHANNEL_STATS = ReduceConfig(block_n=16, block_c=128, programs_per_sm=32, warps=4)
+CHANNEL_VARIANTS = (ReduceConfig(32, 128, 16, 4), CHANNEL_STATS, ReduceConfig(16, 128, 64, 4),
+                    ReduceConfig(8, 128, 64, 4), ReduceConfig(16, 256, 32, 4), ReduceConfig(16, 64, 32, 2))
 
 
 # ---- fused norm and rotary (kernels/rmsnorm.py, kernels/rope_cache.py) -----------------------------------
