@@ -78,7 +78,8 @@ def _attn_pick(rows: list[dict[str, Any]]) -> list[str]:
     attn = [r for r in rows if r.get("kernel") == "attn_decode" and "ms" in r]
     for b in sorted({r["rows"] for r in attn}):
         base = next((r for r in attn if r["rows"] == b and r["impl"] == "layerfold"), None)
-        swept = [r for r in attn if r["rows"] == b and r["impl"].startswith("layerfold s")]
+        swept = [r for r in attn if r["rows"] == b and r["impl"].startswith("layerfold s")
+                 and r.get("max_diff_vs_default", 0) <= 2e-2]  # a wrong variant is no candidate (bf16 level)
         if base and swept:
             best = min(swept, key=lambda r: r["ms"])
             out.append(f"- attention, {b} rows: default {base['ms']:.4f} ms ({base['pct_bw']:.0f}% bw); fastest "

@@ -382,10 +382,15 @@ def _decode_kernels(dev: torch.device, tiny: bool, env: dict[str, float]) -> lis
         am = (torch.arange(smax, device=dev)[None, :] < lengths[:, None])[:, None, None]
         cands.append(("sdpa-masked", lambda a=a, am=am: F.scaled_dot_product_attention(a[0], a[1], a[2],
                                                                                         attn_mask=am)))
-        if b > 1:  # the batched rows run at 49% of bandwidth (the H200 run): a sweep of tiles, warps, pipelining
-            grid = [(16, 1, 2)] if tiny else [(bs, w, st) for bs in (32, 64) for w in (4, 8) for st in (1, 2, 3)]
-            cands += [(f"layerfold s{bs} w{w} p{st}", lambda a=a, bs=bs, w=w, st=st:
-                       attn_decode(*a, splits=1, block_s=bs, warps=w, stages=st)) for bs, w, st in grid]
+        # the batched rows ran at 50% of the bandwidth in runs 2 and 3 (batch 1 at 24%): tiles, the loop's form
+        # (plain; the values' load issued with the keys'; both products as tensor-core dots) and key-range
+        # splits (more loads in flight); run 3 found the warps (8 slower) and the pipelining depth (no effect)
+        forms = ("plain", "early", "dot")
+        grid = [(16, f, sp) for f in forms for sp in (1, 2)] if tiny else [
+            (bs, f, sp) for bs in (16, 32, 64) for f in forms for sp in ((1, 2, 4) if b > 1 else (None, 16, 64))]
+        cands += [(f"layerfold s{bs} {f} x{sp or 'auto'}", lambda a=a, bs=bs, f=f, sp=sp:
+                   attn_decode(*a, splits=sp, block_s=bs, kv_early=f == "early", dot=f == "dot"))
+                  for bs, f, sp in grid]
         ref = attn_decode(*a).float()
         for impl, fn in cands:
             try:

@@ -53,26 +53,46 @@ def _query(q_ptr, len_ptr, b, h, KV, G, HD, scale, WINDOW, HAS_WINDOW: tl.conste
 
 @triton.jit
 def _attend(q, k_ptr, v_ptr, kv_base, lo, hi, stride_ks, ds, dm,
-            BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HD: tl.constexpr):
+            BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HD: tl.constexpr, KV_EARLY: tl.constexpr = False,
+            USE_DOT: tl.constexpr = False):
     """Online softmax of the (pre-scaled) queries q (BLOCK_G, BLOCK_HD) over cache slots [lo, hi) of one
-    (row, KV head): returns the running max, the running sum and the unnormalised output, in fp32."""
+    (row, KV head): returns the running max, the running sum and the unnormalised output, in fp32.
+
+    Two variants the kernels part sweeps, off until a GPU run picks one (run 3: this loop streams the cache
+    at 50% of the bandwidth at 64 rows against 82% for SDPA, and Triton's pipelining depth had no effect):
+    KV_EARLY issues a step's value load together with its key load (two tiles in flight a program, not one);
+    USE_DOT computes both products on the tensor cores, the queries padded to BLOCK_G >= 16 rows and the
+    weights rounded to the cache's dtype as FlashAttention does (no cross-thread reductions over the head
+    dimension, and loads that feed a dot are the ones Triton's pipeliner overlaps)."""
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_HD), tl.float32)
+    qd = q.to(k_ptr.dtype.element_ty)
     for s0 in range(lo, hi, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
         sm = ss < hi
         kv_off = kv_base + ss[:, None].to(tl.int64) * stride_ks + ds[None, :]
         kvm = sm[:, None] & dm[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)  # (S, HD)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (G, S)
+        if USE_DOT:
+            kt = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (S, HD) in the cache's dtype
+            vt = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)
+            s = tl.dot(qd, tl.trans(kt))  # (G, S) fp32
+        else:
+            k = tl.load(k_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)  # (S, HD)
+            if KV_EARLY:
+                v = tl.load(v_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (G, S)
         s = tl.where(sm[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)  # (S, HD)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if USE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        else:
+            if not KV_EARLY:
+                v = tl.load(v_ptr + kv_off, mask=kvm, other=0.0).to(tl.float32)  # (S, HD)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -96,13 +116,15 @@ def _attn_decode_kernel(
     BLOCK_G: tl.constexpr,  # >= G, power of two
     BLOCK_S: tl.constexpr,  # cache slots per step
     BLOCK_HD: tl.constexpr,  # >= HD, power of two
+    KV_EARLY: tl.constexpr,  # see _attend
+    USE_DOT: tl.constexpr,  # see _attend
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     gs, ds, gm, dm, q_off, q, start, length = _query(q_ptr, len_ptr, b, h, KV, G, HD, scale, WINDOW, HAS_WINDOW,
                                                      BLOCK_G, BLOCK_HD)
     m_i, l_i, acc = _attend(q, k_ptr, v_ptr, b * stride_kb + h * stride_kh, start, length, stride_ks, ds, dm,
-                            BLOCK_G, BLOCK_S, BLOCK_HD)
+                            BLOCK_G, BLOCK_S, BLOCK_HD, KV_EARLY, USE_DOT)
     out = acc / l_i[:, None]
     tl.store(o_ptr + q_off, out.to(o_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
 
@@ -129,6 +151,8 @@ def _attn_split_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_HD: tl.constexpr,
+    KV_EARLY: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -138,7 +162,7 @@ def _attn_split_kernel(
     lo = tl.maximum(start, sp * SPLIT_LEN)
     hi = tl.minimum(length, (sp + 1) * SPLIT_LEN)
     m_i, l_i, acc = _attend(q, k_ptr, v_ptr, b * stride_kb + h * stride_kh, lo, hi, stride_ks, ds, dm,
-                            BLOCK_G, BLOCK_S, BLOCK_HD)
+                            BLOCK_G, BLOCK_S, BLOCK_HD, KV_EARLY, USE_DOT)
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
@@ -187,7 +211,8 @@ def _attn_decode_block_s(hd: int, g: int) -> int:
 
 def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *, scale: float | None = None,
                 window: int | None = None, splits: int | None = None, block_s: int | None = None,
-                warps: int | None = None, stages: int | None = None) -> Tensor:
+                warps: int | None = None, stages: int | None = None, kv_early: bool = False,
+                dot: bool = False) -> Tensor:
     """Attention of one query token per sequence over its cached keys/values.
 
     q: (B, KV, G, hd), the G query heads of each KV head together. k_cache, v_cache: (Bc, KV, S, hd)
@@ -195,7 +220,8 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *,
     splits: key-range splits per (row, head) (None: heuristics.attn_decode_splits; 1: one pass).
     block_s / warps: cache slots per loop step and warps per program (None: the defaults below). stages:
     Triton's software-pipelining depth of the slot loop (None: Triton's default; swept by gpu_suite's
-    kernels part, not yet measured).
+    kernels part; run 3 measured no effect). kv_early: load each step's values with its keys;
+    dot: the products on the tensor cores (both variants: _attend; a 16-bit cache and hd >= 16 for dot).
     Returns (B, KV, G, hd) in q's dtype.
     """
     if not use_triton(q):
@@ -219,6 +245,8 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *,
     warps = 1 if interpreting() else (warps or 4)
     pipe = {"num_stages": stages} if stages and not interpreting() else {}
     s_max = k_cache.shape[2]
+    dot = dot and hd >= 16 and block_s >= 16  # tl.dot's smallest tile
+    bg = max(16, triton.next_power_of_2(g)) if dot else triton.next_power_of_2(g)
     if splits is None:
         splits = 1 if interpreting() else attn_decode_splits(b, kv, s_max, num_sms(q.device), block_s)
     if splits > 1:
@@ -229,16 +257,16 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *,
         launchable(_attn_split_kernel)[(b, kv, splits)](
             q, k_cache, v_cache, lengths, po, pl, kv, g, hd, k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), sc, int(window or 0), split_len, splits, HAS_WINDOW=window is not None,
-            BLOCK_G=triton.next_power_of_2(g), BLOCK_S=block_s, BLOCK_HD=triton.next_power_of_2(hd), num_warps=warps,
-            **pipe)
+            BLOCK_G=bg, BLOCK_S=block_s, BLOCK_HD=triton.next_power_of_2(hd), KV_EARLY=kv_early, USE_DOT=dot,
+            num_warps=warps, **pipe)
         launchable(_attn_combine_kernel)[(b * kv, g)](
             po, pl, out, g, hd, splits, BLOCK_SP=triton.next_power_of_2(splits),
             BLOCK_HD=triton.next_power_of_2(hd), num_warps=1 if interpreting() else 2)
         return out
     launchable(_attn_decode_kernel)[(b, kv)](
         q, k_cache, v_cache, lengths, out, kv, g, hd, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        sc, int(window or 0), HAS_WINDOW=window is not None, BLOCK_G=triton.next_power_of_2(g),
-        BLOCK_S=block_s, BLOCK_HD=triton.next_power_of_2(hd), num_warps=warps, **pipe)
+        sc, int(window or 0), HAS_WINDOW=window is not None, BLOCK_G=bg, BLOCK_S=block_s,
+        BLOCK_HD=triton.next_power_of_2(hd), KV_EARLY=kv_early, USE_DOT=dot, num_warps=warps, **pipe)
     return out
 
 

@@ -83,3 +83,18 @@ def test_attn_decode_split_k(splits: int, block_s: int, stages: int | None, wind
     got = attn_decode(q, _poison(k, lengths), _poison(v, lengths), lengths, window=window, splits=splits,
                       block_s=block_s, stages=stages)
     close(got, want, torch.float32, f"splits={splits} block_s={block_s} stages={stages} window={window}")
+
+
+# the dot variant in fp32 and fp16 only: the Triton interpreter's bf16 tl.dot returns garbage (a 16 x 16 bf16
+# dot off by 1e10 under Triton 3.9's interpreter, fp16 exact); the gpu test below runs it compiled in bf16
+@pytest.mark.parametrize("kv_early,dot,dtype", [(True, False, torch.float32), (True, False, torch.bfloat16),
+                                                (False, True, torch.float32), (False, True, torch.float16)])
+@pytest.mark.parametrize("splits,window", [(1, None), (3, 9)])
+def test_attn_decode_variants(kv_early: bool, dot: bool, dtype: torch.dtype, splits: int, window: int | None) -> None:
+    """The swept variants (values loaded with the keys; both products as tensor-core dots with the queries
+    padded to 16 rows) give the reference's attention, GQA groups and poisoned unused slots included."""
+    q, k, v, lengths = _attn_case(4, 2, 3, 16, 70, dtype, seed=7 + splits)
+    want = attn_decode_ref(q.double(), k.double(), v.double(), lengths, window=window)
+    got = attn_decode(q, _poison(k, lengths), _poison(v, lengths), lengths, window=window, splits=splits,
+                      block_s=16, kv_early=kv_early, dot=dot)
+    close(got, want, dtype, f"kv_early={kv_early} dot={dot} splits={splits} window={window}")

@@ -83,3 +83,19 @@ def test_gpu_cka(m: int, d: int, n_layers: int, dtype: torch.dtype) -> None:
     assert_close(hsic, kernels.hsic_accumulate_ref(grams_ref), torch.float32, "gpu hsic")
     row = kernels.hsic_row_accumulate(grams[-1], grams[:-1])
     assert_close(row, kernels.hsic_row_accumulate_ref(grams_ref[-1], grams_ref[:-1]), torch.float32, "gpu row")
+
+
+@pytest.mark.parametrize(("kv_early", "dot"), [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize(("b", "g", "s", "splits"), [(64, 1, 256, 1), (1, 4, 4096, None), (16, 8, 300, 2)])
+def test_gpu_attn_decode_variants(kv_early: bool, dot: bool, b: int, g: int, s: int, splits: int | None) -> None:
+    """The decode attention's swept variants compiled, bf16, at 7B-like head sizes, against the fp64 reference."""
+    from layerfold.kernels.attn_decode import attn_decode, attn_decode_ref
+
+    gen = torch.Generator().manual_seed(b + g)
+    kv, hd = 4, 128
+    q = torch.randn(b, kv, g, hd, generator=gen).bfloat16()
+    k, v = (torch.randn(b, kv, s, hd, generator=gen).bfloat16() for _ in range(2))
+    lengths = torch.randint(1, s + 1, (b,), generator=gen)
+    want = attn_decode_ref(q.double(), k.double(), v.double(), lengths)
+    got = attn_decode(q.to(CUDA), k.to(CUDA), v.to(CUDA), lengths.to(CUDA), splits=splits, kv_early=kv_early, dot=dot)
+    assert_close(got.cpu(), want, torch.bfloat16, f"kv_early={kv_early} dot={dot} b={b} g={g} s={s}")
