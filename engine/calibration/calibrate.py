@@ -255,8 +255,7 @@ class _Run:
         self.hidden, self.ring, self.store = buf["hidden"], buf.get("ring"), buf.get("cka")
         stats.meta["buffers"] = where
         self.ring_layer = [-1] * self.n_ring
-        self.stage_ring = self.ring is not None and self.ring.device != self.dev  # read through _ring_mb's stage
-        self.ring_stage: Tensor | None = None
+        self.stage_ring, self.ring_stage = self.ring is not None and self.ring.device != self.dev, None  # _ring_mb
         self.collected: list[dict[str, Any]] = []  # each layer's sums, copied to the host as the loop goes
         self.split = {"forward": 0.0, "statistics": 0.0}  # host seconds (CPU: compute; CUDA: launches)
         stats.meta["buffer_bytes"] = {k: 0 if t is None else t.numel() * t.element_size() for k, t in
