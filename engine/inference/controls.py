@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_LOGIT_BIAS", "TEMPERATURE_FLOOR", "LogitShaper", "SamplingParamError", "SamplingParams"]
+__all__ = ["MAX_LOGIT_BIAS", "TEMPERATURE_FLOOR", "LogitShaper", "SamplingParamError", "SamplingParams", "shape_rows"]
 
 # Temperatures below this sample greedily (vLLM's rule): the scaled logits of a smaller one overflow,
 # and its distribution is the argmax anyway.
@@ -131,6 +131,7 @@ class LogitShaper:
         self.counts: Tensor | None = None  # (V,) times each token was generated
         self.seen: Tensor | None = None  # (V,) in the prompt or generated
         self._bias: tuple[Tensor, Tensor] | None = None
+        self._bias_host: tuple[list[int], list[float]] = ([], [])  # the same pairs, for shape_rows' flat indices
         self._end_idx: Tensor | None = None
         self._made = False
 
@@ -149,6 +150,7 @@ class LogitShaper:
             for t, b in p.logit_bias:  # a token named twice: the last bias, as a JSON object's last key
                 merged[t] = float(b)
             self._bias = (torch.tensor(list(merged), device=dev), torch.tensor(list(merged.values()), device=dev))
+            self._bias_host = (list(merged), list(merged.values()))
         for t in self._pending:
             self._count(t)
         self._pending.clear()
@@ -182,3 +184,53 @@ class LogitShaper:
         if self.counts is not None:
             x -= self.counts * p.frequency_penalty + (self.counts > 0).float() * p.presence_penalty
         return x.clamp_(max=_F32_MAX)  # a huge logit lifted further stays finite (the ban's -Inf stays)
+
+
+def _to(x: Tensor, dev: torch.device) -> Tensor:
+    """A host tensor on ``dev`` without a host sync (a blocking copy to a GPU waits for its queue)."""
+    return x.to(dev, non_blocking=True)
+
+
+def shape_rows(x: Tensor, rows: list[tuple[int, LogitShaper]]) -> None:
+    """Shape the rows ``i`` of ``x`` (n, V) float32 in place as ``shaper(x[i])`` would, for all of them at once:
+    a fixed number of launches and no host sync (bias and bans as flat indices built on the host, the seen
+    masks and counts stacked). Each shaper must be made (``_make``) already. Bit-identical on a CPU."""
+    n, V = x.shape
+    dev, flat = x.device, x.view(-1)
+    bias_at: list[int] = []
+    bias_by: list[float] = []
+    ban: list[int] = []
+    for i, sh in rows:
+        t, b = sh._bias_host
+        bias_at += [i * V + j for j in t]
+        bias_by += b
+        if sh.generated < sh.p.min_tokens and sh.end:
+            ban += [i * V + e for e in sh.end]
+    if bias_at:
+        flat.index_add_(0, _to(torch.tensor(bias_at), dev), _to(torch.tensor(bias_by, dtype=torch.float32), dev))
+    if ban:
+        flat.index_fill_(0, _to(torch.tensor(ban), dev), -math.inf)
+    pen = [(i, sh) for i, sh in rows if sh.seen is not None or sh.counts is not None]
+    if pen:
+        idx = [i for i, _ in pen]
+        whole = idx == list(range(n))
+        at = None if whole else _to(torch.tensor(idx), dev)
+        xr = x if at is None else x.index_select(0, at)
+        if any(sh.seen is not None for _, sh in pen):
+            none = torch.zeros(V, dtype=torch.bool, device=dev)
+            seen = torch.stack([sh.seen if sh.seen is not None else none for _, sh in pen])
+            rp = _to(torch.tensor([[max(sh.p.repetition_penalty, REPETITION_PENALTY_FLOOR)] for _, sh in pen],
+                                  dtype=torch.float32), dev)
+            xr = torch.where(seen, torch.where(xr > 0, xr / rp, xr * rp), xr)
+        if any(sh.counts is not None for _, sh in pen):
+            zero = torch.zeros(V, dtype=torch.float32, device=dev)
+            counts = torch.stack([sh.counts if sh.counts is not None else zero for _, sh in pen])
+            fp_pp = _to(torch.tensor([[float(sh.p.frequency_penalty if sh.counts is not None else 0),
+                                       float(sh.p.presence_penalty if sh.counts is not None else 0)]
+                                      for _, sh in pen], dtype=torch.float32), dev)
+            xr = xr - (counts * fp_pp[:, :1] + (counts > 0).float() * fp_pp[:, 1:])
+        if at is None:
+            x.copy_(xr)
+        else:
+            x.index_copy_(0, at, xr)
+    x.clamp_(max=_F32_MAX)  # (rows without a shaper: finite ones are unchanged, others fail anyway)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from layerfold.inference.controls import TEMPERATURE_FLOOR, LogitShaper, SamplingParams
+from layerfold.inference.sample_batch import NONFINITE, SamplingError, sample_batch
 
 __all__ = ["TEMPERATURE_FLOOR", "Completion", "LogitShaper", "SamplingError", "SamplingParams", "TextStream",
            "TokenLogprob", "eos_ids", "sample_each", "sample_next", "sample_row", "shaper_for", "token_logprobs"]
@@ -121,17 +122,10 @@ class TextStream:
 
 
 # ---- sampling --------------------------------------------------------------------------------------
-class SamplingError(ValueError):
-    """One row could not be sampled (its logits hold NaN or Inf); the other rows are unaffected."""
-
-
-NONFINITE = ("the model produced NaN or Inf logits for this sequence (its weights or inputs overflowed). Fix: check "
-             "the model with `layerfold eval`; re-create it if it is damaged")
-
-
 def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
                greedy: int | None = None) -> int:
-    """The next token of one row of (shaped) logits (V,): the argmax (``greedy`` when already known) at a
+    """The reference rules, one row at a time (sample_each runs them batched): the next token of one row of
+    (shaped) logits (V,): the argmax (``greedy`` when already known) at a
     temperature below TEMPERATURE_FLOOR, else a draw from the temperature-scaled distribution cut by min-p,
     top-k and the smallest top-p nucleus. Raises SamplingError for logits that hold NaN or +Inf."""
     if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):  # one read-back (-Inf: a banned token)
@@ -159,26 +153,10 @@ def sample_each(logits: Tensor, params: Sequence[SamplingParams], generators: Se
                 shapers: Sequence[LogitShaper | None] | None = None) -> list[int | SamplingError]:
     """Next token per row of ``logits`` (n, V), or the SamplingError of a row that failed: one bad row
     fails only itself (the server's scheduler answers that request with an error and keeps the others).
-    A row with a shaper (logit bias, penalties, min_tokens) is sampled from its shaped logits."""
-    shapers = shapers if shapers is not None else [None] * len(params)
-    greedy = logits.argmax(-1).tolist()
-    finite = torch.isfinite(logits).all(-1).tolist()
-    out: list[int | SamplingError] = []
-    for i, (p, g, sh) in enumerate(zip(params, generators, shapers, strict=True)):
-        try:
-            if not finite[i]:
-                raise SamplingError(NONFINITE)
-            if sh is not None:
-                try:
-                    row = sh(logits[i])
-                except (RuntimeError, IndexError, ValueError) as e:  # this row's own settings: fail it alone
-                    raise SamplingError(f"shaping the logits failed: {type(e).__name__}: {e}") from e
-                out.append(sample_row(row, p, g))
-            else:
-                out.append(greedy[i] if p.greedy else sample_row(logits[i], p, g, greedy[i]))
-        except SamplingError as e:
-            out.append(e)
-    return out
+    A row with a shaper (logit bias, penalties, min_tokens) is sampled from its shaped logits. The rules are
+    :func:`sample_row`'s, done for all rows at once with one host read-back (:mod:`.sample_batch`); a seeded
+    row on a CPU gets sample_row's very token."""
+    return sample_batch(logits, params, generators, shapers)
 
 
 def sample_next(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
