@@ -188,11 +188,14 @@ def part_decode_sdpa(rec: Recorder, tiny: bool) -> None:
     (LAYERFOLD_DECODE_ATTN=sdpa, kernels.attn_decode.attn_decode_sdpa): the end-to-end A/B of the attention
     kernel, which the kernels part measured at 49% of the bandwidth at 64 rows against 81% for SDPA. The
     default (the kernel) runs first in the same process, so the pair is measured back to back: its rows are
-    the engine ``layerfold-kernel-attn``, the SDPA rows ``layerfold-sdpa-attn``."""
+    the engine ``layerfold-kernel-attn``, the SDPA rows ``layerfold-sdpa-attn``; then the kernel's two
+    prepared loop forms (``-early-``, ``-dot-``) and the kernel again (fused_step.DECODE_ATTENTION)."""
     batches = [1, 2] if tiny else [1, 16, 64]
     dense = dense_spec(tiny)
-    _decode_jobs(rec, tiny, [("dense", dense, ["layerfold"], batches, None, "kernel", "layerfold-kernel-attn"),
-                             ("dense", dense, ["layerfold"], batches, None, "sdpa", "layerfold-sdpa-attn")])
+    # the kernel twice, first and last: run 3's first model in this process measured 12% under its decode row
+    _decode_jobs(rec, tiny, [("dense", dense, ["layerfold"], batches, None, attn, f"layerfold-{label}-attn")
+                             for attn, label in (("kernel", "kernel"), ("sdpa", "sdpa"), ("early", "early"),
+                                                 ("dot", "dot"), ("kernel", "kernel-again"))])
 
 
 def _decode_jobs(rec: Recorder, tiny: bool, jobs: list[tuple]) -> None:

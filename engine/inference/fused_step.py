@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,23 @@ from layerfold.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from layerfold.kernels.rope_cache import rope_cache
 from layerfold.kernels.swiglu import swiglu
 
-__all__ = ["FusedDecode"]
+__all__ = ["DECODE_ATTENTION", "FusedDecode", "decode_attention"]
+
+# The decode attention LAYERFOLD_DECODE_ATTN selects: the kernel over each row's own slots (the default),
+# torch's SDPA over the whole static cache with a length mask (GPU run 3: 1.10x end to end at 64 rows with
+# the cache 75% full, 0.98x at 16; it reads every slot, so it loses where the cache is sized far past the
+# contexts), and the kernel's two prepared loop forms (kernels.attn_decode: values loaded with the keys;
+# tensor-core dots), which gpu_suite's decode-sdpa part measures end to end beside the others.
+DECODE_ATTENTION = {"kernel": attn_decode, "sdpa": attn_decode_sdpa,
+                    "early": partial(attn_decode, kv_early=True), "dot": partial(attn_decode, dot=True)}
+
+
+def decode_attention(name: str):
+    """The attention function for ``name`` (a key of DECODE_ATTENTION); an unknown name is an error naming
+    the choices, before any model is built."""
+    if name not in DECODE_ATTENTION:
+        raise ValueError(f"LAYERFOLD_DECODE_ATTN={name!r} is unknown. Fix: use one of {', '.join(DECODE_ATTENTION)}")
+    return DECODE_ATTENTION[name]
 
 
 @dataclass
@@ -65,9 +82,7 @@ class FusedDecode:
         self.next_norm = [s.norm for s in stages[1:]] + [net.final_norm]
         self.first_norm = stages[0].norm if stages else net.final_norm
         self.choice: dict[tuple[int, int], tuple[Linear, str]] = {}  # (rows, id(weight)) -> GEMV and its name
-        # the decode attention: the kernel over each row's slots (default), or torch SDPA over the whole cache
-        # with a length mask (LAYERFOLD_DECODE_ATTN=sdpa: the alternative gpu_suite's decode-sdpa part measures)
-        self.attn = attn_decode_sdpa if os.environ.get("LAYERFOLD_DECODE_ATTN") == "sdpa" else attn_decode
+        self.attn = decode_attention(os.environ.get("LAYERFOLD_DECODE_ATTN", "kernel"))
 
     # ---- GEMV choice ---------------------------------------------------------------------------------
     def weights(self) -> list[Tensor]:

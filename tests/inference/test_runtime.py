@@ -71,6 +71,26 @@ def test_sdpa_attention_switch_matches_forward(monkeypatch: pytest.MonkeyPatch) 
     check_against_forward(m, prompts, seqs, last)
 
 
+@pytest.mark.parametrize("attn", ["early", "dot"])
+def test_prepared_attention_forms_match_forward(monkeypatch: pytest.MonkeyPatch, attn: str) -> None:
+    """The kernel's two prepared loop forms (LAYERFOLD_DECODE_ATTN=early|dot, which the GPU suite measures end
+    to end) decode as the forward does through the fused Triton step (interpreted; fp32, where the
+    interpreter's dots are exact)."""
+    monkeypatch.setenv("LAYERFOLD_DECODE_ATTN", attn)
+    m = tiny_model(RUNTIME_SPECS["sliding+llama3rope"], norm_gains=True)
+    rt = Runtime(m, max_batch=3, max_len=48, kernels="triton")
+    assert rt.net.fused.attn.keywords == ({"kv_early": True} if attn == "early" else {"dot": True})
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    seqs, last = greedy_with_runtime(rt, prompts, steps=3)
+    check_against_forward(m, prompts, seqs, last)
+
+
+def test_unknown_attention_switch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAYERFOLD_DECODE_ATTN", "flash")
+    with pytest.raises(ValueError, match="LAYERFOLD_DECODE_ATTN='flash' is unknown. Fix: use one of kernel, sdpa"):
+        Runtime(tiny_model(RUNTIME_SPECS["sliding+llama3rope"]), max_batch=1, max_len=16, kernels="triton")
+
+
 def test_rows_are_independent() -> None:
     """Batched (different lengths, scattered rows, idle rows in between) equals one row at a time."""
     m = tiny_model(hetero_runtime_spec(), seed=1, norm_gains=True)
