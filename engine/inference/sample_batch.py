@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from layerfold.inference.controls import LogitShaper, SamplingParams, shape_rows
+from layerfold.inference.controls import LogitShaper, SamplingParams, _to, shape_rows
 
 __all__ = ["NONFINITE", "SamplingError", "sample_batch"]
 
@@ -39,10 +39,6 @@ ALL_BANNED = ("every token of the vocabulary is banned for this sequence (min_to
 
 _device_gens: dict[torch.device, torch.Generator] = {}
 HOST_DRAWS = ("cpu",)  # device types whose rows draw with the request's own (CPU) generator, as sample_row does
-
-
-def _to(x: Tensor, dev: torch.device) -> Tensor:
-    return x.to(dev, non_blocking=True)  # a blocking host-to-GPU copy would wait for the GPU's queue
 
 
 def _shaped(logits: Tensor, shapers: Sequence[LogitShaper | None], errors: dict[int, SamplingError]) -> Tensor:
