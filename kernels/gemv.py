@@ -11,6 +11,18 @@ along k once at the end. The epilogue adds the bias and the residual (the decode
 Whether this or cuBLAS (``F.linear``) is faster depends on the shape and the card, so the runtime
 times both per weight shape when it builds its CUDA graphs (:func:`pick_linear`) and keeps the
 faster; the candidate tiles are in ``heuristics.GEMV_CONFIGS``.
+
+The MLP's down projection can take the SwiGLU activation in its load (:func:`swiglu_gemv`):
+
+    y[n, o] = sum_k silu(gu[n, k]) gu[n, K + k] W[o, k]  (+ bias[o])  (+ res[n, o])
+
+with gu = [gate | up] (N, 2K), the same kernel under ``SWIGLU``: each step loads the gate and up tiles
+of every row and forms g / (1 + exp(-g)) u in fp32, not rounded before the product (one rounding of
+y). It saves the separate ``swiglu`` launch, which counts at batch 1 where the step is a chain of
+short kernels; in exchange every program recomputes the activation of all N x K inputs (once per
+BLOCK_O weight rows) and holds two activation tiles per step. No GPU has measured which side wins
+yet, so the runtime times fused against separate (``swiglu`` then :func:`pick_linear`'s choice) per
+weight shape on the card (:func:`pick_swiglu_linear`) and keeps the faster.
 """
 
 from __future__ import annotations
@@ -24,13 +36,14 @@ from torch import Tensor
 from ._dispatch import interpreting, launchable, use_triton
 from ._triton import tl, triton
 from .heuristics import GEMV_CONFIGS, GEMV_MAX_ROWS, GemvConfig, gemv_interpreter_config
+from .swiglu import swiglu, swiglu_ref
 
-__all__ = ["gemv", "gemv_ref", "pick_linear"]
+__all__ = ["Linear", "gemv", "gemv_ref", "pick_linear", "pick_swiglu_linear", "swiglu_gemv", "swiglu_gemv_ref"]
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr,  # *T [N, K] activations, row stride stride_x, unit column stride
+    x_ptr,  # *T [N, K] activations ([N, 2K] = [gate | up] when SWIGLU), row stride stride_x, unit column stride
     w_ptr,  # *T [O, K] weight, contiguous
     b_ptr,  # *T [O] bias (read when HAS_BIAS)
     r_ptr,  # *T [N, O] residual added before rounding (read when HAS_RES), contiguous
@@ -41,6 +54,7 @@ def _gemv_kernel(
     stride_x,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
+    SWIGLU: tl.constexpr,  # x = silu(gate) * up, from columns k and K + k of each row, in fp32
     BLOCK_N: tl.constexpr,  # >= N, power of two
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -58,7 +72,11 @@ def _gemv_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         km = ks < K
         w = tl.load(w_rows + ks[None, :], mask=om[:, None] & km[None, :], other=0.0).to(tl.float32)
-        x = tl.load(x_rows + ks[None, :], mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        xm = nm[:, None] & km[None, :]
+        x = tl.load(x_rows + ks[None, :], mask=xm, other=0.0).to(tl.float32)
+        if SWIGLU:  # x is the gate; the up half starts K columns on (masked lanes: 0 / 2 * 0 = 0)
+            u = tl.load(x_rows + K + ks[None, :], mask=xm, other=0.0).to(tl.float32)
+            x = x / (1.0 + tl.exp(-x)) * u
         acc += x[:, None, :] * w[None, :, :]
     y = tl.sum(acc, axis=2)  # (BLOCK_N, BLOCK_O)
     if HAS_BIAS:
@@ -75,13 +93,20 @@ def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, res: Tensor | None = 
     """x (N, K) @ w (O, K)^T (+ bias (O,)) (+ res (N, O)) for N <= 8, in x's dtype (fp32 accumulation)."""
     if not use_triton(x):
         return gemv_ref(x, w, bias, res)
-    n, k = x.shape
-    o = w.shape[0]
-    if x.dim() != 2 or w.dim() != 2 or w.shape[1] != k or n > GEMV_MAX_ROWS:
+    if x.dim() != 2 or w.dim() != 2 or w.shape[1] != x.shape[1] or x.shape[0] > GEMV_MAX_ROWS:
         raise ValueError(f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} must be (N<={GEMV_MAX_ROWS}, K) and (O, K). "
                          "Fix: use F.linear for larger batches")
+    return _launch(x, w, bias, res, swiglu=False, config=config, who="gemv")
+
+
+def _launch(x: Tensor, w: Tensor, bias: Tensor | None, res: Tensor | None, *, swiglu: bool,
+            config: GemvConfig | None, who: str) -> Tensor:
+    """Run ``_gemv_kernel`` on validated 2-D x and w (x's width is 2K under ``swiglu``, else K)."""
+    n, o, k = x.shape[0], w.shape[0], w.shape[1]
     if res is not None and tuple(res.shape) != (n, o):
-        raise ValueError(f"gemv: res has shape {tuple(res.shape)}, expected ({n}, {o})")
+        raise ValueError(f"{who}: res has shape {tuple(res.shape)}, expected ({n}, {o})")
+    if bias is not None and tuple(bias.shape) != (o,):
+        raise ValueError(f"{who}: bias has shape {tuple(bias.shape)}, expected ({o},) (one per row of w)")
     if x.stride(-1) != 1:
         x = x.contiguous()
     w = w if w.is_contiguous() else w.contiguous()
@@ -91,10 +116,10 @@ def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, res: Tensor | None = 
     cfg = gemv_interpreter_config(n) if interpreting() else (config or GEMV_CONFIGS[0])
     block_n = triton.next_power_of_2(n)
     launchable(_gemv_kernel)[(triton.cdiv(o, cfg.block_o),)](
-        x, w, bias if bias is not None else w, res.contiguous() if res is not None else y, y, n, o, k, x.stride(0),
-        HAS_BIAS=bias is not None, HAS_RES=res is not None, BLOCK_N=block_n, BLOCK_O=cfg.block_o,
-        BLOCK_K=cfg.block_k // block_n if cfg.scale_k else cfg.block_k, num_warps=cfg.warps,
-        num_stages=cfg.stages)
+        x, w, bias.contiguous() if bias is not None else w, res.contiguous() if res is not None else y, y,
+        n, o, k, x.stride(0), HAS_BIAS=bias is not None, HAS_RES=res is not None, SWIGLU=swiglu,
+        BLOCK_N=block_n, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k // block_n if cfg.scale_k else cfg.block_k,
+        num_warps=cfg.warps, num_stages=cfg.stages)
     return y
 
 
@@ -102,6 +127,36 @@ def gemv_ref(x: Tensor, w: Tensor, bias: Tensor | None = None, res: Tensor | Non
     """Torch reference: ``F.linear`` (+ res), in x's dtype."""
     y = F.linear(x, w, bias)
     return y if res is None else res + y
+
+
+def swiglu_gemv(gu: Tensor, w: Tensor, bias: Tensor | None = None, res: Tensor | None = None, *,
+                config: GemvConfig | None = None) -> Tensor:
+    """silu(gate) * up @ w^T (+ bias) (+ res) for gu (N, 2K) = [gate | up] with N <= 8 and w (O, K): the
+    MLP's down projection with its activation fused into the GEMV's load (``_gemv_kernel`` under
+    ``SWIGLU``). fp32 math, the activation not rounded before the product, one rounding of y (N, O)
+    to gu's dtype. The torch reference (:func:`swiglu_gemv_ref`) where Triton does not run. Whether
+    this beats ``swiglu`` then a GEMV or cuBLAS is for :func:`pick_swiglu_linear` to measure."""
+    if gu.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"swiglu_gemv: gu {tuple(gu.shape)} and w {tuple(w.shape)} must be 2-D, (N, 2K) and (O, K). "
+                         "Fix: flatten the leading dims of gu")
+    n, two_k = gu.shape
+    if two_k % 2:
+        raise ValueError(f"swiglu_gemv: gu's last dim {two_k} is odd. Fix: pass the fused [gate | up] projection "
+                         "(N, 2K)")
+    if w.shape[1] != two_k // 2:
+        raise ValueError(f"swiglu_gemv: w {tuple(w.shape)} is {w.shape[1]} wide, gu {tuple(gu.shape)} holds "
+                         f"{two_k // 2} activations a row. Fix: pass the down projection (O, K) with 2K = gu's width")
+    if n > GEMV_MAX_ROWS:
+        raise ValueError(f"swiglu_gemv: {n} rows, at most {GEMV_MAX_ROWS}. Fix: use swiglu then F.linear for larger "
+                         "batches (pick_swiglu_linear does)")
+    if not use_triton(gu):
+        return swiglu_gemv_ref(gu, w, bias, res)
+    return _launch(gu, w, bias, res, swiglu=True, config=config, who="swiglu_gemv")
+
+
+def swiglu_gemv_ref(gu: Tensor, w: Tensor, bias: Tensor | None = None, res: Tensor | None = None) -> Tensor:
+    """Torch reference: ``swiglu_ref`` (rounded to gu's dtype), then ``F.linear`` (+ res)."""
+    return gemv_ref(swiglu_ref(gu), w, bias, res)
 
 
 Linear = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]
@@ -127,6 +182,34 @@ def pick_linear(n: int, w: Tensor, *, with_res: bool, reps: int = 20) -> tuple[L
     for name, fn in cands:
         try:
             t = _time(lambda fn=fn: fn(x, w, None, res), reps)
+        except Exception:  # a config that does not compile or launch for this shape is not a candidate
+            continue
+        if t < best_t:
+            best, best_t = (name, fn), t
+    return best[1], best[0]
+
+
+def pick_swiglu_linear(n: int, w: Tensor, *, reps: int = 20) -> tuple[Linear, str]:
+    """The fastest way to compute swiglu(gu) @ w^T (+ bias) (+ res) for ``n`` rows of gu (n, 2K) and the
+    down projection ``w`` (O, K) on this card, timed like :func:`pick_linear` (CUDA events, median of
+    ``reps``, a candidate that fails to compile or launch is skipped). Candidates: the separate path,
+    ``swiglu`` then :func:`pick_linear`'s choice (named ``swiglu+<its name>``), and :func:`swiglu_gemv`
+    under each of ``GEMV_CONFIGS`` (``fused_swiglu_<config name>``); the fused kernel is not assumed
+    to win because no GPU has measured it yet. The callable takes (gu, w, bias, res). Off CUDA, for
+    more than GEMV_MAX_ROWS rows, or where Triton is not in use: the separate path with cuBLAS (torch),
+    untimed, ``swiglu+cublas``."""
+    lin, lin_name = pick_linear(n, w, with_res=False, reps=reps)
+    separate: tuple[str, Linear] = (f"swiglu+{lin_name}", lambda gu, w, b, r: lin(swiglu(gu), w, b, r))
+    if not w.is_cuda or n > GEMV_MAX_ROWS or not use_triton(w):
+        return separate[1], separate[0]
+    gu = torch.randn(n, 2 * w.shape[1], device=w.device, dtype=w.dtype)
+    cands = [separate]
+    for c in GEMV_CONFIGS:
+        cands.append((f"fused_swiglu_{c.name}", lambda gu, w, b, r, c=c: swiglu_gemv(gu, w, b, r, config=c)))
+    best, best_t = cands[0], float("inf")
+    for name, fn in cands:
+        try:
+            t = _time(lambda fn=fn: fn(gu, w, None, None), reps)
         except Exception:  # a config that does not compile or launch for this shape is not a candidate
             continue
         if t < best_t:
