@@ -30,7 +30,7 @@ from ._dispatch import interpreting, launchable, num_sms, use_triton
 from ._triton import tl, triton
 from .heuristics import attn_decode_splits
 
-__all__ = ["attn_decode", "attn_decode_ref", "attn_decode_sdpa"]
+__all__ = ["attn_decode", "attn_decode_ref", "attn_decode_sdpa", "planned_splits"]
 
 
 @triton.jit
@@ -207,6 +207,14 @@ def _attn_decode_block_s(hd: int, g: int) -> int:
     if interpreting():
         return 16
     return max(16, min(64, 4096 // (triton.next_power_of_2(hd) * triton.next_power_of_2(g))))
+
+
+def planned_splits(rows: int, kv: int, g: int, hd: int, s_max: int, device: torch.device) -> int:
+    """The key-range splits :func:`attn_decode` plans by default for this launch (1 in the interpreter):
+    whether a single-pass variant differs from the default, for the runtime's pick of the attention."""
+    if interpreting():
+        return 1
+    return attn_decode_splits(rows, kv, s_max, num_sms(device), _attn_decode_block_s(hd, g))
 
 
 def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *, scale: float | None = None,

@@ -189,6 +189,12 @@ class Runtime:
         b = next((b for b in self.static_batches if b >= n), None)
         return b if b is not None and b - n <= n // 2 + 1 else n
 
+    @property
+    def graph_picks(self) -> dict[int, dict[str, int]]:
+        """Per CUDA-graph batch bucket built so far: implementation name -> how many weights (GEMV:
+        "cublas" or "triton") and attention layers ("attn:<form>") it serves; empty without graphs."""
+        return {b: dict(p) for b, p in self._graphs.picks.items()} if self._graphs is not None else {}
+
     def warm_up_graphs(self) -> None:
         """Build every batch bucket's CUDA graph now (GEMV pick, Triton compiles, capture) and compile the
         prefill kernels, so that no request pays for them; a no-op without CUDA graphs."""
@@ -340,7 +346,8 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # batch siz
 class _GraphCache:
     """CUDA graphs of the decode step, one per batch bucket (a batch runs in the smallest bucket with
     room for it, padded with idle rows), over static token/position buffers and one shared memory pool.
-    Building a bucket's graph first picks the faster GEMV per weight shape for that many rows."""
+    Building a bucket's graph first picks the faster GEMV per weight shape, and the attention's form per layer
+    shape (LAYERFOLD_DECODE_ATTN=auto), for that many rows."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt

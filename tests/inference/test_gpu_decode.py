@@ -65,7 +65,28 @@ def test_buckets_pad_idle_rows_and_pick_gemv() -> None:
     rt = Runtime(m, max_batch=4, max_len=64)
     _teacher_forced(m, rt, PROMPTS["ragged"], steps=3)
     assert rt._graphs.bucket(3) == 4 and 4 in rt._graphs.graphs and rt.lengths[3] == 0
-    assert sum(rt._graphs.picks[4].values()) == len(rt.net.fused.weights())
+    picks = rt.graph_picks[4]
+    assert sum(v for k, v in picks.items() if not k.startswith("attn:")) == len(rt.net.fused.weights())
+    # LAYERFOLD_DECODE_ATTN=auto (the default): a form per attention layer
+    assert sum(v for k, v in picks.items() if k.startswith("attn:")) == sum(
+        s.kind == "attn" for s in rt.net.fused.stages)
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_every_attention_form_passes_its_check_in_bf16(rows: int) -> None:
+    """On the GPU, in bf16, every form of the attention kernel (each in one pass too where the default splits)
+    agrees with the reference, so the auto pick chooses among all of them by speed alone."""
+    from layerfold.kernels.attn_decode import planned_splits
+
+    m = _model(SPECS["hetero"], seed=4)
+    rt = Runtime(m, max_batch=16, max_len=512, dtype=torch.bfloat16)
+    fused = rt.net.fused
+    timed: list[int] = []
+    s = next(s for s in fused.stages if s.kind == "attn")
+    kv, g, hd, slots = s.akey
+    fused._pick_attention(rows, s.layer, s.akey, lambda fn: timed.append(1) or 1.0)
+    per_form = 2 if planned_splits(rows, kv, g, hd, slots, m.device) > 1 else 1
+    assert len(timed) == 3 * per_form
 
 
 def test_long_context_split_attention() -> None:

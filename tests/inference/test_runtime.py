@@ -87,8 +87,58 @@ def test_prepared_attention_forms_match_forward(monkeypatch: pytest.MonkeyPatch,
 
 def test_unknown_attention_switch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LAYERFOLD_DECODE_ATTN", "flash")
-    with pytest.raises(ValueError, match="LAYERFOLD_DECODE_ATTN='flash' is unknown. Fix: use one of kernel, sdpa"):
+    with pytest.raises(ValueError, match="'flash' is unknown. Fix: use one of auto, kernel, sdpa"):
         Runtime(tiny_model(RUNTIME_SPECS["sliding+llama3rope"]), max_batch=1, max_len=16, kernels="triton")
+
+
+def test_auto_attention_picks_the_fastest_correct_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAYERFOLD_DECODE_ATTN=auto (the default): each form is checked against the reference, a form that
+    disagrees is never timed nor picked however fast, the fastest of the others serves every attention layer
+    of that shape at that many rows, and decoding through it matches the forward (interpreted, fp32)."""
+    from layerfold.inference import fused_step
+
+    monkeypatch.delenv("LAYERFOLD_DECODE_ATTN", raising=False)
+    monkeypatch.setitem(fused_step.ATTN_FORMS, "wrong", {"scale": 0.5})  # a wrong result, "timed" fastest
+    m = tiny_model(RUNTIME_SPECS["sliding+llama3rope"], norm_gains=True)
+    rt = Runtime(m, max_batch=3, max_len=48, kernels="triton")
+    fused = rt.net.fused
+    assert fused.attn_mode == "auto" and rt.graph_picks == {}  # no CUDA graphs on a CPU
+    timed: list[str] = []
+    speed = {"kernel": 3.0, "early": 2.0, "dot": 1.0, "wrong": 0.1}
+
+    def timer(call) -> float:  # call: the timed closure; its default argument is the form's partial
+        form = next(k for k, kw in fused_step.ATTN_FORMS.items() if kw == call.__defaults__[0].keywords)
+        timed.append(form)
+        return speed[form]
+
+    picked = fused.tune_attention(3, timer=timer)
+    n_attn = sum(s.kind == "attn" for s in fused.stages)
+    shapes = {s.akey for s in fused.stages if s.kind == "attn"}
+    assert "wrong" not in timed, "the wrong form was timed: the check against the reference let it through"
+    assert sorted(timed) == sorted(["kernel", "early", "dot"] * len(shapes))  # no split variants interpreted
+    assert picked == {"attn:dot": n_attn}
+    assert all(f.keywords == {"dot": True} for (rows, _), f in fused.attn_choice.items() if rows == 3)
+
+    def not_tuned(*a, **k):
+        raise AssertionError("a 3-row step used the untuned attention")
+
+    fused.attn = not_tuned  # every 3-row step must go through the pick
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    seqs, last = greedy_with_runtime(rt, prompts, steps=3)
+    check_against_forward(m, prompts, seqs, last)
+
+
+def test_fixed_attention_switch_is_not_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A named LAYERFOLD_DECODE_ATTN is kept: tune() times no attention form."""
+    monkeypatch.setenv("LAYERFOLD_DECODE_ATTN", "kernel")
+    rt = Runtime(tiny_model(RUNTIME_SPECS["sliding+llama3rope"]), max_batch=2, max_len=16, kernels="triton")
+    fused = rt.net.fused
+    picks = fused.tune(2)
+    assert not any(k.startswith("attn:") for k in picks) and fused.attn_choice == {}
+    # off CUDA every down projection keeps its activation apart (swiglu, then torch's product), untimed
+    downs = sum(s.kind == "mlp" and not s.layer.fused_mlp_sc for s in fused.stages)
+    assert downs and picks.get("swiglu+cublas") == downs == len(fused.down_choice)
+    assert sum(picks.values()) == len(fused.weights())
 
 
 def test_rows_are_independent() -> None:
