@@ -178,15 +178,7 @@ def pick_linear(n: int, w: Tensor, *, with_res: bool, reps: int = 20) -> tuple[L
     cands: list[tuple[str, Linear]] = [("cublas", _cublas)]
     for c in GEMV_CONFIGS:
         cands.append((c.name, lambda x, w, b, r, c=c: gemv(x, w, b, r, config=c)))
-    best, best_t = cands[0], float("inf")
-    for name, fn in cands:
-        try:
-            t = _time(lambda fn=fn: fn(x, w, None, res), reps)
-        except Exception:  # a config that does not compile or launch for this shape is not a candidate
-            continue
-        if t < best_t:
-            best, best_t = (name, fn), t
-    return best[1], best[0]
+    return _fastest(cands, (x, w, None, res), reps)
 
 
 def pick_swiglu_linear(n: int, w: Tensor, *, reps: int = 20) -> tuple[Linear, str]:
@@ -206,10 +198,15 @@ def pick_swiglu_linear(n: int, w: Tensor, *, reps: int = 20) -> tuple[Linear, st
     cands = [separate]
     for c in GEMV_CONFIGS:
         cands.append((f"fused_swiglu_{c.name}", lambda gu, w, b, r, c=c: swiglu_gemv(gu, w, b, r, config=c)))
+    return _fastest(cands, (gu, w, None, None), reps)
+
+
+def _fastest(cands: list[tuple[str, Linear]], args: tuple, reps: int) -> tuple[Linear, str]:
+    """The candidate with the least median time on ``args`` (the first if none runs), and its name."""
     best, best_t = cands[0], float("inf")
     for name, fn in cands:
         try:
-            t = _time(lambda fn=fn: fn(gu, w, None, None), reps)
+            t = _time(lambda fn=fn: fn(*args), reps)
         except Exception:  # a config that does not compile or launch for this shape is not a candidate
             continue
         if t < best_t:
