@@ -18,7 +18,8 @@ The predicted speedup of a model over the first one is the ratio of their bytes 
 On a CPU (a shared VM's bandwidth can drift within a minute; docs/PERFORMANCE.md) all units run
 round-robin, interleaved, and the units a ratio compares run back to back; the bandwidth is probed
 before every run. On a GPU the card is steady and memory is the limit: models and engines are built
-and run one at a time, the bandwidth probed once per model.
+and run one at a time, the bandwidth probed once per model, and each unit's untimed warm-up (graphs,
+compiles, cuBLAS set-up) generates ``warmup_tokens`` only; its peak memory is the largest of all its runs.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from layerfold.core.spec import ModelSpec
 from layerfold.evaluation.bench_report import format_table, plot
 from layerfold.evaluation.measure import Peak, hf_baseline, measure_bandwidth, run_hf, run_layerfold
 from layerfold.evaluation.shapes import llama7b_spec, pruned_shapes, random_model
-from layerfold.inference.runtime import Runtime, decode_weight_bytes
+from layerfold.inference.runtime import GRAPH_BUCKETS, Runtime, decode_weight_bytes
 
 __all__ = ["ENGINES", "bench_models", "format_table", "hf_baseline", "measure_bandwidth", "plot", "step_bytes"]
 
@@ -84,7 +85,7 @@ def _sources(models: Sequence[str | Path | Model], device: torch.device, dtype: 
 
 
 def _check_args(models: Any, engines: Any, batch_sizes: Any, new_tokens: Any, prompt_len: Any, repeats: Any,
-                static_batches: Any) -> None:
+                static_batches: Any, warmup_tokens: Any = None) -> None:
     """``bench_models``' arguments checked before any model is read: TypeError / ValueError naming the argument."""
     from layerfold.core.args import whole
 
@@ -106,6 +107,11 @@ def _check_args(models: Any, engines: Any, batch_sizes: Any, new_tokens: Any, pr
     whole("new_tokens", new_tokens, 2)  # a prefill token and at least one decode step
     whole("prompt_len", prompt_len, 1)
     whole("repeats", repeats, 1)
+    if warmup_tokens is not None:
+        whole("warmup_tokens", warmup_tokens, 2)
+        if warmup_tokens > new_tokens:
+            raise ValueError(f"warmup_tokens={warmup_tokens} exceeds new_tokens={new_tokens} (the cache is sized for "
+                             "new_tokens). Fix: pass at most new_tokens, or None for min(new_tokens, 16)")
 
 
 def _engine(name: str, m: Model, *, max_batch: int, max_len: int, compile: bool, native: bool | None,
@@ -136,7 +142,8 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
                  device: str | torch.device = "cpu", random_llama7b: bool = False, pruned_shapes: bool = False,
                  compile: bool | None = None, progress: bool = False, seed: int = 0,
                  static_batches: Sequence[int] = (), native: bool | None = None,
-                 kernels: str | None = None, schedule: str | None = None) -> dict[str, Any]:
+                 kernels: str | None = None, schedule: str | None = None,
+                 warmup_tokens: int | None = None) -> dict[str, Any]:
     """Benchmark ``models`` (sources or built Models; the random Llama-7B shapes with ``random_llama7b``,
     and their pruned shapes with ``pruned_shapes``) on ``engines`` (default: layerfold, plus HF with
     ``baseline="hf"``). Returns a dict with ``rows`` (one per model x engine x batch: prefill_tok_s,
@@ -145,10 +152,12 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
     ``setup_s`` (load, build and compile seconds, apart from the timings) and ``notes``.
     compile: the layerfold engine compiles its torch step (None: on CPU, where it pays; on CUDA the
     step is a CUDA graph). static_batches / native / kernels: the layerfold engine's (see ``Runtime``).
-    schedule: "interleaved" (default on CPU) or "sequential" (default on CUDA), see the module docstring."""
+    schedule: "interleaved" (default on CPU) or "sequential" (default on CUDA), see the module docstring.
+    warmup_tokens: what the sequential schedule's warm-up run generates (None: min(new_tokens, 16)); the
+    interleaved one warms up on all new_tokens. Layerfold rows get ``picks`` where the runtime reports them."""
     device = check_device(device)
     dtype = None if dtype is None else check_dtype(dtype)
-    _check_args(models, engines, batch_sizes, new_tokens, prompt_len, repeats, static_batches)
+    _check_args(models, engines, batch_sizes, new_tokens, prompt_len, repeats, static_batches, warmup_tokens)
     if baseline not in (None, "none", "hf"):
         raise ValueError(f"baseline={baseline!r} is unknown. Fix: use 'hf' or none")
     engines = list(engines or ["layerfold"]) + (["hf"] if baseline == "hf" and "hf" not in (engines or []) else [])
@@ -174,7 +183,8 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
         _check_fits(label, spec, dt, max(batch_sizes), prompt_len + new_tokens, device)
     ctx = dict(batch_sizes=sorted(set(batch_sizes)), new_tokens=new_tokens, prompt_len=prompt_len,
                repeats=repeats, seed=seed, progress=progress, compile=compile, native=native,
-               static_batches=static_batches, kernels=kernels)
+               static_batches=static_batches, kernels=kernels,
+               warmup_tokens=min(new_tokens, 16) if warmup_tokens is None else warmup_tokens)
     schedule = schedule or ("interleaved" if device.type == "cpu" else "sequential")
     if schedule not in ("interleaved", "sequential"):
         raise ValueError(f"schedule={schedule!r}. Fix: use 'interleaved' or 'sequential'")
@@ -308,13 +318,17 @@ def _run_sequential(sources, engines, device, **ctx):
             for b in ctx["batch_sizes"] if obj is not None else ():
                 u = _unit(label, eng, b, obj, prompts, m, mem)
                 try:
-                    for r in range(ctx["repeats"] + 1):
-                        res = _timed(u, ctx["new_tokens"], device)
-                        if r == 0:
-                            u["peak"] = res["peak"] + u["setup_mem"]
-                        else:
+                    for r in range(ctx["repeats"] + 1):  # run 0: a short warm-up
+                        res = _timed(u, ctx["new_tokens"] if r else ctx["warmup_tokens"], device)
+                        u["peak"] = max(u.get("peak", 0), res["peak"] + u["setup_mem"])  # caches grow with tokens
+                        if r:
                             res["bandwidth_gbs"] = bw_runs[-1]["bandwidth_gbs"]
                             u["runs"].append(res)
+                    picks = getattr(obj, "graph_picks", None) if eng == "layerfold" else None
+                    if picks:  # the implementations the bucket this batch ran in got
+                        bucket = next((x for x in GRAPH_BUCKETS if b <= x <= getattr(obj, "max_batch", b)), b)
+                        if picks.get(bucket):
+                            u["picks"] = dict(picks[bucket])
                 except torch.OutOfMemoryError:
                     st.notes.append(f"{label}: {eng} batch {b} skipped: out of device memory")
                     u["runs"] = []
@@ -378,5 +392,5 @@ def _row(u: dict[str, Any], new_tokens: int, prompt_len: int, bw_gbs: float) -> 
             "ttft_ms": statistics.median(ttft), "ttft_range": [min(ttft), max(ttft)],
             "decode_tok_s": med, "decode_range": [min(decode), max(decode)], "decode_runs": decode,
             "peak_mem_bytes": u.get("peak", 0), "bound_tok_s": bound, "pct_of_bound": statistics.median(pct),
-            "pct_of_bound_range": [min(pct), max(pct)]}
+            "pct_of_bound_range": [min(pct), max(pct)], **({"picks": u["picks"]} if u.get("picks") else {})}
 
