@@ -2,8 +2,15 @@
 kernels against their rooflines, calibration, serving, and whole `prune` and `heal` jobs. On a bare CUDA
 machine, from a checkout:
 
-    PYTHONPATH=. python bench/gpu_suite.py --out DIR [--parts env,tests,decode,...] [--budget-s 360]
-    python bench/gpu_suite.py --tiny --out DIR          # every part on CPU, tiny model, kernels interpreted
+    PYTHONPATH=. python bench/gpu_suite.py --out DIR                      # the core parts (CORE)
+    PYTHONPATH=. python bench/gpu_suite.py --out DIR --parts all --budget-s 900   # every part (PARTS)
+    PYTHONPATH=. python bench/gpu_suite.py --out DIR --parts env,kernels,prune --diagnose
+    python bench/gpu_suite.py --tiny --out DIR --parts all   # every part on CPU, tiny model, kernels interpreted
+
+Without --parts the suite runs CORE, in its order: env, tests (the gpu-marked tests, in concurrent pytest
+shards), decode, decode-baselines, calibration, serve, decode-compile. --diagnose adds the diagnostics
+(the calibration part's profiles, host synchronisations and device-resident loop; the prune part's two
+host-memory jobs); without it those parts run their timed rows only.
 
 Every model is made from random weights of real shapes (Llama-2-7B and the shapes the pruning methods make
 of it); nothing is downloaded. Each part runs in its own process with its own time limit (a part that
@@ -34,7 +41,7 @@ PARTS: dict[str, tuple[float, float]] = {
     "tests": (150, 120),
     "decode": (200, 240),
     "decode-baselines": (120, 120),
-    "decode-sdpa": (100, 120),
+    "decode-sdpa": (100, 180),
     "kernels": (120, 120),
     "calibration": (120, 120),
     "decode-compile": (200, 30),
@@ -44,6 +51,12 @@ PARTS: dict[str, tuple[float, float]] = {
     "heal": (240, 150),
     "host-generate": (90, 60),
 }
+# on a GPU, the least time worth starting a part with (default 10 s): below it the part could not finish
+# its first measurement, so it is skipped with the reason rather than stopped at its limit with nothing
+# (run 1's torch.compile of the 7B step took 149 s before its first timed token)
+NEEDS: dict[str, float] = {"decode-compile": 170, "prune": 60, "heal": 60, "calibration-big": 40}
+# what --parts omitted runs, in this order
+CORE = ("env", "tests", "decode", "decode-baselines", "calibration", "serve", "decode-compile")
 
 
 def run_part(name: str, out: Path, tiny: bool) -> None:
@@ -88,13 +101,36 @@ def _attn_pick(rows: list[dict[str, Any]]) -> list[str]:
     return ([""] + out) if out else []
 
 
+def _picks(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per decode row whose runtime reported what its batch bucket's graph picked (GEMV and
+    attention implementations, with how many weights / layers got each)."""
+    out = [f"- picks, {r['model']} {r['engine']} batch {r['batch']}: "
+           + ", ".join(f"{name} x{n}" for name, n in r["picks"].items()) for r in rows if r.get("picks")]
+    return ([""] + out) if out else []
+
+
+def skip_reason(name: str, left: float, budget: float, tiny: bool) -> str | None:
+    """Why part ``name`` is not started with ``left`` seconds of the budget left (None: start it)."""
+    need = 10.0 if tiny else NEEDS.get(name, 10.0)
+    if left >= need:
+        return None
+    if left < 10:
+        return f"the suite's budget ({budget:.0f} s) was spent"
+    return f"{left:.0f} s of the suite's budget ({budget:.0f} s) left; this part needs at least {need:.0f} s"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory for the JSON and markdown results")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    ap.add_argument("--parts", default=None,
+                    help=f"comma-separated parts, run in the order given, from {', '.join(PARTS)}; 'all': every "
+                         f"part in that order; 'core' (the default): {','.join(CORE)}")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also the diagnostics: calibration's profiles and host syncs, prune's host-memory jobs")
     ap.add_argument("--tiny", action="store_true", help="CPU, a tiny model, kernels in the interpreter")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop starting parts once this much time is spent (default 360 on a GPU)")
+                    help="stop starting parts once this much time is spent (default 600 on a GPU: one call of "
+                         "the device tool; a part needing more than what is left is skipped, NEEDS)")
     ap.add_argument("--limit", action="append", default=[], metavar="PART=SECONDS", help="override a part's limit")
     ap.add_argument("--run-part", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -103,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_part:
         run_part(args.run_part, out, args.tiny)
         return 0
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    os.environ["GPU_SUITE_DIAGNOSE"] = "1" if args.diagnose else "0"  # the part processes read it
+    spec = args.parts or ",".join(CORE)
+    named = {"all": list(PARTS), "core": list(CORE)}
+    parts = named.get(spec.strip()) or [p.strip() for p in spec.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad:
         ap.error(f"unknown parts {bad}; choose from {', '.join(PARTS)}")
@@ -111,15 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.limit:
         k, _, v = item.partition("=")
         limits[k] = float(v)
-    budget = args.budget_s if args.budget_s is not None else (1e9 if args.tiny else 360.0)
+    budget = args.budget_s if args.budget_s is not None else (1e9 if args.tiny else 600.0)
     t0 = time.perf_counter()
     status: dict[str, Any] = {}
     if "env" not in parts and not (out / "env.json").exists():
         parts.insert(0, "env")  # the ceilings every other part divides by
     for name in parts:  # in the order given
         left = budget - (time.perf_counter() - t0)
-        if left < 10:
-            status[name] = {"status": "skipped", "why": f"the suite's budget ({budget:.0f} s) was spent"}
+        why = skip_reason(name, left, budget, args.tiny)
+        if why:
+            status[name] = {"status": "skipped", "why": why}
             continue
         limit = min(limits[name], left)
         t = time.perf_counter()
@@ -127,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny:
             cmd.append("--tiny")
         print(f"[gpu_suite] {name} (limit {limit:.0f} s)", flush=True)
+        env = {**os.environ, "GPU_SUITE_LIMIT_S": f"{limit:.0f}"}
         try:
-            r = subprocess.run(cmd, timeout=limit, capture_output=True, text=True, check=False)
+            r = subprocess.run(cmd, timeout=limit, capture_output=True, text=True, check=False, env=env)
             rc, tail = r.returncode, (r.stdout + r.stderr)[-1500:]
         except subprocess.TimeoutExpired as e:
             rc, tail = "timeout", ((e.stdout or b"") + (e.stderr or b""))[-1500:]
@@ -138,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             status[name]["tail"] = tail
         print(f"[gpu_suite] {name}: {rc} in {status[name]['seconds']} s", flush=True)
     results = collect(out, status, tiny=args.tiny, seconds=time.perf_counter() - t0)
+    results["diagnose"] = args.diagnose
     (out / "gpu_suite.json").write_text(json.dumps(results, indent=1, default=str))
     md = markdown(results)
     (out / "gpu_suite.md").write_text(md)
@@ -181,12 +223,16 @@ def markdown(res: dict[str, Any]) -> str:
              f"{info.get('name', 'cpu')}; torch {info.get('torch')}, triton {info.get('triton')}; bandwidth probe "
              f"{_f(env.get('bandwidth_gbs'))} GB/s; bf16 matmul {_f(env.get('matmul_tflops'))} TFLOP/s; H2D pinned "
              f"{_f(env.get('h2d_pinned_gbs'))} GB/s, pageable {_f(env.get('h2d_pageable_gbs'))} GB/s; "
-             f"suite {res['seconds']} s"]
+             f"suite {res['seconds']} s{' (--diagnose)' if res.get('diagnose') else ''}"]
     lines += _table(["part", "status", "seconds"], [
         [name, p.get(name, {}).get("status", st.get("status", st.get("returncode"))), st.get("seconds", "-")]
         for name, st in res["runner"].items()], right_from=2)
     if "tests" in p:
         lines += ["", f"**gpu tests**: {p['tests'].get('summary', '-')}"]
+        if p["tests"].get("shards"):
+            lines[-1] += "; shards " + ", ".join(f"{sh['tests']} tests in {sh['seconds']:.0f} s"
+                                                 + ("" if sh["returncode"] == 0 else f" (rc {sh['returncode']})")
+                                                 for sh in p["tests"]["shards"])
         lines += [f"- {f}" for f in p["tests"].get("failures", [])[:20]]
     dec_parts = ("decode", "decode-baselines", "decode-sdpa", "decode-compile")
     dec = [r for k in dec_parts for r in p.get(k, {}).get("rows", [])]
@@ -203,6 +249,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines += _table(["pruned shape", "batch", "speedup", "predicted (bytes)", "speedup / predicted", "% bound"], [
             [m, b, f"{v['speedup']:.2f}x", f"{v['predicted']:.2f}x", f"{v['speedup_over_predicted']:.2f}",
              f"{v['pct_of_bound']:.0f}%"] for m, by_b in s.get("pruned", {}).items() for b, v in by_b.items()])
+        lines += _picks(dec)
         for part in dec_parts:
             lines += [f"- note ({part}): {n}" for n in p.get(part, {}).get("notes", [])]
     k = p.get("kernels", {})

@@ -2,7 +2,9 @@
 (so a part stopped at its time limit keeps what it measured), and returns nothing.
 
 A part receives ``tiny``: the same code on CPU with a tiny model (kernels in the Triton interpreter),
-so the suite is exercised by the test suite between GPU runs.
+so the suite is exercised by the test suite between GPU runs. The driver's ``--diagnose`` reaches a part
+as GPU_SUITE_DIAGNOSE=1 (``diagnose()``: the calibration part's profiles, the prune part's host-memory
+jobs), and its time limit as GPU_SUITE_LIMIT_S (the tests part stops its shards before it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -24,12 +27,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def diagnose() -> bool:
+    """The suite runs with --diagnose: the parts' diagnostics (profiles, extra jobs) on top of the timings."""
+    return os.environ.get("GPU_SUITE_DIAGNOSE") == "1"
+
+
 class Recorder:
     """The part's results, rewritten to OUT/<part>.json at every ``save``."""
 
     def __init__(self, out: Path, part: str, tiny: bool):
         self.path = out / f"{part}.json"
-        self.data: dict[str, Any] = {"part": part, "tiny": tiny, "status": "running", "started": time.time()}
+        self.data: dict[str, Any] = {"part": part, "tiny": tiny, "diagnose": diagnose(), "status": "running",
+                                     "started": time.time()}
         self.save()
 
     def save(self, **kw: Any) -> None:
@@ -120,22 +129,145 @@ def _time(fn, dev: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-# ---- tests: the gpu-marked tests --------------------------------------------------------------------
+# ---- tests: the gpu-marked tests, in concurrent shards -------------------------------------------------------
+def _pytest(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "bench" / "checkout.py"), "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+
+
+def shard_tests(node_ids: list[str], k: int) -> list[list[str]]:
+    """``node_ids`` in at most ``k`` shards of about as many tests each. The pieces are whole files, except a
+    file with more than its share (ceil(n / k)) of the tests, which is cut into runs of that many ids in the
+    collected order (the GPU tests are 51 of 77 in one file); largest piece first onto the lightest shard.
+    Each shard is a list of pytest arguments (files and node ids); none is empty."""
+    if not node_ids:
+        return []
+    by_file: dict[str, list[str]] = {}
+    for n in node_ids:
+        by_file.setdefault(n.split("::")[0], []).append(n)
+    share = -(-len(node_ids) // k)
+    pieces: list[list[str]] = []  # pytest arguments, each covering len(ids) tests
+    sizes: list[int] = []
+    for f, ids in by_file.items():
+        cut = [ids] if len(ids) <= share else [ids[i:i + share] for i in range(0, len(ids), share)]
+        pieces += [[f] if c is ids else c for c in cut]
+        sizes += [len(c) for c in cut]
+    shards: list[list[str]] = [[] for _ in range(k)]
+    load = [0] * k
+    for i in sorted(range(len(pieces)), key=lambda i: -sizes[i]):  # stable: ties keep the collected order
+        j = load.index(min(load))
+        shards[j] += pieces[i]
+        load[j] += sizes[i]
+    return [sh for sh in shards if sh]
+
+
+_COUNTS = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)\b")
+
+
+def pytest_counts(summary: str) -> dict[str, int]:
+    """passed / failed / skipped / error (/ xfailed / xpassed) of a pytest summary line."""
+    out: dict[str, int] = {}
+    for n, kind in _COUNTS.findall(summary):
+        kind = "error" if kind.startswith("error") else kind
+        out[kind] = out.get(kind, 0) + int(n)
+    return out
+
+
+def merge_shards(shards: list[dict[str, Any]], seconds: float,
+                 extra_failures: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The tests part's one record from its shards' (each: returncode, summary, failures, skipped, tail,
+    seconds): counts summed into one summary line, failures and skip reasons concatenated, the tails one
+    after another under a header per shard. ``extra_failures``: collection errors, counted as errors."""
+    counts: dict[str, int] = {}
+    for sh in shards:
+        for kind, n in pytest_counts(sh["summary"]).items():
+            counts[kind] = counts.get(kind, 0) + n
+    if extra_failures:
+        counts["error"] = counts.get("error", 0) + len(extra_failures)
+    order = ("failed", "passed", "skipped", "xfailed", "xpassed", "error")
+    words = [f"{counts[k]} {'errors' if k == 'error' and counts[k] > 1 else k}" for k in order if counts.get(k)]
+    summary = f"{', '.join(words) or 'no tests ran'} in {seconds:.1f}s ({len(shards)} shards)"
+    rcs = [sh["returncode"] for sh in shards]
+    rc = next((r for r in rcs if r != 0), 1 if extra_failures else 0)
+    tail: list[str] = []
+    for i, sh in enumerate(shards):
+        tail += [f"--- shard {i}: {sh['tests']} tests, returncode {sh['returncode']}, {sh['seconds']:.1f} s"]
+        tail += sh["tail"][-15:]
+    return {"returncode": rc, "summary": summary, "counts": counts,
+            "failures": (list(extra_failures) + [f for sh in shards for f in sh["failures"]])[:40],
+            "skipped": [x for sh in shards for x in sh["skipped"]][:40], "seconds": seconds, "tail": tail,
+            "status": "done" if rc == 0 else "failed",
+            "shards": [{k: sh[k] for k in ("tests", "args", "returncode", "seconds", "summary")} for sh in shards]}
+
+
+def _shard_result(lines: list[str], rc: Any, tests: int, args: list[str], seconds: float) -> dict[str, Any]:
+    summary = next((l for l in reversed(lines) if re.search(r" (passed|failed|errors?|skipped)\b|no tests ran", l)),
+                   "")
+    return {"returncode": rc, "summary": summary, "tests": tests, "args": args, "seconds": round(seconds, 1),
+            "failures": [l for l in lines if l.startswith(("FAILED", "ERROR"))],
+            "skipped": [l for l in lines if l.startswith("SKIPPED")],  # with their reasons
+            "tail": lines[-30:]}
+
+
 def part_tests(rec: Recorder, tiny: bool) -> None:
-    """The `gpu`-marked tests (tiny: a few interpreter kernel tests, to exercise the plumbing)."""
-    sel = ["-m", "gpu", "tests"] if not tiny else ["tests/kernels", "-k", "dispatch and not fast_cpu"]
-    cmd = [sys.executable, str(ROOT / "bench" / "checkout.py"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "-x" if tiny else "-rfEs", "--continue-on-collection-errors", *sel]
+    """The `gpu`-marked tests (tiny: a few interpreter kernel tests, to exercise the plumbing), collected once
+    and run as K concurrent pytest processes (they are compile-bound and independent; K = cpu_count // 4, at
+    most 4; tiny: 2), each a balanced share (``shard_tests``); one merged record, with ``shards``."""
+    sel = ["-m", "gpu"] if not tiny else ["-k", "dispatch and not fast_cpu"]
+    where = ["tests"] if not tiny else ["tests/kernels"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" or tiny}
-    t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
-    tail = (r.stdout + r.stderr).strip().splitlines()
-    summary = next((l for l in reversed(tail) if " passed" in l or " failed" in l or " error" in l), "")
-    fails = [l for l in tail if l.startswith(("FAILED", "ERROR"))]
-    skips = [l for l in tail if l.startswith("SKIPPED")]  # with their reasons (run 3 had 15 and no reasons)
-    rec.save(returncode=r.returncode, summary=summary, failures=fails[:40], skipped=skips[:40],
-             seconds=time.perf_counter() - t,
-             tail=tail[-30:], status="done" if r.returncode == 0 else "failed")
+    limit = float(os.environ.get("GPU_SUITE_LIMIT_S") or 0)
+    t0 = time.perf_counter()
+    deadline = t0 + limit - 10 if limit else None  # stop the shards before the driver kills this process
+    r = subprocess.run(_pytest("--collect-only", "--continue-on-collection-errors", *sel, *where), cwd=ROOT,
+                       capture_output=True, text=True, env=env, check=False)
+    lines = (r.stdout + r.stderr).splitlines()
+    head = lines[:next((i for i, l in enumerate(lines) if l.startswith("=")), len(lines))]  # before ERRORS etc.
+    ids = list(dict.fromkeys(l.rstrip() for l in head if re.match(r"[\w./-]+\.py::", l)))
+    collect_errors = [l for l in lines if l.startswith("ERROR")]
+    k = 2 if tiny else min(4, max(1, (os.cpu_count() or 1) // 4))
+    shards = shard_tests(ids, k)
+    rec.save(collected=len(ids), collect_s=time.perf_counter() - t0, collect_errors=collect_errors[:20],
+             shard_count=len(shards))
+    opts = ["-x" if tiny else "-rfEs", "--continue-on-collection-errors", *sel]
+    logs, procs = [], []
+    t1 = time.perf_counter()
+    for i, args in enumerate(shards):
+        logs.append(open(rec.path.parent / f"tests-shard{i}.log", "w+"))  # noqa: SIM115 (closed below)
+        procs.append(subprocess.Popen(_pytest(*opts, *args), cwd=ROOT, env=env, stdout=logs[-1],
+                                      stderr=subprocess.STDOUT, text=True))
+    ntests = [sum(1 for n in ids if any(n == a or n.startswith(a + "::") for a in sh)) for sh in shards]
+    done: dict[int, dict[str, Any]] = {}
+    try:
+        while len(done) < len(procs):
+            for i, p in enumerate(procs):
+                if i in done:
+                    continue
+                rc = p.poll()
+                if rc is None and deadline is not None and time.perf_counter() > deadline:
+                    p.kill()
+                    p.wait()
+                    rc = "timeout"
+                if rc is None:
+                    continue
+                logs[i].seek(0)
+                out = logs[i].read().strip().splitlines()
+                done[i] = _shard_result(out, rc, ntests[i], shards[i], time.perf_counter() - t1)
+                ordered = [done[j] for j in sorted(done)]
+                rec.save(**merge_shards(ordered, time.perf_counter() - t0, collect_errors))
+                if len(done) < len(procs):
+                    rec.save(status="running")
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for f in logs:
+            f.close()
+    res = merge_shards([done[i] for i in sorted(done)], time.perf_counter() - t0, collect_errors)
+    if not ids:
+        res.update(status="failed" if collect_errors or r.returncode not in (0, 5) else "done",
+                   tail=lines[-30:], returncode=r.returncode)
+    rec.save(**res)
 
 
 # ---- decode: dense and pruned shapes, against torch eager / compile / HF ------------------------------------
@@ -146,13 +278,18 @@ def _decode_kw(tiny: bool) -> dict[str, Any]:
 
 
 def _bench_one(spec, name: str, engines: list[str], batches: list[int], tiny: bool,
-               repeats: int | None = None) -> dict[str, Any]:
+               repeats: int | None = None, new_tokens: int | None = None,
+               prompt_len: int | None = None) -> dict[str, Any]:
     from layerfold.evaluation.benchmark import bench_models
     from layerfold.evaluation.shapes import random_model
 
     kw = _decode_kw(tiny)
     if repeats is not None:
         kw["repeats"] = repeats
+    if new_tokens is not None:
+        kw["new_tokens"] = new_tokens
+    if prompt_len is not None:
+        kw["prompt_len"] = prompt_len
     m = random_model(spec, kw["device"], kw["dtype"])
     m.source = name
     try:
@@ -183,19 +320,33 @@ def part_decode_baselines(rec: Recorder, tiny: bool) -> None:
                              ("dense", dense, ["hf"], batches[:2], 2)])
 
 
+# the decode attentions the decode-sdpa part runs end to end, in this order (LAYERFOLD_DECODE_ATTN)
+DECODE_ATTNS = ("auto", "kernel", "early", "dot", "sdpa")
+
+
 def part_decode_sdpa(rec: Recorder, tiny: bool) -> None:
-    """layerfold on the dense shape with its decode attention replaced by torch SDPA over the whole cache
-    (LAYERFOLD_DECODE_ATTN=sdpa, kernels.attn_decode.attn_decode_sdpa): the end-to-end A/B of the attention
-    kernel, which the kernels part measured at 49% of the bandwidth at 64 rows against 81% for SDPA. The
-    default (the kernel) runs first in the same process, so the pair is measured back to back: its rows are
-    the engine ``layerfold-kernel-attn``, the SDPA rows ``layerfold-sdpa-attn``; then the kernel's two
-    prepared loop forms (``-early-``, ``-dot-``) and the kernel again (fused_step.DECODE_ATTENTION)."""
+    """The end-to-end A/B of the decode attention: layerfold on the dense shape under each
+    LAYERFOLD_DECODE_ATTN of DECODE_ATTNS, one after another in this process, engine
+    ``layerfold-<name>-attn``: ``auto`` (the runtime times its kernel forms per batch bucket when it builds
+    that bucket's CUDA graph and keeps the fastest; its rows carry the picks), ``kernel`` (the kernel over
+    each row's own slots), its two prepared loop forms ``early`` and ``dot``, and ``sdpa`` (torch's SDPA over
+    the whole static cache with a length mask; kernels.attn_decode.attn_decode_sdpa). An untimed warm-up
+    of the same model, batches and cache length (the runtime's default attention, 8 new tokens after a longer
+    prompt, results discarded) runs
+    first: run 3's first model in this process measured 12% under its own decode row."""
     batches = [1, 2] if tiny else [1, 16, 64]
-    dense = dense_spec(tiny)
-    # the kernel twice, first and last: run 3's first model in this process measured 12% under its decode row
-    _decode_jobs(rec, tiny, [("dense", dense, ["layerfold"], batches, None, attn, f"layerfold-{label}-attn")
-                             for attn, label in (("kernel", "kernel"), ("sdpa", "sdpa"), ("early", "early"),
-                                                 ("dot", "dot"), ("kernel", "kernel-again"))])
+    dense, kw = dense_spec(tiny), _decode_kw(tiny)
+    os.environ.pop("LAYERFOLD_DECODE_ATTN", None)
+    t = time.perf_counter()
+    try:
+        w = min(8, kw["new_tokens"])  # the same cache length (prompt + new tokens), so the same kernel launches
+        _bench_one(dense, "dense", ["layerfold"], batches, tiny, repeats=1, new_tokens=w,
+                   prompt_len=kw["prompt_len"] + kw["new_tokens"] - w)
+        rec.save(warmup_s=time.perf_counter() - t)
+    except Exception as e:  # the rows below still run (each is noted if it fails the same way)
+        rec.save(warmup_s=time.perf_counter() - t, warmup_error=f"{type(e).__name__}: {str(e)[:300]}")
+    _decode_jobs(rec, tiny, [("dense", dense, ["layerfold"], batches, None, attn, f"layerfold-{attn}-attn")
+                             for attn in DECODE_ATTNS])
 
 
 def _decode_jobs(rec: Recorder, tiny: bool, jobs: list[tuple]) -> None:
@@ -469,7 +620,9 @@ def host_model(spec, tiny: bool, dtype: torch.dtype = torch.bfloat16):
 
 def part_calibration(rec: Recorder, tiny: bool) -> None:
     """calibrate() of the 7B shape (weights in host memory, one layer on the GPU at a time): the plain
-    layer loop, the default statistics, and with Grams; tokens/s, the loop's bound, the device peak."""
+    layer loop, the default statistics, and with Grams; tokens/s, the loop's bound, the device peak. With
+    --diagnose (``diagnose()``) also where the time goes: the plain loop with the weights already on the
+    device, the host synchronisations, and profiles of the plain loop and the default statistics."""
     from layerfold.calibration.calibrate import calibrate
     from layerfold.inference.decode_net import decode_weight_bytes
 
@@ -511,6 +664,9 @@ def part_calibration(rec: Recorder, tiny: bool) -> None:
     for r in rows:
         r["over_plain"] = r["wall_s"] / plain
     rec.save(rows=rows)
+    if not diagnose():
+        rec.save(status="done")
+        return
     # where the time goes: the plain loop with every weight already on the device (no bus), and a profile
     # of the default statistics
     if dev.type == "cuda":

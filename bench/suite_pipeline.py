@@ -2,9 +2,9 @@
 
 - ``prune``: ``layerfold.prune(..., device="cuda")`` (load -> calibrate -> plan -> surgery -> save) of a
   7B-shaped bf16 checkpoint for ShortGPT, Streamline (its block trained on the GPU) and dynamic slicing (PCA
-  on the GPU), then ShortGPT (with both evaluations) and Streamline with the weights kept in host memory and
-  streamed to the GPU a layer at a time (``weights="host"``, what a model larger than the GPU gets); wall
-  time per stage and the device peak;
+  on the GPU); with --diagnose (``P.diagnose()``) also ShortGPT (with both evaluations) and Streamline with
+  the weights kept in host memory and streamed to the GPU a layer at a time (``weights="host"``, what a
+  model larger than the GPU gets); wall time per stage and the device peak;
 - ``heal``: both healing stages of the ShortGPT-pruned 7B shape on the GPU (teacher in host memory, as
   ``layerfold heal`` holds a dense checkpoint), with the default configuration (the global stage's "auto"
   picks LoRA on the unchanged layers where AdamW for every parameter does not fit), with the changed layers
@@ -69,8 +69,9 @@ def part_prune(rec: P.Recorder, tiny: bool) -> None:
         # (method, target, weights, evaluate): the weights on the device, then kept in host memory and streamed
         # a layer at a time (what a model larger than the GPU gets), the dense and pruned evaluations included
         jobs = [("shortgpt", str(k), "device", False), ("streamline", str(k), "device", False),
-                ("dynamic-slicing", "0.25", "device", False), ("shortgpt", str(k), "host", True),
-                ("streamline", str(k), "host", False)]
+                ("dynamic-slicing", "0.25", "device", False)]
+        if P.diagnose():
+            jobs += [("shortgpt", str(k), "host", True), ("streamline", str(k), "host", False)]
         rows: list[dict[str, Any]] = []
         for method, target, weights, evaluate in jobs:
             _reset(dev)
