@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
+from pathlib import Path
 
 from layerfold.cli.util import add_dtype, count_arg, device_arg, emit, parse_sizes, torch_dtype
 
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plot:
         require("plot", "--plot")
-        check_plot_path(args.plot)
+        check_plot_path(args.plot, sources=args.models)
 
     if args.threads is not None:
         cpus = os.cpu_count() or 1
@@ -88,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
 PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
 
 
-def check_plot_path(path: str) -> None:
-    """--plot checked before the benchmark runs (minutes), not when the chart is written after it."""
-    from pathlib import Path
+def check_plot_path(path: str, sources: Sequence[str] = ()) -> None:
+    """--plot checked before the benchmark runs (minutes), not when the chart is written after it: an image file
+    name in a folder that exists and may be written, outside the models, and replacing only an earlier chart."""
+    from layerfold.core.paths import check_output_file
 
     p = Path(path)
     if p.suffix.lower() not in PLOT_SUFFIXES:
@@ -98,3 +101,16 @@ def check_plot_path(path: str) -> None:
     if p.is_dir() or not p.parent.is_dir():
         what = "is a directory" if p.is_dir() else f"its folder {p.parent} does not exist"
         raise ValueError(f"--plot {path}: {what}. Fix: name an image file in an existing folder")
+    check_output_file(p, sources=sources, what="--plot", replace=_earlier_chart)
+
+
+def _earlier_chart(path: Path) -> bool:
+    """Whether ``path`` is a chart matplotlib wrote (its PNG/SVG/PDF names it), which a new run may replace."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+            f.seek(max(0, path.stat().st_size - 4096))
+            tail = f.read()
+    except OSError:
+        return False
+    return b"matplotlib" in (head + tail).lower()

@@ -229,8 +229,10 @@ def check_text(text: str, param: str) -> None:
                        param) from None
 
 
-def check_prompt(ids: list[int], max_tokens: int | None, limits: Limits, vocab_size: int) -> int:
-    """The completion length to run for a tokenized prompt (``max_tokens`` or all the room left)."""
+def check_prompt(ids: list[int], max_tokens: int | None, limits: Limits, vocab_size: int,
+                 param: str = "max_tokens") -> int:
+    """The completion length to run for a tokenized prompt (``max_tokens`` or all the room left); ``param``: the
+    field the client set it with (chat's ``max_completion_tokens``), named in the errors."""
     if not ids:
         raise ApiError(400, "the prompt is empty. Fix: send at least one token of prompt", "prompt")
     if any(not 0 <= t < vocab_size for t in ids):
@@ -243,12 +245,11 @@ def check_prompt(ids: list[int], max_tokens: int | None, limits: Limits, vocab_s
     if max_tokens is None:
         return min(limits.max_tokens, room)
     if max_tokens > limits.max_tokens:
-        raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}. "
-                       f"Fix: ask for at most {limits.max_tokens} tokens", "max_tokens")
+        raise ApiError(400, f"{param}={max_tokens} is over this server's limit of {limits.max_tokens}. "
+                       f"Fix: ask for at most {limits.max_tokens} tokens", param)
     if max_tokens > room:
-        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens={max_tokens} exceeds the context of "
-                       f"{limits.max_len} tokens. Fix: ask for at most {room} tokens", "max_tokens",
-                       "context_length_exceeded")
+        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus {param}={max_tokens} exceeds the context of "
+                       f"{limits.max_len} tokens. Fix: ask for at most {room} tokens", param, "context_length_exceeded")
     return max_tokens
 
 

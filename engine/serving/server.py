@@ -171,10 +171,27 @@ async def chat_completions(request: Request, body: ChatBody) -> Any:
         ids = await _off_loop(st, encode_prompt, st.tokenizer, msgs, True)
     except ValueError as e:
         raise ApiError(400, str(e), "messages") from None
-    mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    n = check_prompt(ids, mt, st.limits, st.vocab_size)
+    except Exception as e:
+        raise _template_refused(e) from None
+    mtc = body.max_completion_tokens is not None
+    n = check_prompt(ids, body.max_completion_tokens if mtc else body.max_tokens, st.limits, st.vocab_size,
+                     "max_completion_tokens" if mtc else "max_tokens")
     jobs = [Job(ids, n, None, j) for j in range(body.n)]
     return await _run(request, st, body, jobs, chat=True, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+
+
+def _template_refused(e: Exception) -> Exception:
+    """400 for messages the model's chat template refuses (its ``raise_exception``: Mistral's and Llama 2's "roles
+    must alternate"); any other error (a template that does not parse) stays the server's own (500)."""
+    try:
+        from jinja2.exceptions import TemplateError, TemplateSyntaxError
+    except ImportError:  # no jinja2: the template never ran (transformers' own error says to install it)
+        return e
+    if not isinstance(e, TemplateError) or isinstance(e, TemplateSyntaxError):
+        return e
+    return ApiError(400, f"this model's chat template refuses the messages: {e}. Fix: change the messages as it asks "
+                    "(e.g. alternate user and assistant turns), or send your own prompt text to /v1/completions",
+                    "messages", "invalid_messages")
 
 
 async def _run(request: Request, st: ServerState, body: Any, jobs: list[Job], *, chat: bool,

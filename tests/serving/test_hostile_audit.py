@@ -1,0 +1,100 @@
+"""Hostile requests an audit found: chat messages the model's chat template refuses (Mistral's and Llama 2's
+"roles must alternate") answered 500 "internal error" without a fix, and a ``max_completion_tokens`` over the
+limit was reported as ``max_tokens``. Each now answers 400 naming the field that was sent, with a fix, and never
+fails another request."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from layerfold.core.model import Model
+from layerfold.serving.server import create_app
+from tests.support.models import server_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CHAT = "/v1/chat/completions"
+# The check Mistral's and Llama 2's templates make, in their words.
+ALTERNATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+             "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+             "{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] ")
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return server_model(seed=1)
+
+
+def client(model: Model, tok: Any, template: str) -> Iterator[TestClient]:
+    t = copy.deepcopy(tok)
+    t.chat_template = template
+    app = create_app(model, t, model_name="audit", max_batch=4, max_len=256, max_prompt_tokens=100,
+                     max_tokens_limit=200, max_queue=16)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def strict(model: Model, tok: Any) -> Iterator[TestClient]:
+    yield from client(model, tok, ALTERNATE)
+
+
+def check_error(r: Any, status: int, param: str, *words: str) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+    assert "Fix:" in err["message"], err
+    for w in words:
+        assert w in err["message"], err
+
+
+@pytest.mark.parametrize("messages", [
+    [USER, USER],
+    [{"role": "assistant", "content": "hello"}],
+    [USER, {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
+])
+def test_messages_the_template_refuses_answer_400(strict: TestClient, messages: list[dict[str, str]]) -> None:
+    r = strict.post(CHAT, json={"messages": messages, "max_tokens": 2})
+    check_error(r, 400, "messages", "Conversation roles must alternate", "chat template")
+
+
+def test_a_refused_conversation_fails_no_other_request(strict: TestClient) -> None:
+    good = {"messages": [USER], "max_tokens": 8, "temperature": 0}
+    bad = {"messages": [USER, USER], "max_tokens": 8}
+    with ThreadPoolExecutor(4) as ex:
+        answers = list(ex.map(lambda body: strict.post(CHAT, json=body), [good, bad, good, bad, good]))
+    assert [r.status_code for r in answers] == [200, 400, 200, 400, 200], [r.text for r in answers]
+    texts = {r.json()["choices"][0]["message"]["content"] for r in answers if r.status_code == 200}
+    assert len(texts) == 1  # greedy: the same answer each time, untouched by the refused ones
+    assert strict.get("/health").json()["status"] == "ok"
+
+
+def test_a_template_that_does_not_parse_stays_a_server_error(model: Model, tok: Any) -> None:
+    """Not the client's fault: not reported as a bad request."""
+    for c in client(model, tok, "{% for m in messages %}{{ m['content'] }"):
+        r = c.post(CHAT, json={"messages": [USER], "max_tokens": 2})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"max_completion_tokens": 300}, "max_completion_tokens", ("max_completion_tokens=300", "limit of 200")),
+    ({"max_tokens": 5, "max_completion_tokens": 300}, "max_completion_tokens", ("max_completion_tokens=300",)),
+    ({"max_tokens": 300}, "max_tokens", ("max_tokens=300",)),
+])
+def test_the_completion_length_field_sent_is_the_one_named(strict: TestClient, body: dict[str, int], param: str,
+                                                          words: tuple[str, ...]) -> None:
+    check_error(strict.post(CHAT, json={"messages": [USER], **body}), 400, param, *words)
+
+
+def test_max_completion_tokens_past_the_context_is_named(model: Model, tok: Any) -> None:
+    for c in client(model, tok, ALTERNATE):
+        long = {"role": "user", "content": "word " * 90}  # about 90 of the 256 positions
+        r = c.post(CHAT, json={"messages": [long], "max_completion_tokens": 200})
+        check_error(r, 400, "max_completion_tokens", "plus max_completion_tokens=200 exceeds the context")
+        assert r.json()["error"]["code"] == "context_length_exceeded"
