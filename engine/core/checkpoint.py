@@ -78,12 +78,20 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg.get("provenance", {}), dict):
         raise CheckpointError(f"{p}: \"provenance\" is a JSON {type(cfg['provenance']).__name__}, not an object. Fix: "
                               "this file was edited by hand; restore the object (or {}) or re-create the checkpoint")
+    dt = cfg.get("dtype", "float32")
+    if dt not in WEIGHT_DTYPE_NAMES:  # informational, but transformers reads it too (a tokenizer load would fail)
+        raise CheckpointError(f"{p}: \"dtype\" is {str(dt)[:40]!r}, not one of {', '.join(WEIGHT_DTYPE_NAMES)}. "
+                              "Fix: this file was edited by hand; set it to the weights' dtype or re-create the "
+                              "checkpoint")
     try:
         cfg["spec"] = ModelSpec.from_dict(cfg.get("spec"))
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{p}: invalid model spec: {e}. Fix: config.json was edited or damaged; re-create the "
-                              "checkpoint (convert or prune again)") from None
+        fix = "" if "Fix:" in str(e) else " Fix: re-create the checkpoint (convert or prune again)"
+        raise CheckpointError(f"{p}: invalid model spec (config.json was edited or damaged): {e}.{fix}") from None
     return cfg
+
+
+WEIGHT_DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")  # what save_checkpoint writes as "dtype"
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -20,6 +20,7 @@ from typing import Any
 
 BLOCK_KINDS = ("decoder", "mlp")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # source families (core.arch.SUPPORTED), export names them
 
 
 def _err(where: str, msg: str, fix: str) -> ValueError:
@@ -187,6 +188,10 @@ class ModelSpec:
         _check_types(self, "model")
         if self.vocab_size <= 0 or self.d_model <= 0:
             raise _err("model", "vocab_size and d_model must be positive", "check the source config")
+        if self.arch not in ARCHS:  # the family export writes; a config naming another was edited or mismatched
+            raise _err("model", f"arch={self.arch!r} is not a family layerfold runs", f"use one of {ARCHS} (the "
+                       "source model's family); another architecture has to be converted from its HF directory, "
+                       "which names what it does not support")
         if self.rope_type not in ROPE_TYPES:
             raise _err("model", f"rope_type={self.rope_type!r} is unsupported", f"use one of {ROPE_TYPES}")
         if self.rope_type == "yarn" and (self.rope_theta == 1 or self.rope_original_max_pos < 1):

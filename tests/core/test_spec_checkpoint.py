@@ -190,3 +190,32 @@ def test_written_json_is_strict(tmp_path):
     st.save(tmp_path / "stats")
     derived = _strict((tmp_path / "stats" / "stats.json").read_text())["derived"]
     assert "null" in json.dumps(derived)  # the cosines of pairs of unequal width
+
+
+def test_arch_must_be_a_family_layerfold_runs():
+    """A config naming another architecture (a hand edit, or a mismatched file) is refused, naming the ones it
+    runs; those are the families the HF import supports."""
+    from layerfold.core.arch import SUPPORTED
+    from layerfold.core.spec import ARCHS
+
+    assert set(ARCHS) == set(SUPPORTED)
+    s = hetero_reference_spec().to_dict()
+    for arch in ARCHS:
+        assert ModelSpec.from_dict({**s, "arch": arch}).arch == arch
+    with pytest.raises(ValueError, match=r"arch='gpt2' is not a family layerfold runs.*Fix: use one of .*llama"):
+        ModelSpec.from_dict({**s, "arch": "gpt2"})
+
+
+def test_config_errors_name_the_cause_once(saved):
+    """config.json's "dtype" (which transformers reads too, e.g. when the tokenizer loads) must be one layerfold
+    writes; a damaged spec's error carries one fix, not two."""
+    _, out = saved
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "dtype": "float8"}))
+    with pytest.raises(CheckpointError, match=r"\"dtype\" is 'float8', not one of float32, bfloat16"):
+        load_checkpoint(out)
+    spec = {**cfg["spec"], "vocab_size": -3}
+    (out / "config.json").write_text(json.dumps({**cfg, "spec": spec}))
+    with pytest.raises(CheckpointError, match="invalid model spec") as e:
+        load_checkpoint(out)
+    assert str(e.value).count("Fix:") == 1, str(e.value)
