@@ -122,6 +122,8 @@ class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[Any] | None = None  # refused when it holds any (chat_messages): no tools run here
+    function_call: dict[str, Any] | None = None
 
 
 class ChatBody(_Common):
@@ -206,7 +208,18 @@ def prompt_list(body: CompletionBody, limits: Limits) -> list[str | list[int]]:
 
 
 def chat_messages(body: ChatBody, limits: Limits) -> list[dict[str, str]]:
-    """The chat request's messages for the chat template (content parts joined; ``developer`` is ``system``)."""
+    """The chat request's messages for the chat template (content parts joined; ``developer`` is ``system``);
+    400 for what the template would never see: an assistant's tool calls (no tools run here, so they would be
+    dropped without a word), or a message other than an assistant's with no content."""
+    for i, m in enumerate(body.messages):
+        if m.tool_calls or m.function_call:
+            f = "tool_calls" if m.tool_calls else "function_call"
+            raise ApiError(400, f"messages.{i}.{f}: this server runs no tools, so the model cannot be shown the "
+                           "assistant's calls. Fix: drop them from the conversation (keep the assistant's text)",
+                           f"messages.{i}.{f}")
+        if m.content is None and m.role != "assistant":
+            raise ApiError(400, f"messages.{i} ({m.role}) has no content. Fix: send its text as \"content\"",
+                           f"messages.{i}.content")
     msgs = [{"role": "system" if m.role == "developer" else m.role,
              "content": (m.content if isinstance(m.content, str) or m.content is None else
                          "".join(part.text for part in m.content)) or ""} for m in body.messages]

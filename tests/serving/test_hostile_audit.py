@@ -98,3 +98,26 @@ def test_max_completion_tokens_past_the_context_is_named(model: Model, tok: Any)
         r = c.post(CHAT, json={"messages": [long], "max_completion_tokens": 200})
         check_error(r, 400, "max_completion_tokens", "plus max_completion_tokens=200 exceeds the context")
         assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("message,param,words", [
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                            "function": {"name": "f", "arguments": "{}"}}]},
+     "messages.1.tool_calls", ("runs no tools",)),
+    ({"role": "assistant", "content": "x", "function_call": {"name": "f", "arguments": "{}"}},
+     "messages.1.function_call", ("runs no tools",)),
+    ({"role": "user"}, "messages.1.content", ("has no content",)),
+    ({"role": "system", "content": None}, "messages.1.content", ("has no content",)),
+])
+def test_what_the_template_would_never_see_is_refused(strict: TestClient, message: dict, param: str,
+                                                      words: tuple[str, ...]) -> None:
+    """An assistant's tool calls (no tools run here: they would vanish from the prompt) and a message with no
+    content other than an assistant's: 400 naming the field, before the template runs."""
+    r = strict.post(CHAT, json={"messages": [USER, message], "max_tokens": 2})
+    check_error(r, 400, param, *words)
+
+
+def test_empty_tool_calls_and_an_assistant_without_content_are_served(strict: TestClient) -> None:
+    msgs = [USER, {"role": "assistant", "content": None, "tool_calls": []}, USER]
+    r = strict.post(CHAT, json={"messages": msgs, "max_tokens": 2})
+    assert r.status_code == 200, r.text
