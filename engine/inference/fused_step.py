@@ -9,7 +9,7 @@ Per layer, with ``x`` the normalised input of the next stage carried between sta
     MLP         gu = x Wgu^T; h += swiglu(gu) Wd^T; x = norm(h)   the activation fused into the down GEMV
                                                           or its own launch (picked per shape)
 
-so 8 launches a layer (the unfused step took 13: separate norm, rotary, two cache scatters, residual
+so 7-9 launches a layer (the unfused step took 13: separate norm, rotary, two cache scatters, residual
 adds). A sliced layer's shortcut rides in its output GEMV as ``[y | h] @ [W | S]^T`` (h is replaced,
 then normalised). Every shape is static and lengths live in tensors, so the runtime replays the step as
 one CUDA graph per batch bucket. Which GEMV implementation serves a weight, and which form of the
