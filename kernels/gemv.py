@@ -38,7 +38,8 @@ from ._triton import tl, triton
 from .heuristics import GEMV_CONFIGS, GEMV_MAX_ROWS, GemvConfig, gemv_interpreter_config
 from .swiglu import swiglu, swiglu_ref
 
-__all__ = ["Linear", "gemv", "gemv_ref", "pick_linear", "pick_swiglu_linear", "swiglu_gemv", "swiglu_gemv_ref"]
+__all__ = ["Linear", "cuda_time_ms", "gemv", "gemv_ref", "pick_linear", "pick_swiglu_linear", "swiglu_gemv",
+           "swiglu_gemv_ref"]
 
 
 @triton.jit
@@ -206,7 +207,7 @@ def _fastest(cands: list[tuple[str, Linear]], args: tuple, reps: int) -> tuple[L
     best, best_t = cands[0], float("inf")
     for name, fn in cands:
         try:
-            t = _time(lambda fn=fn: fn(*args), reps)
+            t = cuda_time_ms(lambda fn=fn: fn(*args), reps)
         except Exception:  # a config that does not compile or launch for this shape is not a candidate
             continue
         if t < best_t:
@@ -214,7 +215,9 @@ def _fastest(cands: list[tuple[str, Linear]], args: tuple, reps: int) -> tuple[L
     return best[1], best[0]
 
 
-def _time(fn: Callable[[], Tensor], reps: int) -> float:
+def cuda_time_ms(fn: Callable[[], Tensor], reps: int) -> float:
+    """Milliseconds per call of ``fn`` on the current CUDA stream: median of ``reps`` (CUDA events) after three
+    warm-up calls."""
     for _ in range(3):
         fn()
     start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]

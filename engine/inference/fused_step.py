@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from layerfold.kernels.attn_decode import attn_decode, attn_decode_ref, attn_decode_sdpa, planned_splits
-from layerfold.kernels.gemv import Linear, gemv, pick_linear, pick_swiglu_linear, swiglu_gemv
+from layerfold.kernels.gemv import Linear, cuda_time_ms, gemv, pick_linear, pick_swiglu_linear, swiglu_gemv
 from layerfold.kernels.heuristics import GEMV_MAX_ROWS
 from layerfold.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from layerfold.kernels.rope_cache import rope_cache
@@ -144,7 +144,7 @@ class FusedDecode:
         cache (read only: a live server's rows stay intact) with every row at half the cache's slots; the
         fastest is kept, the plain kernel on ties. ``timer`` returns seconds for a call (default: CUDA
         events, median of 10). Returns how many attention layers each "attn:<form>" got."""
-        timer = timer or _cuda_time
+        timer = timer or (lambda fn: cuda_time_ms(fn, 10) / 1e3)
         by_key: dict[tuple[int, ...], tuple[Callable[..., Tensor], str]] = {}
         picked: dict[str, int] = {}
         for s in self.stages:
@@ -248,15 +248,3 @@ class FusedDecode:
             return swiglu_gemv(gu, wd)
         return self._lin(swiglu(gu), wd)
 
-
-def _cuda_time(fn: Callable[[], Tensor], reps: int = 10) -> float:
-    """Seconds per call of ``fn`` on the current CUDA stream: median of ``reps`` after two warm-ups."""
-    for _ in range(2):
-        fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return sorted(a.elapsed_time(b) for a, b in ev)[reps // 2] / 1e3
