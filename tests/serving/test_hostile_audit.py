@@ -11,11 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from layerfold.core.model import Model
-from layerfold.serving.server import create_app
-from tests.support.models import server_model
+pytest.importorskip("fastapi", reason="the serve extra brings fastapi (a bare GPU machine may lack it)")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from layerfold.core.model import Model  # noqa: E402
+from layerfold.serving.server import create_app  # noqa: E402
+from tests.support.models import server_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHAT = "/v1/chat/completions"
