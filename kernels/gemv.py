@@ -216,16 +216,43 @@ def _fastest(cands: list[tuple[str, Linear]], args: tuple, reps: int) -> tuple[L
 
 
 def cuda_time_ms(fn: Callable[[], Tensor], reps: int) -> float:
-    """Milliseconds per call of ``fn`` on the current CUDA stream: median of ``reps`` (CUDA events) after three
-    warm-up calls."""
+    """Milliseconds of device time per call of ``fn``: median of ``reps``, after three warm-up calls (compiles).
+
+    Timed as the decode step runs: ``fn`` is captured once in a CUDA graph and each timed replay follows a
+    write of twice the L2 cache, so that (1) the host's launch cost, which the step's own graph does not pay,
+    is not measured: the flush keeps the device busy while the events and the replay are queued; and
+    (2) the operands come from HBM, as in a step, where every layer's weights and cache were evicted by
+    the layers between. The eager back-to-back timing it replaced is launch-bound for short kernels (a
+    Triton launch from Python outlasts a batch-1 GEMV or attention), which made the per-bucket picks
+    unreliable: in GPU run 4 they gave a batch-1 step 17% slower than the fixed kernel's
+    (docs/PERFORMANCE.md, GPU). A ``fn`` that cannot be captured (a host
+    read) is timed eagerly, with the same flush."""
     for _ in range(3):
         fn()
+    dev = torch.cuda.current_device()
+    flush = torch.empty(max(2 * torch.cuda.get_device_properties(dev).L2_cache_size, 1 << 24) // 4,
+                        dtype=torch.int32, device=dev)
+    run: Callable[[], object] = fn
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    try:
+        with torch.cuda.stream(side):
+            fn()  # on the capture's stream first (cuBLAS sets up its workspace there)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except RuntimeError:  # not capturable: eager, still behind the flush
+        torch.cuda.synchronize(dev)
     start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    run()
     for s, e in zip(start, end, strict=True):
+        flush.zero_()
         s.record()
-        fn()
+        run()
         e.record()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(dev)
     times = sorted(s.elapsed_time(e) for s, e in zip(start, end, strict=True))
     return times[len(times) // 2]

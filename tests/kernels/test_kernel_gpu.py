@@ -99,3 +99,24 @@ def test_gpu_attn_decode_variants(kv_early: bool, dot: bool, b: int, g: int, s: 
     want = attn_decode_ref(q.double(), k.double(), v.double(), lengths)
     got = attn_decode(q.to(CUDA), k.to(CUDA), v.to(CUDA), lengths.to(CUDA), splits=splits, kv_early=kv_early, dot=dot)
     assert_close(got.cpu(), want, torch.bfloat16, f"kv_early={kv_early} dot={dot} b={b} g={g} s={s}")
+
+
+def test_cuda_time_ms_times_the_device_not_the_host() -> None:
+    """The picks' timer (kernels.gemv.cuda_time_ms) measures device time as a CUDA graph replays it: a host
+    stall inside the timed callable is not counted (an eager timing would give at least 2 ms a call), and
+    the time of a bandwidth-bound op grows with the bytes it moves (its operands come from HBM, not L2)."""
+    import time
+
+    from layerfold.kernels.gemv import cuda_time_ms
+
+    x = torch.zeros(1, device="cuda")
+
+    def stalled() -> torch.Tensor:
+        time.sleep(0.002)
+        return x.add_(1)
+
+    assert cuda_time_ms(stalled, 5) < 0.5
+    big = torch.ones(1 << 27, device="cuda")  # 512 MiB, far past any L2
+    small = big[: 1 << 24]  # 64 MiB
+    t_big, t_small = cuda_time_ms(lambda: big.mul_(1.0), 5), cuda_time_ms(lambda: small.mul_(1.0), 5)
+    assert 4.0 < t_big / t_small < 12.0, (t_big, t_small)
