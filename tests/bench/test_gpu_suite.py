@@ -120,13 +120,13 @@ def test_default_parts_are_the_core_set(tmp_path: Path) -> None:
 
 def test_tests_shards_balance_files_and_merge() -> None:
     ids = [f"tests/{f}.py::t{i}" for f, n in (("a", 5), ("b", 3), ("c", 2), ("d", 2), ("e", 1)) for i in range(n)]
-    shards = suite_parts.shard_tests(ids, 2)  # whole files, largest first onto the lighter shard
-    assert shards == [["tests/a.py", "tests/d.py"], ["tests/b.py", "tests/c.py", "tests/e.py"]]  # 7 and 6 tests
-    # a file over its share (ceil(13 / 4) = 4 tests) is cut into runs of node ids: 4, 3, 3, 3 tests
-    assert suite_parts.shard_tests(ids, 4) == [ids[:4], ["tests/b.py"], ["tests/c.py", ids[4]],
-                                               ["tests/d.py", "tests/e.py"]]
-    one = ids[:5]  # one file: its tests are dealt out instead, in order, none lost or repeated
-    assert suite_parts.shard_tests(one, 2) == [one[:3], one[3:]]
+    shards = suite_parts.shard_tests(ids, 2)  # dealt in turn: every file split between the shards
+    assert shards == [ids[0::2], ids[1::2]]
+    assert [len(s) for s in suite_parts.shard_tests(ids, 4)] == [4, 3, 3, 3]
+    assert sorted(x for s in suite_parts.shard_tests(ids, 4) for x in s) == sorted(ids)  # none lost or repeated
+    heavy = ids[5:8]  # tests/b.py's three tests land in three different shards
+    assert sum(any(h in s for h in heavy) for s in suite_parts.shard_tests(ids, 4)) == 3
+    one = ids[:5]
     assert suite_parts.shard_tests(one, 8) == [[x] for x in one] and suite_parts.shard_tests([], 4) == []
 
     def shard(rc: Any, summary: str, lines: list[str]) -> dict[str, Any]:
