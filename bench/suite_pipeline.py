@@ -84,6 +84,7 @@ def part_prune(rec: P.Recorder, tiny: bool) -> None:
                 row.update(wall_s=time.perf_counter() - t, times={k_: round(v, 2) for k_, v in rep["times"].items()},
                            layers=rep["pruned"]["layers"], params=rep["pruned"]["params"],
                            params_ratio=rep["pruned"]["params"] / n_params, device_peak_gb=_peak_gb(dev),
+                           stage_peaks_gb=rep.get("device_peak_gb"),
                            weight_gb=rep["weights"]["bytes"] / 1e9)
                 if evaluate:
                     row["ppl"] = {"dense": rep["dense"].get("ppl"), "pruned": rep["pruned"].get("ppl")}
@@ -208,6 +209,9 @@ def markdown(p: dict[str, Any], _f: Any, _table: Any) -> list[str]:
              *(_f(r.get("times", {}).get(s)) for s in stages), _f(r.get("device_peak_gb"), "{:.1f}")]
             if "error" not in r else [r["method"], r["target"], r.get("weights", "device"), r["error"],
                                       *[""] * (len(stages) + 3)] for r in pr["rows"]], right_from=3)
+        lines += [""] + [f"- {r['method']} ({r.get('weights', 'device')}): device peak after each stage, GB: "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_peaks_gb"].items())
+                         for r in pr["rows"] if r.get("stage_peaks_gb")]
     h = p.get("heal", {})
     if h.get("rows"):
         lines += ["", f"## layerfold heal on the GPU ({h.get('teacher_layers')} -> {h.get('student_layers')} layers, "

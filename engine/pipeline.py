@@ -229,6 +229,12 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     when the weights fit a share of its free memory; evaluation.streamed.weights_place)."""
     t_all = time.time()
     times: dict[str, float] = {}
+    peaks: dict[str, float] = {}  # the device's allocation high-water mark after each stage: where it jumps
+
+    def done(stage: str, t0: float | None = None, seconds: float = 0.0) -> None:
+        times[stage] = time.time() - t0 if t0 is not None else seconds
+        if str(device).startswith("cuda") and torch.cuda.is_available():
+            peaks[stage] = round(torch.cuda.max_memory_allocated(torch.device(device)) / 1e9, 3)
     dtype = check_args(source, out, samples, seq_len, device, dtype)
     out = check_output(out, sources=[str(source), resolve(source, quiet=True)], overwrite=overwrite)
     if plan is None and method is None:
@@ -253,7 +259,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     model, tok = load(source, device="cpu" if place["place"] == "host" else device, dtype=dtype,
                       quiet=not progress, allow_nonfinite=allow_nonfinite)
     model.requires_grad_(False)
-    times["load"] = time.time() - t0
+    done("load", t0)
     calib = calibration_set(tok, data, samples, seq_len, seed)
     if eval:
         check_data(tok, data, eval_options, model)
@@ -273,7 +279,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
             sopt = {"cka": False, "channels": False, **m.stats_options}
             sopt["window"] = max(window, int(sopt.get("window", 0)))
             st = calibrate(model, calib, device=device, progress=progress, meta={"data": data}, **sopt)
-        times["calibrate"] = time.time() - t0
+        done("calibrate", t0)
     t0 = time.time()
     if dp is not None:
         res = run_plan(model, dp, calib, options, seed=seed, progress=progress,
@@ -284,7 +290,7 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
         res = run_method(model, tok, m.name, tgt, calib, stats=st, options=options, source=str(source),
                          device=device, seed=seed, progress=progress, weights=place["place"])
         method_name = m.name
-    times["method"] = time.time() - t0
+    done("method", t0)
     heal_info: dict[str, Any] | None = None
     before_heal: dict[str, Any] | None = None
 
@@ -294,22 +300,22 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
     if heal and eval:  # the pruned model as surgery left it, for the before/after of healing
         r = run_eval(scored(res.model), tok, data, eval_options)
         before_heal = {k: r[k] for k in EVAL_KEYS}
-        times["eval_before_heal"] = r["seconds"]
+        done("eval_before_heal", seconds=r["seconds"])
     if heal:
         t0 = time.time()
         heal_info = heal_result(res, model, tok, data=data, device=device, progress=progress, options=heal_options,
                                 host_teacher=place["place"] == "host")
-        times["heal"] = time.time() - t0
+        done("heal", t0)
     dense = layer_counts(model)
     pruned = layer_counts(res.model)
     evaluation = None
     if eval:
         r = run_eval(scored(model), tok, data, eval_options)
         dense.update({k: r[k] for k in EVAL_KEYS})
-        times["eval_dense"] = r["seconds"]
+        done("eval_dense", seconds=r["seconds"])
         r = run_eval(scored(res.model), tok, data, eval_options)
         pruned.update({k: r[k] for k in EVAL_KEYS})
-        times["eval_pruned"] = r["seconds"]
+        done("eval_pruned", seconds=r["seconds"])
         evaluation = eval_settings(r["raw"], eval_options)
     src_prov = getattr(model, "provenance", {}) or {}
     opts = {k: v for k, v in (options or {}).items() if v is not None and not k.startswith("_")}
@@ -328,13 +334,13 @@ def prune(source: str | Path, method: str | None, target: str | Target | None, o
         "changed_layers": res.changed_layers, "dense": dense, "pruned": pruned, "pruned_before_heal": before_heal,
         "calibration": calibration,
         "info": res.info, "heal": heal_info, "times": times, "source": str(source), "data": data,
-        "evaluation": evaluation, "seed": seed, "device": device, "weights": place,
+        "evaluation": evaluation, "seed": seed, "device": device, "weights": place, "device_peak_gb": peaks,
         "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None, "versions": package_versions(),
     }
     t0 = time.time()
     save_checkpoint(out, res.model.spec, res.model.state_dict(), tokenizer=tok, provenance=provenance, report=report,
                     sources=[str(source), str(resolve(source, quiet=True))], overwrite=overwrite)
-    times["save"] = time.time() - t0
+    done("save", t0)
     times["total"] = time.time() - t_all
     report["out"] = str(out)
     from layerfold.core.paths import write_json_atomic

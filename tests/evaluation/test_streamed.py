@@ -7,6 +7,7 @@ GPU tests at the end check the same on CUDA."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,7 @@ def test_prune_with_host_weights_gives_the_same_checkpoint(method: str, dense: P
     ref = prune(dense, method, target, tmp_path / "device", weights="device", **kw)
     got = prune(dense, method, target, tmp_path / "host", weights="host", **kw)
     assert ref["weights"]["place"] == "device" and got["weights"]["place"] == "host"
+    assert ref["device_peak_gb"] == {} == got["device_peak_gb"]  # a CPU job has no device peaks to report
     assert got["weights"]["bytes"] == weight_bytes(dense)
     assert got["layer_map"] == ref["layer_map"] and got["plan"] == ref["plan"]
     for key in ("ppl", "acc", "acc_norm", "params", "layers"):
@@ -194,3 +196,19 @@ def test_gpu_streamed_evaluation_equals_the_cpu_model(tok: Any) -> None:
     got = perplexity(s, ids.reshape(-1), seq_len=40)
     assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_prune_reports_the_device_peak_after_each_stage(dense: Path, tmp_path: Path) -> None:
+    """`prune --device cuda` reports the device's high-water mark after each stage (GPU run 4: slicing peaked
+    at 39.9 GB against ~27 predicted, and the job's one peak did not say in which stage)."""
+    torch.cuda.reset_peak_memory_stats()
+    rep = prune(dense, "shortgpt", "2", tmp_path / "o", device="cuda", weights="device", samples=4, seq_len=32,
+                eval_options=EVAL, progress=False)
+    peaks = rep["device_peak_gb"]
+    assert list(peaks) == ["load", "calibrate", "method", "eval_dense", "eval_pruned", "save"]
+    assert all(b >= a for a, b in zip(list(peaks.values()), list(peaks.values())[1:], strict=False))
+    assert peaks["load"] >= weight_bytes(dense) / 1e9 * 0.99  # the weights are on the device by then
+    on_disk = json.loads((tmp_path / "o" / "report.json").read_text())["device_peak_gb"]
+    assert on_disk == peaks
