@@ -309,8 +309,9 @@ def part_decode_baselines(rec: Recorder, tiny: bool) -> None:
                              ("dense", dense, ["hf"], batches[:2], 1)])
 
 
-# the decode attentions the decode-sdpa part runs end to end, in this order (LAYERFOLD_DECODE_ATTN)
-DECODE_ATTNS = ("auto", "kernel", "early", "dot", "sdpa")
+# the decode attentions the decode-sdpa part runs end to end, in this order (LAYERFOLD_DECODE_ATTN; "+pdl":
+# with LAYERFOLD_PDL=1 too, the step's Triton kernels under programmatic dependent launch)
+DECODE_ATTNS = ("auto", "auto+pdl", "kernel", "early", "dot", "sdpa")
 
 
 def part_decode_sdpa(rec: Recorder, tiny: bool) -> None:
@@ -319,7 +320,8 @@ def part_decode_sdpa(rec: Recorder, tiny: bool) -> None:
     ``layerfold-<name>-attn``: ``auto`` (the runtime times its kernel forms per batch bucket when it builds
     that bucket's CUDA graph and keeps the fastest; its rows carry the picks), ``kernel`` (the kernel over
     each row's own slots), its two prepared loop forms ``early`` and ``dot``, and ``sdpa`` (torch's SDPA over
-    the whole static cache with a length mask; kernels.attn_decode.attn_decode_sdpa). An untimed warm-up
+    the whole static cache with a length mask; kernels.attn_decode.attn_decode_sdpa); ``auto+pdl`` is
+    ``auto`` with LAYERFOLD_PDL=1 (kernels._dispatch.pdl), right after it for a paired look. An untimed warm-up
     of the same model, batches and cache length (the runtime's default attention, 8 new tokens after a longer
     prompt, results discarded) runs
     first: run 3's first model in this process measured 12% under its own decode row."""
@@ -345,8 +347,12 @@ def _decode_jobs(rec: Recorder, tiny: bool, jobs: list[tuple]) -> None:
     setup: dict[str, float] = {}
     for name, spec, engines, bs, reps, *alt in jobs:
         attn, engine = alt if alt else (None, None)
-        if attn is not None:  # read when the fused step is built, so per job in this process
-            os.environ["LAYERFOLD_DECODE_ATTN"] = attn
+        if attn is not None:  # read when the fused step is built (PDL: when its graphs are), so per job here
+            os.environ["LAYERFOLD_DECODE_ATTN"] = attn.removesuffix("+pdl")
+            if attn.endswith("+pdl"):
+                os.environ["LAYERFOLD_PDL"] = "1"
+            else:
+                os.environ.pop("LAYERFOLD_PDL", None)
         label = engine or engines[0]
         t = time.perf_counter()
         try:

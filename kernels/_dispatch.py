@@ -14,15 +14,16 @@ instead of failing deep inside the interpreter.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._triton import AVAILABLE
+from ._triton import AVAILABLE, HAS_PDL
 
-__all__ = ["interpreted", "interpreting", "launchable", "num_sms", "use_triton"]
+__all__ = ["interpreted", "interpreting", "launchable", "num_sms", "pdl", "use_triton"]
 
 
 def interpreting() -> bool:
@@ -59,3 +60,25 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_NO_PDL: dict[str, Any] = {}
+_PDL: dict[str, Any] = {"PDL": True, "launch_pdl": True}
+
+
+def pdl(t: Tensor) -> dict[str, Any]:
+    """Launch keywords for the decode step's kernels: programmatic dependent launch when
+    ``LAYERFOLD_PDL=1`` (read now) and ``t`` is on a Hopper or later GPU with a Triton that has it;
+    else none. Under it a kernel is launched while the one before it finishes: its programs first wait
+    for that kernel's writes (``gdc_wait``), then let the next launch (``gdc_launch_dependents``), so the
+    launch latency between the short kernels of a batch-1 step overlaps the previous kernel's tail.
+    Opt-in until a GPU run measures it (bench/gpu_suite.py's decode-sdpa part runs it beside the default)."""
+    if os.environ.get("LAYERFOLD_PDL") != "1" or not HAS_PDL or not t.is_cuda or interpreting():
+        return _NO_PDL
+    return _PDL if _hopper(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
+        else _NO_PDL
+
+
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9

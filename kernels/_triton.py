@@ -15,6 +15,13 @@ try:
     import triton.language as tl
 
     AVAILABLE, WHY = True, ""
+    try:  # programmatic dependent launch (Hopper and later): Triton 3.4+
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        HAS_PDL = True
+    except ImportError:  # an older Triton: the kernels' PDL branch is never taken (kernels._dispatch.pdl)
+        gdc_wait = gdc_launch_dependents = None
+        HAS_PDL = False
 except ImportError as e:  # pragma: no cover - exercised by a subprocess test that hides triton
     AVAILABLE, WHY = False, f"triton is not importable ({e})"
 
@@ -49,5 +56,7 @@ except ImportError as e:  # pragma: no cover - exercised by a subprocess test th
             return None
 
     triton, tl = _Triton(), _Language()  # type: ignore[assignment]
+    gdc_wait = gdc_launch_dependents = None
+    HAS_PDL = False
 
-__all__ = ["AVAILABLE", "WHY", "tl", "triton"]
+__all__ = ["AVAILABLE", "HAS_PDL", "WHY", "gdc_launch_dependents", "gdc_wait", "tl", "triton"]

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import interpreting, launchable, num_sms, use_triton
-from ._triton import tl, triton
+from ._dispatch import interpreting, launchable, num_sms, pdl, use_triton
+from ._triton import gdc_launch_dependents, gdc_wait, tl, triton
 from .heuristics import attn_decode_splits
 
 __all__ = ["attn_decode", "attn_decode_ref", "attn_decode_sdpa", "planned_splits"]
@@ -118,7 +118,11 @@ def _attn_decode_kernel(
     BLOCK_HD: tl.constexpr,  # >= HD, power of two
     KV_EARLY: tl.constexpr,  # see _attend
     USE_DOT: tl.constexpr,  # see _attend
+    PDL: tl.constexpr = False,  # programmatic dependent launch (kernels._dispatch.pdl)
 ):
+    if PDL:  # wait for the previous kernel's writes, then let the next kernel launch
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     gs, ds, gm, dm, q_off, q, start, length = _query(q_ptr, len_ptr, b, h, KV, G, HD, scale, WINDOW, HAS_WINDOW,
@@ -153,7 +157,11 @@ def _attn_split_kernel(
     BLOCK_HD: tl.constexpr,
     KV_EARLY: tl.constexpr,
     USE_DOT: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (kernels._dispatch.pdl)
 ):
+    if PDL:  # wait for the previous kernel's writes, then let the next kernel launch
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     sp = tl.program_id(2)
@@ -181,8 +189,12 @@ def _attn_combine_kernel(
     SPLITS,
     BLOCK_SP: tl.constexpr,  # >= SPLITS, power of two
     BLOCK_HD: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (kernels._dispatch.pdl)
 ):
     """Program (b*KV + h, g) merges the splits of query head g of KV head h of row b."""
+    if PDL:  # wait for the previous kernel's writes, then let the next kernel launch
+        gdc_wait()
+        gdc_launch_dependents()
     bh = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     sps = tl.arange(0, BLOCK_SP)
@@ -266,15 +278,16 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, *,
             q, k_cache, v_cache, lengths, po, pl, kv, g, hd, k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), sc, int(window or 0), split_len, splits, HAS_WINDOW=window is not None,
             BLOCK_G=bg, BLOCK_S=block_s, BLOCK_HD=triton.next_power_of_2(hd), KV_EARLY=kv_early, USE_DOT=dot,
-            num_warps=warps, **pipe)
+            num_warps=warps, **pipe, **pdl(q))
         launchable(_attn_combine_kernel)[(b * kv, g)](
             po, pl, out, g, hd, splits, BLOCK_SP=triton.next_power_of_2(splits),
-            BLOCK_HD=triton.next_power_of_2(hd), num_warps=1 if interpreting() else 2)
+            BLOCK_HD=triton.next_power_of_2(hd), num_warps=1 if interpreting() else 2, **pdl(q))
         return out
     launchable(_attn_decode_kernel)[(b, kv)](
         q, k_cache, v_cache, lengths, out, kv, g, hd, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         sc, int(window or 0), HAS_WINDOW=window is not None, BLOCK_G=bg, BLOCK_S=block_s,
-        BLOCK_HD=triton.next_power_of_2(hd), KV_EARLY=kv_early, USE_DOT=dot, num_warps=warps, **pipe)
+        BLOCK_HD=triton.next_power_of_2(hd), KV_EARLY=kv_early, USE_DOT=dot, num_warps=warps, **pipe,
+        **pdl(q))
     return out
 
 

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import interpreting, launchable, use_triton
-from ._triton import tl, triton
+from ._dispatch import interpreting, launchable, pdl, use_triton
+from ._triton import gdc_launch_dependents, gdc_wait, tl, triton
 from .heuristics import GEMV_CONFIGS, GEMV_MAX_ROWS, GemvConfig, gemv_interpreter_config
 from .swiglu import swiglu, swiglu_ref
 
@@ -59,8 +59,12 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,  # >= N, power of two
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (kernels._dispatch.pdl)
 ):
     """Program p computes y[:, p*BLOCK_O:(p+1)*BLOCK_O]."""
+    if PDL:  # wait for the previous kernel's writes, then let the next kernel launch
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_n = tl.arange(0, BLOCK_N)
@@ -120,7 +124,7 @@ def _launch(x: Tensor, w: Tensor, bias: Tensor | None, res: Tensor | None, *, sw
         x, w, bias.contiguous() if bias is not None else w, res.contiguous() if res is not None else y, y,
         n, o, k, x.stride(0), HAS_BIAS=bias is not None, HAS_RES=res is not None, SWIGLU=swiglu,
         BLOCK_N=block_n, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k // block_n if cfg.scale_k else cfg.block_k,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        num_warps=cfg.warps, num_stages=cfg.stages, **pdl(w))
     return y
 
 

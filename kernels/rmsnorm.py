@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dispatch import interpreting, launchable, use_triton
-from ._triton import tl, triton
+from ._dispatch import interpreting, launchable, pdl, use_triton
+from ._triton import gdc_launch_dependents, gdc_wait, tl, triton
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_ref", "rmsnorm", "rmsnorm_ref"]
 
@@ -26,8 +26,12 @@ def _rmsnorm_kernel(
     stride_x,
     eps,
     BLOCK_D: tl.constexpr,  # >= D, power of two: one program holds a whole row
+    PDL: tl.constexpr = False,  # programmatic dependent launch (kernels._dispatch.pdl)
 ):
     """y[n] = x[n] * rsqrt(mean(x[n]^2) + eps) * w, one program per row, fp32 math."""
+    if PDL:  # wait for the previous kernel's writes, then let the next kernel launch
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
@@ -61,7 +65,8 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return y.view(x.shape)
     block = triton.next_power_of_2(d)
     launchable(_rmsnorm_kernel)[(x2.shape[0],)](
-        x2, weight.contiguous(), y, d, x2.stride(0), float(eps), BLOCK_D=block, num_warps=_rmsnorm_warps(block))
+        x2, weight.contiguous(), y, d, x2.stride(0), float(eps), BLOCK_D=block, num_warps=_rmsnorm_warps(block),
+        **pdl(x2))
     return y.view(x.shape)
 
 
@@ -83,8 +88,12 @@ def _add_rmsnorm_kernel(
     D,
     eps,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (kernels._dispatch.pdl)
 ):
     """h[n] <- round(h[n] + y[n]); x[n] = h[n] * rsqrt(mean(h[n]^2) + eps) * w (fp32 math)."""
+    if PDL:  # wait for the previous kernel's writes, then let the next kernel launch
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
@@ -113,7 +122,7 @@ def add_rmsnorm(h: Tensor, y: Tensor, weight: Tensor, eps: float) -> Tensor:
         return x
     block = triton.next_power_of_2(d)
     launchable(_add_rmsnorm_kernel)[(n,)](h, y, weight, x, d, float(eps), BLOCK_D=block,
-                                         num_warps=1 if interpreting() else _rmsnorm_warps(block))
+                                         num_warps=1 if interpreting() else _rmsnorm_warps(block), **pdl(h))
     return x
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dispatch import interpreting, launchable, use_triton
-from ._triton import tl, triton
+from ._dispatch import interpreting, launchable, pdl, use_triton
+from ._triton import gdc_launch_dependents, gdc_wait, tl, triton
 
 __all__ = ["rope_cache", "rope_cache_ref"]
 
@@ -43,7 +43,11 @@ def _rope_cache_kernel(
     eps,
     HAS_NORM: tl.constexpr,
     BLOCK_HALF: tl.constexpr,  # >= HD // 2, power of two
+    PDL: tl.constexpr = False,  # programmatic dependent launch (kernels._dispatch.pdl)
 ):
+    if PDL:  # wait for the previous kernel's writes, then let the next kernel launch
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half = HD // 2
@@ -109,7 +113,7 @@ def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tens
         qkv, cos, sin, pos, q_norm if q_norm is not None else cos, k_norm if k_norm is not None else cos, q,
         k_cache, v_cache, n_heads, n_kv, hd, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         float(eps), HAS_NORM=q_norm is not None, BLOCK_HALF=triton.next_power_of_2(hd // 2),
-        num_warps=1 if interpreting() or hd <= 128 else 2)
+        num_warps=1 if interpreting() or hd <= 128 else 2, **pdl(qkv))
     return q
 
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import interpreting, launchable, use_triton
-from ._triton import tl, triton
+from ._dispatch import interpreting, launchable, pdl, use_triton
+from ._triton import gdc_launch_dependents, gdc_wait, tl, triton
 
 __all__ = ["swiglu", "swiglu_ref"]
 
@@ -25,8 +25,12 @@ def _swiglu_kernel(
     FF,  # F, the FFN width
     stride_gu,
     BLOCK: tl.constexpr,  # columns per program
+    PDL: tl.constexpr = False,  # programmatic dependent launch (kernels._dispatch.pdl)
 ):
     """Program (n, b) computes y[n, b*BLOCK:(b+1)*BLOCK] = silu(gate) * up."""
+    if PDL:  # wait for the previous kernel's writes, then let the next kernel launch
+        gdc_wait()
+        gdc_launch_dependents()
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < FF
@@ -60,7 +64,7 @@ def swiglu(gu: Tensor) -> Tensor:
         return y.view(*gu.shape[:-1], f)
     block = min(_swiglu_block(f), triton.next_power_of_2(f))
     launchable(_swiglu_kernel)[(g2.shape[0], triton.cdiv(f, block))](
-        g2, y, f, g2.stride(0), BLOCK=block, num_warps=4 if not interpreting() else 1)
+        g2, y, f, g2.stride(0), BLOCK=block, num_warps=4 if not interpreting() else 1, **pdl(g2))
     return y.view(*gu.shape[:-1], f)
 
 

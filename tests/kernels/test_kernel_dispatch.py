@@ -150,3 +150,26 @@ def test_batched_cka_triton_path_matches_cpu_path(monkeypatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     assert_close(k_tri, cka.ucentered_grams(xs), torch.float32, "ucentered_grams", check_dtype=True)
     assert_close(row_tri, cka.hsic_rows(k_tri, prev), torch.float32, "hsic_rows", check_dtype=True)
+
+
+def test_programmatic_dependent_launch_is_opt_in_and_cuda_only(monkeypatch) -> None:
+    """LAYERFOLD_PDL=1 asks for it; off CUDA (this machine, the interpreter) no kernel gets the launch
+    option, so the interpreted decode kernels run exactly as without it (their PDL branch is compiled out)."""
+    from layerfold.kernels import rmsnorm
+
+    x = make_x((3, 40), torch.float32, 0)
+    w = make_x((40,), torch.float32, 1)
+    monkeypatch.delenv("LAYERFOLD_PDL", raising=False)
+    assert _dispatch.pdl(x) == {}
+    want = rmsnorm.rmsnorm(x, w, 1e-6)
+    monkeypatch.setenv("LAYERFOLD_PDL", "1")
+    assert _dispatch.pdl(x) == {}  # a CPU tensor
+    assert torch.equal(rmsnorm.rmsnorm(x, w, 1e-6), want)
+    import inspect
+
+    from layerfold.kernels import attn_decode, gemv, rope_cache, swiglu
+
+    for k in (rmsnorm._rmsnorm_kernel, rmsnorm._add_rmsnorm_kernel, swiglu._swiglu_kernel, gemv._gemv_kernel,
+              rope_cache._rope_cache_kernel, attn_decode._attn_decode_kernel, attn_decode._attn_split_kernel,
+              attn_decode._attn_combine_kernel):  # every kernel of the decode step takes the flag, off by default
+        assert inspect.signature(k.fn).parameters["PDL"].default is False, k
