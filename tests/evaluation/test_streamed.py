@@ -168,8 +168,6 @@ def test_prune_and_heal_with_host_weights(dense: Path, tmp_path: Path) -> None:
 
 
 def test_eval_cli_streams_host_weights(dense: Path, capsys: pytest.CaptureFixture) -> None:
-    import json
-
     from layerfold.cli.main import main
 
     args = ["eval", str(dense), "--json", "--seq-len", "64", "--max-tokens", "512", "--mc-items", "4"]
