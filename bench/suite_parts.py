@@ -310,8 +310,10 @@ def part_decode_baselines(rec: Recorder, tiny: bool) -> None:
 
 
 # the decode attentions the decode-sdpa part runs end to end, in this order (LAYERFOLD_DECODE_ATTN; "+pdl":
-# with LAYERFOLD_PDL=1 too, the step's Triton kernels under programmatic dependent launch)
-DECODE_ATTNS = ("auto", "auto+pdl", "kernel", "early", "dot", "sdpa")
+# with LAYERFOLD_PDL=1 too, the step's Triton kernels under programmatic dependent launch; "+normoff": with
+# LAYERFOLD_NORM_GEMV=off, no norm fused into a GEMV, against auto's timed choice)
+DECODE_ATTNS = ("auto", "auto+pdl", "auto+normoff", "kernel", "early", "dot", "sdpa")
+_VARIANT_ENV = {"pdl": ("LAYERFOLD_PDL", "1"), "normoff": ("LAYERFOLD_NORM_GEMV", "off")}
 
 
 def part_decode_sdpa(rec: Recorder, tiny: bool) -> None:
@@ -321,7 +323,8 @@ def part_decode_sdpa(rec: Recorder, tiny: bool) -> None:
     that bucket's CUDA graph and keeps the fastest; its rows carry the picks), ``kernel`` (the kernel over
     each row's own slots), its two prepared loop forms ``early`` and ``dot``, and ``sdpa`` (torch's SDPA over
     the whole static cache with a length mask; kernels.attn_decode.attn_decode_sdpa); ``auto+pdl`` is
-    ``auto`` with LAYERFOLD_PDL=1 (kernels._dispatch.pdl), right after it for a paired look. An untimed warm-up
+    ``auto`` with LAYERFOLD_PDL=1 (kernels._dispatch.pdl), right after it for a paired look, and
+    ``auto+normoff`` is ``auto`` with LAYERFOLD_NORM_GEMV=off (no input norm fused into its GEMV). An untimed warm-up
     of the same model, batches and cache length (the runtime's default attention, 8 new tokens after a longer
     prompt, results discarded) runs
     first: run 3's first model in this process measured 12% under its own decode row."""
@@ -348,11 +351,13 @@ def _decode_jobs(rec: Recorder, tiny: bool, jobs: list[tuple]) -> None:
     for name, spec, engines, bs, reps, *alt in jobs:
         attn, engine = alt if alt else (None, None)
         if attn is not None:  # read when the fused step is built (PDL: when its graphs are), so per job here
-            os.environ["LAYERFOLD_DECODE_ATTN"] = attn.removesuffix("+pdl")
-            if attn.endswith("+pdl"):
-                os.environ["LAYERFOLD_PDL"] = "1"
-            else:
-                os.environ.pop("LAYERFOLD_PDL", None)
+            base, *flags = attn.split("+")
+            os.environ["LAYERFOLD_DECODE_ATTN"] = base
+            for flag, (var, value) in _VARIANT_ENV.items():
+                if flag in flags:
+                    os.environ[var] = value
+                else:
+                    os.environ.pop(var, None)
         label = engine or engines[0]
         t = time.perf_counter()
         try:

@@ -23,6 +23,15 @@ short kernels; in exchange every program recomputes the activation of all N x K 
 BLOCK_O weight rows) and holds two activation tiles per step. No GPU has measured which side wins
 yet, so the runtime times fused against separate (``swiglu`` then :func:`pick_linear`'s choice) per
 weight shape on the card (:func:`pick_swiglu_linear`) and keeps the faster.
+
+A layer's input RMSNorm can ride in the GEMV that reads it (:func:`norm_gemv`, ``NORM``):
+
+    y[n, o] = r_n sum_k h[n, k] g[k] W[o, k]  (+ bias[o])  (+ res[n, o]),   r_n = 1 / sqrt(mean_k h[n, k]^2 + eps)
+
+Every program walks all of K, so it sums the row's squares as it loads and applies r_n to its sums at the
+end. At batch 1 this removes the step's two norm launches a layer (the residual add moves into the
+previous GEMV's epilogue); the cost is that each program reads the whole row of h and g, from L2.
+:func:`pick_norm_linear` times it against the separate norm on the card, as for the SwiGLU fusion.
 """
 
 from __future__ import annotations
@@ -36,10 +45,11 @@ from torch import Tensor
 from ._dispatch import interpreting, launchable, pdl, use_triton
 from ._triton import gdc_launch_dependents, gdc_wait, tl, triton
 from .heuristics import GEMV_CONFIGS, GEMV_MAX_ROWS, GemvConfig, gemv_interpreter_config
+from .rmsnorm import rmsnorm, rmsnorm_ref
 from .swiglu import swiglu, swiglu_ref
 
-__all__ = ["Linear", "cuda_time_ms", "gemv", "gemv_ref", "pick_linear", "pick_swiglu_linear", "swiglu_gemv",
-           "swiglu_gemv_ref"]
+__all__ = ["Linear", "NormLinear", "cuda_time_ms", "gemv", "gemv_ref", "norm_gemv", "norm_gemv_ref", "pick_linear",
+           "pick_norm_linear", "pick_swiglu_linear", "swiglu_gemv", "swiglu_gemv_ref"]
 
 
 @triton.jit
@@ -48,14 +58,17 @@ def _gemv_kernel(
     w_ptr,  # *T [O, K] weight, contiguous
     b_ptr,  # *T [O] bias (read when HAS_BIAS)
     r_ptr,  # *T [N, O] residual added before rounding (read when HAS_RES), contiguous
+    g_ptr,  # *T [K] RMSNorm scale applied to x (read when NORM)
     y_ptr,  # *T [N, O] output, contiguous
     N,
     O,
     K,
     stride_x,
+    eps,  # the RMSNorm's epsilon (NORM)
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     SWIGLU: tl.constexpr,  # x = silu(gate) * up, from columns k and K + k of each row, in fp32
+    NORM: tl.constexpr,  # x = rmsnorm(x) * g: g folded into the load, 1 / rms applied to the row's sums at the end
     BLOCK_N: tl.constexpr,  # >= N, power of two
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -71,6 +84,7 @@ def _gemv_kernel(
     om = offs_o < O
     nm = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_O, BLOCK_K), tl.float32)
+    ss = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # NORM: each row's sum of squares, elementwise until the end
     w_rows = w_ptr + offs_o.to(tl.int64)[:, None] * K
     x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_x
     for k0 in range(0, K, BLOCK_K):
@@ -82,8 +96,13 @@ def _gemv_kernel(
         if SWIGLU:  # x is the gate; the up half starts K columns on (masked lanes: 0 / 2 * 0 = 0)
             u = tl.load(x_rows + K + ks[None, :], mask=xm, other=0.0).to(tl.float32)
             x = x / (1.0 + tl.exp(-x)) * u
+        if NORM:  # every program walks all K, so it sees the whole row: no other kernel needs to normalise it
+            ss += x * x
+            x = x * tl.load(g_ptr + ks, mask=km, other=0.0).to(tl.float32)[None, :]
         acc += x[:, None, :] * w[None, :, :]
     y = tl.sum(acc, axis=2)  # (BLOCK_N, BLOCK_O)
+    if NORM:
+        y = y * (1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps))[:, None]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_o, mask=om, other=0.0).to(tl.float32)[None, :]
     out = offs_n.to(tl.int64)[:, None] * O + offs_o[None, :]
@@ -105,8 +124,9 @@ def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, res: Tensor | None = 
 
 
 def _launch(x: Tensor, w: Tensor, bias: Tensor | None, res: Tensor | None, *, swiglu: bool,
-            config: GemvConfig | None, who: str) -> Tensor:
-    """Run ``_gemv_kernel`` on validated 2-D x and w (x's width is 2K under ``swiglu``, else K)."""
+            config: GemvConfig | None, who: str, norm: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    """Run ``_gemv_kernel`` on validated 2-D x and w (x's width is 2K under ``swiglu``, else K; ``norm``: the
+    RMSNorm scale (K,) that x is normalised with in the kernel)."""
     n, o, k = x.shape[0], w.shape[0], w.shape[1]
     if res is not None and tuple(res.shape) != (n, o):
         raise ValueError(f"{who}: res has shape {tuple(res.shape)}, expected ({n}, {o})")
@@ -121,8 +141,9 @@ def _launch(x: Tensor, w: Tensor, bias: Tensor | None, res: Tensor | None, *, sw
     cfg = gemv_interpreter_config(n) if interpreting() else (config or GEMV_CONFIGS[0])
     block_n = triton.next_power_of_2(n)
     launchable(_gemv_kernel)[(triton.cdiv(o, cfg.block_o),)](
-        x, w, bias.contiguous() if bias is not None else w, res.contiguous() if res is not None else y, y,
-        n, o, k, x.stride(0), HAS_BIAS=bias is not None, HAS_RES=res is not None, SWIGLU=swiglu,
+        x, w, bias.contiguous() if bias is not None else w, res.contiguous() if res is not None else y,
+        norm.contiguous() if norm is not None else w, y, n, o, k, x.stride(0), float(eps),
+        HAS_BIAS=bias is not None, HAS_RES=res is not None, SWIGLU=swiglu, NORM=norm is not None,
         BLOCK_N=block_n, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k // block_n if cfg.scale_k else cfg.block_k,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl(w))
     return y
@@ -164,7 +185,39 @@ def swiglu_gemv_ref(gu: Tensor, w: Tensor, bias: Tensor | None = None, res: Tens
     return gemv_ref(swiglu_ref(gu), w, bias, res)
 
 
+def norm_gemv(h: Tensor, g: Tensor, eps: float, w: Tensor, bias: Tensor | None = None, res: Tensor | None = None, *,
+              config: GemvConfig | None = None) -> Tensor:
+    """rmsnorm(h) * g @ w^T (+ bias) (+ res) for h (N, K) with N <= 8, g (K,), w (O, K): a layer's input norm
+    fused into the GEMV that reads it (``_gemv_kernel`` under ``NORM``). Each program walks the whole row
+    anyway, so it sums the squares as it loads, multiplies by g in the load, and scales its N x BLOCK_O
+    sums by 1 / rms at the end: the normalised row is never written, and the step loses the norm's launch
+    (with the previous stage's residual added in its GEMV's epilogue, the separate ``add_rmsnorm``). fp32
+    math, the normalised input not rounded before the product, one rounding of y. The torch reference
+    (:func:`norm_gemv_ref`) where Triton does not run; whether this beats the separate norm then a GEMV or
+    cuBLAS is for :func:`pick_norm_linear` to measure."""
+    if h.dim() != 2 or w.dim() != 2 or g.dim() != 1:
+        raise ValueError(f"norm_gemv: h {tuple(h.shape)}, g {tuple(g.shape)} and w {tuple(w.shape)} must be (N, K), "
+                         "(K,) and (O, K). Fix: flatten the leading dims of h")
+    n, k = h.shape
+    if w.shape[1] != k or g.shape[0] != k or k == 0:
+        raise ValueError(f"norm_gemv: h {tuple(h.shape)}, g {tuple(g.shape)} and w {tuple(w.shape)} disagree on the "
+                         "width K (or it is 0). Fix: pass the norm and the weight of the layer that reads h")
+    if n > GEMV_MAX_ROWS:
+        raise ValueError(f"norm_gemv: {n} rows, at most {GEMV_MAX_ROWS}. Fix: use rmsnorm then F.linear for larger "
+                         "batches (pick_norm_linear does)")
+    if not use_triton(h):
+        return norm_gemv_ref(h, g, eps, w, bias, res)
+    return _launch(h, w, bias, res, swiglu=False, config=config, who="norm_gemv", norm=g, eps=eps)
+
+
+def norm_gemv_ref(h: Tensor, g: Tensor, eps: float, w: Tensor, bias: Tensor | None = None,
+                  res: Tensor | None = None) -> Tensor:
+    """Torch reference: ``rmsnorm_ref`` (rounded to h's dtype), then ``F.linear`` (+ res)."""
+    return gemv_ref(rmsnorm_ref(h, g, eps), w, bias, res)
+
+
 Linear = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]
+NormLinear = Callable[[Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]  # (h, g, w, bias, res)
 
 
 def _cublas(x: Tensor, w: Tensor, bias: Tensor | None, res: Tensor | None) -> Tensor:
@@ -206,9 +259,31 @@ def pick_swiglu_linear(n: int, w: Tensor, *, reps: int = 20) -> tuple[Linear, st
     return _fastest(cands, (gu, w, None, None), reps)
 
 
-def _fastest(cands: list[tuple[str, Linear]], args: tuple, reps: int) -> tuple[Linear, str]:
-    """The candidate with the least median time on ``args`` (the first if none runs), and its name."""
-    best, best_t = cands[0], float("inf")
+def pick_norm_linear(n: int, w: Tensor, eps: float, *, separate: tuple[Linear, str] | None = None,
+                     fused_only: bool = False, reps: int = 20) -> tuple[NormLinear, str]:
+    """The fastest way to compute rmsnorm(h) * g @ w^T (+ bias) (+ res) for ``n`` rows of h on this card,
+    timed like :func:`pick_linear`. Candidates: the separate path, ``rmsnorm`` then ``separate`` (a
+    :func:`pick_linear` result, picked here if not given; named ``rmsnorm+<its name>``), and
+    :func:`norm_gemv` under each of ``GEMV_CONFIGS`` (``fused_norm_<config name>``); ``fused_only`` leaves
+    the separate path out unless no fused config runs. The callable takes (h, g, w, bias, res). Off CUDA, for
+    more than GEMV_MAX_ROWS rows, or where Triton is not in use: the separate path, untimed."""
+    lin, lin_name = separate or pick_linear(n, w, with_res=False, reps=reps)
+    sep: tuple[str, NormLinear] = (f"rmsnorm+{lin_name}", lambda h, g, w, b, r: lin(rmsnorm(h, g, eps), w, b, r))
+    if not w.is_cuda or n > GEMV_MAX_ROWS or not use_triton(w):
+        return sep[1], sep[0]
+    h = torch.randn(n, w.shape[1], device=w.device, dtype=w.dtype)
+    g = torch.rand(w.shape[1], device=w.device, dtype=w.dtype) + 0.5
+    cands = [] if fused_only else [sep]
+    for c in GEMV_CONFIGS:
+        cands.append((f"fused_norm_{c.name}", lambda h, g, w, b, r, c=c: norm_gemv(h, g, eps, w, b, r, config=c)))
+    return _fastest(cands, (h, g, w, None, None), reps, fallback=sep)
+
+
+def _fastest(cands: list[tuple[str, Callable]], args: tuple, reps: int,
+             fallback: tuple[str, Callable] | None = None) -> tuple[Callable, str]:
+    """The candidate with the least median time on ``args`` (``fallback``, else the first, if none runs), and
+    its name."""
+    best, best_t = fallback or cands[0], float("inf")
     for name, fn in cands:
         try:
             t = cuda_time_ms(lambda fn=fn: fn(*args), reps)

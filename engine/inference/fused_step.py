@@ -10,7 +10,11 @@ Per layer, with ``x`` the normalised input of the next stage carried between sta
                                                           or its own launch (picked per shape)
 
 so 7-9 launches a layer (the unfused step took 13: separate norm, rotary, two cache scatters, residual
-adds). A sliced layer's shortcut rides in its output GEMV as ``[y | h] @ [W | S]^T`` (h is replaced,
+adds). Where the Triton GEMV serves the rows (batch <= 8), a stage's input norm can also ride in the GEMV
+that reads it (``x`` is then None between stages: the residual is added in the previous GEMV's epilogue
+and the QKV or gate|up GEMV normalises h as it loads it; kernels.gemv.norm_gemv), which leaves 6 launches
+a layer; LAYERFOLD_NORM_GEMV (NORM_GEMV_MODES) says whether that is timed per shape, forced, or off.
+A sliced layer's shortcut rides in its output GEMV as ``[y | h] @ [W | S]^T`` (h is replaced,
 then normalised). Every shape is static and lengths live in tensors, so the runtime replays the step as
 one CUDA graph per batch bucket. Which GEMV implementation serves a weight, and which form of the
 attention kernel serves a layer's attention, are measured per (rows, shape) on the card when a graph is
@@ -32,13 +36,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from layerfold.kernels.attn_decode import attn_decode, attn_decode_ref, attn_decode_sdpa, planned_splits
-from layerfold.kernels.gemv import Linear, cuda_time_ms, gemv, pick_linear, pick_swiglu_linear, swiglu_gemv
+from layerfold.kernels.gemv import (
+    Linear,
+    NormLinear,
+    cuda_time_ms,
+    gemv,
+    norm_gemv,
+    pick_linear,
+    pick_norm_linear,
+    pick_swiglu_linear,
+    swiglu_gemv,
+)
 from layerfold.kernels.heuristics import GEMV_MAX_ROWS
 from layerfold.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from layerfold.kernels.rope_cache import rope_cache
 from layerfold.kernels.swiglu import swiglu
 
-__all__ = ["ATTN_FORMS", "DECODE_ATTENTION", "FusedDecode", "decode_attention"]
+__all__ = ["ATTN_FORMS", "DECODE_ATTENTION", "NORM_GEMV_MODES", "FusedDecode", "decode_attention"]
+
+# LAYERFOLD_NORM_GEMV: whether a stage's input RMSNorm rides in the GEMV that reads it (kernels.gemv.norm_gemv):
+# "auto" (the default) times it against the separate norm per weight shape when a bucket's graph is built
+# (tune), fused only where it was faster; "fused" fuses wherever the Triton GEMV serves the rows (the fastest
+# fused config on CUDA; the interpreter off it); "off" never. It removes two launches a layer at batch 1.
+NORM_GEMV_MODES = ("auto", "fused", "off")
 
 # The decode attention LAYERFOLD_DECODE_ATTN selects: "auto" (the default) times the kernel's loop forms
 # (ATTN_FORMS) per batch bucket and layer shape when the runtime builds that bucket's CUDA graph, and keeps
@@ -102,6 +122,22 @@ class FusedDecode:
         self.attn_mode = os.environ.get("LAYERFOLD_DECODE_ATTN", "auto")
         self.attn = decode_attention(self.attn_mode)
         self.attn_choice: dict[tuple[int, tuple[int, ...]], Callable[..., Tensor]] = {}  # (rows, akey) -> form
+        # the matrix that reads each stage's normalised output (the next stage's input GEMV; the head last)
+        consumer = [self._reads_norm(s) for s in stages[1:]] + [net.head if net.final_norm is not None else None]
+        self.next_w = consumer
+        self.first_w = self._reads_norm(stages[0]) if stages else (net.head if net.final_norm is not None else None)
+        self.norm_mode = os.environ.get("LAYERFOLD_NORM_GEMV", "auto")
+        if self.norm_mode not in NORM_GEMV_MODES:
+            raise ValueError(f"LAYERFOLD_NORM_GEMV={self.norm_mode!r} is unknown. Fix: use one of "
+                             f"{', '.join(NORM_GEMV_MODES)}")
+        self.norm_choice: dict[tuple[int, int], NormLinear] = {}  # (rows, id(weight)) -> its norm fused in
+
+    @staticmethod
+    def _reads_norm(s: _Stage) -> Tensor | None:
+        """The weight of the GEMV that reads stage ``s``'s normalised input (None: the stage reads h)."""
+        if s.norm is None:
+            return None
+        return s.layer.wqkv if s.kind == "attn" else s.layer.wgu
 
     # ---- GEMV choice ---------------------------------------------------------------------------------
     def weights(self) -> list[Tensor]:
@@ -132,9 +168,30 @@ class FusedDecode:
                 self.choice[(rows, id(w))] = by_shape[key]
                 name = full.split("_")[0]
             picked[name] = picked.get(name, 0) + 1
+        if self.norm_mode != "off":
+            self._tune_norms(rows, picked)
         if self.attn_mode == "auto" and self.net.embed.is_cuda:
             picked.update(self.tune_attention(rows))
         return picked
+
+    def _tune_norms(self, rows: int, picked: dict[str, int]) -> None:
+        """Per weight that reads a normalised input: its norm fused into its GEMV (``fused-norm`` in ``picked``,
+        in place of the weight's GEMV name) where that was faster than the norm then the GEMV picked above
+        (``fused`` mode: wherever a fused config runs). Off CUDA nothing is timed and nothing is fused here."""
+        by_shape: dict[tuple[int, ...], tuple[NormLinear, str]] = {}
+        for w in {id(w): w for w in [self.first_w, *self.next_w] if w is not None}.values():
+            sep = self.choice[(rows, id(w))]
+            if tuple(w.shape) not in by_shape:
+                by_shape[tuple(w.shape)] = pick_norm_linear(rows, w, self.net.eps, separate=sep,
+                                                            fused_only=self.norm_mode == "fused")
+            fn, name = by_shape[tuple(w.shape)]
+            if name.startswith("fused"):
+                self.norm_choice[(rows, id(w))] = fn
+                old = sep[1].split("_")[0]
+                picked[old] -= 1
+                if not picked[old]:
+                    del picked[old]
+                picked["fused-norm"] = picked.get("fused-norm", 0) + 1
 
     def tune_attention(self, rows: int, timer: Callable[[Callable[[], Tensor]], float] | None = None
                        ) -> dict[str, int]:
@@ -187,13 +244,38 @@ class FusedDecode:
                 best = (t, name, fn)
         return (best[2], best[1]) if best is not None else (attn_decode, "attn:kernel")
 
-    def _lin(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    def _lin(self, x: Tensor, w: Tensor, b: Tensor | None = None, res: Tensor | None = None) -> Tensor:
         hit = self.choice.get((x.shape[0], id(w)))
         if hit is not None:
-            return hit[0](x, w, b, None)
+            return hit[0](x, w, b, res)
         if not x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS:  # the interpreter (tests) or the torch reference
-            return gemv(x, w, b)
-        return F.linear(x, w, b)
+            return gemv(x, w, b, res)
+        y = F.linear(x, w, b)
+        return y if res is None else y.add_(res)
+
+    def _norm_fn(self, n: int, w: Tensor | None) -> NormLinear | None:
+        """How the GEMV of ``w`` takes its input's norm at ``n`` rows: a callable (h, g, w, bias, res) where the
+        norm is fused into it (tune's pick; with LAYERFOLD_NORM_GEMV=fused off CUDA, the interpreter's kernel
+        or its reference), None where the norm runs before it."""
+        if w is None:
+            return None
+        hit = self.norm_choice.get((n, id(w)))
+        if hit is not None or self.norm_mode != "fused" or w.is_cuda or n > GEMV_MAX_ROWS:
+            return hit
+        eps = self.net.eps
+        return lambda h, g, w, b, r: norm_gemv(h, g, eps, w, b, r)
+
+    def _normed(self, h: Tensor, norm: Tensor | None, w: Tensor | None) -> Tensor | None:
+        """The normalised input for the GEMV of ``w``, or None where that GEMV normalises h itself."""
+        if norm is None:
+            return h
+        return None if self._norm_fn(h.shape[0], w) is not None else rmsnorm(h, norm, self.net.eps)
+
+    def _in(self, x: Tensor | None, h: Tensor, norm: Tensor | None, w: Tensor, b: Tensor | None = None) -> Tensor:
+        """x @ w^T (+ b), or rmsnorm(h) @ w^T (+ b) in one GEMV where x is None."""
+        if x is not None:
+            return self._lin(x, w, b)
+        return self._norm_fn(h.shape[0], w)(h, norm, w, b, None)
 
     # ---- the step ------------------------------------------------------------------------------------
     def __call__(self, tok: Tensor, pos: Tensor) -> Tensor:
@@ -203,33 +285,38 @@ class FusedDecode:
         n = tok.shape[0]
         lengths = pos + 1
         h = F.embedding(tok, net.embed)  # (n, d)
-        x = rmsnorm(h, self.first_norm, eps) if self.first_norm is not None else h
-        for s, nxt in zip(self.stages, self.next_norm, strict=True):
+        x = self._normed(h, self.first_norm, self.first_w)  # None while the next GEMV normalises h itself
+        for s, nxt, nw in zip(self.stages, self.next_norm, self.next_w, strict=True):
             l = s.layer
             if s.kind == "attn":
-                qkv = self._lin(x, l.wqkv, l.bqkv)
+                qkv = self._in(x, h, s.norm, l.wqkv, l.bqkv)
                 q = rope_cache(qkv, getattr(net, f"cos{l.hd}"), getattr(net, f"sin{l.hd}"), pos, l.k, l.v,
                                n_heads=l.n_heads, n_kv=l.n_kv, q_norm=l.q_norm, k_norm=l.k_norm, eps=eps)
                 attn = self.attn_choice.get((n, s.akey), self.attn)
                 y = attn(q.view(n, l.n_kv, l.n_heads // l.n_kv, l.hd), l.k, l.v, lengths, window=net.window)
-                h, x = self._out(y.reshape(n, l.n_heads * l.hd), l.wo, h, l.fused_attn_sc, nxt)
+                h, x = self._out(y.reshape(n, l.n_heads * l.hd), l.wo, h, l.fused_attn_sc, nxt, nw)
             elif s.kind == "mlp":
-                gu = self._lin(x, l.wgu)
+                gu = self._in(x, h, s.norm, l.wgu)
                 if l.fused_mlp_sc:  # [a | h] @ [Wd | S]^T: the activation cannot ride in that GEMV's load
-                    h, x = self._out(swiglu(gu), l.wd, h, True, nxt)
+                    h, x = self._out(swiglu(gu), l.wd, h, True, nxt, nw)
+                elif nxt is not None and self._norm_fn(n, nw) is not None:  # the residual in the GEMV's epilogue
+                    h, x = self._down(gu, l.wd, h), None
                 else:
                     h, x = self._residual(h, self._down(gu, l.wd), nxt)
             else:
                 h = self._lin(h, s.w)
-                x = rmsnorm(h, nxt, eps) if nxt is not None else h
-        return self._lin(x, net.head).float()
+                x = self._normed(h, nxt, nw)
+        return self._in(x, h, net.final_norm, net.head).float()
 
-    def _out(self, y: Tensor, w: Tensor, h: Tensor, fused_shortcut: bool, nxt: Tensor | None) -> tuple[Tensor, Tensor]:
-        """A branch's output projection into the residual, and the next stage's normalised input."""
-        eps = self.net.eps
+    def _out(self, y: Tensor, w: Tensor, h: Tensor, fused_shortcut: bool, nxt: Tensor | None,
+             nw: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """A branch's output projection into the residual, and the next stage's normalised input (None where
+        the next GEMV normalises h itself: the residual is then added in this GEMV's epilogue)."""
         if fused_shortcut:  # [y | h] @ [W | S]^T replaces h
             h = self._lin(torch.cat([y, h], -1), w)
-            return h, (rmsnorm(h, nxt, eps) if nxt is not None else h)
+            return h, self._normed(h, nxt, nw)
+        if nxt is not None and self._norm_fn(y.shape[0], nw) is not None:
+            return self._lin(y, w, res=h), None
         return self._residual(h, self._lin(y, w), nxt)
 
     def _residual(self, h: Tensor, out: Tensor, nxt: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -238,13 +325,13 @@ class FusedDecode:
             return h.add_(out), h
         return h, add_rmsnorm(h, out, nxt, self.net.eps)
 
-    def _down(self, gu: Tensor, wd: Tensor) -> Tensor:
-        """swiglu(gu) @ wd^T: the pick for this many rows (tune), else fused where the GEMV serves these rows
-        off CUDA (the interpreter, or its torch reference), else the activation then the product."""
+    def _down(self, gu: Tensor, wd: Tensor, res: Tensor | None = None) -> Tensor:
+        """swiglu(gu) @ wd^T (+ res): the pick for this many rows (tune), else fused where the GEMV serves these
+        rows off CUDA (the interpreter, or its torch reference), else the activation then the product."""
         hit = self.down_choice.get((gu.shape[0], id(wd)))
         if hit is not None:
-            return hit(gu, wd, None, None)
+            return hit(gu, wd, None, res)
         if not gu.is_cuda and gu.shape[0] <= GEMV_MAX_ROWS:
-            return swiglu_gemv(gu, wd)
-        return self._lin(swiglu(gu), wd)
+            return swiglu_gemv(gu, wd, None, res)
+        return self._lin(swiglu(gu), wd, None, res)
 

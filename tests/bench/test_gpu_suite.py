@@ -47,7 +47,7 @@ def test_tiny_suite_runs_every_part(tmp_path: Path) -> None:
     engines = list(dict.fromkeys(r["engine"] for r in sdpa["rows"]))
     # every choice ran, in DECODE_ATTNS order, the warm-up not among them
     assert engines == [f"layerfold-{a}-attn" for a in suite_parts.DECODE_ATTNS], (engines, sdpa["notes"])
-    assert set(suite_parts.DECODE_ATTNS) == {"auto", "auto+pdl", "kernel", "early", "dot", "sdpa"}
+    assert set(suite_parts.DECODE_ATTNS) == {"auto", "auto+pdl", "auto+normoff", "kernel", "early", "dot", "sdpa"}
     assert all(r["decode_tok_s"] > 0 and "picks" not in r for r in sdpa["rows"])  # no CUDA graphs on a CPU
     md = (out / "gpu_suite.md").read_text()
     assert "layerfold-sdpa-attn" in md

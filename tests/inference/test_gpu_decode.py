@@ -151,3 +151,21 @@ def test_programmatic_dependent_launch_decodes_the_same(prompts: str, monkeypatc
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     rt.reset()
     _teacher_forced(m, rt, PROMPTS[prompts], steps=4)
+
+
+@pytest.mark.parametrize("prompts", list(PROMPTS))
+@pytest.mark.parametrize("name", list(SPECS))
+def test_norm_fused_graph_decode_matches_fp32_forward(name: str, prompts: str, monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """LAYERFOLD_NORM_GEMV=fused: every normalised input read by a Triton GEMV has its norm fused in (the
+    residual in the previous GEMV's epilogue), through the CUDA graphs; the decode matches the fp32 forward
+    for every layer kind, batch 1 and ragged."""
+    monkeypatch.setenv("LAYERFOLD_NORM_GEMV", "fused")
+    m = _model(SPECS[name], seed=6)
+    rt = Runtime(m, max_batch=4, max_len=64)
+    _teacher_forced(m, rt, PROMPTS[prompts], steps=5)
+    fused = rt.net.fused
+    readers = {id(w) for w in [fused.first_w, *fused.next_w] if w is not None}
+    bucket = rt._graphs.bucket(len(PROMPTS[prompts]))
+    assert {k[1] for k in fused.norm_choice if k[0] == bucket} == readers
+    assert rt.graph_picks[bucket].get("fused-norm") == len(readers)

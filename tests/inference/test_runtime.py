@@ -85,6 +85,40 @@ def test_prepared_attention_forms_match_forward(monkeypatch: pytest.MonkeyPatch,
     check_against_forward(m, prompts, seqs, last)
 
 
+@pytest.mark.parametrize("name", ["hetero", "qk_norm+bias"])
+def test_norm_fused_into_the_gemvs_matches_forward(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """LAYERFOLD_NORM_GEMV=fused: every stage input's RMSNorm (and the final norm) rides in the GEMV that reads
+    it, the residual in the previous GEMV's epilogue; decoding matches the forward with every layer kind
+    (shortcut matrices fused and alone, an MLP block, attention only, qkv bias, q/k norm), interpreted."""
+    monkeypatch.setenv("LAYERFOLD_NORM_GEMV", "fused")
+    from layerfold.inference import fused_step
+
+    calls: list[int] = []
+    real = fused_step.norm_gemv
+    monkeypatch.setattr(fused_step, "norm_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = tiny_model(RUNTIME_SPECS[name], norm_gains=True)
+    rt = Runtime(m, max_batch=3, max_len=48, kernels="triton")
+    fused = rt.net.fused
+    readers = {id(w) for w in [fused.first_w, *fused.next_w] if w is not None}
+    assert fused.norm_mode == "fused" and fused.net.head is fused.next_w[-1] and len(readers) >= 4
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    seqs, last = greedy_with_runtime(rt, prompts, steps=3)
+    assert len(calls) == 3 * len(readers), "not every normalised input went through the fused GEMV"
+    check_against_forward(m, prompts, seqs, last)
+
+
+def test_norm_switch_is_checked_and_off_keeps_the_norms_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAYERFOLD_NORM_GEMV", "always")
+    with pytest.raises(ValueError, match="'always' is unknown. Fix: use one of auto, fused, off"):
+        Runtime(tiny_model(RUNTIME_SPECS["hetero"]), max_batch=1, max_len=16, kernels="triton")
+    for mode in ("off", "auto"):  # off CUDA, auto fuses nothing: nothing was timed
+        monkeypatch.setenv("LAYERFOLD_NORM_GEMV", mode)
+        fused = Runtime(tiny_model(RUNTIME_SPECS["hetero"]), max_batch=2, max_len=16, kernels="triton").net.fused
+        picks = fused.tune(2)
+        assert "fused-norm" not in picks and fused.norm_choice == {}
+        assert all(fused._norm_fn(1, w) is None for w in fused.next_w)
+
+
 def test_unknown_attention_switch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LAYERFOLD_DECODE_ATTN", "flash")
     with pytest.raises(ValueError, match="'flash' is unknown. Fix: use one of auto, kernel, sdpa"):

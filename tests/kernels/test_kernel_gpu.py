@@ -120,3 +120,28 @@ def test_cuda_time_ms_times_the_device_not_the_host() -> None:
     small = big[: 1 << 24]  # 64 MiB
     t_big, t_small = cuda_time_ms(lambda: big.mul_(1.0), 5), cuda_time_ms(lambda: small.mul_(1.0), 5)
     assert 4.0 < t_big / t_small < 12.0, (t_big, t_small)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_gpu_norm_gemv_every_config(n: int) -> None:
+    """The input norm fused into the GEMV (kernels.gemv.norm_gemv), compiled, bf16, at the 7B QKV shape, under
+    every candidate config the pick times, against the fp64 reference; and the pick returns a callable that
+    computes the same (whichever side it chose)."""
+    from layerfold.kernels.gemv import _cublas, norm_gemv, pick_norm_linear
+    from layerfold.kernels.heuristics import GEMV_CONFIGS
+
+    gen = torch.Generator().manual_seed(n)
+    h = (torch.randn(n, 4096, generator=gen) * 4).bfloat16()
+    g = (torch.rand(4096, generator=gen) + 0.5).bfloat16()
+    w = (torch.randn(12288, 4096, generator=gen) * 0.02).bfloat16()
+    b, r = torch.randn(12288, generator=gen).bfloat16(), torch.randn(n, 12288, generator=gen).bfloat16()
+    hd = h.double()
+    want = (hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()) @ w.double().T + b.double()
+    want = want + r.double()
+    args = [t.to(CUDA) for t in (h, g)]
+    for cfg in GEMV_CONFIGS:
+        got = norm_gemv(*args, 1e-5, w.to(CUDA), b.to(CUDA), r.to(CUDA), config=cfg)
+        assert_close(got.cpu(), want, torch.bfloat16, f"norm_gemv n={n} {cfg.name}")
+    fn, name = pick_norm_linear(n, w.to(CUDA), 1e-5, separate=(_cublas, "cublas"))
+    assert name == "rmsnorm+cublas" or name.startswith("fused_norm_triton_"), name
+    assert_close(fn(*args, w.to(CUDA), b.to(CUDA), r.to(CUDA)).cpu(), want, torch.bfloat16, f"pick {name}")
