@@ -36,7 +36,7 @@ previous GEMV's epilogue); the cost is that each program reads the whole row of 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -225,10 +225,12 @@ def _cublas(x: Tensor, w: Tensor, bias: Tensor | None, res: Tensor | None) -> Te
     return y if res is None else y.add_(res)
 
 
-def pick_linear(n: int, w: Tensor, *, with_res: bool, reps: int = 20) -> tuple[Linear, str]:
+def pick_linear(n: int, w: Tensor, *, with_res: bool, reps: int = 20,
+                times: dict[str, float | None] | None = None) -> tuple[Linear, str]:
     """The faster of cuBLAS and the Triton GEMV configs for ``n`` rows times ``w``, timed on the device
     (CUDA events, median of ``reps``); returns the callable and its name. Off CUDA, or for more than
-    GEMV_MAX_ROWS rows, cuBLAS (torch) without timing."""
+    GEMV_MAX_ROWS rows, cuBLAS (torch) without timing. ``times``, if given, gets each timed candidate's
+    milliseconds by name (None: it did not compile or launch), as do the other picks'."""
     if not w.is_cuda or n > GEMV_MAX_ROWS or not use_triton(w):
         return _cublas, "cublas"
     x = torch.randn(n, w.shape[1], device=w.device, dtype=w.dtype)
@@ -236,10 +238,11 @@ def pick_linear(n: int, w: Tensor, *, with_res: bool, reps: int = 20) -> tuple[L
     cands: list[tuple[str, Linear]] = [("cublas", _cublas)]
     for c in GEMV_CONFIGS:
         cands.append((c.name, lambda x, w, b, r, c=c: gemv(x, w, b, r, config=c)))
-    return _fastest(cands, (x, w, None, res), reps)
+    return _fastest(cands, (x, w, None, res), reps, times=times)
 
 
-def pick_swiglu_linear(n: int, w: Tensor, *, reps: int = 20) -> tuple[Linear, str]:
+def pick_swiglu_linear(n: int, w: Tensor, *, reps: int = 20,
+                       times: dict[str, float | None] | None = None) -> tuple[Linear, str]:
     """The fastest way to compute swiglu(gu) @ w^T (+ bias) (+ res) for ``n`` rows of gu (n, 2K) and the
     down projection ``w`` (O, K) on this card, timed like :func:`pick_linear` (CUDA events, median of
     ``reps``, a candidate that fails to compile or launch is skipped). Candidates: the separate path,
@@ -248,7 +251,7 @@ def pick_swiglu_linear(n: int, w: Tensor, *, reps: int = 20) -> tuple[Linear, st
     to win because no GPU has measured it yet. The callable takes (gu, w, bias, res). Off CUDA, for
     more than GEMV_MAX_ROWS rows, or where Triton is not in use: the separate path with cuBLAS (torch),
     untimed, ``swiglu+cublas``."""
-    lin, lin_name = pick_linear(n, w, with_res=False, reps=reps)
+    lin, lin_name = pick_linear(n, w, with_res=False, reps=reps, times=times)
     separate: tuple[str, Linear] = (f"swiglu+{lin_name}", lambda gu, w, b, r: lin(swiglu(gu), w, b, r))
     if not w.is_cuda or n > GEMV_MAX_ROWS or not use_triton(w):
         return separate[1], separate[0]
@@ -256,39 +259,47 @@ def pick_swiglu_linear(n: int, w: Tensor, *, reps: int = 20) -> tuple[Linear, st
     cands = [separate]
     for c in GEMV_CONFIGS:
         cands.append((f"fused_swiglu_{c.name}", lambda gu, w, b, r, c=c: swiglu_gemv(gu, w, b, r, config=c)))
-    return _fastest(cands, (gu, w, None, None), reps)
+    return _fastest(cands, (gu, w, None, None), reps, times=times)
 
 
 def pick_norm_linear(n: int, w: Tensor, eps: float, *, separate: tuple[Linear, str] | None = None,
-                     fused_only: bool = False, reps: int = 20) -> tuple[NormLinear, str]:
+                     fused_only: bool = False, reps: int = 20, configs: Sequence[GemvConfig] = GEMV_CONFIGS,
+                     times: dict[str, float | None] | None = None) -> tuple[NormLinear, str]:
     """The fastest way to compute rmsnorm(h) * g @ w^T (+ bias) (+ res) for ``n`` rows of h on this card,
     timed like :func:`pick_linear`. Candidates: the separate path, ``rmsnorm`` then ``separate`` (a
     :func:`pick_linear` result, picked here if not given; named ``rmsnorm+<its name>``), and
-    :func:`norm_gemv` under each of ``GEMV_CONFIGS`` (``fused_norm_<config name>``); ``fused_only`` leaves
-    the separate path out unless no fused config runs. The callable takes (h, g, w, bias, res). Off CUDA, for
-    more than GEMV_MAX_ROWS rows, or where Triton is not in use: the separate path, untimed."""
-    lin, lin_name = separate or pick_linear(n, w, with_res=False, reps=reps)
+    :func:`norm_gemv` under each of ``configs`` (``fused_norm_<config name>``; the runtime passes the
+    configs that were fastest for the plain GEMV of this weight, whose loads the fused kernel shares, to
+    spare compiles and timing); ``fused_only`` leaves the separate path out unless no fused config runs.
+    The callable takes (h, g, w, bias, res). Off CUDA, for more than GEMV_MAX_ROWS rows, or where Triton is
+    not in use: the separate path, untimed."""
+    lin, lin_name = separate or pick_linear(n, w, with_res=False, reps=reps, times=times)
     sep: tuple[str, NormLinear] = (f"rmsnorm+{lin_name}", lambda h, g, w, b, r: lin(rmsnorm(h, g, eps), w, b, r))
     if not w.is_cuda or n > GEMV_MAX_ROWS or not use_triton(w):
         return sep[1], sep[0]
     h = torch.randn(n, w.shape[1], device=w.device, dtype=w.dtype)
     g = torch.rand(w.shape[1], device=w.device, dtype=w.dtype) + 0.5
     cands = [] if fused_only else [sep]
-    for c in GEMV_CONFIGS:
+    for c in configs:
         cands.append((f"fused_norm_{c.name}", lambda h, g, w, b, r, c=c: norm_gemv(h, g, eps, w, b, r, config=c)))
-    return _fastest(cands, (h, g, w, None, None), reps, fallback=sep)
+    return _fastest(cands, (h, g, w, None, None), reps, fallback=sep, times=times)
 
 
 def _fastest(cands: list[tuple[str, Callable]], args: tuple, reps: int,
-             fallback: tuple[str, Callable] | None = None) -> tuple[Callable, str]:
+             fallback: tuple[str, Callable] | None = None,
+             times: dict[str, float | None] | None = None) -> tuple[Callable, str]:
     """The candidate with the least median time on ``args`` (``fallback``, else the first, if none runs), and
-    its name."""
+    its name; each candidate's milliseconds into ``times`` (None where it failed)."""
     best, best_t = fallback or cands[0], float("inf")
     for name, fn in cands:
         try:
             t = cuda_time_ms(lambda fn=fn: fn(*args), reps)
         except Exception:  # a config that does not compile or launch for this shape is not a candidate
+            if times is not None:
+                times[name] = None
             continue
+        if times is not None:
+            times[name] = round(t, 5)
         if t < best_t:
             best, best_t = (name, fn), t
     return best[1], best[0]

@@ -143,7 +143,7 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
                  compile: bool | None = None, progress: bool = False, seed: int = 0,
                  static_batches: Sequence[int] = (), native: bool | None = None,
                  kernels: str | None = None, schedule: str | None = None,
-                 warmup_tokens: int | None = None) -> dict[str, Any]:
+                 warmup_tokens: int | None = None, on_built: Callable[[], None] | None = None) -> dict[str, Any]:
     """Benchmark ``models`` (sources or built Models; the random Llama-7B shapes with ``random_llama7b``,
     and their pruned shapes with ``pruned_shapes``) on ``engines`` (default: layerfold, plus HF with
     ``baseline="hf"``). Returns a dict with ``rows`` (one per model x engine x batch: prefill_tok_s,
@@ -154,7 +154,9 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
     step is a CUDA graph). static_batches / native / kernels: the layerfold engine's (see ``Runtime``).
     schedule: "interleaved" (default on CPU) or "sequential" (default on CUDA), see the module docstring.
     warmup_tokens: what the sequential schedule's warm-up run generates (None: min(new_tokens, 16)); the
-    interleaved one warms up on all new_tokens. Layerfold rows get ``picks`` where the runtime reports them."""
+    interleaved one warms up on all new_tokens. Layerfold rows get ``picks`` where the runtime reports them,
+    and ``pick_ms``: what each candidate took when the picks were timed. on_built: called after each engine
+    is built (compiled), before its first run (the GPU suite holds a compile there until other work ends)."""
     device = check_device(device)
     dtype = None if dtype is None else check_dtype(dtype)
     _check_args(models, engines, batch_sizes, new_tokens, prompt_len, repeats, static_batches, warmup_tokens)
@@ -183,7 +185,7 @@ def bench_models(models: Sequence[str | Path | Model], *, engines: Sequence[str]
         _check_fits(label, spec, dt, max(batch_sizes), prompt_len + new_tokens, device)
     ctx = dict(batch_sizes=sorted(set(batch_sizes)), new_tokens=new_tokens, prompt_len=prompt_len,
                repeats=repeats, seed=seed, progress=progress, compile=compile, native=native,
-               static_batches=static_batches, kernels=kernels,
+               static_batches=static_batches, kernels=kernels, on_built=on_built,
                warmup_tokens=min(new_tokens, 16) if warmup_tokens is None else warmup_tokens)
     schedule = schedule or ("interleaved" if device.type == "cpu" else "sequential")
     if schedule not in ("interleaved", "sequential"):
@@ -281,6 +283,8 @@ def _run_interleaved(sources, engines, device, **ctx):
             obj, mem = st.engine(eng, m, label)
             if obj is not None:
                 units += [_unit(label, eng, b, obj, prompts, m, mem) for b in ctx["batch_sizes"]]
+    if units and ctx["on_built"] is not None:
+        ctx["on_built"]()
     bw_runs: list[dict[str, float]] = []
     total, done = ctx["repeats"] * len(units), 0
     order = sorted(units, key=lambda u: (u["batch"], u["engine"] != "layerfold"))  # stable: models keep their order
@@ -315,6 +319,8 @@ def _run_sequential(sources, engines, device, **ctx):
         bw_runs.append(measure_bandwidth(device, m.dtype, min_s=0.25))
         for eng in engines:
             obj, mem = st.engine(eng, m, label)
+            if obj is not None and ctx["on_built"] is not None:
+                ctx["on_built"]()
             for b in ctx["batch_sizes"] if obj is not None else ():
                 u = _unit(label, eng, b, obj, prompts, m, mem)
                 try:
@@ -329,6 +335,7 @@ def _run_sequential(sources, engines, device, **ctx):
                         bucket = next((x for x in GRAPH_BUCKETS if b <= x <= getattr(obj, "max_batch", b)), b)
                         if picks.get(bucket):
                             u["picks"] = dict(picks[bucket])
+                            u["pick_ms"] = obj.graph_timings.get(bucket, {})
                 except torch.OutOfMemoryError:
                     st.notes.append(f"{label}: {eng} batch {b} skipped: out of device memory")
                     u["runs"] = []
@@ -392,5 +399,6 @@ def _row(u: dict[str, Any], new_tokens: int, prompt_len: int, bw_gbs: float) -> 
             "ttft_ms": statistics.median(ttft), "ttft_range": [min(ttft), max(ttft)],
             "decode_tok_s": med, "decode_range": [min(decode), max(decode)], "decode_runs": decode,
             "peak_mem_bytes": u.get("peak", 0), "bound_tok_s": bound, "pct_of_bound": statistics.median(pct),
-            "pct_of_bound_range": [min(pct), max(pct)], **({"picks": u["picks"]} if u.get("picks") else {})}
+            "pct_of_bound_range": [min(pct), max(pct)],
+            **({"picks": u["picks"], "pick_ms": u.get("pick_ms", {})} if u.get("picks") else {})}
 

@@ -47,7 +47,7 @@ from layerfold.kernels.gemv import (
     pick_swiglu_linear,
     swiglu_gemv,
 )
-from layerfold.kernels.heuristics import GEMV_MAX_ROWS
+from layerfold.kernels.heuristics import GEMV_CONFIGS, GEMV_MAX_ROWS, GemvConfig
 from layerfold.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from layerfold.kernels.rope_cache import rope_cache
 from layerfold.kernels.swiglu import swiglu
@@ -86,6 +86,14 @@ def decode_attention(name: str):
         raise ValueError(f"LAYERFOLD_DECODE_ATTN={name!r} is unknown. Fix: use one of auto, "
                          f"{', '.join(DECODE_ATTENTION)}")
     return DECODE_ATTENTION[name]
+
+
+def _fastest_configs(times: dict[str, float | None], k: int) -> list[GemvConfig]:
+    """The ``k`` Triton GEMV configs that were fastest in ``times`` (a plain GEMV pick's; all of
+    GEMV_CONFIGS where none was timed, as off CUDA)."""
+    by_name = {c.name: c for c in GEMV_CONFIGS}
+    ran = sorted((t, name) for name, t in times.items() if t is not None and name in by_name)
+    return [by_name[name] for _, name in ran[:k]] or list(GEMV_CONFIGS)
 
 
 @dataclass
@@ -131,6 +139,8 @@ class FusedDecode:
             raise ValueError(f"LAYERFOLD_NORM_GEMV={self.norm_mode!r} is unknown. Fix: use one of "
                              f"{', '.join(NORM_GEMV_MODES)}")
         self.norm_choice: dict[tuple[int, int], NormLinear] = {}  # (rows, id(weight)) -> its norm fused in
+        # rows -> what was timed ("gemv OxK", "down OxK", "norm OxK", "attn kv,g,hd,slots") -> candidate -> ms
+        self.timings: dict[int, dict[str, dict[str, float | None]]] = {}
 
     @staticmethod
     def _reads_norm(s: _Stage) -> Tensor | None:
@@ -152,14 +162,17 @@ class FusedDecode:
         """Time cuBLAS against the Triton GEMV for every distinct weight shape at ``rows`` rows (CUDA only)
         and keep the faster per weight, and with LAYERFOLD_DECODE_ATTN=auto the attention's form per layer
         shape (:meth:`tune_attention`); returns how many weights (attention layers, as "attn:<form>") each
-        implementation got."""
+        implementation got. Every candidate's time is kept in ``timings[rows]``."""
         by_shape: dict[tuple[int, ...], tuple[Linear, str]] = {}
+        times = self.timings.setdefault(rows, {})
         picked: dict[str, int] = {}
         downs = {id(s.layer.wd) for s in self.stages if s.kind == "mlp" and not s.layer.fused_mlp_sc}
         for w in self.weights():
             key = (tuple(w.shape), id(w) in downs)
             if key not in by_shape:  # a down projection: its activation fused into the GEMV, or not
-                by_shape[key] = (pick_swiglu_linear(rows, w) if key[1] else pick_linear(rows, w, with_res=False))
+                t = times.setdefault(f"{'down' if key[1] else 'gemv'} {w.shape[0]}x{w.shape[1]}", {})
+                by_shape[key] = (pick_swiglu_linear(rows, w, times=t) if key[1]
+                                 else pick_linear(rows, w, with_res=False, times=t))
             fn, full = by_shape[key]
             if key[1]:
                 self.down_choice[(rows, id(w))] = fn
@@ -179,11 +192,15 @@ class FusedDecode:
         in place of the weight's GEMV name) where that was faster than the norm then the GEMV picked above
         (``fused`` mode: wherever a fused config runs). Off CUDA nothing is timed and nothing is fused here."""
         by_shape: dict[tuple[int, ...], tuple[NormLinear, str]] = {}
+        times = self.timings.setdefault(rows, {})
         for w in {id(w): w for w in [self.first_w, *self.next_w] if w is not None}.values():
             sep = self.choice[(rows, id(w))]
             if tuple(w.shape) not in by_shape:
-                by_shape[tuple(w.shape)] = pick_norm_linear(rows, w, self.net.eps, separate=sep,
-                                                            fused_only=self.norm_mode == "fused")
+                shape = f"{w.shape[0]}x{w.shape[1]}"
+                by_shape[tuple(w.shape)] = pick_norm_linear(
+                    rows, w, self.net.eps, separate=sep, fused_only=self.norm_mode == "fused",
+                    configs=_fastest_configs(times.get(f"gemv {shape}", {}), 2),
+                    times=times.setdefault(f"norm {shape}", {}))
             fn, name = by_shape[tuple(w.shape)]
             if name.startswith("fused"):
                 self.norm_choice[(rows, id(w))] = fn
@@ -208,13 +225,15 @@ class FusedDecode:
             if s.kind != "attn":
                 continue
             if s.akey not in by_key:
-                by_key[s.akey] = self._pick_attention(rows, s.layer, s.akey, timer)
+                t = self.timings.setdefault(rows, {}).setdefault("attn " + ",".join(map(str, s.akey)), {})
+                by_key[s.akey] = self._pick_attention(rows, s.layer, s.akey, timer, t)
             fn, name = by_key[s.akey]
             self.attn_choice[(rows, s.akey)] = fn
             picked[name] = picked.get(name, 0) + 1
         return picked
 
-    def _pick_attention(self, rows: int, l, akey: tuple[int, ...], timer) -> tuple[Callable[..., Tensor], str]:
+    def _pick_attention(self, rows: int, l, akey: tuple[int, ...], timer,
+                        times: dict[str, float | None] | None = None) -> tuple[Callable[..., Tensor], str]:
         kv, g, hd, slots = akey
         dev, dt, window = l.k.device, l.k.dtype, self.net.window
         cands: list[tuple[str, Callable[..., Tensor]]] = []
@@ -240,6 +259,8 @@ class FusedDecode:
                 t = timer(lambda fn=fn: fn(q_run, l.k, l.v, l_run, window=window)) if ok else None
             except Exception:  # a form that does not compile or launch for this shape is no candidate
                 t = None
+            if times is not None:
+                times[name] = None if t is None else round(t * 1e3, 5)
             if t is not None and (best is None or t < best[0]):
                 best = (t, name, fn)
         return (best[2], best[1]) if best is not None else (attn_decode, "attn:kernel")

@@ -195,6 +195,13 @@ class Runtime:
         "cublas" or "triton") and attention layers ("attn:<form>") it serves; empty without graphs."""
         return {b: dict(p) for b, p in self._graphs.picks.items()} if self._graphs is not None else {}
 
+    @property
+    def graph_timings(self) -> dict[int, dict[str, dict[str, float | None]]]:
+        """Per bucket built so far: what the picks timed ("gemv OxK", "down", "norm", "attn ...") -> candidate
+        -> milliseconds on the card (None: it did not run or failed its check); empty without graphs."""
+        fused = self.net.fused
+        return {b: fused.timings.get(b, {}) for b in self._graphs.picks} if self._graphs is not None else {}
+
     def warm_up_graphs(self) -> None:
         """Build every batch bucket's CUDA graph now (GEMV pick, Triton compiles, capture) and compile the
         prefill kernels, so that no request pays for them; a no-op without CUDA graphs."""

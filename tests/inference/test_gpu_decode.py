@@ -70,6 +70,15 @@ def test_buckets_pad_idle_rows_and_pick_gemv() -> None:
     # LAYERFOLD_DECODE_ATTN=auto (the default): a form per attention layer
     assert sum(v for k, v in picks.items() if k.startswith("attn:")) == sum(
         s.kind == "attn" for s in rt.net.fused.stages)
+    # what each pick timed, in ms on the card: every distinct GEMV shape had cuBLAS and Triton timed
+    timed = rt.graph_timings[4]
+    shapes = {f"{w.shape[0]}x{w.shape[1]}" for w in rt.net.fused.weights()}
+    assert {k.split(" ")[1] for k in timed if k.split(" ")[0] in ("gemv", "down")} == shapes
+    for what, cands in timed.items():
+        ran = [t for t in cands.values() if t is not None]
+        assert ran and all(0 < t < 50 for t in ran), (what, cands)
+        if what.startswith("gemv"):
+            assert "cublas" in cands and any(c.startswith("triton_") for c in cands)
 
 
 @pytest.mark.parametrize("rows", [1, 16])
@@ -169,3 +178,5 @@ def test_norm_fused_graph_decode_matches_fp32_forward(name: str, prompts: str, m
     bucket = rt._graphs.bucket(len(PROMPTS[prompts]))
     assert {k[1] for k in fused.norm_choice if k[0] == bucket} == readers
     assert rt.graph_picks[bucket].get("fused-norm") == len(readers)
+    norm_times = {k: v for k, v in rt.graph_timings[bucket].items() if k.startswith("norm ")}
+    assert norm_times and all(0 < len(v) <= 2 for v in norm_times.values())  # the plain GEMV's two fastest configs

@@ -107,6 +107,18 @@ def test_norm_fused_into_the_gemvs_matches_forward(monkeypatch: pytest.MonkeyPat
     check_against_forward(m, prompts, seqs, last)
 
 
+def test_norm_pick_tries_the_configs_fastest_for_the_plain_gemv() -> None:
+    """The fused norm shares the plain GEMV's loads, so its pick compiles and times only the two configs that
+    were fastest for that weight's plain GEMV (cuBLAS and failed configs are no config); all of them where
+    nothing was timed."""
+    from layerfold.inference.fused_step import _fastest_configs
+    from layerfold.kernels.heuristics import GEMV_CONFIGS as C
+
+    times = {"cublas": 0.001, C[3].name: 0.02, C[1].name: 0.03, C[0].name: None, C[2].name: 0.05}
+    assert _fastest_configs(times, 2) == [C[3], C[1]]
+    assert _fastest_configs({"cublas": 0.01}, 2) == list(C) == _fastest_configs({}, 2)
+
+
 def test_norm_switch_is_checked_and_off_keeps_the_norms_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LAYERFOLD_NORM_GEMV", "always")
     with pytest.raises(ValueError, match="'always' is unknown. Fix: use one of auto, fused, off"):
@@ -151,6 +163,9 @@ def test_auto_attention_picks_the_fastest_correct_form(monkeypatch: pytest.Monke
     assert "wrong" not in timed, "the wrong form was timed: the check against the reference let it through"
     assert sorted(timed) == sorted(["kernel", "early", "dot"] * len(shapes))  # no split variants interpreted
     assert picked == {"attn:dot": n_attn}
+    # every candidate's time is kept per shape (ms); the wrong form, never timed, is None
+    assert fused.timings[3] == {"attn " + ",".join(map(str, k)): {
+        "attn:kernel": 3000.0, "attn:early": 2000.0, "attn:dot": 1000.0, "attn:wrong": None} for k in shapes}
     assert all(f.keywords == {"dot": True} for (rows, _), f in fused.attn_choice.items() if rows == 3)
 
     def not_tuned(*a, **k):
