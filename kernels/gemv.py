@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ._dispatch import interpreting, launchable, pdl, use_triton
 from ._triton import gdc_launch_dependents, gdc_wait, tl, triton
-from .heuristics import GEMV_CONFIGS, GEMV_MAX_ROWS, GemvConfig, gemv_interpreter_config
+from .heuristics import GEMV_CONFIGS, GEMV_MAX_ROWS, GEMV_SPLIT_COUNTERS, GemvConfig, gemv_interpreter_config
 from .rmsnorm import rmsnorm, rmsnorm_ref
 from .swiglu import swiglu, swiglu_ref
 
@@ -60,6 +60,8 @@ def _gemv_kernel(
     r_ptr,  # *T [N, O] residual added before rounding (read when HAS_RES), contiguous
     g_ptr,  # *T [K] RMSNorm scale applied to x (read when NORM)
     y_ptr,  # *T [N, O] output, contiguous
+    ws_ptr,  # *fp32 [SPLIT_K, N, O] each split's sums (SPLIT_K > 1)
+    cnt_ptr,  # *i32 one arrival counter per column block, 0 between launches (SPLIT_K > 1)
     N,
     O,
     K,
@@ -72,13 +74,23 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,  # >= N, power of two
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,  # programs (p, 0..SPLIT_K-1) share column block p's K range
     PDL: tl.constexpr = False,  # programmatic dependent launch (kernels._dispatch.pdl)
 ):
-    """Program p computes y[:, p*BLOCK_O:(p+1)*BLOCK_O]."""
+    """Program (p, s) computes y[:, p*BLOCK_O:(p+1)*BLOCK_O] over the s-th of SPLIT_K slices of K; with one
+    slice it writes y itself, else it writes its fp32 sums to the workspace, and the last of the block's
+    programs to arrive (an acq_rel atomic on the block's counter) adds them all, applies the epilogue and
+    puts the counter back to 0 for the next launch (a CUDA graph replays the same counters)."""
     if PDL:  # wait for the previous kernel's writes, then let the next kernel launch
         gdc_wait()
         gdc_launch_dependents()
     pid = tl.program_id(0)
+    k_lo = 0
+    k_hi = K
+    if SPLIT_K > 1:
+        k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = tl.program_id(1) * k_per
+        k_hi = tl.minimum(k_lo + k_per, K)
     offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_n = tl.arange(0, BLOCK_N)
     om = offs_o < O
@@ -87,9 +99,9 @@ def _gemv_kernel(
     ss = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # NORM: each row's sum of squares, elementwise until the end
     w_rows = w_ptr + offs_o.to(tl.int64)[:, None] * K
     x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_x
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        km = ks < K
+        km = ks < k_hi
         w = tl.load(w_rows + ks[None, :], mask=om[:, None] & km[None, :], other=0.0).to(tl.float32)
         xm = nm[:, None] & km[None, :]
         x = tl.load(x_rows + ks[None, :], mask=xm, other=0.0).to(tl.float32)
@@ -103,10 +115,25 @@ def _gemv_kernel(
     y = tl.sum(acc, axis=2)  # (BLOCK_N, BLOCK_O)
     if NORM:
         y = y * (1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps))[:, None]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_o, mask=om, other=0.0).to(tl.float32)[None, :]
     out = offs_n.to(tl.int64)[:, None] * O + offs_o[None, :]
     m = nm[:, None] & om[None, :]
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * N * O + out, y, mask=m)
+        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:  # the others' sums are visible
+            y = tl.zeros((BLOCK_N, BLOCK_O), tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                y += tl.load(ws_ptr + s * N * O + out, mask=m, other=0.0, cache_modifier=".cg")
+            _gemv_epilogue(y, b_ptr, r_ptr, y_ptr, out, offs_o, om, m, HAS_BIAS, HAS_RES)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
+    else:
+        _gemv_epilogue(y, b_ptr, r_ptr, y_ptr, out, offs_o, om, m, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def _gemv_epilogue(y, b_ptr, r_ptr, y_ptr, out, offs_o, om, m, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """y (+ bias) (+ residual), rounded once to y_ptr's dtype and stored."""
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_o, mask=om, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
         y += tl.load(r_ptr + out, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m)
@@ -138,15 +165,43 @@ def _launch(x: Tensor, w: Tensor, bias: Tensor | None, res: Tensor | None, *, sw
     y = torch.empty((n, o), device=x.device, dtype=x.dtype)
     if n == 0 or o == 0:
         return y
-    cfg = gemv_interpreter_config(n) if interpreting() else (config or GEMV_CONFIGS[0])
+    cfg = config or GEMV_CONFIGS[0]
+    if norm is not None and cfg.split_k > 1:
+        raise ValueError(f"{who}: config {cfg.name} splits K, but the fused norm needs each program to see the "
+                         "whole row. Fix: pass a config with split_k=1")
+    cfg = gemv_interpreter_config(n, cfg.split_k) if interpreting() else cfg
     block_n = triton.next_power_of_2(n)
-    launchable(_gemv_kernel)[(triton.cdiv(o, cfg.block_o),)](
+    blocks = triton.cdiv(o, cfg.block_o)
+    ws, cnt = y, y
+    if cfg.split_k > 1:
+        if blocks > GEMV_SPLIT_COUNTERS:
+            raise ValueError(f"{who}: {blocks} column blocks of {cfg.block_o}, more than the {GEMV_SPLIT_COUNTERS} "
+                             "split-K counters. Fix: use a config with split_k=1 for this weight")
+        ws = torch.empty((cfg.split_k, n, o), device=x.device, dtype=torch.float32)
+        cnt = _split_counters(x.device)
+    launchable(_gemv_kernel)[(blocks, cfg.split_k)](
         x, w, bias.contiguous() if bias is not None else w, res.contiguous() if res is not None else y,
-        norm.contiguous() if norm is not None else w, y, n, o, k, x.stride(0), float(eps),
+        norm.contiguous() if norm is not None else w, y, ws, cnt, n, o, k, x.stride(0), float(eps),
         HAS_BIAS=bias is not None, HAS_RES=res is not None, SWIGLU=swiglu, NORM=norm is not None,
         BLOCK_N=block_n, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k // block_n if cfg.scale_k else cfg.block_k,
-        num_warps=cfg.warps, num_stages=cfg.stages, **pdl(w))
+        SPLIT_K=cfg.split_k, num_warps=cfg.warps, num_stages=cfg.stages, **pdl(w))
     return y
+
+
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> Tensor:
+    """The split-K GEMV's arrival counters on ``device``: zeroed once, left at zero by every launch, and
+    never freed or replaced (a captured CUDA graph keeps their address). Made outside any capture: the
+    step's warm-up runs before its capture, and the picks' timer runs its candidate before capturing it."""
+    cnt = _COUNTERS.get(device)
+    if cnt is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the split-K GEMV's counters were first needed inside a CUDA graph capture. Fix: "
+                               "run the step once before capturing it")
+        cnt = _COUNTERS[device] = torch.zeros(GEMV_SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    return cnt
 
 
 def gemv_ref(x: Tensor, w: Tensor, bias: Tensor | None = None, res: Tensor | None = None) -> Tensor:
@@ -280,7 +335,7 @@ def pick_norm_linear(n: int, w: Tensor, eps: float, *, separate: tuple[Linear, s
     h = torch.randn(n, w.shape[1], device=w.device, dtype=w.dtype)
     g = torch.rand(w.shape[1], device=w.device, dtype=w.dtype) + 0.5
     cands = [] if fused_only else [sep]
-    for c in configs:
+    for c in (c for c in configs if c.split_k == 1):  # the norm needs the whole row in every program
         cands.append((f"fused_norm_{c.name}", lambda h, g, w, b, r, c=c: norm_gemv(h, g, eps, w, b, r, config=c)))
     return _fastest(cands, (h, g, w, None, None), reps, fallback=sep, times=times)
 

@@ -21,10 +21,12 @@ class GemvConfig:
     warps: int
     stages: int = 3
     scale_k: bool = True  # keep BLOCK_N x BLOCK_O x BLOCK_K accumulators in registers as rows grow
+    split_k: int = 1  # programs sharing one column block's K range (the last to finish adds their sums)
 
     @property
     def name(self) -> str:
-        return f"triton_o{self.block_o}_k{self.block_k}_w{self.warps}_s{self.stages}"
+        split = f"_sk{self.split_k}" if self.split_k > 1 else ""
+        return f"triton_o{self.block_o}_k{self.block_k}_w{self.warps}_s{self.stages}{split}"
 
 
 # Candidates the runtime times against cuBLAS per weight shape (pick_linear). Each loop step loads a
@@ -37,12 +39,21 @@ GEMV_CONFIGS = (
     GemvConfig(block_o=32, block_k=128, warps=4),
     GemvConfig(block_o=16, block_k=512, warps=8),
     GemvConfig(block_o=4, block_k=1024, warps=4, stages=4),
+    # split-K, for weights with few output rows (the attention output and MLP down projections of a 7B
+    # model: 4096 rows, 256 column blocks of 16 for 132 SMs, each streaming 128-352 KiB alone). A compile
+    # for sm_90 (local Triton 3.9) shows the GEMV's loop loads as plain 16-byte loads, no asynchronous
+    # copies, so a program keeps one tile (8 KiB) in flight; with 2 programs an SM that is too little to
+    # cover HBM's latency. 4-8 programs per column block give every SM 8 or more. Not yet measured.
+    GemvConfig(block_o=16, block_k=256, warps=4, split_k=4),
+    GemvConfig(block_o=32, block_k=256, warps=4, split_k=8),
 )
+GEMV_SPLIT_COUNTERS = 1 << 16  # per device: one arrival counter per column block of a split-K GEMV
 
 
-def gemv_interpreter_config(rows: int) -> GemvConfig:
-    """The interpreter runs programs one after another: few large programs, whole small matrices."""
-    return GemvConfig(block_o=32, block_k=64, warps=1, stages=1, scale_k=False)
+def gemv_interpreter_config(rows: int, split_k: int = 1) -> GemvConfig:
+    """The interpreter runs programs one after another: few large programs, whole small matrices (a split-K
+    config keeps its split, so the split's arithmetic is what the interpreter tests)."""
+    return GemvConfig(block_o=32, block_k=64, warps=1, stages=1, scale_k=False, split_k=split_k)
 
 
 # ---- decode attention (kernels/attn_decode.py) ------------------------------------------------------
@@ -84,5 +95,5 @@ def row_warps(block: int) -> int:
     return 4 if block <= 2048 else 8
 
 
-__all__ = ["CHANNEL_STATS", "CHANNEL_VARIANTS", "GEMV_CONFIGS", "GEMV_MAX_ROWS", "GemvConfig", "ReduceConfig",
-           "attn_decode_splits", "gemv_interpreter_config", "row_warps"]
+__all__ = ["CHANNEL_STATS", "CHANNEL_VARIANTS", "GEMV_CONFIGS", "GEMV_MAX_ROWS", "GEMV_SPLIT_COUNTERS", "GemvConfig",
+           "ReduceConfig", "attn_decode_splits", "gemv_interpreter_config", "row_warps"]

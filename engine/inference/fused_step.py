@@ -89,11 +89,11 @@ def decode_attention(name: str):
 
 
 def _fastest_configs(times: dict[str, float | None], k: int) -> list[GemvConfig]:
-    """The ``k`` Triton GEMV configs that were fastest in ``times`` (a plain GEMV pick's; all of
+    """The ``k`` unsplit Triton GEMV configs that were fastest in ``times`` (a plain GEMV pick's; all unsplit
     GEMV_CONFIGS where none was timed, as off CUDA)."""
-    by_name = {c.name: c for c in GEMV_CONFIGS}
+    by_name = {c.name: c for c in GEMV_CONFIGS if c.split_k == 1}  # the fused norm needs whole rows
     ran = sorted((t, name) for name, t in times.items() if t is not None and name in by_name)
-    return [by_name[name] for _, name in ran[:k]] or list(GEMV_CONFIGS)
+    return [by_name[name] for _, name in ran[:k]] or list(by_name.values())
 
 
 @dataclass

@@ -37,6 +37,39 @@ def test_gemv_configs_and_strided_rows() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [2, 3, 4, 8])
+@pytest.mark.parametrize("n,o,k", [(1, 70, 257), (5, 33, 64), (8, 40, 5)])  # K spanning splits, one split, < a tile
+def test_split_k_gemv(n: int, o: int, k: int, split: int, dtype: torch.dtype) -> None:
+    """Split-K: each program sums its slice of K, the last of a column block's programs to arrive adds them all
+    and applies the bias, residual and SwiGLU as the one-pass GEMV does; the counters are left at zero, so the
+    next launch (a CUDA graph replays the same ones) starts clean, and repeated launches agree."""
+    from layerfold.kernels import gemv as G
+    from layerfold.kernels.gemv import swiglu_gemv, swiglu_gemv_ref
+    from layerfold.kernels.heuristics import GemvConfig
+
+    cfg = GemvConfig(block_o=16, block_k=64, warps=4, split_k=split)
+    x, w = rnd((n, k), dtype, seed=n + k + split), rnd((o, k), dtype, seed=o, scale=0.1)
+    b, r = rnd((o,), dtype, seed=3), rnd((n, o), dtype, seed=4)
+    want = gemv_ref(x.double(), w.double(), b.double(), r.double())
+    first = gemv(x, w, b, r, config=cfg)
+    close(first, want, dtype, f"split {split}: gemv {n}x{k} @ {o}x{k}")
+    assert int(G._COUNTERS[x.device].abs().sum()) == 0, "a counter was left non-zero"
+    assert torch.equal(gemv(x, w, b, r, config=cfg), first)
+    gu = rnd((n, 2 * k), dtype, seed=9)
+    close(swiglu_gemv(gu, w, b, r, config=cfg), swiglu_gemv_ref(gu.double(), w.double(), b.double(), r.double()),
+          dtype, f"split {split}: swiglu_gemv")
+
+
+def test_split_k_refuses_the_fused_norm() -> None:
+    from layerfold.kernels.gemv import norm_gemv
+    from layerfold.kernels.heuristics import GemvConfig
+
+    with pytest.raises(ValueError, match="splits K, but the fused norm needs each program to see the whole row"):
+        norm_gemv(rnd((2, 64), torch.float32, seed=1), torch.ones(64), 1e-5, rnd((16, 64), torch.float32, seed=2),
+                  config=GemvConfig(block_o=16, block_k=64, warps=4, split_k=2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("n,nh,nkv,hd", [(1, 4, 4, 16), (3, 6, 2, 10), (2, 3, 1, 64)])
 def test_rope_cache(n: int, nh: int, nkv: int, hd: int, norm: bool, dtype: torch.dtype) -> None:

@@ -145,3 +145,34 @@ def test_gpu_norm_gemv_every_config(n: int) -> None:
     fn, name = pick_norm_linear(n, w.to(CUDA), 1e-5, separate=(_cublas, "cublas"))
     assert name == "rmsnorm+cublas" or name.startswith("fused_norm_triton_"), name
     assert_close(fn(*args, w.to(CUDA), b.to(CUDA), r.to(CUDA)).cpu(), want, torch.bfloat16, f"pick {name}")
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_gpu_split_k_gemv_under_graph_replays(n: int) -> None:
+    """The split-K GEMV configs (the last program of a column block adds the others' sums after an acq_rel
+    atomic) at the 7B down projection's shape, bf16, compiled: right against fp64, and right on every one of
+    50 CUDA-graph replays with new inputs each time (a counter left non-zero, or sums read before they are
+    visible, would break some of them)."""
+    from layerfold.kernels.gemv import gemv, swiglu_gemv
+    from layerfold.kernels.heuristics import GEMV_CONFIGS
+
+    gen = torch.Generator().manual_seed(n)
+    w = (torch.randn(4096, 11008, generator=gen) * 0.02).bfloat16().to(CUDA)
+    r = torch.randn(n, 4096, generator=gen).bfloat16().to(CUDA)
+    for cfg in [c for c in GEMV_CONFIGS if c.split_k > 1]:
+        x = torch.randn(n, 11008, generator=gen).bfloat16().to(CUDA)
+        want = (x.double() @ w.double().T + r.double()).cpu()
+        assert_close(gemv(x, w, None, r, config=cfg).cpu(), want, torch.bfloat16, f"{cfg.name} n={n}")
+        gu = torch.randn(n, 2 * 11008, generator=gen).bfloat16().to(CUDA)
+        a = torch.nn.functional.silu(gu[:, :11008].double()) * gu[:, 11008:].double()
+        assert_close(swiglu_gemv(gu, w, None, r, config=cfg).cpu(), (a @ w.double().T + r.double()).cpu(),
+                     torch.bfloat16, f"{cfg.name} swiglu n={n}")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = gemv(x, w, None, r, config=cfg)
+        for i in range(50):
+            x.copy_(torch.randn(n, 11008, generator=gen).bfloat16())
+            graph.replay()
+            want = x.double() @ w.double().T + r.double()
+            err = ((y.double() - want).abs().max() / want.abs().max()).item()
+            assert err < 2e-2, f"{cfg.name} n={n} replay {i}: relative error {err:.2e}"

@@ -71,8 +71,9 @@ def test_strided_rows_and_configs() -> None:
     g = rnd((200,), torch.float32, seed=7).abs() + 0.5
     w = rnd((40, 200), torch.float32, seed=6, scale=0.1)
     want = _want(h, g, w, None, None, torch.float64)
-    for cfg in GEMV_CONFIGS:
-        close(norm_gemv(h, g, EPS, w, config=cfg), want, torch.float32, cfg.name)
+    for cfg in GEMV_CONFIGS:  # split-K configs are refused (test_decode_kernels), the others computed
+        if cfg.split_k == 1:
+            close(norm_gemv(h, g, EPS, w, config=cfg), want, torch.float32, cfg.name)
 
 
 def test_zero_rows() -> None:
