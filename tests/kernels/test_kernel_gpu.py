@@ -115,11 +115,19 @@ def test_cuda_time_ms_times_the_device_not_the_host() -> None:
         time.sleep(0.002)
         return x.add_(1)
 
-    assert cuda_time_ms(stalled, 5) < 0.5
+    # the GPU suite may run these tests while another process compiles on the same GPU (gpu_suite.SHADOW), whose
+    # kernels can land inside a timed replay: the best of three tries is judged (a timer that counts the host's
+    # 2 ms, or one that reads from L2, fails all three)
+    assert min(cuda_time_ms(stalled, 5) for _ in range(3)) < 0.5
     big = torch.ones(1 << 27, device="cuda")  # 512 MiB, far past any L2
     small = big[: 1 << 24]  # 64 MiB
-    t_big, t_small = cuda_time_ms(lambda: big.mul_(1.0), 5), cuda_time_ms(lambda: small.mul_(1.0), 5)
-    assert 4.0 < t_big / t_small < 12.0, (t_big, t_small)
+    ratios = []
+    for _ in range(3):
+        t_big, t_small = cuda_time_ms(lambda: big.mul_(1.0), 5), cuda_time_ms(lambda: small.mul_(1.0), 5)
+        ratios.append(t_big / t_small)
+        if 4.0 < ratios[-1] < 12.0:
+            break
+    assert 4.0 < ratios[-1] < 12.0, ratios
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])
