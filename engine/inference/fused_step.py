@@ -131,8 +131,7 @@ class FusedDecode:
         self.attn = decode_attention(self.attn_mode)
         self.attn_choice: dict[tuple[int, tuple[int, ...]], Callable[..., Tensor]] = {}  # (rows, akey) -> form
         # the matrix that reads each stage's normalised output (the next stage's input GEMV; the head last)
-        consumer = [self._reads_norm(s) for s in stages[1:]] + [net.head if net.final_norm is not None else None]
-        self.next_w = consumer
+        self.next_w = [self._reads_norm(s) for s in stages[1:]] + [net.head if net.final_norm is not None else None]
         self.first_w = self._reads_norm(stages[0]) if stages else (net.head if net.final_norm is not None else None)
         self.norm_mode = os.environ.get("LAYERFOLD_NORM_GEMV", "auto")
         if self.norm_mode not in NORM_GEMV_MODES:
