@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -56,7 +57,10 @@ class MergeSimilarity:
     """Both measures of any candidate partition against the dense model, memoised (see the module docstring)."""
 
     def __init__(self, model: Model, ids: Tensor, how: str = "consolidate", cache_blocks: int = 24):
-        self.model, self.how, self.cache_blocks = model, how, cache_blocks
+        # held weakly: the one shared_similarity keeps for the next search must not keep a finished job's
+        # dense model (and the hidden states and merged blocks below) alive on the device
+        self._model = weakref.ref(model)
+        self.how, self.cache_blocks = how, cache_blocks
         self.ids = ids.to(model.device)
         with torch.no_grad():
             h, self._ropes, self._mask = model.prepare(self.ids)
@@ -68,6 +72,20 @@ class MergeSimilarity:
         self._memo: dict[Groups, dict[str, float]] = {}
         self._blocks: OrderedDict[tuple[int, ...], Block] = OrderedDict()
         self.seconds = 0.0
+
+    @property
+    def model(self) -> Model:
+        m = self._model()
+        if m is None:
+            raise RuntimeError("MergeSimilarity: its dense model is gone (it is held weakly). Fix: keep a "
+                               "reference to the model while its similarity is used")
+        return m
+
+    def close(self) -> None:
+        """Drop the dense hidden states, merged blocks and scores (what this holds on the model's device)."""
+        self.hidden, self._ref, self._ropes, self._mask = [], None, {}, None
+        self._blocks.clear()
+        self._memo.clear()
 
     def _block(self, group: tuple[int, ...]) -> Block:
         if len(group) == 1:
@@ -82,16 +100,17 @@ class MergeSimilarity:
 
     def representation(self, groups: Groups) -> Tensor:
         """norm(h_L) of the candidate (n, T, d), computed from its lowest merged layer up."""
+        model = self.model  # a clear error once the model (and so this similarity's state) is gone
         lowest = next((p for p, g in enumerate(groups) if len(g) > 1), None)
         if lowest is None:
             return self._ref
         h = self.hidden[groups[lowest][0]]
         with torch.no_grad():
             for g in groups[lowest:]:
-                ls = self.model.spec.layers[g[0]]
+                ls = model.spec.layers[g[0]]
                 cos, sin = self._ropes.get(ls.head_dim, (None, None)) if ls.has_attn else (None, None)
                 h = self._block(g)(h, cos, sin, self._mask)
-            return self.model.norm(h).float()
+            return model.norm(h).float()
 
     def scores(self, groups: list[list[int]] | Groups) -> dict[str, float]:
         key: Groups = tuple(tuple(g) for g in groups)
@@ -137,13 +156,22 @@ _SHARED: list[MergeSimilarity] = []
 
 def shared_similarity(model: Model, ids: Tensor, how: str = "consolidate") -> MergeSimilarity:
     """The last MergeSimilarity built for this model, ids and merge rule, or a new one (several searches in
-    one process, e.g. SLM and LaCo at several targets in tools/compare_depth.py, share its memo)."""
+    one process, e.g. SLM and LaCo at several targets in tools/compare_depth.py, share its memo). It is
+    closed, and forgotten, when its model is freed."""
     for s in _SHARED:
-        if s.model is model and s.how == how and s.ids.shape == ids.shape and torch.equal(s.ids.cpu(), ids.cpu()):
+        if s._model() is model and s.how == how and s.ids.shape == ids.shape and torch.equal(s.ids.cpu(), ids.cpu()):
             return s
-    _SHARED.clear()
-    _SHARED.append(MergeSimilarity(model, ids, how))
-    return _SHARED[0]
+    for s in _SHARED:
+        s.close()
+    sim = MergeSimilarity(model, ids, how)
+    _SHARED[:] = [sim]
+    weakref.finalize(model, _release, sim)  # the similarity holds the model weakly: this runs when it goes
+    return sim
+
+
+def _release(sim: MergeSimilarity) -> None:
+    sim.close()
+    _SHARED[:] = [s for s in _SHARED if s is not sim]
 
 
 SIM_SAMPLES = 8  # the SLM paper calibrates its similarity with 10 samples x 128 tokens

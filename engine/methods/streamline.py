@@ -32,6 +32,7 @@ import math
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -87,19 +88,32 @@ class PairStream:
     """(h_j, h_{j+n}) per micro-batch of calibration ids, from the dense model; optionally spilled to disk.
 
     ``device``: compute there with the dense weights streamed from where they are, one layer at a time
-    (core.streaming.LayerStream; a dense model kept in host memory); None runs the model where it is."""
+    (core.streaming.LayerStream; a dense model kept in host memory); None runs the model where it is.
+
+    The stream holds the dense model weakly: the one ``shared_pairs`` keeps for the next call must not keep
+    a model alive after its caller drops it (it kept a prune job's 13.8 GB dense 7B on the GPU through the
+    next job of the process: dynamic slicing run after Streamline peaked 13 GB over its own need)."""
 
     def __init__(self, dense: Model, ids: Tensor, j: int, n: int, micro_batch: int, cache: str = "disk",
                  device: str | torch.device | None = None):
-        self.dense, self.ids, self.j, self.n, self.mb, self.cache = dense, ids, j, n, micro_batch, cache
+        self._dense = weakref.ref(dense)
+        self.ids, self.j, self.n, self.mb, self.cache = ids, j, n, micro_batch, cache
         self.device = None if device is None else torch.device(device)
-        self._src = None if device is None else LayerStream(dense, device)
+        self._src: LayerStream | None = None  # built on first use (it holds the weights' tensors)
         self._dir: Path | None = None
         self._files: tuple[np.memmap, np.memmap] | None = None
         self._filled = 0
 
+    @property
+    def dense(self) -> Model:
+        m = self._dense()
+        if m is None:
+            raise RuntimeError("PairStream: its dense model is gone (a stream holds it weakly). Fix: keep a "
+                               "reference to the model while its stream is used")
+        return m
+
     def _compute(self, b0: int, b1: int) -> tuple[Tensor, Tensor]:
-        if self._src is not None:
+        if self.device is not None:
             return self._streamed(b0, b1)
         m = self.dense
         with torch.no_grad():
@@ -113,6 +127,8 @@ class PairStream:
 
     @torch.no_grad()
     def _streamed(self, b0: int, b1: int) -> tuple[Tensor, Tensor]:
+        if self._src is None:
+            self._src = LayerStream(self.dense, self.device)
         src = self._src
         h, ropes, mask = src.prepare(self.ids[b0:b1])
         x = h
@@ -148,7 +164,8 @@ class PairStream:
             yield x, y
 
     def close(self) -> None:
-        self._files = None
+        """Remove the disk cache and drop the streamed weights' references (a later epoch computes again)."""
+        self._files, self._filled, self._src = None, 0, None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -317,15 +334,22 @@ def shared_pairs(dense: Model, ids: Tensor, j: int, n: int, micro_batch: int,
                  device: str | torch.device | None = None) -> PairStream:
     """The last disk-cached PairStream if it is for this model, ids and window, else a new one (the old one's
     files are removed). Several replacements of one window (mlp, decoder, ablations) then compute the dense
-    pairs once; the files go at exit."""
+    pairs once; the files go with the model (when nothing else holds it) or at exit."""
     for p in _PAIRS:
-        if p.dense is dense and (p.j, p.n, p.mb) == (j, n, micro_batch) and p.ids.shape == ids.shape \
+        if p._dense() is dense and (p.j, p.n, p.mb) == (j, n, micro_batch) and p.ids.shape == ids.shape \
                 and torch.equal(p.ids, ids) and p.device == (None if device is None else torch.device(device)):
             return p
     for p in _PAIRS:
         p.close()
-    _PAIRS[:] = [PairStream(dense, ids, j, n, micro_batch, "disk", device=device)]
-    return _PAIRS[0]
+    stream = PairStream(dense, ids, j, n, micro_batch, "disk", device=device)
+    _PAIRS[:] = [stream]
+    weakref.finalize(dense, _release, stream)  # the stream holds the model weakly: this runs when it goes
+    return stream
+
+
+def _release(stream: PairStream) -> None:
+    stream.close()
+    _PAIRS[:] = [p for p in _PAIRS if p is not stream]
 
 
 @atexit.register
