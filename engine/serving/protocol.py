@@ -122,6 +122,8 @@ class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None  # the participant's name: passed to the chat template, which may show it
+    refusal: str | None = None  # an assistant's refusal: what it said, so its content for the template
     tool_calls: list[Any] | None = None  # refused when it holds any (chat_messages): no tools run here
     function_call: dict[str, Any] | None = None
 
@@ -208,9 +210,10 @@ def prompt_list(body: CompletionBody, limits: Limits) -> list[str | list[int]]:
 
 
 def chat_messages(body: ChatBody, limits: Limits) -> list[dict[str, str]]:
-    """The chat request's messages for the chat template (content parts joined; ``developer`` is ``system``);
-    400 for what the template would never see: an assistant's tool calls (no tools run here, so they would be
-    dropped without a word), or a message other than an assistant's with no content."""
+    """The chat request's messages for the chat template (content parts joined; ``developer`` is ``system``; an
+    assistant's ``refusal`` is its content; a ``name`` is passed on for templates that show it); 400 for what the
+    template would never see: an assistant's tool calls (no tools run here, so they would be dropped without a
+    word), a message other than an assistant's with no content, or a refusal beside content."""
     for i, m in enumerate(body.messages):
         if m.tool_calls or m.function_call:
             f = "tool_calls" if m.tool_calls else "function_call"
@@ -220,14 +223,24 @@ def chat_messages(body: ChatBody, limits: Limits) -> list[dict[str, str]]:
         if m.content is None and m.role != "assistant":
             raise ApiError(400, f"messages.{i} ({m.role}) has no content. Fix: send its text as \"content\"",
                            f"messages.{i}.content")
-    msgs = [{"role": "system" if m.role == "developer" else m.role,
-             "content": (m.content if isinstance(m.content, str) or m.content is None else
-                         "".join(part.text for part in m.content)) or ""} for m in body.messages]
-    if sum(len(m["content"]) for m in msgs) > limits.max_prompt_chars:
+        if m.refusal is not None and (m.role != "assistant" or m.content):
+            raise ApiError(400, f"messages.{i}.refusal: only an assistant's message without content may carry a "
+                           "refusal (it is what the assistant said). Fix: send the text as \"content\" alone",
+                           f"messages.{i}.refusal")
+    msgs: list[dict[str, str]] = []
+    for m in body.messages:
+        text = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": text or m.refusal or ""}
+        if m.name is not None:
+            msg["name"] = m.name
+        msgs.append(msg)
+    if sum(len(m["content"]) + len(m.get("name", "")) for m in msgs) > limits.max_prompt_chars:
         raise ApiError(400, f"the messages cannot fit the limit of {limits.max_prompt_tokens} tokens. Fix: "
                        "shorten them", "messages", "context_length_exceeded")
     for i, m in enumerate(msgs):
-        check_text(m["content"], f"messages.{i}.content")
+        for field in ("content", "name"):
+            if field in m:
+                check_text(m[field], f"messages.{i}.{field}")
     return msgs
 
 

@@ -6,6 +6,7 @@ fails another request."""
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -124,3 +125,36 @@ def test_empty_tool_calls_and_an_assistant_without_content_are_served(strict: Te
     msgs = [USER, {"role": "assistant", "content": None, "tool_calls": []}, USER]
     r = strict.post(CHAT, json={"messages": msgs, "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+# Raises (so the request answers 400 with these words) unless the template is shown the user's name and the
+# assistant's refusal as its content.
+SHOWN = ("{% for m in messages %}{% if m['role'] == 'user' and m.name != 'ann' %}{{ raise_exception('name lost') }}"
+         "{% endif %}{% if m['role'] == 'assistant' and m['content'] != 'I will not' %}"
+         "{{ raise_exception('refusal lost') }}{% endif %}[{{ m.name }}] {{ m['content'] }}\n{% endfor %}[assistant] ")
+
+
+def test_a_name_and_a_refusal_reach_the_template(model: Model, tok: Any) -> None:
+    """OpenAI's ``name`` (who speaks) and an assistant's ``refusal`` (what it said instead of content) were
+    dropped without a word; now the template sees them."""
+    ann = {"role": "user", "content": "hi", "name": "ann"}
+    for c in client(model, tok, SHOWN):
+        msgs = [ann, {"role": "assistant", "content": None, "refusal": "I will not"}, ann]
+        r = c.post(CHAT, json={"messages": msgs, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        r = c.post(CHAT, json={"messages": [ann, {"role": "assistant", "content": None}, ann], "max_tokens": 2})
+        check_error(r, 400, "messages", "refusal lost")  # the template's own check works: it saw no refusal
+        check_error(c.post(CHAT, json={"messages": [USER], "max_tokens": 2}), 400, "messages", "name lost")
+
+
+@pytest.mark.parametrize("message,param", [
+    ({"role": "assistant", "content": "sure", "refusal": "I will not"}, "messages.1.refusal"),
+    ({"role": "user", "content": "hi", "refusal": "no"}, "messages.1.refusal"),
+    ({"role": "user", "content": "hi", "name": "\ud800"}, "messages.1.name"),
+    ({"role": "user", "content": "hi", "name": 7}, "messages.1.name"),
+])
+def test_a_bad_name_or_refusal_is_named(strict: TestClient, message: dict, param: str) -> None:
+    body = json.dumps({"messages": [USER, message], "max_tokens": 2})  # ASCII: a lone surrogate as its escape
+    r = strict.post(CHAT, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert "Fix:" in r.json()["error"]["message"], r.text
