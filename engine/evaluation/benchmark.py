@@ -316,16 +316,20 @@ def _run_sequential(sources, engines, device, **ctx):
     done: list[dict[str, Any]] = []
     bw_runs: list[dict[str, float]] = []
     for label, m, prompts in st.models(sources):
+        t = time.perf_counter()
         bw_runs.append(measure_bandwidth(device, m.dtype, min_s=0.25))
+        st.times[f"probe {label}"] = time.perf_counter() - t
         for eng in engines:
             obj, mem = st.engine(eng, m, label)
             if obj is not None and ctx["on_built"] is not None:
                 ctx["on_built"]()
             for b in ctx["batch_sizes"] if obj is not None else ():
                 u = _unit(label, eng, b, obj, prompts, m, mem)
+                t = time.perf_counter()
                 try:
                     for r in range(ctx["repeats"] + 1):  # run 0: a short warm-up
                         res = _timed(u, ctx["new_tokens"] if r else ctx["warmup_tokens"], device)
+                        u.setdefault("warmup_s", time.perf_counter() - t)
                         u["peak"] = max(u.get("peak", 0), res["peak"] + u["setup_mem"])  # caches grow with tokens
                         if r:
                             res["bandwidth_gbs"] = bw_runs[-1]["bandwidth_gbs"]
@@ -339,7 +343,7 @@ def _run_sequential(sources, engines, device, **ctx):
                 except torch.OutOfMemoryError:
                     st.notes.append(f"{label}: {eng} batch {b} skipped: out of device memory")
                     u["runs"] = []
-                u["obj"] = None
+                u["obj"], u["wall_s"] = None, time.perf_counter() - t  # the unit's wall: warm-up, runs, between
                 done.append(u)
                 if ctx["progress"]:
                     print(f"[bench] {label} {eng} batch {b}: {len(u['runs'])} runs", flush=True)
@@ -400,5 +404,6 @@ def _row(u: dict[str, Any], new_tokens: int, prompt_len: int, bw_gbs: float) -> 
             "decode_tok_s": med, "decode_range": [min(decode), max(decode)], "decode_runs": decode,
             "peak_mem_bytes": u.get("peak", 0), "bound_tok_s": bound, "pct_of_bound": statistics.median(pct),
             "pct_of_bound_range": [min(pct), max(pct)],
-            **({"picks": u["picks"], "pick_ms": u.get("pick_ms", {})} if u.get("picks") else {})}
+            **({"picks": u["picks"], "pick_ms": u.get("pick_ms", {})} if u.get("picks") else {}),
+            **{k: u[k] for k in ("warmup_s", "wall_s") if k in u}}
 

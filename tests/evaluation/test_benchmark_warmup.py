@@ -91,6 +91,9 @@ def test_sequential_warmup_is_short(model, monkeypatch: pytest.MonkeyPatch, warm
         # the peak is the largest of all runs: the timed ones (20 tokens), not just the shorter warm-up
         assert r["peak_mem_bytes"] == 1000 * max(first, 20)
         assert "picks" not in r  # this runtime reports none
+        # where a part's time goes: the unit's warm-up, within its wall clock (warm-up, timed runs, between)
+        assert 0 < r["warmup_s"] < r["wall_s"]
+    assert res["setup_s"]["probe " + res["rows"][0]["model"]] > 0  # the model's bandwidth probe
 
 
 def test_interleaved_warmup_generates_every_token(model, monkeypatch: pytest.MonkeyPatch) -> None:
