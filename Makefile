@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup demo test test-slow lint check-wheel check-floors gpu-prep clean
+.PHONY: setup demo test test-slow lint check-wheel check-floors gpu-prep check-sm90 clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ check-floors: setup
 
 gpu-prep: setup
 	PYTHON=$(PY) bash tools/gpu_prep.sh
+
+check-sm90: setup
+	PYTHON=$(PY) bash tools/check_sm90.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info
