@@ -95,26 +95,47 @@ def _gemv_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     om = offs_o < O
     nm = offs_n < N
-    acc = tl.zeros((BLOCK_N, BLOCK_O, BLOCK_K), tl.float32)
-    ss = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # NORM: each row's sum of squares, elementwise until the end
     w_rows = w_ptr + offs_o.to(tl.int64)[:, None] * K
-    x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_x
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        km = ks < k_hi
-        w = tl.load(w_rows + ks[None, :], mask=om[:, None] & km[None, :], other=0.0).to(tl.float32)
-        xm = nm[:, None] & km[None, :]
-        x = tl.load(x_rows + ks[None, :], mask=xm, other=0.0).to(tl.float32)
-        if SWIGLU:  # x is the gate; the up half starts K columns on (masked lanes: 0 / 2 * 0 = 0)
-            u = tl.load(x_rows + K + ks[None, :], mask=xm, other=0.0).to(tl.float32)
-            x = x / (1.0 + tl.exp(-x)) * u
-        if NORM:  # every program walks all K, so it sees the whole row: no other kernel needs to normalise it
-            ss += x * x
-            x = x * tl.load(g_ptr + ks, mask=km, other=0.0).to(tl.float32)[None, :]
-        acc += x[:, None, :] * w[None, :, :]
-    y = tl.sum(acc, axis=2)  # (BLOCK_N, BLOCK_O)
-    if NORM:
-        y = y * (1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps))[:, None]
+    if BLOCK_N == 1:
+        # one row (batch-1 decode): x is a vector and the accumulator 2-D, in the weight tile's own layout. The
+        # 3-D form below moves every weight tile through shared memory (a layout conversion with about ten
+        # barriers an iteration, in an sm_90 compile); here only the small x vector is converted, if at all
+        acc1 = tl.zeros((BLOCK_O, BLOCK_K), tl.float32)
+        ss1 = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            km = ks < k_hi
+            w = tl.load(w_rows + ks[None, :], mask=om[:, None] & km[None, :], other=0.0).to(tl.float32)
+            x1 = tl.load(x_ptr + ks, mask=km, other=0.0).to(tl.float32)
+            if SWIGLU:
+                x1 = x1 / (1.0 + tl.exp(-x1)) * tl.load(x_ptr + K + ks, mask=km, other=0.0).to(tl.float32)
+            if NORM:
+                ss1 += x1 * x1
+                x1 = x1 * tl.load(g_ptr + ks, mask=km, other=0.0).to(tl.float32)
+            acc1 += w * x1[None, :]
+        y = tl.sum(acc1, axis=1)[None, :]  # (1, BLOCK_O)
+        if NORM:
+            y = y * (1.0 / tl.sqrt(tl.sum(ss1, axis=0) / K + eps))
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_O, BLOCK_K), tl.float32)
+        ss = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # NORM: each row's sum of squares, elementwise until the end
+        x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_x
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            km = ks < k_hi
+            w = tl.load(w_rows + ks[None, :], mask=om[:, None] & km[None, :], other=0.0).to(tl.float32)
+            xm = nm[:, None] & km[None, :]
+            x = tl.load(x_rows + ks[None, :], mask=xm, other=0.0).to(tl.float32)
+            if SWIGLU:  # x is the gate; the up half starts K columns on (masked lanes: 0 / 2 * 0 = 0)
+                u = tl.load(x_rows + K + ks[None, :], mask=xm, other=0.0).to(tl.float32)
+                x = x / (1.0 + tl.exp(-x)) * u
+            if NORM:  # every program walks all K, so it sees the whole row: no other kernel needs to normalise it
+                ss += x * x
+                x = x * tl.load(g_ptr + ks, mask=km, other=0.0).to(tl.float32)[None, :]
+            acc += x[:, None, :] * w[None, :, :]
+        y = tl.sum(acc, axis=2)  # (BLOCK_N, BLOCK_O)
+        if NORM:
+            y = y * (1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps))[:, None]
     out = offs_n.to(tl.int64)[:, None] * O + offs_o[None, :]
     m = nm[:, None] & om[None, :]
     if SPLIT_K > 1:

@@ -30,9 +30,9 @@ class GemvConfig:
 
 
 # Candidates the runtime times against cuBLAS per weight shape (pick_linear). Each loop step loads a
-# BLOCK_O x BLOCK_K bf16 tile (8-16 KiB): 16-byte loads per thread, several tiles in flight through the
-# software pipeline; the accumulators stay at 32-64 fp32 values per thread. Not tuned on a GPU when
-# written: the pick measures them on the card at hand.
+# BLOCK_O x BLOCK_K bf16 tile (8-16 KiB) in 16-byte loads, one tile in flight per program (compiled for
+# sm_90 the loop's loads are plain loads, not pipelined: tools/compile_sm90.py loop); the accumulators stay
+# at 32-64 fp32 values per thread. Not tuned on a GPU when written: the pick measures them on the card.
 GEMV_CONFIGS = (
     GemvConfig(block_o=16, block_k=256, warps=4),
     GemvConfig(block_o=8, block_k=512, warps=4),

@@ -9,6 +9,8 @@ run. This tool finds it here:
     python tools/compile_sm90.py capture /tmp/launches.json -- tests/kernels tests/inference -q
     # 2. compile each distinct one for sm_90 (any venv whose triton matches the GPU machine's)
     python tools/compile_sm90.py compile /tmp/launches.json [--arch 90] [--jobs N]
+    # 3. optionally, what each one's main loop does (global / shared loads and stores, barriers, FFMAs)
+    python tools/compile_sm90.py loop /tmp/launches.json
 
 ``compile`` needs only triton (it ships ptxas); a launch whose kernel has a ``PDL`` constexpr is also
 compiled with it on, as ``LAYERFOLD_PDL=1`` launches it on Hopper. It prints one line per failure and a
@@ -22,6 +24,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -77,17 +80,21 @@ def capture(out: Path, pytest_args: list[str]) -> int:
         call = sig.bind(*args, **{k: v for k, v in kwargs.items() if k not in _OPTIONS})
         call.apply_defaults()  # a constexpr left out (PDL off) is compiled with its default, as on the GPU
         bound = call.arguments
-        signature, constexprs = {}, {}
+        signature, constexprs, divisible = {}, {}, []
         for name in names:
             value = bound.get(name)
-            if name in const or value is None:
+            # as the JIT specialises: an int of 1 becomes a constant; an int that is a multiple of 16, or a
+            # tensor whose address is, is compiled knowing it (what lets the loads be vectorised)
+            if name in const or value is None or (type(value) is int and value == 1):
                 constexprs[name] = value
                 signature[name] = "constexpr"
-            else:
-                signature[name] = _arg_type(value)
+                continue
+            signature[name] = _arg_type(value)
+            if type(value) is int and value % 16 == 0 or hasattr(value, "data_ptr") and value.data_ptr() % 16 == 0:
+                divisible.append(name)
         options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
         entry = {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
-                 "constexprs": constexprs, "options": options}
+                 "constexprs": constexprs, "divisible": divisible, "options": options}
         seen.setdefault(json.dumps(entry, sort_keys=True, default=str), entry)
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -98,16 +105,40 @@ def capture(out: Path, pytest_args: list[str]) -> int:
     return int(rc)
 
 
-def _compile_one(entry: dict, arch: int) -> str | None:
-    """None if the launch compiles for ``sm_<arch>``, else a line naming it and the error."""
+def build(entry: dict, arch: int = 90):
+    """The compiled kernel of one recorded launch (``.asm["ptx"]``, ``.asm["sass"]``), as the JIT would make it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     kernel = getattr(importlib.import_module(entry["module"]), entry["kernel"])
-    src = ASTSource(fn=kernel, signature=entry["signature"], constexprs=entry["constexprs"])
+    names = list(entry["signature"])
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in entry.get("divisible", [])}
+    src = ASTSource(fn=kernel, signature=entry["signature"], constexprs=entry["constexprs"], attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=entry["options"])
+
+
+def loop_stats(sass: str) -> dict[str, int]:
+    """Instruction counts in a kernel's largest loop (the body between a label and the branch back to it):
+    global loads (and the 16-byte ones), shared-memory stores and loads, barriers, FFMAs. A streaming loop
+    (a GEMV's) should load its tile and multiply, with no barrier; a tile moved through shared memory every
+    iteration (a layout conversion) serialises the loop's warps."""
+    lines = sass.splitlines()
+    labels = {line.strip()[:-1]: i for i, line in enumerate(lines) if re.match(r"^\s*[.\w]+:\s*$", line)}
+    body: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA (?:`\()?([.\w]+)\)?;", line)
+        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > len(body):
+            body = lines[labels[m.group(1)]:i + 1]
+    count = lambda pattern: sum(1 for line in body if re.search(pattern, line))
+    return {"instructions": len(body), "ldg": count(r"\bLDG"), "ldg128": count(r"\bLDG\.E\.128"),
+            "sts": count(r"\bSTS"), "lds": count(r"\bLDS"), "bar": count(r"\bBAR\.SYNC"), "ffma": count(r"\bFFMA")}
+
+
+def _compile_one(entry: dict, arch: int) -> str | None:
+    """None if the launch compiles for ``sm_<arch>``, else a line naming it and the error."""
     try:
-        triton.compile(src, target=GPUTarget("cuda", arch, 32), options=entry["options"])
+        build(entry, arch)
         return None
     except Exception as exc:  # noqa: BLE001 - every failure is reported, then the next is tried
         short = {k: v for k, v in entry["constexprs"].items() if v is not None}
@@ -148,11 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     com.add_argument("launches", type=Path)
     com.add_argument("--arch", type=int, default=90)
     com.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes compiling at once")
+    lp = sub.add_parser("loop", help="print each recorded launch's largest loop's instruction counts (JSON)")
+    lp.add_argument("launches", type=Path)
+    lp.add_argument("--arch", type=int, default=90)
     args = parser.parse_args(argv)
     if args.cmd == "capture":
         rest = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
         return capture(args.out, rest)
     os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be built for the GPU, not the interpreter
+    if args.cmd == "loop":
+        print(json.dumps([loop_stats(build(e, args.arch).asm["sass"]) for e in json.loads(args.launches.read_text())]))
+        return 0
     return compile_all(args.launches, args.arch, args.jobs)
 
 
