@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from layerfold.core.model import Block, Model
+from layerfold.core.slot import ModelSlot
 from layerfold.kernels.cka import (
     cka_from_hsic,
     hsic_accumulate,
@@ -151,7 +152,7 @@ class SimView:
         return sorted({e["sim"] for e in self.log if e["sim"] == e["sim"]})
 
 
-_SHARED: list[MergeSimilarity] = []
+_SHARED = ModelSlot()  # the last MergeSimilarity, closed when its model goes
 
 
 def shared_similarity(model: Model, ids: Tensor, how: str = "consolidate") -> MergeSimilarity:
@@ -161,17 +162,7 @@ def shared_similarity(model: Model, ids: Tensor, how: str = "consolidate") -> Me
     for s in _SHARED:
         if s._model() is model and s.how == how and s.ids.shape == ids.shape and torch.equal(s.ids.cpu(), ids.cpu()):
             return s
-    for s in _SHARED:
-        s.close()
-    sim = MergeSimilarity(model, ids, how)
-    _SHARED[:] = [sim]
-    weakref.finalize(model, _release, sim)  # the similarity holds the model weakly: this runs when it goes
-    return sim
-
-
-def _release(sim: MergeSimilarity) -> None:
-    sim.close()
-    _SHARED[:] = [s for s in _SHARED if s is not sim]
+    return _SHARED.keep(model, MergeSimilarity(model, ids, how))
 
 
 SIM_SAMPLES = 8  # the SLM paper calibrates its similarity with 10 samples x 128 tokens

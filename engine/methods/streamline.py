@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from layerfold.core.model import Model
+from layerfold.core.slot import ModelSlot
 from layerfold.core.streaming import LayerStream
 from layerfold.methods.base import Method, PruneContext, PruneResult, register
 from layerfold.surgery.depth import apply_depth_plan
@@ -327,7 +328,7 @@ def run(ctx: PruneContext) -> PruneResult:
     return PruneResult(new, plan.to_dict(), plan.layer_map(), plan.changed_layers(), info)
 
 
-_PAIRS: list[PairStream] = []
+_PAIRS = ModelSlot()  # the last disk-cached PairStream, closed when its model goes
 
 
 def shared_pairs(dense: Model, ids: Tensor, j: int, n: int, micro_batch: int,
@@ -339,17 +340,7 @@ def shared_pairs(dense: Model, ids: Tensor, j: int, n: int, micro_batch: int,
         if p._dense() is dense and (p.j, p.n, p.mb) == (j, n, micro_batch) and p.ids.shape == ids.shape \
                 and torch.equal(p.ids, ids) and p.device == (None if device is None else torch.device(device)):
             return p
-    for p in _PAIRS:
-        p.close()
-    stream = PairStream(dense, ids, j, n, micro_batch, "disk", device=device)
-    _PAIRS[:] = [stream]
-    weakref.finalize(dense, _release, stream)  # the stream holds the model weakly: this runs when it goes
-    return stream
-
-
-def _release(stream: PairStream) -> None:
-    stream.close()
-    _PAIRS[:] = [p for p in _PAIRS if p is not stream]
+    return _PAIRS.keep(dense, PairStream(dense, ids, j, n, micro_batch, "disk", device=device))
 
 
 @atexit.register
