@@ -2,11 +2,10 @@
 
     y[n, o] = sum_k x[n, k] W[o, k]  (+ bias[o])  (+ res[n, o])
 
-for n <= 8 rows (a decode step of a small batch). Each program owns BLOCK_O output columns and
-streams its BLOCK_O rows of W once, BLOCK_K values at a time, for every row of x (the weight is
-read once per step whatever n is); products accumulate elementwise in fp32 registers and are reduced
-along k once at the end. The epilogue adds the bias and the residual (the decode step's
-``h + y @ W^T``) before a single rounding to the output dtype.
+for n <= 8 rows (a decode step of a small batch). Each program owns BLOCK_O output columns and streams
+its BLOCK_O rows of W once, BLOCK_K values at a time, for every row of x; products accumulate elementwise
+in fp32 registers, reduced along k once at the end. The epilogue adds the bias and the residual (the
+decode step's ``h + y @ W^T``) before a single rounding to the output dtype.
 
 Whether this or cuBLAS (``F.linear``) is faster depends on the shape and the card, so the runtime
 times both per weight shape when it builds its CUDA graphs (:func:`pick_linear`) and keeps the
@@ -96,11 +95,8 @@ def _gemv_kernel(
     om = offs_o < O
     nm = offs_n < N
     w_rows = w_ptr + offs_o.to(tl.int64)[:, None] * K
-    if BLOCK_N == 1:
-        # one row (batch-1 decode): x is a vector and the accumulator 2-D, in the weight tile's own layout. The
-        # 3-D form below moves every weight tile through shared memory (a layout conversion with about ten
-        # barriers an iteration, in an sm_90 compile); here only the small x vector is converted, if at all
-        acc1 = tl.zeros((BLOCK_O, BLOCK_K), tl.float32)
+    if BLOCK_N == 1:  # x a vector, the sums in the tile's own layout: the 3-D form below moves each tile
+        acc1 = tl.zeros((BLOCK_O, BLOCK_K), tl.float32)  # through shared memory (docs/PERFORMANCE.md, GPU)
         ss1 = tl.zeros((BLOCK_K,), tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
