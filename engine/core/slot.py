@@ -33,3 +33,12 @@ class ModelSlot(list):
     def _release(self, obj: Closable) -> None:
         obj.close()
         self[:] = [o for o in self if o is not obj]
+
+
+def held(ref: weakref.ref, who: str) -> Any:
+    """What a weak reference to a dense model points at, or a RuntimeError naming ``who`` if it is gone."""
+    obj = ref()
+    if obj is None:
+        raise RuntimeError(f"{who}: its dense model is gone (it is held weakly). Fix: keep a reference to the "
+                           "model while it is used")
+    return obj

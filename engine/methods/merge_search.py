@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from layerfold.core.model import Block, Model
-from layerfold.core.slot import ModelSlot
+from layerfold.core.slot import ModelSlot, held
 from layerfold.kernels.cka import (
     cka_from_hsic,
     hsic_accumulate,
@@ -76,11 +76,7 @@ class MergeSimilarity:
 
     @property
     def model(self) -> Model:
-        m = self._model()
-        if m is None:
-            raise RuntimeError("MergeSimilarity: its dense model is gone (it is held weakly). Fix: keep a "
-                               "reference to the model while its similarity is used")
-        return m
+        return held(self._model, "MergeSimilarity")
 
     def close(self) -> None:
         """Drop the dense hidden states, merged blocks and scores (what this holds on the model's device)."""

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from layerfold.core.model import Model
-from layerfold.core.slot import ModelSlot
+from layerfold.core.slot import ModelSlot, held
 from layerfold.core.streaming import LayerStream
 from layerfold.methods.base import Method, PruneContext, PruneResult, register
 from layerfold.surgery.depth import apply_depth_plan
@@ -107,11 +107,7 @@ class PairStream:
 
     @property
     def dense(self) -> Model:
-        m = self._dense()
-        if m is None:
-            raise RuntimeError("PairStream: its dense model is gone (a stream holds it weakly). Fix: keep a "
-                               "reference to the model while its stream is used")
-        return m
+        return held(self._dense, "PairStream")
 
     def _compute(self, b0: int, b1: int) -> tuple[Tensor, Tensor]:
         if self.device is not None:
